@@ -1,0 +1,90 @@
+//! A private `redis-server` on a free port, without persistence, killed when dropped.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::postgres::free_port;
+use crate::process::ChildGuard;
+
+pub struct RedisServer {
+    port: u16,
+    child: ChildGuard,
+}
+
+impl RedisServer {
+    pub fn start() -> Result<Self> {
+        Self::start_on(free_port()?)
+    }
+
+    /// Starts on a given port (used to bring a stopped server back where clients expect it).
+    pub fn start_on(port: u16) -> Result<Self> {
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+            ])
+            .arg("--port")
+            .arg(port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting redis-server (apt-get install redis-server)")?;
+        let server = Self {
+            port,
+            child: ChildGuard::new("redis-server", child),
+        };
+        server.wait_ready(Duration::from_secs(10))?;
+        Ok(server)
+    }
+
+    fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(out) = self.cli(&["PING"]) {
+                if out == "PONG" {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("redis-server on port {} not ready after {timeout:?}", self.port);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Runs one redis-cli command and returns its raw output.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p"])
+            .arg(self.port.to_string())
+            .args(args)
+            .output()
+            .context("running redis-cli")?;
+        if !out.status.success() {
+            bail!("redis-cli failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_owned())
+    }
+
+    /// SIGKILL (the server is gone; start a new one with `start_on(port)`).
+    pub fn kill(&mut self) {
+        self.child.kill();
+    }
+}
