@@ -1,0 +1,570 @@
+//! `cqrs.append()`: idempotent, sequenced, validated append of one command.
+//!
+//! This is the hottest path of the product, so it is a C-language function over one kept SPI
+//! plan rather than PL/pgSQL: the happy path is a single statement that bumps the stream's
+//! `last_seq` (taking its row lock) and inserts the command with
+//! `on conflict (command_id) do nothing`. Arguments stay raw Datums (the payload is never
+//! converted to a Rust value unless its type has a schema to check).
+//!
+//! Idempotency without a lookup first: when the insert reports a conflict, another transaction
+//! already holds this `command_id`; we give back the seq we took (we still hold the stream's row
+//! lock, so no one has taken a later one) and compare the stored command with ours.
+
+use std::cell::RefCell;
+
+use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+
+use crate::command_registry;
+use crate::payload_schema;
+use crate::settings;
+
+/// Longest stream name, in bytes.
+pub(crate) const MAX_STREAM_BYTES: usize = 256;
+/// Longest command type, in bytes.
+pub(crate) const MAX_COMMAND_TYPE_BYTES: usize = 128;
+
+// One statement on the happy path. It returns no row when the stream has no row yet (nothing
+// was bumped) or when command_id already exists (the bump happened, the insert did not).
+const BUMP_AND_INSERT: &str = "\
+with bumped as (
+    update cqrs.stream s
+       set last_seq = s.last_seq + 1
+     where s.stream = $2
+    returning s.last_seq
+)
+insert into cqrs.command_log (command_id, stream, seq, command_type, payload, metadata)
+select $1, $2, b.last_seq, $3, $4, $5 from bumped b
+on conflict on constraint command_log_command_id_key do nothing
+returning position, seq";
+
+const COMMAND_EXISTS: &str = "select exists (select from cqrs.command_log l where l.command_id = $1)";
+
+const CREATE_STREAM: &str = "\
+insert into cqrs.stream (stream, last_seq) values ($1, 0)
+on conflict on constraint stream_pkey do nothing";
+
+// Undoes our bump, if there was one. Whether the first statement bumped cannot be told from its
+// empty result, and the stream row may have appeared since, so compare with the log: under the
+// row lock, last_seq is one ahead of the stream's highest logged seq exactly when we bumped it.
+// (Without a bump the UPDATE waits for whoever holds the lock and then finds nothing to undo.)
+const GIVE_BACK_SEQ: &str = "\
+update cqrs.stream s set last_seq = s.last_seq - 1
+ where s.stream = $1
+   and s.last_seq > (select coalesce(max(l.seq), 0) from cqrs.command_log l where l.stream = $1)";
+
+const EXISTING: &str = "\
+select l.position, l.seq, l.stream, l.command_type, l.payload = $2
+  from cqrs.command_log l
+ where l.command_id = $1";
+
+thread_local! {
+    static BUMP_PLAN: RefCell<Option<OwnedPreparedStatement>> = const { RefCell::new(None) };
+}
+
+/// A `text` argument: the Datum handed to SPI and its bytes for the checks.
+#[derive(Clone, Copy)]
+struct Text<'a> {
+    datum: pg_sys::Datum,
+    bytes: &'a [u8],
+}
+
+impl Text<'_> {
+    fn lossy(&self) -> String {
+        String::from_utf8_lossy(self.bytes).into_owned()
+    }
+}
+
+/// Arguments of one append, validated.
+pub(crate) struct Command<'a> {
+    command_id: pg_sys::Datum,
+    stream: Text<'a>,
+    command_type: Text<'a>,
+    payload: pg_sys::Datum,
+    expected_seq: Option<i64>,
+    metadata: pg_sys::Datum,
+}
+
+/// What an append did.
+pub(crate) struct Appended {
+    pub(crate) position: i64,
+    pub(crate) seq: i64,
+    pub(crate) duplicate: bool,
+}
+
+fn error(code: PgSqlErrorCode, message: String) -> ErrorReport {
+    ErrorReport::new(code, message, "cqrs.append")
+}
+
+fn spi_error(context: &str, err: pgrx::spi::Error) -> ErrorReport {
+    error(
+        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        format!("{context}: {err}"),
+    )
+}
+
+/// # Safety
+/// `datum` must be a non-null `text` Datum valid for `'a` (the rest of the current call).
+unsafe fn text_arg<'a>(datum: pg_sys::Datum) -> Text<'a> {
+    // SAFETY: per the contract, datum is a text varlena; detoasting returns a palloc'd copy (or
+    // the same pointer) that lives in the call's memory context until the call returns.
+    unsafe {
+        let varlena = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
+        let len = pgrx::varlena::varsize_any_exhdr(varlena);
+        let data = pgrx::varlena::vardata_any(varlena) as *const u8;
+        Text {
+            datum: pg_sys::Datum::from(varlena),
+            bytes: std::slice::from_raw_parts(data, len),
+        }
+    }
+}
+
+/// The JSON type of a jsonb Datum's root: "object", "array", "string", …
+///
+/// # Safety
+/// `datum` must be a non-null `jsonb` Datum.
+unsafe fn jsonb_kind(datum: pg_sys::Datum) -> (bool, pg_sys::Datum) {
+    // SAFETY: per the contract datum is a jsonb varlena; pg_detoast_datum returns it with a
+    // 4-byte header, after which comes the root container's header word.
+    unsafe {
+        let varlena = pg_sys::pg_detoast_datum(datum.cast_mut_ptr());
+        let root = (varlena as *const u8).add(pg_sys::VARHDRSZ) as *const u32;
+        let header = std::ptr::read_unaligned(root);
+        (header & pg_sys::JB_FOBJECT != 0, pg_sys::Datum::from(varlena))
+    }
+}
+
+fn jsonb_typeof(datum: pg_sys::Datum) -> String {
+    // SAFETY: jsonb_typeof takes one non-null jsonb argument, which datum is.
+    unsafe { pgrx::direct_function_call::<String>(pg_sys::jsonb_typeof, &[Some(datum)]) }
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+fn check_name<'a>(what: &str, value: Option<Text<'a>>, max_bytes: usize) -> Result<Text<'a>, ErrorReport> {
+    let Some(text) = value else {
+        return Err(error(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            format!("{what} must not be null"),
+        ));
+    };
+    if text.bytes.is_empty() {
+        return Err(error(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("{what} must not be empty"),
+        ));
+    }
+    if text.bytes.len() > max_bytes {
+        return Err(error(
+            PgSqlErrorCode::ERRCODE_STRING_DATA_RIGHT_TRUNCATION,
+            format!(
+                "{what} is {} bytes long; the limit is {max_bytes} bytes",
+                text.bytes.len()
+            ),
+        ));
+    }
+    Ok(text)
+}
+
+fn check_object(
+    what: &str,
+    datum: Option<pg_sys::Datum>,
+    hint: Option<&str>,
+) -> Result<pg_sys::Datum, ErrorReport> {
+    let Some(datum) = datum else {
+        let report = error(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            format!("{what} must not be null"),
+        );
+        return Err(match hint {
+            Some(hint) => report.set_hint(hint),
+            None => report,
+        });
+    };
+    // SAFETY: datum is a non-null jsonb argument of the current call.
+    let (is_object, detoasted) = unsafe { jsonb_kind(datum) };
+    if !is_object {
+        return Err(error(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("{what} must be a JSON object, not {}", jsonb_typeof(detoasted)),
+        ));
+    }
+    Ok(detoasted)
+}
+
+impl Command<'_> {
+    /// Reads and checks the six arguments of cqrs.append().
+    ///
+    /// # Safety
+    /// `fcinfo` must be the call info of `cqrs.append(uuid, text, text, jsonb, bigint, jsonb)`,
+    /// and the returned command must not outlive the call.
+    unsafe fn from_fcinfo(fcinfo: pg_sys::FunctionCallInfo) -> Result<Self, ErrorReport> {
+        // SAFETY: the caller guarantees the argument list; each argument is read only when it is
+        // not null, and text/jsonb arguments are the types text_arg/check_object expect.
+        unsafe {
+            let arg = |n: usize| -> Option<pg_sys::Datum> {
+                if pgrx::fcinfo::pg_arg_is_null(fcinfo, n) {
+                    None
+                } else {
+                    Some(pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, n))
+                }
+            };
+            let Some(command_id) = arg(0) else {
+                return Err(error(
+                    PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+                    "command_id must not be null".into(),
+                ));
+            };
+            let stream = check_name("stream", arg(1).map(|d| text_arg(d)), MAX_STREAM_BYTES)?;
+            let command_type = check_name(
+                "command_type",
+                arg(2).map(|d| text_arg(d)),
+                MAX_COMMAND_TYPE_BYTES,
+            )?;
+            let payload = check_object("payload", arg(3), None)?;
+            let expected_seq = arg(4).map(|d| d.value() as i64);
+            if let Some(expected) = expected_seq {
+                if expected < 0 {
+                    return Err(error(
+                        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                        format!(
+                            "expected_seq must be null, 0 (new stream) or a positive seq, not {expected}"
+                        ),
+                    ));
+                }
+            }
+            let metadata = check_object("metadata", arg(5), Some("Omit metadata or pass '{}'."))?;
+            Ok(Self {
+                command_id,
+                stream,
+                command_type,
+                payload,
+                expected_seq,
+                metadata,
+            })
+        }
+    }
+}
+
+fn datum_arg(datum: pg_sys::Datum, oid: pg_sys::Oid) -> DatumWithOid<'static> {
+    // SAFETY: every Datum passed here is a non-null value of type `oid` that outlives the SPI
+    // call it is an argument of.
+    unsafe { DatumWithOid::new(datum, oid) }
+}
+
+/// `(position, seq)` of the inserted command, or `None` (see BUMP_AND_INSERT).
+fn bump_and_insert(
+    client: &mut SpiClient<'_>,
+    command: &Command<'_>,
+) -> Result<Option<(i64, i64)>, ErrorReport> {
+    BUMP_PLAN.with_borrow_mut(|plan| {
+        if plan.is_none() {
+            let prepared = client
+                .prepare_mut(
+                    BUMP_AND_INSERT,
+                    &[
+                        PgBuiltInOids::UUIDOID.into(),
+                        PgBuiltInOids::TEXTOID.into(),
+                        PgBuiltInOids::TEXTOID.into(),
+                        PgBuiltInOids::JSONBOID.into(),
+                        PgBuiltInOids::JSONBOID.into(),
+                    ],
+                )
+                .map_err(|err| spi_error("preparing the append statement", err))?;
+            *plan = Some(prepared.keep());
+        }
+        let Some(plan) = plan.as_ref() else {
+            return Err(error(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                "append plan missing".into(),
+            ));
+        };
+        let args = [
+            datum_arg(command.command_id, pg_sys::UUIDOID),
+            datum_arg(command.stream.datum, pg_sys::TEXTOID),
+            datum_arg(command.command_type.datum, pg_sys::TEXTOID),
+            datum_arg(command.payload, pg_sys::JSONBOID),
+            datum_arg(command.metadata, pg_sys::JSONBOID),
+        ];
+        let rows = client
+            .update(plan, None, &args)
+            .map_err(|err| spi_error("appending the command", err))?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        match rows.first().get_two::<i64, i64>() {
+            Ok((Some(position), Some(seq))) => Ok(Some((position, seq))),
+            Ok(_) => Err(error(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                "append returned a null position".into(),
+            )),
+            Err(err) => Err(spi_error("reading the appended position", err)),
+        }
+    })
+}
+
+/// Compares the stored command with `command`: a replay answers with the original position and
+/// seq, anything else is a conflict on the key (23505).
+fn replay(client: &mut SpiClient<'_>, command: &Command<'_>) -> Result<Appended, ErrorReport> {
+    let rows = client
+        .select(
+            EXISTING,
+            Some(1),
+            &[
+                datum_arg(command.command_id, pg_sys::UUIDOID),
+                datum_arg(command.payload, pg_sys::JSONBOID),
+            ],
+        )
+        .map_err(|err| spi_error("reading the existing command", err))?;
+    let row = rows.first();
+    let position = row
+        .get::<i64>(1)
+        .map_err(|err| spi_error("reading position", err))?;
+    let seq = row.get::<i64>(2).map_err(|err| spi_error("reading seq", err))?;
+    let stream = row
+        .get::<String>(3)
+        .map_err(|err| spi_error("reading stream", err))?;
+    let command_type = row
+        .get::<String>(4)
+        .map_err(|err| spi_error("reading command_type", err))?;
+    let same_payload = row
+        .get::<bool>(5)
+        .map_err(|err| spi_error("comparing payloads", err))?;
+    let (Some(position), Some(seq), Some(stream), Some(command_type)) = (position, seq, stream, command_type)
+    else {
+        return Err(error(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            "the conflicting command vanished while being compared".into(),
+        ));
+    };
+    let mut differs = Vec::new();
+    if stream.as_bytes() != command.stream.bytes {
+        differs.push(format!("stream {:?} (was {stream:?})", command.stream.lossy()));
+    }
+    if command_type.as_bytes() != command.command_type.bytes {
+        differs.push(format!(
+            "command_type {:?} (was {command_type:?})",
+            command.command_type.lossy()
+        ));
+    }
+    if same_payload != Some(true) {
+        differs.push("payload".to_owned());
+    }
+    if differs.is_empty() {
+        return Ok(Appended {
+            position,
+            seq,
+            duplicate: true,
+        });
+    }
+    // SAFETY: command_id is a non-null uuid Datum of the current call.
+    let id = unsafe { pgrx::Uuid::from_datum(command.command_id, false) }
+        .map(|uuid| uuid.to_string())
+        .unwrap_or_default();
+    let what: Vec<&str> = differs
+        .iter()
+        .map(|d| d.split(' ').next().unwrap_or(""))
+        .collect();
+    Err(error(
+        PgSqlErrorCode::ERRCODE_UNIQUE_VIOLATION,
+        format!("command_id {id} was already appended with a different {}", what.join(", ")),
+    )
+    .set_detail(format!(
+        "Key (command_id)=({id}) already exists at position {position} (stream {stream:?}, seq {seq}); differs in: {}.",
+        differs.join("; ")
+    ))
+    .set_hint("Reuse a command_id only to retry the very same command; give a new command a new id (cqrs.uuid_v7())."))
+}
+
+fn validate(command: &Command<'_>, seq: i64) -> Result<(), ErrorReport> {
+    if let Some(expected) = command.expected_seq {
+        if expected != seq - 1 {
+            return Err(error(
+                PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+                format!(
+                    "stream {} is at seq {}, expected {expected}",
+                    command.stream.lossy(),
+                    seq - 1
+                ),
+            )
+            .set_hint(
+                "Reload the stream and retry, or pass expected_seq => null to append unconditionally.",
+            ));
+        }
+    }
+    let command_type = command.command_type.lossy();
+    match command_registry::version_of(&command_type)? {
+        Some(version) => payload_schema::validate_datum(&command_type, version, command.payload),
+        None if settings::REQUIRE_REGISTERED_TYPES.get() => Err(error(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("command type {command_type:?} is not registered"),
+        )
+        .set_hint(
+            "Register it with cqrs.register_command_type(), or turn off cqrs.require_registered_types.",
+        )),
+        None => Ok(()),
+    }
+}
+
+fn command_exists(client: &mut SpiClient<'_>, command: &Command<'_>) -> Result<bool, ErrorReport> {
+    client
+        .select(
+            COMMAND_EXISTS,
+            Some(1),
+            &[datum_arg(command.command_id, pg_sys::UUIDOID)],
+        )
+        .and_then(|rows| rows.first().get_one::<bool>())
+        .map(|exists| exists == Some(true))
+        .map_err(|err| spi_error("looking up the command id", err))
+}
+
+/// Appends `command` in the current transaction.
+pub(crate) fn append(command: &Command<'_>) -> Result<Appended, ErrorReport> {
+    Spi::connect_mut(|client| {
+        let mut inserted = bump_and_insert(client, command)?;
+        if inserted.is_none() {
+            if command_exists(client, command)? {
+                // The insert met an existing command_id. Give back the seq we may have taken (we
+                // hold the stream's row lock, so no one has taken a later one) and answer as a
+                // replay or a conflict.
+                client
+                    .update(
+                        GIVE_BACK_SEQ,
+                        None,
+                        &[datum_arg(command.stream.datum, pg_sys::TEXTOID)],
+                    )
+                    .map_err(|err| spi_error("releasing the unused seq", err))?;
+                return replay(client, command);
+            }
+            // First command of this stream: create its row (a concurrent creator is fine) and retry.
+            client
+                .update(
+                    CREATE_STREAM,
+                    None,
+                    &[datum_arg(command.stream.datum, pg_sys::TEXTOID)],
+                )
+                .map_err(|err| spi_error("creating the stream", err))?;
+            inserted = bump_and_insert(client, command)?;
+            if inserted.is_none() {
+                if !command_exists(client, command)? {
+                    // only possible when our snapshot cannot see a stream row created concurrently
+                    return Err(error(
+                        PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+                        format!(
+                            "stream {} was created concurrently; retry the transaction",
+                            command.stream.lossy()
+                        ),
+                    ));
+                }
+                // a concurrent transaction appended this command_id to this new stream meanwhile
+                client
+                    .update(
+                        GIVE_BACK_SEQ,
+                        None,
+                        &[datum_arg(command.stream.datum, pg_sys::TEXTOID)],
+                    )
+                    .map_err(|err| spi_error("releasing the unused seq", err))?;
+                return replay(client, command);
+            }
+        }
+        let Some((position, seq)) = inserted else {
+            return Err(error(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                "append produced no row".into(),
+            ));
+        };
+        // Checked after the insert on purpose: a replay of an accepted command must answer
+        // `duplicate` even if its expected_seq is stale now or its schema changed since. Raising
+        // here rolls back the bump and the insert with the statement.
+        validate(command, seq)?;
+        Ok(Appended {
+            position,
+            seq,
+            duplicate: false,
+        })
+    })
+}
+
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_cqrs_append() -> &'static pg_sys::Pg_finfo_record {
+    const V1_API: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1_API
+}
+
+/// The C entry point of `cqrs.append()`.
+///
+/// # Safety
+/// Called by the function manager with the call info of
+/// `cqrs.append(uuid, text, text, jsonb, bigint, jsonb)`, declared to return a composite.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn cqrs_append(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: fcinfo is the call info of cqrs.append (see the function's contract).
+    let appended = unsafe { Command::from_fcinfo(fcinfo) }.and_then(|command| append(&command));
+    match appended {
+        // SAFETY: same fcinfo; cqrs.append is declared with three OUT parameters.
+        Ok(appended) => unsafe { composite(fcinfo, &appended) },
+        Err(report) => {
+            report.report(PgLogLevel::ERROR);
+            unreachable!("ERROR does not return")
+        }
+    }
+}
+
+/// Builds the `(position, seq, duplicate)` result row.
+///
+/// # Safety
+/// `fcinfo` must be the call info of a function returning a composite of (bigint, bigint, boolean).
+unsafe fn composite(fcinfo: pg_sys::FunctionCallInfo, appended: &Appended) -> pg_sys::Datum {
+    // SAFETY: standard composite-return sequence; memory is allocated in the caller's context
+    // (SPI has been finished by now).
+    unsafe {
+        let mut tupdesc: pg_sys::TupleDesc = std::ptr::null_mut();
+        let class = pg_sys::get_call_result_type(fcinfo, std::ptr::null_mut(), &mut tupdesc);
+        if class != pg_sys::TypeFuncClass::TYPEFUNC_COMPOSITE || tupdesc.is_null() {
+            error(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                "cqrs.append must be called in a context that accepts a record".into(),
+            )
+            .report(PgLogLevel::ERROR);
+            unreachable!("ERROR does not return")
+        }
+        let tupdesc = pg_sys::BlessTupleDesc(tupdesc);
+        let mut values = [
+            pg_sys::Datum::from(appended.position),
+            pg_sys::Datum::from(appended.seq),
+            pg_sys::Datum::from(appended.duplicate),
+        ];
+        let mut nulls = [false; 3];
+        let tuple = pg_sys::heap_form_tuple(tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        pgrx::htup::heap_tuple_get_datum(tuple)
+    }
+}
+
+extension_sql!(
+    r#"
+create function cqrs.append(
+    command_id uuid,
+    stream text,
+    command_type text,
+    payload jsonb,
+    expected_seq bigint default null,
+    metadata jsonb default '{}',
+    out "position" bigint,
+    out seq bigint,
+    out duplicate boolean)
+returns record
+language c volatile called on null input
+security definer
+set search_path = pg_catalog, pg_temp
+as 'MODULE_PATHNAME', 'cqrs_append';
+comment on function cqrs.append(uuid, text, text, jsonb, bigint, jsonb) is
+    'Appends one command in the caller''s transaction: idempotent on command_id, sequenced per stream, optionally guarded by expected_seq, validated against the registered JSON Schema.';
+revoke execute on function cqrs.append(uuid, text, text, jsonb, bigint, jsonb) from public;
+grant execute on function cqrs.append(uuid, text, text, jsonb, bigint, jsonb) to cqrs_writer;
+"#,
+    name = "append",
+    requires = ["command_side"],
+);

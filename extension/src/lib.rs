@@ -1,0 +1,55 @@
+//! `pg_cqrs`: CQRS inside PostgreSQL.
+//!
+//! The SQL API lives mostly in hand-written SQL under `sql/core/` (so that a PL/pgSQL edition can
+//! share it); this crate adds what earns its place in Rust: JSON Schema validation of payloads,
+//! `uuid_v7()`, and the typed settings.
+
+// Errors are pgrx `ErrorReport`s (SQLSTATE, message, detail, hint), which are large; they are
+// raised once and end the statement, so boxing them would only add noise.
+#![allow(clippy::result_large_err)]
+
+use pgrx::prelude::*;
+
+mod append;
+mod command_registry;
+mod payload_schema;
+mod settings;
+mod uuid_v7;
+
+::pgrx::pg_module_magic!(name, version);
+
+extension_sql_file!("../../sql/core/command.sql", name = "command_side", bootstrap);
+
+extension_sql!(
+    r#"
+create trigger command_type_changed
+    after insert or update or delete or truncate on cqrs.command_type
+    for each statement execute function cqrs._command_type_changed();
+"#,
+    name = "command_type_trigger",
+    requires = ["command_side", command_registry::_command_type_changed],
+);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    settings::register();
+    command_registry::register_invalidation_callback();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    // The #[pg_test]s live next to the code they test; this module only has to exist for the
+    // pgrx test framework.
+}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["wal_level = logical", "fsync = off"]
+    }
+}

@@ -1,0 +1,226 @@
+//! JSON Schema validation of command payloads.
+//!
+//! `cqrs.register_command_type()` stores a schema with a version that is bumped on every
+//! re-registration. `cqrs.append()` validates against the version the command registry reports,
+//! so a backend's cached compiled schema is replaced as soon as any session re-registers the
+//! type.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::JsonB;
+
+/// Compiled schemas kept per backend. Command types are few; the bound only stops a pathological
+/// workload that registers thousands of types from growing a backend without limit.
+const CACHE_CAPACITY: usize = 1024;
+
+/// How many schema violations are listed in the error's DETAIL.
+const MAX_REPORTED_VIOLATIONS: usize = 5;
+
+struct Compiled {
+    version: i64,
+    validator: Rc<jsonschema::Validator>,
+}
+
+thread_local! {
+    // Postgres backends are single-threaded; a thread-local is a per-backend cache.
+    static CACHE: RefCell<HashMap<String, Compiled>> = RefCell::new(HashMap::new());
+}
+
+fn compile(schema: &serde_json::Value) -> Result<jsonschema::Validator, String> {
+    jsonschema::options()
+        // "format" is only an annotation by default in drafts 2019-09 and later; users who write
+        // "format": "email" expect it to be enforced.
+        .should_validate_formats(true)
+        .build(schema)
+        // The schema is not row data, so the unmasked message (with the offending value) is fine.
+        .map_err(|err| format!("{} (at {})", err, pointer_or_root(err.instance_path().as_str())))
+}
+
+fn invalid_schema(reason: &str) -> ErrorReport {
+    ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        format!("json_schema is not a valid JSON Schema: {reason}"),
+        function_name!(),
+    )
+    .set_hint("Schemas must be self-contained: remote and file $refs are not resolved inside the database.")
+}
+
+/// Raises 22023 unless `json_schema` compiles.
+#[pg_extern(immutable, parallel_safe, name = "_check_json_schema")]
+fn check_json_schema(json_schema: JsonB) -> Result<(), ErrorReport> {
+    compile(&json_schema.0)
+        .map(|_| ())
+        .map_err(|reason| invalid_schema(&reason))
+}
+
+fn load(command_type: &str) -> Result<Option<(i64, serde_json::Value)>, ErrorReport> {
+    let row = Spi::get_two_with_args::<i64, JsonB>(
+        "select t.version, t.json_schema from cqrs.command_type t where t.command_type = $1",
+        &[command_type.into()],
+    );
+    match row {
+        Ok((Some(version), Some(schema))) => Ok(Some((version, schema.0))),
+        Ok(_) => Ok(None),
+        Err(pgrx::spi::Error::InvalidPosition) => Ok(None),
+        Err(err) => Err(ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            format!("could not read the schema of command type {command_type:?}: {err}"),
+            function_name!(),
+        )),
+    }
+}
+
+/// The compiled validator for `command_type`, compiling and caching it when this backend has not
+/// seen `version` yet. `None` when the type is no longer registered.
+fn validator(command_type: &str, version: i64) -> Result<Option<Rc<jsonschema::Validator>>, ErrorReport> {
+    let cached = CACHE.with_borrow(|cache| {
+        cache
+            .get(command_type)
+            .filter(|c| c.version >= version)
+            .map(|c| Rc::clone(&c.validator))
+    });
+    if let Some(validator) = cached {
+        return Ok(Some(validator));
+    }
+    let Some((current_version, schema)) = load(command_type)? else {
+        return Ok(None);
+    };
+    let validator = Rc::new(compile(&schema).map_err(|reason| invalid_schema(&reason))?);
+    CACHE.with_borrow_mut(|cache| {
+        if cache.len() >= CACHE_CAPACITY && !cache.contains_key(command_type) {
+            cache.clear();
+        }
+        cache.insert(
+            command_type.to_owned(),
+            Compiled {
+                version: current_version,
+                validator: Rc::clone(&validator),
+            },
+        );
+    });
+    Ok(Some(validator))
+}
+
+/// Raises 22023 with the JSON pointer of the first offending field unless the jsonb `payload`
+/// satisfies the schema registered for `command_type` at `version` (or a newer one).
+pub(crate) fn validate_datum(
+    command_type: &str,
+    version: i64,
+    payload: pg_sys::Datum,
+) -> Result<(), ErrorReport> {
+    // SAFETY: payload is a non-null jsonb Datum of the current call.
+    let Some(payload) = (unsafe { JsonB::from_datum(payload, false) }) else {
+        return Ok(());
+    };
+    validate(command_type, version, &payload.0)
+}
+
+fn validate(command_type: &str, version: i64, payload: &serde_json::Value) -> Result<(), ErrorReport> {
+    let Some(validator) = validator(command_type, version)? else {
+        return Ok(());
+    };
+    let violations: Vec<(String, String)> = validator
+        .iter_errors(payload)
+        .take(MAX_REPORTED_VIOLATIONS + 1)
+        .map(|err| {
+            (
+                pointer_or_root(err.instance_path().as_str()),
+                err.masked().to_string(),
+            )
+        })
+        .collect();
+    let Some((pointer, reason)) = violations.first() else {
+        return Ok(());
+    };
+    let mut detail = violations
+        .iter()
+        .take(MAX_REPORTED_VIOLATIONS)
+        .map(|(p, r)| format!("{p}: {r}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    if violations.len() > MAX_REPORTED_VIOLATIONS {
+        detail.push_str("; …");
+    }
+    Err(ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        format!("payload of {command_type} does not match its schema at {pointer}: {reason}"),
+        function_name!(),
+    )
+    .set_detail(format!("Violations: {detail}."))
+    .set_hint(format!(
+        "See the schema with: select json_schema from cqrs.command_type where command_type = '{}';",
+        command_type.replace('\'', "''")
+    )))
+}
+
+fn pointer_or_root(pointer: &str) -> String {
+    if pointer.is_empty() {
+        "/".to_owned()
+    } else {
+        pointer.to_owned()
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+    use pgrx::JsonB;
+    use serde_json::json;
+
+    fn register(command_type: &str, schema: serde_json::Value) -> i64 {
+        Spi::get_one_with_args::<i64>(
+            "select cqrs.register_command_type($1, $2)",
+            &[command_type.into(), JsonB(schema).into()],
+        )
+        .expect("spi")
+        .expect("version")
+    }
+
+    #[pg_test]
+    fn compiled_schema_is_cached_by_version_and_replaced_on_reregistration() {
+        let v1 = register("T", json!({"type": "object", "required": ["a"]}));
+        assert!(super::validate("T", v1, &json!({"a": 1})).is_ok());
+        assert!(super::validate("T", v1, &json!({})).is_err());
+
+        // a newer registration must be picked up even though v1 is cached
+        let v2 = register("T", json!({"type": "object", "required": ["b"]}));
+        assert!(v2 > v1);
+        assert!(super::validate("T", v2, &json!({"b": 1})).is_ok());
+        assert!(super::validate("T", v2, &json!({"a": 1})).is_err());
+        let cached = super::CACHE.with_borrow(|c| c.get("T").map(|c| c.version));
+        assert_eq!(cached, Some(v2));
+    }
+
+    #[pg_test]
+    fn violation_names_the_json_pointer() {
+        let v = register(
+            "ORDER",
+            json!({"type": "object", "properties": {"items": {"type": "array",
+                "items": {"type": "object", "properties": {"qty": {"type": "integer", "minimum": 1}}}}}}),
+        );
+        let err = super::validate("ORDER", v, &json!({"items": [{"qty": 1}, {"qty": 0}]}))
+            .expect_err("qty 0 is below the minimum");
+        assert!(err.message().contains("/items/1/qty"), "{}", err.message());
+    }
+
+    #[pg_test]
+    fn unregistered_type_is_not_validated() {
+        assert!(super::validate("NOPE", 1, &json!({"anything": true})).is_ok());
+    }
+
+    #[pg_test]
+    fn invalid_schema_is_refused() {
+        let err = super::check_json_schema(JsonB(json!({"type": "no-such-type"}))).expect_err("invalid");
+        assert!(
+            err.message()
+                .starts_with("json_schema is not a valid JSON Schema"),
+            "{}",
+            err.message()
+        );
+    }
+}

@@ -1,0 +1,74 @@
+-- Payload validation against registered JSON Schemas.
+\set ON_ERROR_ROLLBACK on
+\set SHOW_CONTEXT never
+begin;
+create extension pg_cqrs;
+
+select cqrs.register_command_type('ADD_ITEM', '{
+  "type": "object",
+  "required": ["sku", "qty"],
+  "properties": {
+    "sku": {"type": "string", "minLength": 1},
+    "qty": {"type": "integer", "minimum": 1},
+    "tags": {"type": "array", "items": {"type": "string"}},
+    "email": {"type": "string", "format": "email"}
+  },
+  "additionalProperties": false
+}') as first_version \gset
+select :first_version > 0 as registered;
+
+select seq from cqrs.append(cqrs.uuid_v7(), 'o-1', 'ADD_ITEM', '{"sku": "a", "qty": 1}');
+
+-- each failure names the JSON pointer of the offending field (22023)
+select seq from cqrs.append(cqrs.uuid_v7(), 'o-1', 'ADD_ITEM', '{"sku": "a", "qty": 0}');
+\echo :LAST_ERROR_SQLSTATE
+select seq from cqrs.append(cqrs.uuid_v7(), 'o-1', 'ADD_ITEM', '{"sku": "a"}');
+\echo :LAST_ERROR_SQLSTATE
+select seq from cqrs.append(cqrs.uuid_v7(), 'o-1', 'ADD_ITEM', '{"sku": "a", "qty": 1, "tags": ["x", 2]}');
+\echo :LAST_ERROR_SQLSTATE
+select seq from cqrs.append(cqrs.uuid_v7(), 'o-1', 'ADD_ITEM', '{"sku": "a", "qty": 1, "colour": "red"}');
+\echo :LAST_ERROR_SQLSTATE
+select seq from cqrs.append(cqrs.uuid_v7(), 'o-1', 'ADD_ITEM', '{"sku": "a", "qty": 1, "email": "not-an-email"}');
+\echo :LAST_ERROR_SQLSTATE
+
+-- a rejected payload consumed no seq
+select last_seq from cqrs.stream where stream = 'o-1';
+
+-- re-registration takes effect at once, in this session and in cached validators
+select cqrs.register_command_type('ADD_ITEM', '{"type": "object", "required": ["sku"]}') > :first_version as version_bumped;
+select seq from cqrs.append(cqrs.uuid_v7(), 'o-1', 'ADD_ITEM', '{"sku": "b"}');
+select count(*) as types from cqrs.command_type;
+
+-- unregistered types are accepted while cqrs.require_registered_types is off (the default)
+show cqrs.require_registered_types;
+select seq from cqrs.append(cqrs.uuid_v7(), 'o-1', 'FREE_FORM', '{"anything": [1, 2]}');
+set cqrs.require_registered_types = on;
+select seq from cqrs.append(cqrs.uuid_v7(), 'o-1', 'FREE_FORM', '{"anything": [1, 2]}');
+\echo :LAST_ERROR_SQLSTATE
+select seq from cqrs.append(cqrs.uuid_v7(), 'o-1', 'ADD_ITEM', '{"sku": "c"}');
+reset cqrs.require_registered_types;
+-- a typo in the setting name is an error, not a silent placeholder
+set cqrs.require_registerd_types = on;
+\echo :LAST_ERROR_SQLSTATE
+set cqrs.require_registered_types = 'maybe';
+\echo :LAST_ERROR_SQLSTATE
+
+-- unregistering
+select cqrs.unregister_command_type('ADD_ITEM') as unregistered, cqrs.unregister_command_type('ADD_ITEM') as again;
+select seq from cqrs.append(cqrs.uuid_v7(), 'o-1', 'ADD_ITEM', '{"no": "schema now"}');
+
+-- invalid schemas and names are refused at registration
+select cqrs.register_command_type('BROKEN', '{"type": "no-such-type"}');
+\echo :LAST_ERROR_SQLSTATE
+select cqrs.register_command_type('REMOTE', '{"$ref": "https://example.com/schema.json"}');
+\echo :LAST_ERROR_SQLSTATE
+select cqrs.register_command_type('', '{}');
+\echo :LAST_ERROR_SQLSTATE
+select cqrs.register_command_type(null, '{}');
+\echo :LAST_ERROR_SQLSTATE
+select cqrs.register_command_type('X', null);
+\echo :LAST_ERROR_SQLSTATE
+select cqrs.register_command_type(repeat('T', 129), '{}');
+\echo :LAST_ERROR_SQLSTATE
+
+rollback;
