@@ -1,0 +1,166 @@
+//! `cqrs-bench append`: pgbench against a private cluster (fsync on), comparing `cqrs.append`
+//! with the plain baseline `insert … on conflict (command_id) do nothing` on an equivalent table.
+//! Rounds are interleaved so that drift of this (shared, noisy) machine hits every variant alike;
+//! the medians and their ratios are printed.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use cqrs_harness::{ClusterOptions, Durability, PgCluster};
+
+use crate::report::{median, Table};
+
+#[derive(clap::Args, Debug)]
+pub struct AppendArgs {
+    /// Client counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "8,32")]
+    clients: Vec<u32>,
+    /// Seconds per pgbench run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u32,
+    /// Interleaved rounds; the median of each variant is reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Distinct streams the commands are spread over.
+    #[arg(long, default_value_t = 10_000)]
+    streams: u32,
+}
+
+struct Variant {
+    name: &'static str,
+    script: String,
+}
+
+const PAYLOAD: &str = r#"{"user_id": "u-42", "currency": "EUR", "note": "benchmark order"}"#;
+
+const SCHEMA: &str = r#"{"type": "object", "required": ["user_id", "currency"],
+  "properties": {"user_id": {"type": "string", "minLength": 1},
+                 "currency": {"type": "string", "enum": ["EUR", "USD", "GBP"]},
+                 "note": {"type": "string", "maxLength": 200}},
+  "additionalProperties": false}"#;
+
+fn variants(streams: u32) -> Vec<Variant> {
+    let header = format!("\\set sid random(1, {streams})\n");
+    vec![
+        Variant {
+            name: "baseline insert",
+            script: format!(
+                "{header}insert into bench.command_log (command_id, stream, seq, command_type, payload, metadata) \
+                 values (gen_random_uuid(), 'order-' || :sid, nextval('bench.seq'), 'CREATE_ORDER', '{PAYLOAD}', '{{}}') \
+                 on conflict (command_id) do nothing;\n"
+            ),
+        },
+        Variant {
+            name: "cqrs.append",
+            script: format!(
+                "{header}select * from cqrs.append(gen_random_uuid(), 'order-' || :sid, 'CREATE_ORDER', '{PAYLOAD}');\n"
+            ),
+        },
+        Variant {
+            name: "cqrs.append + schema",
+            script: format!(
+                "{header}select * from cqrs.append(gen_random_uuid(), 'order-' || :sid, 'CREATE_ORDER_V', '{PAYLOAD}');\n"
+            ),
+        },
+    ]
+}
+
+fn setup(cluster: &PgCluster, streams: u32) -> Result<()> {
+    cluster.psql(&format!(
+        "create schema bench;
+         -- the same columns, defaults, constraints and indexes as cqrs.command_log
+         create table bench.command_log (like cqrs.command_log including all);
+         create sequence bench.seq;
+         select cqrs.register_command_type('CREATE_ORDER_V', '{SCHEMA}');
+         -- every stream exists already, as in a running system (first appends create them)
+         select cqrs.append(gen_random_uuid(), 'order-' || g, 'WARMUP', '{{}}') from generate_series(1, {streams}) g;
+         checkpoint;"
+    ))?;
+    Ok(())
+}
+
+fn pgbench(cluster: &PgCluster, script: &Path, clients: u32, seconds: u32) -> Result<f64> {
+    let out = Command::new("pgbench")
+        .args(["-n", "-M", "prepared", "-h", "127.0.0.1", "-U", "postgres"])
+        .arg("-p")
+        .arg(cluster.port().to_string())
+        .arg("-c")
+        .arg(clients.to_string())
+        .args(["-j", "2"])
+        .arg("-T")
+        .arg(seconds.to_string())
+        .arg("-f")
+        .arg(script)
+        .arg(cluster.database())
+        .output()
+        .context("running pgbench (apt-get install postgresql-client-15)")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || stderr.contains("error") {
+        bail!("pgbench failed:\n{stdout}{stderr}");
+    }
+    stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("tps = "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|tps| tps.parse().ok())
+        .with_context(|| format!("no tps in pgbench output:\n{stdout}"))
+}
+
+pub fn run(args: AppendArgs) -> Result<()> {
+    println!("starting a private PostgreSQL 15 cluster (fsync on, synchronous_commit on) …");
+    let cluster = PgCluster::start(ClusterOptions {
+        durability: Durability::Fsync,
+        ..Default::default()
+    })?;
+    setup(&cluster, args.streams)?;
+    let dir = cqrs_harness::postgres::tempdir("pg_cqrs-bench")?;
+    let variants = variants(args.streams);
+    let mut scripts = Vec::new();
+    for (i, variant) in variants.iter().enumerate() {
+        let path = dir.join(format!("variant{i}.sql"));
+        std::fs::write(&path, &variant.script)?;
+        scripts.push(path);
+    }
+
+    // results[client_index][variant_index] = tps per round
+    let mut results = vec![vec![Vec::new(); variants.len()]; args.clients.len()];
+    for round in 1..=args.rounds {
+        for (ci, &clients) in args.clients.iter().enumerate() {
+            for (vi, variant) in variants.iter().enumerate() {
+                let tps = pgbench(&cluster, &scripts[vi], clients, args.seconds)?;
+                println!(
+                    "  round {round}/{}  {clients:>3} clients  {:<22} {tps:>9.0} tps",
+                    args.rounds, variant.name
+                );
+                results[ci][vi].push(tps);
+            }
+        }
+    }
+
+    let mut table = Table::new(&["clients", "variant", "median tps", "vs baseline"]);
+    for (ci, &clients) in args.clients.iter().enumerate() {
+        let baseline = median(&results[ci][0]);
+        for (vi, variant) in variants.iter().enumerate() {
+            let tps = median(&results[ci][vi]);
+            table.row(vec![
+                clients.to_string(),
+                variant.name.to_owned(),
+                format!("{tps:.0}"),
+                format!("{:.2}x", tps / baseline),
+            ]);
+        }
+    }
+    let mut summary = String::new();
+    let _ = writeln!(
+        summary,
+        "\ncqrs.append vs plain insert … on conflict do nothing — {} rounds × {} s, {} streams, fsync on",
+        args.rounds, args.seconds, args.streams
+    );
+    print!("{summary}");
+    table.print();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -1,0 +1,19 @@
+# Shared by the scripts in this directory.
+PGRX_VERSION=0.18.1
+export PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
+
+step() { printf '\n\033[1;34m▶ %s\033[0m\n' "$*"; }
+note() { printf '  %s\n' "$*"; }
+die() { printf '\033[1;31m✗ %s\033[0m\n' "$*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# Builds pg_cqrs in release mode and installs it into the system PostgreSQL 15.
+install_extension() {
+    step "building and installing the pg_cqrs extension into PostgreSQL 15 (release)"
+    local sudo_flag=()
+    [ "$(id -u)" -eq 0 ] || sudo_flag=(--sudo)
+    (cd extension && cargo pgrx install --release --pg-config "$PG_CONFIG" "${sudo_flag[@]}")
+}
