@@ -18,6 +18,7 @@ use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 
 use crate::command_registry;
+use crate::errors::{error, spi_error};
 use crate::payload_schema;
 use crate::settings;
 
@@ -92,17 +93,6 @@ pub(crate) struct Appended {
     pub(crate) position: i64,
     pub(crate) seq: i64,
     pub(crate) duplicate: bool,
-}
-
-fn error(code: PgSqlErrorCode, message: String) -> ErrorReport {
-    ErrorReport::new(code, message, "cqrs.append")
-}
-
-fn spi_error(context: &str, err: pgrx::spi::Error) -> ErrorReport {
-    error(
-        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-        format!("{context}: {err}"),
-    )
 }
 
 /// # Safety
@@ -213,7 +203,7 @@ impl Command<'_> {
             let Some(command_id) = arg(0) else {
                 return Err(error(
                     PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-                    "command_id must not be null".into(),
+                    "command_id must not be null",
                 ));
             };
             let stream = check_name("stream", arg(1).map(|d| text_arg(d)), MAX_STREAM_BYTES)?;
@@ -277,7 +267,7 @@ fn bump_and_insert(
         let Some(plan) = plan.as_ref() else {
             return Err(error(
                 PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-                "append plan missing".into(),
+                "append plan missing",
             ));
         };
         let args = [
@@ -297,7 +287,7 @@ fn bump_and_insert(
             Ok((Some(position), Some(seq))) => Ok(Some((position, seq))),
             Ok(_) => Err(error(
                 PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-                "append returned a null position".into(),
+                "append returned a null position",
             )),
             Err(err) => Err(spi_error("reading the appended position", err)),
         }
@@ -335,7 +325,7 @@ fn replay(client: &mut SpiClient<'_>, command: &Command<'_>) -> Result<Appended,
     else {
         return Err(error(
             PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-            "the conflicting command vanished while being compared".into(),
+            "the conflicting command vanished while being compared",
         ));
     };
     let mut differs = Vec::new();
@@ -471,7 +461,7 @@ pub(crate) fn append(command: &Command<'_>) -> Result<Appended, ErrorReport> {
         let Some((position, seq)) = inserted else {
             return Err(error(
                 PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-                "append produced no row".into(),
+                "append produced no row",
             ));
         };
         // Checked after the insert on purpose: a replay of an accepted command must answer
@@ -526,7 +516,7 @@ unsafe fn composite(fcinfo: pg_sys::FunctionCallInfo, appended: &Appended) -> pg
         if class != pg_sys::TypeFuncClass::TYPEFUNC_COMPOSITE || tupdesc.is_null() {
             error(
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                "cqrs.append must be called in a context that accepts a record".into(),
+                "cqrs.append must be called in a context that accepts a record",
             )
             .report(PgLogLevel::ERROR);
             unreachable!("ERROR does not return")

@@ -13,6 +13,8 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 
+use crate::errors::spi_error;
+
 /// Bound on cached names: unregistered types are cached too (as "not registered"), and an
 /// application inventing type names must not grow a backend without limit.
 const CAPACITY: usize = 10_000;
@@ -63,14 +65,6 @@ fn _command_type_changed<'a>(
     // SAFETY: relid is the OID of the relation the trigger fired on, which is open and locked.
     unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) };
     Ok(None)
-}
-
-fn spi_error(context: &str, err: pgrx::spi::Error) -> ErrorReport {
-    ErrorReport::new(
-        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-        format!("{context}: {err}"),
-        function_name!(),
-    )
 }
 
 /// The schema version registered for `command_type`, `None` when it is not registered.

@@ -12,13 +12,26 @@ use pgrx::prelude::*;
 
 mod append;
 mod command_registry;
+mod errors;
 mod payload_schema;
+mod prepared;
+mod projection_api;
+mod projection_catalog;
+mod projector;
 mod settings;
+mod subtransaction;
 mod uuid_v7;
+mod waiters;
 
 ::pgrx::pg_module_magic!(name, version);
 
 extension_sql_file!("../../sql/core/command.sql", name = "command_side", bootstrap);
+
+extension_sql_file!(
+    "../../sql/core/projection.sql",
+    name = "projection_side",
+    requires = ["command_side"]
+);
 
 extension_sql!(
     r#"
@@ -34,6 +47,7 @@ create trigger command_type_changed
 pub extern "C-unwind" fn _PG_init() {
     settings::register();
     command_registry::register_invalidation_callback();
+    waiters::register_commit_hook();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -66,10 +66,9 @@ fn load(command_type: &str) -> Result<Option<(i64, serde_json::Value)>, ErrorRep
         Ok((Some(version), Some(schema))) => Ok(Some((version, schema.0))),
         Ok(_) => Ok(None),
         Err(pgrx::spi::Error::InvalidPosition) => Ok(None),
-        Err(err) => Err(ErrorReport::new(
-            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-            format!("could not read the schema of command type {command_type:?}: {err}"),
-            function_name!(),
+        Err(err) => Err(crate::errors::spi_error(
+            &format!("reading the schema of command type {command_type:?}"),
+            err,
         )),
     }
 }

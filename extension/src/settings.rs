@@ -7,6 +7,10 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 /// `current_setting()`, which also works in a backend that has not loaded this library yet.
 pub(crate) static REQUIRE_REGISTERED_TYPES: GucSetting<bool> = GucSetting::<bool>::new(false);
 
+/// Seconds an event may stay parked (waiting for a gap in its stream to fill) before
+/// `cqrs.status()` raises `gap_alert`. Read by SQL with `current_setting()`.
+static GAP_ALERT_AFTER: GucSetting<i32> = GucSetting::<i32>::new(60);
+
 pub(crate) fn register() {
     GucRegistry::define_bool_guc(
         c"cqrs.require_registered_types",
@@ -15,6 +19,17 @@ pub(crate) fn register() {
           Only superusers can change it, so applications cannot opt out.",
         &REQUIRE_REGISTERED_TYPES,
         GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"cqrs.gap_alert_after",
+        c"Seconds a parked event may wait for the gap in its stream before cqrs.status() raises gap_alert.",
+        c"A gap means a command was delivered before one that precedes it in its stream; it normally fills \
+          within one batch. A gap this old is worth an alert: a command may be lost on its way.",
+        &GAP_ALERT_AFTER,
+        0,
+        i32::MAX,
+        GucContext::Userset,
         GucFlags::default(),
     );
     // SAFETY: called from _PG_init with a static C string; reserving the prefix makes a typo such

@@ -231,3 +231,10 @@ revoke execute on function cqrs.unregister_command_type(text) from public;
 grant execute on function cqrs.append_batch(jsonb) to cqrs_writer;
 grant select on cqrs.stream, cqrs.command_type to cqrs_reader, cqrs_projector;
 grant select on cqrs.command_log to cqrs_projector;
+
+-- Extension tables are not dumped by pg_dump unless marked; these hold user data.
+select pg_catalog.pg_extension_config_dump('cqrs.command_log', '');
+select pg_catalog.pg_extension_config_dump('cqrs.stream', '');
+select pg_catalog.pg_extension_config_dump('cqrs.command_type', '');
+select pg_catalog.pg_extension_config_dump('cqrs.command_type_version_seq', '');
+select pg_catalog.pg_extension_config_dump('cqrs.command_log_position_seq', '');

@@ -19,7 +19,9 @@ fn pg_regress_suite_passes() -> anyhow::Result<()> {
     let bindir = cqrs_harness::postgres::pg_bindir()?;
     let inputdir = repo_root().join("pgrx-tests");
     let outputdir = cqrs_harness::postgres::tempdir("pg_cqrs-regress")?;
+    // run from the repository root: the tests include files such as sql/examples/orders.sql
     let status = Command::new(&pg_regress)
+        .current_dir(repo_root())
         .arg(format!("--bindir={}", bindir.display()))
         .arg(format!("--inputdir={}", inputdir.display()))
         .arg(format!("--outputdir={}", outputdir.display()))

@@ -1,0 +1,72 @@
+//! Fixed statements prepared once per backend (`SPI_keepplan`) and reused by every call.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+
+use crate::errors::spi_error;
+
+thread_local! {
+    static PLANS: RefCell<HashMap<&'static str, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+}
+
+/// The kept plan of `sql`, prepared with `args` on first use. The cache is not borrowed while
+/// the caller executes it, so user code run by the statement may re-enter the extension.
+pub(crate) fn plan(
+    client: &SpiClient<'_>,
+    sql: &'static str,
+    args: &[PgOid],
+) -> Result<Rc<OwnedPreparedStatement>, ErrorReport> {
+    if let Some(plan) = PLANS.with_borrow(|plans| plans.get(sql).cloned()) {
+        return Ok(plan);
+    }
+    let prepared = Rc::new(
+        client
+            .prepare_mut(sql, args)
+            .map_err(|err| spi_error("preparing a statement", err))?
+            .keep(),
+    );
+    PLANS.with_borrow_mut(|plans| plans.insert(sql, Rc::clone(&prepared)));
+    Ok(prepared)
+}
+
+/// Runs `work` (which plans and executes the extension's own statements) with the planner
+/// limited to index scans and nested loops.
+///
+/// Every statement of the extension looks rows up by their unique keys. Plans are kept for the
+/// backend's life, and one made while a table was empty or unanalysed (the first batch, always)
+/// would scan that table — sequentially or through a bitmap of a whole projection — long after
+/// it has grown. Restricted like this, plans are index nested loops whatever the statistics say.
+/// User code (function handlers) never runs under this restriction.
+pub(crate) fn index_plans<R>(work: impl FnOnce() -> R) -> R {
+    const OFF: [&std::ffi::CStr; 4] = [
+        c"enable_seqscan",
+        c"enable_bitmapscan",
+        c"enable_hashjoin",
+        c"enable_mergejoin",
+    ];
+    // SAFETY: a GUC nest level opened and closed around `work`; if `work` raises an ERROR the
+    // (sub)transaction abort unwinds the level and restores the settings.
+    unsafe {
+        let level = pg_sys::NewGUCNestLevel();
+        for name in OFF {
+            pg_sys::set_config_option(
+                name.as_ptr(),
+                c"off".as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_LOCAL,
+                true,
+                0,
+                false,
+            );
+        }
+        let result = work();
+        pg_sys::AtEOXact_GUC(true, level);
+        result
+    }
+}

@@ -1,0 +1,751 @@
+//! The SQL functions of the projection side: create_projection, project_batch, catch_up,
+//! rebuild, resume, retry_dead_letters.
+//!
+//! The functions that return changed rows are C functions returning a materialised set, so the
+//! row documents stay the jsonb Datums the writes returned instead of being converted to Rust
+//! values and back.
+
+use std::time::Instant;
+
+use cqrs_projection::event::Event;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::JsonB;
+
+use crate::errors::{error, spi_error};
+use crate::prepared;
+use crate::projection_catalog::{self, NewProjection};
+use crate::projector::{self, ChangedRow, Changes, Options};
+
+/// Default number of commands read from the log at a time by catch-up and rebuild.
+const DEFAULT_CHUNK: i64 = 10_000;
+
+fn raise(report: ErrorReport) -> ! {
+    report.report(PgLogLevel::ERROR);
+    unreachable!("ERROR does not return")
+}
+
+/// Argument `n`, `None` when SQL NULL.
+///
+/// # Safety
+/// `fcinfo` must be a valid call info with at least `n + 1` arguments.
+unsafe fn arg(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> Option<pg_sys::Datum> {
+    // SAFETY: per the contract.
+    unsafe {
+        if pgrx::fcinfo::pg_arg_is_null(fcinfo, n) {
+            None
+        } else {
+            Some(pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, n))
+        }
+    }
+}
+
+/// A text argument as a Rust string.
+///
+/// # Safety
+/// As [`arg`], and argument `n` must be of type text.
+unsafe fn text_arg(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> Option<String> {
+    // SAFETY: per the contract.
+    unsafe { arg(fcinfo, n).and_then(|d| String::from_datum(d, false)) }
+}
+
+/// Returns `rows` as the function's result set `(projection, key, rev, doc, deleted)`.
+///
+/// # Safety
+/// `fcinfo` must be the call info of a set-returning function declared with those columns.
+unsafe fn return_rows(fcinfo: pg_sys::FunctionCallInfo, rows: Vec<ChangedRow>) -> pg_sys::Datum {
+    // SAFETY: InitMaterializedSRF checks that the caller accepts a materialised set and sets up
+    // the tuplestore and descriptor; every value put is a valid Datum of its column's type.
+    unsafe {
+        pg_sys::InitMaterializedSRF(fcinfo, 0);
+        let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
+        for row in rows {
+            let mut values = [
+                row.projection
+                    .as_ref()
+                    .into_datum()
+                    .unwrap_or(pg_sys::Datum::from(0)),
+                row.key.as_str().into_datum().unwrap_or(pg_sys::Datum::from(0)),
+                pg_sys::Datum::from(row.rev),
+                row.doc.unwrap_or(pg_sys::Datum::from(0)),
+                pg_sys::Datum::from(row.deleted),
+            ];
+            let mut nulls = [false, false, false, row.doc.is_none(), false];
+            pg_sys::tuplestore_putvalues(
+                (*rsinfo).setResult,
+                (*rsinfo).setDesc,
+                values.as_mut_ptr(),
+                nulls.as_mut_ptr(),
+            );
+        }
+        pg_sys::Datum::from(0)
+    }
+}
+
+macro_rules! v1_function {
+    ($finfo:ident) => {
+        #[unsafe(no_mangle)]
+        #[doc(hidden)]
+        pub extern "C" fn $finfo() -> &'static pg_sys::Pg_finfo_record {
+            const V1_API: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+            &V1_API
+        }
+    };
+}
+
+/// Reads command-log rows `(position, command_id, stream, seq, command_type, payload,
+/// metadata, created_at)` into events.
+fn events_from(rows: pgrx::spi::SpiTupleTable<'_>) -> Result<Vec<Event>, ErrorReport> {
+    let mut events = Vec::with_capacity(rows.len());
+    for row in rows {
+        let text = |n: usize| -> Result<String, ErrorReport> {
+            Ok(row
+                .get::<String>(n)
+                .map_err(|e| spi_error("reading the log", e))?
+                .unwrap_or_default())
+        };
+        events.push(Event {
+            position: row
+                .get::<i64>(1)
+                .map_err(|e| spi_error("reading position", e))?
+                .unwrap_or(0),
+            command_id: text(2)?,
+            stream: text(3)?,
+            seq: row
+                .get::<i64>(4)
+                .map_err(|e| spi_error("reading seq", e))?
+                .unwrap_or(0),
+            command_type: text(5)?,
+            payload: row
+                .get::<JsonB>(6)
+                .map_err(|e| spi_error("reading payload", e))?
+                .map(|j| j.0)
+                .unwrap_or_default(),
+            metadata: row
+                .get::<JsonB>(7)
+                .map_err(|e| spi_error("reading metadata", e))?
+                .map(|j| j.0)
+                .unwrap_or_default(),
+            created_at: text(8)?,
+        });
+    }
+    Ok(events)
+}
+
+/// Commands after `$1` in log order, at most `$2`.
+const LOG_AFTER: &str = "\
+select l.position, l.command_id::text, l.stream, l.seq, l.command_type, l.payload, l.metadata,
+       pg_catalog.to_json(l.created_at) #>> '{}'
+  from cqrs.command_log l
+ where l.position > $1
+ order by l.position
+ limit $2";
+
+/// Commands projection `$1` has not applied, in log order, at most `$2`: per stream, those after
+/// its progress. Exact whatever the order commands committed in.
+const BEHIND: &str = "\
+select l.position, l.command_id::text, l.stream, l.seq, l.command_type, l.payload, l.metadata,
+       pg_catalog.to_json(l.created_at) #>> '{}'
+  from cqrs.stream s
+  left join cqrs.projection_stream ps on ps.projection = $1 and ps.stream = s.stream
+  cross join lateral (
+        select * from cqrs.command_log l
+         where l.stream = s.stream and l.seq > coalesce(ps.last_seq, 0)
+         order by l.seq
+         limit $2) l
+ where s.last_seq > coalesce(ps.last_seq, 0)
+ order by l.position
+ limit $2";
+
+/// How a catch-up ended.
+pub(crate) struct CaughtUp {
+    pub(crate) events: u64,
+    /// The error and where, when the projection halted on the way.
+    pub(crate) halted: Option<String>,
+}
+
+/// Applies every command projection `name` has not applied yet, `chunk` at a time.
+pub(crate) fn catch_up_one(
+    client: &mut SpiClient<'_>,
+    name: &str,
+    chunk: i64,
+    with_docs: bool,
+    changes: &mut Changes,
+) -> Result<CaughtUp, ErrorReport> {
+    let mut total = 0u64;
+    loop {
+        let plan = prepared::plan(
+            client,
+            BEHIND,
+            &[PgBuiltInOids::TEXTOID.into(), PgBuiltInOids::INT8OID.into()],
+        )?;
+        let rows = prepared::index_plans(|| client.update(&*plan, None, &[name.into(), chunk.into()]))
+            .map_err(|e| spi_error("reading the log", e))?;
+        let events = events_from(rows)?;
+        if events.is_empty() {
+            return Ok(CaughtUp {
+                events: total,
+                halted: None,
+            });
+        }
+        let reports = projector::project(
+            client,
+            &events,
+            &Options {
+                commit_lsn: None,
+                only: Some(name),
+                with_docs,
+            },
+            changes,
+        )?;
+        let Some(report) = reports.get(name) else {
+            // halted before we started
+            return Ok(CaughtUp {
+                events: total,
+                halted: Some("the projection is halted".to_owned()),
+            });
+        };
+        if let Some((failure, event)) = &report.halted {
+            let at = event
+                .as_ref()
+                .map(|e| format!(" at {}#{}", e.stream, e.seq))
+                .unwrap_or_default();
+            return Ok(CaughtUp {
+                events: total,
+                halted: Some(format!("{}{at}", failure.describe())),
+            });
+        }
+        let progressed = report.applied + report.dead_lettered;
+        total += progressed;
+        if progressed == 0 {
+            // nothing applicable (only parked events): stop rather than loop
+            return Ok(CaughtUp {
+                events: total,
+                halted: None,
+            });
+        }
+    }
+}
+
+fn names(client: &mut SpiClient<'_>, only: Option<&str>) -> Result<Vec<String>, ErrorReport> {
+    let rows = client
+        .select(
+            "select s.name from cqrs.projection_state s where ($1::text is null or s.name = $1) and not s.halted order by s.name",
+            None,
+            &[only.into()],
+        )
+        .map_err(|e| spi_error("listing projections", e))?;
+    let mut names = Vec::new();
+    for row in rows {
+        if let Some(name) = row.get::<String>(1).map_err(|e| spi_error("reading a name", e))? {
+            names.push(name);
+        }
+    }
+    Ok(names)
+}
+
+fn bump_generation(client: &mut SpiClient<'_>, name: &str) -> Result<(), ErrorReport> {
+    client
+        .update(
+            "update cqrs.projection_state set generation = generation + 1 where name = $1",
+            None,
+            &[name.into()],
+        )
+        .map_err(|e| spi_error("bumping the generation", e))?;
+    Ok(())
+}
+
+fn chunk_arg(chunk: Option<i64>) -> Result<i64, ErrorReport> {
+    match chunk {
+        None => Ok(DEFAULT_CHUNK),
+        Some(n) if (1..=1_000_000).contains(&n) => Ok(n),
+        Some(n) => Err(error(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("chunk must be between 1 and 1000000, not {n}"),
+        )),
+    }
+}
+
+// ---- project_batch ----
+
+v1_function!(pg_finfo_cqrs_project_batch);
+
+/// `cqrs.project_batch(events jsonb, commit_lsn pg_lsn default null)`.
+///
+/// # Safety
+/// Called by the function manager with the call info of that function.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn cqrs_project_batch(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: argument 0 is jsonb, argument 1 pg_lsn (a 64-bit value passed by value).
+    let (events, commit_lsn) = unsafe { (arg(fcinfo, 0), arg(fcinfo, 1).map(|d| d.value() as u64)) };
+    let Some(events) = events else {
+        raise(error(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "events must not be null",
+        ));
+    };
+    // SAFETY: a non-null jsonb Datum of this call.
+    let events = unsafe { JsonB::from_datum(events, false) }
+        .map(|j| j.0)
+        .unwrap_or_default();
+    let events = match Event::parse_batch(&events) {
+        Ok(events) => events,
+        Err(err) => raise(error(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            err.to_string(),
+        )),
+    };
+    let rows = Spi::connect_mut(|client| {
+        let mut changes = Changes::default();
+        projector::project(
+            client,
+            &events,
+            &Options {
+                commit_lsn,
+                only: None,
+                with_docs: true,
+            },
+            &mut changes,
+        )?;
+        Ok::<_, ErrorReport>(changes.into_rows())
+    });
+    match rows {
+        // SAFETY: fcinfo is the call info of this set-returning function.
+        Ok(rows) => unsafe { return_rows(fcinfo, rows) },
+        Err(report) => raise(report),
+    }
+}
+
+// ---- catch_up ----
+
+v1_function!(pg_finfo_cqrs_catch_up);
+
+/// `cqrs.catch_up(name text default null, chunk integer default 10000)`.
+///
+/// # Safety
+/// Called by the function manager with the call info of that function.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn cqrs_catch_up(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: argument 0 is text, argument 1 integer.
+    let (name, chunk) = unsafe {
+        (
+            text_arg(fcinfo, 0),
+            arg(fcinfo, 1).map(|d| i64::from(d.value() as i32)),
+        )
+    };
+    let rows = chunk_arg(chunk).and_then(|chunk| {
+        Spi::connect_mut(|client| {
+            let mut changes = Changes::default();
+            for name in names(client, name.as_deref())? {
+                let caught = catch_up_one(client, &name, chunk, true, &mut changes)?;
+                if let Some(why) = caught.halted {
+                    pgrx::warning!("catch-up of {name} stopped: {why}");
+                }
+            }
+            Ok(changes.into_rows())
+        })
+    });
+    match rows {
+        // SAFETY: fcinfo is the call info of this set-returning function.
+        Ok(rows) => unsafe { return_rows(fcinfo, rows) },
+        Err(report) => raise(report),
+    }
+}
+
+// ---- resume ----
+
+v1_function!(pg_finfo_cqrs_resume);
+
+/// `cqrs.resume(name text)`: clears a halt and catches the projection up with the log.
+///
+/// # Safety
+/// Called by the function manager with the call info of that function.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn cqrs_resume(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: argument 0 is text.
+    let Some(name) = (unsafe { text_arg(fcinfo, 0) }) else {
+        raise(error(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "name must not be null",
+        ));
+    };
+    let rows = Spi::connect_mut(|client| {
+        let resumed = client
+            .update(
+                "update cqrs.projection_state set halted = false, last_error = null, last_error_sqlstate = null,
+                        last_error_at = null, last_error_event = null, generation = generation + 1
+                  where name = $1 returning 1",
+                None,
+                &[name.as_str().into()],
+            )
+            .map_err(|e| spi_error("resuming", e))?;
+        if resumed.is_empty() {
+            return Err(error(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                format!("projection {name:?} does not exist"),
+            ));
+        }
+        let mut changes = Changes::default();
+        let caught = catch_up_one(client, &name, DEFAULT_CHUNK, true, &mut changes)?;
+        if let Some(why) = caught.halted {
+            pgrx::warning!("projection {name} halted again: {why}");
+        }
+        Ok(changes.into_rows())
+    });
+    match rows {
+        // SAFETY: fcinfo is the call info of this set-returning function.
+        Ok(rows) => unsafe { return_rows(fcinfo, rows) },
+        Err(report) => raise(report),
+    }
+}
+
+// ---- retry_dead_letters ----
+
+v1_function!(pg_finfo_cqrs_retry_dead_letters);
+
+/// `cqrs.retry_dead_letters(name text)`: applies the projection's dead letters again (as they
+/// are, out of their original order); those that now succeed leave `cqrs.dead_letter`.
+///
+/// # Safety
+/// Called by the function manager with the call info of that function.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn cqrs_retry_dead_letters(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: argument 0 is text.
+    let Some(name) = (unsafe { text_arg(fcinfo, 0) }) else {
+        raise(error(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "name must not be null",
+        ));
+    };
+    let rows = Spi::connect_mut(|client| {
+        let state = client
+            .update(
+                "select revision from cqrs.projection_state where name = $1 for update",
+                Some(1),
+                &[name.as_str().into()],
+            )
+            .map_err(|e| spi_error("locking the projection", e))?;
+        if state.is_empty() {
+            return Err(error(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                format!("projection {name:?} does not exist"),
+            ));
+        }
+        let revision = state
+            .first()
+            .get::<i64>(1)
+            .map_err(|e| spi_error("reading revision", e))?
+            .unwrap_or(0)
+            + 1;
+        let def = projection_catalog::load(client, &name, None)?;
+        let letters = client
+            .update(
+                "select d.id, d.event from cqrs.dead_letter d where d.projection = $1 order by d.id for update",
+                None,
+                &[name.as_str().into()],
+            )
+            .map_err(|e| spi_error("reading dead letters", e))?;
+        let mut pending = Vec::new();
+        for (i, row) in letters.enumerate() {
+            let id = row
+                .get::<i64>(1)
+                .map_err(|e| spi_error("reading id", e))?
+                .unwrap_or(0);
+            let event = row
+                .get::<JsonB>(2)
+                .map_err(|e| spi_error("reading event", e))?
+                .map(|j| j.0)
+                .unwrap_or_default();
+            let event = Event::from_json(i, &event).map_err(|err| {
+                error(
+                    PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+                    format!("dead letter {id} is malformed: {err}"),
+                )
+            })?;
+            pending.push((id, event));
+        }
+        let mut changes = Changes::default();
+        for (id, event) in &pending {
+            match projector::apply_one(client, &def, event, revision, &mut changes) {
+                Ok(()) => {
+                    client
+                        .update(
+                            "delete from cqrs.dead_letter where id = $1",
+                            None,
+                            &[(*id).into()],
+                        )
+                        .map_err(|e| spi_error("removing a dead letter", e))?;
+                }
+                Err(failure) => {
+                    client
+                        .update(
+                            "update cqrs.dead_letter set retries = retries + 1, error = $2, sqlstate = $3, failed_at = now() where id = $1",
+                            None,
+                            &[(*id).into(), failure.describe().into(), failure.sqlstate.clone().into()],
+                        )
+                        .map_err(|e| spi_error("updating a dead letter", e))?;
+                }
+            }
+        }
+        client
+            .update(
+                "update cqrs.projection_state set revision = greatest(revision, $2), generation = generation + 1 where name = $1",
+                None,
+                &[name.as_str().into(), revision.into()],
+            )
+            .map_err(|e| spi_error("saving the revision", e))?;
+        Ok(changes.into_rows())
+    });
+    match rows {
+        // SAFETY: fcinfo is the call info of this set-returning function.
+        Ok(rows) => unsafe { return_rows(fcinfo, rows) },
+        Err(report) => raise(report),
+    }
+}
+
+// ---- create_projection, rebuild ----
+
+/// Registers a read model: `target` is your table, keyed by a uniquely indexed `key_column`,
+/// with a bigint `rev_column`; `handlers` says what each command type does to it. With
+/// `backfill` (the default) the commands already in the log are projected at once; without,
+/// the projection starts at the log's current end.
+#[pg_extern(volatile, sql = r#"
+create function cqrs.create_projection(
+    name text,
+    target regclass,
+    key_column text,
+    handlers jsonb,
+    on_error text default 'halt',
+    rev_column text default 'rev',
+    backfill boolean default true)
+returns void
+language c volatile called on null input
+as 'MODULE_PATHNAME', 'create_projection_wrapper';
+comment on function cqrs.create_projection(text, regclass, text, jsonb, text, text, boolean) is
+    'Registers a read model: your table, its uniquely indexed key column, a bigint revision column, and what each command type does to it.';
+revoke execute on function cqrs.create_projection(text, regclass, text, jsonb, text, text, boolean) from public;
+"#, requires = ["projection_side"])]
+fn create_projection(
+    name: Option<&str>,
+    target: Option<pg_sys::Oid>,
+    key_column: Option<&str>,
+    handlers: Option<JsonB>,
+    on_error: Option<&str>,
+    rev_column: Option<&str>,
+    backfill: Option<bool>,
+) -> Result<(), ErrorReport> {
+    let required = |what: &str| {
+        error(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            format!("{what} must not be null"),
+        )
+    };
+    let name = name.ok_or_else(|| required("name"))?;
+    let target = target.ok_or_else(|| required("target"))?;
+    let key_column = key_column.ok_or_else(|| required("key_column"))?;
+    let handlers = handlers.ok_or_else(|| required("handlers"))?;
+    let on_error = on_error.ok_or_else(|| required("on_error"))?;
+    let rev_column = rev_column.ok_or_else(|| required("rev_column"))?;
+    let backfill = backfill.ok_or_else(|| required("backfill"))?;
+    projection_catalog::register(&NewProjection {
+        name,
+        target,
+        key_column,
+        handlers: &handlers.0,
+        on_error,
+        rev_column,
+    })?;
+    Spi::connect_mut(|client| {
+        if backfill {
+            let mut changes = Changes::default();
+            let caught = catch_up_one(client, name, DEFAULT_CHUNK, false, &mut changes)?;
+            if let Some(why) = caught.halted {
+                return Err(error(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!("backfilling projection {name:?} failed: {why}"),
+                )
+                .set_hint("Nothing was registered. Fix the handlers (or use on_error => 'dead_letter') and try again."));
+            }
+        } else {
+            client
+                .update(
+                    "insert into cqrs.projection_stream (projection, stream, last_seq) select $1, s.stream, s.last_seq from cqrs.stream s",
+                    None,
+                    &[name.into()],
+                )
+                .map_err(|e| spi_error("starting the projection at the end of the log", e))?;
+        }
+        Ok(())
+    })
+}
+
+/// Empties the read model and replays the whole log into it, `chunk` commands at a time, in one
+/// transaction: readers keep seeing the old rows until it commits. Commands committed while it
+/// runs are caught at its end (or by the next batch).
+#[pg_extern(volatile)]
+fn rebuild(
+    name: &str,
+    chunk: default!(i32, 10000),
+) -> Result<
+    TableIterator<
+        'static,
+        (
+            name!(events, i64),
+            name!(seconds, f64),
+            name!(events_per_second, f64),
+        ),
+    >,
+    ErrorReport,
+> {
+    let chunk = chunk_arg(Some(i64::from(chunk)))?;
+    let started = Instant::now();
+    let events = Spi::connect_mut(|client| {
+        let state = client
+            .update(
+                "update cqrs.projection_state set halted = false, last_error = null, last_error_sqlstate = null,
+                        last_error_at = null, last_error_event = null, applied = 0, duplicates = 0,
+                        dead_lettered = 0
+                  where name = $1 returning 1",
+                None,
+                &[name.into()],
+            )
+            .map_err(|e| spi_error("locking the projection", e))?;
+        if state.is_empty() {
+            return Err(error(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                format!("projection {name:?} does not exist"),
+            ));
+        }
+        let def = projection_catalog::load(client, name, None)?;
+        client
+            .update(&def.target.clear_sql(), None, &[])
+            .map_err(|e| spi_error("emptying the read model", e))?;
+        client
+            .update(
+                "delete from cqrs.projection_stream where projection = $1",
+                None,
+                &[name.into()],
+            )
+            .map_err(|e| spi_error("resetting progress", e))?;
+        client
+            .update(
+                "delete from cqrs.parked where projection = $1",
+                None,
+                &[name.into()],
+            )
+            .map_err(|e| spi_error("clearing parked events", e))?;
+        let total = client
+            .select("select count(*) from cqrs.command_log", Some(1), &[])
+            .and_then(|rows| rows.first().get_one::<i64>())
+            .map_err(|e| spi_error("counting the log", e))?
+            .unwrap_or(0);
+
+        let mut done = 0i64;
+        let mut cursor = 0i64;
+        let mut last_notice = Instant::now();
+        let mut changes = Changes::default();
+        loop {
+            let plan = prepared::plan(
+                client,
+                LOG_AFTER,
+                &[PgBuiltInOids::INT8OID.into(), PgBuiltInOids::INT8OID.into()],
+            )?;
+            let rows = prepared::index_plans(|| client.update(&*plan, None, &[cursor.into(), chunk.into()]))
+                .map_err(|e| spi_error("reading the log", e))?;
+            let events = events_from(rows)?;
+            let Some(last) = events.last() else { break };
+            cursor = last.position;
+            let reports = projector::project(
+                client,
+                &events,
+                &Options {
+                    commit_lsn: None,
+                    only: Some(name),
+                    with_docs: false,
+                },
+                &mut changes,
+            )?;
+            if let Some((failure, event)) = reports.get(name).and_then(|r| r.halted.as_ref()) {
+                let at = event
+                    .as_ref()
+                    .map(|e| format!(" at {}#{} (position {})", e.stream, e.seq, e.position))
+                    .unwrap_or_default();
+                return Err(error(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!("rebuild of {name} stopped{at}: {}", failure.describe()),
+                )
+                .set_hint("The rebuild was rolled back and the read model left as it was. Fix the handlers or the data (or use on_error => 'dead_letter')."));
+            }
+            done += events.len() as i64;
+            changes = Changes::default();
+            if last_notice.elapsed().as_secs_f64() >= 1.0 {
+                let seconds = started.elapsed().as_secs_f64();
+                pgrx::notice!(
+                    "rebuild {name}: {done}/{total} events ({:.0}%), {:.0} events/s",
+                    100.0 * done as f64 / total.max(1) as f64,
+                    done as f64 / seconds.max(1e-9)
+                );
+                last_notice = Instant::now();
+            }
+        }
+        // commands committed while we ran, below our cursor
+        let caught = catch_up_one(client, name, chunk, false, &mut changes)?;
+        if let Some(why) = caught.halted {
+            return Err(error(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("rebuild of {name} stopped: {why}"),
+            ));
+        }
+        bump_generation(client, name)?;
+        Ok(done + caught.events as i64)
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    pgrx::notice!("rebuild {name}: done, {events} events in {seconds:.1} s");
+    Ok(TableIterator::once((
+        events,
+        seconds,
+        events as f64 / seconds.max(1e-9),
+    )))
+}
+
+extension_sql!(
+    r#"
+create function cqrs.project_batch(events jsonb, commit_lsn pg_lsn default null)
+returns table (projection text, key text, rev bigint, doc json, deleted boolean)
+language c volatile called on null input
+as 'MODULE_PATHNAME', 'cqrs_project_batch';
+comment on function cqrs.project_batch(jsonb, pg_lsn) is
+    'Applies an ordered batch of command-log rows to every projection, exactly once, in one transaction; returns every read-model row it changed.';
+
+create function cqrs.catch_up(name text default null, chunk integer default 10000)
+returns table (projection text, key text, rev bigint, doc json, deleted boolean)
+language c volatile called on null input
+as 'MODULE_PATHNAME', 'cqrs_catch_up';
+comment on function cqrs.catch_up(text, integer) is
+    'Applies every command a projection (or every projection) has not applied yet, read from the log; returns the changed rows.';
+
+create function cqrs.resume(name text)
+returns table (projection text, key text, rev bigint, doc json, deleted boolean)
+language c volatile called on null input
+as 'MODULE_PATHNAME', 'cqrs_resume';
+comment on function cqrs.resume(text) is 'Clears a halted projection''s error and catches it up with the log.';
+
+create function cqrs.retry_dead_letters(name text)
+returns table (projection text, key text, rev bigint, doc json, deleted boolean)
+language c volatile called on null input
+as 'MODULE_PATHNAME', 'cqrs_retry_dead_letters';
+comment on function cqrs.retry_dead_letters(text) is
+    'Applies a projection''s dead letters again; those that succeed are removed.';
+
+revoke execute on function cqrs.project_batch(jsonb, pg_lsn), cqrs.catch_up(text, integer), cqrs.resume(text),
+    cqrs.retry_dead_letters(text) from public;
+grant execute on function cqrs.project_batch(jsonb, pg_lsn), cqrs.catch_up(text, integer) to cqrs_projector;
+"#,
+    name = "projection_functions",
+    requires = ["projection_side"],
+);

@@ -1,0 +1,715 @@
+//! Projection definitions: `cqrs.create_projection()` checks a definition against the catalog
+//! and registers it; [`load`] gives the projector a definition with its statements, cached per
+//! backend until the definition or the target table changes.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+
+use cqrs_projection::spec::{Field, Handler, Program, Source, Spec};
+use cqrs_projection::sql::{quote_ident, Column, JsonKind, Target};
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+use pgrx::JsonB;
+
+use crate::errors::{error, internal, spi_error};
+use crate::subtransaction;
+
+/// What to do when a handler fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OnError {
+    Halt,
+    DeadLetter,
+}
+
+/// The statements of a definition, prepared on first use and kept for the backend's life.
+#[derive(Default)]
+pub(crate) struct Plans {
+    plans: HashMap<String, Rc<OwnedPreparedStatement>>,
+}
+
+/// A loaded projection definition.
+pub(crate) struct Definition {
+    pub(crate) name: String,
+    pub(crate) program: Program,
+    pub(crate) target: Target,
+    pub(crate) on_error: OnError,
+    plans: RefCell<Plans>,
+}
+
+impl Definition {
+    /// The kept plan `which`, prepared from `sql` with `args` types the first time. The cache
+    /// is not borrowed while the caller executes it.
+    pub(crate) fn plan(
+        &self,
+        client: &SpiClient<'_>,
+        which: &str,
+        sql: impl FnOnce(&Target) -> String,
+        args: &[PgOid],
+    ) -> Result<Rc<OwnedPreparedStatement>, ErrorReport> {
+        if let Some(plan) = self.plans.borrow().plans.get(which).cloned() {
+            return Ok(plan);
+        }
+        let text = sql(&self.target);
+        let prepared = client.prepare_mut(text.as_str(), args).map_err(|err| {
+            spi_error(
+                &format!("preparing the {which} statement of projection {}", self.name),
+                err,
+            )
+        })?;
+        let prepared = Rc::new(prepared.keep());
+        self.plans
+            .borrow_mut()
+            .plans
+            .insert(which.to_owned(), Rc::clone(&prepared));
+        Ok(prepared)
+    }
+}
+
+/// (definition version, target table's pg_class xmin, definition)
+type Cached = (i64, String, Rc<Definition>);
+
+thread_local! {
+    /// name → cached definition
+    static DEFINITIONS: RefCell<HashMap<String, Cached>> = RefCell::new(HashMap::new());
+}
+
+/// A column of the target as the catalog describes it.
+struct CatalogColumn {
+    sql_type: String,
+    type_oid: pg_sys::Oid,
+    default: Option<String>,
+    /// generated or identity-always: cannot be written
+    generated: bool,
+}
+
+struct CatalogTable {
+    qualified: String,
+    columns: BTreeMap<String, CatalogColumn>,
+    /// column names in attnum order
+    order: Vec<String>,
+}
+
+fn read_table(client: &SpiClient<'_>, target: pg_sys::Oid) -> Result<CatalogTable, ErrorReport> {
+    let rows = client
+        .select(
+            "select n.nspname::text, c.relname::text, c.relkind::text
+               from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+              where c.oid = $1",
+            Some(1),
+            &[target.into()],
+        )
+        .map_err(|err| spi_error("reading the target table", err))?;
+    let mut found = None;
+    for row in rows {
+        let schema = row
+            .get::<String>(1)
+            .map_err(|e| spi_error("reading nspname", e))?
+            .unwrap_or_default();
+        let table = row
+            .get::<String>(2)
+            .map_err(|e| spi_error("reading relname", e))?
+            .unwrap_or_default();
+        let kind = row
+            .get::<String>(3)
+            .map_err(|e| spi_error("reading relkind", e))?
+            .unwrap_or_default();
+        found = Some((schema, table, kind));
+    }
+    let Some((schema, table, kind)) = found else {
+        return Err(error(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+            format!("the target table (oid {}) does not exist", target.to_u32()),
+        ));
+    };
+    if kind != "r" && kind != "p" {
+        return Err(error(
+            PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+            format!("{schema}.{table} is not a table; a read model must be a table"),
+        ));
+    }
+    if schema == "cqrs" {
+        return Err(error(
+            PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+            format!("{schema}.{table} is part of pg_cqrs; a read model is a table of your own"),
+        ));
+    }
+    let rows = client
+        .select(
+            "select a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), a.atttypid,
+                    pg_catalog.pg_get_expr(d.adbin, d.adrelid),
+                    a.attgenerated <> '' or a.attidentity = 'a'
+               from pg_catalog.pg_attribute a
+               left join pg_catalog.pg_attrdef d on d.adrelid = a.attrelid and d.adnum = a.attnum
+              where a.attrelid = $1 and a.attnum > 0 and not a.attisdropped
+              order by a.attnum",
+            None,
+            &[target.into()],
+        )
+        .map_err(|err| spi_error("reading the target's columns", err))?;
+    let mut columns = BTreeMap::new();
+    let mut order = Vec::new();
+    for row in rows {
+        let name = row
+            .get::<String>(1)
+            .map_err(|e| spi_error("reading attname", e))?
+            .unwrap_or_default();
+        let column = CatalogColumn {
+            sql_type: row
+                .get::<String>(2)
+                .map_err(|e| spi_error("reading the type", e))?
+                .unwrap_or_default(),
+            type_oid: row
+                .get::<pg_sys::Oid>(3)
+                .map_err(|e| spi_error("reading atttypid", e))?
+                .unwrap_or(pg_sys::InvalidOid),
+            default: row
+                .get::<String>(4)
+                .map_err(|e| spi_error("reading the default", e))?,
+            generated: row
+                .get::<bool>(5)
+                .map_err(|e| spi_error("reading attgenerated", e))?
+                .unwrap_or(false),
+        };
+        order.push(name.clone());
+        columns.insert(name, column);
+    }
+    Ok(CatalogTable {
+        qualified: format!("{}.{}", quote_ident(&schema), quote_ident(&table)),
+        columns,
+        order,
+    })
+}
+
+fn json_kind(type_oid: pg_sys::Oid) -> JsonKind {
+    if type_oid == pg_sys::JSONBOID {
+        JsonKind::Jsonb
+    } else if type_oid == pg_sys::JSONOID {
+        JsonKind::Json
+    } else {
+        JsonKind::No
+    }
+}
+
+fn is_numeric(type_oid: pg_sys::Oid) -> bool {
+    [
+        pg_sys::INT2OID,
+        pg_sys::INT4OID,
+        pg_sys::INT8OID,
+        pg_sys::FLOAT4OID,
+        pg_sys::FLOAT8OID,
+        pg_sys::NUMERICOID,
+    ]
+    .contains(&type_oid)
+}
+
+/// Builds the statement target from the catalog; `check` adds the checks made at creation.
+fn build_target(
+    client: &SpiClient<'_>,
+    target: pg_sys::Oid,
+    key_column: &str,
+    rev_column: &str,
+    spec: &Spec,
+) -> Result<Target, ErrorReport> {
+    let table = read_table(client, target)?;
+    let Some(key) = table.columns.get(key_column) else {
+        return Err(error(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+            format!(
+                "table {} has no column {key_column:?} (the key column)",
+                table.qualified
+            ),
+        ));
+    };
+    let Some(rev) = table.columns.get(rev_column) else {
+        return Err(error(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+            format!("table {} has no revision column {rev_column:?}", table.qualified),
+        )
+        .set_hint(format!(
+            "Every read-model row carries a revision that only grows: alter table {} add column {} bigint not null default 0;",
+            table.qualified,
+            quote_ident(rev_column)
+        )));
+    };
+    if rev.type_oid != pg_sys::INT8OID {
+        return Err(error(
+            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+            format!(
+                "the revision column {rev_column:?} is {}, it must be bigint",
+                rev.sql_type
+            ),
+        ));
+    }
+    let uses = spec.columns();
+    let mut columns = Vec::new();
+    for (name, uses) in &uses {
+        let Some(column) = table.columns.get(name) else {
+            return Err(error(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                format!(
+                    "table {} has no column {name:?}, which the handlers write",
+                    table.qualified
+                ),
+            ));
+        };
+        columns.push(Column {
+            name: name.clone(),
+            sql_type: column.sql_type.clone(),
+            json: json_kind(column.type_oid),
+            default: column.default.clone(),
+            uses: *uses,
+        });
+    }
+    let other_columns = table
+        .order
+        .iter()
+        .filter(|name| {
+            name.as_str() != key_column
+                && name.as_str() != rev_column
+                && !uses.contains_key(name.as_str())
+                && table.columns.get(name.as_str()).is_some_and(|c| !c.generated)
+        })
+        .cloned()
+        .collect();
+    Ok(Target {
+        table: table.qualified,
+        key: key_column.to_owned(),
+        key_type: key.sql_type.clone(),
+        rev: rev_column.to_owned(),
+        columns,
+        other_columns,
+    })
+}
+
+/// Whether `select <probe>` runs without error (a cast that exists and accepts the value).
+fn probe_cast(
+    sql: &str,
+    args: Vec<pgrx::datum::DatumWithOid<'static>>,
+) -> Result<(), subtransaction::Failure> {
+    subtransaction::run(|| {
+        Spi::connect(|client| {
+            client
+                .select(sql, Some(1), &args)
+                .map(|_| ())
+                .map_err(|err| spi_error("checking a cast", err))
+        })
+    })
+}
+
+/// The checks made when a projection is created, beyond what the statements need.
+fn check_definition(
+    client: &SpiClient<'_>,
+    target: pg_sys::Oid,
+    key_column: &str,
+    rev_column: &str,
+    spec: &Spec,
+) -> Result<Target, ErrorReport> {
+    let built = build_target(client, target, key_column, rev_column, spec)?;
+    let table = read_table(client, target)?;
+
+    // ON CONFLICT (key) needs a unique, non-partial index on exactly the key column
+    let unique = client
+        .select(
+            "select exists (
+                 select from pg_catalog.pg_index i
+                  where i.indrelid = $1 and i.indisunique and i.indisvalid and i.indnkeyatts = 1
+                    and i.indpred is null and i.indexprs is null
+                    and i.indkey[0] = (select a.attnum from pg_catalog.pg_attribute a
+                                        where a.attrelid = $1 and a.attname = $2::name and not a.attisdropped))",
+            Some(1),
+            &[target.into(), key_column.into()],
+        )
+        .and_then(|rows| rows.first().get_one::<bool>())
+        .map_err(|err| spi_error("looking for a unique index on the key", err))?;
+    if unique != Some(true) {
+        return Err(error(
+            PgSqlErrorCode::ERRCODE_INVALID_COLUMN_REFERENCE,
+            format!(
+                "table {} has no unique index on ({}) alone",
+                built.table,
+                quote_ident(key_column)
+            ),
+        )
+        .set_hint(format!(
+            "Make the key column the primary key, or: create unique index on {} ({});",
+            built.table,
+            quote_ident(key_column)
+        )));
+    }
+    if table.columns.get(key_column).is_some_and(|c| c.generated) {
+        return Err(error(
+            PgSqlErrorCode::ERRCODE_GENERATED_ALWAYS,
+            format!("the key column {key_column:?} is generated; pg_cqrs must be able to write it"),
+        ));
+    }
+
+    for (at, action) in spec.actions() {
+        check_source(&format!("{at}.key"), &action.key, key_column, &table)?;
+        for (column, source) in action.set.iter().chain(action.add.iter()) {
+            let part = if action.add.iter().any(|(c, _)| c == column) {
+                "add"
+            } else {
+                "set"
+            };
+            let at = format!("{at}.{part}.{column}");
+            if column == key_column {
+                return Err(error(
+                    PgSqlErrorCode::ERRCODE_INVALID_COLUMN_REFERENCE,
+                    format!("{at}: the key column is written from \"key\", not from set/add"),
+                ));
+            }
+            if column == rev_column {
+                return Err(error(
+                    PgSqlErrorCode::ERRCODE_INVALID_COLUMN_REFERENCE,
+                    format!("{at}: the revision column is maintained by pg_cqrs"),
+                ));
+            }
+            let Some(catalog) = table.columns.get(column.as_str()) else {
+                return Err(error(
+                    PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                    format!("{at}: table {} has no column {column:?}", built.table),
+                ));
+            };
+            if catalog.generated {
+                return Err(error(
+                    PgSqlErrorCode::ERRCODE_GENERATED_ALWAYS,
+                    format!("{at}: column {column:?} is generated and cannot be written"),
+                ));
+            }
+            if part == "add" && !is_numeric(catalog.type_oid) {
+                return Err(error(
+                    PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+                    format!(
+                        "{at}: \"add\" needs a numeric column; {column:?} is {}",
+                        catalog.sql_type
+                    ),
+                ));
+            }
+            check_source(&at, source, column, &table)?;
+        }
+    }
+    Ok(built)
+}
+
+/// Checks that a constant or command-log field can be stored in `column` (a path's value can
+/// only be checked when an event arrives).
+fn check_source(at: &str, source: &Source, column: &str, table: &CatalogTable) -> Result<(), ErrorReport> {
+    let Some(catalog) = table.columns.get(column) else {
+        return Ok(());
+    };
+    let kind = json_kind(catalog.type_oid);
+    match source {
+        Source::Const(value) if kind == JsonKind::No && !value.is_null() => {
+            if value.is_array() || value.is_object() {
+                return Err(error(
+                    PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+                    format!(
+                        "{at}: a JSON {} constant cannot be stored in column {column:?} of type {}",
+                        cqrs_projection::event::json_type(value),
+                        catalog.sql_type
+                    ),
+                ));
+            }
+            let sql = format!(
+                "select (pg_catalog.jsonb_build_array($1::jsonb) ->> 0)::{}",
+                catalog.sql_type
+            );
+            probe_cast(&sql, vec![JsonB(value.clone()).into()]).map_err(|failure| {
+                error(
+                    PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+                    format!(
+                        "{at}: the constant {value} cannot be stored in column {column:?} of type {}: {}",
+                        catalog.sql_type, failure.message
+                    ),
+                )
+            })
+        }
+        Source::Field(field) if kind == JsonKind::No => {
+            let sql = format!("select null::{}::{}", field.sql_type(), catalog.sql_type);
+            probe_cast(&sql, Vec::new()).map_err(|failure| {
+                error(
+                    PgSqlErrorCode::ERRCODE_CANNOT_COERCE,
+                    format!("{at}: the command-log field {} ({}) cannot be stored in column {column:?} of type {}: {}",
+                        field_name(*field), field.sql_type(), catalog.sql_type, failure.message),
+                )
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+fn field_name(field: Field) -> &'static str {
+    match field {
+        Field::Stream => "stream",
+        Field::Seq => "seq",
+        Field::Position => "position",
+        Field::CreatedAt => "created_at",
+        Field::CommandId => "command_id",
+        Field::CommandType => "command_type",
+    }
+}
+
+/// Resolves every function handler to its schema-qualified, quoted name, checking its signature:
+/// `(jsonb) returns setof text` (the keys of the rows it changed).
+fn resolve_functions(client: &SpiClient<'_>, spec: &mut Spec) -> Result<(), ErrorReport> {
+    let mut resolved: HashMap<String, String> = HashMap::new();
+    for name in spec.functions() {
+        let rows = client
+            .select(
+                "select n.nspname::text, p.proname::text, p.proretset, p.prorettype = 'pg_catalog.text'::pg_catalog.regtype
+                   from pg_catalog.pg_proc p join pg_catalog.pg_namespace n on n.oid = p.pronamespace
+                  where p.oid = pg_catalog.to_regprocedure($1 || '(jsonb)')",
+                Some(1),
+                &[name.into()],
+            )
+            .map_err(|err| spi_error("looking up a handler function", err))?;
+        let mut found = None;
+        for row in rows {
+            found = Some((
+                row.get::<String>(1)
+                    .map_err(|e| spi_error("reading nspname", e))?
+                    .unwrap_or_default(),
+                row.get::<String>(2)
+                    .map_err(|e| spi_error("reading proname", e))?
+                    .unwrap_or_default(),
+                row.get::<bool>(3)
+                    .map_err(|e| spi_error("reading proretset", e))?
+                    .unwrap_or(false),
+                row.get::<bool>(4)
+                    .map_err(|e| spi_error("reading prorettype", e))?
+                    .unwrap_or(false),
+            ));
+        }
+        let Some((schema, function, returns_set, returns_text)) = found else {
+            return Err(error(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION,
+                format!("handler function {name}(jsonb) does not exist"),
+            )
+            .set_hint("A handler function takes the event as jsonb and returns setof text: the keys of the rows it changed."));
+        };
+        if !(returns_set && returns_text) {
+            return Err(error(
+                PgSqlErrorCode::ERRCODE_INVALID_FUNCTION_DEFINITION,
+                format!("handler function {schema}.{function}(jsonb) must return setof text (the keys of the rows it changed)"),
+            ));
+        }
+        resolved.insert(
+            name.to_owned(),
+            format!("{}.{}", quote_ident(&schema), quote_ident(&function)),
+        );
+    }
+    for handlers in spec.handlers.values_mut() {
+        for handler in handlers.iter_mut() {
+            if let Handler::Function(name) = handler {
+                if let Some(qualified) = resolved.get(name.as_str()) {
+                    *name = qualified.clone();
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_name(name: &str) -> Result<(), ErrorReport> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(error(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("projection name {name:?} must be 1 to 63 characters of A-Z a-z 0-9 _ . -"),
+        )
+        .set_hint("Names appear in cache keys and metric labels."))
+    }
+}
+
+/// A registered read-model table.
+pub(crate) struct NewProjection<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) target: pg_sys::Oid,
+    pub(crate) key_column: &'a str,
+    pub(crate) handlers: &'a serde_json::Value,
+    pub(crate) on_error: &'a str,
+    pub(crate) rev_column: &'a str,
+}
+
+/// Checks and registers a projection (without backfilling it).
+pub(crate) fn register(new: &NewProjection<'_>) -> Result<(), ErrorReport> {
+    check_name(new.name)?;
+    let on_error = match new.on_error {
+        "halt" | "dead_letter" => new.on_error,
+        other => {
+            return Err(error(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("on_error must be 'halt' or 'dead_letter', not {other:?}"),
+            ))
+        }
+    };
+    let mut spec = Spec::parse(new.handlers)
+        .map_err(|err| error(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, err.to_string()))?;
+    Spi::connect_mut(|client| {
+        let exists = client
+            .select(
+                "select (select p.name from cqrs.projection p where p.name = $1),
+                        (select p.name from cqrs.projection p where p.target = $2::pg_catalog.oid::pg_catalog.regclass)",
+                Some(1),
+                &[new.name.into(), new.target.into()],
+            )
+            .and_then(|rows| rows.first().get_two::<String, String>())
+            .map_err(|err| spi_error("looking for existing projections", err))?;
+        if exists.0.is_some() {
+            return Err(error(
+                PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+                format!("projection {:?} already exists", new.name),
+            )
+            .set_hint("Drop it first with cqrs.drop_projection(), or choose another name."));
+        }
+        if let Some(other) = exists.1 {
+            return Err(error(
+                PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+                format!("that table is already the read model of projection {other:?}"),
+            ));
+        }
+        resolve_functions(client, &mut spec)?;
+        let target = check_definition(client, new.target, new.key_column, new.rev_column, &spec)?;
+        client
+            .update(
+                "insert into cqrs.projection (name, target, key_column, rev_column, handlers, on_error)
+                 values ($1, $2::pg_catalog.oid::pg_catalog.regclass, $3, $4, $5, $6)",
+                None,
+                &[
+                    new.name.into(),
+                    new.target.into(),
+                    new.key_column.into(),
+                    new.rev_column.into(),
+                    JsonB(spec.to_json()).into(),
+                    on_error.into(),
+                ],
+            )
+            .map_err(|err| spi_error("registering the projection", err))?;
+        client
+            .update(
+                "insert into cqrs.projection_state (name) values ($1)",
+                None,
+                &[new.name.into()],
+            )
+            .map_err(|err| spi_error("registering the projection state", err))?;
+        // The projector writes the read model with its own rights: let it, if we may grant that.
+        let grant = format!(
+            "grant select, insert, update, delete on {} to cqrs_projector",
+            target.table
+        );
+        if let Err(failure) = subtransaction::run(|| {
+            Spi::run(&grant).map_err(|err| spi_error("granting the projector access", err))
+        }) {
+            pgrx::notice!(
+                "could not grant cqrs_projector access to {} ({}); grant select, insert, update, delete on it to cqrs_projector yourself",
+                target.table,
+                failure.message
+            );
+        }
+        Ok(())
+    })
+}
+
+/// The definition of projection `name` (cached; reloaded when it or its table changed). With
+/// `known` — the definition version and the table's pg_class xmin, when the caller already read
+/// them — a cached definition is returned without a query.
+pub(crate) fn load(
+    client: &SpiClient<'_>,
+    name: &str,
+    known: Option<(i64, &str)>,
+) -> Result<Rc<Definition>, ErrorReport> {
+    if let Some((version, relation_version)) = known {
+        let cached = DEFINITIONS.with_borrow(|cache| {
+            cache
+                .get(name)
+                .filter(|(v, rel, _)| *v == version && rel == relation_version)
+                .map(|(_, _, definition)| Rc::clone(definition))
+        });
+        if let Some(definition) = cached {
+            return Ok(definition);
+        }
+    }
+    let rows = client
+        .select(
+            "select p.definition_version, c.xmin::text, p.target::pg_catalog.oid, p.key_column::text,
+                    p.rev_column::text, p.handlers, p.on_error
+               from cqrs.projection p join pg_catalog.pg_class c on c.oid = p.target
+              where p.name = $1",
+            Some(1),
+            &[name.into()],
+        )
+        .map_err(|err| spi_error("loading the projection definition", err))?;
+    let row = rows.first();
+    let version = row
+        .get::<i64>(1)
+        .map_err(|e| spi_error("reading definition_version", e))?;
+    let relation_version = row
+        .get::<String>(2)
+        .map_err(|e| spi_error("reading the table version", e))?
+        .unwrap_or_default();
+    let Some(version) = version else {
+        return Err(error(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("projection {name:?} does not exist, or its read-model table was dropped"),
+        ));
+    };
+    let cached = DEFINITIONS.with_borrow(|cache| {
+        cache
+            .get(name)
+            .filter(|(v, rel, _)| *v == version && *rel == relation_version)
+            .map(|(_, _, definition)| Rc::clone(definition))
+    });
+    if let Some(definition) = cached {
+        return Ok(definition);
+    }
+    let target_oid = row
+        .get::<pg_sys::Oid>(3)
+        .map_err(|e| spi_error("reading target", e))?
+        .unwrap_or(pg_sys::InvalidOid);
+    let key_column = row
+        .get::<String>(4)
+        .map_err(|e| spi_error("reading key_column", e))?
+        .unwrap_or_default();
+    let rev_column = row
+        .get::<String>(5)
+        .map_err(|e| spi_error("reading rev_column", e))?
+        .unwrap_or_default();
+    let handlers = row
+        .get::<JsonB>(6)
+        .map_err(|e| spi_error("reading handlers", e))?
+        .map(|j| j.0)
+        .unwrap_or_default();
+    let on_error = match row
+        .get::<String>(7)
+        .map_err(|e| spi_error("reading on_error", e))?
+        .as_deref()
+    {
+        Some("dead_letter") => OnError::DeadLetter,
+        _ => OnError::Halt,
+    };
+    let spec = Spec::parse(&handlers)
+        .map_err(|err| internal(format!("stored handlers of {name:?} do not parse: {err}")))?;
+    let target = build_target(client, target_oid, &key_column, &rev_column, &spec)?;
+    let definition = Rc::new(Definition {
+        name: name.to_owned(),
+        program: spec.compile(),
+        target,
+        on_error,
+        plans: RefCell::new(Plans::default()),
+    });
+    DEFINITIONS.with_borrow_mut(|cache| {
+        cache.insert(
+            name.to_owned(),
+            (version, relation_version, Rc::clone(&definition)),
+        );
+    });
+    Ok(definition)
+}

@@ -1,0 +1,880 @@
+//! The projection engine: applies an ordered batch of command-log rows to projections.
+//!
+//! For each projection (in name order, its state row locked — which serialises projectors and
+//! makes the checkpoint a fence):
+//! 1. skip the batch when its commit LSN is at or below the checkpoint (a redelivery, or a
+//!    deposed projector);
+//! 2. plan it against the projection's per-stream progress and parked events
+//!    ([`cqrs_projection::sequencing`]);
+//! 3. fold the applicable events into one write per read-model row and execute the writes
+//!    set-based ([`cqrs_projection::fold`], [`cqrs_projection::sql`]), with the progress, parked
+//!    events and checkpoint, in a subtransaction;
+//! 4. if anything fails, apply the events one at a time to find the poison event, and either halt
+//!    the projection (nothing of the batch applied to it; other projections go on) or move the
+//!    event to `cqrs.dead_letter` and go on.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::rc::Rc;
+
+use cqrs_projection::event::Event;
+use cqrs_projection::fold::{write_row_json, Fold, Op, Write};
+use cqrs_projection::lsn;
+use cqrs_projection::sequencing::{self, Plan};
+use cqrs_projection::spec::{key_text, CompiledAction, Step as ProgramStep};
+use cqrs_projection::sql::Target;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::JsonB;
+use serde_json::Value;
+
+use crate::errors::{error, internal, spi_error};
+use crate::prepared;
+use crate::projection_catalog::{self, Definition, OnError};
+use crate::subtransaction::{self, Failure};
+use crate::waiters;
+
+/// A read-model row a batch changed.
+#[derive(Debug)]
+pub(crate) struct ChangedRow {
+    pub(crate) projection: Rc<str>,
+    pub(crate) key: String,
+    pub(crate) rev: i64,
+    /// The row as json (a Datum copied out of SPI), `None` when deleted or not collected.
+    pub(crate) doc: Option<pg_sys::Datum>,
+    pub(crate) deleted: bool,
+}
+
+/// The changed rows of a call, one per (projection, key): the last change wins.
+#[derive(Default)]
+pub(crate) struct Changes {
+    rows: Vec<ChangedRow>,
+    index: HashMap<(Rc<str>, String), usize>,
+}
+
+impl Changes {
+    fn record(&mut self, row: ChangedRow) {
+        let id = (Rc::clone(&row.projection), row.key.clone());
+        match self.index.get(&id) {
+            Some(&at) => self.rows[at] = row,
+            None => {
+                self.index.insert(id, self.rows.len());
+                self.rows.push(row);
+            }
+        }
+    }
+
+    fn extend(&mut self, rows: Vec<ChangedRow>) {
+        for row in rows {
+            self.record(row);
+        }
+    }
+
+    pub(crate) fn into_rows(self) -> Vec<ChangedRow> {
+        self.rows
+    }
+}
+
+/// How a call projects.
+pub(crate) struct Options<'a> {
+    /// The batch's commit LSN: projections whose checkpoint is at or past it skip the batch.
+    pub(crate) commit_lsn: Option<u64>,
+    /// Only this projection (catch-up, rebuild, resume); otherwise every projection not halted.
+    pub(crate) only: Option<&'a str>,
+    /// Collect the changed rows as jsonb (rebuild does not need them).
+    pub(crate) with_docs: bool,
+}
+
+/// What happened to one projection.
+#[derive(Debug, Default)]
+pub(crate) struct Report {
+    pub(crate) applied: u64,
+    pub(crate) duplicates: u64,
+    pub(crate) dead_lettered: u64,
+    /// The error and event that halted it.
+    pub(crate) halted: Option<(Failure, Option<Event>)>,
+}
+
+struct State {
+    name: String,
+    halted: bool,
+    checkpoint_lsn: Option<u64>,
+    revision: i64,
+    definition_version: i64,
+    relation_version: String,
+    parked: i64,
+}
+
+const LOCK_ALL: &str = "\
+select s.name, s.halted, s.checkpoint_lsn::text, s.revision, p.definition_version, c.xmin::text, s.parked
+  from cqrs.projection_state s
+  join cqrs.projection p on p.name = s.name
+  join pg_catalog.pg_class c on c.oid = p.target
+ order by s.name
+   for update of s";
+
+const LOCK_ONE: &str = "\
+select s.name, s.halted, s.checkpoint_lsn::text, s.revision, p.definition_version, c.xmin::text, s.parked
+  from cqrs.projection_state s
+  join cqrs.projection p on p.name = s.name
+  join pg_catalog.pg_class c on c.oid = p.target
+ where s.name = $1
+   for update of s";
+
+// Per-key lookups through `lateral (… offset 0)`: plans are kept for the backend's life and the
+// first ones are made while these tables are empty; the fence keeps each key an index probe
+// however large the tables grow (see cqrs_projection::sql).
+const PROGRESS: &str = "\
+select u.stream, ps.last_seq
+  from unnest($2::text[]) as u(stream)
+  cross join lateral (select p.last_seq from cqrs.projection_stream p
+                       where p.projection = $1 and p.stream = u.stream offset 0) as ps";
+
+const PARKED: &str = "\
+select p.event
+  from unnest($2::text[]) as u(stream)
+  cross join lateral (select k.event from cqrs.parked k
+                       where k.projection = $1 and k.stream = u.stream offset 0) as p";
+
+// Progress of streams the projection has seen before is updated in place (cheaper than an
+// upsert's speculative insertion); new streams are inserted.
+const ADVANCE_PROGRESS: &str = "\
+update cqrs.projection_stream ps set last_seq = u.last_seq
+  from (select u.last_seq, x.tid
+          from unnest($2::text[], $3::bigint[]) as u(stream, last_seq)
+          cross join lateral (select p.ctid as tid from cqrs.projection_stream p
+                               where p.projection = $1 and p.stream = u.stream and p.last_seq < u.last_seq
+                              offset 0) as x) as u
+ where ps.ctid = u.tid";
+
+const START_PROGRESS: &str = "\
+insert into cqrs.projection_stream as ps (projection, stream, last_seq)
+select $1, u.stream, u.last_seq from unnest($2::text[], $3::bigint[]) as u(stream, last_seq)
+on conflict (projection, stream) do update set last_seq = excluded.last_seq
+ where ps.last_seq < excluded.last_seq";
+
+const PARK: &str = "\
+insert into cqrs.parked (projection, stream, seq, event)
+select $1, e ->> 'stream', (e ->> 'seq')::bigint, e from jsonb_array_elements($2) as e
+on conflict (projection, stream, seq) do nothing";
+
+const UNPARK: &str = "\
+delete from cqrs.parked p
+ using (select x.tid from unnest($2::text[], $3::bigint[]) as u(stream, seq)
+          cross join lateral (select k.ctid as tid from cqrs.parked k
+                               where k.projection = $1 and k.stream = u.stream and k.seq = u.seq offset 0) as x) as u
+ where p.ctid = u.tid";
+
+const RECOUNT_PARKED: &str = "\
+update cqrs.projection_state s set parked = (select count(*) from cqrs.parked p where p.projection = $1)
+ where s.name = $1";
+
+const DEAD_LETTER: &str = "\
+insert into cqrs.dead_letter (projection, stream, seq, command_id, command_type, event, error, sqlstate)
+select $1, e ->> 'stream', (e ->> 'seq')::bigint, (e ->> 'command_id')::uuid, e ->> 'command_type', e,
+       $2[o::int], $3[o::int]
+  from jsonb_array_elements($4) with ordinality as x(e, o)";
+
+const SAVE_CHECKPOINT: &str = "\
+update cqrs.projection_state set
+       checkpoint_lsn = greatest(checkpoint_lsn, $2::pg_lsn),
+       checkpoint_position = greatest(checkpoint_position, $3),
+       checkpoint_at = now(),
+       revision = greatest(revision, $4),
+       applied = applied + $5,
+       duplicates = duplicates + $6,
+       dead_lettered = dead_lettered + $7
+ where name = $1";
+
+const HALT: &str = "\
+update cqrs.projection_state set
+       halted = true, last_error = $2, last_error_sqlstate = $3, last_error_at = now(), last_error_event = $4
+ where name = $1";
+
+fn text_array() -> PgOid {
+    PgBuiltInOids::TEXTARRAYOID.into()
+}
+
+fn lock_states(client: &mut SpiClient<'_>, only: Option<&str>) -> Result<Vec<State>, ErrorReport> {
+    let rows = match only {
+        Some(name) => {
+            let plan = prepared::plan(client, LOCK_ONE, &[PgBuiltInOids::TEXTOID.into()])?;
+            prepared::index_plans(|| client.update(&*plan, None, &[name.into()]))
+        }
+        None => {
+            let plan = prepared::plan(client, LOCK_ALL, &[])?;
+            prepared::index_plans(|| client.update(&*plan, None, &[]))
+        }
+    }
+    .map_err(|err| spi_error("locking the projection states", err))?;
+    let mut states = Vec::new();
+    for row in rows {
+        states.push(State {
+            name: row
+                .get::<String>(1)
+                .map_err(|e| spi_error("reading name", e))?
+                .unwrap_or_default(),
+            halted: row
+                .get::<bool>(2)
+                .map_err(|e| spi_error("reading halted", e))?
+                .unwrap_or(false),
+            checkpoint_lsn: row
+                .get::<String>(3)
+                .map_err(|e| spi_error("reading checkpoint_lsn", e))?
+                .and_then(|text| lsn::parse(&text)),
+            revision: row
+                .get::<i64>(4)
+                .map_err(|e| spi_error("reading revision", e))?
+                .unwrap_or(0),
+            definition_version: row
+                .get::<i64>(5)
+                .map_err(|e| spi_error("reading definition_version", e))?
+                .unwrap_or(0),
+            relation_version: row
+                .get::<String>(6)
+                .map_err(|e| spi_error("reading the table version", e))?
+                .unwrap_or_default(),
+            parked: row
+                .get::<i64>(7)
+                .map_err(|e| spi_error("reading parked", e))?
+                .unwrap_or(0),
+        });
+    }
+    if let (Some(name), true) = (only, states.is_empty()) {
+        return Err(error(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("projection {name:?} does not exist"),
+        ));
+    }
+    Ok(states)
+}
+
+fn read_progress(
+    client: &mut SpiClient<'_>,
+    name: &str,
+    streams: &[String],
+) -> Result<HashMap<String, i64>, ErrorReport> {
+    let plan = prepared::plan(client, PROGRESS, &[PgBuiltInOids::TEXTOID.into(), text_array()])?;
+    let rows = prepared::index_plans(|| client.update(&*plan, None, &[name.into(), streams.to_vec().into()]))
+        .map_err(|err| spi_error("reading stream progress", err))?;
+    let mut progress = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let stream = row
+            .get::<String>(1)
+            .map_err(|e| spi_error("reading stream", e))?
+            .unwrap_or_default();
+        let last = row
+            .get::<i64>(2)
+            .map_err(|e| spi_error("reading last_seq", e))?
+            .unwrap_or(0);
+        progress.insert(stream, last);
+    }
+    Ok(progress)
+}
+
+fn read_parked(
+    client: &mut SpiClient<'_>,
+    name: &str,
+    streams: &[String],
+) -> Result<Vec<Event>, ErrorReport> {
+    let plan = prepared::plan(client, PARKED, &[PgBuiltInOids::TEXTOID.into(), text_array()])?;
+    let rows = prepared::index_plans(|| client.update(&*plan, None, &[name.into(), streams.to_vec().into()]))
+        .map_err(|err| spi_error("reading parked events", err))?;
+    let mut parked = Vec::new();
+    for (i, row) in rows.enumerate() {
+        let event = row
+            .get::<JsonB>(1)
+            .map_err(|e| spi_error("reading a parked event", e))?;
+        if let Some(event) = event {
+            parked.push(
+                Event::from_json(i, &event.0)
+                    .map_err(|err| internal(format!("a parked event is malformed: {err}")))?,
+            );
+        }
+    }
+    Ok(parked)
+}
+
+/// A declarative action evaluated for one event.
+struct Pending {
+    raw_key: String,
+    op: Op,
+}
+
+fn describe(event: &Event) -> String {
+    format!(
+        "event {}#{} ({}, position {})",
+        event.stream, event.seq, event.command_type, event.position
+    )
+}
+
+fn evaluate(def: &Definition, event: &Event, action: &CompiledAction) -> Result<Pending, ErrorReport> {
+    let raw_key = key_text(action.key.value(event).as_ref()).map_err(|reason| {
+        error(
+            PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
+            format!("projection {}: {}: {reason}", def.name, describe(event)),
+        )
+    })?;
+    Ok(Pending {
+        raw_key,
+        op: Op {
+            kind: action.kind,
+            set: action.set.iter().map(|(c, s)| (*c, s.value(event))).collect(),
+            add: action.add.iter().map(|(c, s)| (*c, s.value(event))).collect(),
+        },
+    })
+}
+
+/// Copies a Datum returned by SPI into the caller's memory context, so it outlives SPI_finish.
+fn keep_doc(datum: Option<pg_sys::Datum>) -> Option<pg_sys::Datum> {
+    // SAFETY: datum is a non-null json (varlena, not by value) from the current SPI result.
+    datum.map(|d| unsafe { pg_sys::SPI_datumTransfer(d, false, -1) })
+}
+
+struct Flush<'a> {
+    def: &'a Definition,
+    projection: Rc<str>,
+    rev: i64,
+    with_docs: bool,
+}
+
+impl Flush<'_> {
+    fn rows_changed(
+        &self,
+        client: &mut SpiClient<'_>,
+        which: &str,
+        sql: fn(&Target) -> String,
+        args: (&[PgOid], Vec<pgrx::datum::DatumWithOid<'static>>),
+        out: &mut Vec<ChangedRow>,
+    ) -> Result<(), ErrorReport> {
+        let plan = self.def.plan(client, which, sql, args.0)?;
+        let mut rows = prepared::index_plans(|| client.update(&*plan, None, &args.1))
+            .map_err(|err| spi_error(&format!("{which} of projection {}", self.def.name), err))?;
+        // iterate the table itself: only it hands out a column as the raw Datum
+        while rows.next().is_some() {
+            let key = rows
+                .get::<String>(1)
+                .map_err(|e| spi_error("reading a key", e))?
+                .unwrap_or_default();
+            let doc = if self.with_docs {
+                keep_doc(
+                    rows.get_datum_by_ordinal(2)
+                        .map_err(|e| spi_error("reading a row", e))?,
+                )
+            } else {
+                None
+            };
+            out.push(ChangedRow {
+                projection: Rc::clone(&self.projection),
+                key,
+                rev: self.rev,
+                doc,
+                deleted: false,
+            });
+        }
+        Ok(())
+    }
+
+    /// Applies the pending steps: probe the keys, fold, write.
+    fn flush(
+        &self,
+        client: &mut SpiClient<'_>,
+        pending: &mut Vec<Pending>,
+        out: &mut Vec<ChangedRow>,
+    ) -> Result<(), ErrorReport> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let mut seen = HashSet::new();
+        let raw: Vec<String> = pending
+            .iter()
+            .filter(|s| seen.insert(s.raw_key.as_str()))
+            .map(|s| s.raw_key.clone())
+            .collect();
+        let plan = self
+            .def
+            .plan(client, "probe", Target::probe_sql, &[text_array()])?;
+        let rows = prepared::index_plans(|| client.update(&*plan, None, &[raw.into()]))
+            .map_err(|err| spi_error(&format!("probing keys of projection {}", self.def.name), err))?;
+        let mut keys: HashMap<String, (String, bool)> = HashMap::new();
+        for row in rows {
+            let raw = row
+                .get::<String>(1)
+                .map_err(|e| spi_error("reading a key", e))?
+                .unwrap_or_default();
+            let canonical = row
+                .get::<String>(2)
+                .map_err(|e| spi_error("reading a key", e))?
+                .unwrap_or_default();
+            let exists = row
+                .get::<bool>(3)
+                .map_err(|e| spi_error("reading existence", e))?
+                .unwrap_or(false);
+            keys.insert(raw, (canonical, exists));
+        }
+        let mut fold = Fold::new();
+        for step in pending.drain(..) {
+            let (canonical, exists) = keys
+                .get(&step.raw_key)
+                .ok_or_else(|| internal("a probed key is missing from the probe's answer"))?;
+            fold.apply(canonical, *exists, &step.op);
+        }
+        // the writes as JSON text arrays, decoded by json_to_recordset in the statements
+        let (mut updates, mut inserts, mut deletes) = (String::from("["), String::from("["), Vec::new());
+        for write in fold.into_writes() {
+            match write {
+                Write::Update { key, ops } => {
+                    if updates.len() > 1 {
+                        updates.push(',');
+                    }
+                    write_row_json(&mut updates, &key, &ops);
+                }
+                Write::Insert { key, ops, .. } => {
+                    if inserts.len() > 1 {
+                        inserts.push(',');
+                    }
+                    write_row_json(&mut inserts, &key, &ops);
+                }
+                Write::Delete { key } => deletes.push(key),
+            }
+        }
+        updates.push(']');
+        inserts.push(']');
+        let text_rev: &[PgOid] = &[PgBuiltInOids::TEXTOID.into(), PgBuiltInOids::INT8OID.into()];
+        if !deletes.is_empty() {
+            let plan = self
+                .def
+                .plan(client, "delete", Target::delete_sql, &[text_array()])?;
+            let rows = prepared::index_plans(|| client.update(&*plan, None, &[deletes.into()]))
+                .map_err(|err| spi_error(&format!("deleting rows of projection {}", self.def.name), err))?;
+            for row in rows {
+                let key = row
+                    .get::<String>(1)
+                    .map_err(|e| spi_error("reading a key", e))?
+                    .unwrap_or_default();
+                out.push(ChangedRow {
+                    projection: Rc::clone(&self.projection),
+                    key,
+                    rev: self.rev,
+                    doc: None,
+                    deleted: true,
+                });
+            }
+        }
+        if updates.len() > 2 {
+            self.rows_changed(
+                client,
+                "update",
+                Target::update_sql,
+                (text_rev, vec![updates.into(), self.rev.into()]),
+                out,
+            )?;
+        }
+        if inserts.len() > 2 {
+            self.rows_changed(
+                client,
+                "insert",
+                Target::insert_sql,
+                (text_rev, vec![inserts.into(), self.rev.into()]),
+                out,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Calls a function handler with the event, then stamps the rows it reports as changed.
+    fn call(
+        &self,
+        client: &mut SpiClient<'_>,
+        function: &str,
+        event: &Event,
+        out: &mut Vec<ChangedRow>,
+    ) -> Result<(), ErrorReport> {
+        let which = format!("function {function}");
+        let plan = self.def.plan(
+            client,
+            &which,
+            |_| format!("select f.k from {function}($1) as f(k)"),
+            &[PgBuiltInOids::JSONBOID.into()],
+        )?;
+        let rows = client
+            .update(&*plan, None, &[JsonB(event.to_json()).into()])
+            .map_err(|err| {
+                spi_error(
+                    &format!("calling {function} for projection {}", self.def.name),
+                    err,
+                )
+            })?;
+        let mut keys = Vec::new();
+        for row in rows {
+            if let Some(key) = row.get::<String>(1).map_err(|e| spi_error("reading a key", e))? {
+                keys.push(key);
+            }
+        }
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut touched = Vec::new();
+        self.rows_changed(
+            client,
+            "touch",
+            Target::touch_sql,
+            (
+                &[text_array(), PgBuiltInOids::INT8OID.into()],
+                vec![keys.clone().into(), self.rev.into()],
+            ),
+            &mut touched,
+        )?;
+        let present: HashSet<&str> = touched.iter().map(|r| r.key.as_str()).collect();
+        let gone: Vec<String> = keys
+            .into_iter()
+            .filter(|k| !present.contains(k.as_str()))
+            .collect();
+        out.append(&mut touched);
+        for key in gone {
+            out.push(ChangedRow {
+                projection: Rc::clone(&self.projection),
+                key,
+                rev: self.rev,
+                doc: None,
+                deleted: true,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Applies `events` in order to the read model of `def`.
+fn apply_events(
+    client: &mut SpiClient<'_>,
+    flush: &Flush<'_>,
+    events: &[&Event],
+    out: &mut Vec<ChangedRow>,
+) -> Result<(), ErrorReport> {
+    let mut pending = Vec::new();
+    for event in events {
+        for step in flush.def.program.steps_for(&event.command_type) {
+            match step {
+                ProgramStep::Declarative(action) => pending.push(evaluate(flush.def, event, action)?),
+                ProgramStep::Function(function) => {
+                    // a function sees the read model as every earlier event left it
+                    flush.flush(client, &mut pending, out)?;
+                    flush.call(client, function, event, out)?;
+                }
+            }
+        }
+    }
+    flush.flush(client, &mut pending, out)
+}
+
+/// Progress, parked events and dead letters of a planned batch.
+fn write_bookkeeping(
+    client: &mut SpiClient<'_>,
+    name: &str,
+    known: &HashMap<String, i64>,
+    plan: &Plan<'_>,
+    dead: &[(Event, Failure)],
+) -> Result<(), ErrorReport> {
+    let args = [
+        PgBuiltInOids::TEXTOID.into(),
+        text_array(),
+        PgBuiltInOids::INT8ARRAYOID.into(),
+    ];
+    for (sql, seen) in [(ADVANCE_PROGRESS, true), (START_PROGRESS, false)] {
+        let (streams, seqs): (Vec<String>, Vec<i64>) = plan
+            .progress
+            .iter()
+            .filter(|(stream, _)| known.contains_key(stream.as_str()) == seen)
+            .map(|(s, q)| (s.clone(), *q))
+            .unzip();
+        if streams.is_empty() {
+            continue;
+        }
+        let statement = prepared::plan(client, sql, &args)?;
+        prepared::index_plans(|| {
+            client.update(&*statement, None, &[name.into(), streams.into(), seqs.into()])
+        })
+        .map_err(|err| spi_error("saving stream progress", err))?;
+    }
+    if !plan.park.is_empty() {
+        let events = Value::Array(plan.park.iter().map(|e| e.to_json()).collect());
+        let sql = prepared::plan(
+            client,
+            PARK,
+            &[PgBuiltInOids::TEXTOID.into(), PgBuiltInOids::JSONBOID.into()],
+        )?;
+        prepared::index_plans(|| client.update(&*sql, None, &[name.into(), JsonB(events).into()]))
+            .map_err(|err| spi_error("parking events", err))?;
+    }
+    if !plan.unpark.is_empty() {
+        let (streams, seqs): (Vec<String>, Vec<i64>) = plan.unpark.iter().cloned().unzip();
+        let sql = prepared::plan(
+            client,
+            UNPARK,
+            &[
+                PgBuiltInOids::TEXTOID.into(),
+                text_array(),
+                PgBuiltInOids::INT8ARRAYOID.into(),
+            ],
+        )?;
+        prepared::index_plans(|| client.update(&*sql, None, &[name.into(), streams.into(), seqs.into()]))
+            .map_err(|err| spi_error("releasing parked events", err))?;
+    }
+    if !plan.park.is_empty() || !plan.unpark.is_empty() {
+        let sql = prepared::plan(client, RECOUNT_PARKED, &[PgBuiltInOids::TEXTOID.into()])?;
+        prepared::index_plans(|| client.update(&*sql, None, &[name.into()]))
+            .map_err(|err| spi_error("counting parked events", err))?;
+    }
+    if !dead.is_empty() {
+        let events = Value::Array(dead.iter().map(|(e, _)| e.to_json()).collect());
+        let errors: Vec<String> = dead.iter().map(|(_, f)| f.describe()).collect();
+        let codes: Vec<String> = dead.iter().map(|(_, f)| f.sqlstate.clone()).collect();
+        let sql = prepared::plan(
+            client,
+            DEAD_LETTER,
+            &[
+                PgBuiltInOids::TEXTOID.into(),
+                text_array(),
+                text_array(),
+                PgBuiltInOids::JSONBOID.into(),
+            ],
+        )?;
+        prepared::index_plans(|| {
+            client.update(
+                &*sql,
+                None,
+                &[name.into(), errors.into(), codes.into(), JsonB(events).into()],
+            )
+        })
+        .map_err(|err| spi_error("writing dead letters", err))?;
+    }
+    Ok(())
+}
+
+enum Outcome {
+    Done {
+        rows: Vec<ChangedRow>,
+        dead: Vec<(Event, Failure)>,
+    },
+    Halted {
+        failure: Failure,
+        event: Option<Box<Event>>,
+    },
+}
+
+fn run_plan(
+    client: &mut SpiClient<'_>,
+    flush: &Flush<'_>,
+    known: &HashMap<String, i64>,
+    plan: &Plan<'_>,
+) -> Outcome {
+    let fast = subtransaction::run(|| {
+        let mut rows = Vec::new();
+        apply_events(client, flush, &plan.apply, &mut rows)?;
+        write_bookkeeping(client, &flush.def.name, known, plan, &[])?;
+        Ok(rows)
+    });
+    let first_failure = match fast {
+        Ok(rows) => {
+            return Outcome::Done {
+                rows,
+                dead: Vec::new(),
+            }
+        }
+        Err(failure) => failure,
+    };
+    match flush.def.on_error {
+        OnError::Halt => {
+            // Find the event that fails, then roll everything back: a halted projection keeps
+            // what it had before this batch.
+            let mut poison: Option<(Event, Failure)> = None;
+            let _ = subtransaction::run(|| {
+                for event in &plan.apply {
+                    let mut scratch = Vec::new();
+                    if let Err(failure) =
+                        subtransaction::run(|| apply_events(client, flush, &[event], &mut scratch))
+                    {
+                        poison = Some(((*event).clone(), failure));
+                        break;
+                    }
+                }
+                Err::<(), _>(internal("rolling back the search for the failing event"))
+            });
+            match poison {
+                Some((event, failure)) => Outcome::Halted {
+                    failure,
+                    event: Some(Box::new(event)),
+                },
+                None => Outcome::Halted {
+                    failure: first_failure,
+                    event: None,
+                },
+            }
+        }
+        OnError::DeadLetter => {
+            let careful = subtransaction::run(|| {
+                let mut rows = Vec::new();
+                let mut dead = Vec::new();
+                for event in &plan.apply {
+                    let mut applied = Vec::new();
+                    match subtransaction::run(|| apply_events(client, flush, &[event], &mut applied)) {
+                        Ok(()) => rows.append(&mut applied),
+                        Err(failure) => dead.push(((*event).clone(), failure)),
+                    }
+                }
+                write_bookkeeping(client, &flush.def.name, known, plan, &dead)?;
+                Ok((rows, dead))
+            });
+            match careful {
+                Ok((rows, dead)) => Outcome::Done { rows, dead },
+                Err(failure) => Outcome::Halted { failure, event: None },
+            }
+        }
+    }
+}
+
+/// Applies one event to `def` in a subtransaction, outside sequencing (dead-letter retries).
+pub(crate) fn apply_one(
+    client: &mut SpiClient<'_>,
+    def: &Definition,
+    event: &Event,
+    rev: i64,
+    changes: &mut Changes,
+) -> Result<(), Failure> {
+    let flush = Flush {
+        def,
+        projection: Rc::from(def.name.as_str()),
+        rev,
+        with_docs: true,
+    };
+    let mut rows = Vec::new();
+    subtransaction::run(|| apply_events(client, &flush, &[event], &mut rows))?;
+    changes.extend(rows);
+    Ok(())
+}
+
+/// Applies `events` (in commit order) to the projections; changed rows go to `changes`.
+pub(crate) fn project(
+    client: &mut SpiClient<'_>,
+    events: &[Event],
+    options: &Options<'_>,
+    changes: &mut Changes,
+) -> Result<BTreeMap<String, Report>, ErrorReport> {
+    let states = lock_states(client, options.only)?;
+    let mut streams: Vec<String> = events.iter().map(|e| e.stream.clone()).collect();
+    streams.sort_unstable();
+    streams.dedup();
+    let max_position = events.iter().map(|e| e.position).max();
+    let lsn_text = options.commit_lsn.map(lsn::format);
+    let mut reports = BTreeMap::new();
+    for state in states {
+        if state.halted {
+            continue;
+        }
+        if let (Some(lsn), Some(checkpoint)) = (options.commit_lsn, state.checkpoint_lsn) {
+            if lsn <= checkpoint {
+                // already applied (a redelivery after a restart), or a deposed projector
+                continue;
+            }
+        }
+        let def = projection_catalog::load(
+            client,
+            &state.name,
+            Some((state.definition_version, &state.relation_version)),
+        )?;
+        let progress = read_progress(client, &state.name, &streams)?;
+        let parked = if state.parked > 0 {
+            read_parked(client, &state.name, &streams)?
+        } else {
+            Vec::new()
+        };
+        let plan = sequencing::plan(&progress, events, &parked);
+        let flush = Flush {
+            def: &def,
+            projection: Rc::from(state.name.as_str()),
+            rev: state.revision + 1,
+            with_docs: options.with_docs,
+        };
+        let mut report = Report {
+            duplicates: plan.duplicates,
+            ..Report::default()
+        };
+        match run_plan(client, &flush, &progress, &plan) {
+            Outcome::Done { rows, dead } => {
+                report.applied = (plan.apply.len() - dead.len()) as u64;
+                report.dead_lettered = dead.len() as u64;
+                let wrote = !rows.is_empty();
+                changes.extend(rows);
+                let sql = prepared::plan(
+                    client,
+                    SAVE_CHECKPOINT,
+                    &[
+                        PgBuiltInOids::TEXTOID.into(),
+                        PgBuiltInOids::TEXTOID.into(),
+                        PgBuiltInOids::INT8OID.into(),
+                        PgBuiltInOids::INT8OID.into(),
+                        PgBuiltInOids::INT8OID.into(),
+                        PgBuiltInOids::INT8OID.into(),
+                        PgBuiltInOids::INT8OID.into(),
+                    ],
+                )?;
+                let revision = if wrote { flush.rev } else { state.revision };
+                client
+                    .update(
+                        &*sql,
+                        None,
+                        &[
+                            state.name.as_str().into(),
+                            lsn_text.clone().into(),
+                            max_position.into(),
+                            revision.into(),
+                            (report.applied as i64).into(),
+                            (report.duplicates as i64).into(),
+                            (report.dead_lettered as i64).into(),
+                        ],
+                    )
+                    .map_err(|err| spi_error("saving the checkpoint", err))?;
+                if !plan.progress.is_empty() {
+                    waiters::wake_at_commit();
+                }
+            }
+            Outcome::Halted { failure, event } => {
+                let sql = prepared::plan(
+                    client,
+                    HALT,
+                    &[
+                        PgBuiltInOids::TEXTOID.into(),
+                        PgBuiltInOids::TEXTOID.into(),
+                        PgBuiltInOids::TEXTOID.into(),
+                        PgBuiltInOids::JSONBOID.into(),
+                    ],
+                )?;
+                client
+                    .update(
+                        &*sql,
+                        None,
+                        &[
+                            state.name.as_str().into(),
+                            failure.describe().into(),
+                            failure.sqlstate.clone().into(),
+                            event.as_ref().map(|e| JsonB(e.to_json())).into(),
+                        ],
+                    )
+                    .map_err(|err| spi_error("halting the projection", err))?;
+                pgrx::warning!(
+                    "projection {} halted: {} (SQLSTATE {}){}",
+                    state.name,
+                    failure.describe(),
+                    failure.sqlstate,
+                    event
+                        .as_ref()
+                        .map(|e| format!(" at {}", describe(e)))
+                        .unwrap_or_default()
+                );
+                report.halted = Some((failure, event.map(|e| *e)));
+            }
+        }
+        reports.insert(state.name, report);
+    }
+    Ok(reports)
+}

@@ -1,0 +1,185 @@
+-- pg_cqrs projection side: projection definitions and state, per-(projection, stream) progress,
+-- parked and dead-lettered events, status. The engine itself (create_projection,
+-- project_batch, rebuild, catch_up, wait_for …) is Rust; see extension/src/projector.rs.
+
+create sequence cqrs.projection_definition_seq;
+
+-- What a projection is. The user owns the target table; pg_cqrs owns this row.
+create table cqrs.projection (
+    name               text        primary key,
+    target             regclass    not null,
+    key_column         name        not null,
+    rev_column         name        not null,
+    -- the handlers as given, normalised (defaults explicit, functions schema-qualified)
+    handlers           jsonb       not null,
+    on_error           text        not null,
+    definition_version bigint      not null default pg_catalog.nextval('cqrs.projection_definition_seq'),
+    created_at         timestamptz not null default pg_catalog.now(),
+    constraint projection_target_key unique (target),
+    -- names end up in cache keys ({prefix}:{projection}:{key}) and metric labels
+    constraint projection_name_check check (name ~ '^[A-Za-z0-9_.-]{1,63}$'),
+    constraint projection_on_error_check check (on_error in ('halt', 'dead_letter'))
+);
+comment on table cqrs.projection is 'Registered read models: target table, key, handlers per command type.';
+
+-- Where a projection is. project_batch locks these rows (in name order), which serialises
+-- projectors and makes the checkpoint a fence.
+create table cqrs.projection_state (
+    name                text        primary key references cqrs.projection (name) on delete cascade,
+    halted              boolean     not null default false,
+    last_error          text,
+    last_error_sqlstate text,
+    last_error_at       timestamptz,
+    last_error_event    jsonb,
+    checkpoint_lsn      pg_lsn,
+    checkpoint_position bigint,
+    checkpoint_at       timestamptz,
+    -- the last revision handed out; every changed row gets a higher one
+    revision            bigint      not null default 0,
+    applied             bigint      not null default 0,
+    duplicates          bigint      not null default 0,
+    dead_lettered       bigint      not null default 0,
+    -- how many events are parked (recounted whenever events are parked or released): batches
+    -- skip looking for parked events while it is 0
+    parked              bigint      not null default 0,
+    -- bumped when read-model rows change outside project_batch (rebuild, resume, retries), so
+    -- that caches know to refresh
+    generation          bigint      not null default 0
+) with (fillfactor = 50);
+
+-- How far each projection has applied each stream. No foreign key: it is written for every
+-- stream of every batch; drop_projection deletes explicitly.
+create table cqrs.projection_stream (
+    projection text   not null,
+    stream     text   not null,
+    last_seq   bigint not null,
+    primary key (projection, stream)
+) with (fillfactor = 70);
+
+-- Events that arrived after a gap in their stream, waiting for it to fill.
+create table cqrs.parked (
+    projection text        not null,
+    stream     text        not null,
+    seq        bigint      not null,
+    event      jsonb       not null,
+    parked_at  timestamptz not null default pg_catalog.now(),
+    primary key (projection, stream, seq)
+);
+
+-- Events a projection with on_error = 'dead_letter' could not apply.
+create table cqrs.dead_letter (
+    id           bigint      generated always as identity primary key,
+    projection   text        not null,
+    stream       text        not null,
+    seq          bigint      not null,
+    command_id   uuid,
+    command_type text,
+    event        jsonb       not null,
+    error        text        not null,
+    sqlstate     text        not null,
+    failed_at    timestamptz not null default pg_catalog.now(),
+    retries      integer     not null default 0
+);
+create index dead_letter_projection_idx on cqrs.dead_letter (projection, id);
+
+create function cqrs.drop_projection(name text)
+returns boolean
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    -- the read-model table is the user's and stays
+    delete from cqrs.projection_stream ps where ps.projection = drop_projection.name;
+    delete from cqrs.parked p where p.projection = drop_projection.name;
+    delete from cqrs.dead_letter d where d.projection = drop_projection.name;
+    delete from cqrs.projection p where p.name = drop_projection.name;
+    return found;
+end
+$$;
+comment on function cqrs.drop_projection(text) is
+    'Unregisters a projection (its progress, parked events and dead letters too); the read-model table stays.';
+
+-- Seconds a gap may stay unfilled before status() flags it.
+create function cqrs._gap_alert_seconds()
+returns double precision
+language sql stable
+as $$ select coalesce(nullif(pg_catalog.current_setting('cqrs.gap_alert_after', true), ''), '60')::double precision $$;
+
+create function cqrs.status()
+returns table (
+    projection           text,
+    halted               boolean,
+    last_error           text,
+    last_error_sqlstate  text,
+    last_error_at        timestamptz,
+    checkpoint_lsn       pg_lsn,
+    checkpoint_position  bigint,
+    checkpoint_at        timestamptz,
+    events_behind        bigint,
+    seconds_behind       double precision,
+    parked               bigint,
+    oldest_parked_seconds double precision,
+    gap_alert            boolean,
+    dead_letters         bigint,
+    applied              bigint,
+    duplicates           bigint,
+    revision             bigint,
+    generation           bigint)
+language sql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+    with behind as (
+        -- commands of each stream the projection has not applied yet
+        select p.name, s.stream, s.last_seq - coalesce(ps.last_seq, 0) as missing, coalesce(ps.last_seq, 0) + 1 as next_seq
+          from cqrs.projection p
+          cross join cqrs.stream s
+          left join cqrs.projection_stream ps on ps.projection = p.name and ps.stream = s.stream
+         where s.last_seq > coalesce(ps.last_seq, 0)
+    ), lag as (
+        select b.name, sum(b.missing)::bigint as events,
+               extract(epoch from pg_catalog.clock_timestamp() - min(l.created_at))::double precision as seconds
+          from behind b
+          join cqrs.command_log l on l.stream = b.stream and l.seq = b.next_seq
+         group by b.name
+    ), parked as (
+        select pk.projection, count(*) as n, extract(epoch from pg_catalog.clock_timestamp() - min(pk.parked_at))::double precision as oldest
+          from cqrs.parked pk group by pk.projection
+    ), dead as (
+        select d.projection, count(*) as n from cqrs.dead_letter d group by d.projection
+    )
+    select p.name, st.halted, st.last_error, st.last_error_sqlstate, st.last_error_at,
+           st.checkpoint_lsn, st.checkpoint_position, st.checkpoint_at,
+           coalesce(lag.events, 0), coalesce(lag.seconds, 0),
+           coalesce(parked.n, 0), parked.oldest,
+           coalesce(parked.oldest > cqrs._gap_alert_seconds(), false),
+           coalesce(dead.n, 0), st.applied, st.duplicates, st.revision, st.generation
+      from cqrs.projection p
+      join cqrs.projection_state st on st.name = p.name
+      left join lag on lag.name = p.name
+      left join parked on parked.projection = p.name
+      left join dead on dead.projection = p.name
+     order by p.name;
+$$;
+comment on function cqrs.status() is
+    'Per projection: halted and why, checkpoint, events and seconds behind the log, parked events and the age of the oldest (gap_alert past cqrs.gap_alert_after seconds), dead letters.';
+
+-- Privileges. Projection functions run with the caller's rights (a user function handler must
+-- never run as the extension owner); cqrs_projector gets what projecting needs.
+revoke all on all tables in schema cqrs from public;
+revoke all on all sequences in schema cqrs from public;
+grant select, insert, update, delete on cqrs.projection_state, cqrs.projection_stream, cqrs.parked,
+    cqrs.dead_letter to cqrs_projector;
+grant select on cqrs.projection to cqrs_projector;
+grant select on cqrs.projection, cqrs.projection_state, cqrs.projection_stream to cqrs_reader;
+grant usage on sequence cqrs.dead_letter_id_seq to cqrs_projector;
+revoke execute on function cqrs.drop_projection(text) from public;
+grant execute on function cqrs.status() to cqrs_reader, cqrs_projector;
+
+-- Extension tables are not dumped by pg_dump unless marked; these hold user data.
+select pg_catalog.pg_extension_config_dump('cqrs.projection', '');
+select pg_catalog.pg_extension_config_dump('cqrs.projection_state', '');
+select pg_catalog.pg_extension_config_dump('cqrs.projection_stream', '');
+select pg_catalog.pg_extension_config_dump('cqrs.parked', '');
+select pg_catalog.pg_extension_config_dump('cqrs.dead_letter', '');
+select pg_catalog.pg_extension_config_dump('cqrs.projection_definition_seq', '');
+select pg_catalog.pg_extension_config_dump('cqrs.dead_letter_id_seq', '');
