@@ -78,7 +78,7 @@ struct Tally {
     intents: BTreeMap<Intent, u64>,
 }
 
-async fn connect(url: &str) -> Result<Client> {
+pub async fn connect(url: &str) -> Result<Client> {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
         .with_context(|| format!("connecting to {url}"))?;

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod append_bench;
 mod demo;
+mod projection_bench;
 mod report;
 mod workload;
 
@@ -22,6 +23,8 @@ struct Cli {
 enum Commands {
     /// The local demo: private Postgres + pg_cqrs + a concurrent order workload, then a summary.
     Demo(demo::DemoArgs),
+    /// cqrs.project_batch vs a hand-rolled set-based projector, and cqrs.rebuild of a large log.
+    Project(projection_bench::ProjectArgs),
     /// cqrs.append throughput vs a plain INSERT … ON CONFLICT baseline (pgbench, fsync on).
     Append(append_bench::AppendArgs),
 }
@@ -32,5 +35,13 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Commands::Demo(args) => runtime.block_on(demo::run(args)),
         Commands::Append(args) => append_bench::run(args),
+        Commands::Project(args) => runtime.block_on(projection_bench::run(args)),
     }
+}
+
+/// A file of this repository (examples, SQL), wherever the binary is run from.
+pub(crate) fn repo_file(relative: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(relative)
 }

@@ -17,10 +17,11 @@ pub const COMMAND_TYPES: &[(&str, &str)] = &[
     ),
     (
         "ADD_ITEM",
-        r#"{"type": "object", "required": ["user_id", "sku", "qty", "price"],
+        r#"{"type": "object", "required": ["user_id", "sku", "qty", "price", "amount"],
             "properties": {"user_id": {"type": "string"}, "sku": {"type": "string", "minLength": 1},
                            "qty": {"type": "integer", "minimum": 1, "maximum": 1000},
-                           "price": {"type": "number", "minimum": 0}},
+                           "price": {"type": "number", "minimum": 0},
+                           "amount": {"type": "number", "minimum": 0}},
             "additionalProperties": false}"#,
     ),
     (
@@ -110,7 +111,10 @@ impl OrderGenerator {
         let index = self.rng.random_range(0..self.open.len());
         let sku = SKUS[self.rng.random_range(0..SKUS.len())];
         let qty = self.rng.random_range(1..=4);
-        let price = f64::from(self.rng.random_range(100..10_000)) / 100.0;
+        let cents = self.rng.random_range(100..10_000);
+        let price = f64::from(cents) / 100.0;
+        // the line amount, computed in cents so that it is exact
+        let amount = f64::from(cents * qty) / 100.0;
         let cancel = self.rng.random_bool(0.2);
         let carrier = CARRIERS[self.rng.random_range(0..CARRIERS.len())];
         let order = &mut self.open[index];
@@ -119,7 +123,7 @@ impl OrderGenerator {
             OrderCommand {
                 stream: order.stream.clone(),
                 command_type: "ADD_ITEM",
-                payload: json!({"user_id": order.user_id, "sku": sku, "qty": qty, "price": price}),
+                payload: json!({"user_id": order.user_id, "sku": sku, "qty": qty, "price": price, "amount": amount}),
             }
         } else {
             order.done = true;

@@ -10,7 +10,7 @@ select rolname from pg_roles where rolname like 'cqrs\_%' order by 1;
 select p.oid::regprocedure as function, p.proconfig
   from pg_proc p join pg_namespace n on n.oid = p.pronamespace
  where n.nspname = 'cqrs' and p.prosecdef
- order by 1::text;
+ order by p.oid::regprocedure::text;
 
 create role app_writer login in role cqrs_writer;
 create role app_reader login in role cqrs_reader;

@@ -5,9 +5,11 @@
 //! counted); seq = last + 1 → applied (and the stream moves on, releasing parked successors);
 //! seq > last + 1 → parked until the gap fills.
 //!
-//! Events of one stream are applied in seq order; across streams the batch order (commit order)
-//! is kept: the batch positions a stream's applicable events occupy are refilled with them in seq
-//! order. Released parked events go first, in log-position order.
+//! Applicable events — released parked ones included — are applied in log-position order, which
+//! within a stream is seq order (a stream's positions are assigned under its row lock). Between
+//! streams a batch is commit order, and where position order differs from it the commands were
+//! concurrent, so either is a valid serial order; position order makes the result independent of
+//! how a batch happens to be ordered.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -38,46 +40,36 @@ enum Origin {
 struct Candidate<'a> {
     event: &'a Event,
     origin: Origin,
-    /// Where the event sits in application order before per-stream reordering.
-    slot: i64,
 }
 
 /// Plans `batch` (in batch order) given the projection's `progress` (last applied seq per
 /// stream; absent = 0) and the `parked` events of the batch's streams.
 pub fn plan<'a>(progress: &HashMap<String, i64>, batch: &'a [Event], parked: &'a [Event]) -> Plan<'a> {
     let mut by_stream: HashMap<&str, Vec<Candidate<'a>>> = HashMap::new();
-    let mut parked_sorted: Vec<&Event> = parked.iter().collect();
-    parked_sorted.sort_by_key(|e| (e.position, e.seq));
-    let parked_count = parked_sorted.len() as i64;
-    for (rank, event) in parked_sorted.into_iter().enumerate() {
+    for event in parked {
         by_stream
             .entry(event.stream.as_str())
             .or_default()
             .push(Candidate {
                 event,
                 origin: Origin::Parked,
-                slot: rank as i64 - parked_count,
             });
     }
-    for (index, event) in batch.iter().enumerate() {
+    for event in batch {
         by_stream
             .entry(event.stream.as_str())
             .or_default()
             .push(Candidate {
                 event,
                 origin: Origin::Batch,
-                slot: index as i64,
             });
     }
 
     let mut result = Plan::default();
-    let mut ordered: Vec<(i64, &'a Event)> = Vec::new();
     for (stream, mut candidates) in by_stream {
         candidates.sort_by_key(|c| (c.event.seq, c.origin));
         let last = progress.get(stream).copied().unwrap_or(0);
         let mut next = last + 1;
-        let mut applied: Vec<&'a Event> = Vec::new();
-        let mut slots: Vec<i64> = Vec::new();
         let mut gap = false;
         let mut previous_seq = None;
         for candidate in candidates {
@@ -96,8 +88,7 @@ pub fn plan<'a>(progress: &HashMap<String, i64>, batch: &'a [Event], parked: &'a
                 continue;
             }
             if !gap && seq == next {
-                applied.push(candidate.event);
-                slots.push(candidate.slot);
+                result.apply.push(candidate.event);
                 if is_parked {
                     result.unpark.push((stream.to_owned(), seq));
                 }
@@ -126,11 +117,10 @@ pub fn plan<'a>(progress: &HashMap<String, i64>, batch: &'a [Event], parked: &'a
         if next - 1 > last {
             result.progress.insert(stream.to_owned(), next - 1);
         }
-        slots.sort_unstable();
-        ordered.extend(slots.into_iter().zip(applied));
     }
-    ordered.sort_by_key(|(slot, _)| *slot);
-    result.apply = ordered.into_iter().map(|(_, event)| event).collect();
+    result
+        .apply
+        .sort_by(|a, b| (a.position, &a.stream, a.seq).cmp(&(b.position, &b.stream, b.seq)));
     result.park.sort_by_key(|e| (e.stream.clone(), e.seq));
     result.unpark.sort();
     result
@@ -169,8 +159,8 @@ mod tests {
             event("b", 1, 3),
         ];
         let plan = plan(&HashMap::new(), &batch, &[]);
-        // a-1 and a-2 swap into the slots a's events occupied; b-1 keeps its slot
-        assert_eq!(ids(&plan.apply), vec!["a-1", "b-1", "a-2"]);
+        // log-position order, whatever the batch order
+        assert_eq!(ids(&plan.apply), vec!["a-1", "a-2", "b-1"]);
         assert_eq!(plan.duplicates, 1);
         assert_eq!(ids(&plan.park), vec!["a-4"]);
         assert_eq!(plan.progress, BTreeMap::from([("a".into(), 2), ("b".into(), 1)]));
