@@ -267,6 +267,27 @@ fn chunk_arg(chunk: Option<i64>) -> Result<i64, ErrorReport> {
     }
 }
 
+/// Refuses a projector whose lease has been taken over. The share lock on the lease row makes
+/// `cqrs.acquire_lease()` wait for batches in flight, so after a takeover every call with the
+/// old token is refused.
+fn check_lease(client: &mut SpiClient<'_>, token: i64) -> Result<(), ErrorReport> {
+    let plan = prepared::plan(client, LEASE, &[])?;
+    let current = prepared::index_plans(|| client.update(&*plan, None, &[]))
+        .and_then(|rows| rows.first().get_one::<i64>())
+        .map_err(|e| spi_error("reading the projector lease", e))?
+        .unwrap_or(0);
+    if token < current {
+        return Err(error(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("this projector's lease (token {token}) was taken over by a newer one (token {current})"),
+        )
+        .set_hint("Another sidecar leads now; this one must stop projecting."));
+    }
+    Ok(())
+}
+
+const LEASE: &str = "select coalesce((select l.token from cqrs.projector_lease l for share), 0)";
+
 // ---- project_batch ----
 
 v1_function!(pg_finfo_cqrs_project_batch);
@@ -278,8 +299,15 @@ v1_function!(pg_finfo_cqrs_project_batch);
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn cqrs_project_batch(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    // SAFETY: argument 0 is jsonb, argument 1 pg_lsn (a 64-bit value passed by value).
-    let (events, commit_lsn) = unsafe { (arg(fcinfo, 0), arg(fcinfo, 1).map(|d| d.value() as u64)) };
+    // SAFETY: argument 0 is jsonb, argument 1 pg_lsn and argument 2 bigint (64-bit values
+    // passed by value).
+    let (events, commit_lsn, fencing_token) = unsafe {
+        (
+            arg(fcinfo, 0),
+            arg(fcinfo, 1).map(|d| d.value() as u64),
+            arg(fcinfo, 2).map(|d| d.value() as i64),
+        )
+    };
     let Some(events) = events else {
         raise(error(
             PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
@@ -298,6 +326,9 @@ pub unsafe extern "C-unwind" fn cqrs_project_batch(fcinfo: pg_sys::FunctionCallI
         )),
     };
     let rows = Spi::connect_mut(|client| {
+        if let Some(token) = fencing_token {
+            check_lease(client, token)?;
+        }
         let mut changes = Changes::default();
         projector::project(
             client,
@@ -504,6 +535,104 @@ pub unsafe extern "C-unwind" fn cqrs_retry_dead_letters(fcinfo: pg_sys::Function
     match rows {
         // SAFETY: fcinfo is the call info of this set-returning function.
         Ok(rows) => unsafe { return_rows(fcinfo, rows) },
+        Err(report) => raise(report),
+    }
+}
+
+// ---- read_many ----
+
+v1_function!(pg_finfo_cqrs_read_many);
+
+/// `cqrs.read_many(projection text, keys text[])`.
+///
+/// # Safety
+/// Called by the function manager with the call info of that function.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn cqrs_read_many(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: argument 0 is text, argument 1 text[].
+    let (projection, keys) = unsafe {
+        (
+            text_arg(fcinfo, 0),
+            arg(fcinfo, 1).and_then(|d| Vec::<Option<String>>::from_datum(d, false)),
+        )
+    };
+    let Some(projection) = projection else {
+        raise(error(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "projection must not be null",
+        ));
+    };
+    let Some(keys) = keys else {
+        raise(error(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "keys must not be null",
+        ));
+    };
+    let keys: Vec<String> = keys.into_iter().flatten().collect();
+    let rows = Spi::connect_mut(|client| {
+        let def = projection_catalog::load(client, &projection, None)?;
+        let revision = client
+            .select(
+                "select s.revision from cqrs.projection_state s where s.name = $1",
+                Some(1),
+                &[projection.as_str().into()],
+            )
+            .and_then(|rows| rows.first().get_one::<i64>())
+            .map_err(|e| spi_error("reading the projection's revision", e))?
+            .unwrap_or(0);
+        let plan = def.plan(
+            client,
+            "read",
+            cqrs_projection::sql::Target::read_sql,
+            &[PgBuiltInOids::TEXTARRAYOID.into()],
+        )?;
+        let mut table = prepared::index_plans(|| client.update(&*plan, None, &[keys.into()]))
+            .map_err(|e| spi_error("reading rows", e))?;
+        let mut rows = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        while table.next().is_some() {
+            let key = table
+                .get::<String>(2)
+                .map_err(|e| spi_error("reading a key", e))?
+                .unwrap_or_default();
+            if !seen.insert(key.clone()) {
+                continue;
+            }
+            let rev = table
+                .get::<i64>(3)
+                .map_err(|e| spi_error("reading a revision", e))?;
+            // SAFETY: a json Datum of the current SPI result, copied out of SPI's memory.
+            let doc = table
+                .get_datum_by_ordinal(4)
+                .map_err(|e| spi_error("reading a row", e))?
+                .map(|d| unsafe { pg_sys::SPI_datumTransfer(d, false, -1) });
+            rows.push((key, rev.unwrap_or(revision), doc));
+        }
+        Ok::<_, ErrorReport>(rows)
+    });
+    match rows {
+        // SAFETY: InitMaterializedSRF checks the caller accepts a materialised set; each value
+        // is a valid Datum of its column's type.
+        Ok(rows) => unsafe {
+            pg_sys::InitMaterializedSRF(fcinfo, 0);
+            let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
+            for (key, rev, doc) in rows {
+                let mut values = [
+                    key.as_str().into_datum().unwrap_or(pg_sys::Datum::from(0)),
+                    pg_sys::Datum::from(rev),
+                    doc.unwrap_or(pg_sys::Datum::from(0)),
+                ];
+                let mut nulls = [false, false, doc.is_none()];
+                pg_sys::tuplestore_putvalues(
+                    (*rsinfo).setResult,
+                    (*rsinfo).setDesc,
+                    values.as_mut_ptr(),
+                    nulls.as_mut_ptr(),
+                );
+            }
+            pg_sys::Datum::from(0)
+        },
         Err(report) => raise(report),
     }
 }
@@ -715,12 +844,25 @@ fn rebuild(
 
 extension_sql!(
     r#"
-create function cqrs.project_batch(events jsonb, commit_lsn pg_lsn default null)
+create function cqrs.project_batch(events jsonb, commit_lsn pg_lsn default null, fencing_token bigint default null)
 returns table (projection text, key text, rev bigint, doc json, deleted boolean)
 language c volatile called on null input
 as 'MODULE_PATHNAME', 'cqrs_project_batch';
-comment on function cqrs.project_batch(jsonb, pg_lsn) is
-    'Applies an ordered batch of command-log rows to every projection, exactly once, in one transaction; returns every read-model row it changed.';
+comment on function cqrs.project_batch(jsonb, pg_lsn, bigint) is
+    'Applies an ordered batch of command-log rows to every projection, exactly once, in one transaction; returns every read-model row it changed. A batch at or below a projection''s checkpoint LSN is skipped; a fencing_token older than the lease is refused.';
+
+create function cqrs.read_many(projection text, keys text[])
+returns table (key text, rev bigint, doc json)
+language c stable called on null input
+as 'MODULE_PATHNAME', 'cqrs_read_many';
+comment on function cqrs.read_many(text, text[]) is
+    'The current rows of a read model: for every key its canonical form, revision and row as json; a missing row has a null doc and the projection''s current revision.';
+
+create function cqrs.read(projection text, key text)
+returns table (doc json, rev bigint)
+language sql stable
+as $$ select r.doc, r.rev from cqrs.read_many(read.projection, array[read.key]) r where r.doc is not null $$;
+comment on function cqrs.read(text, text) is 'One read-model row as json with its revision; no row when there is none.';
 
 create function cqrs.catch_up(name text default null, chunk integer default 10000)
 returns table (projection text, key text, rev bigint, doc json, deleted boolean)
@@ -742,9 +884,10 @@ as 'MODULE_PATHNAME', 'cqrs_retry_dead_letters';
 comment on function cqrs.retry_dead_letters(text) is
     'Applies a projection''s dead letters again; those that succeed are removed.';
 
-revoke execute on function cqrs.project_batch(jsonb, pg_lsn), cqrs.catch_up(text, integer), cqrs.resume(text),
-    cqrs.retry_dead_letters(text) from public;
-grant execute on function cqrs.project_batch(jsonb, pg_lsn), cqrs.catch_up(text, integer) to cqrs_projector;
+revoke execute on function cqrs.project_batch(jsonb, pg_lsn, bigint), cqrs.catch_up(text, integer), cqrs.resume(text),
+    cqrs.retry_dead_letters(text), cqrs.read_many(text, text[]), cqrs.read(text, text) from public;
+grant execute on function cqrs.project_batch(jsonb, pg_lsn, bigint), cqrs.catch_up(text, integer) to cqrs_projector;
+grant execute on function cqrs.read_many(text, text[]), cqrs.read(text, text) to cqrs_reader, cqrs_projector;
 "#,
     name = "projection_functions",
     requires = ["projection_side"],

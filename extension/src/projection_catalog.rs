@@ -609,7 +609,7 @@ pub(crate) fn register(new: &NewProjection<'_>) -> Result<(), ErrorReport> {
             Spi::run(&grant).map_err(|err| spi_error("granting the projector access", err))
         }) {
             pgrx::notice!(
-                "could not grant cqrs_projector access to {} ({}); grant select, insert, update, delete on it to cqrs_projector yourself",
+                "could not grant cqrs_projector and cqrs_reader access to {} ({}); grant select, insert, update, delete on it to cqrs_projector and select to cqrs_reader yourself",
                 target.table,
                 failure.message
             );
@@ -647,6 +647,12 @@ pub(crate) fn load(
             &[name.into()],
         )
         .map_err(|err| spi_error("loading the projection definition", err))?;
+    if rows.is_empty() {
+        return Err(error(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("projection {name:?} does not exist, or its read-model table was dropped"),
+        ));
+    }
     let row = rows.first();
     let version = row
         .get::<i64>(1)

@@ -169,6 +169,10 @@ impl PgCluster {
             .arg("-l")
             .arg(&log)
             .args(["-w", "-t", "60", "start"])
+            // pgrx attaches a Rust backtrace to error details when these are set; servers in
+            // production do not have them, and test output must not depend on the caller's shell
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE")
             .stdin(Stdio::null())
             .output()
             .context("running pg_ctl start")?;

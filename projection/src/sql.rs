@@ -224,11 +224,14 @@ impl Target {
         )
     }
 
-    /// `$1`: key texts. The current rows (for `cqrs.read` and cache refills).
+    /// `$1`: key texts. For every key, in input order: the key as given, its canonical text,
+    /// and the row's revision and document (null when there is no row).
     pub fn read_sql(&self) -> String {
         format!(
-            "select t.{key}::text, t.{rev}, pg_catalog.row_to_json(t.*) from unnest($1::text[]) as k(raw) \
-             cross join lateral (select * from {table} as t where t.{key} = k.raw::{kt} offset 0) as t",
+            "select k.raw, (k.raw::{kt})::text, x.rev, x.doc from unnest($1::text[]) with ordinality as k(raw, n) \
+             left join lateral (select t.{rev} as rev, pg_catalog.row_to_json(t.*) as doc from {table} as t \
+                                 where t.{key} = k.raw::{kt} offset 0) as x on true \
+             order by k.n",
             table = self.table,
             rev = quote_ident(&self.rev),
             key = self.key_ident(),

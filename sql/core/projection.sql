@@ -82,6 +82,60 @@ create table cqrs.dead_letter (
 );
 create index dead_letter_projection_idx on cqrs.dead_letter (projection, id);
 
+-- The projector lease: a fencing token that only grows. A sidecar that becomes leader takes a
+-- new token (cqrs.acquire_lease) and passes it to every project_batch call; a call with an older
+-- token — a deposed leader that has not noticed yet — is refused, whatever its batch holds.
+create table cqrs.projector_lease (
+    id          boolean     primary key default true check (id),
+    token       bigint      not null default 0,
+    holder      text,
+    acquired_at timestamptz
+);
+-- no row until the first lease: a pre-inserted row would collide with its dumped copy on restore
+
+create function cqrs.acquire_lease(holder text default null)
+returns bigint
+language sql
+set search_path = pg_catalog, pg_temp
+as $$
+    insert into cqrs.projector_lease as l (id, token, holder, acquired_at)
+    values (true, 1, acquire_lease.holder, pg_catalog.now())
+    on conflict (id) do update
+        set token = l.token + 1, holder = excluded.holder, acquired_at = excluded.acquired_at
+    returning l.token;
+$$;
+comment on function cqrs.acquire_lease(text) is
+    'Takes the projector lease: returns a fencing token higher than any before; project_batch refuses older ones.';
+
+-- Creates the publication the sidecar streams (on cqrs.command_log only) if it is missing.
+-- Creating a publication for a table requires owning it, hence SECURITY DEFINER.
+create function cqrs.ensure_publication(name text)
+returns boolean
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if name is null or name !~ '^[a-z_][a-z0-9_]{0,62}$' then
+        raise exception using errcode = '22023',
+            message = format('publication name %L must be a lowercase SQL identifier', name);
+    end if;
+    if exists (select from pg_catalog.pg_publication p where p.pubname = ensure_publication.name) then
+        if not exists (select from pg_catalog.pg_publication_tables t
+                        where t.pubname = ensure_publication.name
+                          and t.schemaname = 'cqrs' and t.tablename = 'command_log') then
+            raise exception using errcode = '55000',
+                message = format('publication %s exists but does not publish cqrs.command_log', name),
+                hint = format('alter publication %I add table cqrs.command_log;', name);
+        end if;
+        return false;
+    end if;
+    execute format('create publication %I for table cqrs.command_log with (publish = ''insert'')', name);
+    return true;
+end
+$$;
+comment on function cqrs.ensure_publication(text) is
+    'Creates the publication of cqrs.command_log (inserts only) when missing; true if it created it.';
+
 create function cqrs.drop_projection(name text)
 returns boolean
 language plpgsql
@@ -169,10 +223,13 @@ revoke all on all tables in schema cqrs from public;
 revoke all on all sequences in schema cqrs from public;
 grant select, insert, update, delete on cqrs.projection_state, cqrs.projection_stream, cqrs.parked,
     cqrs.dead_letter to cqrs_projector;
-grant select on cqrs.projection to cqrs_projector;
+grant select on cqrs.projection, cqrs.projector_lease to cqrs_projector;
+grant insert, update on cqrs.projector_lease to cqrs_projector;
 grant select on cqrs.projection, cqrs.projection_state, cqrs.projection_stream to cqrs_reader;
 grant usage on sequence cqrs.dead_letter_id_seq to cqrs_projector;
 revoke execute on function cqrs.drop_projection(text) from public;
+revoke execute on function cqrs.acquire_lease(text), cqrs.ensure_publication(text) from public;
+grant execute on function cqrs.acquire_lease(text), cqrs.ensure_publication(text) to cqrs_projector;
 grant execute on function cqrs.status() to cqrs_reader, cqrs_projector;
 
 -- Extension tables are not dumped by pg_dump unless marked; these hold user data.
@@ -182,4 +239,5 @@ select pg_catalog.pg_extension_config_dump('cqrs.projection_stream', '');
 select pg_catalog.pg_extension_config_dump('cqrs.parked', '');
 select pg_catalog.pg_extension_config_dump('cqrs.dead_letter', '');
 select pg_catalog.pg_extension_config_dump('cqrs.projection_definition_seq', '');
+select pg_catalog.pg_extension_config_dump('cqrs.projector_lease', '');
 select pg_catalog.pg_extension_config_dump('cqrs.dead_letter_id_seq', '');
