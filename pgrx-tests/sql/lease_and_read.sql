@@ -22,6 +22,12 @@ select key, rev, doc::jsonb ->> 'name' as name
                                       '00000000-0000-0000-0000-000000000000']);
 select doc::jsonb ->> 'name' as name, rev from cqrs.read('things', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11');
 select count(*) as no_row from cqrs.read('things', '00000000-0000-0000-0000-000000000000');
+-- changed_since: the rows above a revision (every row for -1), for warming and repairing caches
+select key, rev, doc::jsonb ->> 'name' as name from cqrs.changed_since('things', -1);
+select count(*) as above_current from cqrs.changed_since('things', (select revision from cqrs.projection_state where name = 'things'));
+select count(*) as above_previous from cqrs.changed_since('things', (select revision - 1 from cqrs.projection_state where name = 'things'));
+select * from cqrs.changed_since('nope', 0);
+\echo :LAST_ERROR_SQLSTATE
 select seq from cqrs.append(cqrs.uuid_v7(), 't', 'DROP', '{"id": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"}');
 select projection, key, rev, deleted from cqrs.project_batch((select jsonb_agg(to_jsonb(l)) from cqrs.command_log l where l.seq = 2));
 select key, rev, doc from cqrs.read_many('things', array['a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11']);

@@ -217,6 +217,33 @@ $$;
 comment on function cqrs.status() is
     'Per projection: halted and why, checkpoint, events and seconds behind the log, parked events and the age of the oldest (gap_alert past cqrs.gap_alert_after seconds), dead letters.';
 
+-- Rows of a projection's read model with a revision above `after` (every row for -1): what a
+-- cache that holds everything up to `after` is missing. It scans the read model, so it is for
+-- warming a cache and for repairing one after a crash, not for the hot path.
+create function cqrs.changed_since(projection text, after bigint)
+returns table (key text, rev bigint, doc json)
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_column
+declare
+    def record;
+begin
+    select p.target, p.key_column, p.rev_column into def
+      from cqrs.projection p where p.name = changed_since.projection;
+    if not found then
+        raise exception 'projection % does not exist', changed_since.projection
+            using errcode = '42704', hint = 'cqrs.status() lists the projections.';
+    end if;
+    return query execute format(
+        'select t.%1$I::text, t.%2$I::bigint, pg_catalog.row_to_json(t) from %3$s t where t.%2$I > $1',
+        def.key_column, def.rev_column, def.target)
+        using coalesce(after, -1);
+end
+$$;
+comment on function cqrs.changed_since(text, bigint) is
+    'Read-model rows of a projection whose revision is above the given one (all rows for -1), as (key, rev, doc): for warming and repairing caches. Scans the read model.';
+
 -- Privileges. Projection functions run with the caller's rights (a user function handler must
 -- never run as the extension owner); cqrs_projector gets what projecting needs.
 revoke all on all tables in schema cqrs from public;
@@ -231,6 +258,8 @@ revoke execute on function cqrs.drop_projection(text) from public;
 revoke execute on function cqrs.acquire_lease(text), cqrs.ensure_publication(text) from public;
 grant execute on function cqrs.acquire_lease(text), cqrs.ensure_publication(text) to cqrs_projector;
 grant execute on function cqrs.status() to cqrs_reader, cqrs_projector;
+revoke execute on function cqrs.changed_since(text, bigint) from public;
+grant execute on function cqrs.changed_since(text, bigint) to cqrs_reader, cqrs_projector;
 
 -- Extension tables are not dumped by pg_dump unless marked; these hold user data.
 select pg_catalog.pg_extension_config_dump('cqrs.projection', '');
