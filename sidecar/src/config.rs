@@ -1,16 +1,46 @@
-//! Command-line flags, each with a `CQRS_*` environment fallback.
+//! Command-line flags, each with a `CQRS_*` environment fallback and, where one exists, a sane
+//! default.
+
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use clap::Parser;
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map(|at| text.split_at(at))
+        .unwrap_or((text, "ms"));
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 250ms, 5s, 1m)"))?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("unknown unit {other:?} in {text:?} (ms, s, m, h)")),
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!("{text:?} is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
 
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "cqrs-sidecar",
     version,
-    about = "Streams the pg_cqrs command log into projections and Redis"
+    about = "Streams the pg_cqrs command log from a logical replication slot into projections and Redis",
+    long_about = "Streams the pg_cqrs command log from a logical replication slot (pgoutput), applies it to \
+                  every projection with cqrs.project_batch in adaptive batches, and keeps a Redis cache of the \
+                  read models in step. Run two or more: one leads (a PostgreSQL advisory lock), the others \
+                  stand by and take over when it dies."
 )]
 pub struct Config {
-    /// PostgreSQL connection URL of the database where `CREATE EXTENSION pg_cqrs` ran. The role
-    /// needs the REPLICATION attribute and membership in cqrs_projector.
+    /// PostgreSQL URL of the database where `CREATE EXTENSION pg_cqrs` ran. The role needs the
+    /// REPLICATION attribute (or rds_replication) and membership in cqrs_projector.
     #[arg(
         long,
         env = "CQRS_DATABASE_URL",
@@ -26,7 +56,100 @@ pub struct Config {
     #[arg(long, env = "CQRS_PUBLICATION", default_value = "cqrs_command_log")]
     pub publication: String,
 
+    /// Redis URL for the read-model cache (redis:// or rediss://). Redis being down at start is
+    /// a warning, not a failure: projecting goes on and the cache is repaired when it returns.
+    #[arg(long, env = "CQRS_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    pub redis_url: String,
+
+    /// Prefix of cache keys: `{prefix}:{projection}:{key}`.
+    #[arg(long, env = "CQRS_REDIS_PREFIX", default_value = "cqrs")]
+    pub redis_prefix: String,
+
+    /// Time to live of cached rows (randomly shortened by up to 10% so entries do not expire
+    /// together).
+    #[arg(long, env = "CQRS_CACHE_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub cache_ttl: Duration,
+
+    /// How long the marker of a deleted row stays in the cache (it stops a slow reader from
+    /// bringing the row back).
+    #[arg(long, env = "CQRS_TOMBSTONE_TTL", default_value = "60s", value_parser = parse_duration)]
+    pub tombstone_ttl: Duration,
+
+    /// Largest batch, in events.
+    #[arg(long, env = "CQRS_BATCH_MAX_EVENTS", default_value_t = 5000)]
+    pub batch_max_events: usize,
+
+    /// Smallest batch the adaptive sizing shrinks to, in events.
+    #[arg(long, env = "CQRS_BATCH_MIN_EVENTS", default_value_t = 50)]
+    pub batch_min_events: usize,
+
+    /// Largest batch, in bytes of event JSON.
+    #[arg(long, env = "CQRS_BATCH_MAX_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub batch_max_bytes: usize,
+
+    /// Longest an event waits for its batch to fill.
+    #[arg(long, env = "CQRS_BATCH_MAX_WAIT", default_value = "20ms", value_parser = parse_duration)]
+    pub batch_max_wait: Duration,
+
+    /// A flush slower than this shrinks the next batch; faster ones grow it.
+    #[arg(long, env = "CQRS_BATCH_TARGET_LATENCY", default_value = "250ms", value_parser = parse_duration)]
+    pub batch_target_latency: Duration,
+
+    /// Events decoded but not yet projected before the sidecar stops reading the stream
+    /// (bounds memory when PostgreSQL is slow).
+    #[arg(long, env = "CQRS_MAX_PENDING_EVENTS", default_value_t = 20000)]
+    pub max_pending_events: usize,
+
+    /// Cache keys remembered for repair while Redis is unreachable; past this, the projection's
+    /// whole prefix is refreshed instead.
+    #[arg(long, env = "CQRS_MAX_REPAIR_KEYS", default_value_t = 100_000)]
+    pub max_repair_keys: usize,
+
+    /// Address of the HTTP server (/metrics, /healthz, /readyz, /v1/projections/…).
+    #[arg(long, env = "CQRS_HTTP_ADDR", default_value = "0.0.0.0:9187")]
+    pub http_addr: SocketAddr,
+
+    /// How often cqrs.status() and the slot are polled for metrics.
+    #[arg(long, env = "CQRS_STATUS_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub status_interval: Duration,
+
     /// Log format: text or json.
     #[arg(long, env = "CQRS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+
+    /// Log filter (tracing's EnvFilter syntax), e.g. info or cqrs_sidecar=debug.
+    #[arg(long, env = "CQRS_LOG", default_value = "info")]
+    pub log: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("20"), Ok(Duration::from_millis(20)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn every_flag_has_an_environment_fallback() {
+        use clap::CommandFactory;
+        for arg in Config::command().get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            let env = arg.get_env().and_then(|e| e.to_str()).unwrap_or_default();
+            assert!(
+                env.starts_with("CQRS_"),
+                "--{id} has no CQRS_* environment fallback"
+            );
+        }
+    }
 }

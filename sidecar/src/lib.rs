@@ -1,4 +1,15 @@
 //! cqrs-sidecar: moves events from the command log's replication slot to `cqrs.project_batch`
 //! and changed read-model rows to Redis.
 
+pub mod batching;
+pub mod cache;
 pub mod config;
+pub mod http;
+pub mod leader;
+pub mod log_row;
+pub mod metrics;
+pub mod pgoutput;
+pub mod postgres;
+pub mod repair;
+pub mod status;
+pub mod stream;

@@ -1,0 +1,110 @@
+//! Prometheus metrics. Names are constants so that dashboards, alert rules and tests refer to
+//! the same strings.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub const LEADER: &str = "cqrs_leader";
+pub const PROJECTION_LAG_SECONDS: &str = "cqrs_projection_lag_seconds";
+pub const PROJECTION_EVENTS_BEHIND: &str = "cqrs_projection_events_behind";
+pub const PROJECTION_HALTED: &str = "cqrs_projection_halted";
+pub const COMMAND_ERRORS_TOTAL: &str = "cqrs_command_errors_total";
+pub const EVENTS_PROJECTED_TOTAL: &str = "cqrs_events_projected_total";
+pub const DUPLICATE_EVENTS_TOTAL: &str = "cqrs_duplicate_events_total";
+pub const PARKED_EVENTS: &str = "cqrs_parked_events";
+pub const DEAD_LETTERS: &str = "cqrs_dead_letters";
+pub const BATCH_FLUSH_DURATION_SECONDS: &str = "cqrs_batch_flush_duration_seconds";
+pub const BATCH_EVENTS: &str = "cqrs_batch_events";
+pub const BATCH_TARGET_EVENTS: &str = "cqrs_batch_target_events";
+pub const BATCH_FAILURES_TOTAL: &str = "cqrs_batch_failures_total";
+pub const EVENT_DELAY_SECONDS: &str = "cqrs_event_delay_seconds";
+pub const SLOT_RETAINED_BYTES: &str = "cqrs_slot_retained_bytes";
+pub const SLOT_RECREATED_TOTAL: &str = "cqrs_slot_recreated_total";
+pub const CACHE_WRITES_TOTAL: &str = "cqrs_cache_writes_total";
+pub const CACHE_REPAIR_PENDING_KEYS: &str = "cqrs_cache_repair_pending_keys";
+pub const CACHE_HIT_RATIO: &str = "cqrs_cache_hit_ratio";
+pub const READ_REQUESTS_TOTAL: &str = "cqrs_read_requests_total";
+pub const READ_DURATION_SECONDS: &str = "cqrs_read_duration_seconds";
+pub const READ_BACKEND_QUERIES_TOTAL: &str = "cqrs_read_backend_queries_total";
+
+/// Every metric of the sidecar.
+pub struct Metrics {
+    registry: Registry,
+    pub leader: IntGauge,
+    pub projection_lag_seconds: GaugeVec,
+    pub projection_events_behind: IntGaugeVec,
+    pub projection_halted: IntGaugeVec,
+    pub command_errors: IntCounterVec,
+    pub events_projected: IntCounter,
+    pub duplicate_events: IntCounterVec,
+    pub parked_events: IntGaugeVec,
+    pub dead_letters: IntGaugeVec,
+    pub flush_duration: Histogram,
+    pub batch_events: Histogram,
+    pub batch_target: IntGauge,
+    pub batch_failures: IntCounter,
+    pub event_delay: Histogram,
+    pub slot_retained_bytes: IntGauge,
+    pub slot_recreated: IntCounter,
+    pub cache_writes: IntCounterVec,
+    pub cache_repair_pending: IntGauge,
+    pub cache_hit_ratio: Gauge,
+    pub read_requests: IntCounterVec,
+    pub read_duration: HistogramVec,
+    pub read_backend_queries: IntCounter,
+}
+
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    // names are unique constants, so registration only fails on a programming error
+    if let Err(err) = registry.register(Box::new(metric.clone())) {
+        tracing::error!(error = %err, "registering a metric");
+    }
+    metric
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let r = &registry;
+        Ok(Self {
+            leader: register(r, IntGauge::new(LEADER, "1 while this sidecar leads (streams and projects), 0 while it stands by.")?),
+            projection_lag_seconds: register(r, GaugeVec::new(Opts::new(PROJECTION_LAG_SECONDS, "Age of the oldest command a projection has not applied yet (0 when caught up)."), &["projection"])?),
+            projection_events_behind: register(r, IntGaugeVec::new(Opts::new(PROJECTION_EVENTS_BEHIND, "Commands in the log a projection has not applied yet."), &["projection"])?),
+            projection_halted: register(r, IntGaugeVec::new(Opts::new(PROJECTION_HALTED, "1 while a projection is halted by a failing handler."), &["projection"])?),
+            command_errors: register(r, IntCounterVec::new(Opts::new(COMMAND_ERRORS_TOTAL, "Commands a projection could not apply (dead-lettered, or halting it)."), &["projection", "kind"])?),
+            events_projected: register(r, IntCounter::new(EVENTS_PROJECTED_TOTAL, "Command-log events sent to cqrs.project_batch and committed.")?),
+            duplicate_events: register(r, IntCounterVec::new(Opts::new(DUPLICATE_EVENTS_TOTAL, "Events a projection skipped because it had applied them already."), &["projection"])?),
+            parked_events: register(r, IntGaugeVec::new(Opts::new(PARKED_EVENTS, "Events waiting for a gap in their stream to fill."), &["projection"])?),
+            dead_letters: register(r, IntGaugeVec::new(Opts::new(DEAD_LETTERS, "Events in cqrs.dead_letter."), &["projection"])?),
+            flush_duration: register(r, Histogram::with_opts(HistogramOpts::new(BATCH_FLUSH_DURATION_SECONDS, "Time to project a batch and write its rows to the cache.").buckets(LATENCY_BUCKETS.to_vec()))?),
+            batch_events: register(r, Histogram::with_opts(HistogramOpts::new(BATCH_EVENTS, "Events per flushed batch.").buckets(vec![1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0]))?),
+            batch_target: register(r, IntGauge::new(BATCH_TARGET_EVENTS, "The size batches currently aim for (adaptive).")?),
+            batch_failures: register(r, IntCounter::new(BATCH_FAILURES_TOTAL, "Flushes that failed and were retried.")?),
+            event_delay: register(r, Histogram::with_opts(HistogramOpts::new(EVENT_DELAY_SECONDS, "Time from a command's commit to its batch being projected and cached.").buckets(LATENCY_BUCKETS.to_vec()))?),
+            slot_retained_bytes: register(r, IntGauge::new(SLOT_RETAINED_BYTES, "WAL the replication slot keeps (current LSN minus the slot's restart LSN).")?),
+            slot_recreated: register(r, IntCounter::new(SLOT_RECREATED_TOTAL, "Times the replication slot was found missing or lost and recreated.")?),
+            cache_writes: register(r, IntCounterVec::new(Opts::new(CACHE_WRITES_TOTAL, "Cache writes by result: applied, stale (an equal or newer revision was cached), failed."), &["result"])?),
+            cache_repair_pending: register(r, IntGauge::new(CACHE_REPAIR_PENDING_KEYS, "Cache keys waiting to be repaired after Redis was unreachable.")?),
+            cache_hit_ratio: register(r, Gauge::new(CACHE_HIT_RATIO, "Share of reads answered from the cache.")?),
+            read_requests: register(r, IntCounterVec::new(Opts::new(READ_REQUESTS_TOTAL, "Read API requests by outcome and source."), &["outcome", "source"])?),
+            read_duration: register(r, HistogramVec::new(HistogramOpts::new(READ_DURATION_SECONDS, "Read API latency.").buckets(LATENCY_BUCKETS.to_vec()), &["source"])?),
+            read_backend_queries: register(r, IntCounter::new(READ_BACKEND_QUERIES_TOTAL, "PostgreSQL queries made by the read API (after singleflight).")?),
+            registry,
+        })
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(err) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %err, "encoding metrics");
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}

@@ -1,0 +1,161 @@
+//! Polls `cqrs.status()` and the replication slot for metrics; a projection whose generation
+//! moved (rebuilt, resumed, dead letters retried — rows changed outside the stream) or whose
+//! table was altered (the rows' JSON may look different at the same revision) gets its cache
+//! resynced. The leader also notices a Redis that lost its data (the synced mark is
+//! gone) and resyncs the cache.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+use crate::cache::Cache;
+use crate::http::{Health, Role};
+use crate::metrics::Metrics;
+use crate::postgres;
+use crate::repair::Repairs;
+
+#[derive(Default)]
+struct Seen {
+    /// generation and the target table's catalog row version
+    shape: HashMap<String, (i64, String)>,
+    dead_lettered: HashMap<String, i64>,
+    duplicates: HashMap<String, i64>,
+    halted: HashMap<String, bool>,
+}
+
+/// A counter's increase since the last poll (nothing on the first).
+fn delta(seen: &mut HashMap<String, i64>, projection: &str, now: i64) -> u64 {
+    let before = seen.insert(projection.to_owned(), now);
+    before.map(|b| (now - b).max(0) as u64).unwrap_or(0)
+}
+
+/// What the poller works with.
+pub struct Watch {
+    pub pg: tokio_postgres::Config,
+    pub slot: String,
+    pub every: Duration,
+    pub metrics: Arc<Metrics>,
+    pub repairs: Arc<Mutex<Repairs>>,
+    pub cache: Arc<Cache>,
+    pub health: Arc<Health>,
+}
+
+async fn poll(pg: &Client, watch: &Watch, seen: &mut Seen) -> Result<(), tokio_postgres::Error> {
+    let (metrics, repairs, slot) = (&watch.metrics, &watch.repairs, &watch.slot);
+    let leading = watch.health.role() == Role::Leader;
+    let rows = pg
+        .query(
+            "select s.projection, s.halted, s.seconds_behind, s.events_behind, s.parked, s.dead_letters, s.generation,
+                    st.dead_lettered, st.duplicates, s.revision, c.xmin::text
+               from cqrs.status() s
+               join cqrs.projection_state st on st.name = s.projection
+               join cqrs.projection p on p.name = s.projection
+               join pg_catalog.pg_class c on c.oid = p.target",
+            &[],
+        )
+        .await?;
+    for row in rows {
+        let projection: String = row.get(0);
+        let halted: bool = row.get(1);
+        let labels = [projection.as_str()];
+        metrics
+            .projection_halted
+            .with_label_values(&labels)
+            .set(i64::from(halted));
+        metrics
+            .projection_lag_seconds
+            .with_label_values(&labels)
+            .set(row.get::<_, f64>(2));
+        metrics
+            .projection_events_behind
+            .with_label_values(&labels)
+            .set(row.get(3));
+        metrics.parked_events.with_label_values(&labels).set(row.get(4));
+        metrics.dead_letters.with_label_values(&labels).set(row.get(5));
+        let revision: i64 = row.get(9);
+        if leading && revision > 0 {
+            // a mark that vanished means Redis restarted empty (or was flushed)
+            if let Ok(None) = watch.cache.synced(&projection).await {
+                if let Ok(mut repairs) = repairs.lock() {
+                    if !repairs.is_pending(&projection) {
+                        tracing::warn!(%projection, "the cache lost its data (Redis restarted or was flushed); resyncing it");
+                        repairs.refresh_all(&projection);
+                    }
+                }
+            }
+        }
+        let shape: (i64, String) = (row.get(6), row.get(10));
+        if let Some(before) = seen.shape.insert(projection.clone(), shape.clone()) {
+            if leading && before != shape {
+                tracing::info!(%projection, "rows changed outside the stream (rebuild, resume, retry) or the table was altered; resyncing its cache");
+                if let Ok(mut repairs) = repairs.lock() {
+                    repairs.refresh_all(&projection);
+                }
+            }
+        }
+        let dead = delta(&mut seen.dead_lettered, &projection, row.get(7));
+        metrics
+            .command_errors
+            .with_label_values(&[projection.as_str(), "dead_letter"])
+            .inc_by(dead);
+        if halted && !seen.halted.get(&projection).copied().unwrap_or(false) {
+            metrics
+                .command_errors
+                .with_label_values(&[projection.as_str(), "halt"])
+                .inc();
+        }
+        seen.halted.insert(projection.clone(), halted);
+        let duplicates = delta(&mut seen.duplicates, &projection, row.get(8));
+        metrics
+            .duplicate_events
+            .with_label_values(&labels)
+            .inc_by(duplicates);
+    }
+    let retained: Option<i64> = pg
+        .query_opt(
+            "select pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), restart_lsn)::bigint
+               from pg_catalog.pg_replication_slots where slot_name = $1",
+            &[&slot],
+        )
+        .await?
+        .and_then(|row| row.get(0));
+    metrics.slot_retained_bytes.set(retained.unwrap_or(0));
+    Ok(())
+}
+
+pub async fn poller(watch: Watch, mut shutdown: watch::Receiver<bool>) {
+    let mut pg: Option<Client> = None;
+    let mut seen = Seen::default();
+    loop {
+        if pg.as_ref().is_none_or(|c| c.is_closed()) {
+            pg = postgres::connect(&watch.pg, Duration::from_secs(5)).await.ok();
+        }
+        if let Some(client) = pg.as_ref() {
+            if let Err(err) = poll(client, &watch, &mut seen).await {
+                tracing::warn!(error = %err, "polling cqrs.status() failed");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(watch.every) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn deltas_start_at_the_first_observation() {
+        let mut seen = std::collections::HashMap::new();
+        assert_eq!(super::delta(&mut seen, "p", 10), 0);
+        assert_eq!(super::delta(&mut seen, "p", 13), 3);
+        assert_eq!(
+            super::delta(&mut seen, "p", 1),
+            0,
+            "a reset (rebuild) is not negative"
+        );
+    }
+}

@@ -1,0 +1,700 @@
+//! The leader's work: stream the command log from the slot, project it in adaptive batches,
+//! write the changed rows to the cache, and confirm to the slot only what is done.
+//!
+//! Two tasks: the streamer decodes pgoutput into batches of command-log rows; the flusher
+//! projects one batch at a time (`cqrs.project_batch`, with the lease token and the batch's
+//! commit LSN), writes the changed rows to Redis (or remembers them for repair), and only then
+//! reports the batch's commit LSN as confirmed. Between them is a channel of one batch: while the
+//! flusher is busy and a batch waits, the streamer stops reading the stream, so memory stays
+//! bounded and PostgreSQL holds the rest.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::Client;
+
+use crate::batching::BatchPolicy;
+use crate::cache::{Cache, Entry, Write};
+use crate::config::Config;
+use crate::http::{Health, Role};
+use crate::leader::Leadership;
+use crate::log_row::LogColumns;
+use crate::metrics::Metrics;
+use crate::pgoutput::{Change, Decoder};
+use crate::postgres;
+use crate::repair::Repairs;
+
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// How the leader's work ended.
+#[derive(Debug)]
+pub enum Ending {
+    /// Asked to stop: the batch in flight was finished and confirmed.
+    Shutdown,
+    /// The lock connection died: someone else may lead now.
+    LostLeadership,
+    /// A newer leader holds the lease.
+    Deposed,
+    /// Something failed; lead again after a pause.
+    Failed(anyhow::Error),
+}
+
+/// What the leader needs.
+#[derive(Clone)]
+pub struct Context {
+    pub config: Arc<Config>,
+    pub pg: tokio_postgres::Config,
+    pub cache: Arc<Cache>,
+    pub repairs: Arc<Mutex<Repairs>>,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+}
+
+/// Command-log rows on their way to `cqrs.project_batch`.
+struct Batch {
+    /// Batches are numbered in the order they are taken; the flusher reports the numbers done.
+    number: u64,
+    json: String,
+    events: usize,
+    /// End LSN of the last transaction that is complete in this batch.
+    commit_lsn: Option<u64>,
+    /// Commit time of the oldest event, for the delay metric.
+    oldest_commit: Option<SystemTime>,
+    started: Instant,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Self {
+            number: 0,
+            json: String::from("["),
+            events: 0,
+            commit_lsn: None,
+            oldest_commit: None,
+            started: Instant::now(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.events == 0
+    }
+
+    fn finish(mut self) -> Self {
+        self.json.push(']');
+        self
+    }
+}
+
+/// Retry delays: exponential from 100 ms, doubling, at most 5 s, with jitter.
+fn backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_factor(2.0)
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+fn holder() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}:{}", host.trim(), std::process::id())
+}
+
+/// Writes changed rows to the cache and raises the synced mark of each projection whose cache
+/// has nothing else pending; rows that could not be written are remembered for repair.
+pub async fn write_to_cache(ctx: &Context, writes: Vec<Write>) {
+    if writes.is_empty() {
+        return;
+    }
+    let mut highest: HashMap<&str, i64> = HashMap::new();
+    for write in &writes {
+        let rev = highest.entry(write.projection.as_str()).or_insert(write.rev);
+        *rev = (*rev).max(write.rev);
+    }
+    let synced: Vec<(String, i64)> = match ctx.repairs.lock() {
+        Ok(repairs) => highest
+            .into_iter()
+            .filter(|(projection, _)| !repairs.is_pending(projection))
+            .map(|(projection, rev)| (projection.to_owned(), rev))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    match ctx.cache.write_all(&writes, &synced).await {
+        Ok(applied) => {
+            ctx.metrics
+                .cache_writes
+                .with_label_values(&["applied"])
+                .inc_by(applied as u64);
+            ctx.metrics
+                .cache_writes
+                .with_label_values(&["stale"])
+                .inc_by((writes.len() - applied) as u64);
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, rows = writes.len(), "cache write failed; the rows will be repaired when Redis answers");
+            ctx.metrics
+                .cache_writes
+                .with_label_values(&["failed"])
+                .inc_by(writes.len() as u64);
+            if let Ok(mut repairs) = ctx.repairs.lock() {
+                for write in &writes {
+                    repairs.remember(&write.projection, &write.key);
+                }
+                ctx.metrics
+                    .cache_repair_pending
+                    .set(repairs.pending_keys() as i64);
+            }
+        }
+    }
+}
+
+/// Marks for a resync every projection whose cache may be behind its read model: its synced
+/// mark is below the projection's revision (the last leader died between a commit and its cache
+/// writes) or missing (a cold or emptied Redis). Unknown when Redis is down: resync then too.
+pub async fn resync_behind(ctx: &Context, sql: &Client) -> anyhow::Result<()> {
+    let rows = sql
+        .query(
+            "select name, revision from cqrs.projection_state order by name",
+            &[],
+        )
+        .await?;
+    for row in rows {
+        let (projection, revision): (String, i64) = (row.get(0), row.get(1));
+        let behind = match ctx.cache.synced(&projection).await {
+            Ok(Some(mark)) => mark < revision,
+            // nothing was ever projected: there is nothing the cache could miss
+            Ok(None) if revision == 0 => ctx.cache.establish_synced(&projection, 0).await.is_err(),
+            Ok(None) => true,
+            Err(_) => true,
+        };
+        if behind {
+            if let Ok(mut repairs) = ctx.repairs.lock() {
+                if !repairs.is_pending(&projection) {
+                    tracing::info!(%projection, revision, "the cache may be behind the read model; resyncing it");
+                    repairs.refresh_all(&projection);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Changed rows as returned by project_batch / catch_up, as cache writes.
+fn writes_from(rows: &[tokio_postgres::Row]) -> Vec<Write> {
+    rows.iter()
+        .map(|row| {
+            let deleted: bool = row.get(4);
+            let doc: Option<String> = row.get(3);
+            Write {
+                projection: row.get(0),
+                key: row.get(1),
+                rev: row.get(2),
+                entry: match (deleted, doc) {
+                    (false, Some(doc)) => Entry::Row(doc),
+                    _ => Entry::Deleted,
+                },
+            }
+        })
+        .collect()
+}
+
+/// Creates the publication and the slot when missing; a slot that is gone or lost is recreated
+/// and the projections catch up from the log (per-stream sequencing makes the overlap with what
+/// the new slot streams harmless).
+async fn prepare_slot(ctx: &Context, sql: &Client) -> anyhow::Result<()> {
+    let config = &ctx.config;
+    let created: bool = sql
+        .query_one("select cqrs.ensure_publication($1)", &[&config.publication])
+        .await?
+        .get(0);
+    if created {
+        tracing::info!(publication = %config.publication, "created the publication of cqrs.command_log");
+    }
+    let slot = sql
+        .query_opt(
+            "select plugin::text, coalesce(wal_status, 'unknown') from pg_catalog.pg_replication_slots where slot_name = $1",
+            &[&config.slot],
+        )
+        .await?;
+    let recreate = match slot {
+        None => true,
+        Some(row) => {
+            let (plugin, wal_status): (String, String) = (row.get(0), row.get(1));
+            if plugin != "pgoutput" {
+                anyhow::bail!(
+                    "slot {} uses the {plugin} plugin, not pgoutput: drop it or choose another --slot",
+                    config.slot
+                );
+            }
+            if wal_status == "lost" {
+                tracing::error!(slot = %config.slot, "the replication slot is lost (its WAL was removed); dropping and recreating it");
+                sql.execute("select pg_catalog.pg_drop_replication_slot($1)", &[&config.slot])
+                    .await?;
+                true
+            } else {
+                false
+            }
+        }
+    };
+    if !recreate {
+        return Ok(());
+    }
+    sql.execute(
+        "select pg_catalog.pg_create_logical_replication_slot($1, 'pgoutput')",
+        &[&config.slot],
+    )
+    .await?;
+    // projections that have a checkpoint were fed by a slot before: this one was lost
+    let fed_before: bool = sql
+        .query_one(
+            "select exists (select from cqrs.projection_state where checkpoint_lsn is not null)",
+            &[],
+        )
+        .await?
+        .get(0);
+    let rows = sql
+        .query(
+            "select projection, key, rev, doc::text, deleted from cqrs.catch_up()",
+            &[],
+        )
+        .await?;
+    if fed_before {
+        ctx.metrics.slot_recreated.inc();
+        tracing::error!(
+            slot = %config.slot,
+            changed_rows = rows.len(),
+            "the replication slot was missing; created a new one and caught the projections up from cqrs.command_log"
+        );
+    } else {
+        tracing::info!(slot = %config.slot, changed_rows = rows.len(), "created the replication slot");
+    }
+    write_to_cache(ctx, writes_from(&rows)).await;
+    Ok(())
+}
+
+enum FlushError {
+    Deposed,
+    Stopped,
+}
+
+const PROJECT: &str = "select projection, key, rev, doc::text, deleted \
+                       from cqrs.project_batch($1::text::jsonb, $2::text::pg_lsn, $3)";
+
+/// Projects batches one at a time, retrying each until it commits; confirms what is done.
+async fn flusher(
+    ctx: Context,
+    mut sql: Client,
+    token: i64,
+    mut batches: mpsc::Receiver<Batch>,
+    completed: watch::Sender<u64>,
+    policy: Arc<Mutex<BatchPolicy>>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), FlushError> {
+    let mut statement = sql.prepare(PROJECT).await.ok();
+    while let Some(batch) = batches.recv().await {
+        let started = Instant::now();
+        let lsn = batch.commit_lsn.map(cqrs_lsn);
+        // the LSN is confirmed by the streamer once this batch is reported done
+        let mut delays = backoff();
+        let rows = loop {
+            let attempt = async {
+                if statement.is_none() || sql.is_closed() {
+                    sql = postgres::connect(&ctx.pg, Duration::from_secs(5))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    statement = Some(sql.prepare(PROJECT).await.map_err(|e| e.to_string())?);
+                }
+                let Some(statement) = statement.as_ref() else {
+                    return Err("no statement".to_owned());
+                };
+                sql.query(statement, &[&batch.json, &lsn, &token])
+                    .await
+                    .map_err(|err| match err.as_db_error() {
+                        Some(db) if db.code().code() == "55000" && db.message().contains("lease") => {
+                            "deposed".to_owned()
+                        }
+                        _ => err.to_string(),
+                    })
+            };
+            match attempt.await {
+                Ok(rows) => break rows,
+                Err(reason) if reason == "deposed" => {
+                    tracing::error!(
+                        "a newer leader holds the projector lease; this sidecar stops projecting"
+                    );
+                    return Err(FlushError::Deposed);
+                }
+                Err(reason) => {
+                    ctx.metrics.batch_failures.inc();
+                    ctx.health.streaming.store(false, Ordering::Relaxed);
+                    if let Ok(mut policy) = policy.lock() {
+                        policy.record(batch.events, started.elapsed(), false);
+                    }
+                    let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(error = %reason, events = batch.events, retry_in = ?delay, "projecting a batch failed; retrying");
+                    if sql.is_closed() {
+                        statement = None;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.wait_for(|stop| *stop) => {
+                            tracing::warn!("stopping with a batch that did not commit; it will be streamed again");
+                            return Err(FlushError::Stopped);
+                        }
+                    }
+                }
+            }
+        };
+        write_to_cache(&ctx, writes_from(&rows)).await;
+        let took = started.elapsed();
+        ctx.health.streaming.store(true, Ordering::Relaxed);
+        ctx.metrics.flush_duration.observe(took.as_secs_f64());
+        ctx.metrics.batch_events.observe(batch.events as f64);
+        ctx.metrics.events_projected.inc_by(batch.events as u64);
+        if let Some(oldest) = batch.oldest_commit {
+            if let Ok(delay) = SystemTime::now().duration_since(oldest) {
+                ctx.metrics.event_delay.observe(delay.as_secs_f64());
+            }
+        }
+        if let Ok(mut policy) = policy.lock() {
+            policy.record(batch.events, took, true);
+            ctx.metrics.batch_target.set(policy.target() as i64);
+        }
+        completed.send_replace(batch.number);
+    }
+    Ok(())
+}
+
+fn cqrs_lsn(lsn: u64) -> String {
+    cqrs_projection::lsn::format(lsn)
+}
+
+/// Decodes the stream into batches.
+struct Assembler {
+    decoder: Decoder,
+    /// number of the last batch taken
+    taken: u64,
+    /// relation id → how to read it, when it is the command log
+    log: HashMap<u32, Option<LogColumns>>,
+    batch: Batch,
+    in_transaction: bool,
+    transaction_commit: Option<SystemTime>,
+}
+
+impl Assembler {
+    fn new() -> Self {
+        Self {
+            decoder: Decoder::new(),
+            taken: 0,
+            log: HashMap::new(),
+            batch: Batch::new(),
+            in_transaction: false,
+            transaction_commit: None,
+        }
+    }
+
+    fn take(&mut self) -> Batch {
+        self.taken += 1;
+        let mut batch = std::mem::replace(&mut self.batch, Batch::new()).finish();
+        batch.number = self.taken;
+        batch
+    }
+
+    fn data(&mut self, data: &bytes::Bytes) -> anyhow::Result<()> {
+        match self.decoder.decode(data)? {
+            Change::Relation(relation) => {
+                let columns = if relation.namespace == "cqrs" && relation.name == "command_log" {
+                    Some(LogColumns::resolve(&relation)?)
+                } else {
+                    tracing::warn!(relation = %format!("{}.{}", relation.namespace, relation.name), "ignoring a table that is not the command log");
+                    None
+                };
+                self.log.insert(relation.id, columns);
+            }
+            Change::Insert { relation, values } => {
+                if let Some(Some(columns)) = self.log.get(&relation.id) {
+                    if self.batch.events > 0 {
+                        self.batch.json.push(',');
+                    } else {
+                        // a batch's wait starts with its first event
+                        self.batch.started = Instant::now();
+                    }
+                    columns.append_json(&values, &mut self.batch.json)?;
+                    self.batch.events += 1;
+                    if self.batch.oldest_commit.is_none() {
+                        self.batch.oldest_commit = self.transaction_commit;
+                    }
+                }
+            }
+            Change::Update { relation } | Change::Delete { relation } => {
+                if matches!(self.log.get(&relation.id), Some(Some(_))) {
+                    tracing::error!("cqrs.command_log was updated or deleted from: it is append-only; the change is ignored");
+                }
+            }
+            Change::Truncate { .. } => {
+                tracing::error!(
+                    "a table of the publication was truncated; projections are not changed by it"
+                );
+            }
+            Change::Ignored(_) => {}
+        }
+        Ok(())
+    }
+}
+
+/// LSNs to confirm once the batches taken before them are done: `(batch number, lsn)`, in order.
+#[derive(Default)]
+struct Confirmations {
+    queue: std::collections::VecDeque<(u64, u64)>,
+    done: u64,
+    confirmed: u64,
+}
+
+impl Confirmations {
+    /// `lsn` may be confirmed once batch `after` is done.
+    fn defer(&mut self, after: u64, lsn: u64) {
+        match self.queue.back_mut() {
+            Some((number, last)) if *number == after => *last = (*last).max(lsn),
+            _ => self.queue.push_back((after, lsn)),
+        }
+    }
+
+    /// Batches up to `done` are done; returns the LSN to confirm if it moved.
+    fn advance(&mut self, done: u64) -> Option<u64> {
+        self.done = self.done.max(done);
+        let mut moved = None;
+        while let Some(&(number, lsn)) = self.queue.front() {
+            if number > self.done {
+                break;
+            }
+            self.queue.pop_front();
+            if lsn > self.confirmed {
+                self.confirmed = lsn;
+                moved = Some(lsn);
+            }
+        }
+        moved
+    }
+}
+
+/// Leads until shutdown, loss of the lock, deposition or failure.
+pub async fn lead(ctx: &Context, leadership: &Leadership, mut shutdown: watch::Receiver<bool>) -> Ending {
+    let config = Arc::clone(&ctx.config);
+    ctx.health.set_role(Role::Leader);
+    ctx.metrics.leader.set(1);
+    let sql = match postgres::connect(&ctx.pg, Duration::from_secs(5)).await {
+        Ok(sql) => sql,
+        Err(err) => return Ending::Failed(err.into()),
+    };
+    let token: i64 = match sql.query_one("select cqrs.acquire_lease($1)", &[&holder()]).await {
+        Ok(row) => row.get(0),
+        Err(err) => return Ending::Failed(err.into()),
+    };
+    tracing::info!(token, slot = %config.slot, "leading: took the projector lease");
+    if let Err(err) = prepare_slot(ctx, &sql).await {
+        return Ending::Failed(err);
+    }
+    if let Err(err) = resync_behind(ctx, &sql).await {
+        return Ending::Failed(err);
+    }
+    let mut repl = match ReplicationClient::connect(
+        postgres::replication_config(&ctx.pg, &config.slot, &config.publication)
+            .with_status_interval(Duration::from_millis(250)),
+    )
+    .await
+    {
+        Ok(repl) => repl,
+        Err(err) => return Ending::Failed(err.into()),
+    };
+
+    let policy = Arc::new(Mutex::new(BatchPolicy::new(
+        config.batch_min_events,
+        config.batch_max_events,
+        config.batch_max_bytes,
+        config.batch_max_wait,
+        config.batch_target_latency,
+    )));
+    let (batches_tx, batches_rx) = mpsc::channel::<Batch>(1);
+    let (completed_tx, mut completed_rx) = watch::channel(0u64);
+    let mut flusher = tokio::spawn(flusher(
+        ctx.clone(),
+        sql,
+        token,
+        batches_rx,
+        completed_tx,
+        Arc::clone(&policy),
+        shutdown.clone(),
+    ));
+
+    let mut lost = leadership.lost();
+    let mut assembler = Assembler::new();
+    // a full batch waiting for the flusher; while it waits the stream is not read
+    let mut waiting: Option<Batch> = None;
+    let mut confirmations = Confirmations::default();
+    let confirm = |repl: &ReplicationClient, confirmations: &mut Confirmations, done: u64| {
+        if let Some(lsn) = confirmations.advance(done) {
+            repl.update_applied_lsn(Lsn::from_u64(lsn));
+        }
+    };
+
+    let ending = loop {
+        let due = assembler.batch.started
+            + policy
+                .lock()
+                .map(|p| p.max_wait())
+                .unwrap_or(Duration::from_millis(20));
+        tokio::select! {
+            biased;
+            _ = lost.wait_for(|lost| *lost) => break Ending::LostLeadership,
+            _ = shutdown.wait_for(|stop| *stop) => break Ending::Shutdown,
+            finished = &mut flusher => {
+                break match finished {
+                    Ok(Err(FlushError::Deposed)) => Ending::Deposed,
+                    Ok(Err(FlushError::Stopped)) => Ending::Shutdown,
+                    Ok(Ok(())) => Ending::Failed(anyhow::anyhow!("the flusher stopped")),
+                    Err(err) => Ending::Failed(anyhow::anyhow!("the flusher failed: {err}")),
+                };
+            }
+            _ = completed_rx.changed() => {
+                let done = *completed_rx.borrow_and_update();
+                confirm(&repl, &mut confirmations, done);
+            }
+            permit = batches_tx.reserve(), if waiting.is_some() => {
+                match (permit, waiting.take()) {
+                    (Ok(permit), Some(batch)) => permit.send(batch),
+                    _ => break Ending::Failed(anyhow::anyhow!("the flusher went away")),
+                }
+            }
+            _ = tokio::time::sleep_until(due.into()), if waiting.is_none() && !assembler.batch.is_empty() => {
+                let batch = assembler.take();
+                if let Some(lsn) = batch.commit_lsn {
+                    confirmations.defer(batch.number, lsn);
+                }
+                waiting = Some(batch);
+            }
+            event = repl.recv(), if waiting.is_none() => {
+                let event = match event {
+                    Ok(Some(event)) => event,
+                    Ok(None) => break Ending::Failed(anyhow::anyhow!("the replication stream ended")),
+                    Err(err) => break Ending::Failed(anyhow::anyhow!("replication: {err}")),
+                };
+                ctx.health.streaming.store(true, Ordering::Relaxed);
+                match event {
+                    ReplicationEvent::Begin { commit_time_micros, .. } => {
+                        assembler.in_transaction = true;
+                        let unix = commit_time_micros.saturating_add(PG_EPOCH_OFFSET_MICROS).max(0) as u64;
+                        assembler.transaction_commit = Some(UNIX_EPOCH + Duration::from_micros(unix));
+                    }
+                    ReplicationEvent::XLogData { data, .. } => {
+                        if let Err(err) = assembler.data(&data) {
+                            break Ending::Failed(err);
+                        }
+                        let full = policy.lock().map(|p| p.is_full(assembler.batch.events, assembler.batch.json.len())).unwrap_or(false);
+                        if full {
+                            // may end inside a transaction: its commit LSN goes with the batch
+                            // that holds its last event, so a part never fences the rest
+                            let batch = assembler.take();
+                            if let Some(lsn) = batch.commit_lsn {
+                                confirmations.defer(batch.number, lsn);
+                            }
+                            waiting = Some(batch);
+                        }
+                    }
+                    ReplicationEvent::Commit { end_lsn, .. } => {
+                        assembler.in_transaction = false;
+                        if assembler.batch.is_empty() {
+                            // its events (if any) went out in batches already taken: confirm it
+                            // once they are done
+                            confirmations.defer(assembler.taken, end_lsn.as_u64());
+                            confirm(&repl, &mut confirmations, *completed_rx.borrow());
+                        } else {
+                            assembler.batch.commit_lsn = Some(end_lsn.as_u64());
+                        }
+                    }
+                    ReplicationEvent::KeepAlive { wal_end, .. } => {
+                        // nothing open: everything up to wal_end is done once the batches taken are
+                        if !assembler.in_transaction && assembler.batch.is_empty() {
+                            confirmations.defer(assembler.taken, wal_end.as_u64());
+                            confirm(&repl, &mut confirmations, *completed_rx.borrow());
+                        }
+                    }
+                    ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
+                }
+            }
+        }
+    };
+
+    ctx.health.streaming.store(false, Ordering::Relaxed);
+    ctx.metrics.leader.set(0);
+    match ending {
+        Ending::Shutdown => {
+            // finish: hand over what was read, let the flusher finish, confirm, stop
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(7);
+            let mut remaining = vec![];
+            remaining.extend(waiting.take());
+            if !assembler.batch.is_empty() {
+                let batch = assembler.take();
+                if let Some(lsn) = batch.commit_lsn {
+                    confirmations.defer(batch.number, lsn);
+                }
+                remaining.push(batch);
+            }
+            for batch in remaining {
+                if tokio::time::timeout_at(deadline, batches_tx.send(batch))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            drop(batches_tx);
+            if tokio::time::timeout_at(deadline, &mut flusher).await.is_err() {
+                tracing::warn!("the last batch did not finish in time; it will be streamed again");
+                flusher.abort();
+            }
+            let done = *completed_rx.borrow();
+            confirm(&repl, &mut confirmations, done);
+            // the status update goes out on the stream's status interval
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            repl.stop();
+            let _ = tokio::time::timeout(Duration::from_secs(1), repl.shutdown()).await;
+            tracing::info!(confirmed = %cqrs_lsn(confirmations.confirmed), "stopped streaming");
+            Ending::Shutdown
+        }
+        other => {
+            // stop at once: another leader may be streaming already
+            flusher.abort();
+            repl.abort();
+            other
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_lsn_is_confirmed_only_after_the_batches_before_it() {
+        let mut c = Confirmations::default();
+        // batch 1 holds a transaction that ends (commit 100) after batch 1 was taken
+        c.defer(1, 100);
+        assert_eq!(c.advance(0), None, "batch 1 is not done");
+        c.defer(2, 150);
+        c.defer(2, 140);
+        assert_eq!(c.advance(1), Some(100));
+        assert_eq!(c.advance(1), None);
+        assert_eq!(c.advance(2), Some(150), "coalesced, the highest wins");
+        c.defer(2, 120);
+        assert_eq!(c.advance(2), None, "never backwards");
+        c.defer(2, 200);
+        assert_eq!(c.advance(2), Some(200), "nothing in flight: at once");
+    }
+}
