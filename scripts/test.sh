@@ -29,6 +29,8 @@ if [ "$(id -u)" -eq 0 ]; then chown postgres "$pgrx_data"; runas=(--runas postgr
 install_extension
 
 step "pg_regress suite (pgrx-tests/) and end-to-end tests (tests/)"
+# the end-to-end tests start real cqrs-sidecar processes from target/debug
+cargo build -p cqrs-sidecar
 cargo test -p cqrs-e2e
 
 step "all tests passed in $(( $(date +%s) - started )) s"

@@ -4,7 +4,9 @@
 pub mod postgres;
 pub mod process;
 pub mod redis;
+pub mod sidecar;
 
 pub use postgres::{free_port, ClusterOptions, Durability, PgCluster};
 pub use process::ChildGuard;
 pub use redis::RedisServer;
+pub use sidecar::{http_get, Sidecar};

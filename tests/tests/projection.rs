@@ -2,15 +2,15 @@
 //! the log however the log is delivered; wait_for wakes promptly; a rebuild loses nothing
 //! committed while it runs.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use cqrs_e2e::orders::{fold, random_log, read_models, seed_commands, Command};
 use cqrs_e2e::{connect, repo_root};
 use cqrs_harness::{ClusterOptions, PgCluster};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
@@ -22,172 +22,6 @@ async fn with_examples(cluster: &PgCluster) -> anyhow::Result<Client> {
         )?)
         .await?;
     Ok(client)
-}
-
-/// One command as the test generates it.
-#[derive(Clone, Debug)]
-struct Command {
-    stream: String,
-    command_type: &'static str,
-    payload: Value,
-}
-
-/// Random order commands, including out-of-lifecycle ones (items added to an order that was
-/// never created, a second cancellation) that exercise update-of-a-missing-row semantics.
-fn random_log(rng: &mut StdRng, commands: usize, orders: usize, users: usize) -> Vec<Command> {
-    let mut log = Vec::with_capacity(commands);
-    for _ in 0..commands {
-        let order = rng.random_range(0..orders);
-        let user = format!("user-{}", order % users);
-        let stream = format!("order-{order}");
-        let (command_type, payload) = match rng.random_range(0..10) {
-            0..=1 => {
-                let currency = ["EUR", "USD"][rng.random_range(0..2)];
-                ("CREATE_ORDER", json!({"user_id": user, "currency": currency}))
-            }
-            2..=6 => {
-                let qty = rng.random_range(1..=5);
-                let cents = rng.random_range(1..5000);
-                (
-                    "ADD_ITEM",
-                    json!({"user_id": user, "sku": "s", "qty": qty, "price": cents as f64 / 100.0,
-                                    "amount": format!("{}.{:02}", cents * qty / 100, cents * qty % 100)}),
-                )
-            }
-            7..=8 => {
-                let carrier = ["dhl", "ups"][rng.random_range(0..2)];
-                ("SHIP_ORDER", json!({"user_id": user, "carrier": carrier}))
-            }
-            _ => ("CANCEL_ORDER", json!({"user_id": user})),
-        };
-        log.push(Command {
-            stream,
-            command_type,
-            payload,
-        });
-    }
-    log
-}
-
-#[derive(Debug, Default, PartialEq, Clone)]
-struct Order {
-    user_id: String,
-    currency: String,
-    status: String,
-    item_count: i64,
-    total_cents: i64,
-    carrier: Option<String>,
-}
-
-#[derive(Debug, Default, PartialEq, Clone)]
-struct UserStats {
-    orders: i64,
-    open_orders: i64,
-    shipped_orders: i64,
-    cancelled_orders: i64,
-    items: i64,
-    spent_cents: i64,
-}
-
-fn cents(amount: &Value) -> i64 {
-    let text = amount
-        .as_str()
-        .map(str::to_owned)
-        .unwrap_or_else(|| amount.to_string());
-    let (whole, fraction) = text.split_once('.').unwrap_or((&text, "0"));
-    whole.parse::<i64>().unwrap_or(0) * 100 + format!("{fraction:0<2}")[..2].parse::<i64>().unwrap_or(0)
-}
-
-/// The read models by the rules of sql/examples/orders.sql, applied one command at a time.
-fn fold(log: &[(String, &'static str, Value)]) -> (BTreeMap<String, Order>, BTreeMap<String, UserStats>) {
-    let mut orders: BTreeMap<String, Order> = BTreeMap::new();
-    let mut users: BTreeMap<String, UserStats> = BTreeMap::new();
-    for (stream, command_type, payload) in log {
-        let user = payload["user_id"].as_str().unwrap_or_default().to_owned();
-        match *command_type {
-            "CREATE_ORDER" => {
-                let order = orders.entry(stream.clone()).or_default();
-                order.user_id = user.clone();
-                order.currency = payload["currency"].as_str().unwrap_or_default().to_owned();
-                order.status = "open".into();
-                let stats = users.entry(user).or_default();
-                stats.orders += 1;
-                stats.open_orders += 1;
-            }
-            "ADD_ITEM" => {
-                if let Some(order) = orders.get_mut(stream) {
-                    order.item_count += payload["qty"].as_i64().unwrap_or(0);
-                    order.total_cents += cents(&payload["amount"]);
-                }
-                if let Some(stats) = users.get_mut(&user) {
-                    stats.items += payload["qty"].as_i64().unwrap_or(0);
-                    stats.spent_cents += cents(&payload["amount"]);
-                }
-            }
-            "SHIP_ORDER" | "CANCEL_ORDER" => {
-                let shipped = *command_type == "SHIP_ORDER";
-                if let Some(order) = orders.get_mut(stream) {
-                    order.status = if shipped { "shipped" } else { "cancelled" }.into();
-                    if shipped {
-                        order.carrier = payload["carrier"].as_str().map(str::to_owned);
-                    }
-                }
-                if let Some(stats) = users.get_mut(&user) {
-                    stats.open_orders -= 1;
-                    if shipped {
-                        stats.shipped_orders += 1;
-                    } else {
-                        stats.cancelled_orders += 1;
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    (orders, users)
-}
-
-async fn read_models(
-    client: &Client,
-) -> anyhow::Result<(BTreeMap<String, Order>, BTreeMap<String, UserStats>)> {
-    let mut orders = BTreeMap::new();
-    for row in client
-        .query("select order_id, user_id, currency, status, item_count, (total * 100)::bigint, carrier from shop.order_summary", &[])
-        .await?
-    {
-        orders.insert(
-            row.get::<_, String>(0),
-            Order {
-                user_id: row.get(1),
-                currency: row.get(2),
-                status: row.get(3),
-                item_count: i64::from(row.get::<_, i32>(4)),
-                total_cents: row.get(5),
-                carrier: row.get(6),
-            },
-        );
-    }
-    let mut users = BTreeMap::new();
-    for row in client
-        .query(
-            "select user_id, orders, open_orders, shipped_orders, cancelled_orders, items, (spent * 100)::bigint from shop.user_order_stats",
-            &[],
-        )
-        .await?
-    {
-        users.insert(
-            row.get::<_, String>(0),
-            UserStats {
-                orders: i64::from(row.get::<_, i32>(1)),
-                open_orders: i64::from(row.get::<_, i32>(2)),
-                shipped_orders: i64::from(row.get::<_, i32>(3)),
-                cancelled_orders: i64::from(row.get::<_, i32>(4)),
-                items: i64::from(row.get::<_, i32>(5)),
-                spent_cents: row.get(6),
-            },
-        );
-    }
-    Ok((orders, users))
 }
 
 /// Random logs, delivered in random batches — some twice, some shuffled, some held back and
@@ -220,13 +54,7 @@ async fn read_models_equal_the_fold_of_the_log_however_it_is_delivered() -> anyh
             .await?;
         let commands = rng.random_range(1..400);
         let (orders, users) = (rng.random_range(1..40), rng.random_range(1..10));
-        let mut log: Vec<Command> = (0..users)
-            .map(|u| Command {
-                stream: format!("seed-{u}"),
-                command_type: "CREATE_ORDER",
-                payload: json!({"user_id": format!("user-{u}"), "currency": "EUR"}),
-            })
-            .collect();
+        let mut log: Vec<Command> = seed_commands(users);
         log.extend(random_log(&mut rng, commands, orders, users));
         let append = client.prepare("select cqrs.append($1, $2, $3, $4)").await?;
         for command in &log {

@@ -1,0 +1,182 @@
+//! `cqrs-sidecar` processes: started with their configuration in the environment, probed over
+//! HTTP, stopped with SIGTERM or killed.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::postgres::free_port;
+use crate::process::ChildGuard;
+
+/// The sidecar binary: `$CQRS_SIDECAR_BIN`, else `target/{release,debug}/cqrs-sidecar` of this
+/// workspace (whichever is newer).
+pub fn sidecar_binary() -> Result<PathBuf> {
+    if let Ok(path) = std::env::var("CQRS_SIDECAR_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let candidates = ["debug", "release"].map(|profile| target.join(profile).join("cqrs-sidecar"));
+    candidates
+        .iter()
+        .filter_map(|p| {
+            p.metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .map(|t| (t, p.clone()))
+        })
+        .max()
+        .map(|(_, p)| p)
+        .context("cqrs-sidecar is not built: run `cargo build -p cqrs-sidecar` (or set CQRS_SIDECAR_BIN)")
+}
+
+/// A running sidecar.
+pub struct Sidecar {
+    child: ChildGuard,
+    http_port: u16,
+    log: PathBuf,
+}
+
+/// GET `path` on `127.0.0.1:port`; returns status code and body.
+pub fn http_get(port: u16, path: &str, timeout: Duration) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .context("no HTTP status line")?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+impl Sidecar {
+    /// Starts a sidecar for `database_url` and `redis_url`; `extra` environment variables
+    /// (`CQRS_*`) override the defaults chosen here.
+    pub fn start(name: &str, database_url: &str, redis_url: &str, extra: &[(&str, &str)]) -> Result<Self> {
+        let http_port = free_port()?;
+        let log = std::env::temp_dir().join(format!("pg_cqrs-{name}-{}-{http_port}.log", std::process::id()));
+        let file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut command = Command::new(sidecar_binary()?);
+        command
+            .env("CQRS_DATABASE_URL", database_url)
+            .env("CQRS_REDIS_URL", redis_url)
+            .env("CQRS_HTTP_ADDR", format!("127.0.0.1:{http_port}"))
+            .env("CQRS_STATUS_INTERVAL", "1s")
+            .env("CQRS_LOG_FORMAT", "text")
+            .env("NO_COLOR", "1")
+            .env_remove("RUST_BACKTRACE")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        for (key, value) in extra {
+            command.env(key, value);
+        }
+        let child = command.spawn().context("starting cqrs-sidecar")?;
+        Ok(Self {
+            child: ChildGuard::new(name.to_owned(), child),
+            http_port,
+            log,
+        })
+    }
+
+    pub fn http_port(&self) -> u16 {
+        self.http_port
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.pid()
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `/readyz` status code, `None` when the server does not answer.
+    pub fn readiness(&self) -> Option<u16> {
+        http_get(self.http_port, "/readyz", Duration::from_secs(2))
+            .ok()
+            .map(|(status, _)| status)
+    }
+
+    /// The Prometheus metrics text.
+    pub fn metrics(&self) -> Result<String> {
+        let (status, body) = http_get(self.http_port, "/metrics", Duration::from_secs(2))?;
+        if status != 200 {
+            bail!("/metrics answered {status}");
+        }
+        Ok(body)
+    }
+
+    /// The value of an unlabelled metric (or the sum over its labels).
+    pub fn metric(&self, name: &str) -> Result<f64> {
+        let text = self.metrics()?;
+        Ok(text
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter(|line| line.starts_with(name) && line[name.len()..].starts_with([' ', '{']))
+            .filter_map(|line| line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum())
+    }
+
+    /// Whether this sidecar is the leader right now.
+    pub fn is_leader(&self) -> bool {
+        self.metric("cqrs_leader").map(|v| v >= 1.0).unwrap_or(false)
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.readiness() == Some(200) {
+                return Ok(());
+            }
+            if !self.child.is_running() {
+                bail!("{} exited; its log:\n{}", self.child.name(), self.log());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} not ready after {timeout:?}; its log:\n{}",
+                    self.child.name(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        self.child.signal(signal)
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        self.child.kill();
+    }
+
+    /// SIGTERM, then waits for the exit code.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<Option<i32>> {
+        self.child.signal(libc::SIGTERM)?;
+        self.child.wait_timeout(timeout)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.is_running()
+    }
+}

@@ -1,0 +1,487 @@
+//! cqrs-sidecar end to end: real PostgreSQL, real redis-server, real sidecar processes, and the
+//! faults the sidecar claims to survive. Every test ends with the same verdict: the projections
+//! have applied the whole log, the read models equal an independent fold of it (so nothing was
+//! lost or applied twice), and every cached row equals its read-model row and revision.
+//!
+//! The tests run one at a time (they kill processes on a timetable; two at once on two cores
+//! would measure the scheduler).
+
+use std::process::Command as Process;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use cqrs_e2e::orders::{random_log, seed_commands, Command};
+use cqrs_e2e::rig::Rig;
+use cqrs_e2e::traffic::Traffic;
+use cqrs_e2e::{eventually, orders};
+use cqrs_harness::RedisServer;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use tokio::sync::{Mutex, MutexGuard};
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+async fn serial() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().await
+}
+
+fn seed() -> u64 {
+    let seed = std::env::var("CQRS_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("CQRS_FAULT_SEED={seed}");
+    seed
+}
+
+/// Seed commands for every user, then `commands` random order commands over `streams` orders.
+fn workload(rng: &mut StdRng, commands: usize, streams: usize, users: usize) -> (Vec<Command>, Vec<Command>) {
+    (seed_commands(users), random_log(rng, commands, streams, users))
+}
+
+/// Appends the seed commands (so every user's stats row exists first), then starts the rest.
+async fn start_traffic(
+    rig: &Rig,
+    rng: &mut StdRng,
+    commands: usize,
+    clients: usize,
+    rate: Option<f64>,
+) -> Result<Traffic> {
+    let (seeds, log) = workload(rng, commands, 1_000, 50);
+    orders::append_all(&rig.client().await?, &seeds, 50).await?;
+    Ok(Traffic::start(&rig.pg.url(), log, clients, rate))
+}
+
+/// `promtool check metrics` on the sidecar's /metrics output.
+fn promtool_check(metrics: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = Process::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running promtool (apt-get install prometheus)")?;
+    child
+        .stdin
+        .take()
+        .context("promtool stdin")?
+        .write_all(metrics.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// 50,000 commands across 1,000 streams from 4 writers while a leader and a standby run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_thousand_commands_become_read_models_and_cache_entries() -> Result<()> {
+    let _serial = serial().await;
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut rig = Rig::start().await?;
+    rig.add_sidecar()?;
+    rig.add_sidecar()?;
+    let leader = rig.wait_for_leader(Duration::from_secs(30))?;
+    let traffic = start_traffic(&rig, &mut rng, 50_000, 4, None).await?;
+    let started = Instant::now();
+    let appended = traffic.finish().await?;
+    eprintln!("appended {appended} commands in {:.1?}", started.elapsed());
+    rig.assert_consistent(Duration::from_secs(60)).await?;
+    eprintln!(
+        "projected and cached everything {:.1?} after the first append",
+        started.elapsed()
+    );
+
+    let standby = 1 - leader;
+    ensure!(
+        rig.leaders() == vec![leader],
+        "the leader changed without a fault"
+    );
+    ensure!(
+        rig.sidecars[standby].readiness() == Some(200),
+        "the standby is not ready"
+    );
+    let metrics = rig.sidecars[leader].metrics()?;
+    promtool_check(&metrics)?;
+    promtool_check(&rig.sidecars[standby].metrics()?)?;
+    ensure!(rig.sidecars[leader].metric("cqrs_events_projected_total")? >= appended as f64);
+    ensure!(rig.sidecars[standby].metric("cqrs_events_projected_total")? == 0.0);
+    for name in [
+        "cqrs_projection_lag_seconds",
+        "cqrs_batch_flush_duration_seconds_count",
+        "cqrs_slot_retained_bytes",
+    ] {
+        ensure!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    Ok(())
+}
+
+/// The leader is killed with SIGKILL ten times at random moments while commands keep coming; a
+/// standby takes over within 5 s each time, and in the end nothing is lost, doubled or stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_ten_times_loses_and_doubles_nothing() -> Result<()> {
+    let _serial = serial().await;
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut rig = Rig::start().await?;
+    // small batches: more of them in flight, more moments to be killed in
+    rig.set("CQRS_BATCH_MAX_EVENTS", "200");
+    rig.add_sidecar()?;
+    rig.add_sidecar()?;
+    rig.wait_for_leader(Duration::from_secs(30))?;
+    let traffic = start_traffic(&rig, &mut rng, 40_000, 2, Some(1_200.0)).await?;
+    let mut takeovers = Vec::new();
+    for kill in 0..10 {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(500..2_500))).await;
+        let leader = rig.wait_for_leader(Duration::from_secs(10))?;
+        rig.sidecars[leader].kill();
+        let killed = Instant::now();
+        let next = rig.wait_for_leader(Duration::from_secs(10))?;
+        let took = killed.elapsed();
+        ensure!(next != leader, "kill {kill}: the killed sidecar still leads");
+        ensure!(
+            took < Duration::from_secs(5),
+            "kill {kill}: takeover took {took:?}\n{}",
+            rig.logs()
+        );
+        takeovers.push(took);
+        rig.add_sidecar()?; // a new standby replaces the dead one
+    }
+    let appended = traffic.finish().await?;
+    rig.assert_consistent(Duration::from_secs(60)).await?;
+    takeovers.sort();
+    let resyncs = rig.logs().matches("the cache may be behind").count();
+    eprintln!(
+        "{appended} commands, 10 kills; takeover median {:?}, max {:?}; {resyncs} takeovers found the cache behind",
+        takeovers[5], takeovers[9]
+    );
+    Ok(())
+}
+
+/// PostgreSQL is restarted (fast shutdown) while commands are streamed; the sidecar reconnects,
+/// leads again and resumes from its confirmed position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_mid_stream_loses_nothing() -> Result<()> {
+    let _serial = serial().await;
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut rig = Rig::start().await?;
+    rig.add_sidecar()?;
+    rig.wait_for_leader(Duration::from_secs(30))?;
+    let traffic = start_traffic(&rig, &mut rng, 15_000, 2, Some(1_000.0)).await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let before = traffic.appended();
+    rig.pg.restart()?;
+    eprintln!("restarted PostgreSQL after {before} commands");
+    rig.wait_for_leader(Duration::from_secs(30))?;
+    let appended = traffic.finish().await?;
+    rig.assert_consistent(Duration::from_secs(60)).await?;
+    ensure!(
+        before > 0 && before < appended,
+        "the restart was not mid-stream ({before} of {appended})"
+    );
+    Ok(())
+}
+
+/// redis-server is killed for 10 s (losing everything: no persistence) while commands keep
+/// being projected; when it is back on its port the sidecar repairs what it missed and warms
+/// the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_for_ten_seconds_is_repaired() -> Result<()> {
+    let _serial = serial().await;
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut rig = Rig::start().await?;
+    rig.add_sidecar()?;
+    let leader = rig.wait_for_leader(Duration::from_secs(30))?;
+    let traffic = start_traffic(&rig, &mut rng, 20_000, 2, Some(1_000.0)).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let port = rig.redis.port();
+    rig.redis.kill();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let failed = rig.sidecars[leader]
+        .metric("cqrs_cache_writes_total{result=\"failed\"}")
+        .unwrap_or(0.0);
+    let projected_while_down = rig.pg.psql("select count(*) from cqrs.command_log")?;
+    ensure!(
+        rig.sidecars[leader].readiness() == Some(200),
+        "projecting stopped while Redis was down"
+    );
+    rig.redis = RedisServer::start_on(port)?;
+    let appended = traffic.finish().await?;
+    rig.assert_consistent(Duration::from_secs(60)).await?;
+    eprintln!("{appended} commands; {projected_while_down} in the log when Redis came back; {failed} failed cache writes");
+    Ok(())
+}
+
+/// The slot is dropped by hand (its walsender terminated first) while commands keep coming: the
+/// sidecar recreates it, catches up from the log, and counts it in a metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_dropped_by_hand_is_recreated_and_caught_up() -> Result<()> {
+    let _serial = serial().await;
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut rig = Rig::start().await?;
+    rig.add_sidecar()?;
+    let leader = rig.wait_for_leader(Duration::from_secs(30))?;
+    let traffic = start_traffic(&rig, &mut rng, 15_000, 2, Some(1_000.0)).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let client = rig.client().await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // the walsender holds the slot: end it, then drop the slot before the sidecar is back
+        client
+            .execute(
+                "select pg_terminate_backend(active_pid) from pg_replication_slots where slot_name = 'cqrs_sidecar' and active_pid is not null",
+                &[],
+            )
+            .await?;
+        match client
+            .execute("select pg_drop_replication_slot('cqrs_sidecar')", &[])
+            .await
+        {
+            Ok(_) => break,
+            Err(_) if Instant::now() < deadline => continue,
+            Err(err) => bail!("could not drop the slot: {err}"),
+        }
+    }
+    let appended = traffic.finish().await?;
+    rig.assert_consistent(Duration::from_secs(60)).await?;
+    let sidecar = &rig.sidecars[leader];
+    eventually(Duration::from_secs(10), "the slot is back", || async {
+        let slots: i64 = client
+            .query_one(
+                "select count(*) from pg_replication_slots where slot_name = 'cqrs_sidecar'",
+                &[],
+            )
+            .await?
+            .get(0);
+        ensure!(slots == 1, "{slots} slots");
+        Ok(())
+    })
+    .await?;
+    ensure!(
+        sidecar.metric("cqrs_slot_recreated_total")? == 1.0,
+        "cqrs_slot_recreated_total is not 1\n{}",
+        rig.logs()
+    );
+    ensure!(
+        sidecar.log().contains("the replication slot was missing"),
+        "the loss was not logged loudly"
+    );
+    eprintln!("{appended} commands, slot dropped once");
+    Ok(())
+}
+
+/// A poison event halts the projection with on_error = 'halt' (the others go on), and is set
+/// aside by the one with 'dead_letter'; fixing the read model and resuming catches up, and the
+/// cache follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_events_halt_or_dead_letter_only_their_projection() -> Result<()> {
+    let _serial = serial().await;
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut rig = Rig::start().await?;
+    let client = rig.client().await?;
+    client
+        .batch_execute(
+            "create schema pay;
+             create table pay.strict (stream text primary key, amount integer not null, rev bigint not null default 0);
+             create table pay.lenient (stream text primary key, amount integer not null, rev bigint not null default 0);
+             select cqrs.create_projection('strict', 'pay.strict', 'stream', '{\"PAY\": {\"action\": \"upsert\", \"set\": {\"amount\": \"$.amount\"}}}');
+             select cqrs.create_projection('lenient', 'pay.lenient', 'stream', '{\"PAY\": {\"action\": \"upsert\", \"set\": {\"amount\": \"$.amount\"}}}', on_error => 'dead_letter');",
+        )
+        .await?;
+    rig.add_sidecar()?;
+    rig.wait_for_leader(Duration::from_secs(30))?;
+    let (seeds, mut log) = workload(&mut rng, 6_000, 1_000, 50);
+    let payments: Vec<Command> = (0..200)
+        .map(|i| Command {
+            stream: format!("pay-{i}"),
+            command_type: "PAY",
+            // one poison amount: text where the read model has an integer
+            payload: if i == 77 {
+                json!({"amount": "lots"})
+            } else {
+                json!({"amount": i})
+            },
+        })
+        .collect();
+    for (i, payment) in payments.into_iter().enumerate() {
+        log.insert(i * 30, payment);
+    }
+    orders::append_all(&client, &seeds, 50).await?;
+    Traffic::start(&rig.pg.url(), log, 2, Some(1_500.0))
+        .finish()
+        .await?;
+
+    let behind = |name: &'static str| {
+        let client = &client;
+        async move {
+            let row = client
+                .query_one(
+                    "select halted, events_behind, dead_letters from cqrs.status() where projection = $1",
+                    &[&name],
+                )
+                .await?;
+            Ok::<_, anyhow::Error>((row.get::<_, bool>(0), row.get::<_, i64>(1), row.get::<_, i64>(2)))
+        }
+    };
+    eventually(
+        Duration::from_secs(60),
+        "the healthy projections caught up",
+        || async {
+            for name in ["order_summary", "user_order_stats", "lenient"] {
+                let (halted, events_behind, _) = behind(name).await?;
+                ensure!(
+                    !halted && events_behind == 0,
+                    "{name}: halted {halted}, {events_behind} behind"
+                );
+            }
+            Ok(())
+        },
+    )
+    .await
+    .with_context(|| rig.logs())?;
+    let (halted, events_behind, _) = behind("strict").await?;
+    ensure!(
+        halted && events_behind > 0,
+        "strict: halted {halted}, {events_behind} behind"
+    );
+    let (_, _, dead) = behind("lenient").await?;
+    ensure!(dead == 1, "lenient has {dead} dead letters");
+    let poison: String = client
+        .query_one(
+            "select last_error_event ->> 'stream' from cqrs.projection_state where name = 'strict'",
+            &[],
+        )
+        .await?
+        .get(0);
+    ensure!(poison == "pay-77", "strict halted on {poison}");
+    eventually(Duration::from_secs(10), "the halt is counted", || async {
+        ensure!(
+            rig.sidecars[0].metric("cqrs_command_errors_total{kind=\"halt\",projection=\"strict\"}")? == 1.0
+        );
+        Ok(())
+    })
+    .await
+    .with_context(|| rig.sidecars[0].metrics().unwrap_or_default())?;
+
+    // the operator's fix: the amount may be text; resume and retry; the sidecar refreshes the cache
+    client
+        .batch_execute(
+            "alter table pay.strict alter column amount type text;
+             alter table pay.lenient alter column amount type text;
+             select count(*) from cqrs.resume('strict');
+             select count(*) from cqrs.retry_dead_letters('lenient');",
+        )
+        .await?;
+    rig.assert_consistent(Duration::from_secs(60)).await?;
+    let rows: i64 = client
+        .query_one(
+            "select count(*) from pay.strict s join pay.lenient l using (stream, amount)",
+            &[],
+        )
+        .await?
+        .get(0);
+    ensure!(
+        rows == 200,
+        "{rows} of 200 payments agree between the two read models"
+    );
+    Ok(())
+}
+
+/// SIGTERM while a large batch is being projected: exit 0 within 10 s, and a restarted sidecar
+/// resumes without loss or double application.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_large_batch_exits_cleanly_within_ten_seconds() -> Result<()> {
+    let _serial = serial().await;
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut rig = Rig::start().await?;
+    let client = rig.client().await?;
+    // the backlog is in the log before the slot exists: the sidecar's catch-up projects it, and
+    // the slot streams the second part in large batches
+    rig.set("CQRS_BATCH_MAX_EVENTS", "20000");
+    rig.set("CQRS_BATCH_MIN_EVENTS", "20000");
+    rig.set("CQRS_BATCH_MAX_WAIT", "2s");
+    rig.add_sidecar()?;
+    rig.wait_for_leader(Duration::from_secs(30))?;
+    let (seeds, log) = workload(&mut rng, 100_000, 1_000, 50);
+    orders::append_all(&client, &seeds, 50).await?;
+    orders::append_all(&client, &log, 1_000).await?;
+    // wait until a batch is being projected, then stop
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let active: i64 = client
+            .query_one(
+                "select count(*) from pg_stat_activity where state = 'active' and query like '%cqrs.project_batch%' and pid <> pg_backend_pid()",
+                &[],
+            )
+            .await?
+            .get(0);
+        if active > 0 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no batch was ever in flight\n{}",
+            rig.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let stopping = Instant::now();
+    let code = rig.sidecars[0].terminate(Duration::from_secs(15))?;
+    let took = stopping.elapsed();
+    ensure!(code == Some(0), "exit code {code:?}\n{}", rig.logs());
+    ensure!(took < Duration::from_secs(10), "stopping took {took:?}");
+    let locks: i64 = client
+        .query_one("select count(*) from pg_locks where locktype = 'advisory'", &[])
+        .await?
+        .get(0);
+    ensure!(locks == 0, "the leader lock is still held");
+    eprintln!("stopped in {took:?} with a batch in flight");
+    rig.add_sidecar()?;
+    rig.assert_consistent(Duration::from_secs(120)).await?;
+    Ok(())
+}
+
+/// Three sidecars started at the same moment: exactly one leads, at every sample, and when it
+/// stops another one leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_started_together_elect_exactly_one_leader() -> Result<()> {
+    let _serial = serial().await;
+    let mut rig = Rig::start().await?;
+    for _ in 0..3 {
+        rig.add_sidecar()?;
+    }
+    let client = rig.client().await?;
+    let lock_holders = || async {
+        let n: i64 = client
+            .query_one(
+                "select count(*) from pg_locks where locktype = 'advisory' and granted and classid = x'4351524c'::int",
+                &[],
+            )
+            .await?
+            .get(0);
+        Ok::<_, anyhow::Error>(n)
+    };
+    rig.wait_for_leader(Duration::from_secs(30))?;
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut samples = 0;
+    while Instant::now() < until {
+        let leaders = rig.leaders();
+        ensure!(leaders.len() == 1, "leaders at one moment: {leaders:?}");
+        ensure!(
+            lock_holders().await? == 1,
+            "the leader lock is held more than once"
+        );
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let leader = rig.leaders()[0];
+    ensure!(rig.sidecars[leader].terminate(Duration::from_secs(10))? == Some(0));
+    let next = rig.wait_for_leader(Duration::from_secs(10))?;
+    ensure!(next != leader);
+    eprintln!("{samples} samples with exactly one leader");
+    Ok(())
+}
