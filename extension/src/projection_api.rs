@@ -859,10 +859,10 @@ comment on function cqrs.read_many(text, text[]) is
     'The current rows of a read model: for every key its canonical form, revision and row as json; a missing row has a null doc and the projection''s current revision.';
 
 create function cqrs.read(projection text, key text)
-returns table (doc json, rev bigint)
+returns table (doc jsonb, rev bigint)
 language sql stable
-as $$ select r.doc, r.rev from cqrs.read_many(read.projection, array[read.key]) r where r.doc is not null $$;
-comment on function cqrs.read(text, text) is 'One read-model row as json with its revision; no row when there is none.';
+as $$ select r.doc::jsonb, r.rev from cqrs.read_many(read.projection, array[read.key]) r where r.doc is not null $$;
+comment on function cqrs.read(text, text) is 'One read-model row as jsonb with its revision; no row when there is none.';
 
 create function cqrs.catch_up(name text default null, chunk integer default 10000)
 returns table (projection text, key text, rev bigint, doc json, deleted boolean)

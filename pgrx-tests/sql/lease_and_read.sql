@@ -20,7 +20,8 @@ select count(*) as applied from things;
 select key, rev, doc::jsonb ->> 'name' as name
   from cqrs.read_many('things', array['A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
                                       '00000000-0000-0000-0000-000000000000']);
-select doc::jsonb ->> 'name' as name, rev from cqrs.read('things', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11');
+-- cqrs.read: one row as jsonb with its revision, for applications reading from SQL
+select doc ->> 'name' as name, rev, jsonb_typeof(doc) as doc_type from cqrs.read('things', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11');
 select count(*) as no_row from cqrs.read('things', '00000000-0000-0000-0000-000000000000');
 -- changed_since: the rows above a revision (every row for -1), for warming and repairing caches
 select key, rev, doc::jsonb ->> 'name' as name from cqrs.changed_since('things', -1);
