@@ -105,6 +105,23 @@ pub struct Config {
     #[arg(long, env = "CQRS_MAX_REPAIR_KEYS", default_value_t = 100_000)]
     pub max_repair_keys: usize,
 
+    /// Time to live of "no such row" entries cached by the read API (the projector replaces
+    /// one at once when it writes the key).
+    #[arg(long, env = "CQRS_NEGATIVE_TTL", default_value = "2s", value_parser = parse_duration)]
+    pub negative_ttl: Duration,
+
+    /// PostgreSQL connections of the read API (misses and read-your-writes waits).
+    #[arg(long, env = "CQRS_READ_POOL_SIZE", default_value_t = 8)]
+    pub read_pool_size: usize,
+
+    /// Deadline of a Redis call on the read path; past it the read goes to PostgreSQL.
+    #[arg(long, env = "CQRS_READ_REDIS_TIMEOUT", default_value = "250ms", value_parser = parse_duration)]
+    pub read_redis_timeout: Duration,
+
+    /// Deadline of a PostgreSQL call on the read path; past it the read answers 503.
+    #[arg(long, env = "CQRS_READ_PG_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub read_pg_timeout: Duration,
+
     /// Address of the HTTP server (/metrics, /healthz, /readyz, /v1/projections/…).
     #[arg(long, env = "CQRS_HTTP_ADDR", default_value = "0.0.0.0:9187")]
     pub http_addr: SocketAddr,

@@ -13,6 +13,7 @@ use axum::Router;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
+use crate::read_api::{self, ReadState};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -92,6 +93,13 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/readyz", get(readyz))
 }
 
+/// The read API: `GET /v1/projections/{name}/{key}`.
+pub fn read_router(state: ReadState) -> Router {
+    Router::new()
+        .route("/v1/projections/{name}/{key}", get(read_api::read))
+        .with_state(state)
+}
+
 /// Serves `app` on `addr` until `shutdown` turns true.
 pub async fn serve(
     addr: SocketAddr,
@@ -99,7 +107,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "HTTP server listening (/metrics, /healthz, /readyz)");
+    tracing::info!(%addr, "HTTP server listening (/metrics, /healthz, /readyz, /v1/projections/{{name}}/{{key}})");
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = shutdown.wait_for(|stop| *stop).await;

@@ -1,5 +1,6 @@
 //! cqrs-sidecar: moves events from the command log's replication slot to `cqrs.project_batch`
-//! and changed read-model rows to Redis.
+//! and changed read-model rows to Redis; serves read-model rows over HTTP from Redis or
+//! PostgreSQL.
 
 pub mod batching;
 pub mod cache;
@@ -10,6 +11,8 @@ pub mod log_row;
 pub mod metrics;
 pub mod pgoutput;
 pub mod postgres;
+pub mod read_api;
+pub mod reads;
 pub mod repair;
 pub mod status;
 pub mod stream;

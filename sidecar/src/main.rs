@@ -7,6 +7,8 @@ use cqrs_sidecar::cache::{Cache, Ttls};
 use cqrs_sidecar::config::Config;
 use cqrs_sidecar::http::{self, AppState, Health, Role};
 use cqrs_sidecar::metrics::Metrics;
+use cqrs_sidecar::read_api::ReadState;
+use cqrs_sidecar::reads::{ReadSettings, Reader};
 use cqrs_sidecar::repair::{run::repairer, Repairs};
 use cqrs_sidecar::stream::{self, Ending};
 use cqrs_sidecar::{leader, postgres, status};
@@ -63,7 +65,7 @@ async fn run(config: Config) -> ExitCode {
     let ttls = Ttls {
         row: config.cache_ttl,
         tombstone: config.tombstone_ttl,
-        missing: Duration::from_secs(2),
+        missing: config.negative_ttl,
     };
     let cache = match Cache::new(&config.redis_url, &config.redis_prefix, ttls) {
         Ok(cache) => Arc::new(cache),
@@ -81,7 +83,28 @@ async fn run(config: Config) -> ExitCode {
         health: Arc::clone(&health),
         metrics: Arc::clone(&metrics),
     };
-    let app = http::router(state.clone()).with_state(state);
+    let reader = match Reader::new(
+        pg.clone(),
+        Arc::clone(&cache),
+        Arc::clone(&metrics),
+        ReadSettings {
+            redis_timeout: config.read_redis_timeout,
+            postgres_timeout: config.read_pg_timeout,
+            pool_size: config.read_pool_size,
+        },
+    ) {
+        Ok(reader) => reader,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot set up the read API");
+            return ExitCode::FAILURE;
+        }
+    };
+    let app = http::router(state.clone())
+        .with_state(state)
+        .merge(http::read_router(ReadState {
+            reader,
+            metrics: Arc::clone(&metrics),
+        }));
     let server = tokio::spawn(http::serve(config.http_addr, app, shutdown.clone()));
 
     // start-up checks: one clear message per misconfiguration

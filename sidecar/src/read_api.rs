@@ -1,0 +1,310 @@
+//! `GET /v1/projections/{name}/{key}[?after=stream:seq&timeout_ms=n]`: a read-model row as
+//! JSON, with its revision as the ETag and where it came from in `X-Cqrs-Source`.
+//!
+//! 200 the row; 304 when `If-None-Match` names the current revision; 400 bad input; 404 no
+//! such row (`"error": "not_found"`) or no such projection (`"error": "unknown_projection"`);
+//! 503 neither Redis nor PostgreSQL could answer; 504 `after` was not applied within the
+//! timeout (the body says how far the projection is).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::metrics::Metrics;
+use crate::reads::{Found, ReadError, Reader, Source};
+
+/// Longest key accepted, in bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// PostgreSQL's longest identifier.
+const MAX_NAME_BYTES: usize = 63;
+/// Default and largest read-your-writes wait.
+const DEFAULT_WAIT: Duration = Duration::from_millis(2_000);
+const MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// Header naming where the answer came from: `cache`, `postgres` or `postgres_cache_down`.
+pub const SOURCE_HEADER: &str = "x-cqrs-source";
+
+#[derive(Clone)]
+pub struct ReadState {
+    pub reader: Arc<Reader>,
+    pub metrics: Arc<Metrics>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct ReadQuery {
+    after: Option<String>,
+    timeout_ms: Option<String>,
+}
+
+/// What a request asks for, validated.
+#[derive(Debug, PartialEq)]
+struct Request {
+    projection: String,
+    key: String,
+    after: Option<(String, i64)>,
+    timeout: Duration,
+}
+
+fn validate(projection: String, key: String, query: ReadQuery) -> Result<Request, String> {
+    if projection.is_empty() || projection.len() > MAX_NAME_BYTES {
+        return Err(format!("a projection name has 1 to {MAX_NAME_BYTES} bytes"));
+    }
+    if key.is_empty() || key.len() > MAX_KEY_BYTES {
+        return Err(format!("a key has 1 to {MAX_KEY_BYTES} bytes"));
+    }
+    if key.contains('\0') || projection.contains('\0') {
+        return Err("keys and names cannot contain NUL".into());
+    }
+    let after = match query.after {
+        None => None,
+        Some(after) => {
+            // the stream may itself contain ':'; the seq is after the last one
+            let (stream, seq) = after
+                .rsplit_once(':')
+                .ok_or_else(|| format!("after must be stream:seq, not {after:?}"))?;
+            let seq: i64 = seq
+                .parse()
+                .ok()
+                .filter(|seq| *seq > 0)
+                .ok_or_else(|| format!("the seq in after={after:?} must be a positive integer"))?;
+            if stream.is_empty() || stream.len() > 256 || stream.contains('\0') {
+                return Err("the stream in after must have 1 to 256 bytes".into());
+            }
+            Some((stream.to_owned(), seq))
+        }
+    };
+    let timeout = match query.timeout_ms {
+        None => DEFAULT_WAIT,
+        Some(ms) => {
+            let ms: u64 = ms
+                .parse()
+                .map_err(|_| format!("timeout_ms must be a whole number of milliseconds, not {ms:?}"))?;
+            let timeout = Duration::from_millis(ms);
+            if timeout > MAX_WAIT {
+                return Err(format!("timeout_ms is at most {}", MAX_WAIT.as_millis()));
+            }
+            timeout
+        }
+    };
+    Ok(Request {
+        projection,
+        key,
+        after,
+        timeout,
+    })
+}
+
+fn error(status: StatusCode, code: &str, message: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({"error": code, "message": message}).to_string(),
+    )
+        .into_response()
+}
+
+fn etag(rev: i64) -> String {
+    format!("\"{rev}\"")
+}
+
+/// Whether `If-None-Match` names `tag` (or is `*`).
+fn not_modified(headers: &HeaderMap, tag: &str) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(|candidate| candidate.trim().trim_start_matches("W/"))
+        .any(|candidate| candidate == tag || candidate == "*")
+}
+
+fn respond(found: Found, request: &Request, headers: &HeaderMap) -> (Response, &'static str) {
+    let source = HeaderValue::from_static(found.source.label());
+    let Some(doc) = found.doc else {
+        let mut response = error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{} has no row with key {:?}", request.projection, request.key),
+        );
+        response.headers_mut().insert(SOURCE_HEADER, source);
+        return (response, "not_found");
+    };
+    let tag = etag(found.rev);
+    let tag_value = HeaderValue::from_str(&tag).unwrap_or_else(|_| HeaderValue::from_static("\"0\""));
+    let mut response = if not_modified(headers, &tag) {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        ([(header::CONTENT_TYPE, "application/json")], doc).into_response()
+    };
+    let outcome = if response.status() == StatusCode::NOT_MODIFIED {
+        "not_modified"
+    } else {
+        "ok"
+    };
+    let headers = response.headers_mut();
+    headers.insert(header::ETAG, tag_value);
+    headers.insert(SOURCE_HEADER, source);
+    if found.source == Source::PostgresCacheDown {
+        headers.insert("x-cqrs-cache", HeaderValue::from_static("unavailable"));
+    }
+    (response, outcome)
+}
+
+fn failure(err: ReadError, request: &Request) -> (Response, &'static str) {
+    match err {
+        ReadError::UnknownProjection(name) => (
+            error(
+                StatusCode::NOT_FOUND,
+                "unknown_projection",
+                format!("there is no projection named {name:?}"),
+            ),
+            "unknown_projection",
+        ),
+        ReadError::BadRequest(message) => (
+            error(StatusCode::BAD_REQUEST, "bad_request", message),
+            "bad_request",
+        ),
+        ReadError::Unavailable(message) => (
+            error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message),
+            "unavailable",
+        ),
+        ReadError::NotYet(progress) => {
+            let (stream, seq) = request.after.clone().unwrap_or_default();
+            let body = json!({
+                "error": "timeout",
+                "message": format!(
+                    "{} has applied {stream} up to seq {} of {seq} after {} ms{}",
+                    request.projection, progress.applied_seq, request.timeout.as_millis(),
+                    if progress.halted { " (the projection is halted: see cqrs.status())" } else { "" }
+                ),
+                "projection": request.projection,
+                "stream": stream,
+                "seq": seq,
+                "applied_seq": progress.applied_seq,
+                "seconds_behind": progress.seconds_behind,
+                "halted": progress.halted,
+            });
+            (
+                (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    body.to_string(),
+                )
+                    .into_response(),
+                "timeout",
+            )
+        }
+    }
+}
+
+pub async fn read(
+    State(state): State<ReadState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<ReadQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let started = Instant::now();
+    let request = match (path, query) {
+        (Ok(Path((projection, key))), Ok(Query(query))) => validate(projection, key, query),
+        (Err(rejection), _) => Err(format!("bad path: {}", rejection.body_text())),
+        (_, Err(rejection)) => Err(format!("bad query: {}", rejection.body_text())),
+    };
+    let (response, outcome, source) = match request {
+        Err(message) => (
+            error(StatusCode::BAD_REQUEST, "bad_request", message),
+            "bad_request",
+            "none",
+        ),
+        Ok(request) => {
+            let result = match &request.after {
+                Some((stream, seq)) => {
+                    state
+                        .reader
+                        .get_after(&request.projection, &request.key, stream, *seq, request.timeout)
+                        .await
+                }
+                None => state.reader.get(&request.projection, &request.key).await,
+            };
+            match result {
+                Ok(found) => {
+                    let source = found.source.label();
+                    let (response, outcome) = respond(found, &request, &headers);
+                    (response, outcome, source)
+                }
+                Err(err) => {
+                    let (response, outcome) = failure(err, &request);
+                    (response, outcome, "none")
+                }
+            }
+        }
+    };
+    state
+        .metrics
+        .read_requests
+        .with_label_values(&[outcome, source])
+        .inc();
+    state
+        .metrics
+        .read_duration
+        .with_label_values(&[source])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(after: Option<&str>, timeout_ms: Option<&str>) -> ReadQuery {
+        ReadQuery {
+            after: after.map(str::to_owned),
+            timeout_ms: timeout_ms.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn requests_are_validated() {
+        let ok = validate(
+            "orders".into(),
+            "order-1".into(),
+            query(Some("order:1:7"), Some("150")),
+        )
+        .unwrap();
+        assert_eq!(ok.after, Some(("order:1".to_owned(), 7)));
+        assert_eq!(ok.timeout, Duration::from_millis(150));
+        assert_eq!(
+            validate("o".into(), "k".into(), query(None, None))
+                .unwrap()
+                .timeout,
+            DEFAULT_WAIT
+        );
+        for (name, key, q) in [
+            ("o", "k".repeat(MAX_KEY_BYTES + 1), query(None, None)),
+            ("o", String::new(), query(None, None)),
+            ("o", "a\0b".into(), query(None, None)),
+            ("o", "k".into(), query(Some("no-seq"), None)),
+            ("o", "k".into(), query(Some("s:0"), None)),
+            ("o", "k".into(), query(Some("s:-1"), None)),
+            ("o", "k".into(), query(Some(":1"), None)),
+            ("o", "k".into(), query(None, Some("soon"))),
+            ("o", "k".into(), query(None, Some("600000"))),
+        ] {
+            assert!(validate(name.into(), key.clone(), q).is_err(), "{key:?} accepted");
+        }
+        assert!(validate("x".repeat(64), "k".into(), query(None, None)).is_err());
+    }
+
+    #[test]
+    fn if_none_match() {
+        let mut headers = HeaderMap::new();
+        assert!(!not_modified(&headers, "\"3\""));
+        headers.insert(header::IF_NONE_MATCH, HeaderValue::from_static("\"2\", W/\"3\""));
+        assert!(not_modified(&headers, "\"3\""));
+        assert!(!not_modified(&headers, "\"4\""));
+    }
+}

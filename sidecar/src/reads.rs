@@ -1,0 +1,352 @@
+//! The read path: cache-aside reads of read-model rows.
+//!
+//! A read looks in Redis first. A miss is read from PostgreSQL (`cqrs.read_many`, which also
+//! canonicalises the key) and filled into Redis through the same version-guarded script the
+//! projector uses, so a slow reader can never replace a newer row with an older one. Concurrent
+//! misses of one key share one PostgreSQL query (singleflight): the query runs in its own task,
+//! so a client that goes away does not cancel it for the others. A row that does not exist is
+//! cached as "not found" for a short time, at the projection's revision of the moment: the
+//! projector's next write of that key has a higher revision and replaces it at once.
+//!
+//! Every backend call has a deadline. Redis unreachable → PostgreSQL answers (and says so);
+//! PostgreSQL unreachable → what Redis holds is served; neither → unavailable.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::sync::watch;
+use tokio_postgres::NoTls;
+
+use crate::cache::{Cache, Entry, Write};
+use crate::metrics::Metrics;
+
+/// Where an answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Cache,
+    Postgres,
+    /// PostgreSQL, because Redis did not answer.
+    PostgresCacheDown,
+}
+
+impl Source {
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::Cache => "cache",
+            Source::Postgres => "postgres",
+            Source::PostgresCacheDown => "postgres_cache_down",
+        }
+    }
+}
+
+/// A read's answer: the row (`None`: no such row) at a revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub doc: Option<String>,
+    pub rev: i64,
+    pub source: Source,
+}
+
+/// How far a projection is with a stream, for a read-your-writes timeout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    pub applied_seq: i64,
+    pub seconds_behind: f64,
+    pub halted: bool,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReadError {
+    #[error("there is no projection named {0:?}")]
+    UnknownProjection(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("the command was not applied within the timeout")]
+    NotYet(Progress),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ReadSettings {
+    pub redis_timeout: Duration,
+    pub postgres_timeout: Duration,
+    pub pool_size: usize,
+}
+
+type Flight = watch::Receiver<Option<Result<Found, ReadError>>>;
+
+pub struct Reader {
+    cache: Arc<Cache>,
+    pool: Pool,
+    metrics: Arc<Metrics>,
+    settings: ReadSettings,
+    flights: Mutex<HashMap<(String, String), Flight>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+/// SQLSTATEs that mean the key (not the system) is wrong: it cannot be cast to the key column.
+fn is_bad_key(code: &str) -> bool {
+    code.starts_with("22")
+}
+
+fn pg_error(err: &tokio_postgres::Error, projection: &str) -> ReadError {
+    match err.as_db_error() {
+        Some(db) if db.code().code() == "42704" => ReadError::UnknownProjection(projection.to_owned()),
+        Some(db) if is_bad_key(db.code().code()) => ReadError::BadRequest(db.message().to_owned()),
+        _ => ReadError::Unavailable(format!("PostgreSQL: {err}")),
+    }
+}
+
+impl Reader {
+    pub fn new(
+        pg: tokio_postgres::Config,
+        cache: Arc<Cache>,
+        metrics: Arc<Metrics>,
+        settings: ReadSettings,
+    ) -> anyhow::Result<Arc<Self>> {
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(settings.pool_size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(settings.postgres_timeout))
+            .create_timeout(Some(settings.postgres_timeout))
+            .recycle_timeout(Some(settings.postgres_timeout))
+            .build()?;
+        Ok(Arc::new(Self {
+            cache,
+            pool,
+            metrics,
+            settings,
+            flights: Mutex::new(HashMap::new()),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }))
+    }
+
+    fn count_lookup(&self, hit: bool) {
+        let (hits, misses) = if hit {
+            (
+                self.hits.fetch_add(1, Ordering::Relaxed) + 1,
+                self.misses.load(Ordering::Relaxed),
+            )
+        } else {
+            (
+                self.hits.load(Ordering::Relaxed),
+                self.misses.fetch_add(1, Ordering::Relaxed) + 1,
+            )
+        };
+        self.metrics
+            .cache_hit_ratio
+            .set(hits as f64 / (hits + misses).max(1) as f64);
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, ReadError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|err| ReadError::Unavailable(format!("PostgreSQL: {err}")))
+    }
+
+    /// The cached entry, `Err(())` when Redis did not answer in time.
+    async fn cached(&self, projection: &str, key: &str) -> Result<Option<Found>, ()> {
+        match tokio::time::timeout(self.settings.redis_timeout, self.cache.get(projection, key)).await {
+            Ok(Ok(Some(cached))) => Ok(Some(Found {
+                doc: match cached.entry {
+                    Entry::Row(doc) => Some(doc),
+                    Entry::Deleted | Entry::Missing => None,
+                },
+                rev: cached.rev,
+                source: Source::Cache,
+            })),
+            Ok(Ok(None)) => Ok(None),
+            _ => Err(()),
+        }
+    }
+
+    /// A row, from the cache or else PostgreSQL (one query per key however many ask at once).
+    pub async fn get(self: &Arc<Self>, projection: &str, key: &str) -> Result<Found, ReadError> {
+        let cache_down = match self.cached(projection, key).await {
+            Ok(Some(found)) => {
+                self.count_lookup(true);
+                return Ok(found);
+            }
+            Ok(None) => false,
+            Err(()) => true,
+        };
+        // an unknown projection is found out by the query (SQLSTATE 42704)
+        self.count_lookup(false);
+        let flight = {
+            let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+            let id = (projection.to_owned(), key.to_owned());
+            match flights.get(&id) {
+                Some(flight) => flight.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    flights.insert(id.clone(), rx.clone());
+                    let reader = Arc::clone(self);
+                    tokio::spawn(async move {
+                        let result = reader.load(&id.0, &id.1, cache_down).await;
+                        tx.send_replace(Some(result));
+                        reader
+                            .flights
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&id);
+                    });
+                    rx
+                }
+            }
+        };
+        self.await_flight(flight).await
+    }
+
+    async fn await_flight(&self, mut flight: Flight) -> Result<Found, ReadError> {
+        // the load has its own deadlines; this one only guards against a lost task
+        let deadline = self.settings.postgres_timeout * 2 + self.settings.redis_timeout;
+        match tokio::time::timeout(deadline, flight.wait_for(Option::is_some)).await {
+            Ok(Ok(result)) => result
+                .clone()
+                .unwrap_or_else(|| Err(ReadError::Unavailable("no answer".into()))),
+            _ => Err(ReadError::Unavailable("PostgreSQL did not answer in time".into())),
+        }
+    }
+
+    /// Reads one row from PostgreSQL and fills the cache with it.
+    async fn load(&self, projection: &str, key: &str, cache_down: bool) -> Result<Found, ReadError> {
+        let fetched = self.fetch(projection, key).await?;
+        let source = if cache_down {
+            Source::PostgresCacheDown
+        } else {
+            self.fill(projection, &fetched).await;
+            Source::Postgres
+        };
+        Ok(Found {
+            doc: fetched.doc,
+            rev: fetched.rev,
+            source,
+        })
+    }
+
+    /// One row as PostgreSQL has it now.
+    pub async fn fetch(&self, projection: &str, key: &str) -> Result<Fetched, ReadError> {
+        self.metrics.read_backend_queries.inc();
+        let keys = [key];
+        let row = tokio::time::timeout(self.settings.postgres_timeout, async {
+            let client = self.client().await?;
+            client
+                .query_opt(
+                    "select key, rev, doc::text from cqrs.read_many($1, $2)",
+                    &[&projection, &&keys[..]],
+                )
+                .await
+                .map_err(|err| pg_error(&err, projection))
+        })
+        .await
+        .map_err(|_| ReadError::Unavailable("PostgreSQL did not answer in time".into()))??;
+        let row = row.ok_or_else(|| ReadError::Unavailable("cqrs.read_many returned nothing".into()))?;
+        Ok(Fetched {
+            key: row.get(0),
+            rev: row.get(1),
+            doc: row.get(2),
+        })
+    }
+
+    /// Fills the cache with a fetched row (or its absence); never replaces a newer entry.
+    pub async fn fill(&self, projection: &str, fetched: &Fetched) {
+        let write = Write {
+            projection: projection.to_owned(),
+            key: fetched.key.clone(),
+            rev: fetched.rev,
+            entry: match &fetched.doc {
+                Some(doc) => Entry::Row(doc.clone()),
+                None => Entry::Missing,
+            },
+        };
+        match tokio::time::timeout(self.settings.redis_timeout, self.cache.write(write)).await {
+            Ok(Ok(applied)) => {
+                let result = if applied { "fill" } else { "fill_stale" };
+                self.metrics.cache_writes.with_label_values(&[result]).inc();
+            }
+            _ => self.metrics.cache_writes.with_label_values(&["failed"]).inc(),
+        }
+    }
+
+    /// Read-your-writes: waits (at most `timeout`) until command `seq` of `stream` is applied
+    /// to `projection`, then reads the row from PostgreSQL (the cache may not have it yet) and
+    /// fills the cache. On timeout, says how far the projection is.
+    pub async fn get_after(
+        &self,
+        projection: &str,
+        key: &str,
+        stream: &str,
+        seq: i64,
+        timeout: Duration,
+    ) -> Result<Found, ReadError> {
+        let applied = tokio::time::timeout(timeout + self.settings.postgres_timeout, async {
+            let client = self.client().await?;
+            client
+                .query_one(
+                    "select cqrs.wait_for($1, $2, $3, $4::float8 * interval '1 millisecond')",
+                    &[&stream, &seq, &projection, &(timeout.as_secs_f64() * 1000.0)],
+                )
+                .await
+                .map(|row| row.get::<_, bool>(0))
+                .map_err(|err| pg_error(&err, projection))
+        })
+        .await
+        .map_err(|_| ReadError::Unavailable("PostgreSQL did not answer in time".into()))??;
+        if !applied {
+            return Err(ReadError::NotYet(self.progress(projection, stream).await?));
+        }
+        let fetched = self.fetch(projection, key).await?;
+        self.fill(projection, &fetched).await;
+        Ok(Found {
+            doc: fetched.doc,
+            rev: fetched.rev,
+            source: Source::Postgres,
+        })
+    }
+
+    async fn progress(&self, projection: &str, stream: &str) -> Result<Progress, ReadError> {
+        let row = tokio::time::timeout(self.settings.postgres_timeout, async {
+            let client = self.client().await?;
+            client
+                .query_one(
+                    "select coalesce((select ps.last_seq from cqrs.projection_stream ps
+                                       where ps.projection = $1 and ps.stream = $2), 0),
+                            coalesce(s.seconds_behind, 0)::float8, coalesce(s.halted, false)
+                       from (select 1) one left join cqrs.status() s on s.projection = $1",
+                    &[&projection, &stream],
+                )
+                .await
+                .map_err(|err| pg_error(&err, projection))
+        })
+        .await
+        .map_err(|_| ReadError::Unavailable("PostgreSQL did not answer in time".into()))??;
+        Ok(Progress {
+            applied_seq: row.get(0),
+            seconds_behind: row.get(1),
+            halted: row.get(2),
+        })
+    }
+}
+
+/// A row as read from PostgreSQL: canonical key, revision, document (`None`: no such row, at
+/// the projection's current revision).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    pub key: String,
+    pub rev: i64,
+    pub doc: Option<String>,
+}
