@@ -25,7 +25,15 @@ pub struct Rig {
 impl Rig {
     /// PostgreSQL with the example projections and Redis; no sidecar yet.
     pub async fn start() -> Result<Self> {
-        let pg = PgCluster::start(ClusterOptions::default())?;
+        Self::start_with(&[]).await
+    }
+
+    /// Like [`Rig::start`], with extra `postgresql.conf` lines.
+    pub async fn start_with(settings: &[&str]) -> Result<Self> {
+        let pg = PgCluster::start(ClusterOptions {
+            settings: settings.iter().map(|s| (*s).to_owned()).collect(),
+            ..ClusterOptions::default()
+        })?;
         let client = connect(&pg.url()).await?;
         client
             .batch_execute(&std::fs::read_to_string(
@@ -115,6 +123,11 @@ impl Rig {
         .await
         .with_context(|| self.logs())?;
         Ok(())
+    }
+
+    /// Base URL of a sidecar's HTTP server.
+    pub fn http(&self, sidecar: usize) -> String {
+        format!("http://127.0.0.1:{}", self.sidecars[sidecar].http_port())
     }
 
     /// Every sidecar's log, for failure messages.
