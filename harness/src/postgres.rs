@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -169,6 +170,9 @@ impl PgCluster {
             .arg("-l")
             .arg(&log)
             .args(["-w", "-t", "60", "start"])
+            // its own process group: a Ctrl-C meant for the demo must not stop the server
+            // behind the demo's back (the demo stops it in order)
+            .process_group(0)
             // pgrx attaches a Rust backtrace to error details when these are set; servers in
             // production do not have them, and test output must not depend on the caller's shell
             .env_remove("RUST_BACKTRACE")

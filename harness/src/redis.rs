@@ -1,5 +1,6 @@
 //! A private `redis-server` on a free port, without persistence, killed when dropped.
 
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,8 @@ impl RedisServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            // its own process group, so that Ctrl-C reaches only the program that started it
+            .process_group(0)
             .spawn()
             .context("starting redis-server (apt-get install redis-server)")?;
         let server = Self {

@@ -3,6 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -82,6 +83,8 @@ impl Sidecar {
             .env("NO_COLOR", "1")
             .env_remove("RUST_BACKTRACE")
             .stdin(Stdio::null())
+            // its own process group, so that Ctrl-C reaches only the program that started it
+            .process_group(0)
             .stdout(file.try_clone()?)
             .stderr(file);
         for (key, value) in extra {
@@ -101,6 +104,11 @@ impl Sidecar {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.pid()
+    }
+
+    /// Where the sidecar logs to.
+    pub fn log_path(&self) -> &std::path::Path {
+        &self.log
     }
 
     /// The log so far.
