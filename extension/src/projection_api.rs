@@ -708,6 +708,14 @@ fn create_projection(
                     &[name.into()],
                 )
                 .map_err(|e| spi_error("starting the projection at the end of the log", e))?;
+            // the checkpoint too, so that cqrs.progress() does not count the log it skipped
+            client
+                .update(
+                    "update cqrs.projection_state set checkpoint_position = (select max(position) from cqrs.command_log) where name = $1",
+                    None,
+                    &[name.into()],
+                )
+                .map_err(|e| spi_error("starting the projection at the end of the log", e))?;
         }
         Ok(())
     })

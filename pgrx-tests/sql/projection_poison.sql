@@ -21,6 +21,8 @@ select projection, key from cqrs.project_batch((select jsonb_agg(to_jsonb(l) ord
 
 -- strict halted with nothing applied; lenient dead-lettered b and applied a and c; healthy is untouched by either
 select projection, halted, last_error_sqlstate, last_error, dead_letters, events_behind from cqrs.status();
+-- cqrs.progress() (what the sidecar polls: counted from the checkpoint) agrees
+select projection, halted, events_behind, seconds_behind > 0 as waiting, parked, dead_letters, dead_lettered from cqrs.progress();
 select name, last_error_event ->> 'stream' as poison_stream, last_error_event ->> 'seq' as poison_seq from cqrs.projection_state where halted;
 select (select count(*) from strict_rm) as strict_rows, (select count(*) from lenient_rm) as lenient_rows, (select count(*) from healthy_rm) as healthy_rows;
 select projection, stream, seq, sqlstate, error, event -> 'payload' as payload from cqrs.dead_letter;

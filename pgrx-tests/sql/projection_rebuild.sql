@@ -27,14 +27,17 @@ select projection, events_behind, parked, halted, generation from cqrs.status();
 -- catch_up applies what a projection missed (here: commands appended without projecting)
 select count(*) from (select cqrs.append(cqrs.uuid_v7(), 'late', 'ADD', '{"n": 5}') from generate_series(1, 3)) appended;
 select projection, events_behind from cqrs.status();
+select projection, events_behind, seconds_behind > 0 as waiting from cqrs.progress();
 select projection, key, doc::jsonb ->> 'total' as total from cqrs.catch_up('totals');
 select projection, events_behind from cqrs.status();
 select count(*) as nothing_left from cqrs.catch_up();
+select projection, events_behind, seconds_behind from cqrs.progress();
 
 -- backfill => false starts at the end of the log
 create table from_now (stream text primary key, events integer not null default 0, rev bigint not null default 0);
 select cqrs.create_projection('from_now', 'from_now', 'stream', '{"ADD": {"action": "upsert", "add": {"events": {"const": 1}}}}', backfill => false);
 select count(*) as rows, (select events_behind from cqrs.status() where projection = 'from_now') as behind from from_now;
+select events_behind as progress_behind from cqrs.progress() where projection = 'from_now';
 
 -- bad arguments
 select * from cqrs.rebuild('nope');

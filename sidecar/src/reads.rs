@@ -326,7 +326,7 @@ impl Reader {
                     "select coalesce((select ps.last_seq from cqrs.projection_stream ps
                                        where ps.projection = $1 and ps.stream = $2), 0),
                             coalesce(s.seconds_behind, 0)::float8, coalesce(s.halted, false)
-                       from (select 1) one left join cqrs.status() s on s.projection = $1",
+                       from (select 1) one left join cqrs.progress() s on s.projection = $1",
                     &[&projection, &stream],
                 )
                 .await

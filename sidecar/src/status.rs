@@ -1,4 +1,4 @@
-//! Polls `cqrs.status()` and the replication slot for metrics; a projection whose generation
+//! Polls `cqrs.progress()` and the replication slot for metrics; a projection whose generation
 //! moved (rebuilt, resumed, dead letters retried — rows changed outside the stream) or whose
 //! table was altered (the rows' JSON may look different at the same revision) gets its cache
 //! resynced. The leader also notices a Redis that lost its data (the synced mark is
@@ -48,10 +48,11 @@ async fn poll(pg: &Client, watch: &Watch, seen: &mut Seen) -> Result<(), tokio_p
     let leading = watch.health.role() == Role::Leader;
     let rows = pg
         .query(
+            // cqrs.progress(), not cqrs.status(): status compares every stream, and a poll every
+            // few seconds of that, with many streams, showed up as projection-lag spikes
             "select s.projection, s.halted, s.seconds_behind, s.events_behind, s.parked, s.dead_letters, s.generation,
-                    st.dead_lettered, st.duplicates, s.revision, c.xmin::text
-               from cqrs.status() s
-               join cqrs.projection_state st on st.name = s.projection
+                    s.dead_lettered, s.duplicates, s.revision, c.xmin::text
+               from cqrs.progress() s
                join cqrs.projection p on p.name = s.projection
                join pg_catalog.pg_class c on c.oid = p.target",
             &[],
@@ -135,7 +136,7 @@ pub async fn poller(watch: Watch, mut shutdown: watch::Receiver<bool>) {
         }
         if let Some(client) = pg.as_ref() {
             if let Err(err) = poll(client, &watch, &mut seen).await {
-                tracing::warn!(error = %err, "polling cqrs.status() failed");
+                tracing::warn!(error = %err, "polling cqrs.progress() failed");
             }
         }
         tokio::select! {
