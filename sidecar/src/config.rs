@@ -56,8 +56,9 @@ pub struct Config {
     #[arg(long, env = "CQRS_PUBLICATION", default_value = "cqrs_command_log")]
     pub publication: String,
 
-    /// Redis URL for the read-model cache (redis:// or rediss://). Redis being down at start is
-    /// a warning, not a failure: projecting goes on and the cache is repaired when it returns.
+    /// Redis URL for the read-model cache (redis://; TLS is not built in). Redis being down at
+    /// start is a warning, not a failure: projecting goes on and the cache is repaired when it
+    /// returns.
     #[arg(long, env = "CQRS_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
     pub redis_url: String,
 
@@ -87,8 +88,9 @@ pub struct Config {
     #[arg(long, env = "CQRS_BATCH_MAX_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub batch_max_bytes: usize,
 
-    /// Longest an event waits for its batch to fill.
-    #[arg(long, env = "CQRS_BATCH_MAX_WAIT", default_value = "20ms", value_parser = parse_duration)]
+    /// Longest an event waits for its batch to fill. Under load batches also grow while the
+    /// previous one is being flushed, so a short wait costs little.
+    #[arg(long, env = "CQRS_BATCH_MAX_WAIT", default_value = "10ms", value_parser = parse_duration)]
     pub batch_max_wait: Duration,
 
     /// A flush slower than this shrinks the next batch; faster ones grow it.
@@ -126,7 +128,7 @@ pub struct Config {
     #[arg(long, env = "CQRS_HTTP_ADDR", default_value = "0.0.0.0:9187")]
     pub http_addr: SocketAddr,
 
-    /// How often cqrs.status() and the slot are polled for metrics.
+    /// How often cqrs.progress() and the slot are polled for metrics.
     #[arg(long, env = "CQRS_STATUS_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub status_interval: Duration,
 

@@ -572,12 +572,21 @@ pub async fn lead(ctx: &Context, leadership: &Leadership, mut shutdown: watch::R
                     _ => break Ending::Failed(anyhow::anyhow!("the flusher went away")),
                 }
             }
-            _ = tokio::time::sleep_until(due.into()), if waiting.is_none() && !assembler.batch.is_empty() => {
+            // Due by age, the batch goes out only once the flusher can take it: until then it
+            // keeps growing, so under load batches grow to what arrives during one flush and the
+            // per-batch cost is spread (a full batch still stops the reading below).
+            permit = async {
+                tokio::time::sleep_until(due.into()).await;
+                batches_tx.reserve().await
+            }, if waiting.is_none() && !assembler.batch.is_empty() => {
+                let Ok(permit) = permit else {
+                    break Ending::Failed(anyhow::anyhow!("the flusher went away"));
+                };
                 let batch = assembler.take();
                 if let Some(lsn) = batch.commit_lsn {
                     confirmations.defer(batch.number, lsn);
                 }
-                waiting = Some(batch);
+                permit.send(batch);
             }
             event = repl.recv(), if waiting.is_none() => {
                 let event = match event {
