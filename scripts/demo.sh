@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# The main job: a local demo. Installs what is missing, builds and installs pg_cqrs, starts a
-# private PostgreSQL 15 cluster (its own data directory and port, wal_level=logical, run as the
-# postgres user), creates the extension and runs a concurrent order workload, then prints what
-# the database accepted and refused. Extra arguments go to `cqrs-bench demo` (see --help).
+# The main job: a local demo. Installs what is missing, builds and installs pg_cqrs, builds
+# cqrs-sidecar, then starts a private PostgreSQL 15 cluster (its own data directory and port,
+# wal_level=logical, run as the postgres user) and a private redis-server, and runs the demo:
+# the command side under a workload with mistakes made on purpose, then the order projections
+# fed live by two sidecars (one killed half-way) with Redis kept in step. Ctrl-C stops
+# everything it started. Extra arguments go to `cqrs-bench demo` (see --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
 
 scripts/setup.sh
 install_extension
-step "building the demo"
-cargo build --release -p cqrs-bench
+step "building the demo and cqrs-sidecar (release)"
+cargo build --release -p cqrs-bench -p cqrs-sidecar
+export CQRS_SIDECAR_BIN="$PWD/target/release/cqrs-sidecar"
 step "running the demo"
 exec target/release/cqrs-bench demo "$@"

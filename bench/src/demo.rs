@@ -1,14 +1,21 @@
-//! `cqrs-bench demo`: a private PostgreSQL with pg_cqrs, the example order command types, and a
-//! workload of concurrent sessions appending commands — including, on purpose, client retries,
-//! stale `expected_seq`s, payloads that break their schema and reused command ids — then a
-//! summary of what the database accepted and refused, and why.
+//! `cqrs-bench demo`, the README's main job, in two parts.
+//!
+//! 1. The command side: concurrent sessions append order commands — including, on purpose,
+//!    client retries, stale `expected_seq`s, payloads that break their schema and reused
+//!    command ids — and the demo sums up what the database accepted and refused, and why.
+//! 2. Live: the example order projections, two sidecars (a leader and a standby) and Redis; a
+//!    paced workload with a progress line (rate, projection lag, cache entries); the leader
+//!    killed half-way so the standby takes over; then checks and a summary.
+//!
+//! Ctrl-C ends the live part early; everything the demo started is stopped either way.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::Ordering;
+
 use anyhow::{Context, Result};
-use cqrs_harness::{ClusterOptions, Durability, PgCluster};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -16,17 +23,31 @@ use tokio::sync::Mutex;
 use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
 
-use crate::workload::{OrderCommand, OrderGenerator, COMMAND_TYPES};
+use crate::lag::LagProbe;
+use crate::report::percentile;
+use crate::stack::Stack;
+use crate::workload::{OrderCommand, OrderGenerator};
+use crate::writers::{WriteStats, WriterOptions, Writers};
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
-    /// Commands to append in all.
-    #[arg(long, default_value_t = 5_000)]
+    /// Commands to append in part 1 (the command side).
+    #[arg(long, default_value_t = 4_000)]
     commands: u64,
-    /// Concurrent database sessions.
+    /// Concurrent database sessions in part 1.
     #[arg(long, default_value_t = 8)]
     sessions: u64,
-    /// Keep the cluster running after the summary until Ctrl-C (to look around with psql).
+    /// Commands per second in part 2 (live).
+    #[arg(long, default_value_t = 500.0)]
+    rate: f64,
+    /// How long part 2 runs (seconds); Ctrl-C ends it early.
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// Do not kill the leading sidecar half-way through part 2.
+    #[arg(long)]
+    no_failover: bool,
+    /// Keep everything running after the summary until Ctrl-C (to look around with psql,
+    /// redis-cli and curl).
     #[arg(long)]
     keep: bool,
 }
@@ -185,27 +206,47 @@ fn explain(code: &str) -> &'static str {
 }
 
 pub async fn run(args: DemoArgs) -> Result<()> {
-    println!("▶ starting a private PostgreSQL 15 cluster (wal_level=logical, fsync on) …");
-    let cluster = tokio::task::spawn_blocking(|| {
-        PgCluster::start(ClusterOptions {
-            durability: Durability::Fsync,
-            ..Default::default()
-        })
-    })
-    .await??;
-    println!("  port {}, data {}", cluster.port(), cluster.data_dir().display());
-    println!("▶ CREATE EXTENSION pg_cqrs; registering the order command types");
-    let admin = connect(&cluster.url()).await?;
-    for (name, schema) in COMMAND_TYPES {
-        let schema: Value = serde_json::from_str(schema)?;
-        admin
-            .execute("select cqrs.register_command_type($1, $2)", &[name, &schema])
-            .await?;
-        println!("  {name}");
-    }
-
+    println!("▶ starting a private PostgreSQL 15 cluster (wal_level=logical, fsync on) and redis-server …");
+    let mut stack = Stack::start(false).await?;
     println!(
-        "▶ appending {} commands from {} concurrent sessions …",
+        "  PostgreSQL port {}, data {}; Redis port {}",
+        stack.pg.port(),
+        stack.pg.data_dir().display(),
+        stack.redis.port()
+    );
+    println!("  CREATE EXTENSION pg_cqrs; order command types registered with their JSON Schemas");
+    command_side(&stack, &args).await?;
+    let interrupted = live(&mut stack, &args).await?;
+    if args.keep && !interrupted {
+        let leader = stack.wait_for_leader(Duration::from_secs(10)).unwrap_or(0);
+        println!("▶ everything kept running (Ctrl-C to stop):");
+        println!(
+            "    psql -h 127.0.0.1 -p {} -U postgres {}",
+            stack.pg.port(),
+            stack.pg.database()
+        );
+        println!(
+            "    redis-cli -p {} hgetall cqrs:order_summary:order-100000000",
+            stack.redis.port()
+        );
+        println!(
+            "    curl -i {}/v1/projections/order_summary/order-100000000",
+            stack.http(leader)
+        );
+        println!("    curl {}/metrics", stack.http(leader));
+        tokio::signal::ctrl_c().await?;
+    }
+    println!("▶ stopping the sidecars (SIGTERM), redis-server and PostgreSQL");
+    stack.stop_sidecars();
+    drop(stack);
+    Ok(())
+}
+
+/// Part 1: what the command side accepts and refuses.
+async fn command_side(stack: &Stack, args: &DemoArgs) -> Result<()> {
+    let url = stack.pg.url();
+    println!(
+        "\n▶ part 1 — the command side: {} commands from {} concurrent sessions, some wrong on purpose …",
         args.commands, args.sessions
     );
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -214,38 +255,21 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let mut tasks = Vec::new();
     for index in 0..args.sessions {
         tasks.push(tokio::spawn(session(
-            cluster.url(),
+            url.clone(),
             index,
             per_session,
             Arc::clone(&tally),
         )));
     }
-    let progress = {
-        let tally = Arc::clone(&tally);
-        let total = per_session * args.sessions;
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let t = tally.lock().await;
-                let done: u64 = t.intents.values().sum();
-                println!("  … {done}/{total} sent, {} accepted", t.accepted);
-                if done >= total {
-                    break;
-                }
-            }
-        })
-    };
     for task in tasks {
         task.await??;
     }
-    progress.abort();
     let elapsed = started.elapsed();
 
     let tally = tally.lock().await;
     let sent: u64 = tally.intents.values().sum();
-    println!();
     println!(
-        "▶ {sent} commands in {:.1} s ({:.0}/s)",
+        "  {sent} commands in {:.1} s ({:.0}/s)",
         elapsed.as_secs_f64(),
         sent as f64 / elapsed.as_secs_f64()
     );
@@ -265,7 +289,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             explain(code)
         );
     }
-
+    let admin = stack.client().await?;
     let row = admin
         .query_one(
             "select count(*), count(distinct stream),
@@ -277,24 +301,221 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .await?;
     let (rows, streams, broken): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
     println!(
-        "▶ cqrs.command_log: {rows} commands in {streams} streams; every stream gap-free (seq 1..n): {}",
+        "  cqrs.command_log: {rows} commands in {streams} streams; every stream gap-free (seq 1..n): {}",
         if broken == 0 { "yes" } else { "NO" }
     );
-    if rows as u64 != tally.accepted {
+    if rows as u64 != tally.accepted || broken != 0 {
         anyhow::bail!(
             "the log holds {rows} commands but {} were accepted",
             tally.accepted
         );
     }
-    if args.keep {
-        println!(
-            "▶ cluster kept running: psql -h 127.0.0.1 -p {} -U postgres {}   (Ctrl-C to stop)",
-            cluster.port(),
-            cluster.database()
-        );
-        tokio::signal::ctrl_c().await?;
-    }
-    println!("▶ stopping the cluster");
-    drop(cluster);
     Ok(())
+}
+
+/// Part 2: projections, two sidecars and Redis under a paced workload. True when Ctrl-C ended
+/// it.
+async fn live(stack: &mut Stack, args: &DemoArgs) -> Result<bool> {
+    println!("\n▶ part 2 — live: projections, two sidecars and Redis");
+    let started = Instant::now();
+    stack.create_projections().await?;
+    println!(
+        "  created the order_summary and user_order_stats projections (sql/examples/orders.sql); \
+         they projected part 1's log in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let first = stack.add_sidecar()?;
+    stack.wait_for_leader(Duration::from_secs(30))?;
+    let second = stack.add_sidecar()?;
+    println!(
+        "  sidecar-1 leads (http {}), sidecar-2 stands by (http {}); logs: {} and {}",
+        stack.http(first),
+        stack.http(second),
+        stack.sidecars[first].log_path().display(),
+        stack.sidecars[second].log_path().display()
+    );
+    println!(
+        "  appending {:.0} commands/s for {} s{} (Ctrl-C ends early) …",
+        args.rate,
+        args.seconds,
+        if args.no_failover {
+            ""
+        } else {
+            "; the leader is killed with SIGKILL half-way"
+        }
+    );
+    let url = stack.pg.url();
+    let stats = Arc::new(WriteStats::default());
+    let writers = Writers::start(
+        &url,
+        WriterOptions {
+            rate: args.rate,
+            sessions: 4,
+            first_order: 100_000_000,
+            users: 500,
+            sample_every: 0,
+        },
+        Arc::clone(&stats),
+        None,
+    )
+    .await?;
+    let probe = LagProbe::start(&url, 2, Duration::from_millis(100)).await?;
+    let live_started = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.tick().await;
+    let mut last = 0u64;
+    let mut failed_over = args.no_failover;
+    let mut interrupted = false;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    while live_started.elapsed() < Duration::from_secs(args.seconds) {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = &mut ctrl_c => {
+                println!("\n  Ctrl-C: stopping the workload");
+                interrupted = true;
+                break;
+            }
+        }
+        let appended = stats.appended.load(Ordering::Relaxed);
+        let lags = probe.window();
+        let leader = stack
+            .sidecars
+            .iter()
+            .position(|s| s.is_leader())
+            .map(|i| format!("sidecar-{}", i + 1))
+            .unwrap_or_else(|| "none".into());
+        let lag = if lags.is_empty() {
+            "lag (no probe finished)    ".to_owned()
+        } else {
+            format!(
+                "lag p50 {:>6.1} ms  p99 {:>6.1} ms",
+                percentile(&lags, 50.0),
+                percentile(&lags, 99.0)
+            )
+        };
+        println!(
+            "  t={:>3}s  appended {appended:>7} ({:>5}/s)  {lag}  cache {:>7} entries  leader {leader}",
+            live_started.elapsed().as_secs(),
+            appended - last,
+            stack.cache_entries()
+        );
+        last = appended;
+        if !failed_over && live_started.elapsed() >= Duration::from_secs(args.seconds / 2) {
+            failed_over = true;
+            if let Some(leader) = stack.sidecars.iter().position(|s| s.is_leader()) {
+                stack.sidecars[leader].kill();
+                let killed = Instant::now();
+                let next = stack.wait_for_leader(Duration::from_secs(10))?;
+                println!(
+                    "  ✂ killed sidecar-{} (SIGKILL); sidecar-{} took over in {:.2} s",
+                    leader + 1,
+                    next + 1,
+                    killed.elapsed().as_secs_f64()
+                );
+            }
+        }
+    }
+    writers.finish().await?;
+    let (lags, timeouts) = probe.finish().await?;
+    let elapsed = live_started.elapsed().as_secs_f64();
+
+    // wait for the projections and the cache to have everything, then check
+    let client = stack.client().await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let behind: i64 = client
+            .query_one(
+                "select coalesce(sum(events_behind), 0)::bigint from cqrs.status()",
+                &[],
+            )
+            .await?
+            .get(0);
+        if behind == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("the projections are still {behind} events behind");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let leader = stack.wait_for_leader(Duration::from_secs(10))?;
+    let appended = stats.appended.load(Ordering::Relaxed);
+    let writes = stats.latencies();
+    println!("\n▶ summary of part 2");
+    println!(
+        "  {appended} commands in {elapsed:.1} s ({:.0}/s), {} append errors; append latency p50 {:.1} ms, p99 {:.1} ms",
+        appended as f64 / elapsed,
+        stats.errors.load(Ordering::Relaxed),
+        percentile(&writes, 50.0),
+        percentile(&writes, 99.0)
+    );
+    println!(
+        "  projection lag (commit → visible in order_summary), {} probes: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms{}",
+        lags.len(),
+        percentile(&lags, 50.0),
+        percentile(&lags, 99.0),
+        percentile(&lags, 100.0),
+        if timeouts > 0 { format!(", {timeouts} timed out") } else { String::new() }
+    );
+    let row = client
+        .query_one(
+            "select (select count(*) from shop.order_summary), (select count(*) from shop.user_order_stats),
+                    (select count(*) from cqrs.command_log)",
+            &[],
+        )
+        .await?;
+    let (orders, users, log): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    println!(
+        "  read models: {orders} orders, {users} users from {log} commands; all projections caught up; Redis holds {} entries",
+        stack.cache_entries()
+    );
+    let sample = verify_cache(stack, leader).await?;
+    println!("  {sample} random orders read through the read API equal their order_summary rows");
+    let metrics = &stack.sidecars[leader];
+    println!(
+        "  leader sidecar-{}: {} events projected, {} batches; /metrics at {}/metrics",
+        leader + 1,
+        metrics.metric("cqrs_events_projected_total").unwrap_or(0.0),
+        metrics
+            .metric("cqrs_batch_flush_duration_seconds_count")
+            .unwrap_or(0.0),
+        stack.http(leader)
+    );
+    Ok(interrupted)
+}
+
+/// Reads random orders through the read API and compares them with the read model.
+async fn verify_cache(stack: &Stack, sidecar: usize) -> Result<usize> {
+    let client = stack.client().await?;
+    let rows = client
+        .query(
+            "select order_id, rev, row_to_json(o)::text from shop.order_summary o order by random() limit 200",
+            &[],
+        )
+        .await?;
+    let http = reqwest::Client::new();
+    for row in &rows {
+        let (key, rev, doc): (String, i64, String) = (row.get(0), row.get(1), row.get(2));
+        let response = http
+            .get(format!(
+                "{}/v1/projections/order_summary/{key}",
+                stack.http(sidecar)
+            ))
+            .send()
+            .await?;
+        let etag = response
+            .headers()
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let body: Value = response.json().await?;
+        if etag != format!("\"{rev}\"") || body != serde_json::from_str::<Value>(&doc)? {
+            anyhow::bail!(
+                "{key}: the read API answered {body} (etag {etag}) but the read model has rev {rev}: {doc}"
+            );
+        }
+    }
+    Ok(rows.len())
 }

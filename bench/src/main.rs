@@ -4,9 +4,14 @@ use clap::{Parser, Subcommand};
 
 mod append_bench;
 mod demo;
+mod lag;
+mod load;
 mod projection_bench;
 mod report;
+mod sidecar_bench;
+mod stack;
 mod workload;
+mod writers;
 
 #[derive(Parser)]
 #[command(
@@ -21,12 +26,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Commands {
-    /// The local demo: private Postgres + pg_cqrs + a concurrent order workload, then a summary.
+    /// The local demo: private PostgreSQL + pg_cqrs + Redis + two sidecars and an order workload.
     Demo(demo::DemoArgs),
     /// cqrs.project_batch vs a hand-rolled set-based projector, and cqrs.rebuild of a large log.
     Project(projection_bench::ProjectArgs),
     /// cqrs.append throughput vs a plain INSERT … ON CONFLICT baseline (pgbench, fsync on).
     Append(append_bench::AppendArgs),
+    /// cqrs-sidecar catch-up vs cqrs.project_batch called directly, and live projection lag.
+    Sidecar(sidecar_bench::SidecarArgs),
+    /// The load test: writes through cqrs.append and Zipf reads through the read API.
+    Load(load::LoadArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,6 +45,8 @@ fn main() -> anyhow::Result<()> {
         Commands::Demo(args) => runtime.block_on(demo::run(args)),
         Commands::Append(args) => append_bench::run(args),
         Commands::Project(args) => runtime.block_on(projection_bench::run(args)),
+        Commands::Sidecar(args) => runtime.block_on(sidecar_bench::run(args)),
+        Commands::Load(args) => runtime.block_on(load::run(args)),
     }
 }
 

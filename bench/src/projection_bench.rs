@@ -105,7 +105,7 @@ pub async fn load_log(client: &Client, count: u64, seed: u64, first_order: u64) 
 }
 
 /// The log as JSON batches of `size` rows, in position order.
-async fn batches(client: &Client, size: usize) -> Result<Vec<Value>> {
+pub async fn log_batches(client: &Client, size: usize) -> Result<Vec<Value>> {
     let rows = client
         .query(
             "select jsonb_agg(to_jsonb(l) order by l.position) from
@@ -157,14 +157,10 @@ async fn run_baseline(client: &Client, batches: &[Value]) -> Result<Duration> {
 /// Peak resident memory (VmHWM) of the backend serving `client`, in KiB.
 async fn backend_peak_kib(client: &Client) -> Result<u64> {
     let pid: i32 = client.query_one("select pg_backend_pid()", &[]).await?.get(0);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .context("reading the backend's /proc status")?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|kib| kib.parse().ok())
-        .context("no VmHWM")
+    let pid = u32::try_from(pid).context("a negative backend pid")?;
+    crate::stack::memory_kib(pid)
+        .map(|(peak, _)| peak)
+        .context("reading the backend's /proc status")
 }
 
 pub async fn run(args: ProjectArgs) -> Result<()> {
@@ -186,7 +182,7 @@ pub async fn run(args: ProjectArgs) -> Result<()> {
     let mut results: Vec<(usize, Vec<f64>, Vec<f64>)> = Vec::new();
     let mut prepared = Vec::new();
     for &size in &args.batches {
-        prepared.push((size, batches(&client, size).await?));
+        prepared.push((size, log_batches(&client, size).await?));
     }
     for &(size, _) in &prepared {
         results.push((size, Vec::new(), Vec::new()));
@@ -221,7 +217,7 @@ pub async fn run(args: ProjectArgs) -> Result<()> {
     // peak memory of a fresh backend projecting one 10,000-event batch
     reset(&client).await?;
     let fresh = connect(&cluster.url()).await?;
-    let big: Vec<Value> = batches(&fresh, 10_000).await?.into_iter().take(1).collect();
+    let big: Vec<Value> = log_batches(&fresh, 10_000).await?.into_iter().take(1).collect();
     let before = backend_peak_kib(&fresh).await?;
     run_ours(&fresh, &big).await?;
     let after = backend_peak_kib(&fresh).await?;

@@ -1,0 +1,155 @@
+//! The whole local deployment the demo, the sidecar benchmark and the load tool run against: a
+//! private PostgreSQL with pg_cqrs, the example command types and order projections, a private
+//! redis-server, and cqrs-sidecar processes. Everything is stopped when the stack is dropped
+//! (sidecars first, gracefully).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use cqrs_harness::{ClusterOptions, Durability, PgCluster, RedisServer, Sidecar};
+use serde_json::Value;
+use tokio_postgres::Client;
+
+use crate::demo::connect;
+use crate::workload::COMMAND_TYPES;
+
+pub struct Stack {
+    pub sidecars: Vec<Sidecar>,
+    pub redis: RedisServer,
+    pub pg: PgCluster,
+    started: usize,
+    settings: Vec<(String, String)>,
+}
+
+impl Stack {
+    /// PostgreSQL (fsync on, as in production) and Redis; the order command types registered
+    /// and, with `projections`, the example order projections created.
+    pub async fn start(projections: bool) -> Result<Self> {
+        let pg = tokio::task::spawn_blocking(|| {
+            PgCluster::start(ClusterOptions {
+                durability: Durability::Fsync,
+                ..Default::default()
+            })
+        })
+        .await??;
+        let redis = tokio::task::spawn_blocking(RedisServer::start).await??;
+        let stack = Self {
+            sidecars: Vec::new(),
+            redis,
+            pg,
+            started: 0,
+            settings: Vec::new(),
+        };
+        let client = stack.client().await?;
+        register_command_types(&client).await?;
+        if projections {
+            stack.create_projections().await?;
+        }
+        Ok(stack)
+    }
+
+    pub async fn create_projections(&self) -> Result<()> {
+        let examples = std::fs::read_to_string(crate::repo_file("sql/examples/orders.sql"))?;
+        self.client().await?.batch_execute(&examples).await?;
+        Ok(())
+    }
+
+    pub async fn client(&self) -> Result<Client> {
+        connect(&self.pg.url()).await
+    }
+
+    /// A `CQRS_*` setting for sidecars started from now on.
+    pub fn set(&mut self, key: &str, value: &str) {
+        self.settings.push((key.to_owned(), value.to_owned()));
+    }
+
+    /// Starts a sidecar; returns its index.
+    pub fn add_sidecar(&mut self) -> Result<usize> {
+        self.started += 1;
+        let settings: Vec<(&str, &str)> = self
+            .settings
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let sidecar = Sidecar::start(
+            &format!("sidecar-{}", self.started),
+            &self.pg.url(),
+            &self.redis.url(),
+            &settings,
+        )?;
+        self.sidecars.push(sidecar);
+        Ok(self.sidecars.len() - 1)
+    }
+
+    /// The sidecar that leads and streams, waiting up to `timeout` for one.
+    pub fn wait_for_leader(&mut self, timeout: Duration) -> Result<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for (i, sidecar) in self.sidecars.iter().enumerate() {
+                if sidecar.is_leader() && sidecar.readiness() == Some(200) {
+                    return Ok(i);
+                }
+            }
+            if Instant::now() > deadline {
+                let logs: Vec<String> = self.sidecars.iter().map(Sidecar::log).collect();
+                bail!(
+                    "no sidecar leads after {timeout:?}; logs:\n{}",
+                    logs.join("\n---\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The HTTP base URL of a sidecar.
+    pub fn http(&self, sidecar: usize) -> String {
+        format!("http://127.0.0.1:{}", self.sidecars[sidecar].http_port())
+    }
+
+    /// Cache entries in Redis.
+    pub fn cache_entries(&self) -> u64 {
+        self.redis
+            .cli(&["DBSIZE"])
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Stops the sidecars with SIGTERM (what an orchestrator does); the rest stops on drop.
+    pub fn stop_sidecars(&mut self) {
+        for sidecar in &mut self.sidecars {
+            if sidecar.is_running() {
+                let _ = sidecar.terminate(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.stop_sidecars();
+    }
+}
+
+pub async fn register_command_types(client: &Client) -> Result<()> {
+    for (name, schema) in COMMAND_TYPES {
+        let schema: Value = serde_json::from_str(schema)?;
+        client
+            .execute("select cqrs.register_command_type($1, $2)", &[name, &schema])
+            .await?;
+    }
+    Ok(())
+}
+
+/// Peak resident memory (VmHWM) and current (VmRSS) of a process, in KiB.
+pub fn memory_kib(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kib| kib.parse().ok())
+    };
+    Some((field("VmHWM:")?, field("VmRSS:")?))
+}
