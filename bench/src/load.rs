@@ -432,7 +432,7 @@ pub async fn run(args: LoadArgs) -> Result<()> {
         ryw_failures,
         lag_p50
     );
-    compare.print();
+    Comparison::print(&compare);
     Ok(())
 }
 
@@ -580,45 +580,65 @@ select s.stream, s.last_seq,
  where s.stream = $1
  group by s.stream, s.last_seq";
 
+/// The same question asked of the command side: a user's order statistics, folded from every
+/// order stream of that user at query time (no index can serve `payload ->> 'user_id'`).
+const NAIVE_USER_STATS: &str = "
+select l.payload->>'user_id' as user_id,
+       count(*) filter (where l.command_type = 'CREATE_ORDER') as orders,
+       count(distinct s.stream) as streams,
+       coalesce(sum((l.payload->>'qty')::int) filter (where l.command_type = 'ADD_ITEM'), 0) as items,
+       coalesce(sum((l.payload->>'amount')::numeric) filter (where l.command_type = 'ADD_ITEM'), 0) as spent,
+       max(l.created_at) as last_command_at
+  from cqrs.command_log l
+  join cqrs.stream s on s.stream = l.stream
+ where l.payload->>'user_id' = $1
+ group by 1";
+
+/// One read model read both ways.
 struct Comparison {
+    what: &'static str,
     naive: Vec<f64>,
     api: Vec<f64>,
 }
 
 impl Comparison {
-    fn print(&self) {
-        let mut table = Table::new(&["order summary read", "p50 ms", "p95 ms", "p99 ms"]);
-        for (name, values) in [
-            (
-                "naive: fold the command_log rows at query time (SQL)",
-                &self.naive,
-            ),
-            ("read API (sidecar → Redis)", &self.api),
-        ] {
-            table.row(vec![
-                name.to_owned(),
-                format!("{:.3}", percentile(values, 50.0)),
-                format!("{:.3}", percentile(values, 95.0)),
-                format!("{:.3}", percentile(values, 99.0)),
-            ]);
+    fn print(comparisons: &[Comparison]) {
+        let mut table = Table::new(&["read", "samples", "p50 ms", "p95 ms", "p99 ms"]);
+        for c in comparisons {
+            for (how, values) in [
+                (
+                    "naive: folded from command_log rows at query time (SQL)",
+                    &c.naive,
+                ),
+                ("read API (sidecar → Redis)", &c.api),
+            ] {
+                table.row(vec![
+                    format!("{} — {how}", c.what),
+                    values.len().to_string(),
+                    format!("{:.3}", percentile(values, 50.0)),
+                    format!("{:.3}", percentile(values, 95.0)),
+                    format!("{:.3}", percentile(values, 99.0)),
+                ]);
+            }
         }
         table.print();
     }
 }
 
-/// The same Zipf keys read both ways, one at a time from one client.
-async fn naive_vs_read_api(
-    stack: &Stack,
+/// `samples` Zipf-chosen keys of `projection` read both ways, one at a time from one client.
+async fn compare(
+    client: &tokio_postgres::Client,
     base: &str,
+    (what, projection, naive_sql): (&'static str, &str, &str),
     keys: &[String],
-    args: &LoadArgs,
+    samples: usize,
+    zipf: f64,
 ) -> Result<Comparison> {
-    let client = connect(&stack.pg.url()).await?;
-    let naive = client.prepare(NAIVE_ORDER_SUMMARY).await?;
+    let naive = client.prepare(naive_sql).await?;
     let http = reqwest::Client::new();
     let mut rng = rand::rng();
-    let sample: Vec<&String> = (0..args.compare)
-        .filter_map(|_| keys.get(zipf_rank(keys.len(), args.zipf, &mut rng)))
+    let sample: Vec<&String> = (0..samples)
+        .filter_map(|_| keys.get(zipf_rank(keys.len(), zipf, &mut rng)))
         .collect();
     let (mut naive_ms, mut api_ms) = (Vec::new(), Vec::new());
     for key in sample {
@@ -626,22 +646,70 @@ async fn naive_vs_read_api(
         let rows = client.query(&naive, &[key]).await?;
         naive_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         if rows.is_empty() {
-            bail!("the naive query found no order {key}");
+            bail!("the naive query found nothing for {key}");
         }
         let started = Instant::now();
         let response = http
-            .get(format!("{base}/v1/projections/order_summary/{key}"))
+            .get(format!("{base}/v1/projections/{projection}/{key}"))
             .send()
             .await?;
         let status = response.status();
         response.bytes().await?;
         api_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         if status != 200 {
-            bail!("the read API answered {status} for order {key}");
+            bail!("the read API answered {status} for {projection}/{key}");
         }
     }
     Ok(Comparison {
+        what,
         naive: naive_ms,
         api: api_ms,
     })
+}
+
+/// An order's summary (one stream) and a user's statistics (many streams), each read the naive
+/// way and through the read API.
+async fn naive_vs_read_api(
+    stack: &Stack,
+    base: &str,
+    orders: &[String],
+    args: &LoadArgs,
+) -> Result<Vec<Comparison>> {
+    let client = connect(&stack.pg.url()).await?;
+    let mut users: Vec<String> = client
+        .query(
+            "select user_id from shop.user_order_stats order by orders desc",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // the busiest users are not necessarily the hottest keys
+    users.shuffle(&mut rand::rng());
+    Ok(vec![
+        compare(
+            &client,
+            base,
+            ("order summary (1 stream)", "order_summary", NAIVE_ORDER_SUMMARY),
+            orders,
+            args.compare,
+            args.zipf,
+        )
+        .await?,
+        // the naive user query scans the log: fewer samples
+        compare(
+            &client,
+            base,
+            (
+                "user order stats (many streams)",
+                "user_order_stats",
+                NAIVE_USER_STATS,
+            ),
+            &users,
+            (args.compare / 10).max(1),
+            args.zipf,
+        )
+        .await?,
+    ])
 }
