@@ -240,20 +240,30 @@ impl Reader {
 
     /// One row as PostgreSQL has it now.
     pub async fn fetch(&self, projection: &str, key: &str) -> Result<Fetched, ReadError> {
-        self.metrics.read_backend_queries.inc();
-        let keys = [key];
-        let row = tokio::time::timeout(self.settings.postgres_timeout, async {
+        tokio::time::timeout(self.settings.postgres_timeout, async {
             let client = self.client().await?;
-            client
-                .query_opt(
-                    "select key, rev, doc::text from cqrs.read_many($1, $2)",
-                    &[&projection, &&keys[..]],
-                )
-                .await
-                .map_err(|err| pg_error(&err, projection))
+            self.fetch_on(&client, projection, key).await
         })
         .await
-        .map_err(|_| ReadError::Unavailable("PostgreSQL did not answer in time".into()))??;
+        .map_err(|_| ReadError::Unavailable("PostgreSQL did not answer in time".into()))?
+    }
+
+    /// One row, read on `client`.
+    async fn fetch_on(
+        &self,
+        client: &tokio_postgres::Client,
+        projection: &str,
+        key: &str,
+    ) -> Result<Fetched, ReadError> {
+        self.metrics.read_backend_queries.inc();
+        let keys = [key];
+        let row = client
+            .query_opt(
+                "select key, rev, doc::text from cqrs.read_many($1, $2)",
+                &[&projection, &&keys[..]],
+            )
+            .await
+            .map_err(|err| pg_error(&err, projection))?;
         let row = row.ok_or_else(|| ReadError::Unavailable("cqrs.read_many returned nothing".into()))?;
         Ok(Fetched {
             key: row.get(0),
@@ -293,23 +303,33 @@ impl Reader {
         seq: i64,
         timeout: Duration,
     ) -> Result<Found, ReadError> {
-        let applied = tokio::time::timeout(timeout + self.settings.postgres_timeout, async {
+        // the wait and the read on one connection, one after the other (pipelining them let
+        // the read overtake the wait)
+        let (client, applied) = tokio::time::timeout(timeout + self.settings.postgres_timeout, async {
             let client = self.client().await?;
-            client
+            let applied = client
                 .query_one(
                     "select cqrs.wait_for($1, $2, $3, $4::float8 * interval '1 millisecond')",
                     &[&stream, &seq, &projection, &(timeout.as_secs_f64() * 1000.0)],
                 )
                 .await
                 .map(|row| row.get::<_, bool>(0))
-                .map_err(|err| pg_error(&err, projection))
+                .map_err(|err| pg_error(&err, projection))?;
+            Ok::<_, ReadError>((client, applied))
         })
         .await
         .map_err(|_| ReadError::Unavailable("PostgreSQL did not answer in time".into()))??;
         if !applied {
+            drop(client);
             return Err(ReadError::NotYet(self.progress(projection, stream).await?));
         }
-        let fetched = self.fetch(projection, key).await?;
+        let fetched = tokio::time::timeout(
+            self.settings.postgres_timeout,
+            self.fetch_on(&client, projection, key),
+        )
+        .await
+        .map_err(|_| ReadError::Unavailable("PostgreSQL did not answer in time".into()))??;
+        drop(client);
         self.fill(projection, &fetched).await;
         Ok(Found {
             doc: fetched.doc,
