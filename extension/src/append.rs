@@ -18,7 +18,7 @@ use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 
 use crate::command_registry;
-use crate::errors::{error, spi_error};
+use crate::errors::{column, error, null_argument, spi_error};
 use crate::payload_schema;
 use crate::settings;
 
@@ -134,10 +134,7 @@ fn jsonb_typeof(datum: pg_sys::Datum) -> String {
 
 fn check_name<'a>(what: &str, value: Option<Text<'a>>, max_bytes: usize) -> Result<Text<'a>, ErrorReport> {
     let Some(text) = value else {
-        return Err(error(
-            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-            format!("{what} must not be null"),
-        ));
+        return Err(null_argument(what));
     };
     if text.bytes.is_empty() {
         return Err(error(
@@ -163,10 +160,7 @@ fn check_object(
     hint: Option<&str>,
 ) -> Result<pg_sys::Datum, ErrorReport> {
     let Some(datum) = datum else {
-        let report = error(
-            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-            format!("{what} must not be null"),
-        );
+        let report = null_argument(what);
         return Err(match hint {
             Some(hint) => report.set_hint(hint),
             None => report,
@@ -201,10 +195,7 @@ impl Command<'_> {
                 }
             };
             let Some(command_id) = arg(0) else {
-                return Err(error(
-                    PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-                    "command_id must not be null",
-                ));
+                return Err(null_argument("command_id"));
             };
             let stream = check_name("stream", arg(1).map(|d| text_arg(d)), MAX_STREAM_BYTES)?;
             let command_type = check_name(
@@ -294,6 +285,19 @@ fn bump_and_insert(
     })
 }
 
+/// The insert met an existing command_id: gives back the seq this call took (the stream's row
+/// lock is still ours, so no later seq was handed out) and answers as a replay or a conflict.
+fn give_back_and_replay(client: &mut SpiClient<'_>, command: &Command<'_>) -> Result<Appended, ErrorReport> {
+    client
+        .update(
+            GIVE_BACK_SEQ,
+            None,
+            &[datum_arg(command.stream.datum, pg_sys::TEXTOID)],
+        )
+        .map_err(|err| spi_error("releasing the unused seq", err))?;
+    replay(client, command)
+}
+
 /// Compares the stored command with `command`: a replay answers with the original position and
 /// seq, anything else is a conflict on the key (23505).
 fn replay(client: &mut SpiClient<'_>, command: &Command<'_>) -> Result<Appended, ErrorReport> {
@@ -308,16 +312,10 @@ fn replay(client: &mut SpiClient<'_>, command: &Command<'_>) -> Result<Appended,
         )
         .map_err(|err| spi_error("reading the existing command", err))?;
     let row = rows.first();
-    let position = row
-        .get::<i64>(1)
-        .map_err(|err| spi_error("reading position", err))?;
-    let seq = row.get::<i64>(2).map_err(|err| spi_error("reading seq", err))?;
-    let stream = row
-        .get::<String>(3)
-        .map_err(|err| spi_error("reading stream", err))?;
-    let command_type = row
-        .get::<String>(4)
-        .map_err(|err| spi_error("reading command_type", err))?;
+    let position = column(row.get::<i64>(1), "position")?;
+    let seq = column(row.get::<i64>(2), "seq")?;
+    let stream = column(row.get::<String>(3), "stream")?;
+    let command_type = column(row.get::<String>(4), "command_type")?;
     let same_payload = row
         .get::<bool>(5)
         .map_err(|err| spi_error("comparing payloads", err))?;
@@ -415,17 +413,7 @@ pub(crate) fn append(command: &Command<'_>) -> Result<Appended, ErrorReport> {
         let mut inserted = bump_and_insert(client, command)?;
         if inserted.is_none() {
             if command_exists(client, command)? {
-                // The insert met an existing command_id. Give back the seq we may have taken (we
-                // hold the stream's row lock, so no one has taken a later one) and answer as a
-                // replay or a conflict.
-                client
-                    .update(
-                        GIVE_BACK_SEQ,
-                        None,
-                        &[datum_arg(command.stream.datum, pg_sys::TEXTOID)],
-                    )
-                    .map_err(|err| spi_error("releasing the unused seq", err))?;
-                return replay(client, command);
+                return give_back_and_replay(client, command);
             }
             // First command of this stream: create its row (a concurrent creator is fine) and retry.
             client
@@ -448,14 +436,7 @@ pub(crate) fn append(command: &Command<'_>) -> Result<Appended, ErrorReport> {
                     ));
                 }
                 // a concurrent transaction appended this command_id to this new stream meanwhile
-                client
-                    .update(
-                        GIVE_BACK_SEQ,
-                        None,
-                        &[datum_arg(command.stream.datum, pg_sys::TEXTOID)],
-                    )
-                    .map_err(|err| spi_error("releasing the unused seq", err))?;
-                return replay(client, command);
+                return give_back_and_replay(client, command);
             }
         }
         let Some((position, seq)) = inserted else {

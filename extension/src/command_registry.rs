@@ -13,7 +13,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 
-use crate::errors::spi_error;
+use crate::errors::{column, spi_error};
 
 /// Bound on cached names: unregistered types are cached too (as "not registered"), and an
 /// application inventing type names must not grow a backend without limit.
@@ -115,13 +115,8 @@ fn load(command_type: &str) -> Result<Option<i64>, ErrorReport> {
                 .map_err(|err| spi_error("looking up the command type", err))?;
             let mut version = None;
             for row in rows {
-                version = row
-                    .get::<i64>(1)
-                    .map_err(|err| spi_error("reading the version", err))?;
-                if let Some(oid) = row
-                    .get::<pg_sys::Oid>(2)
-                    .map_err(|err| spi_error("reading tableoid", err))?
-                {
+                version = column(row.get::<i64>(1), "the version")?;
+                if let Some(oid) = column(row.get::<pg_sys::Oid>(2), "tableoid")? {
                     TABLE_OID.set(oid);
                 }
             }

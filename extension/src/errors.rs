@@ -20,3 +20,30 @@ pub(crate) fn internal(message: impl Into<String>) -> ErrorReport {
 pub(crate) fn spi_error(context: &str, err: pgrx::spi::Error) -> ErrorReport {
     internal(format!("{context}: {err}"))
 }
+
+/// A column of an SPI row; a failure to read it names the column.
+#[track_caller]
+pub(crate) fn column<T>(
+    value: pgrx::spi::SpiResult<Option<T>>,
+    name: &str,
+) -> Result<Option<T>, ErrorReport> {
+    value.map_err(|err| spi_error(&format!("reading {name}"), err))
+}
+
+/// A required argument that was NULL (22004).
+#[track_caller]
+pub(crate) fn null_argument(what: &str) -> ErrorReport {
+    error(
+        PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+        format!("{what} must not be null"),
+    )
+}
+
+/// A projection name that names none (42704).
+#[track_caller]
+pub(crate) fn unknown_projection(name: &str) -> ErrorReport {
+    error(
+        PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+        format!("projection {name:?} does not exist"),
+    )
+}

@@ -13,7 +13,7 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
 
-use crate::errors::{error, spi_error};
+use crate::errors::{column, error, null_argument, spi_error, unknown_projection};
 use crate::prepared;
 use crate::projection_catalog::{self, NewProjection};
 use crate::projector::{self, ChangedRow, Changes, Options};
@@ -48,6 +48,21 @@ unsafe fn arg(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> Option<pg_sys::Datu
 unsafe fn text_arg(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> Option<String> {
     // SAFETY: per the contract.
     unsafe { arg(fcinfo, n).and_then(|d| String::from_datum(d, false)) }
+}
+
+/// Returns `rows` as the function's result set, or raises the error.
+///
+/// # Safety
+/// As [`return_rows`].
+unsafe fn answer_rows(
+    fcinfo: pg_sys::FunctionCallInfo,
+    rows: Result<Vec<ChangedRow>, ErrorReport>,
+) -> pg_sys::Datum {
+    match rows {
+        // SAFETY: per the contract.
+        Ok(rows) => unsafe { return_rows(fcinfo, rows) },
+        Err(report) => raise(report),
+    }
 }
 
 /// Returns `rows` as the function's result set `(projection, key, rev, doc, deleted)`.
@@ -106,25 +121,15 @@ fn events_from(rows: pgrx::spi::SpiTupleTable<'_>) -> Result<Vec<Event>, ErrorRe
                 .unwrap_or_default())
         };
         events.push(Event {
-            position: row
-                .get::<i64>(1)
-                .map_err(|e| spi_error("reading position", e))?
-                .unwrap_or(0),
+            position: column(row.get::<i64>(1), "position")?.unwrap_or(0),
             command_id: text(2)?,
             stream: text(3)?,
-            seq: row
-                .get::<i64>(4)
-                .map_err(|e| spi_error("reading seq", e))?
-                .unwrap_or(0),
+            seq: column(row.get::<i64>(4), "seq")?.unwrap_or(0),
             command_type: text(5)?,
-            payload: row
-                .get::<JsonB>(6)
-                .map_err(|e| spi_error("reading payload", e))?
+            payload: column(row.get::<JsonB>(6), "payload")?
                 .map(|j| j.0)
                 .unwrap_or_default(),
-            metadata: row
-                .get::<JsonB>(7)
-                .map_err(|e| spi_error("reading metadata", e))?
+            metadata: column(row.get::<JsonB>(7), "metadata")?
                 .map(|j| j.0)
                 .unwrap_or_default(),
             created_at: text(8)?,
@@ -238,7 +243,7 @@ fn names(client: &mut SpiClient<'_>, only: Option<&str>) -> Result<Vec<String>, 
         .map_err(|e| spi_error("listing projections", e))?;
     let mut names = Vec::new();
     for row in rows {
-        if let Some(name) = row.get::<String>(1).map_err(|e| spi_error("reading a name", e))? {
+        if let Some(name) = column(row.get::<String>(1), "a name")? {
             names.push(name);
         }
     }
@@ -309,10 +314,7 @@ pub unsafe extern "C-unwind" fn cqrs_project_batch(fcinfo: pg_sys::FunctionCallI
         )
     };
     let Some(events) = events else {
-        raise(error(
-            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-            "events must not be null",
-        ));
+        raise(null_argument("events"));
     };
     // SAFETY: a non-null jsonb Datum of this call.
     let events = unsafe { JsonB::from_datum(events, false) }
@@ -342,11 +344,8 @@ pub unsafe extern "C-unwind" fn cqrs_project_batch(fcinfo: pg_sys::FunctionCallI
         )?;
         Ok::<_, ErrorReport>(changes.into_rows())
     });
-    match rows {
-        // SAFETY: fcinfo is the call info of this set-returning function.
-        Ok(rows) => unsafe { return_rows(fcinfo, rows) },
-        Err(report) => raise(report),
-    }
+    // SAFETY: fcinfo is the call info of this set-returning function.
+    unsafe { answer_rows(fcinfo, rows) }
 }
 
 // ---- catch_up ----
@@ -379,11 +378,8 @@ pub unsafe extern "C-unwind" fn cqrs_catch_up(fcinfo: pg_sys::FunctionCallInfo) 
             Ok(changes.into_rows())
         })
     });
-    match rows {
-        // SAFETY: fcinfo is the call info of this set-returning function.
-        Ok(rows) => unsafe { return_rows(fcinfo, rows) },
-        Err(report) => raise(report),
-    }
+    // SAFETY: fcinfo is the call info of this set-returning function.
+    unsafe { answer_rows(fcinfo, rows) }
 }
 
 // ---- resume ----
@@ -399,10 +395,7 @@ v1_function!(pg_finfo_cqrs_resume);
 pub unsafe extern "C-unwind" fn cqrs_resume(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     // SAFETY: argument 0 is text.
     let Some(name) = (unsafe { text_arg(fcinfo, 0) }) else {
-        raise(error(
-            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-            "name must not be null",
-        ));
+        raise(null_argument("name"));
     };
     let rows = Spi::connect_mut(|client| {
         let resumed = client
@@ -415,10 +408,7 @@ pub unsafe extern "C-unwind" fn cqrs_resume(fcinfo: pg_sys::FunctionCallInfo) ->
             )
             .map_err(|e| spi_error("resuming", e))?;
         if resumed.is_empty() {
-            return Err(error(
-                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-                format!("projection {name:?} does not exist"),
-            ));
+            return Err(unknown_projection(&name));
         }
         let mut changes = Changes::default();
         let caught = catch_up_one(client, &name, DEFAULT_CHUNK, true, &mut changes)?;
@@ -427,11 +417,8 @@ pub unsafe extern "C-unwind" fn cqrs_resume(fcinfo: pg_sys::FunctionCallInfo) ->
         }
         Ok(changes.into_rows())
     });
-    match rows {
-        // SAFETY: fcinfo is the call info of this set-returning function.
-        Ok(rows) => unsafe { return_rows(fcinfo, rows) },
-        Err(report) => raise(report),
-    }
+    // SAFETY: fcinfo is the call info of this set-returning function.
+    unsafe { answer_rows(fcinfo, rows) }
 }
 
 // ---- retry_dead_letters ----
@@ -448,10 +435,7 @@ v1_function!(pg_finfo_cqrs_retry_dead_letters);
 pub unsafe extern "C-unwind" fn cqrs_retry_dead_letters(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     // SAFETY: argument 0 is text.
     let Some(name) = (unsafe { text_arg(fcinfo, 0) }) else {
-        raise(error(
-            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-            "name must not be null",
-        ));
+        raise(null_argument("name"));
     };
     let rows = Spi::connect_mut(|client| {
         let state = client
@@ -462,17 +446,9 @@ pub unsafe extern "C-unwind" fn cqrs_retry_dead_letters(fcinfo: pg_sys::Function
             )
             .map_err(|e| spi_error("locking the projection", e))?;
         if state.is_empty() {
-            return Err(error(
-                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-                format!("projection {name:?} does not exist"),
-            ));
+            return Err(unknown_projection(&name));
         }
-        let revision = state
-            .first()
-            .get::<i64>(1)
-            .map_err(|e| spi_error("reading revision", e))?
-            .unwrap_or(0)
-            + 1;
+        let revision = column(state.first().get::<i64>(1), "revision")?.unwrap_or(0) + 1;
         let def = projection_catalog::load(client, &name, None)?;
         let letters = client
             .update(
@@ -483,13 +459,8 @@ pub unsafe extern "C-unwind" fn cqrs_retry_dead_letters(fcinfo: pg_sys::Function
             .map_err(|e| spi_error("reading dead letters", e))?;
         let mut pending = Vec::new();
         for (i, row) in letters.enumerate() {
-            let id = row
-                .get::<i64>(1)
-                .map_err(|e| spi_error("reading id", e))?
-                .unwrap_or(0);
-            let event = row
-                .get::<JsonB>(2)
-                .map_err(|e| spi_error("reading event", e))?
+            let id = column(row.get::<i64>(1), "id")?.unwrap_or(0);
+            let event = column(row.get::<JsonB>(2), "event")?
                 .map(|j| j.0)
                 .unwrap_or_default();
             let event = Event::from_json(i, &event).map_err(|err| {
@@ -532,11 +503,8 @@ pub unsafe extern "C-unwind" fn cqrs_retry_dead_letters(fcinfo: pg_sys::Function
             .map_err(|e| spi_error("saving the revision", e))?;
         Ok(changes.into_rows())
     });
-    match rows {
-        // SAFETY: fcinfo is the call info of this set-returning function.
-        Ok(rows) => unsafe { return_rows(fcinfo, rows) },
-        Err(report) => raise(report),
-    }
+    // SAFETY: fcinfo is the call info of this set-returning function.
+    unsafe { answer_rows(fcinfo, rows) }
 }
 
 // ---- read_many ----
@@ -558,16 +526,10 @@ pub unsafe extern "C-unwind" fn cqrs_read_many(fcinfo: pg_sys::FunctionCallInfo)
         )
     };
     let Some(projection) = projection else {
-        raise(error(
-            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-            "projection must not be null",
-        ));
+        raise(null_argument("projection"));
     };
     let Some(keys) = keys else {
-        raise(error(
-            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-            "keys must not be null",
-        ));
+        raise(null_argument("keys"));
     };
     let keys: Vec<String> = keys.into_iter().flatten().collect();
     let rows = Spi::connect_mut(|client| {
@@ -592,16 +554,11 @@ pub unsafe extern "C-unwind" fn cqrs_read_many(fcinfo: pg_sys::FunctionCallInfo)
         let mut rows = Vec::new();
         let mut seen = std::collections::HashSet::new();
         while table.next().is_some() {
-            let key = table
-                .get::<String>(2)
-                .map_err(|e| spi_error("reading a key", e))?
-                .unwrap_or_default();
+            let key = column(table.get::<String>(2), "a key")?.unwrap_or_default();
             if !seen.insert(key.clone()) {
                 continue;
             }
-            let rev = table
-                .get::<i64>(3)
-                .map_err(|e| spi_error("reading a revision", e))?;
+            let rev = column(table.get::<i64>(3), "a revision")?;
             // SAFETY: a json Datum of the current SPI result, copied out of SPI's memory.
             let doc = table
                 .get_datum_by_ordinal(4)
@@ -668,19 +625,13 @@ fn create_projection(
     rev_column: Option<&str>,
     backfill: Option<bool>,
 ) -> Result<(), ErrorReport> {
-    let required = |what: &str| {
-        error(
-            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-            format!("{what} must not be null"),
-        )
-    };
-    let name = name.ok_or_else(|| required("name"))?;
-    let target = target.ok_or_else(|| required("target"))?;
-    let key_column = key_column.ok_or_else(|| required("key_column"))?;
-    let handlers = handlers.ok_or_else(|| required("handlers"))?;
-    let on_error = on_error.ok_or_else(|| required("on_error"))?;
-    let rev_column = rev_column.ok_or_else(|| required("rev_column"))?;
-    let backfill = backfill.ok_or_else(|| required("backfill"))?;
+    let name = name.ok_or_else(|| null_argument("name"))?;
+    let target = target.ok_or_else(|| null_argument("target"))?;
+    let key_column = key_column.ok_or_else(|| null_argument("key_column"))?;
+    let handlers = handlers.ok_or_else(|| null_argument("handlers"))?;
+    let on_error = on_error.ok_or_else(|| null_argument("on_error"))?;
+    let rev_column = rev_column.ok_or_else(|| null_argument("rev_column"))?;
+    let backfill = backfill.ok_or_else(|| null_argument("backfill"))?;
     projection_catalog::register(&NewProjection {
         name,
         target,
@@ -753,10 +704,7 @@ fn rebuild(
             )
             .map_err(|e| spi_error("locking the projection", e))?;
         if state.is_empty() {
-            return Err(error(
-                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-                format!("projection {name:?} does not exist"),
-            ));
+            return Err(unknown_projection(name));
         }
         let def = projection_catalog::load(client, name, None)?;
         client

@@ -13,7 +13,7 @@ use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 use pgrx::JsonB;
 
-use crate::errors::{error, internal, spi_error};
+use crate::errors::{column, error, internal, spi_error};
 use crate::subtransaction;
 
 /// What to do when a handler fails.
@@ -103,18 +103,9 @@ fn read_table(client: &SpiClient<'_>, target: pg_sys::Oid) -> Result<CatalogTabl
         .map_err(|err| spi_error("reading the target table", err))?;
     let mut found = None;
     for row in rows {
-        let schema = row
-            .get::<String>(1)
-            .map_err(|e| spi_error("reading nspname", e))?
-            .unwrap_or_default();
-        let table = row
-            .get::<String>(2)
-            .map_err(|e| spi_error("reading relname", e))?
-            .unwrap_or_default();
-        let kind = row
-            .get::<String>(3)
-            .map_err(|e| spi_error("reading relkind", e))?
-            .unwrap_or_default();
+        let schema = column(row.get::<String>(1), "nspname")?.unwrap_or_default();
+        let table = column(row.get::<String>(2), "relname")?.unwrap_or_default();
+        let kind = column(row.get::<String>(3), "relkind")?.unwrap_or_default();
         found = Some((schema, table, kind));
     }
     let Some((schema, table, kind)) = found else {
@@ -151,26 +142,12 @@ fn read_table(client: &SpiClient<'_>, target: pg_sys::Oid) -> Result<CatalogTabl
     let mut columns = BTreeMap::new();
     let mut order = Vec::new();
     for row in rows {
-        let name = row
-            .get::<String>(1)
-            .map_err(|e| spi_error("reading attname", e))?
-            .unwrap_or_default();
+        let name = column(row.get::<String>(1), "attname")?.unwrap_or_default();
         let column = CatalogColumn {
-            sql_type: row
-                .get::<String>(2)
-                .map_err(|e| spi_error("reading the type", e))?
-                .unwrap_or_default(),
-            type_oid: row
-                .get::<pg_sys::Oid>(3)
-                .map_err(|e| spi_error("reading atttypid", e))?
-                .unwrap_or(pg_sys::InvalidOid),
-            default: row
-                .get::<String>(4)
-                .map_err(|e| spi_error("reading the default", e))?,
-            generated: row
-                .get::<bool>(5)
-                .map_err(|e| spi_error("reading attgenerated", e))?
-                .unwrap_or(false),
+            sql_type: column(row.get::<String>(2), "the type")?.unwrap_or_default(),
+            type_oid: column(row.get::<pg_sys::Oid>(3), "atttypid")?.unwrap_or(pg_sys::InvalidOid),
+            default: column(row.get::<String>(4), "the default")?,
+            generated: column(row.get::<bool>(5), "attgenerated")?.unwrap_or(false),
         };
         order.push(name.clone());
         columns.insert(name, column);
@@ -468,18 +445,10 @@ fn resolve_functions(client: &SpiClient<'_>, spec: &mut Spec) -> Result<(), Erro
         let mut found = None;
         for row in rows {
             found = Some((
-                row.get::<String>(1)
-                    .map_err(|e| spi_error("reading nspname", e))?
-                    .unwrap_or_default(),
-                row.get::<String>(2)
-                    .map_err(|e| spi_error("reading proname", e))?
-                    .unwrap_or_default(),
-                row.get::<bool>(3)
-                    .map_err(|e| spi_error("reading proretset", e))?
-                    .unwrap_or(false),
-                row.get::<bool>(4)
-                    .map_err(|e| spi_error("reading prorettype", e))?
-                    .unwrap_or(false),
+                column(row.get::<String>(1), "nspname")?.unwrap_or_default(),
+                column(row.get::<String>(2), "proname")?.unwrap_or_default(),
+                column(row.get::<bool>(3), "proretset")?.unwrap_or(false),
+                column(row.get::<bool>(4), "prorettype")?.unwrap_or(false),
             ));
         }
         let Some((schema, function, returns_set, returns_text)) = found else {
@@ -654,13 +623,8 @@ pub(crate) fn load(
         ));
     }
     let row = rows.first();
-    let version = row
-        .get::<i64>(1)
-        .map_err(|e| spi_error("reading definition_version", e))?;
-    let relation_version = row
-        .get::<String>(2)
-        .map_err(|e| spi_error("reading the table version", e))?
-        .unwrap_or_default();
+    let version = column(row.get::<i64>(1), "definition_version")?;
+    let relation_version = column(row.get::<String>(2), "the table version")?.unwrap_or_default();
     let Some(version) = version else {
         return Err(error(
             PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
@@ -676,28 +640,13 @@ pub(crate) fn load(
     if let Some(definition) = cached {
         return Ok(definition);
     }
-    let target_oid = row
-        .get::<pg_sys::Oid>(3)
-        .map_err(|e| spi_error("reading target", e))?
-        .unwrap_or(pg_sys::InvalidOid);
-    let key_column = row
-        .get::<String>(4)
-        .map_err(|e| spi_error("reading key_column", e))?
-        .unwrap_or_default();
-    let rev_column = row
-        .get::<String>(5)
-        .map_err(|e| spi_error("reading rev_column", e))?
-        .unwrap_or_default();
-    let handlers = row
-        .get::<JsonB>(6)
-        .map_err(|e| spi_error("reading handlers", e))?
+    let target_oid = column(row.get::<pg_sys::Oid>(3), "target")?.unwrap_or(pg_sys::InvalidOid);
+    let key_column = column(row.get::<String>(4), "key_column")?.unwrap_or_default();
+    let rev_column = column(row.get::<String>(5), "rev_column")?.unwrap_or_default();
+    let handlers = column(row.get::<JsonB>(6), "handlers")?
         .map(|j| j.0)
         .unwrap_or_default();
-    let on_error = match row
-        .get::<String>(7)
-        .map_err(|e| spi_error("reading on_error", e))?
-        .as_deref()
-    {
+    let on_error = match column(row.get::<String>(7), "on_error")?.as_deref() {
         Some("dead_letter") => OnError::DeadLetter,
         _ => OnError::Halt,
     };

@@ -28,7 +28,7 @@ use pgrx::spi::SpiClient;
 use pgrx::JsonB;
 use serde_json::Value;
 
-use crate::errors::{error, internal, spi_error};
+use crate::errors::{column, error, internal, spi_error, unknown_projection};
 use crate::prepared;
 use crate::projection_catalog::{self, Definition, OnError};
 use crate::subtransaction::{self, Failure};
@@ -210,41 +210,18 @@ fn lock_states(client: &mut SpiClient<'_>, only: Option<&str>) -> Result<Vec<Sta
     let mut states = Vec::new();
     for row in rows {
         states.push(State {
-            name: row
-                .get::<String>(1)
-                .map_err(|e| spi_error("reading name", e))?
-                .unwrap_or_default(),
-            halted: row
-                .get::<bool>(2)
-                .map_err(|e| spi_error("reading halted", e))?
-                .unwrap_or(false),
-            checkpoint_lsn: row
-                .get::<String>(3)
-                .map_err(|e| spi_error("reading checkpoint_lsn", e))?
+            name: column(row.get::<String>(1), "name")?.unwrap_or_default(),
+            halted: column(row.get::<bool>(2), "halted")?.unwrap_or(false),
+            checkpoint_lsn: column(row.get::<String>(3), "checkpoint_lsn")?
                 .and_then(|text| lsn::parse(&text)),
-            revision: row
-                .get::<i64>(4)
-                .map_err(|e| spi_error("reading revision", e))?
-                .unwrap_or(0),
-            definition_version: row
-                .get::<i64>(5)
-                .map_err(|e| spi_error("reading definition_version", e))?
-                .unwrap_or(0),
-            relation_version: row
-                .get::<String>(6)
-                .map_err(|e| spi_error("reading the table version", e))?
-                .unwrap_or_default(),
-            parked: row
-                .get::<i64>(7)
-                .map_err(|e| spi_error("reading parked", e))?
-                .unwrap_or(0),
+            revision: column(row.get::<i64>(4), "revision")?.unwrap_or(0),
+            definition_version: column(row.get::<i64>(5), "definition_version")?.unwrap_or(0),
+            relation_version: column(row.get::<String>(6), "the table version")?.unwrap_or_default(),
+            parked: column(row.get::<i64>(7), "parked")?.unwrap_or(0),
         });
     }
     if let (Some(name), true) = (only, states.is_empty()) {
-        return Err(error(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-            format!("projection {name:?} does not exist"),
-        ));
+        return Err(unknown_projection(name));
     }
     Ok(states)
 }
@@ -259,14 +236,8 @@ fn read_progress(
         .map_err(|err| spi_error("reading stream progress", err))?;
     let mut progress = HashMap::with_capacity(rows.len());
     for row in rows {
-        let stream = row
-            .get::<String>(1)
-            .map_err(|e| spi_error("reading stream", e))?
-            .unwrap_or_default();
-        let last = row
-            .get::<i64>(2)
-            .map_err(|e| spi_error("reading last_seq", e))?
-            .unwrap_or(0);
+        let stream = column(row.get::<String>(1), "stream")?.unwrap_or_default();
+        let last = column(row.get::<i64>(2), "last_seq")?.unwrap_or(0);
         progress.insert(stream, last);
     }
     Ok(progress)
@@ -282,9 +253,7 @@ fn read_parked(
         .map_err(|err| spi_error("reading parked events", err))?;
     let mut parked = Vec::new();
     for (i, row) in rows.enumerate() {
-        let event = row
-            .get::<JsonB>(1)
-            .map_err(|e| spi_error("reading a parked event", e))?;
+        let event = column(row.get::<JsonB>(1), "a parked event")?;
         if let Some(event) = event {
             parked.push(
                 Event::from_json(i, &event.0)
@@ -352,10 +321,7 @@ impl Flush<'_> {
             .map_err(|err| spi_error(&format!("{which} of projection {}", self.def.name), err))?;
         // iterate the table itself: only it hands out a column as the raw Datum
         while rows.next().is_some() {
-            let key = rows
-                .get::<String>(1)
-                .map_err(|e| spi_error("reading a key", e))?
-                .unwrap_or_default();
+            let key = column(rows.get::<String>(1), "a key")?.unwrap_or_default();
             let doc = if self.with_docs {
                 keep_doc(
                     rows.get_datum_by_ordinal(2)
@@ -398,18 +364,9 @@ impl Flush<'_> {
             .map_err(|err| spi_error(&format!("probing keys of projection {}", self.def.name), err))?;
         let mut keys: HashMap<String, (String, bool)> = HashMap::new();
         for row in rows {
-            let raw = row
-                .get::<String>(1)
-                .map_err(|e| spi_error("reading a key", e))?
-                .unwrap_or_default();
-            let canonical = row
-                .get::<String>(2)
-                .map_err(|e| spi_error("reading a key", e))?
-                .unwrap_or_default();
-            let exists = row
-                .get::<bool>(3)
-                .map_err(|e| spi_error("reading existence", e))?
-                .unwrap_or(false);
+            let raw = column(row.get::<String>(1), "a key")?.unwrap_or_default();
+            let canonical = column(row.get::<String>(2), "a key")?.unwrap_or_default();
+            let exists = column(row.get::<bool>(3), "existence")?.unwrap_or(false);
             keys.insert(raw, (canonical, exists));
         }
         let mut fold = Fold::new();
@@ -448,10 +405,7 @@ impl Flush<'_> {
             let rows = prepared::index_plans(|| client.update(&*plan, None, &[deletes.into()]))
                 .map_err(|err| spi_error(&format!("deleting rows of projection {}", self.def.name), err))?;
             for row in rows {
-                let key = row
-                    .get::<String>(1)
-                    .map_err(|e| spi_error("reading a key", e))?
-                    .unwrap_or_default();
+                let key = column(row.get::<String>(1), "a key")?.unwrap_or_default();
                 out.push(ChangedRow {
                     projection: Rc::clone(&self.projection),
                     key,
@@ -507,7 +461,7 @@ impl Flush<'_> {
             })?;
         let mut keys = Vec::new();
         for row in rows {
-            if let Some(key) = row.get::<String>(1).map_err(|e| spi_error("reading a key", e))? {
+            if let Some(key) = column(row.get::<String>(1), "a key")? {
                 keys.push(key);
             }
         }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
-use crate::errors::{error, spi_error};
+use crate::errors::{column, error, spi_error, unknown_projection};
 use crate::prepared;
 
 /// The advisory lock class ("CQRS") that marks waiting backends.
@@ -145,20 +145,14 @@ fn wait_for(
             })
             .map_err(|err| spi_error("checking the projection", err))?;
             if rows.is_empty() {
-                return Err(error(
-                    PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-                    format!("projection {projection:?} does not exist"),
-                ));
+                return Err(unknown_projection(projection));
             }
             let row = rows.first();
-            if row.get::<bool>(1).map_err(|e| spi_error("reading progress", e))? == Some(true) {
+            if column(row.get::<bool>(1), "progress")? == Some(true) {
                 return Ok(true);
             }
-            if row.get::<bool>(2).map_err(|e| spi_error("reading halted", e))? == Some(true) {
-                let last_error = row
-                    .get::<String>(3)
-                    .map_err(|e| spi_error("reading last_error", e))?
-                    .unwrap_or_default();
+            if column(row.get::<bool>(2), "halted")? == Some(true) {
+                let last_error = column(row.get::<String>(3), "last_error")?.unwrap_or_default();
                 return Err(error(
                     PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                     format!(
