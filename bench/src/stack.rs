@@ -3,9 +3,9 @@
 //! redis-server, and cqrs-sidecar processes. Everything is stopped when the stack is dropped
 //! (sidecars first, gracefully).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use cqrs_harness::{ClusterOptions, Durability, PgCluster, RedisServer, Sidecar};
 use serde_json::Value;
 use tokio_postgres::Client;
@@ -17,7 +17,6 @@ pub struct Stack {
     pub sidecars: Vec<Sidecar>,
     pub redis: RedisServer,
     pub pg: PgCluster,
-    started: usize,
     settings: Vec<(String, String)>,
 }
 
@@ -37,7 +36,6 @@ impl Stack {
             sidecars: Vec::new(),
             redis,
             pg,
-            started: 0,
             settings: Vec::new(),
         };
         let client = stack.client().await?;
@@ -65,45 +63,20 @@ impl Stack {
 
     /// Starts a sidecar; returns its index.
     pub fn add_sidecar(&mut self) -> Result<usize> {
-        self.started += 1;
-        let settings: Vec<(&str, &str)> = self
-            .settings
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        let sidecar = Sidecar::start(
-            &format!("sidecar-{}", self.started),
-            &self.pg.url(),
-            &self.redis.url(),
-            &settings,
-        )?;
+        let name = format!("sidecar-{}", self.sidecars.len() + 1);
+        let sidecar = Sidecar::start(&name, &self.pg.url(), &self.redis.url(), &self.settings)?;
         self.sidecars.push(sidecar);
         Ok(self.sidecars.len() - 1)
     }
 
     /// The sidecar that leads and streams, waiting up to `timeout` for one.
-    pub fn wait_for_leader(&mut self, timeout: Duration) -> Result<usize> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            for (i, sidecar) in self.sidecars.iter().enumerate() {
-                if sidecar.is_leader() && sidecar.readiness() == Some(200) {
-                    return Ok(i);
-                }
-            }
-            if Instant::now() > deadline {
-                let logs: Vec<String> = self.sidecars.iter().map(Sidecar::log).collect();
-                bail!(
-                    "no sidecar leads after {timeout:?}; logs:\n{}",
-                    logs.join("\n---\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    pub fn wait_for_leader(&self, timeout: Duration) -> Result<usize> {
+        cqrs_harness::sidecar::wait_for_leader(&self.sidecars, timeout)
     }
 
     /// The HTTP base URL of a sidecar.
     pub fn http(&self, sidecar: usize) -> String {
-        format!("http://127.0.0.1:{}", self.sidecars[sidecar].http_port())
+        self.sidecars[sidecar].base_url()
     }
 
     /// Cache entries in Redis.

@@ -69,7 +69,12 @@ pub fn http_get(port: u16, path: &str, timeout: Duration) -> Result<(u16, String
 impl Sidecar {
     /// Starts a sidecar for `database_url` and `redis_url`; `extra` environment variables
     /// (`CQRS_*`) override the defaults chosen here.
-    pub fn start(name: &str, database_url: &str, redis_url: &str, extra: &[(&str, &str)]) -> Result<Self> {
+    pub fn start<K: AsRef<str>, V: AsRef<str>>(
+        name: &str,
+        database_url: &str,
+        redis_url: &str,
+        extra: &[(K, V)],
+    ) -> Result<Self> {
         let http_port = free_port()?;
         let log = std::env::temp_dir().join(format!("pg_cqrs-{name}-{}-{http_port}.log", std::process::id()));
         let file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
@@ -88,7 +93,7 @@ impl Sidecar {
             .stdout(file.try_clone()?)
             .stderr(file);
         for (key, value) in extra {
-            command.env(key, value);
+            command.env(key.as_ref(), value.as_ref());
         }
         let child = command.spawn().context("starting cqrs-sidecar")?;
         Ok(Self {
@@ -100,6 +105,11 @@ impl Sidecar {
 
     pub fn http_port(&self) -> u16 {
         self.http_port
+    }
+
+    /// Base URL of its HTTP server.
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -186,5 +196,30 @@ impl Sidecar {
 
     pub fn is_running(&mut self) -> bool {
         self.child.is_running()
+    }
+}
+
+/// Waits until exactly one of `sidecars` leads and streams (`/readyz` 200) and returns its
+/// index; two leaders at once is an error, and so is none by `timeout` (with every log).
+pub fn wait_for_leader(sidecars: &[Sidecar], timeout: Duration) -> Result<usize> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let leaders: Vec<usize> = (0..sidecars.len()).filter(|&i| sidecars[i].is_leader()).collect();
+        if let [leader] = leaders[..] {
+            if sidecars[leader].readiness() == Some(200) {
+                return Ok(leader);
+            }
+        }
+        if leaders.len() > 1 {
+            bail!("two leaders at once: {leaders:?}");
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = sidecars.iter().map(Sidecar::log).collect();
+            bail!(
+                "no streaming leader after {timeout:?}; logs:\n{}",
+                logs.join("\n----\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

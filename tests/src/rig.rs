@@ -1,9 +1,9 @@
 //! A whole deployment for the sidecar tests: a private PostgreSQL cluster with the extension
 //! and the example order projections, a private redis-server, and sidecar processes.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use cqrs_harness::{ClusterOptions, PgCluster, RedisServer, Sidecar};
 use tokio_postgres::Client;
 
@@ -17,7 +17,6 @@ pub struct Rig {
     pub pg: PgCluster,
     pub redis: RedisServer,
     pub sidecars: Vec<Sidecar>,
-    started: usize,
     /// `CQRS_*` settings every sidecar of this rig gets.
     settings: Vec<(String, String)>,
 }
@@ -45,7 +44,6 @@ impl Rig {
             pg,
             redis,
             sidecars: Vec::new(),
-            started: 0,
             settings: Vec::new(),
         })
     }
@@ -61,18 +59,8 @@ impl Rig {
 
     /// Starts one more sidecar (it leads if nobody does, else stands by); returns its index.
     pub fn add_sidecar(&mut self) -> Result<usize> {
-        self.started += 1;
-        let settings: Vec<(&str, &str)> = self
-            .settings
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        let sidecar = Sidecar::start(
-            &format!("sidecar-{}", self.started),
-            &self.pg.url(),
-            &self.redis.url(),
-            &settings,
-        )?;
+        let name = format!("sidecar-{}", self.sidecars.len() + 1);
+        let sidecar = Sidecar::start(&name, &self.pg.url(), &self.redis.url(), &self.settings)?;
         self.sidecars.push(sidecar);
         Ok(self.sidecars.len() - 1)
     }
@@ -85,27 +73,8 @@ impl Rig {
     }
 
     /// Waits until exactly one sidecar leads and is streaming (`/readyz` 200); returns it.
-    pub fn wait_for_leader(&mut self, timeout: Duration) -> Result<usize> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let leaders = self.leaders();
-            if let [leader] = leaders[..] {
-                if self.sidecars[leader].readiness() == Some(200) {
-                    return Ok(leader);
-                }
-            }
-            if leaders.len() > 1 {
-                bail!("two leaders at once: {leaders:?}");
-            }
-            if Instant::now() > deadline {
-                let logs: Vec<String> = self.sidecars.iter().map(|s| s.log()).collect();
-                bail!(
-                    "no streaming leader after {timeout:?}; logs:\n{}",
-                    logs.join("\n----\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    pub fn wait_for_leader(&self, timeout: Duration) -> Result<usize> {
+        cqrs_harness::sidecar::wait_for_leader(&self.sidecars, timeout)
     }
 
     /// Waits until every projection has applied the whole log and the cache equals the read
@@ -127,7 +96,7 @@ impl Rig {
 
     /// Base URL of a sidecar's HTTP server.
     pub fn http(&self, sidecar: usize) -> String {
-        format!("http://127.0.0.1:{}", self.sidecars[sidecar].http_port())
+        self.sidecars[sidecar].base_url()
     }
 
     /// Every sidecar's log, for failure messages.
