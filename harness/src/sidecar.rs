@@ -199,12 +199,17 @@ impl Sidecar {
     }
 }
 
+/// Indexes of the sidecars that say they lead.
+pub fn leaders(sidecars: &[Sidecar]) -> Vec<usize> {
+    (0..sidecars.len()).filter(|&i| sidecars[i].is_leader()).collect()
+}
+
 /// Waits until exactly one of `sidecars` leads and streams (`/readyz` 200) and returns its
 /// index; two leaders at once is an error, and so is none by `timeout` (with every log).
 pub fn wait_for_leader(sidecars: &[Sidecar], timeout: Duration) -> Result<usize> {
     let deadline = Instant::now() + timeout;
     loop {
-        let leaders: Vec<usize> = (0..sidecars.len()).filter(|&i| sidecars[i].is_leader()).collect();
+        let leaders = leaders(sidecars);
         if let [leader] = leaders[..] {
             if sidecars[leader].readiness() == Some(200) {
                 return Ok(leader);

@@ -67,9 +67,7 @@ impl Rig {
 
     /// Indexes of the sidecars that say they lead.
     pub fn leaders(&self) -> Vec<usize> {
-        (0..self.sidecars.len())
-            .filter(|&i| self.sidecars[i].is_leader())
-            .collect()
+        cqrs_harness::sidecar::leaders(&self.sidecars)
     }
 
     /// Waits until exactly one sidecar leads and is streaming (`/readyz` 200); returns it.
