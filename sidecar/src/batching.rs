@@ -41,9 +41,17 @@ impl BatchPolicy {
         self.target
     }
 
-    /// Whether a batch of `events` / `bytes` must be flushed now.
+    /// Whether a batch of `events` / `bytes` that ends at a transaction boundary must be
+    /// flushed now.
     pub fn is_full(&self, events: usize, bytes: usize) -> bool {
         events >= self.target || bytes >= self.max_bytes
+    }
+
+    /// Whether a batch that ends inside a transaction must be cut there all the same. A batch
+    /// cut inside a transaction cannot carry an LSN fence (see `assembly`), so only a
+    /// transaction too large for one batch (twice the target, or the byte limit) is split.
+    pub fn must_cut(&self, events: usize, bytes: usize) -> bool {
+        events >= self.target.saturating_mul(2) || bytes >= self.max_bytes
     }
 
     /// Whether a batch whose oldest event has waited `age` must be flushed now.
@@ -91,6 +99,12 @@ mod tests {
         assert!(!p.is_full(p.target() - 1, 10));
         assert!(p.is_full(p.target(), 10));
         assert!(p.is_full(1, 1 << 20));
+        assert!(
+            !p.must_cut(p.target(), 10),
+            "inside a transaction, the target is no limit"
+        );
+        assert!(p.must_cut(2 * p.target(), 10));
+        assert!(p.must_cut(1, 1 << 20), "the byte limit is");
         assert!(!p.is_due(Duration::from_millis(19)));
         assert!(p.is_due(Duration::from_millis(20)));
     }

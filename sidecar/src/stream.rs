@@ -18,14 +18,13 @@ use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::Client;
 
+use crate::assembly::{Assembler, Batch, Confirmations};
 use crate::batching::BatchPolicy;
 use crate::cache::{Cache, Entry, Write};
 use crate::config::Config;
 use crate::http::{Health, Role};
 use crate::leader::Leadership;
-use crate::log_row::LogColumns;
 use crate::metrics::Metrics;
-use crate::pgoutput::{Change, Decoder};
 use crate::postgres;
 use crate::repair::Repairs;
 
@@ -54,41 +53,6 @@ pub struct Context {
     pub repairs: Arc<Mutex<Repairs>>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
-}
-
-/// Command-log rows on their way to `cqrs.project_batch`.
-struct Batch {
-    /// Batches are numbered in the order they are taken; the flusher reports the numbers done.
-    number: u64,
-    json: String,
-    events: usize,
-    /// End LSN of the last transaction that is complete in this batch.
-    commit_lsn: Option<u64>,
-    /// Commit time of the oldest event, for the delay metric.
-    oldest_commit: Option<SystemTime>,
-    started: Instant,
-}
-
-impl Batch {
-    fn new() -> Self {
-        Self {
-            number: 0,
-            json: String::from("["),
-            events: 0,
-            commit_lsn: None,
-            oldest_commit: None,
-            started: Instant::now(),
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.events == 0
-    }
-
-    fn finish(mut self) -> Self {
-        self.json.push(']');
-        self
-    }
 }
 
 /// Retry delays: exponential from 100 ms, doubling, at most 5 s, with jitter.
@@ -300,7 +264,7 @@ async fn flusher(
     let mut statement = sql.prepare(PROJECT).await.ok();
     while let Some(batch) = batches.recv().await {
         let started = Instant::now();
-        let lsn = batch.commit_lsn.map(cqrs_lsn);
+        let lsn = batch.fence().map(cqrs_lsn);
         // the LSN is confirmed by the streamer once this batch is reported done
         let mut delays = backoff();
         let rows = loop {
@@ -376,112 +340,13 @@ fn cqrs_lsn(lsn: u64) -> String {
     cqrs_projection::lsn::format(lsn)
 }
 
-/// Decodes the stream into batches.
-struct Assembler {
-    decoder: Decoder,
-    /// number of the last batch taken
-    taken: u64,
-    /// relation id → how to read it, when it is the command log
-    log: HashMap<u32, Option<LogColumns>>,
-    batch: Batch,
-    in_transaction: bool,
-    transaction_commit: Option<SystemTime>,
-}
-
-impl Assembler {
-    fn new() -> Self {
-        Self {
-            decoder: Decoder::new(),
-            taken: 0,
-            log: HashMap::new(),
-            batch: Batch::new(),
-            in_transaction: false,
-            transaction_commit: None,
-        }
+/// Takes the batch being filled; its last complete commit may be confirmed once it is done.
+fn take(assembler: &mut Assembler, confirmations: &mut Confirmations) -> Batch {
+    let batch = assembler.take();
+    if let Some(lsn) = batch.commit_lsn {
+        confirmations.defer(batch.number, lsn);
     }
-
-    fn take(&mut self) -> Batch {
-        self.taken += 1;
-        let mut batch = std::mem::replace(&mut self.batch, Batch::new()).finish();
-        batch.number = self.taken;
-        batch
-    }
-
-    fn data(&mut self, data: &bytes::Bytes) -> anyhow::Result<()> {
-        match self.decoder.decode(data)? {
-            Change::Relation(relation) => {
-                let columns = if relation.namespace == "cqrs" && relation.name == "command_log" {
-                    Some(LogColumns::resolve(&relation)?)
-                } else {
-                    tracing::warn!(relation = %format!("{}.{}", relation.namespace, relation.name), "ignoring a table that is not the command log");
-                    None
-                };
-                self.log.insert(relation.id, columns);
-            }
-            Change::Insert { relation, values } => {
-                if let Some(Some(columns)) = self.log.get(&relation.id) {
-                    if self.batch.events > 0 {
-                        self.batch.json.push(',');
-                    } else {
-                        // a batch's wait starts with its first event
-                        self.batch.started = Instant::now();
-                    }
-                    columns.append_json(&values, &mut self.batch.json)?;
-                    self.batch.events += 1;
-                    if self.batch.oldest_commit.is_none() {
-                        self.batch.oldest_commit = self.transaction_commit;
-                    }
-                }
-            }
-            Change::Update { relation } | Change::Delete { relation } => {
-                if matches!(self.log.get(&relation.id), Some(Some(_))) {
-                    tracing::error!("cqrs.command_log was updated or deleted from: it is append-only; the change is ignored");
-                }
-            }
-            Change::Truncate { .. } => {
-                tracing::error!(
-                    "a table of the publication was truncated; projections are not changed by it"
-                );
-            }
-            Change::Ignored(_) => {}
-        }
-        Ok(())
-    }
-}
-
-/// LSNs to confirm once the batches taken before them are done: `(batch number, lsn)`, in order.
-#[derive(Default)]
-struct Confirmations {
-    queue: std::collections::VecDeque<(u64, u64)>,
-    done: u64,
-    confirmed: u64,
-}
-
-impl Confirmations {
-    /// `lsn` may be confirmed once batch `after` is done.
-    fn defer(&mut self, after: u64, lsn: u64) {
-        match self.queue.back_mut() {
-            Some((number, last)) if *number == after => *last = (*last).max(lsn),
-            _ => self.queue.push_back((after, lsn)),
-        }
-    }
-
-    /// Batches up to `done` are done; returns the LSN to confirm if it moved.
-    fn advance(&mut self, done: u64) -> Option<u64> {
-        self.done = self.done.max(done);
-        let mut moved = None;
-        while let Some(&(number, lsn)) = self.queue.front() {
-            if number > self.done {
-                break;
-            }
-            self.queue.pop_front();
-            if lsn > self.confirmed {
-                self.confirmed = lsn;
-                moved = Some(lsn);
-            }
-        }
-        moved
-    }
+    batch
 }
 
 /// Leads until shutdown, loss of the lock, deposition or failure.
@@ -534,7 +399,7 @@ pub async fn lead(ctx: &Context, leadership: &Leadership, mut shutdown: watch::R
     ));
 
     let mut lost = leadership.lost();
-    let mut assembler = Assembler::new();
+    let mut assembler = Assembler::default();
     // a full batch waiting for the flusher; while it waits the stream is not read
     let mut waiting: Option<Batch> = None;
     let mut confirmations = Confirmations::default();
@@ -582,11 +447,7 @@ pub async fn lead(ctx: &Context, leadership: &Leadership, mut shutdown: watch::R
                 let Ok(permit) = permit else {
                     break Ending::Failed(anyhow::anyhow!("the flusher went away"));
                 };
-                let batch = assembler.take();
-                if let Some(lsn) = batch.commit_lsn {
-                    confirmations.defer(batch.number, lsn);
-                }
-                permit.send(batch);
+                permit.send(take(&mut assembler, &mut confirmations));
             }
             event = repl.recv(), if waiting.is_none() => {
                 let event = match event {
@@ -597,39 +458,34 @@ pub async fn lead(ctx: &Context, leadership: &Leadership, mut shutdown: watch::R
                 ctx.health.streaming.store(true, Ordering::Relaxed);
                 match event {
                     ReplicationEvent::Begin { commit_time_micros, .. } => {
-                        assembler.in_transaction = true;
                         let unix = commit_time_micros.saturating_add(PG_EPOCH_OFFSET_MICROS).max(0) as u64;
-                        assembler.transaction_commit = Some(UNIX_EPOCH + Duration::from_micros(unix));
+                        assembler.begin(UNIX_EPOCH + Duration::from_micros(unix));
                     }
                     ReplicationEvent::XLogData { data, .. } => {
                         if let Err(err) = assembler.data(&data) {
                             break Ending::Failed(err);
                         }
-                        let full = policy.lock().map(|p| p.is_full(assembler.batch.events, assembler.batch.json.len())).unwrap_or(false);
-                        if full {
-                            // may end inside a transaction: its commit LSN goes with the batch
-                            // that holds its last event, so a part never fences the rest
-                            let batch = assembler.take();
-                            if let Some(lsn) = batch.commit_lsn {
-                                confirmations.defer(batch.number, lsn);
-                            }
-                            waiting = Some(batch);
+                        // a transaction too large for one batch is cut; the part carries no fence
+                        let cut = policy.lock().map(|p| p.must_cut(assembler.batch.events, assembler.batch.json.len())).unwrap_or(false);
+                        if cut {
+                            waiting = Some(take(&mut assembler, &mut confirmations));
                         }
                     }
                     ReplicationEvent::Commit { end_lsn, .. } => {
-                        assembler.in_transaction = false;
-                        if assembler.batch.is_empty() {
+                        if !assembler.commit(end_lsn.as_u64()) {
                             // its events (if any) went out in batches already taken: confirm it
                             // once they are done
                             confirmations.defer(assembler.taken, end_lsn.as_u64());
                             confirm(&repl, &mut confirmations, *completed_rx.borrow());
-                        } else {
-                            assembler.batch.commit_lsn = Some(end_lsn.as_u64());
+                        }
+                        let full = policy.lock().map(|p| p.is_full(assembler.batch.events, assembler.batch.json.len())).unwrap_or(false);
+                        if full {
+                            waiting = Some(take(&mut assembler, &mut confirmations));
                         }
                     }
                     ReplicationEvent::KeepAlive { wal_end, .. } => {
                         // nothing open: everything up to wal_end is done once the batches taken are
-                        if !assembler.in_transaction && assembler.batch.is_empty() {
+                        if !assembler.in_transaction() && assembler.batch.is_empty() {
                             confirmations.defer(assembler.taken, wal_end.as_u64());
                             confirm(&repl, &mut confirmations, *completed_rx.borrow());
                         }
@@ -649,11 +505,7 @@ pub async fn lead(ctx: &Context, leadership: &Leadership, mut shutdown: watch::R
             let mut remaining = vec![];
             remaining.extend(waiting.take());
             if !assembler.batch.is_empty() {
-                let batch = assembler.take();
-                if let Some(lsn) = batch.commit_lsn {
-                    confirmations.defer(batch.number, lsn);
-                }
-                remaining.push(batch);
+                remaining.push(take(&mut assembler, &mut confirmations));
             }
             for batch in remaining {
                 if tokio::time::timeout_at(deadline, batches_tx.send(batch))
@@ -683,27 +535,5 @@ pub async fn lead(ctx: &Context, leadership: &Leadership, mut shutdown: watch::R
             repl.abort();
             other
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_lsn_is_confirmed_only_after_the_batches_before_it() {
-        let mut c = Confirmations::default();
-        // batch 1 holds a transaction that ends (commit 100) after batch 1 was taken
-        c.defer(1, 100);
-        assert_eq!(c.advance(0), None, "batch 1 is not done");
-        c.defer(2, 150);
-        c.defer(2, 140);
-        assert_eq!(c.advance(1), Some(100));
-        assert_eq!(c.advance(1), None);
-        assert_eq!(c.advance(2), Some(150), "coalesced, the highest wins");
-        c.defer(2, 120);
-        assert_eq!(c.advance(2), None, "never backwards");
-        c.defer(2, 200);
-        assert_eq!(c.advance(2), Some(200), "nothing in flight: at once");
     }
 }

@@ -1,0 +1,293 @@
+//! Turning the decoded stream into batches for `cqrs.project_batch`, and knowing which LSNs
+//! may be confirmed to the slot once which batches are done.
+//!
+//! A batch passes `project_batch` a commit LSN that fences it: a batch at or below a
+//! projection's checkpoint is skipped whole, as already applied. That is only true when every
+//! event of the batch belongs to a transaction that committed at or below that LSN. A batch
+//! cut inside a transaction also holds events of a later commit, so it is sent without a
+//! fence: per-stream sequencing alone makes its redelivery harmless. (Sent with the previous
+//! commit's LSN, a takeover that replays it below the dead leader's checkpoint would skip the
+//! cut transaction's events for good, and the slot would then confirm past them.)
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Instant, SystemTime};
+
+use crate::log_row::LogColumns;
+use crate::pgoutput::{Change, Decoder};
+
+/// Command-log rows on their way to `cqrs.project_batch`.
+pub struct Batch {
+    /// Batches are numbered in the order they are taken; the flusher reports the numbers done.
+    pub number: u64,
+    pub json: String,
+    pub events: usize,
+    /// End LSN of the last transaction that is complete in this batch.
+    pub commit_lsn: Option<u64>,
+    /// The batch was cut inside a transaction and holds some of its events.
+    pub cut: bool,
+    /// Commit time of the oldest event, for the delay metric.
+    pub oldest_commit: Option<SystemTime>,
+    pub started: Instant,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Self {
+            number: 0,
+            json: String::from("["),
+            events: 0,
+            commit_lsn: None,
+            cut: false,
+            oldest_commit: None,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events == 0
+    }
+
+    /// The LSN `project_batch` may skip this batch at: none when it was cut inside a
+    /// transaction (see the module comment).
+    pub fn fence(&self) -> Option<u64> {
+        if self.cut {
+            None
+        } else {
+            self.commit_lsn
+        }
+    }
+}
+
+/// Decodes the stream into batches.
+pub struct Assembler {
+    decoder: Decoder,
+    /// number of the last batch taken
+    pub taken: u64,
+    /// relation id → how to read it, when it is the command log
+    log: HashMap<u32, Option<LogColumns>>,
+    pub batch: Batch,
+    in_transaction: bool,
+    /// the batch being filled holds events of the open transaction
+    holds_open: bool,
+    transaction_commit: Option<SystemTime>,
+}
+
+impl Default for Assembler {
+    fn default() -> Self {
+        Self {
+            decoder: Decoder::new(),
+            taken: 0,
+            log: HashMap::new(),
+            batch: Batch::new(),
+            in_transaction: false,
+            holds_open: false,
+            transaction_commit: None,
+        }
+    }
+}
+
+impl Assembler {
+    pub fn in_transaction(&self) -> bool {
+        self.in_transaction
+    }
+
+    /// Takes the batch being filled (and numbers it); a new one starts.
+    pub fn take(&mut self) -> Batch {
+        self.taken += 1;
+        let mut batch = std::mem::replace(&mut self.batch, Batch::new());
+        batch.json.push(']');
+        batch.number = self.taken;
+        batch.cut = self.in_transaction && self.holds_open;
+        self.holds_open = false;
+        batch
+    }
+
+    pub fn begin(&mut self, commit_time: SystemTime) {
+        self.in_transaction = true;
+        self.holds_open = false;
+        self.transaction_commit = Some(commit_time);
+    }
+
+    /// A transaction ended at `end_lsn`. Returns false when the batch being filled is empty:
+    /// the transaction's events (if any) went out in batches already taken.
+    pub fn commit(&mut self, end_lsn: u64) -> bool {
+        self.in_transaction = false;
+        self.holds_open = false;
+        if self.batch.is_empty() {
+            return false;
+        }
+        self.batch.commit_lsn = Some(end_lsn);
+        true
+    }
+
+    pub fn data(&mut self, data: &bytes::Bytes) -> anyhow::Result<()> {
+        match self.decoder.decode(data)? {
+            Change::Relation(relation) => {
+                let columns = if relation.namespace == "cqrs" && relation.name == "command_log" {
+                    Some(LogColumns::resolve(&relation)?)
+                } else {
+                    tracing::warn!(relation = %format!("{}.{}", relation.namespace, relation.name), "ignoring a table that is not the command log");
+                    None
+                };
+                self.log.insert(relation.id, columns);
+            }
+            Change::Insert { relation, values } => {
+                if let Some(Some(columns)) = self.log.get(&relation.id) {
+                    if self.batch.events > 0 {
+                        self.batch.json.push(',');
+                    } else {
+                        // a batch's wait starts with its first event
+                        self.batch.started = Instant::now();
+                    }
+                    columns.append_json(&values, &mut self.batch.json)?;
+                    self.batch.events += 1;
+                    self.holds_open = self.in_transaction;
+                    if self.batch.oldest_commit.is_none() {
+                        self.batch.oldest_commit = self.transaction_commit;
+                    }
+                }
+            }
+            Change::Update { relation } | Change::Delete { relation } => {
+                if matches!(self.log.get(&relation.id), Some(Some(_))) {
+                    tracing::error!("cqrs.command_log was updated or deleted from: it is append-only; the change is ignored");
+                }
+            }
+            Change::Truncate { .. } => {
+                tracing::error!(
+                    "a table of the publication was truncated; projections are not changed by it"
+                );
+            }
+            Change::Ignored(_) => {}
+        }
+        Ok(())
+    }
+}
+
+/// LSNs to confirm once the batches taken before them are done: `(batch number, lsn)`, in order.
+#[derive(Default)]
+pub struct Confirmations {
+    queue: VecDeque<(u64, u64)>,
+    done: u64,
+    pub confirmed: u64,
+}
+
+impl Confirmations {
+    /// `lsn` may be confirmed once batch `after` is done.
+    pub fn defer(&mut self, after: u64, lsn: u64) {
+        match self.queue.back_mut() {
+            Some((number, last)) if *number == after => *last = (*last).max(lsn),
+            _ => self.queue.push_back((after, lsn)),
+        }
+    }
+
+    /// Batches up to `done` are done; returns the LSN to confirm if it moved.
+    pub fn advance(&mut self, done: u64) -> Option<u64> {
+        self.done = self.done.max(done);
+        let mut moved = None;
+        while let Some(&(number, lsn)) = self.queue.front() {
+            if number > self.done {
+                break;
+            }
+            self.queue.pop_front();
+            if lsn > self.confirmed {
+                self.confirmed = lsn;
+                moved = Some(lsn);
+            }
+        }
+        moved
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgoutput::tests::{insert_message, relation_message};
+
+    const COLUMNS: &[&str] = &[
+        "position",
+        "command_id",
+        "stream",
+        "seq",
+        "command_type",
+        "payload",
+        "metadata",
+        "created_at",
+    ];
+
+    fn event(assembler: &mut Assembler, position: u64) {
+        let position = position.to_string();
+        let message = insert_message(
+            7,
+            &[
+                Some(&position),
+                Some("0190a5c8-0000-7000-8000-000000000001"),
+                Some("order-1"),
+                Some(&position),
+                Some("ADD_ITEM"),
+                Some("{}"),
+                Some("{}"),
+                Some("2026-11-22 20:29:53+00"),
+            ],
+        );
+        assembler.data(&message).unwrap();
+    }
+
+    fn assembler() -> Assembler {
+        let mut a = Assembler::default();
+        a.data(&relation_message(7, "cqrs", "command_log", COLUMNS))
+            .unwrap();
+        a
+    }
+
+    #[test]
+    fn a_batch_cut_inside_a_transaction_carries_no_fence() {
+        let mut a = assembler();
+        a.begin(SystemTime::now());
+        event(&mut a, 1);
+        assert!(a.commit(100));
+        a.begin(SystemTime::now());
+        event(&mut a, 2);
+        // cut here, as a full batch or an old one would be: event 2 commits after LSN 100
+        let cut = a.take();
+        assert_eq!((cut.events, cut.commit_lsn), (2, Some(100)));
+        assert!(cut.cut);
+        assert_eq!(cut.fence(), None, "LSN 100 must not fence event 2");
+        event(&mut a, 3);
+        assert!(a.commit(200));
+        let rest = a.take();
+        assert_eq!((rest.events, rest.fence()), (1, Some(200)));
+    }
+
+    #[test]
+    fn a_batch_taken_between_transactions_is_fenced_by_its_last_commit() {
+        let mut a = assembler();
+        a.begin(SystemTime::now());
+        event(&mut a, 1);
+        assert!(a.commit(100));
+        a.begin(SystemTime::now());
+        // the open transaction has no event in the batch yet
+        let batch = a.take();
+        assert_eq!(batch.fence(), Some(100));
+        assert!(!a.commit(150), "the batch being filled is empty");
+        assert_eq!(batch.number, 1);
+        let parsed: serde_json::Value = serde_json::from_str(&batch.json).unwrap();
+        assert_eq!(parsed[0]["position"], 1);
+    }
+
+    #[test]
+    fn an_lsn_is_confirmed_only_after_the_batches_before_it() {
+        let mut c = Confirmations::default();
+        // batch 1 holds a transaction that ends (commit 100) after batch 1 was taken
+        c.defer(1, 100);
+        assert_eq!(c.advance(0), None, "batch 1 is not done");
+        c.defer(2, 150);
+        c.defer(2, 140);
+        assert_eq!(c.advance(1), Some(100));
+        assert_eq!(c.advance(1), None);
+        assert_eq!(c.advance(2), Some(150), "coalesced, the highest wins");
+        c.defer(2, 120);
+        assert_eq!(c.advance(2), None, "never backwards");
+        c.defer(2, 200);
+        assert_eq!(c.advance(2), Some(200), "nothing in flight: at once");
+    }
+}
