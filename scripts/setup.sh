@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what pg_cqrs needs on Debian 12, skipping whatever is already there:
 # PostgreSQL 15 (server, headers, pgbench), redis-server, clang (bindgen), sudo (cargo pgrx test
-# --runas), prometheus (promtool), cargo-pgrx 0.18.1 and its PostgreSQL 15 configuration.
+# --runas), prometheus (promtool), openssl (test certificates), cargo-pgrx 0.18.1 and its PostgreSQL 15 configuration.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
@@ -9,7 +9,7 @@ source scripts/common.sh
 command -v cargo >/dev/null || die "cargo not found: install the Rust toolchain (rustup) first"
 
 packages=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 redis-server redis-tools
-          clang libclang-dev sudo prometheus)
+          clang libclang-dev sudo prometheus openssl)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")

@@ -25,6 +25,8 @@ pub struct ClusterOptions {
     pub durability: Durability,
     /// Extra `postgresql.conf` lines.
     pub settings: Vec<String>,
+    /// `pg_hba.conf` lines put before initdb's (the first matching line wins).
+    pub hba: Vec<String>,
     /// Name of the database created for the caller (with `CREATE EXTENSION pg_cqrs` when
     /// `with_extension`).
     pub database: String,
@@ -36,6 +38,7 @@ impl Default for ClusterOptions {
         Self {
             durability: Durability::NoFsync,
             settings: Vec::new(),
+            hba: Vec::new(),
             database: "cqrs".to_owned(),
             with_extension: true,
         }
@@ -159,6 +162,13 @@ impl PgCluster {
         }
         fs::write(&path, text).context("writing postgresql.conf")?;
         chown_to_postgres(&path)?;
+        if !options.hba.is_empty() {
+            let path = self.data.join("pg_hba.conf");
+            let initial = fs::read_to_string(&path).context("reading pg_hba.conf")?;
+            let text = format!("# pg_cqrs harness\n{}\n{initial}", options.hba.join("\n"));
+            fs::write(&path, text).context("writing pg_hba.conf")?;
+            chown_to_postgres(&path)?;
+        }
         Ok(())
     }
 

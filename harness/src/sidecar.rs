@@ -197,6 +197,11 @@ impl Sidecar {
     pub fn is_running(&mut self) -> bool {
         self.child.is_running()
     }
+
+    /// Its exit code once it exits by itself within `timeout`; `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<i32>> {
+        self.child.wait_timeout(timeout)
+    }
 }
 
 /// Indexes of the sidecars that say they lead.

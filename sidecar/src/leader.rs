@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::http::{Health, Role};
+use crate::postgres::Database;
 
 /// Advisory lock class of the sidecar leader ("CQRL", apart from the "CQRS" class of
 /// cqrs.wait_for); the second key is `hashtext(slot)`.
@@ -58,8 +59,8 @@ struct LockConnection {
     lost: watch::Receiver<bool>,
 }
 
-async fn open(config: &tokio_postgres::Config) -> Result<LockConnection, tokio_postgres::Error> {
-    let (client, connection) = config.connect(NoTls).await?;
+async fn open(db: &Database) -> Result<LockConnection, tokio_postgres::Error> {
+    let (client, connection) = db.config.connect(db.connector()).await?;
     let (lost_tx, lost) = watch::channel(false);
     let driver_lost = lost_tx.clone();
     let driver = tokio::spawn(async move {
@@ -114,7 +115,7 @@ impl LockConnection {
 
 /// Waits until this sidecar holds the lock, standing by meanwhile; `None` on shutdown.
 pub async fn acquire(
-    config: &tokio_postgres::Config,
+    db: &Database,
     slot: &str,
     shutdown: &mut watch::Receiver<bool>,
     health: &Health,
@@ -129,7 +130,7 @@ pub async fn acquire(
             connection = None;
         }
         if connection.is_none() {
-            match open(config).await {
+            match open(db).await {
                 Ok(opened) => connection = Some(opened),
                 Err(err) => {
                     health.pg_reachable.store(false, Ordering::Relaxed);

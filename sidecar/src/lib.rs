@@ -17,3 +17,4 @@ pub mod reads;
 pub mod repair;
 pub mod status;
 pub mod stream;
+pub mod tls;

@@ -46,9 +46,18 @@ async fn signals(shutdown: watch::Sender<bool>) {
     let _ = shutdown.send(true);
 }
 
+/// 2 for what the operator must fix, 1 for what may pass by itself.
+fn exit_code(err: &postgres::StartupError) -> ExitCode {
+    ExitCode::from(if err.is_misconfiguration() {
+        MISCONFIGURED
+    } else {
+        1
+    })
+}
+
 async fn run(config: Config) -> ExitCode {
     let config = Arc::new(config);
-    let pg = match postgres::parse_url(&config.database_url) {
+    let pg = match postgres::Database::parse(&config.database_url) {
         Ok(pg) => pg,
         Err(err) => {
             tracing::error!(error = %err, "invalid --database-url");
@@ -108,28 +117,28 @@ async fn run(config: Config) -> ExitCode {
     let server = tokio::spawn(http::serve(config.http_addr, app, shutdown.clone()));
 
     // start-up checks: one clear message per misconfiguration
-    let target = postgres::describe(&pg);
+    let target = pg.describe();
     let started = tokio::time::Instant::now();
     let client = loop {
-        match postgres::connect(&pg, Duration::from_secs(5)).await {
+        match pg.connect(Duration::from_secs(5)).await {
             Ok(client) => break client,
-            Err(err) if started.elapsed() < CONNECT_AT_START_FOR && !*shutdown.borrow() => {
+            Err(err)
+                if !err.is_misconfiguration()
+                    && started.elapsed() < CONNECT_AT_START_FOR
+                    && !*shutdown.borrow() =>
+            {
                 tracing::warn!(error = %err, "PostgreSQL not reachable yet; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             Err(err) => {
-                tracing::error!(error = %err, "giving up");
-                return ExitCode::FAILURE;
+                tracing::error!(error = %err, database = %target, "giving up");
+                return exit_code(&err);
             }
         }
     };
-    if let Err(err) = postgres::check(&client, pg.get_dbname().unwrap_or("postgres")).await {
+    if let Err(err) = postgres::check(&client, pg.dbname()).await {
         tracing::error!(error = %err, database = %target, "start-up check failed");
-        return ExitCode::from(if err.is_misconfiguration() {
-            MISCONFIGURED
-        } else {
-            1
-        });
+        return exit_code(&err);
     }
     drop(client);
     health

@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::watch;
-use tokio_postgres::NoTls;
 
 use crate::cache::{Cache, Entry, Write};
 use crate::metrics::Metrics;
+use crate::postgres::Database;
 
 /// Where an answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,14 +104,14 @@ fn pg_error(err: &tokio_postgres::Error, projection: &str) -> ReadError {
 
 impl Reader {
     pub fn new(
-        pg: tokio_postgres::Config,
+        pg: Database,
         cache: Arc<Cache>,
         metrics: Arc<Metrics>,
         settings: ReadSettings,
     ) -> anyhow::Result<Arc<Self>> {
         let manager = Manager::from_config(
-            pg,
-            NoTls,
+            pg.config.clone(),
+            pg.connector(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },

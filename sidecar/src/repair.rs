@@ -174,7 +174,7 @@ pub mod run {
     use super::{RepairWork, Repairs};
     use crate::cache::{Cache, Entry, Write};
     use crate::metrics::Metrics;
-    use crate::postgres;
+    use crate::postgres::Database;
 
     /// Rows written to the cache per pipeline.
     const CHUNK: usize = 500;
@@ -278,7 +278,7 @@ pub mod run {
 
     /// Repairs whenever there is work and Redis answers, until `shutdown`.
     pub async fn repairer(
-        pg_config: tokio_postgres::Config,
+        db: Database,
         cache: Arc<Cache>,
         repairs: Arc<Mutex<Repairs>>,
         metrics: Arc<Metrics>,
@@ -298,7 +298,7 @@ pub mod run {
                 Err(work)
             } else {
                 if pg.as_ref().is_none_or(|c| c.is_closed()) {
-                    pg = postgres::connect(&pg_config, Duration::from_secs(5)).await.ok();
+                    pg = db.connect(Duration::from_secs(5)).await.ok();
                 }
                 match pg.as_ref() {
                     Some(client) => pass(client, &cache, work).await,

@@ -14,7 +14,7 @@ use tokio_postgres::Client;
 use crate::cache::Cache;
 use crate::http::{Health, Role};
 use crate::metrics::Metrics;
-use crate::postgres;
+use crate::postgres::Database;
 use crate::repair::Repairs;
 
 #[derive(Default)]
@@ -34,7 +34,7 @@ fn delta(seen: &mut HashMap<String, i64>, projection: &str, now: i64) -> u64 {
 
 /// What the poller works with.
 pub struct Watch {
-    pub pg: tokio_postgres::Config,
+    pub pg: Database,
     pub slot: String,
     pub every: Duration,
     pub metrics: Arc<Metrics>,
@@ -132,7 +132,7 @@ pub async fn poller(watch: Watch, mut shutdown: watch::Receiver<bool>) {
     let mut seen = Seen::default();
     loop {
         if pg.as_ref().is_none_or(|c| c.is_closed()) {
-            pg = postgres::connect(&watch.pg, Duration::from_secs(5)).await.ok();
+            pg = watch.pg.connect(Duration::from_secs(5)).await.ok();
         }
         if let Some(client) = pg.as_ref() {
             if let Err(err) = poll(client, &watch, &mut seen).await {

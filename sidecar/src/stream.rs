@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::http::{Health, Role};
 use crate::leader::Leadership;
 use crate::metrics::Metrics;
-use crate::postgres;
+use crate::postgres::Database;
 use crate::repair::Repairs;
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
@@ -48,7 +48,7 @@ pub enum Ending {
 #[derive(Clone)]
 pub struct Context {
     pub config: Arc<Config>,
-    pub pg: tokio_postgres::Config,
+    pub pg: Database,
     pub cache: Arc<Cache>,
     pub repairs: Arc<Mutex<Repairs>>,
     pub metrics: Arc<Metrics>,
@@ -270,7 +270,9 @@ async fn flusher(
         let rows = loop {
             let attempt = async {
                 if statement.is_none() || sql.is_closed() {
-                    sql = postgres::connect(&ctx.pg, Duration::from_secs(5))
+                    sql = ctx
+                        .pg
+                        .connect(Duration::from_secs(5))
                         .await
                         .map_err(|e| e.to_string())?;
                     statement = Some(sql.prepare(PROJECT).await.map_err(|e| e.to_string())?);
@@ -354,7 +356,7 @@ pub async fn lead(ctx: &Context, leadership: &Leadership, mut shutdown: watch::R
     let config = Arc::clone(&ctx.config);
     ctx.health.set_role(Role::Leader);
     ctx.metrics.leader.set(1);
-    let sql = match postgres::connect(&ctx.pg, Duration::from_secs(5)).await {
+    let sql = match ctx.pg.connect(Duration::from_secs(5)).await {
         Ok(sql) => sql,
         Err(err) => return Ending::Failed(err.into()),
     };
@@ -370,7 +372,8 @@ pub async fn lead(ctx: &Context, leadership: &Leadership, mut shutdown: watch::R
         return Ending::Failed(err);
     }
     let mut repl = match ReplicationClient::connect(
-        postgres::replication_config(&ctx.pg, &config.slot, &config.publication)
+        ctx.pg
+            .replication_config(&config.slot, &config.publication)
             .with_status_interval(Duration::from_millis(250)),
     )
     .await

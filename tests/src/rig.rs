@@ -29,10 +29,16 @@ impl Rig {
 
     /// Like [`Rig::start`], with extra `postgresql.conf` lines.
     pub async fn start_with(settings: &[&str]) -> Result<Self> {
-        let pg = PgCluster::start(ClusterOptions {
+        Self::start_with_options(ClusterOptions {
             settings: settings.iter().map(|s| (*s).to_owned()).collect(),
             ..ClusterOptions::default()
-        })?;
+        })
+        .await
+    }
+
+    /// Like [`Rig::start`], with the cluster's options given.
+    pub async fn start_with_options(options: ClusterOptions) -> Result<Self> {
+        let pg = PgCluster::start(options)?;
         let client = connect(&pg.url()).await?;
         client
             .batch_execute(&std::fs::read_to_string(
@@ -59,8 +65,13 @@ impl Rig {
 
     /// Starts one more sidecar (it leads if nobody does, else stands by); returns its index.
     pub fn add_sidecar(&mut self) -> Result<usize> {
+        self.add_sidecar_at(&self.pg.url())
+    }
+
+    /// Like [`Rig::add_sidecar`], connecting with `database_url`.
+    pub fn add_sidecar_at(&mut self, database_url: &str) -> Result<usize> {
         let name = format!("sidecar-{}", self.sidecars.len() + 1);
-        let sidecar = Sidecar::start(&name, &self.pg.url(), &self.redis.url(), &self.settings)?;
+        let sidecar = Sidecar::start(&name, database_url, &self.redis.url(), &self.settings)?;
         self.sidecars.push(sidecar);
         Ok(self.sidecars.len() - 1)
     }

@@ -1,0 +1,107 @@
+//! cqrs-sidecar over TLS, against a PostgreSQL whose pg_hba.conf rejects the sidecar's role on
+//! plain TCP: every connection the sidecar opens (queries, leader lock, read pool, replication
+//! stream) must be encrypted, verified as the database URL's `sslmode` says, or refused with a
+//! message that names the fix.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use cqrs_e2e::orders::{self, random_log, seed_commands};
+use cqrs_e2e::rig::Rig;
+use cqrs_harness::{http_get, Certificates, ClusterOptions};
+use rand::SeedableRng;
+
+const ROLE: &str = "sidecar_tls";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_streams_and_reads_over_verified_tls_and_refuses_a_wrong_ca() -> Result<()> {
+    let certs = Certificates::generate()?;
+    let mut rig = Rig::start_with_options(ClusterOptions {
+        settings: certs.server_settings(),
+        hba: vec![
+            format!("hostnossl all {ROLE} 127.0.0.1/32 reject"),
+            format!("hostnossl replication {ROLE} 127.0.0.1/32 reject"),
+        ],
+        ..ClusterOptions::default()
+    })
+    .await?;
+    let client = rig.client().await?;
+    client
+        .batch_execute(&format!("create role {ROLE} login superuser"))
+        .await?;
+    let base = format!(
+        "postgres://{ROLE}@127.0.0.1:{}/{}",
+        rig.pg.port(),
+        rig.pg.database()
+    );
+    let url = |query: &str| format!("{base}?{query}");
+
+    // the server's own CA, host name checked: streams, projects, reads
+    let verified = url(&format!(
+        "sslmode=verify-full&sslrootcert={}",
+        certs.ca().display()
+    ));
+    rig.add_sidecar_at(&verified)?;
+    let leader = rig.wait_for_leader(Duration::from_secs(30))?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    orders::append_all(&client, &seed_commands(10), 10).await?;
+    orders::append_all(&client, &random_log(&mut rng, 300, 30, 10), 1).await?;
+    rig.assert_consistent(Duration::from_secs(60)).await?;
+    let (plain, walsenders): (i64, i64) = {
+        let row = client
+            .query_one(
+                "select count(*) filter (where not s.ssl), count(*) filter (where a.backend_type = 'walsender' and s.ssl)
+                   from pg_catalog.pg_stat_activity a join pg_catalog.pg_stat_ssl s using (pid)
+                  where a.usename = $1",
+                &[&ROLE],
+            )
+            .await?;
+        (row.get(0), row.get(1))
+    };
+    ensure!(
+        plain == 0,
+        "{plain} of the sidecar's connections are not encrypted"
+    );
+    ensure!(
+        walsenders == 1,
+        "the replication stream is not encrypted ({walsenders} TLS walsenders)"
+    );
+    // a key nobody has: only PostgreSQL (through the read pool) can say 404
+    let (status, body) = http_get(
+        rig.sidecars[leader].http_port(),
+        "/v1/projections/order_summary/no-such-order",
+        Duration::from_secs(5),
+    )?;
+    ensure!(status == 404, "read API over TLS: {status} {body}");
+
+    // encrypted without verification (libpq's require): connects, stands by ready
+    let unverified = rig.add_sidecar_at(&url("sslmode=require"))?;
+    rig.sidecars[unverified].wait_ready(Duration::from_secs(30))?;
+
+    // a CA that did not sign the server's certificate: refused at start, exit code 2, and the
+    // log says what to check
+    let wrong = url(&format!(
+        "sslmode=verify-full&sslrootcert={}",
+        certs.other_ca().display()
+    ));
+    let refused = rig.add_sidecar_at(&wrong)?;
+    let code = rig.sidecars[refused].wait_exit(Duration::from_secs(20))?;
+    let log = rig.sidecars[refused].log();
+    ensure!(code == Some(2), "a wrong CA: exit code {code:?}\n{log}");
+    ensure!(
+        log.contains("TLS handshake") && log.contains("sslrootcert"),
+        "the refusal does not say what to check:\n{log}"
+    );
+
+    // plain TCP for this role is rejected by pg_hba.conf (without it this test would pass
+    // without TLS): refused at once too, not retried
+    let plain = rig.add_sidecar_at(&url("sslmode=disable"))?;
+    let code = rig.sidecars[plain].wait_exit(Duration::from_secs(20))?;
+    let log = rig.sidecars[plain].log();
+    ensure!(code == Some(2), "sslmode=disable: exit code {code:?}\n{log}");
+    ensure!(
+        log.contains("pg_hba.conf"),
+        "the refusal does not name pg_hba.conf:\n{log}"
+    );
+    Ok(())
+}
