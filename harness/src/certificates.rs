@@ -116,6 +116,14 @@ impl Certificates {
         self.dir.join("ca.crt")
     }
 
+    pub fn server_cert(&self) -> PathBuf {
+        self.dir.join("server.crt")
+    }
+
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.join("server.key")
+    }
+
     /// A CA that signed nothing the server has.
     pub fn other_ca(&self) -> PathBuf {
         self.dir.join("other-ca.crt")
@@ -125,8 +133,8 @@ impl Certificates {
     pub fn server_settings(&self) -> Vec<String> {
         vec![
             "ssl = on".to_owned(),
-            format!("ssl_cert_file = '{}'", self.dir.join("server.crt").display()),
-            format!("ssl_key_file = '{}'", self.dir.join("server.key").display()),
+            format!("ssl_cert_file = '{}'", self.server_cert().display()),
+            format!("ssl_key_file = '{}'", self.server_key().display()),
         ]
     }
 }

@@ -6,11 +6,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::certificates::Certificates;
 use crate::postgres::free_port;
 use crate::process::ChildGuard;
 
 pub struct RedisServer {
     port: u16,
+    tls_port: Option<u16>,
     child: ChildGuard,
 }
 
@@ -21,7 +23,30 @@ impl RedisServer {
 
     /// Starts on a given port (used to bring a stopped server back where clients expect it).
     pub fn start_on(port: u16) -> Result<Self> {
-        let child = Command::new("redis-server")
+        Self::spawn(port, None)
+    }
+
+    /// Also listens for TLS on a port of its own, with the server certificate of `certs`
+    /// (clients are not asked for certificates).
+    pub fn start_with_tls(certs: &Certificates) -> Result<Self> {
+        Self::spawn(free_port()?, Some((free_port()?, certs)))
+    }
+
+    fn spawn(port: u16, tls: Option<(u16, &Certificates)>) -> Result<Self> {
+        let mut command = Command::new("redis-server");
+        if let Some((tls_port, certs)) = tls {
+            command
+                .arg("--tls-port")
+                .arg(tls_port.to_string())
+                .arg("--tls-cert-file")
+                .arg(certs.server_cert())
+                .arg("--tls-key-file")
+                .arg(certs.server_key())
+                .arg("--tls-ca-cert-file")
+                .arg(certs.ca())
+                .args(["--tls-auth-clients", "no"]);
+        }
+        let child = command
             .args([
                 "--bind",
                 "127.0.0.1",
@@ -43,6 +68,7 @@ impl RedisServer {
             .context("starting redis-server (apt-get install redis-server)")?;
         let server = Self {
             port,
+            tls_port: tls.map(|(tls_port, _)| tls_port),
             child: ChildGuard::new("redis-server", child),
         };
         server.wait_ready(Duration::from_secs(10))?;
@@ -70,6 +96,11 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// `rediss://` URL of the TLS port, when it has one.
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls_port.map(|port| format!("rediss://127.0.0.1:{port}/"))
     }
 
     /// Runs one redis-cli command and returns its raw output.

@@ -15,6 +15,7 @@
 //! projection's revision and writes what the cache missed: the rows of a batch that committed
 //! just before its leader died, or everything after a restart of Redis without persistence.
 
+use std::path::Path;
 use std::time::Duration;
 
 use rand::Rng;
@@ -113,6 +114,10 @@ pub enum CacheError {
     Unreachable(String),
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("cannot read the Redis CA file {path}: {reason}")]
+    CaFile { path: String, reason: String },
+    #[error("a Redis CA file is set but the Redis URL is not rediss:// (TLS)")]
+    CaWithoutTls,
 }
 
 /// Time to live of entries of each kind.
@@ -159,8 +164,38 @@ const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
 impl Cache {
     pub fn new(url: &str, prefix: &str, ttls: Ttls) -> Result<Self, CacheError> {
+        Self::with_roots(url, None, prefix, ttls)
+    }
+
+    /// Like [`Cache::new`]; a `rediss://` URL's server certificate is verified against the CA
+    /// certificates in `ca_file` (PEM) instead of the roots built in (webpki-roots).
+    pub fn with_roots(
+        url: &str,
+        ca_file: Option<&Path>,
+        prefix: &str,
+        ttls: Ttls,
+    ) -> Result<Self, CacheError> {
+        let client = match ca_file {
+            None => redis::Client::open(url)?,
+            Some(path) => {
+                if !url.starts_with("rediss://") {
+                    return Err(CacheError::CaWithoutTls);
+                }
+                let root_cert = std::fs::read(path).map_err(|err| CacheError::CaFile {
+                    path: path.display().to_string(),
+                    reason: err.to_string(),
+                })?;
+                redis::Client::build_with_tls(
+                    url,
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root_cert),
+                    },
+                )?
+            }
+        };
         Ok(Self {
-            client: redis::Client::open(url)?,
+            client,
             manager: Mutex::new(None),
             last_attempt: Mutex::new(None),
             script: redis::Script::new(WRITE_SCRIPT),
@@ -168,6 +203,11 @@ impl Cache {
             prefix: prefix.to_owned(),
             ttls,
         })
+    }
+
+    /// `host:port` of the server, for logs (never the password).
+    pub fn describe(&self) -> String {
+        self.client.get_connection_info().addr().to_string()
     }
 
     pub fn key(&self, projection: &str, key: &str) -> String {

@@ -56,11 +56,16 @@ pub struct Config {
     #[arg(long, env = "CQRS_PUBLICATION", default_value = "cqrs_command_log")]
     pub publication: String,
 
-    /// Redis URL for the read-model cache (redis://; TLS is not built in). Redis being down at
-    /// start is a warning, not a failure: projecting goes on and the cache is repaired when it
-    /// returns.
+    /// Redis URL for the read-model cache: redis:// or rediss:// (TLS, the server verified
+    /// against the built-in roots or --redis-ca-file; `rediss://host/#insecure` skips the
+    /// verification). Redis being down at start is a warning, not a failure: projecting goes on
+    /// and the cache is repaired when it returns.
     #[arg(long, env = "CQRS_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
     pub redis_url: String,
+
+    /// PEM file of the CA certificates a rediss:// server is verified against.
+    #[arg(long, env = "CQRS_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<std::path::PathBuf>,
 
     /// Prefix of cache keys: `{prefix}:{projection}:{key}`.
     #[arg(long, env = "CQRS_REDIS_PREFIX", default_value = "cqrs")]

@@ -76,10 +76,15 @@ async fn run(config: Config) -> ExitCode {
         tombstone: config.tombstone_ttl,
         missing: config.negative_ttl,
     };
-    let cache = match Cache::new(&config.redis_url, &config.redis_prefix, ttls) {
+    let cache = match Cache::with_roots(
+        &config.redis_url,
+        config.redis_ca_file.as_deref(),
+        &config.redis_prefix,
+        ttls,
+    ) {
         Ok(cache) => Arc::new(cache),
         Err(err) => {
-            tracing::error!(error = %err, "invalid --redis-url");
+            tracing::error!(error = %err, "invalid --redis-url or --redis-ca-file");
             return ExitCode::from(MISCONFIGURED);
         }
     };
@@ -145,7 +150,7 @@ async fn run(config: Config) -> ExitCode {
         .pg_reachable
         .store(true, std::sync::atomic::Ordering::Relaxed);
     if !cache.ping().await {
-        tracing::warn!(redis = %config.redis_url, "Redis is unreachable; projecting goes on and the cache is repaired when Redis answers");
+        tracing::warn!(redis = %cache.describe(), "Redis is unreachable; projecting goes on and the cache is repaired when Redis answers");
     }
     tracing::info!(database = %target, slot = %config.slot, "start-up checks passed");
 
@@ -227,6 +232,10 @@ async fn run(config: Config) -> ExitCode {
 fn main() -> ExitCode {
     let config = Config::parse();
     init_logging(&config);
+    // rustls is linked with two crypto providers (ring, which pgwire-replication asks for, and
+    // aws-lc-rs through tokio-rustls' defaults); the redis client takes the process default,
+    // which must then be chosen: ring, as for every other connection
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

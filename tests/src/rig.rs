@@ -54,6 +54,11 @@ impl Rig {
         })
     }
 
+    /// Replaces the rig's Redis (before any sidecar starts).
+    pub fn use_redis(&mut self, redis: RedisServer) {
+        self.redis = redis;
+    }
+
     /// A setting for the sidecars started from now on.
     pub fn set(&mut self, key: &str, value: &str) {
         self.settings.push((key.to_owned(), value.to_owned()));

@@ -1,14 +1,15 @@
 //! cqrs-sidecar over TLS, against a PostgreSQL whose pg_hba.conf rejects the sidecar's role on
 //! plain TCP: every connection the sidecar opens (queries, leader lock, read pool, replication
 //! stream) must be encrypted, verified as the database URL's `sslmode` says, or refused with a
-//! message that names the fix.
+//! message that names the fix. Redis is reached through its TLS port only (the test checks the
+//! cache through the plain one), verified against the test CA.
 
 use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use cqrs_e2e::orders::{self, random_log, seed_commands};
 use cqrs_e2e::rig::Rig;
-use cqrs_harness::{http_get, Certificates, ClusterOptions};
+use cqrs_harness::{http_get, Certificates, ClusterOptions, RedisServer};
 use rand::SeedableRng;
 
 const ROLE: &str = "sidecar_tls";
@@ -25,6 +26,11 @@ async fn the_sidecar_streams_and_reads_over_verified_tls_and_refuses_a_wrong_ca(
         ..ClusterOptions::default()
     })
     .await?;
+    let redis = RedisServer::start_with_tls(&certs)?;
+    let redis_tls = redis.tls_url().context("no TLS port")?;
+    rig.use_redis(redis);
+    rig.set("CQRS_REDIS_URL", &redis_tls);
+    rig.set("CQRS_REDIS_CA_FILE", &certs.ca().display().to_string());
     let client = rig.client().await?;
     client
         .batch_execute(&format!("create role {ROLE} login superuser"))
