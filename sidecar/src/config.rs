@@ -40,7 +40,9 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 )]
 pub struct Config {
     /// PostgreSQL URL of the database where `CREATE EXTENSION pg_cqrs` ran. The role needs the
-    /// REPLICATION attribute (or rds_replication) and membership in cqrs_projector.
+    /// REPLICATION attribute (or rds_replication) and membership in cqrs_projector. TLS as in
+    /// libpq: `?sslmode=disable|prefer|require|verify-ca|verify-full&sslrootcert=<CA file>|system`
+    /// (default prefer), for every connection including the replication stream.
     #[arg(
         long,
         env = "CQRS_DATABASE_URL",
