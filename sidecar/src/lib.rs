@@ -2,7 +2,7 @@
 //! and changed read-model rows to Redis; serves read-model rows over HTTP from Redis or
 //! PostgreSQL.
 
-pub mod assembly;
+mod assembly;
 pub mod batching;
 pub mod cache;
 pub mod config;
