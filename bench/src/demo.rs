@@ -327,6 +327,9 @@ async fn live(stack: &mut Stack, args: &DemoArgs) -> Result<bool> {
     let first = stack.add_sidecar()?;
     stack.wait_for_leader(Duration::from_secs(30))?;
     let second = stack.add_sidecar()?;
+    for sidecar in [first, second] {
+        stack.sidecars[sidecar].keep_log();
+    }
     println!(
         "  sidecar-1 leads (http {}), sidecar-2 stands by (http {}); logs: {} and {}",
         stack.http(first),

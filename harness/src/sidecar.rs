@@ -41,6 +41,18 @@ pub struct Sidecar {
     child: ChildGuard,
     http_port: u16,
     log: PathBuf,
+    /// Keep the log file when dropped (`CQRS_KEEP_LOGS`, or [`Sidecar::keep_log`]).
+    keep_log: bool,
+}
+
+/// Test runs start hundreds of sidecars: their logs go with them unless asked for (a test that
+/// fails on something the log explains puts the log in its error, see `Rig::logs`).
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if !self.keep_log {
+            let _ = std::fs::remove_file(&self.log);
+        }
+    }
 }
 
 /// GET `path` on `127.0.0.1:port`; returns status code and body.
@@ -100,6 +112,7 @@ impl Sidecar {
             child: ChildGuard::new(name.to_owned(), child),
             http_port,
             log,
+            keep_log: std::env::var_os("CQRS_KEEP_LOGS").is_some(),
         })
     }
 
@@ -114,6 +127,11 @@ impl Sidecar {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.pid()
+    }
+
+    /// Keeps the log file after the sidecar is gone (the demo points its user at it).
+    pub fn keep_log(&mut self) {
+        self.keep_log = true;
     }
 
     /// Where the sidecar logs to.
