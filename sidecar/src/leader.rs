@@ -1,5 +1,7 @@
 //! Leader election: one sidecar per slot leads, holding a session advisory lock on a connection
-//! of its own; the others stand by, trying the lock every second. A leader whose lock connection
+//! of its own; the others stand by, each waiting for the lock in PostgreSQL one second at a
+//! time (so a dead leader's lock passes on at once, and a standby still reports its health and
+//! hears a shutdown every second). A leader whose lock connection
 //! dies — or stops answering — learns it at once and stops streaming: the lock may already be
 //! someone else's. (Fencing does not rely on this alone: batches carry the lease token and the
 //! checkpoint LSN.)
@@ -17,7 +19,11 @@ use crate::postgres::Database;
 /// Advisory lock class of the sidecar leader ("CQRL", apart from the "CQRS" class of
 /// cqrs.wait_for); the second key is `hashtext(slot)`.
 const LOCK_CLASS: i32 = 0x4351_524C;
-const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// How long one wait for the lock lasts (`lock_timeout` of the lock connection); also the pause
+/// after a failed attempt.
+const WAIT_AT_MOST: Duration = Duration::from_secs(1);
+/// `lock_not_available`: the wait ran out, someone else leads.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -61,6 +67,7 @@ struct LockConnection {
 
 async fn open(db: &Database) -> Result<LockConnection, tokio_postgres::Error> {
     let (client, connection) = db.config.connect(db.connector()).await?;
+    let wait = format!("{}ms", WAIT_AT_MOST.as_millis());
     let (lost_tx, lost) = watch::channel(false);
     let driver_lost = lost_tx.clone();
     let driver = tokio::spawn(async move {
@@ -69,6 +76,12 @@ async fn open(db: &Database) -> Result<LockConnection, tokio_postgres::Error> {
         }
         let _ = driver_lost.send(true);
     });
+    client
+        .execute(
+            "select pg_catalog.set_config('lock_timeout', $1, false)",
+            &[&wait],
+        )
+        .await?;
     Ok(LockConnection {
         client: Arc::new(client),
         driver,
@@ -78,15 +91,20 @@ async fn open(db: &Database) -> Result<LockConnection, tokio_postgres::Error> {
 }
 
 impl LockConnection {
-    async fn try_lock(&self, slot: &str) -> Result<bool, tokio_postgres::Error> {
-        Ok(self
+    /// Waits for the lock (at most `WAIT_AT_MOST`): true once held, false when it ran out.
+    async fn wait_for_lock(&self, slot: &str) -> Result<bool, tokio_postgres::Error> {
+        let waited = self
             .client
-            .query_one(
-                "select pg_catalog.pg_try_advisory_lock($1, pg_catalog.hashtext($2))",
+            .execute(
+                "select pg_catalog.pg_advisory_lock($1, pg_catalog.hashtext($2))",
                 &[&LOCK_CLASS, &slot],
             )
-            .await?
-            .get(0))
+            .await;
+        match waited {
+            Ok(_) => Ok(true),
+            Err(err) if err.code().is_some_and(|c| c.code() == LOCK_NOT_AVAILABLE) => Ok(false),
+            Err(err) => Err(err),
+        }
     }
 
     /// Watches the connection of the lock now held.
@@ -139,7 +157,13 @@ pub async fn acquire(
             }
         }
         if let Some(current) = connection.take() {
-            match current.try_lock(slot).await {
+            let waited = tokio::select! {
+                waited = current.wait_for_lock(slot) => waited,
+                // dropping the connection ends the wait in PostgreSQL (or gives back a lock
+                // granted in the meantime)
+                _ = shutdown.changed() => return None,
+            };
+            match waited {
                 Ok(true) => {
                     health.pg_reachable.store(true, Ordering::Relaxed);
                     return Some(current.lead());
@@ -151,16 +175,18 @@ pub async fn acquire(
                         tracing::info!(slot, "another sidecar leads; standing by");
                         announced = true;
                     }
+                    // the wait itself was the pause: wait again at once
                     connection = Some(current);
+                    continue;
                 }
                 Err(err) => {
                     health.pg_reachable.store(false, Ordering::Relaxed);
-                    tracing::warn!(error = %err, "trying the leader lock failed");
+                    tracing::warn!(error = %err, "waiting for the leader lock failed");
                 }
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(RETRY_EVERY) => {}
+            _ = tokio::time::sleep(WAIT_AT_MOST) => {}
             _ = shutdown.changed() => {}
         }
     }
