@@ -22,14 +22,29 @@ pub struct Traffic {
 
 impl Traffic {
     /// Starts `clients` writers that append `commands` in order (spread over the writers) at
-    /// about `rate` commands per second in total (`None`: as fast as they can).
+    /// about `rate` commands per second in total (`None`: as fast as they can), one command per
+    /// transaction (`cqrs.append`).
     pub fn start(url: &str, commands: Vec<Command>, clients: usize, rate: Option<f64>) -> Self {
+        Self::start_batched(url, commands, clients, rate, 1)
+    }
+
+    /// Like [`Traffic::start`], appending up to `per_transaction` consecutive commands in one
+    /// transaction (`cqrs.append_batch`) — transactions larger than a sidecar batch are cut.
+    pub fn start_batched(
+        url: &str,
+        commands: Vec<Command>,
+        clients: usize,
+        rate: Option<f64>,
+        per_transaction: usize,
+    ) -> Self {
         let commands = Arc::new(commands);
+        let per_transaction = per_transaction.max(1);
         let next = Arc::new(AtomicUsize::new(0));
         let appended = Arc::new(AtomicU64::new(0));
         let retries = Arc::new(AtomicU64::new(0));
         let clients = clients.max(1);
-        let pause = rate.map(|rate| Duration::from_secs_f64(clients as f64 / rate.max(1.0)));
+        let pause =
+            rate.map(|rate| Duration::from_secs_f64(clients as f64 * per_transaction as f64 / rate.max(1.0)));
         let writers = (0..clients)
             .map(|_| {
                 let (url, commands, next) = (url.to_owned(), Arc::clone(&commands), Arc::clone(&next));
@@ -38,14 +53,28 @@ impl Traffic {
                     let mut client = None;
                     let mut tick = pause.map(tokio::time::interval);
                     loop {
-                        let at = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(command) = commands.get(at) else {
+                        let at = next.fetch_add(per_transaction, Ordering::Relaxed);
+                        let Some(chunk) = commands.get(at..(at + per_transaction).min(commands.len())) else {
                             return Ok(());
                         };
+                        if chunk.is_empty() {
+                            return Ok(());
+                        }
                         if let Some(tick) = tick.as_mut() {
                             tick.tick().await;
                         }
-                        let id = Uuid::now_v7();
+                        // the same ids on every attempt: a retry of what did commit is a duplicate
+                        let batch: Vec<serde_json::Value> = chunk
+                            .iter()
+                            .map(|c| {
+                                serde_json::json!({
+                                    "command_id": Uuid::now_v7().to_string(),
+                                    "stream": c.stream,
+                                    "command_type": c.command_type,
+                                    "payload": c.payload,
+                                })
+                            })
+                            .collect();
                         let mut attempts = 0;
                         loop {
                             attempts += 1;
@@ -53,17 +82,11 @@ impl Traffic {
                                 client = connect(&url).await.ok();
                             }
                             let result = match client.as_ref() {
-                                Some(c) => c
-                                    .execute(
-                                        "select cqrs.append($1, $2, $3, $4)",
-                                        &[&id, &command.stream, &command.command_type, &command.payload],
-                                    )
-                                    .await
-                                    .map_err(anyhow::Error::from),
+                                Some(c) => append(c, &batch).await,
                                 None => Err(anyhow::anyhow!("not connected")),
                             };
                             match result {
-                                Ok(_) => break,
+                                Ok(()) => break,
                                 Err(err) if attempts > 600 => bail!("appending kept failing: {err:#}"),
                                 Err(_) => {
                                     retries.fetch_add(1, Ordering::Relaxed);
@@ -74,7 +97,7 @@ impl Traffic {
                                 }
                             }
                         }
-                        appended.fetch_add(1, Ordering::Relaxed);
+                        appended.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                     }
                 })
             })
@@ -103,4 +126,33 @@ impl Traffic {
         }
         Ok(self.appended.load(Ordering::Relaxed))
     }
+}
+
+/// One command through `cqrs.append`, several through `cqrs.append_batch` (one transaction).
+async fn append(client: &tokio_postgres::Client, batch: &[serde_json::Value]) -> Result<()> {
+    match batch {
+        [one] => {
+            let id = one["command_id"].as_str().and_then(|s| s.parse::<Uuid>().ok());
+            client
+                .execute(
+                    "select cqrs.append($1, $2, $3, $4)",
+                    &[
+                        &id,
+                        &one["stream"].as_str(),
+                        &one["command_type"].as_str(),
+                        &one["payload"],
+                    ],
+                )
+                .await?;
+        }
+        _ => {
+            client
+                .execute(
+                    "select count(*) from cqrs.append_batch($1)",
+                    &[&serde_json::Value::Array(batch.to_vec())],
+                )
+                .await?;
+        }
+    }
+    Ok(())
 }
