@@ -201,18 +201,8 @@ impl Confirmations {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::log_row::tests::COLUMNS;
     use crate::pgoutput::tests::{insert_message, relation_message};
-
-    const COLUMNS: &[&str] = &[
-        "position",
-        "command_id",
-        "stream",
-        "seq",
-        "command_type",
-        "payload",
-        "metadata",
-        "created_at",
-    ];
 
     fn event(assembler: &mut Assembler, position: u64) {
         let position = position.to_string();

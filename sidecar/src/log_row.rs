@@ -123,7 +123,7 @@ fn push_string(out: &mut String, text: &str) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use bytes::Bytes;
 
@@ -136,7 +136,8 @@ mod tests {
         }
     }
 
-    const COLUMNS: &[&str] = &[
+    /// The command log's columns, as its Relation message names them.
+    pub(crate) const COLUMNS: &[&str] = &[
         "position",
         "command_id",
         "stream",

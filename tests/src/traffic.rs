@@ -64,17 +64,7 @@ impl Traffic {
                             tick.tick().await;
                         }
                         // the same ids on every attempt: a retry of what did commit is a duplicate
-                        let batch: Vec<serde_json::Value> = chunk
-                            .iter()
-                            .map(|c| {
-                                serde_json::json!({
-                                    "command_id": Uuid::now_v7().to_string(),
-                                    "stream": c.stream,
-                                    "command_type": c.command_type,
-                                    "payload": c.payload,
-                                })
-                            })
-                            .collect();
+                        let ids: Vec<Uuid> = chunk.iter().map(|_| Uuid::now_v7()).collect();
                         let mut attempts = 0;
                         loop {
                             attempts += 1;
@@ -82,7 +72,7 @@ impl Traffic {
                                 client = connect(&url).await.ok();
                             }
                             let result = match client.as_ref() {
-                                Some(c) => append(c, &batch).await,
+                                Some(c) => append(c, &ids, chunk).await,
                                 None => Err(anyhow::anyhow!("not connected")),
                             };
                             match result {
@@ -129,30 +119,33 @@ impl Traffic {
 }
 
 /// One command through `cqrs.append`, several through `cqrs.append_batch` (one transaction).
-async fn append(client: &tokio_postgres::Client, batch: &[serde_json::Value]) -> Result<()> {
-    match batch {
-        [one] => {
-            let id = one["command_id"].as_str().and_then(|s| s.parse::<Uuid>().ok());
-            client
-                .execute(
-                    "select cqrs.append($1, $2, $3, $4)",
-                    &[
-                        &id,
-                        &one["stream"].as_str(),
-                        &one["command_type"].as_str(),
-                        &one["payload"],
-                    ],
-                )
-                .await?;
-        }
-        _ => {
-            client
-                .execute(
-                    "select count(*) from cqrs.append_batch($1)",
-                    &[&serde_json::Value::Array(batch.to_vec())],
-                )
-                .await?;
-        }
+async fn append(client: &tokio_postgres::Client, ids: &[Uuid], commands: &[Command]) -> Result<()> {
+    if let ([id], [command]) = (ids, commands) {
+        client
+            .execute(
+                "select cqrs.append($1, $2, $3, $4)",
+                &[id, &command.stream, &command.command_type, &command.payload],
+            )
+            .await?;
+        return Ok(());
     }
+    let batch: Vec<serde_json::Value> = ids
+        .iter()
+        .zip(commands)
+        .map(|(id, c)| {
+            serde_json::json!({
+                "command_id": id.to_string(),
+                "stream": c.stream,
+                "command_type": c.command_type,
+                "payload": c.payload,
+            })
+        })
+        .collect();
+    client
+        .execute(
+            "select count(*) from cqrs.append_batch($1)",
+            &[&serde_json::Value::Array(batch)],
+        )
+        .await?;
     Ok(())
 }

@@ -252,25 +252,7 @@ async fn a_rebuild_loses_nothing_committed_while_it_runs() -> anyhow::Result<()>
     appending.await??;
     client.query("select * from cqrs.catch_up()", &[]).await?;
 
-    let rows = client
-        .query(
-            "select stream, command_type, payload from cqrs.command_log order by position",
-            &[],
-        )
-        .await?;
-    let ordered: Vec<(String, &'static str, Value)> = rows
-        .iter()
-        .map(|r| {
-            let command_type: String = r.get(1);
-            let command_type: &'static str = match command_type.as_str() {
-                "CREATE_ORDER" => "CREATE_ORDER",
-                "ADD_ITEM" => "ADD_ITEM",
-                "SHIP_ORDER" => "SHIP_ORDER",
-                _ => "CANCEL_ORDER",
-            };
-            (r.get(0), command_type, r.get(2))
-        })
-        .collect();
+    let ordered = cqrs_e2e::orders::log_from_db(&client).await?;
     assert_eq!(ordered.len(), 3000);
     let expected = fold(&ordered);
     let actual = read_models(&client).await?;
