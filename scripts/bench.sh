@@ -11,10 +11,6 @@ case "${1:-}" in
   *) echo "usage: scripts/bench.sh append|project|sidecar|load [options]" >&2; exit 2 ;;
 esac
 
-scripts/setup.sh
-install_extension
-step "building cqrs-bench and cqrs-sidecar (release)"
-cargo build --release -p cqrs-bench -p cqrs-sidecar
-export CQRS_SIDECAR_BIN="$PWD/target/release/cqrs-sidecar"
+prepare_release_tools
 step "cqrs-bench $*"
 exec target/release/cqrs-bench "$@"

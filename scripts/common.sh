@@ -17,3 +17,13 @@ install_extension() {
     [ "$(id -u)" -eq 0 ] || sudo_flag=(--sudo)
     (cd extension && cargo pgrx install --release --pg-config "$PG_CONFIG" "${sudo_flag[@]}")
 }
+
+# Set-up, the extension installed, and release builds of cqrs-bench and cqrs-sidecar (the
+# harness starts that sidecar): what the demo and the benchmarks need first.
+prepare_release_tools() {
+    scripts/setup.sh
+    install_extension
+    step "building cqrs-bench and cqrs-sidecar (release)"
+    cargo build --release -p cqrs-bench -p cqrs-sidecar
+    export CQRS_SIDECAR_BIN="$PWD/target/release/cqrs-sidecar"
+}

@@ -9,10 +9,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
 
-scripts/setup.sh
-install_extension
-step "building the demo and cqrs-sidecar (release)"
-cargo build --release -p cqrs-bench -p cqrs-sidecar
-export CQRS_SIDECAR_BIN="$PWD/target/release/cqrs-sidecar"
+prepare_release_tools
 step "running the demo"
 exec target/release/cqrs-bench demo "$@"
