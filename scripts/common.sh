@@ -16,6 +16,18 @@ install_extension() {
     local sudo_flag=()
     [ "$(id -u)" -eq 0 ] || sudo_flag=(--sudo)
     (cd extension && cargo pgrx install --release --pg-config "$PG_CONFIG" "${sudo_flag[@]}")
+    install_release_scripts "$PG_CONFIG"
+}
+
+# cargo pgrx install copies the upgrade scripts (sql/releases/pg_cqrs--A--B.sql, through the
+# extension/sql link) but not the frozen install scripts of earlier releases, which
+# `CREATE EXTENSION pg_cqrs VERSION '0.1.0'` (and the upgrade test) need.
+install_release_scripts() {
+    local sharedir
+    sharedir=$("$1" --sharedir)
+    for script in sql/releases/pg_cqrs--*.sql; do
+        as_root install -m 644 "$script" "$sharedir/extension/"
+    done
 }
 
 # Set-up, the extension installed, and release builds of cqrs-bench and cqrs-sidecar (the

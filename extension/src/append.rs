@@ -513,29 +513,3 @@ unsafe fn composite(fcinfo: pg_sys::FunctionCallInfo, appended: &Appended) -> pg
         pgrx::htup::heap_tuple_get_datum(tuple)
     }
 }
-
-extension_sql!(
-    r#"
-create function cqrs.append(
-    command_id uuid,
-    stream text,
-    command_type text,
-    payload jsonb,
-    expected_seq bigint default null,
-    metadata jsonb default '{}',
-    out "position" bigint,
-    out seq bigint,
-    out duplicate boolean)
-returns record
-language c volatile called on null input
-security definer
-set search_path = pg_catalog, pg_temp
-as 'MODULE_PATHNAME', 'cqrs_append';
-comment on function cqrs.append(uuid, text, text, jsonb, bigint, jsonb) is
-    'Appends one command in the caller''s transaction: idempotent on command_id, sequenced per stream, optionally guarded by expected_seq, validated against the registered JSON Schema.';
-revoke execute on function cqrs.append(uuid, text, text, jsonb, bigint, jsonb) from public;
-grant execute on function cqrs.append(uuid, text, text, jsonb, bigint, jsonb) to cqrs_writer;
-"#,
-    name = "append",
-    requires = ["command_side"],
-);

@@ -57,7 +57,7 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid:
 }
 
 /// Statement trigger on cqrs.command_type: makes every backend forget its cached versions.
-#[pg_trigger]
+#[pg_trigger(sql = false)]
 fn _command_type_changed<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, pgrx::PgTriggerError> {

@@ -25,22 +25,25 @@ mod waiters;
 
 ::pgrx::pg_module_magic!(name, version);
 
+// The SQL surface, in this order: what both editions share (tables, SQL functions), the
+// functions this edition implements in Rust (declared only there), and what both editions say
+// about those (comments, privileges). See sql/README.md.
 extension_sql_file!("../../sql/core/command.sql", name = "command_side", bootstrap);
-
 extension_sql_file!(
     "../../sql/core/projection.sql",
     name = "projection_side",
     requires = ["command_side"]
 );
-
-extension_sql!(
-    r#"
-create trigger command_type_changed
-    after insert or update or delete or truncate on cqrs.command_type
-    for each statement execute function cqrs._command_type_changed();
-"#,
-    name = "command_type_trigger",
-    requires = ["command_side", command_registry::_command_type_changed],
+extension_sql_file!(
+    "../../sql/extension/functions.sql",
+    name = "rust_functions",
+    requires = ["projection_side"]
+);
+extension_sql_file!(
+    "../../sql/core/api.sql",
+    name = "api",
+    requires = ["rust_functions"],
+    finalize
 );
 
 #[pg_guard]

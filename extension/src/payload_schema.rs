@@ -50,7 +50,7 @@ fn invalid_schema(reason: &str) -> ErrorReport {
 }
 
 /// Raises 22023 unless `json_schema` compiles.
-#[pg_extern(immutable, parallel_safe, name = "_check_json_schema")]
+#[pg_extern(sql = false)]
 fn check_json_schema(json_schema: JsonB) -> Result<(), ErrorReport> {
     compile(&json_schema.0)
         .map(|_| ())

@@ -600,22 +600,7 @@ pub unsafe extern "C-unwind" fn cqrs_read_many(fcinfo: pg_sys::FunctionCallInfo)
 /// with a bigint `rev_column`; `handlers` says what each command type does to it. With
 /// `backfill` (the default) the commands already in the log are projected at once; without,
 /// the projection starts at the log's current end.
-#[pg_extern(volatile, sql = r#"
-create function cqrs.create_projection(
-    name text,
-    target regclass,
-    key_column text,
-    handlers jsonb,
-    on_error text default 'halt',
-    rev_column text default 'rev',
-    backfill boolean default true)
-returns void
-language c volatile called on null input
-as 'MODULE_PATHNAME', 'create_projection_wrapper';
-comment on function cqrs.create_projection(text, regclass, text, jsonb, text, text, boolean) is
-    'Registers a read model: your table, its uniquely indexed key column, a bigint revision column, and what each command type does to it.';
-revoke execute on function cqrs.create_projection(text, regclass, text, jsonb, text, text, boolean) from public;
-"#, requires = ["projection_side"])]
+#[pg_extern(sql = false)]
 fn create_projection(
     name: Option<&str>,
     target: Option<pg_sys::Oid>,
@@ -675,7 +660,7 @@ fn create_projection(
 /// Empties the read model and replays the whole log into it, `chunk` commands at a time, in one
 /// transaction: readers keep seeing the old rows until it commits. Commands committed while it
 /// runs are caught at its end (or by the next batch).
-#[pg_extern(volatile)]
+#[pg_extern(sql = false)]
 fn rebuild(
     name: &str,
     chunk: default!(i32, 10000),
@@ -797,54 +782,3 @@ fn rebuild(
         events as f64 / seconds.max(1e-9),
     )))
 }
-
-extension_sql!(
-    r#"
-create function cqrs.project_batch(events jsonb, commit_lsn pg_lsn default null, fencing_token bigint default null)
-returns table (projection text, key text, rev bigint, doc json, deleted boolean)
-language c volatile called on null input
-as 'MODULE_PATHNAME', 'cqrs_project_batch';
-comment on function cqrs.project_batch(jsonb, pg_lsn, bigint) is
-    'Applies an ordered batch of command-log rows to every projection, exactly once, in one transaction; returns every read-model row it changed. A batch at or below a projection''s checkpoint LSN is skipped; a fencing_token older than the lease is refused.';
-
-create function cqrs.read_many(projection text, keys text[])
-returns table (key text, rev bigint, doc json)
-language c stable called on null input
-as 'MODULE_PATHNAME', 'cqrs_read_many';
-comment on function cqrs.read_many(text, text[]) is
-    'The current rows of a read model: for every key its canonical form, revision and row as json; a missing row has a null doc and the projection''s current revision.';
-
-create function cqrs.read(projection text, key text)
-returns table (doc jsonb, rev bigint)
-language sql stable
-as $$ select r.doc::jsonb, r.rev from cqrs.read_many(read.projection, array[read.key]) r where r.doc is not null $$;
-comment on function cqrs.read(text, text) is 'One read-model row as jsonb with its revision; no row when there is none.';
-
-create function cqrs.catch_up(name text default null, chunk integer default 10000)
-returns table (projection text, key text, rev bigint, doc json, deleted boolean)
-language c volatile called on null input
-as 'MODULE_PATHNAME', 'cqrs_catch_up';
-comment on function cqrs.catch_up(text, integer) is
-    'Applies every command a projection (or every projection) has not applied yet, read from the log; returns the changed rows.';
-
-create function cqrs.resume(name text)
-returns table (projection text, key text, rev bigint, doc json, deleted boolean)
-language c volatile called on null input
-as 'MODULE_PATHNAME', 'cqrs_resume';
-comment on function cqrs.resume(text) is 'Clears a halted projection''s error and catches it up with the log.';
-
-create function cqrs.retry_dead_letters(name text)
-returns table (projection text, key text, rev bigint, doc json, deleted boolean)
-language c volatile called on null input
-as 'MODULE_PATHNAME', 'cqrs_retry_dead_letters';
-comment on function cqrs.retry_dead_letters(text) is
-    'Applies a projection''s dead letters again; those that succeed are removed.';
-
-revoke execute on function cqrs.project_batch(jsonb, pg_lsn, bigint), cqrs.catch_up(text, integer), cqrs.resume(text),
-    cqrs.retry_dead_letters(text), cqrs.read_many(text, text[]), cqrs.read(text, text) from public;
-grant execute on function cqrs.project_batch(jsonb, pg_lsn, bigint), cqrs.catch_up(text, integer) to cqrs_projector;
-grant execute on function cqrs.read_many(text, text[]), cqrs.read(text, text) to cqrs_reader, cqrs_projector;
-"#,
-    name = "projection_functions",
-    requires = ["projection_side"],
-);

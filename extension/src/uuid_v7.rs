@@ -5,7 +5,7 @@ use pgrx::prelude::*;
 
 /// Returns a new UUID version 7 (RFC 9562): 48-bit Unix milliseconds, then random bits, with a
 /// per-backend counter so ids generated within one millisecond still sort in creation order.
-#[pg_extern(volatile, parallel_safe, name = "uuid_v7")]
+#[pg_extern(sql = false)]
 fn uuid_v7() -> pgrx::Uuid {
     pgrx::Uuid::from_bytes(*uuid::Uuid::now_v7().as_bytes())
 }

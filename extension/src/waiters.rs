@@ -90,7 +90,7 @@ select coalesce((select ps.last_seq >= $3 from cqrs.projection_stream ps
  where s.name = $1";
 
 /// True once command `seq` of `stream` is applied to `projection`; false after `timeout`.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(sql = false)]
 fn wait_for(
     stream: &str,
     seq: i64,

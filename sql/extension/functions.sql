@@ -1,0 +1,95 @@
+-- pg_cqrs, extension edition: the functions implemented in Rust (extension/src/), declared here
+-- and nowhere else. The portable edition declares the same signatures in sql/portable/; the
+-- comments and privileges of both are in sql/core/api.sql.
+--
+-- The C symbol names ('MODULE_PATHNAME', '<symbol>') are forever: every install script ever
+-- released (sql/releases/pg_cqrs--<version>.sql) names them, CREATE EXTENSION … VERSION '<old>'
+-- must still find them in today's library, and the upgrade test installs the oldest release with
+-- it. Rename a Rust function freely, but keep its exported symbol (#[unsafe(export_name)] or a
+-- pg_extern `name`), or keep a stub under the old symbol; never reuse an old symbol for a
+-- function with other arguments.
+
+create function cqrs.version(out version text, out edition text)
+returns record
+language sql immutable parallel safe
+set search_path = pg_catalog, pg_temp
+as $$ select '0.2.0'::text, 'extension'::text $$;
+
+-- (The trigger on cqrs.command_type that calls it is in sql/core/command.sql.)
+create function cqrs._command_type_changed()
+returns trigger
+language c
+as 'MODULE_PATHNAME', '_command_type_changed_wrapper';
+
+create function cqrs._check_json_schema(json_schema jsonb)
+returns void
+language c immutable strict parallel safe
+as 'MODULE_PATHNAME', 'check_json_schema_wrapper';
+
+create function cqrs.uuid_v7()
+returns uuid
+language c volatile strict parallel safe
+as 'MODULE_PATHNAME', 'uuid_v7_wrapper';
+
+create function cqrs.append(
+    command_id uuid,
+    stream text,
+    command_type text,
+    payload jsonb,
+    expected_seq bigint default null,
+    metadata jsonb default '{}',
+    out "position" bigint,
+    out seq bigint,
+    out duplicate boolean)
+returns record
+language c volatile called on null input
+security definer
+set search_path = pg_catalog, pg_temp
+as 'MODULE_PATHNAME', 'cqrs_append';
+
+create function cqrs.create_projection(
+    name text,
+    target regclass,
+    key_column text,
+    handlers jsonb,
+    on_error text default 'halt',
+    rev_column text default 'rev',
+    backfill boolean default true)
+returns void
+language c volatile called on null input
+as 'MODULE_PATHNAME', 'create_projection_wrapper';
+
+create function cqrs.project_batch(events jsonb, commit_lsn pg_lsn default null, fencing_token bigint default null)
+returns table (projection text, key text, rev bigint, doc json, deleted boolean)
+language c volatile called on null input
+as 'MODULE_PATHNAME', 'cqrs_project_batch';
+
+create function cqrs.catch_up(name text default null, chunk integer default 10000)
+returns table (projection text, key text, rev bigint, doc json, deleted boolean)
+language c volatile called on null input
+as 'MODULE_PATHNAME', 'cqrs_catch_up';
+
+create function cqrs.resume(name text)
+returns table (projection text, key text, rev bigint, doc json, deleted boolean)
+language c volatile called on null input
+as 'MODULE_PATHNAME', 'cqrs_resume';
+
+create function cqrs.retry_dead_letters(name text)
+returns table (projection text, key text, rev bigint, doc json, deleted boolean)
+language c volatile called on null input
+as 'MODULE_PATHNAME', 'cqrs_retry_dead_letters';
+
+create function cqrs.rebuild(name text, chunk integer default 10000)
+returns table (events bigint, seconds double precision, events_per_second double precision)
+language c volatile strict
+as 'MODULE_PATHNAME', 'rebuild_wrapper';
+
+create function cqrs.read_many(projection text, keys text[])
+returns table (key text, rev bigint, doc json)
+language c stable called on null input
+as 'MODULE_PATHNAME', 'cqrs_read_many';
+
+create function cqrs.wait_for(stream text, seq bigint, projection text, timeout interval default '5 s')
+returns boolean
+language c volatile strict parallel unsafe
+as 'MODULE_PATHNAME', 'wait_for_wrapper';
