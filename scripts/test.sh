@@ -29,8 +29,12 @@ if [ "$(id -u)" -eq 0 ]; then chown postgres "$pgrx_data"; runas=(--runas postgr
 install_extension
 
 step "pg_regress suite (pgrx-tests/) and end-to-end tests (tests/)"
-# the end-to-end tests start real cqrs-sidecar processes from target/debug
+# the end-to-end tests start real cqrs-sidecar processes from target/debug, and the upgrade
+# test the sidecar of every earlier release too
 cargo build -p cqrs-sidecar
+while read -r version _; do
+    scripts/release-sidecar.sh "$version"
+done < <(grep -v '^#' scripts/releases)
 cargo test -p cqrs-e2e
 
 step "all tests passed in $(( $(date +%s) - started )) s"

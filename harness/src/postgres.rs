@@ -31,6 +31,8 @@ pub struct ClusterOptions {
     /// `with_extension`).
     pub database: String,
     pub with_extension: bool,
+    /// The version `CREATE EXTENSION` installs (`None`: the default version, the newest).
+    pub extension_version: Option<String>,
 }
 
 impl Default for ClusterOptions {
@@ -41,6 +43,7 @@ impl Default for ClusterOptions {
             hba: Vec::new(),
             database: "cqrs".to_owned(),
             with_extension: true,
+            extension_version: None,
         }
     }
 }
@@ -203,7 +206,12 @@ impl PgCluster {
             &format!("create database {}", quote_ident(&options.database)),
         )?;
         if options.with_extension {
-            self.psql("create extension pg_cqrs").context(
+            let version = options
+                .extension_version
+                .as_deref()
+                .map(|v| format!(" version '{}'", v.replace('\'', "''")))
+                .unwrap_or_default();
+            self.psql(&format!("create extension pg_cqrs{version}")).context(
                 "CREATE EXTENSION pg_cqrs failed; is the extension installed (cargo pgrx install)?",
             )?;
         }

@@ -87,10 +87,21 @@ impl Sidecar {
         redis_url: &str,
         extra: &[(K, V)],
     ) -> Result<Self> {
+        Self::start_binary(&sidecar_binary()?, name, database_url, redis_url, extra)
+    }
+
+    /// Like [`Sidecar::start`], running `binary` (e.g. the sidecar of an earlier release).
+    pub fn start_binary<K: AsRef<str>, V: AsRef<str>>(
+        binary: &std::path::Path,
+        name: &str,
+        database_url: &str,
+        redis_url: &str,
+        extra: &[(K, V)],
+    ) -> Result<Self> {
         let http_port = free_port()?;
         let log = std::env::temp_dir().join(format!("pg_cqrs-{name}-{}-{http_port}.log", std::process::id()));
         let file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut command = Command::new(sidecar_binary()?);
+        let mut command = Command::new(binary);
         command
             .env("CQRS_DATABASE_URL", database_url)
             .env("CQRS_REDIS_URL", redis_url)

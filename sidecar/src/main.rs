@@ -141,10 +141,13 @@ async fn run(config: Config) -> ExitCode {
             }
         }
     };
-    if let Err(err) = postgres::check(&client, pg.dbname()).await {
-        tracing::error!(error = %err, database = %target, "start-up check failed");
-        return exit_code(&err);
-    }
+    let installed = match postgres::check(&client, pg.dbname()).await {
+        Ok(installed) => installed,
+        Err(err) => {
+            tracing::error!(error = %err, database = %target, "start-up check failed");
+            return exit_code(&err);
+        }
+    };
     drop(client);
     health
         .pg_reachable
@@ -152,7 +155,13 @@ async fn run(config: Config) -> ExitCode {
     if !cache.ping().await {
         tracing::warn!(redis = %cache.describe(), "Redis is unreachable; projecting goes on and the cache is repaired when Redis answers");
     }
-    tracing::info!(database = %target, slot = %config.slot, "start-up checks passed");
+    tracing::info!(
+        database = %target,
+        slot = %config.slot,
+        pg_cqrs = %installed.version,
+        edition = %installed.edition,
+        "start-up checks passed"
+    );
 
     tokio::spawn(status::poller(
         status::Watch {

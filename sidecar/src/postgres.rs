@@ -10,8 +10,58 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::tls::{TlsError, TlsSettings};
 
-/// The pg_cqrs version this sidecar needs at least.
-pub const REQUIRED_EXTENSION_VERSION: (u32, u32, u32) = (0, 1, 0);
+/// The oldest pg_cqrs this sidecar works with: the first whose SQL API it uses throughout
+/// (`cqrs.version()` to tell the editions apart, …). Older ones are refused at start, naming
+/// the upgrade to run.
+pub const OLDEST_SUPPORTED: Version = Version(0, 2, 0);
+/// The newest pg_cqrs this sidecar knows: the one it was built with. Newer ones start with a
+/// warning (upgrade scripts only add to the SQL API, so a sidecar keeps working while the
+/// database is upgraded first and the sidecars after).
+pub const NEWEST_KNOWN: Version = Version(0, 2, 0);
+
+/// A `major.minor.patch` version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version(pub u32, pub u32, pub u32);
+
+impl Version {
+    /// `None` unless `text` is `a.b.c` (or `a.b`) with numbers.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.trim().split('.').map(|p| p.parse::<u32>().ok());
+        let major = parts.next()??;
+        let minor = parts.next()??;
+        let patch = parts.next().unwrap_or(Some(0))?;
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(Self(major, minor, patch))
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.0, self.1, self.2)
+    }
+}
+
+/// Which pg_cqrs a database has.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Installed {
+    pub version: String,
+    /// `extension` (the compiled one) or `portable` (SQL and PL/pgSQL, for managed PostgreSQL).
+    pub edition: String,
+}
+
+impl Installed {
+    /// How to move this install to a newer version.
+    fn upgrade_hint(&self) -> &'static str {
+        if self.edition == "portable" {
+            "run the newer portable script (target/portable/pg_cqrs.sql from scripts/portable.sh) with psql -f, \
+             or with pg_tle: alter extension pg_cqrs update"
+        } else {
+            "alter extension pg_cqrs update"
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -32,9 +82,10 @@ pub enum StartupError {
     #[error("extension pg_cqrs is not installed in database {0}: create extension pg_cqrs")]
     NoExtension(String),
     #[error(
-        "pg_cqrs {found} is older than {required} which this sidecar needs: alter extension pg_cqrs update"
+        "pg_cqrs {} ({} edition) is older than this sidecar supports ({OLDEST_SUPPORTED} to {NEWEST_KNOWN}): {}",
+        .0.version, .0.edition, .0.upgrade_hint()
     )]
-    OldExtension { found: String, required: String },
+    OldExtension(Installed),
     #[error("role {0} cannot run cqrs.project_batch: grant cqrs_projector to {0}")]
     NoProjector(String),
     #[error("checking PostgreSQL failed: {0}")]
@@ -192,17 +243,45 @@ fn tls_refusal(err: &tokio_postgres::Error) -> Option<String> {
     None
 }
 
-fn version(text: &str) -> (u32, u32, u32) {
-    let mut parts = text.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    (
-        parts.next().unwrap_or(0),
-        parts.next().unwrap_or(0),
-        parts.next().unwrap_or(0),
-    )
+/// The pg_cqrs in the database: `cqrs.version()` (0.2.0 on, both editions); before it, the
+/// extension's catalog row (a portable install has none). `None` when there is no pg_cqrs.
+pub async fn installed(client: &Client) -> Result<Option<Installed>, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "select pg_catalog.to_regprocedure('cqrs.version()') is not null,
+                    (select e.extversion::text from pg_catalog.pg_extension e where e.extname = 'pg_cqrs')",
+            &[],
+        )
+        .await?;
+    let (has_version, extension_version): (bool, Option<String>) = (row.get(0), row.get(1));
+    if has_version {
+        let row = client
+            .query_one("select v.version, v.edition from cqrs.version() v", &[])
+            .await?;
+        return Ok(Some(Installed {
+            version: row.get(0),
+            edition: row.get(1),
+        }));
+    }
+    Ok(extension_version.map(|version| Installed {
+        version,
+        edition: "extension".to_owned(),
+    }))
 }
 
-/// Everything that must be right before streaming; each failure says how to fix it.
-pub async fn check(client: &Client, database: &str) -> Result<(), StartupError> {
+/// Whether this sidecar works with `installed`: `Ok(true)` when it knows the version,
+/// `Ok(false)` when it is newer than any it knows (it still starts, with a warning).
+pub fn supports(installed: &Installed) -> Result<bool, StartupError> {
+    match Version::parse(&installed.version) {
+        Some(version) if version < OLDEST_SUPPORTED => Err(StartupError::OldExtension(installed.clone())),
+        Some(version) => Ok(version <= NEWEST_KNOWN),
+        None => Err(StartupError::OldExtension(installed.clone())),
+    }
+}
+
+/// Everything that must be right before streaming; each failure says how to fix it. Returns
+/// the pg_cqrs it found.
+pub async fn check(client: &Client, database: &str) -> Result<Installed, StartupError> {
     let wal_level: String = client.query_one("show wal_level", &[]).await?.get(0);
     if wal_level != "logical" {
         return Err(StartupError::WalLevel(wal_level));
@@ -220,22 +299,16 @@ pub async fn check(client: &Client, database: &str) -> Result<(), StartupError> 
     if !may_replicate {
         return Err(StartupError::NoReplication(user));
     }
-    let installed: Option<String> = client
-        .query_opt(
-            "select extversion from pg_catalog.pg_extension where extname = 'pg_cqrs'",
-            &[],
-        )
-        .await?
-        .map(|r| r.get(0));
-    let Some(installed) = installed else {
+    let Some(installed) = installed(client).await? else {
         return Err(StartupError::NoExtension(database.to_owned()));
     };
-    if version(&installed) < REQUIRED_EXTENSION_VERSION {
-        let (a, b, c) = REQUIRED_EXTENSION_VERSION;
-        return Err(StartupError::OldExtension {
-            found: installed,
-            required: format!("{a}.{b}.{c}"),
-        });
+    if !supports(&installed)? {
+        tracing::warn!(
+            version = %installed.version,
+            edition = %installed.edition,
+            newest_known = %NEWEST_KNOWN,
+            "pg_cqrs is newer than this sidecar knows; it should work (upgrades only add), but upgrade the sidecar"
+        );
     }
     let may_project: bool = client
         .query_one(
@@ -247,7 +320,7 @@ pub async fn check(client: &Client, database: &str) -> Result<(), StartupError> 
     if !may_project {
         return Err(StartupError::NoProjector(user));
     }
-    Ok(())
+    Ok(installed)
 }
 
 #[cfg(test)]
@@ -256,9 +329,32 @@ mod tests {
 
     #[test]
     fn versions_compare() {
-        assert!(version("0.1.0") >= REQUIRED_EXTENSION_VERSION);
-        assert!(version("0.0.9") < REQUIRED_EXTENSION_VERSION);
-        assert!(version("1.0") > REQUIRED_EXTENSION_VERSION);
+        assert_eq!(Version::parse("0.2.0"), Some(Version(0, 2, 0)));
+        assert_eq!(Version::parse("1.0"), Some(Version(1, 0, 0)));
+        assert_eq!(Version::parse("0.2.0-beta"), None);
+        assert!(Version(0, 1, 9) < Version(0, 2, 0));
+        // the newest version this sidecar knows is the one it is built with
+        assert_eq!(Version::parse(env!("CARGO_PKG_VERSION")), Some(NEWEST_KNOWN));
+    }
+
+    #[test]
+    fn older_releases_are_refused_with_the_upgrade_to_run() {
+        let installed = |version: &str, edition: &str| Installed {
+            version: version.to_owned(),
+            edition: edition.to_owned(),
+        };
+        let err = supports(&installed("0.1.0", "extension")).expect_err("0.1.0 is too old");
+        assert_eq!(
+            err.to_string(),
+            "pg_cqrs 0.1.0 (extension edition) is older than this sidecar supports (0.2.0 to 0.2.0): alter extension pg_cqrs update"
+        );
+        assert!(err.is_misconfiguration());
+        assert!(supports(&installed("0.1.5", "portable"))
+            .expect_err("too old")
+            .to_string()
+            .contains("psql -f"));
+        assert_eq!(supports(&installed("0.2.0", "portable")).ok(), Some(true));
+        assert_eq!(supports(&installed("0.3.0", "extension")).ok(), Some(false));
     }
 
     #[test]

@@ -81,6 +81,15 @@ impl Rig {
         Ok(self.sidecars.len() - 1)
     }
 
+    /// Like [`Rig::add_sidecar`], running `binary` (the sidecar of an earlier release).
+    pub fn add_sidecar_binary(&mut self, binary: &std::path::Path) -> Result<usize> {
+        let name = format!("sidecar-{}", self.sidecars.len() + 1);
+        let sidecar =
+            Sidecar::start_binary(binary, &name, &self.pg.url(), &self.redis.url(), &self.settings)?;
+        self.sidecars.push(sidecar);
+        Ok(self.sidecars.len() - 1)
+    }
+
     /// Indexes of the sidecars that say they lead.
     pub fn leaders(&self) -> Vec<usize> {
         cqrs_harness::sidecar::leaders(&self.sidecars)

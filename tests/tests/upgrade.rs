@@ -1,0 +1,458 @@
+//! `ALTER EXTENSION pg_cqrs UPDATE` from every earlier release: the upgraded schema equals a fresh
+//! install of the current version (any difference is named), every row survives and still
+//! behaves, and a sidecar streaming while the upgrade runs loses and doubles nothing.
+//!
+//! The earlier release is installed from its frozen install script (sql/releases/), which the
+//! install step copies next to the current one; its sidecar is built from the release's commit
+//! by scripts/release-sidecar.sh (scripts/test.sh does it before these tests).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use cqrs_e2e::orders::{random_log, seed_commands};
+use cqrs_e2e::rig::Rig;
+use cqrs_e2e::traffic::Traffic;
+use cqrs_e2e::{connect, eventually, orders, repo_root};
+use cqrs_harness::{ClusterOptions, PgCluster};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use tokio::sync::{Mutex, MutexGuard};
+use tokio_postgres::Client;
+
+/// The releases an upgrade is tested from (each has sql/releases/pg_cqrs--<v>.sql).
+const EARLIER_RELEASES: &[&str] = &["0.1.0"];
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+async fn serial() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().await
+}
+
+/// The catalog of schema cqrs as `object | what | value` lines (tests/sql/catalog.sql).
+pub async fn catalog(client: &Client) -> Result<BTreeSet<String>> {
+    let query = std::fs::read_to_string(repo_root().join("tests/sql/catalog.sql"))?;
+    let rows = client.query(query.as_str(), &[]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{} | {} | {}",
+                r.get::<_, String>(0),
+                r.get::<_, String>(1),
+                r.get::<_, String>(2)
+            )
+        })
+        .collect())
+}
+
+/// Objects of schema cqrs that are not members of the extension, and the tables pg_dump is told
+/// to dump (`pg_extension_config_dump`).
+async fn extension_facts(client: &Client) -> Result<(Vec<String>, Vec<String>)> {
+    let strays = client
+        .query(
+            "select pg_catalog.pg_describe_object(classid, objid, 0)
+               from (select 'pg_catalog.pg_class'::regclass as classid, c.oid as objid
+                       from pg_catalog.pg_class c
+                      where c.relnamespace = 'cqrs'::regnamespace and c.relkind in ('r', 'S', 'v', 'm')
+                     union all
+                     select 'pg_catalog.pg_proc'::regclass, p.oid
+                       from pg_catalog.pg_proc p where p.pronamespace = 'cqrs'::regnamespace) o
+              where not exists (select from pg_catalog.pg_depend d
+                                 where d.classid = o.classid and d.objid = o.objid and d.deptype = 'e'
+                                   and d.refobjid = (select oid from pg_catalog.pg_extension where extname = 'pg_cqrs'))
+              order by 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let dumped = client
+        .query(
+            "select c.oid::regclass::text from pg_catalog.pg_extension e, unnest(e.extconfig) as c(oid)
+              where e.extname = 'pg_cqrs' order by 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok((strays, dumped))
+}
+
+/// Every difference between two catalogs, one per line.
+fn differences(upgraded: &BTreeSet<String>, fresh: &BTreeSet<String>) -> Vec<String> {
+    let mut out: Vec<String> = upgraded
+        .difference(fresh)
+        .map(|line| format!("only after the upgrade: {line}"))
+        .chain(
+            fresh
+                .difference(upgraded)
+                .map(|line| format!("only in a fresh install: {line}")),
+        )
+        .collect();
+    out.sort_by(|a, b| {
+        a.split_once(": ")
+            .map(|x| x.1)
+            .cmp(&b.split_once(": ").map(|x| x.1))
+    });
+    out
+}
+
+/// Fills a database of an earlier release with what an upgrade must carry over: commands in many
+/// streams, a registered command type, three projections — one halted on a poison event, one
+/// that dead-lettered it — with parked events waiting for a gap, and a projector lease.
+const FILL: &str = r#"
+select cqrs.register_command_type('PAY', '{"type": "object", "required": ["amount"]}');
+create table public.rm_count (stream text primary key, n integer not null default 0, rev bigint not null default 0);
+create table public.rm_total (stream text primary key, total integer not null default 0, rev bigint not null default 0);
+create table public.rm_strict (stream text primary key, total integer not null default 0, rev bigint not null default 0);
+select cqrs.create_projection('count', 'public.rm_count', 'stream', '{"PAY": {"action": "upsert", "add": {"n": {"const": 1}}}}');
+select cqrs.create_projection('total', 'public.rm_total', 'stream', '{"PAY": {"action": "upsert", "add": {"total": "$.amount"}}}', on_error => 'dead_letter');
+select cqrs.create_projection('strict', 'public.rm_strict', 'stream', '{"PAY": {"action": "upsert", "add": {"total": "$.amount"}}}');
+select count(*) from (
+    select cqrs.append(('00000000-0000-4000-8000-' || lpad(to_hex(s * 10 + k), 12, '0'))::uuid,
+                       's-' || s, 'PAY', jsonb_build_object('amount', s + k))
+      from generate_series(1, 200) s, generate_series(1, 3) k
+     order by s, k) appended;
+select cqrs.append('00000000-0000-4000-8000-ffffffffffff', 'poison', 'PAY', '{"amount": "lots"}');
+select cqrs.acquire_lease('sidecar of the earlier release');
+-- every command but the first of s-7 and of s-8: their later commands park behind the gap
+select count(*) from cqrs.project_batch(
+    (select jsonb_agg(to_jsonb(l) order by l.position) from cqrs.command_log l
+      where not (l.stream in ('s-7', 's-8') and l.seq = 1)), '0/1000', 1);
+"#;
+
+/// What must read the same before and after: every table's rows (in the columns 0.1.0 had) and
+/// what cqrs.status() says, without the clock.
+const SNAPSHOT: &[(&str, &str)] = &[
+    ("command_log", "select position, command_id, stream, seq, command_type, payload, metadata, created_at from cqrs.command_log order by position"),
+    ("stream", "select stream, last_seq from cqrs.stream order by stream"),
+    ("command_type", "select command_type, json_schema, version, registered_at from cqrs.command_type order by 1"),
+    ("projection", "select name, target, key_column, rev_column, handlers, on_error, definition_version, created_at from cqrs.projection order by name"),
+    ("projection_state", "select name, halted, last_error, last_error_sqlstate, last_error_at, last_error_event, checkpoint_lsn, checkpoint_position, checkpoint_at, revision, applied, duplicates, dead_lettered, parked, generation from cqrs.projection_state order by name"),
+    ("projection_stream", "select projection, stream, last_seq from cqrs.projection_stream order by 1, 2"),
+    ("parked", "select projection, stream, seq, event, parked_at from cqrs.parked order by 1, 2, 3"),
+    ("dead_letter", "select id, projection, stream, seq, command_id, command_type, event, error, sqlstate, failed_at, retries from cqrs.dead_letter order by id"),
+    ("projector_lease", "select token, holder, acquired_at from cqrs.projector_lease"),
+    ("read models", "select 'count', stream, n, rev from public.rm_count union all select 'total', stream, total, rev from public.rm_total union all select 'strict', stream, total, rev from public.rm_strict order by 1, 2"),
+    ("status", "select projection, halted, last_error_sqlstate, checkpoint_lsn, checkpoint_position, checkpoint_at, events_behind, parked, gap_alert, dead_letters, applied, duplicates, revision, generation from cqrs.status() order by 1"),
+];
+
+async fn snapshot(client: &Client) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for (name, query) in SNAPSHOT {
+        let text = client
+            .query_one(
+                &format!("select coalesce(string_agg(to_jsonb(t)::text, E'\\n'), '') from ({query}) t"),
+                &[],
+            )
+            .await
+            .with_context(|| format!("reading {name}"))?
+            .get(0);
+        out.push(((*name).to_owned(), text));
+    }
+    Ok(out)
+}
+
+async fn scalar<T>(client: &Client, sql: &str) -> Result<T>
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    Ok(client
+        .query_one(sql, &[])
+        .await
+        .with_context(|| sql.to_owned())?
+        .get(0))
+}
+
+async fn current_version(client: &Client) -> Result<String> {
+    scalar(
+        client,
+        "select default_version::text from pg_catalog.pg_available_extensions where name = 'pg_cqrs'",
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_install_equals_a_fresh_one_and_keeps_every_row() -> Result<()> {
+    let _serial = serial().await;
+    let pg = PgCluster::start(ClusterOptions {
+        with_extension: false,
+        ..ClusterOptions::default()
+    })?;
+    let fresh_db = "fresh";
+    pg.psql_in("postgres", &format!("create database {fresh_db}"))?;
+    pg.psql_in(fresh_db, "create extension pg_cqrs")?;
+    let fresh = connect(&pg.url_for(fresh_db)).await?;
+    let expected = catalog(&fresh).await?;
+    let expected_facts = extension_facts(&fresh).await?;
+    ensure!(
+        expected_facts.0.is_empty(),
+        "a fresh install has objects outside the extension: {:?}",
+        expected_facts.0
+    );
+    let current = current_version(&fresh).await?;
+
+    for release in EARLIER_RELEASES {
+        let db = format!("from_{}", release.replace('.', "_"));
+        pg.psql_in("postgres", &format!("create database {db}"))?;
+        pg.psql_in(&db, &format!("create extension pg_cqrs version '{release}'"))
+            .with_context(|| {
+                format!("installing release {release} (is sql/releases/pg_cqrs--{release}.sql installed?)")
+            })?;
+        let client = connect(&pg.url_for(&db)).await?;
+        client
+            .batch_execute(FILL)
+            .await
+            .context("filling the earlier release")?;
+        // the fill left what the upgrade must carry: parked events, a dead letter, a halt
+        let parked: i64 = scalar(&client, "select count(*) from cqrs.parked").await?;
+        let dead: i64 = scalar(&client, "select count(*) from cqrs.dead_letter").await?;
+        let halted: i64 = scalar(&client, "select count(*) from cqrs.projection_state where halted").await?;
+        ensure!(
+            parked == 8 && dead == 1 && halted == 1,
+            "fill: {parked} parked, {dead} dead letters, {halted} halted"
+        );
+        let before = snapshot(&client).await?;
+
+        let started = Instant::now();
+        client.batch_execute("alter extension pg_cqrs update").await?;
+        eprintln!(
+            "{release} → {current}: ALTER EXTENSION took {:?} with {} commands",
+            started.elapsed(),
+            scalar::<i64>(&client, "select count(*) from cqrs.command_log").await?
+        );
+        let version: String = scalar(
+            &client,
+            "select extversion::text from pg_catalog.pg_extension where extname = 'pg_cqrs'",
+        )
+        .await?;
+        ensure!(
+            version == current,
+            "after the update pg_cqrs is {version}, not {current}"
+        );
+
+        let diff = differences(&catalog(&client).await?, &expected);
+        if !diff.is_empty() {
+            bail!(
+                "the catalog after upgrading from {release} differs from a fresh {current} install in {} places \
+                 (does sql/releases/pg_cqrs--{release}--{current}.sql carry every schema change?):\n{}",
+                diff.len(),
+                diff.join("\n")
+            );
+        }
+        let facts = extension_facts(&client).await?;
+        ensure!(
+            facts.0.is_empty(),
+            "after the upgrade these objects do not belong to the extension: {:?}",
+            facts.0
+        );
+        ensure!(
+            facts.1 == expected_facts.1,
+            "pg_dump config tables differ: {:?} vs {:?}",
+            facts.1,
+            expected_facts.1
+        );
+
+        let after = snapshot(&client).await?;
+        for ((name, was), (_, is)) in before.iter().zip(&after) {
+            ensure!(
+                was == is,
+                "{name} changed in the upgrade from {release}:\nbefore:\n{was}\nafter:\n{is}"
+            );
+        }
+        still_behaves(&client)
+            .await
+            .with_context(|| format!("after upgrading from {release}"))?;
+    }
+    Ok(())
+}
+
+/// What the upgraded rows must still do.
+async fn still_behaves(client: &Client) -> Result<()> {
+    // a replayed command is still a duplicate, answered with its original position and seq
+    let row = client
+        .query_one(
+            "select a.position, a.seq, a.duplicate, l.position
+               from cqrs.append('00000000-0000-4000-8000-00000000000b', 's-1', 'PAY', '{\"amount\": 2}') a,
+                    cqrs.command_log l where l.command_id = '00000000-0000-4000-8000-00000000000b'",
+            &[],
+        )
+        .await?;
+    let (position, seq, duplicate, original): (i64, i64, bool, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    ensure!(
+        duplicate && position == original && seq == 1,
+        "replay answered ({position}, {seq}, {duplicate})"
+    );
+    // sequences go on without a gap, and the schema still validates
+    let seq: i64 = scalar(
+        client,
+        "select seq from cqrs.append(cqrs.uuid_v7(), 's-1', 'PAY', '{\"amount\": 1}')",
+    )
+    .await?;
+    ensure!(seq == 4, "s-1 went on at seq {seq}, not 4");
+    let refused = client
+        .query("select cqrs.append(cqrs.uuid_v7(), 's-1', 'PAY', '{}')", &[])
+        .await
+        .err()
+        .and_then(|e| e.code().map(|c| c.code().to_owned()));
+    ensure!(
+        refused.as_deref() == Some("22023"),
+        "a payload without amount: {refused:?}"
+    );
+    // the lease goes on from the token it had
+    let token: i64 = scalar(client, "select cqrs.acquire_lease('after the upgrade')").await?;
+    ensure!(token == 2, "the next lease token is {token}, not 2");
+    // the gaps fill: the parked events are released, in order
+    let changed: i64 = scalar(
+        client,
+        "select count(*) from cqrs.project_batch(
+             (select jsonb_agg(to_jsonb(l) order by l.position) from cqrs.command_log l
+               where l.stream in ('s-7', 's-8') and l.seq = 1), '0/2000', 2)",
+    )
+    .await?;
+    ensure!(changed > 0, "filling the gaps changed nothing");
+    let parked: i64 = scalar(client, "select count(*) from cqrs.parked").await?;
+    ensure!(
+        parked == 0,
+        "{parked} events still parked after their gaps filled"
+    );
+    let totals: String = scalar(
+        client,
+        "select string_agg(stream || '=' || total, ',' order by stream) from public.rm_total where stream in ('s-7', 's-8')",
+    )
+    .await?;
+    ensure!(
+        totals == "s-7=27,s-8=30",
+        "released events applied wrongly: {totals}"
+    );
+    // the halted projection is still halted on its poison event; the dead letter is still there
+    let halted: String = scalar(
+        client,
+        "select last_error_event ->> 'stream' from cqrs.projection_state where halted",
+    )
+    .await?;
+    ensure!(halted == "poison", "halted on {halted}");
+    let dead: String = scalar(client, "select stream from cqrs.dead_letter").await?;
+    ensure!(dead == "poison", "dead letter of {dead}");
+    Ok(())
+}
+
+/// Path of the sidecar binary of an earlier release.
+fn release_sidecar(version: &str) -> Result<PathBuf> {
+    let path = repo_root()
+        .join("target/releases")
+        .join(version)
+        .join("cqrs-sidecar");
+    ensure!(
+        path.exists(),
+        "{} is missing: run scripts/release-sidecar.sh {version} (scripts/test.sh does)",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// The sidecar of the earlier release streams while the database is upgraded under it: it may
+/// pause while the upgrade holds its locks, and goes on by itself. Then the sidecars are
+/// replaced one by one by the current one (a rolling upgrade). Nothing is lost or doubled, and
+/// Redis equals the read models.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_streaming_through_an_upgrade_loses_and_doubles_nothing() -> Result<()> {
+    let _serial = serial().await;
+    let release = EARLIER_RELEASES[EARLIER_RELEASES.len() - 1];
+    let old_sidecar = release_sidecar(release)?;
+    let mut rig = Rig::start_with_options(ClusterOptions {
+        extension_version: Some(release.to_owned()),
+        ..ClusterOptions::default()
+    })
+    .await?;
+    // the current sidecar refuses the earlier release at start, naming the upgrade
+    let refused = rig.add_sidecar()?;
+    let code = rig.sidecars[refused].wait_exit(Duration::from_secs(30))?;
+    let log = rig.sidecars[refused].log();
+    ensure!(
+        code == Some(2)
+            && log.contains(&format!(
+                "pg_cqrs {release} (extension edition) is older than this sidecar supports"
+            ))
+            && log.contains("alter extension pg_cqrs update"),
+        "the current sidecar on {release}: exit {code:?}, log:\n{log}"
+    );
+    rig.sidecars.clear();
+
+    rig.add_sidecar_binary(&old_sidecar)?;
+    rig.wait_for_leader(Duration::from_secs(30))?;
+    let client = rig.client().await?;
+    let mut rng = StdRng::seed_from_u64(7);
+    orders::append_all(&client, &seed_commands(50), 50).await?;
+    let traffic = Traffic::start(
+        &rig.pg.url(),
+        random_log(&mut rng, 24_000, 1_000, 50),
+        2,
+        Some(1_200.0),
+    );
+
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let projected_before: i64 = scalar(
+        &client,
+        "select coalesce(sum(applied), 0)::bigint from cqrs.projection_state",
+    )
+    .await?;
+    let started = Instant::now();
+    // its own connection, as a DBA would: the upgrade waits for the batch in flight
+    connect(&rig.pg.url())
+        .await?
+        .batch_execute("alter extension pg_cqrs update")
+        .await?;
+    let took = started.elapsed();
+    eprintln!("ALTER EXTENSION pg_cqrs UPDATE under load took {took:?}");
+
+    // the old sidecar goes on by itself
+    eventually(
+        Duration::from_secs(30),
+        "the earlier release's sidecar projects after the upgrade",
+        || async {
+            let now: i64 = scalar(
+                &client,
+                "select coalesce(sum(applied), 0)::bigint from cqrs.projection_state",
+            )
+            .await?;
+            ensure!(
+                now > projected_before + 1_000,
+                "projected {now}, {projected_before} before the upgrade"
+            );
+            Ok(())
+        },
+    )
+    .await
+    .with_context(|| rig.logs())?;
+    ensure!(
+        rig.sidecars[0].is_running(),
+        "the earlier release's sidecar died:\n{}",
+        rig.logs()
+    );
+
+    // rolling: a current sidecar joins, the old one is stopped, the current one leads
+    let current = rig.add_sidecar()?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let exit = rig.sidecars[0].terminate(Duration::from_secs(15))?;
+    eprintln!("the earlier release's sidecar stopped with {exit:?}");
+    eventually(Duration::from_secs(30), "the current sidecar leads", || async {
+        ensure!(
+            rig.sidecars[current].is_leader() && rig.sidecars[current].readiness() == Some(200),
+            "not yet"
+        );
+        Ok(())
+    })
+    .await
+    .with_context(|| rig.logs())?;
+
+    let appended = traffic.finish().await?;
+    rig.assert_consistent(Duration::from_secs(90)).await?;
+    eprintln!("{appended} commands through an upgrade from {release} and a rolling sidecar replacement");
+    Ok(())
+}
