@@ -17,6 +17,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 
+use crate::command_limits::{self, Document};
 use crate::command_registry;
 use crate::errors::{column, error, null_argument, spi_error};
 use crate::payload_schema;
@@ -204,6 +205,7 @@ impl Command<'_> {
                 MAX_COMMAND_TYPE_BYTES,
             )?;
             let payload = check_object("payload", arg(3), None)?;
+            command_limits::check(Document::Payload, payload)?;
             let expected_seq = arg(4).map(|d| d.value() as i64);
             if let Some(expected) = expected_seq {
                 if expected < 0 {
@@ -216,6 +218,7 @@ impl Command<'_> {
                 }
             }
             let metadata = check_object("metadata", arg(5), Some("Omit metadata or pass '{}'."))?;
+            command_limits::check(Document::Metadata, metadata)?;
             Ok(Self {
                 command_id,
                 stream,

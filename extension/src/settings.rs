@@ -7,6 +7,17 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 /// `current_setting()`, which also works in a backend that has not loaded this library yet.
 pub(crate) static REQUIRE_REGISTERED_TYPES: GucSetting<bool> = GucSetting::<bool>::new(false);
 
+/// Largest payload `cqrs.append` accepts, in bytes of jsonb (SUSET: applications cannot raise it).
+pub(crate) static MAX_PAYLOAD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(4 * 1024 * 1024);
+
+/// Largest metadata `cqrs.append` accepts, in bytes of jsonb.
+pub(crate) static MAX_METADATA_BYTES: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
+
+/// Deepest nesting of payload and metadata `cqrs.append` accepts. At most 100: the projection
+/// side reads events with a JSON parser whose recursion limit is 128 levels, and a batch wraps
+/// each payload in two more.
+pub(crate) static MAX_JSON_DEPTH: GucSetting<i32> = GucSetting::<i32>::new(64);
+
 /// Seconds an event may stay parked (waiting for a gap in its stream to fill) before
 /// `cqrs.status()` raises `gap_alert`. Read by SQL with `current_setting()`.
 static GAP_ALERT_AFTER: GucSetting<i32> = GucSetting::<i32>::new(60);
@@ -30,6 +41,36 @@ pub(crate) fn register() {
         0,
         i32::MAX,
         GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"cqrs.max_payload_bytes",
+        c"Largest command payload cqrs.append() accepts, in bytes of jsonb.",
+        c"Larger payloads are refused with SQLSTATE 54000. Only superusers can change it.",
+        &MAX_PAYLOAD_BYTES,
+        1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"cqrs.max_metadata_bytes",
+        c"Largest command metadata cqrs.append() accepts, in bytes of jsonb.",
+        c"Larger metadata is refused with SQLSTATE 54000. Only superusers can change it.",
+        &MAX_METADATA_BYTES,
+        1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"cqrs.max_json_depth",
+        c"Deepest nesting of command payloads and metadata cqrs.append() accepts (levels below the root).",
+        c"Deeper documents are refused with SQLSTATE 54000: the projection side could not read them. Only superusers can change it.",
+        &MAX_JSON_DEPTH,
+        1,
+        100,
+        GucContext::Suset,
         GucFlags::default(),
     );
     // SAFETY: called from _PG_init with a static C string; reserving the prefix makes a typo such

@@ -142,6 +142,7 @@ mod tests {
             payload: json!({}),
             metadata: json!({}),
             created_at: "2026-01-01 00:00:00+00".to_owned(),
+            ..Event::default()
         }
     }
 

@@ -1,0 +1,125 @@
+//! Command-log rows as the projector reads them — from a batch argument, from the log, from
+//! `cqrs.parked` and `cqrs.dead_letter` — always as JSON text split by
+//! [`cqrs_projection::event::Event::parse`], never as a whole `serde_json::Value`: an event whose
+//! payload no parser here can read (nested too deep, too large) then makes only itself
+//! unreadable, a poison event for the projections that handle it, instead of failing every
+//! batch that holds it.
+//!
+//! Memory outside PostgreSQL's accounting stays bounded: each document is decoded only up to
+//! [`limits`], and the log is read in chunks bounded in bytes as well as in rows.
+
+use cqrs_projection::event::{Event, Limits};
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+
+use crate::errors::{column, error};
+use crate::settings;
+
+/// Bytes of log (as stored) read at a time by catch-up and rebuild, beyond which a chunk ends
+/// early (it always holds at least one command).
+pub(crate) const CHUNK_BYTES: i64 = 64 * 1024 * 1024;
+
+/// How large a document the projector decodes: a generous multiple of what `cqrs.append`
+/// accepts (JSON text can be larger than jsonb; older commands may predate a lowered limit).
+pub(crate) fn limits() -> Limits {
+    let largest = settings::MAX_PAYLOAD_BYTES
+        .get()
+        .max(settings::MAX_METADATA_BYTES.get());
+    Limits {
+        max_document_bytes: usize::try_from(largest).unwrap_or(usize::MAX).saturating_mul(8),
+    }
+}
+
+/// The events of a `jsonb` batch argument.
+///
+/// # Safety
+/// `datum` must be a non-null jsonb Datum of the current call.
+pub(crate) unsafe fn batch(datum: pg_sys::Datum) -> Result<Vec<Event>, ErrorReport> {
+    // SAFETY: per the contract; jsonb_out returns a palloc'd C string in the current context,
+    // which lives until the call ends (the text is accounted to PostgreSQL, not to us).
+    let text = unsafe {
+        let Some(cstring) = pgrx::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(datum)]) else {
+            return Err(error(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                "jsonb_out returned null",
+            ));
+        };
+        std::ffi::CStr::from_ptr(cstring.cast_mut_ptr::<std::ffi::c_char>())
+    };
+    let text = text.to_str().map_err(|_| {
+        error(
+            PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+            "events is not valid UTF-8",
+        )
+    })?;
+    Event::parse_batch(text, limits())
+        .map_err(|err| error(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, err.to_string()))
+}
+
+/// An event stored by pg_cqrs (`what` names it in errors), from its JSON text.
+pub(crate) fn stored(index: usize, text: &str, what: &str, limits: Limits) -> Result<Event, ErrorReport> {
+    Event::parse(index, text, limits).map_err(|err| {
+        error(
+            PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+            format!("{what} is malformed: {err}"),
+        )
+    })
+}
+
+/// Events from rows whose first column is an event's JSON text (`what` names them in errors).
+pub(crate) fn from_rows(rows: pgrx::spi::SpiTupleTable<'_>, what: &str) -> Result<Vec<Event>, ErrorReport> {
+    let limits = limits();
+    let mut events = Vec::with_capacity(rows.len());
+    for (i, row) in rows.enumerate() {
+        if let Some(text) = column(row.get::<&str>(1), what)? {
+            events.push(stored(i, text, what, limits)?);
+        }
+    }
+    Ok(events)
+}
+
+/// One command-log row `l` as the JSON text of an event.
+macro_rules! log_row_json {
+    () => {
+        "pg_catalog.json_build_object('position', l.position, 'command_id', l.command_id, 'stream', l.stream,
+         'seq', l.seq, 'command_type', l.command_type, 'payload', l.payload, 'metadata', l.metadata,
+         'created_at', l.created_at)::text"
+    };
+}
+
+/// Commands after `$1` in log order, at most `$2` of them and about `$3` bytes (at least one).
+pub(crate) const LOG_AFTER: &str = concat!(
+    "select c.doc from (
+    select ",
+    log_row_json!(),
+    " as doc, pg_catalog.row_number() over w as n,
+           pg_catalog.sum(pg_catalog.pg_column_size(l.payload) + pg_catalog.pg_column_size(l.metadata)) over w as bytes
+      from (select * from cqrs.command_log l where l.position > $1 order by l.position limit $2) l
+    window w as (order by l.position rows unbounded preceding)) c
+ where c.n = 1 or c.bytes <= $3
+ order by c.n"
+);
+
+/// Commands projection `$1` has not applied, in log order, at most `$2` of them and about `$3`
+/// bytes: per stream, those after its progress. Exact whatever the order commands committed in.
+pub(crate) const BEHIND: &str = concat!(
+    "select c.doc from (
+    select ",
+    log_row_json!(),
+    " as doc, pg_catalog.row_number() over w as n,
+           pg_catalog.sum(pg_catalog.pg_column_size(l.payload) + pg_catalog.pg_column_size(l.metadata)) over w as bytes
+      from (select l.*
+              from cqrs.stream s
+              left join cqrs.projection_stream ps on ps.projection = $1 and ps.stream = s.stream
+              cross join lateral (
+                    select * from cqrs.command_log l
+                     where l.stream = s.stream and l.seq > coalesce(ps.last_seq, 0)
+                     order by l.seq
+                     limit $2) l
+             where s.last_seq > coalesce(ps.last_seq, 0)
+             order by l.position
+             limit $2) l
+    window w as (order by l.position rows unbounded preceding)) c
+ where c.n = 1 or c.bytes <= $3
+ order by c.n"
+);
