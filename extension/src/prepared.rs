@@ -47,13 +47,21 @@ pub(crate) fn plan(
 /// estimate past `jit_above_cost`, and compiling a small statement costs ~25 ms per execution
 /// (found with perf: LLVM in a 1-event batch).
 pub(crate) fn index_plans<R>(work: impl FnOnce() -> R) -> R {
-    const OFF: [&std::ffi::CStr; 5] = [
-        c"enable_seqscan",
-        c"enable_bitmapscan",
-        c"enable_hashjoin",
-        c"enable_mergejoin",
-        c"jit",
+    const OFF: [(&std::ffi::CStr, &std::ffi::CStr); 5] = [
+        (c"enable_seqscan", c"off"),
+        (c"enable_bitmapscan", c"off"),
+        (c"enable_hashjoin", c"off"),
+        (c"enable_mergejoin", c"off"),
+        (c"jit", c"off"),
     ];
+    with_settings(&OFF, work)
+}
+
+/// Runs `work` with `settings` (name, value) in force, and the previous values back after.
+pub(crate) fn with_settings<R>(
+    settings: &[(&std::ffi::CStr, &std::ffi::CStr)],
+    work: impl FnOnce() -> R,
+) -> R {
     // GUC_ACTION_SAVE, as for a function's SET clause: the values are undone when the nest level
     // closes (GUC_ACTION_LOCAL would merge into the caller's transaction and leak to its later
     // statements).
@@ -61,10 +69,10 @@ pub(crate) fn index_plans<R>(work: impl FnOnce() -> R) -> R {
     // (sub)transaction abort unwinds the level and restores the settings.
     unsafe {
         let level = pg_sys::NewGUCNestLevel();
-        for name in OFF {
+        for (name, value) in settings {
             pg_sys::set_config_option(
                 name.as_ptr(),
-                c"off".as_ptr(),
+                value.as_ptr(),
                 pg_sys::GucContext::PGC_USERSET,
                 pg_sys::GucSource::PGC_S_SESSION,
                 pg_sys::GucAction::GUC_ACTION_SAVE,

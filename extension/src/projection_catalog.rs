@@ -14,6 +14,7 @@ use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 use pgrx::JsonB;
 
 use crate::errors::{column, error, internal, spi_error};
+use crate::prepared;
 use crate::subtransaction;
 
 /// What to do when a handler fails.
@@ -34,6 +35,8 @@ pub(crate) struct Definition {
     pub(crate) name: String,
     pub(crate) program: Program,
     pub(crate) target: Target,
+    /// The target table's owner: read-model writes and handlers run as this role.
+    pub(crate) owner: pg_sys::Oid,
     pub(crate) on_error: OnError,
     plans: RefCell<Plans>,
 }
@@ -86,6 +89,7 @@ struct CatalogColumn {
 
 struct CatalogTable {
     qualified: String,
+    owner: pg_sys::Oid,
     columns: BTreeMap<String, CatalogColumn>,
     /// column names in attnum order
     order: Vec<String>,
@@ -94,7 +98,7 @@ struct CatalogTable {
 fn read_table(client: &SpiClient<'_>, target: pg_sys::Oid) -> Result<CatalogTable, ErrorReport> {
     let rows = client
         .select(
-            "select n.nspname::text, c.relname::text, c.relkind::text
+            "select n.nspname::text, c.relname::text, c.relkind::text, c.relowner
                from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace
               where c.oid = $1",
             Some(1),
@@ -106,9 +110,10 @@ fn read_table(client: &SpiClient<'_>, target: pg_sys::Oid) -> Result<CatalogTabl
         let schema = column(row.get::<String>(1), "nspname")?.unwrap_or_default();
         let table = column(row.get::<String>(2), "relname")?.unwrap_or_default();
         let kind = column(row.get::<String>(3), "relkind")?.unwrap_or_default();
-        found = Some((schema, table, kind));
+        let owner = column(row.get::<pg_sys::Oid>(4), "relowner")?.unwrap_or(pg_sys::InvalidOid);
+        found = Some((schema, table, kind, owner));
     }
-    let Some((schema, table, kind)) = found else {
+    let Some((schema, table, kind, owner)) = found else {
         return Err(error(
             PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
             format!("the target table (oid {}) does not exist", target.to_u32()),
@@ -126,8 +131,10 @@ fn read_table(client: &SpiClient<'_>, target: pg_sys::Oid) -> Result<CatalogTabl
             format!("{schema}.{table} is part of pg_cqrs; a read model is a table of your own"),
         ));
     }
-    let rows = client
-        .select(
+    // type names as the statements will name them: qualified unless in pg_catalog, since the
+    // statements run with search_path = pg_catalog, pg_temp (see owner_rights)
+    let rows = prepared::with_settings(&[(c"search_path", c"pg_catalog, pg_temp")], || {
+        client.select(
             "select a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), a.atttypid,
                     pg_catalog.pg_get_expr(d.adbin, d.adrelid),
                     a.attgenerated <> '' or a.attidentity = 'a'
@@ -138,7 +145,8 @@ fn read_table(client: &SpiClient<'_>, target: pg_sys::Oid) -> Result<CatalogTabl
             None,
             &[target.into()],
         )
-        .map_err(|err| spi_error("reading the target's columns", err))?;
+    })
+    .map_err(|err| spi_error("reading the target's columns", err))?;
     let mut columns = BTreeMap::new();
     let mut order = Vec::new();
     for row in rows {
@@ -154,6 +162,7 @@ fn read_table(client: &SpiClient<'_>, target: pg_sys::Oid) -> Result<CatalogTabl
     }
     Ok(CatalogTable {
         qualified: format!("{}.{}", quote_ident(&schema), quote_ident(&table)),
+        owner,
         columns,
         order,
     })
@@ -188,7 +197,7 @@ fn build_target(
     key_column: &str,
     rev_column: &str,
     spec: &Spec,
-) -> Result<Target, ErrorReport> {
+) -> Result<(Target, pg_sys::Oid), ErrorReport> {
     let table = read_table(client, target)?;
     let Some(key) = table.columns.get(key_column) else {
         return Err(error(
@@ -250,14 +259,17 @@ fn build_target(
         })
         .cloned()
         .collect();
-    Ok(Target {
-        table: table.qualified,
-        key: key_column.to_owned(),
-        key_type: key.sql_type.clone(),
-        rev: rev_column.to_owned(),
-        columns,
-        other_columns,
-    })
+    Ok((
+        Target {
+            table: table.qualified,
+            key: key_column.to_owned(),
+            key_type: key.sql_type.clone(),
+            rev: rev_column.to_owned(),
+            columns,
+            other_columns,
+        },
+        table.owner,
+    ))
 }
 
 /// Whether `select <probe>` runs without error (a cast that exists and accepts the value).
@@ -283,8 +295,9 @@ fn check_definition(
     rev_column: &str,
     spec: &Spec,
 ) -> Result<Target, ErrorReport> {
-    let built = build_target(client, target, key_column, rev_column, spec)?;
+    let (built, owner) = build_target(client, target, key_column, rev_column, spec)?;
     let table = read_table(client, target)?;
+    check_function_owners(client, spec, owner)?;
 
     // ON CONFLICT (key) needs a unique, non-partial index on exactly the key column
     let unique = client
@@ -368,6 +381,65 @@ fn check_definition(
         }
     }
     Ok(built)
+}
+
+/// The projection writes the table as its owner: only the owner (or a member of its role) may
+/// make it a read model. Checked first, before anything else is looked up.
+fn check_owner(client: &SpiClient<'_>, target: pg_sys::Oid) -> Result<(), ErrorReport> {
+    let rows = client
+        .select(
+            "select pg_catalog.pg_has_role(c.relowner, 'MEMBER'), c.relowner::pg_catalog.regrole::text,
+                    c.oid::pg_catalog.regclass::text
+               from pg_catalog.pg_class c where c.oid = $1",
+            Some(1),
+            &[target.into()],
+        )
+        .map_err(|err| spi_error("checking the table's owner", err))?;
+    for row in rows {
+        if column(row.get::<bool>(1), "membership")? != Some(true) {
+            let owner = column(row.get::<String>(2), "relowner")?.unwrap_or_default();
+            let table = column(row.get::<String>(3), "the table")?.unwrap_or_default();
+            return Err(error(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("only the owner of {table} (role {owner}) or a member of that role can make it a read model"),
+            )
+            .set_hint("Projections write their read model with its owner's rights."));
+        }
+    }
+    Ok(())
+}
+
+/// Function handlers run as the table's owner: each must be owned by that role or one it is a
+/// member of, so that no other role's code runs with the owner's rights.
+fn check_function_owners(
+    client: &SpiClient<'_>,
+    spec: &Spec,
+    table_owner: pg_sys::Oid,
+) -> Result<(), ErrorReport> {
+    for function in spec.functions() {
+        let rows = client
+            .select(
+                "select pg_catalog.pg_has_role($2, p.proowner, 'MEMBER'), p.proowner::pg_catalog.regrole::text,
+                        $2::pg_catalog.regrole::text
+                   from pg_catalog.pg_proc p where p.oid = pg_catalog.to_regprocedure($1 || '(jsonb)')",
+                Some(1),
+                &[function.into(), table_owner.into()],
+            )
+            .map_err(|err| spi_error("checking a handler function's owner", err))?;
+        for row in rows {
+            let allowed = column(row.get::<bool>(1), "membership")?.unwrap_or(false);
+            if !allowed {
+                let function_owner = column(row.get::<String>(2), "proowner")?.unwrap_or_default();
+                let owner = column(row.get::<String>(3), "relowner")?.unwrap_or_default();
+                return Err(error(
+                    PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                    format!("handler function {function}(jsonb) is owned by role {function_owner}, not by the read model's owner {owner} or a role it is a member of"),
+                )
+                .set_hint(format!("Handlers run as the table's owner: alter function {function}(jsonb) owner to {owner};")));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Checks that a constant or command-log field can be stored in `column` (a path's value can
@@ -523,6 +595,7 @@ pub(crate) fn register(new: &NewProjection<'_>) -> Result<(), ErrorReport> {
     let mut spec = Spec::parse(new.handlers)
         .map_err(|err| error(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, err.to_string()))?;
     Spi::connect_mut(|client| {
+        check_owner(client, new.target)?;
         let exists = client
             .select(
                 "select (select p.name from cqrs.projection p where p.name = $1),
@@ -569,16 +642,14 @@ pub(crate) fn register(new: &NewProjection<'_>) -> Result<(), ErrorReport> {
                 &[new.name.into()],
             )
             .map_err(|err| spi_error("registering the projection state", err))?;
-        // The projector writes the read model with its own rights: let it, if we may grant that.
-        let grant = format!(
-            "grant select, insert, update, delete on {} to cqrs_projector",
-            target.table
-        );
+        // The projector writes the read model as its owner (owner_rights), and reads it to
+        // fill and repair caches: it needs select, and nothing more.
+        let grant = format!("grant select on {} to cqrs_projector", target.table);
         if let Err(failure) = subtransaction::run(|| {
             Spi::run(&grant).map_err(|err| spi_error("granting the projector access", err))
         }) {
             pgrx::notice!(
-                "could not grant cqrs_projector and cqrs_reader access to {} ({}); grant select, insert, update, delete on it to cqrs_projector and select to cqrs_reader yourself",
+                "could not grant cqrs_projector select on {} ({}); grant it yourself, and select to the roles that read it",
                 target.table,
                 failure.message
             );
@@ -652,11 +723,12 @@ pub(crate) fn load(
     };
     let spec = Spec::parse(&handlers)
         .map_err(|err| internal(format!("stored handlers of {name:?} do not parse: {err}")))?;
-    let target = build_target(client, target_oid, &key_column, &rev_column, &spec)?;
+    let (target, owner) = build_target(client, target_oid, &key_column, &rev_column, &spec)?;
     let definition = Rc::new(Definition {
         name: name.to_owned(),
         program: spec.compile(),
         target,
+        owner,
         on_error,
         plans: RefCell::new(Plans::default()),
     });
