@@ -11,8 +11,11 @@
 use pgrx::prelude::*;
 
 mod append;
+mod command_limits;
 mod command_registry;
 mod errors;
+mod events;
+mod owner_rights;
 mod payload_schema;
 mod prepared;
 mod projection_api;

@@ -20,6 +20,9 @@ const CACHE_CAPACITY: usize = 1024;
 /// How many schema violations are listed in the error's DETAIL.
 const MAX_REPORTED_VIOLATIONS: usize = 5;
 
+/// Largest compiled size of one `pattern`, in bytes.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
 struct Compiled {
     version: i64,
     validator: Rc<jsonschema::Validator>,
@@ -33,8 +36,14 @@ thread_local! {
 fn compile(schema: &serde_json::Value) -> Result<jsonschema::Validator, String> {
     jsonschema::options()
         // "format" is only an annotation by default in drafts 2019-09 and later; users who write
-        // "format": "email" expect it to be enforced.
+        // "format": "email" expect it to be enforced (idn-hostname and idn-email included: the
+        // crate's idna feature is on, so no format is silently ignored).
         .should_validate_formats(true)
+        // `pattern` and `patternProperties` on the linear-time regex engine: a backtracking one
+        // can spend minutes on one payload, inside a backend where statement_timeout cannot
+        // interrupt it. Patterns that need backtracking (look-around, back-references) are
+        // refused at registration.
+        .with_pattern_options(jsonschema::PatternOptions::regex().size_limit(REGEX_SIZE_LIMIT))
         .build(schema)
         // The schema is not row data, so the unmasked message (with the offending value) is fine.
         .map_err(|err| format!("{} (at {})", err, pointer_or_root(err.instance_path().as_str())))
@@ -210,6 +219,28 @@ mod tests {
     #[pg_test]
     fn unregistered_type_is_not_validated() {
         assert!(super::validate("NOPE", 1, &json!({"anything": true})).is_ok());
+    }
+
+    #[pg_test]
+    fn patterns_run_in_linear_time_and_backtracking_ones_are_refused() {
+        // catastrophic for a backtracking engine: minutes; linear here
+        let v = register("P", json!({"properties": {"s": {"type": "string", "pattern": "^(a+)+$"}}}));
+        let evil = format!("{}b", "a".repeat(10_000));
+        let started = std::time::Instant::now();
+        assert!(super::validate("P", v, &json!({"s": evil})).is_err());
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+        // look-around needs backtracking: refused when the schema is registered
+        let err = super::check_json_schema(JsonB(json!({"properties": {"s": {"pattern": "a(?=b)"}}})))
+            .expect_err("look-ahead is refused");
+        assert!(err.message().starts_with("json_schema is not a valid JSON Schema"), "{}", err.message());
+    }
+
+    #[pg_test]
+    fn every_format_is_enforced_idn_included() {
+        let v = register("F", json!({"properties": {"e": {"format": "idn-email"}, "h": {"format": "idn-hostname"}}}));
+        assert!(super::validate("F", v, &json!({"e": "user@bücher.example", "h": "bücher.example"})).is_ok());
+        assert!(super::validate("F", v, &json!({"e": "not an email"})).is_err());
+        assert!(super::validate("F", v, &json!({"h": "-bad-.example"})).is_err());
     }
 
     #[pg_test]

@@ -7,16 +7,19 @@
 
 use std::time::Instant;
 
-use cqrs_projection::event::Event;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
 
 use crate::errors::{column, error, null_argument, spi_error, unknown_projection};
+use crate::events;
+use crate::owner_rights;
 use crate::prepared;
 use crate::projection_catalog::{self, NewProjection};
-use crate::projector::{self, ChangedRow, Changes, Options};
+use crate::projector::{self, ChangedRow, Changes, Options, Skip};
+use crate::subtransaction;
+use crate::subtransaction::Failure;
 
 /// Default number of commands read from the log at a time by catch-up and rebuild.
 const DEFAULT_CHUNK: i64 = 10_000;
@@ -109,60 +112,6 @@ macro_rules! v1_function {
     };
 }
 
-/// Reads command-log rows `(position, command_id, stream, seq, command_type, payload,
-/// metadata, created_at)` into events.
-fn events_from(rows: pgrx::spi::SpiTupleTable<'_>) -> Result<Vec<Event>, ErrorReport> {
-    let mut events = Vec::with_capacity(rows.len());
-    for row in rows {
-        let text = |n: usize| -> Result<String, ErrorReport> {
-            Ok(row
-                .get::<String>(n)
-                .map_err(|e| spi_error("reading the log", e))?
-                .unwrap_or_default())
-        };
-        events.push(Event {
-            position: column(row.get::<i64>(1), "position")?.unwrap_or(0),
-            command_id: text(2)?,
-            stream: text(3)?,
-            seq: column(row.get::<i64>(4), "seq")?.unwrap_or(0),
-            command_type: text(5)?,
-            payload: column(row.get::<JsonB>(6), "payload")?
-                .map(|j| j.0)
-                .unwrap_or_default(),
-            metadata: column(row.get::<JsonB>(7), "metadata")?
-                .map(|j| j.0)
-                .unwrap_or_default(),
-            created_at: text(8)?,
-        });
-    }
-    Ok(events)
-}
-
-/// Commands after `$1` in log order, at most `$2`.
-const LOG_AFTER: &str = "\
-select l.position, l.command_id::text, l.stream, l.seq, l.command_type, l.payload, l.metadata,
-       pg_catalog.to_json(l.created_at) #>> '{}'
-  from cqrs.command_log l
- where l.position > $1
- order by l.position
- limit $2";
-
-/// Commands projection `$1` has not applied, in log order, at most `$2`: per stream, those after
-/// its progress. Exact whatever the order commands committed in.
-const BEHIND: &str = "\
-select l.position, l.command_id::text, l.stream, l.seq, l.command_type, l.payload, l.metadata,
-       pg_catalog.to_json(l.created_at) #>> '{}'
-  from cqrs.stream s
-  left join cqrs.projection_stream ps on ps.projection = $1 and ps.stream = s.stream
-  cross join lateral (
-        select * from cqrs.command_log l
-         where l.stream = s.stream and l.seq > coalesce(ps.last_seq, 0)
-         order by l.seq
-         limit $2) l
- where s.last_seq > coalesce(ps.last_seq, 0)
- order by l.position
- limit $2";
-
 /// How a catch-up ended.
 pub(crate) struct CaughtUp {
     pub(crate) events: u64,
@@ -176,18 +125,29 @@ pub(crate) fn catch_up_one(
     name: &str,
     chunk: i64,
     with_docs: bool,
+    skip: Option<&Skip>,
     changes: &mut Changes,
 ) -> Result<CaughtUp, ErrorReport> {
     let mut total = 0u64;
     loop {
         let plan = prepared::plan(
             client,
-            BEHIND,
-            &[PgBuiltInOids::TEXTOID.into(), PgBuiltInOids::INT8OID.into()],
+            events::BEHIND,
+            &[
+                PgBuiltInOids::TEXTOID.into(),
+                PgBuiltInOids::INT8OID.into(),
+                PgBuiltInOids::INT8OID.into(),
+            ],
         )?;
-        let rows = prepared::index_plans(|| client.update(&*plan, None, &[name.into(), chunk.into()]))
-            .map_err(|e| spi_error("reading the log", e))?;
-        let events = events_from(rows)?;
+        let rows = prepared::index_plans(|| {
+            client.update(
+                &*plan,
+                None,
+                &[name.into(), chunk.into(), events::CHUNK_BYTES.into()],
+            )
+        })
+        .map_err(|e| spi_error("reading the log", e))?;
+        let events = events::from_rows(rows, "a command-log row")?;
         if events.is_empty() {
             return Ok(CaughtUp {
                 events: total,
@@ -201,6 +161,7 @@ pub(crate) fn catch_up_one(
                 commit_lsn: None,
                 only: Some(name),
                 with_docs,
+                skip,
             },
             changes,
         )?;
@@ -317,15 +278,9 @@ pub unsafe extern "C-unwind" fn cqrs_project_batch(fcinfo: pg_sys::FunctionCallI
         raise(null_argument("events"));
     };
     // SAFETY: a non-null jsonb Datum of this call.
-    let events = unsafe { JsonB::from_datum(events, false) }
-        .map(|j| j.0)
-        .unwrap_or_default();
-    let events = match Event::parse_batch(&events) {
+    let events = match unsafe { events::batch(events) } {
         Ok(events) => events,
-        Err(err) => raise(error(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            err.to_string(),
-        )),
+        Err(report) => raise(report),
     };
     let rows = Spi::connect_mut(|client| {
         if let Some(token) = fencing_token {
@@ -339,6 +294,7 @@ pub unsafe extern "C-unwind" fn cqrs_project_batch(fcinfo: pg_sys::FunctionCallI
                 commit_lsn,
                 only: None,
                 with_docs: true,
+                skip: None,
             },
             &mut changes,
         )?;
@@ -370,7 +326,7 @@ pub unsafe extern "C-unwind" fn cqrs_catch_up(fcinfo: pg_sys::FunctionCallInfo) 
         Spi::connect_mut(|client| {
             let mut changes = Changes::default();
             for name in names(client, name.as_deref())? {
-                let caught = catch_up_one(client, &name, chunk, true, &mut changes)?;
+                let caught = catch_up_one(client, &name, chunk, true, None, &mut changes)?;
                 if let Some(why) = caught.halted {
                     pgrx::warning!("catch-up of {name} stopped: {why}");
                 }
@@ -393,11 +349,28 @@ v1_function!(pg_finfo_cqrs_resume);
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn cqrs_resume(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    // SAFETY: argument 0 is text.
-    let Some(name) = (unsafe { text_arg(fcinfo, 0) }) else {
+    // SAFETY: argument 0 is text; argument 1 (boolean, by value) exists from 0.2.0 on — a 0.1.0
+    // declaration that has not been upgraded yet calls this symbol with one argument.
+    let (name, skip) = unsafe {
+        let skip = if (*fcinfo).nargs > 1 {
+            arg(fcinfo, 1).map(|d| d.value() != 0)
+        } else {
+            Some(false)
+        };
+        (text_arg(fcinfo, 0), skip)
+    };
+    let Some(name) = name else {
         raise(null_argument("name"));
     };
+    let Some(skip) = skip else {
+        raise(null_argument("skip"));
+    };
     let rows = Spi::connect_mut(|client| {
+        let skip = if skip {
+            Some(failed_event(client, &name)?)
+        } else {
+            None
+        };
         let resumed = client
             .update(
                 "update cqrs.projection_state set halted = false, last_error = null, last_error_sqlstate = null,
@@ -411,7 +384,14 @@ pub unsafe extern "C-unwind" fn cqrs_resume(fcinfo: pg_sys::FunctionCallInfo) ->
             return Err(unknown_projection(&name));
         }
         let mut changes = Changes::default();
-        let caught = catch_up_one(client, &name, DEFAULT_CHUNK, true, &mut changes)?;
+        let caught = catch_up_one(client, &name, DEFAULT_CHUNK, true, skip.as_ref(), &mut changes)?;
+        if let Some(skipped) = &skip {
+            pgrx::notice!(
+                "projection {name}: skipped {}#{} into cqrs.dead_letter; cqrs.retry_dead_letters('{name}') applies it once the cause is fixed",
+                skipped.stream,
+                skipped.seq
+            );
+        }
         if let Some(why) = caught.halted {
             pgrx::warning!("projection {name} halted again: {why}");
         }
@@ -419,6 +399,52 @@ pub unsafe extern "C-unwind" fn cqrs_resume(fcinfo: pg_sys::FunctionCallInfo) ->
     });
     // SAFETY: fcinfo is the call info of this set-returning function.
     unsafe { answer_rows(fcinfo, rows) }
+}
+
+/// The way out of a halt on an event that cannot be applied as it is (a value that overflows
+/// its column, say): the event a halted projection failed on, to be set aside by the catch-up
+/// that resumes it — into `cqrs.dead_letter` with its error, so that nothing is lost silently
+/// and `cqrs.retry_dead_letters` applies it once the cause is fixed.
+fn failed_event(client: &mut SpiClient<'_>, name: &str) -> Result<Skip, ErrorReport> {
+    let state = client
+        .update(
+            "select s.halted, s.last_error_event::text, s.last_error, s.last_error_sqlstate
+               from cqrs.projection_state s where s.name = $1 for update",
+            Some(1),
+            &[name.into()],
+        )
+        .map_err(|e| spi_error("locking the projection", e))?;
+    if state.is_empty() {
+        return Err(unknown_projection(name));
+    }
+    let row = state.first();
+    let halted = column(row.get::<bool>(1), "halted")?.unwrap_or(false);
+    let event = column(row.get::<String>(2), "last_error_event")?;
+    let message = column(row.get::<String>(3), "last_error")?.unwrap_or_default();
+    let sqlstate = column(row.get::<String>(4), "last_error_sqlstate")?.unwrap_or_else(|| "XX000".to_owned());
+    if !halted {
+        return Err(error(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("projection {name:?} is not halted: there is no failed event to skip"),
+        ));
+    }
+    let Some(text) = event else {
+        return Err(error(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("projection {name:?} halted without a known failing event: nothing to skip"),
+        )
+        .set_hint("See cqrs.status() for the error; fix it, then call cqrs.resume(name)."));
+    };
+    let event = events::stored(0, &text, "the failed event", events::limits())?;
+    Ok(Skip {
+        stream: event.stream,
+        seq: event.seq,
+        failure: Failure {
+            sqlstate,
+            message,
+            detail: None,
+        },
+    })
 }
 
 // ---- retry_dead_letters ----
@@ -452,24 +478,17 @@ pub unsafe extern "C-unwind" fn cqrs_retry_dead_letters(fcinfo: pg_sys::Function
         let def = projection_catalog::load(client, &name, None)?;
         let letters = client
             .update(
-                "select d.id, d.event from cqrs.dead_letter d where d.projection = $1 order by d.id for update",
+                "select d.event::text, d.id from cqrs.dead_letter d where d.projection = $1 order by d.id for update",
                 None,
                 &[name.as_str().into()],
             )
             .map_err(|e| spi_error("reading dead letters", e))?;
-        let mut pending = Vec::new();
+        let limits = events::limits();
+        let mut pending = Vec::with_capacity(letters.len());
         for (i, row) in letters.enumerate() {
-            let id = column(row.get::<i64>(1), "id")?.unwrap_or(0);
-            let event = column(row.get::<JsonB>(2), "event")?
-                .map(|j| j.0)
-                .unwrap_or_default();
-            let event = Event::from_json(i, &event).map_err(|err| {
-                error(
-                    PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
-                    format!("dead letter {id} is malformed: {err}"),
-                )
-            })?;
-            pending.push((id, event));
+            let text = column(row.get::<&str>(1), "a dead letter")?.unwrap_or_default();
+            let id = column(row.get::<i64>(2), "id")?.unwrap_or(0);
+            pending.push((id, events::stored(i, text, &format!("dead letter {id}"), limits)?));
         }
         let mut changes = Changes::default();
         for (id, event) in &pending {
@@ -628,7 +647,7 @@ fn create_projection(
     Spi::connect_mut(|client| {
         if backfill {
             let mut changes = Changes::default();
-            let caught = catch_up_one(client, name, DEFAULT_CHUNK, false, &mut changes)?;
+            let caught = catch_up_one(client, name, DEFAULT_CHUNK, false, None, &mut changes)?;
             if let Some(why) = caught.halted {
                 return Err(error(
                     PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -692,9 +711,24 @@ fn rebuild(
             return Err(unknown_projection(name));
         }
         let def = projection_catalog::load(client, name, None)?;
-        client
-            .update(&def.target.clear_sql(), None, &[])
-            .map_err(|e| spi_error("emptying the read model", e))?;
+        // as the table's owner, like every write of the read model (its delete triggers fire)
+        subtransaction::run(|| {
+            owner_rights::as_owner(def.owner, || {
+                client
+                    .update(&def.target.clear_sql(), None, &[])
+                    .map(|_| ())
+                    .map_err(|e| spi_error("emptying the read model", e))
+            })
+        })
+        .map_err(|failure| {
+            error(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!(
+                    "rebuild of {name} could not empty its read model: {}",
+                    failure.describe()
+                ),
+            )
+        })?;
         client
             .update(
                 "delete from cqrs.projection_stream where projection = $1",
@@ -722,12 +756,22 @@ fn rebuild(
         loop {
             let plan = prepared::plan(
                 client,
-                LOG_AFTER,
-                &[PgBuiltInOids::INT8OID.into(), PgBuiltInOids::INT8OID.into()],
+                events::LOG_AFTER,
+                &[
+                    PgBuiltInOids::INT8OID.into(),
+                    PgBuiltInOids::INT8OID.into(),
+                    PgBuiltInOids::INT8OID.into(),
+                ],
             )?;
-            let rows = prepared::index_plans(|| client.update(&*plan, None, &[cursor.into(), chunk.into()]))
-                .map_err(|e| spi_error("reading the log", e))?;
-            let events = events_from(rows)?;
+            let rows = prepared::index_plans(|| {
+                client.update(
+                    &*plan,
+                    None,
+                    &[cursor.into(), chunk.into(), events::CHUNK_BYTES.into()],
+                )
+            })
+            .map_err(|e| spi_error("reading the log", e))?;
+            let events = events::from_rows(rows, "a command-log row")?;
             let Some(last) = events.last() else { break };
             cursor = last.position;
             let reports = projector::project(
@@ -737,6 +781,7 @@ fn rebuild(
                     commit_lsn: None,
                     only: Some(name),
                     with_docs: false,
+                    skip: None,
                 },
                 &mut changes,
             )?;
@@ -764,7 +809,7 @@ fn rebuild(
             }
         }
         // commands committed while we ran, below our cursor
-        let caught = catch_up_one(client, name, chunk, false, &mut changes)?;
+        let caught = catch_up_one(client, name, chunk, false, None, &mut changes)?;
         if let Some(why) = caught.halted {
             return Err(error(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,

@@ -26,9 +26,10 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
-use serde_json::Value;
 
 use crate::errors::{column, error, internal, spi_error, unknown_projection};
+use crate::events;
+use crate::owner_rights;
 use crate::prepared;
 use crate::projection_catalog::{self, Definition, OnError};
 use crate::subtransaction::{self, Failure};
@@ -75,6 +76,30 @@ impl Changes {
     }
 }
 
+/// An event to set aside instead of applying: the one a halted projection failed on, skipped
+/// by `cqrs.resume(name, skip => true)`.
+pub(crate) struct Skip {
+    pub(crate) stream: String,
+    pub(crate) seq: i64,
+    pub(crate) failure: Failure,
+}
+
+/// Takes the skipped event, if this plan would apply it, out of the plan.
+fn take_skipped(plan: &mut Plan<'_>, skip: Option<&Skip>) -> Vec<(Event, Failure)> {
+    let Some(skip) = skip else {
+        return Vec::new();
+    };
+    let Some(at) = plan
+        .apply
+        .iter()
+        .position(|e| e.stream == skip.stream && e.seq == skip.seq)
+    else {
+        return Vec::new();
+    };
+    let event = plan.apply.remove(at);
+    vec![(event.clone(), skip.failure.clone())]
+}
+
 /// How a call projects.
 pub(crate) struct Options<'a> {
     /// The batch's commit LSN: projections whose checkpoint is at or past it skip the batch.
@@ -83,6 +108,8 @@ pub(crate) struct Options<'a> {
     pub(crate) only: Option<&'a str>,
     /// Collect the changed rows as jsonb (rebuild does not need them).
     pub(crate) with_docs: bool,
+    /// An event to set aside rather than apply.
+    pub(crate) skip: Option<&'a Skip>,
 }
 
 /// What happened to one projection.
@@ -131,7 +158,7 @@ select u.stream, ps.last_seq
                        where p.projection = $1 and p.stream = u.stream offset 0) as ps";
 
 const PARKED: &str = "\
-select p.event
+select p.event::text
   from unnest($2::text[]) as u(stream)
   cross join lateral (select k.event from cqrs.parked k
                        where k.projection = $1 and k.stream = u.stream offset 0) as p";
@@ -155,7 +182,7 @@ on conflict (projection, stream) do update set last_seq = excluded.last_seq
 
 const PARK: &str = "\
 insert into cqrs.parked (projection, stream, seq, event)
-select $1, e ->> 'stream', (e ->> 'seq')::bigint, e from jsonb_array_elements($2) as e
+select $1, e ->> 'stream', (e ->> 'seq')::bigint, e from jsonb_array_elements($2::jsonb) as e
 on conflict (projection, stream, seq) do nothing";
 
 const UNPARK: &str = "\
@@ -173,7 +200,7 @@ const DEAD_LETTER: &str = "\
 insert into cqrs.dead_letter (projection, stream, seq, command_id, command_type, event, error, sqlstate)
 select $1, e ->> 'stream', (e ->> 'seq')::bigint, (e ->> 'command_id')::uuid, e ->> 'command_type', e,
        $2[o::int], $3[o::int]
-  from jsonb_array_elements($4) with ordinality as x(e, o)";
+  from jsonb_array_elements($4::jsonb) with ordinality as x(e, o)";
 
 const SAVE_CHECKPOINT: &str = "\
 update cqrs.projection_state set
@@ -188,7 +215,7 @@ update cqrs.projection_state set
 
 const HALT: &str = "\
 update cqrs.projection_state set
-       halted = true, last_error = $2, last_error_sqlstate = $3, last_error_at = now(), last_error_event = $4
+       halted = true, last_error = $2, last_error_sqlstate = $3, last_error_at = now(), last_error_event = $4::jsonb
  where name = $1";
 
 fn text_array() -> PgOid {
@@ -251,17 +278,7 @@ fn read_parked(
     let plan = prepared::plan(client, PARKED, &[PgBuiltInOids::TEXTOID.into(), text_array()])?;
     let rows = prepared::index_plans(|| client.update(&*plan, None, &[name.into(), streams.to_vec().into()]))
         .map_err(|err| spi_error("reading parked events", err))?;
-    let mut parked = Vec::new();
-    for (i, row) in rows.enumerate() {
-        let event = column(row.get::<JsonB>(1), "a parked event")?;
-        if let Some(event) = event {
-            parked.push(
-                Event::from_json(i, &event.0)
-                    .map_err(|err| internal(format!("a parked event is malformed: {err}")))?,
-            );
-        }
-    }
-    Ok(parked)
+    events::from_rows(rows, "a parked event")
 }
 
 /// A declarative action evaluated for one event.
@@ -498,8 +515,18 @@ impl Flush<'_> {
     }
 }
 
-/// Applies `events` in order to the read model of `def`.
+/// Applies `events` in order to the read model of `def`, as the table's owner (see
+/// [`owner_rights`]); callers run it in a subtransaction.
 fn apply_events(
+    client: &mut SpiClient<'_>,
+    flush: &Flush<'_>,
+    events: &[&Event],
+    out: &mut Vec<ChangedRow>,
+) -> Result<(), ErrorReport> {
+    owner_rights::as_owner(flush.def.owner, || apply_in_order(client, flush, events, out))
+}
+
+fn apply_in_order(
     client: &mut SpiClient<'_>,
     flush: &Flush<'_>,
     events: &[&Event],
@@ -507,7 +534,14 @@ fn apply_events(
 ) -> Result<(), ErrorReport> {
     let mut pending = Vec::new();
     for event in events {
-        for step in flush.def.program.steps_for(&event.command_type) {
+        let steps = flush.def.program.steps_for(&event.command_type);
+        if let (Some(why), false) = (&event.unreadable, steps.is_empty()) {
+            return Err(error(
+                PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                format!("projection {}: {}: {why}", flush.def.name, describe(event)),
+            ));
+        }
+        for step in steps {
             match step {
                 ProgramStep::Declarative(action) => pending.push(evaluate(flush.def, event, action)?),
                 ProgramStep::Function(function) => {
@@ -551,13 +585,13 @@ fn write_bookkeeping(
         .map_err(|err| spi_error("saving stream progress", err))?;
     }
     if !plan.park.is_empty() {
-        let events = Value::Array(plan.park.iter().map(|e| e.to_json()).collect());
+        let events = Event::array_text(plan.park.iter().copied());
         let sql = prepared::plan(
             client,
             PARK,
-            &[PgBuiltInOids::TEXTOID.into(), PgBuiltInOids::JSONBOID.into()],
+            &[PgBuiltInOids::TEXTOID.into(), PgBuiltInOids::TEXTOID.into()],
         )?;
-        prepared::index_plans(|| client.update(&*sql, None, &[name.into(), JsonB(events).into()]))
+        prepared::index_plans(|| client.update(&*sql, None, &[name.into(), events.into()]))
             .map_err(|err| spi_error("parking events", err))?;
     }
     if !plan.unpark.is_empty() {
@@ -580,7 +614,7 @@ fn write_bookkeeping(
             .map_err(|err| spi_error("counting parked events", err))?;
     }
     if !dead.is_empty() {
-        let events = Value::Array(dead.iter().map(|(e, _)| e.to_json()).collect());
+        let events = Event::array_text(dead.iter().map(|(e, _)| e));
         let errors: Vec<String> = dead.iter().map(|(_, f)| f.describe()).collect();
         let codes: Vec<String> = dead.iter().map(|(_, f)| f.sqlstate.clone()).collect();
         let sql = prepared::plan(
@@ -590,14 +624,14 @@ fn write_bookkeeping(
                 PgBuiltInOids::TEXTOID.into(),
                 text_array(),
                 text_array(),
-                PgBuiltInOids::JSONBOID.into(),
+                PgBuiltInOids::TEXTOID.into(),
             ],
         )?;
         prepared::index_plans(|| {
             client.update(
                 &*sql,
                 None,
-                &[name.into(), errors.into(), codes.into(), JsonB(events).into()],
+                &[name.into(), errors.into(), codes.into(), events.into()],
             )
         })
         .map_err(|err| spi_error("writing dead letters", err))?;
@@ -616,25 +650,23 @@ enum Outcome {
     },
 }
 
+/// Applies a planned batch; `skipped` events (an operator's `resume(skip => true)`) are not
+/// applied but set aside with their recorded error, like dead letters.
 fn run_plan(
     client: &mut SpiClient<'_>,
     flush: &Flush<'_>,
     known: &HashMap<String, i64>,
     plan: &Plan<'_>,
+    skipped: Vec<(Event, Failure)>,
 ) -> Outcome {
     let fast = subtransaction::run(|| {
         let mut rows = Vec::new();
         apply_events(client, flush, &plan.apply, &mut rows)?;
-        write_bookkeeping(client, &flush.def.name, known, plan, &[])?;
+        write_bookkeeping(client, &flush.def.name, known, plan, &skipped)?;
         Ok(rows)
     });
     let first_failure = match fast {
-        Ok(rows) => {
-            return Outcome::Done {
-                rows,
-                dead: Vec::new(),
-            }
-        }
+        Ok(rows) => return Outcome::Done { rows, dead: skipped },
         Err(failure) => failure,
     };
     match flush.def.on_error {
@@ -668,7 +700,7 @@ fn run_plan(
         OnError::DeadLetter => {
             let careful = subtransaction::run(|| {
                 let mut rows = Vec::new();
-                let mut dead = Vec::new();
+                let mut dead = skipped.clone();
                 for event in &plan.apply {
                     let mut applied = Vec::new();
                     match subtransaction::run(|| apply_events(client, flush, &[event], &mut applied)) {
@@ -742,7 +774,8 @@ pub(crate) fn project(
         } else {
             Vec::new()
         };
-        let plan = sequencing::plan(&progress, events, &parked);
+        let mut plan = sequencing::plan(&progress, events, &parked);
+        let skipped = take_skipped(&mut plan, options.skip);
         let flush = Flush {
             def: &def,
             projection: Rc::from(state.name.as_str()),
@@ -753,9 +786,10 @@ pub(crate) fn project(
             duplicates: plan.duplicates,
             ..Report::default()
         };
-        match run_plan(client, &flush, &progress, &plan) {
+        let applicable = plan.apply.len() + skipped.len();
+        match run_plan(client, &flush, &progress, &plan, skipped) {
             Outcome::Done { rows, dead } => {
-                report.applied = (plan.apply.len() - dead.len()) as u64;
+                report.applied = (applicable - dead.len()) as u64;
                 report.dead_lettered = dead.len() as u64;
                 let wrote = !rows.is_empty();
                 changes.extend(rows);
@@ -800,7 +834,7 @@ pub(crate) fn project(
                         PgBuiltInOids::TEXTOID.into(),
                         PgBuiltInOids::TEXTOID.into(),
                         PgBuiltInOids::TEXTOID.into(),
-                        PgBuiltInOids::JSONBOID.into(),
+                        PgBuiltInOids::TEXTOID.into(),
                     ],
                 )?;
                 client
@@ -811,7 +845,7 @@ pub(crate) fn project(
                             state.name.as_str().into(),
                             failure.describe().into(),
                             failure.sqlstate.clone().into(),
-                            event.as_ref().map(|e| JsonB(e.to_json())).into(),
+                            event.as_ref().map(|e| e.to_json_text()).into(),
                         ],
                     )
                     .map_err(|err| spi_error("halting the projection", err))?;

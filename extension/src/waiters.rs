@@ -79,15 +79,28 @@ unsafe fn wake_waiters() {
     }
 }
 
+// try, never wait: any session may take advisory locks, and one holding this key exclusively
+// must not make waiters hang (they fall back to polling, below)
 const REGISTER_WAITER: &str =
-    "select pg_catalog.pg_advisory_xact_lock_shared($1::int4, pg_catalog.hashtext($2))";
+    "select pg_catalog.pg_try_advisory_xact_lock_shared($1::int4, pg_catalog.hashtext($2))";
 
 const APPLIED: &str = "\
 select coalesce((select ps.last_seq >= $3 from cqrs.projection_stream ps
                   where ps.projection = $1 and ps.stream = $2), false),
-       s.halted, s.last_error
+       s.halted, s.last_error_sqlstate
   from cqrs.projection_state s
  where s.name = $1";
+
+/// Whether the caller may read error texts (they carry command values; cqrs_reader sees the
+/// SQLSTATE only). Asked apart from the read: a statement that names the column at all needs
+/// the privilege, whether or not it reads it.
+const MAY_READ_ERRORS: &str =
+    "select pg_catalog.has_column_privilege('cqrs.projection_state', 'last_error', 'select')";
+
+const LAST_ERROR: &str = "select s.last_error from cqrs.projection_state s where s.name = $1";
+
+/// How often a waiter that could not register for wake-ups checks.
+const POLL_EVERY: Duration = Duration::from_millis(20);
 
 /// True once command `seq` of `stream` is applied to `projection`; false after `timeout`.
 #[pg_extern(sql = false)]
@@ -125,8 +138,13 @@ fn wait_for(
             REGISTER_WAITER,
             &[PgBuiltInOids::INT4OID.into(), PgBuiltInOids::TEXTOID.into()],
         )?;
-        prepared::index_plans(|| client.update(&*lock, None, &[WAIT_LOCK_CLASS.into(), projection.into()]))
-            .map_err(|err| spi_error("registering as a waiter", err))?;
+        let registered = prepared::index_plans(|| {
+            client.update(&*lock, None, &[WAIT_LOCK_CLASS.into(), projection.into()])
+        })
+        .and_then(|rows| rows.first().get_one::<bool>())
+        .map_err(|err| spi_error("registering as a waiter", err))?
+            == Some(true);
+        let recheck_after = if registered { RECHECK_AFTER } else { POLL_EVERY };
         let check = prepared::plan(
             client,
             APPLIED,
@@ -152,7 +170,21 @@ fn wait_for(
                 return Ok(true);
             }
             if column(row.get::<bool>(2), "halted")? == Some(true) {
-                let last_error = column(row.get::<String>(3), "last_error")?.unwrap_or_default();
+                let sqlstate = column(row.get::<String>(3), "last_error_sqlstate")?.unwrap_or_default();
+                let may_read = client
+                    .select(MAY_READ_ERRORS, Some(1), &[])
+                    .and_then(|rows| rows.first().get_one::<bool>())
+                    .map_err(|err| spi_error("checking the caller's privileges", err))?
+                    == Some(true);
+                let last_error = if may_read {
+                    client
+                        .select(LAST_ERROR, Some(1), &[projection.into()])
+                        .and_then(|rows| rows.first().get_one::<String>())
+                        .map_err(|err| spi_error("reading the projection's error", err))?
+                } else {
+                    None
+                }
+                .unwrap_or_else(|| format!("SQLSTATE {sqlstate}"));
                 return Err(error(
                     PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                     format!(
@@ -165,7 +197,7 @@ fn wait_for(
             if now >= deadline {
                 return Ok(false);
             }
-            let sleep = (deadline - now).min(RECHECK_AFTER);
+            let sleep = (deadline - now).min(recheck_after);
             // SAFETY: waiting on our own latch with a timeout; interrupts are checked right after.
             unsafe {
                 pg_sys::WaitLatch(

@@ -25,14 +25,28 @@ comment on function cqrs.read_many(text, text[]) is
 comment on function cqrs.read(text, text) is 'One read-model row as jsonb with its revision; no row when there is none.';
 comment on function cqrs.catch_up(text, integer) is
     'Applies every command a projection (or every projection) has not applied yet, read from the log; returns the changed rows.';
-comment on function cqrs.resume(text) is 'Clears a halted projection''s error and catches it up with the log.';
+comment on function cqrs.resume(text, boolean) is
+    'Clears a halted projection''s error and catches it up with the log; with skip => true the event it halted on goes to cqrs.dead_letter first (with its error), so that the projection moves past it.';
+comment on function cqrs.rebuild(text, integer) is
+    'Empties a read model and replays the whole log into it in one transaction (readers keep the old rows until it commits); returns events, seconds and rate.';
+comment on function cqrs.wait_for(text, bigint, text, interval) is
+    'Read-your-writes: true as soon as command seq of stream is applied to the projection, false after timeout.';
+comment on function cqrs.uuid_v7() is 'A new time-ordered UUID (version 7), for command ids.';
 comment on function cqrs.retry_dead_letters(text) is
     'Applies a projection''s dead letters again; those that succeed are removed.';
 
-revoke execute on function cqrs.append(uuid, text, text, jsonb, bigint, jsonb) from public;
+-- Who may call what: nothing is left to PUBLIC that is not meant for everyone.
+revoke execute on function cqrs._command_type_changed(), cqrs._check_json_schema(jsonb),
+    cqrs.append(uuid, text, text, jsonb, bigint, jsonb),
+    cqrs.create_projection(text, regclass, text, jsonb, text, text, boolean),
+    cqrs.project_batch(jsonb, pg_lsn, bigint), cqrs.catch_up(text, integer), cqrs.resume(text, boolean),
+    cqrs.retry_dead_letters(text), cqrs.rebuild(text, integer), cqrs.read_many(text, text[]), cqrs.read(text, text),
+    cqrs.wait_for(text, bigint, text, interval)
+    from public;
 grant execute on function cqrs.append(uuid, text, text, jsonb, bigint, jsonb) to cqrs_writer;
-revoke execute on function cqrs.create_projection(text, regclass, text, jsonb, text, text, boolean) from public;
-revoke execute on function cqrs.project_batch(jsonb, pg_lsn, bigint), cqrs.catch_up(text, integer), cqrs.resume(text),
-    cqrs.retry_dead_letters(text), cqrs.read_many(text, text[]), cqrs.read(text, text) from public;
-grant execute on function cqrs.project_batch(jsonb, pg_lsn, bigint), cqrs.catch_up(text, integer) to cqrs_projector;
-grant execute on function cqrs.read_many(text, text[]), cqrs.read(text, text) to cqrs_reader, cqrs_projector;
+-- routine operations need no superuser: the projector resumes, rebuilds and retries
+grant execute on function cqrs.project_batch(jsonb, pg_lsn, bigint), cqrs.catch_up(text, integer),
+    cqrs.resume(text, boolean), cqrs.retry_dead_letters(text), cqrs.rebuild(text, integer) to cqrs_projector;
+grant execute on function cqrs.read_many(text, text[]), cqrs.read(text, text), cqrs.wait_for(text, bigint, text, interval)
+    to cqrs_reader, cqrs_projector;
+-- cqrs.version() and cqrs.uuid_v7() stay callable by everyone: they reveal and change nothing.

@@ -225,6 +225,7 @@ comment on function cqrs.append_batch(jsonb) is
 revoke all on all tables in schema cqrs from public;
 revoke all on all sequences in schema cqrs from public;
 grant usage on schema cqrs to cqrs_writer, cqrs_reader, cqrs_projector;
+revoke execute on function cqrs._check_name(text, text, integer) from public;
 revoke execute on function cqrs.append_batch(jsonb) from public;
 revoke execute on function cqrs.register_command_type(text, jsonb) from public;
 revoke execute on function cqrs.unregister_command_type(text) from public;

@@ -82,14 +82,21 @@ create table cqrs.dead_letter (
 );
 create index dead_letter_projection_idx on cqrs.dead_letter (projection, id);
 
--- The projector lease: a fencing token that only grows. A sidecar that becomes leader takes a
--- new token (cqrs.acquire_lease) and passes it to every project_batch call; a call with an older
--- token — a deposed leader that has not noticed yet — is refused, whatever its batch holds.
+-- The projector lease: who leads, and a fencing token that only grows. A sidecar becomes leader
+-- by taking the lease (cqrs.try_lead, which only cqrs_projector may call: leadership is not a
+-- lock any session could take) and passes the token to every project_batch call; a call with an
+-- older token — a deposed leader that has not noticed yet — is refused, whatever its batch
+-- holds. The leader renews the lease on its own connection; a standby takes it over when it
+-- expires or when the leader's connection is gone (its backend pid no longer runs).
 create table cqrs.projector_lease (
     id          boolean     primary key default true check (id),
     token       bigint      not null default 0,
     holder      text,
-    acquired_at timestamptz
+    acquired_at timestamptz,
+    -- the backend of the leader's lease connection
+    holder_pid  integer,
+    -- null: not held through cqrs.try_lead (released, or taken by a 0.1.0 sidecar)
+    expires_at  timestamptz
 );
 -- no row until the first lease: a pre-inserted row would collide with its dumped copy on restore
 
@@ -101,11 +108,78 @@ as $$
     insert into cqrs.projector_lease as l (id, token, holder, acquired_at)
     values (true, 1, acquire_lease.holder, pg_catalog.now())
     on conflict (id) do update
-        set token = l.token + 1, holder = excluded.holder, acquired_at = excluded.acquired_at
+        set token = l.token + 1, holder = excluded.holder, acquired_at = excluded.acquired_at,
+            holder_pid = null, expires_at = null
     returning l.token;
 $$;
 comment on function cqrs.acquire_lease(text) is
-    'Takes the projector lease: returns a fencing token higher than any before; project_batch refuses older ones.';
+    'Takes the projector lease unconditionally: returns a fencing token higher than any before; project_batch refuses older ones. Kept for sidecars of 0.1.0, which elect their leader themselves; use cqrs.try_lead.';
+
+-- Leadership: the lease is free when nobody holds it, when it expired, or when its holder's
+-- connection is gone; the holder renews it by calling again (same holder, same connection).
+create function cqrs.try_lead(holder text, ttl interval default '2 s')
+returns bigint
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_token bigint;
+begin
+    if holder is null or holder = '' then
+        raise exception using errcode = '22004', message = 'holder must not be null or empty';
+    end if;
+    if ttl is null or ttl < interval '100 milliseconds' or ttl > interval '1 hour' then
+        raise exception using errcode = '22023',
+            message = format('ttl must be between 100 ms and 1 hour, not %s', coalesce(ttl::text, 'null'));
+    end if;
+    insert into cqrs.projector_lease as l (id, token, holder, acquired_at, holder_pid, expires_at)
+    values (true, 1, try_lead.holder, pg_catalog.now(), pg_catalog.pg_backend_pid(), pg_catalog.clock_timestamp() + ttl)
+    on conflict (id) do update
+        set token = case when l.holder = excluded.holder and l.holder_pid = excluded.holder_pid
+                         then l.token else l.token + 1 end,
+            acquired_at = case when l.holder = excluded.holder and l.holder_pid = excluded.holder_pid
+                               then l.acquired_at else excluded.acquired_at end,
+            holder = excluded.holder,
+            holder_pid = excluded.holder_pid,
+            expires_at = excluded.expires_at
+        where (l.holder = excluded.holder and l.holder_pid = excluded.holder_pid)
+           or l.expires_at is null
+           or l.expires_at < pg_catalog.clock_timestamp()
+           or not exists (select from pg_catalog.pg_stat_activity a where a.pid = l.holder_pid)
+    returning l.token into v_token;
+    return v_token;
+end
+$$;
+comment on function cqrs.try_lead(text, interval) is
+    'Takes or renews the projector lease for holder (on this connection) and returns its fencing token; null while another live holder has it. The lease is free once it expires or its holder''s connection is gone.';
+
+create function cqrs.release_lead(holder text)
+returns boolean
+language sql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+    with released as (
+        update cqrs.projector_lease l set expires_at = null
+         where l.holder = release_lead.holder and l.holder_pid = pg_catalog.pg_backend_pid()
+        returning 1)
+    select exists (select from released);
+$$;
+comment on function cqrs.release_lead(text) is
+    'Gives the projector lease up at once (a standby takes it on its next try); true if holder held it on this connection.';
+
+-- Who leads, for health checks: the holder and whether its lease is live.
+create function cqrs.leader(out holder text, out token bigint, out live boolean)
+returns record
+language sql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+    select l.holder, l.token,
+           l.expires_at is not null and l.expires_at >= pg_catalog.clock_timestamp()
+           and exists (select from pg_catalog.pg_stat_activity a where a.pid = l.holder_pid)
+      from (select true) one left join cqrs.projector_lease l on true;
+$$;
+comment on function cqrs.leader() is
+    'The holder of the projector lease, its token, and whether the lease is live (not expired, holder connected).';
 
 -- Creates the publication the sidecar streams (on cqrs.command_log only) if it is missing.
 -- Creating a publication for a table requires owning it, hence SECURITY DEFINER.
@@ -159,26 +233,16 @@ returns double precision
 language sql stable
 as $$ select coalesce(nullif(pg_catalog.current_setting('cqrs.gap_alert_after', true), ''), '60')::double precision $$;
 
-create function cqrs.status()
+-- What every projection has still to do, counted from the command log, parked events and dead
+-- letters, which readers may not read: numbers only, no command data.
+create function cqrs._backlog()
 returns table (
-    projection           text,
-    halted               boolean,
-    last_error           text,
-    last_error_sqlstate  text,
-    last_error_at        timestamptz,
-    checkpoint_lsn       pg_lsn,
-    checkpoint_position  bigint,
-    checkpoint_at        timestamptz,
-    events_behind        bigint,
-    seconds_behind       double precision,
-    parked               bigint,
+    projection            text,
+    events_behind         bigint,
+    seconds_behind        double precision,
+    parked                bigint,
     oldest_parked_seconds double precision,
-    gap_alert            boolean,
-    dead_letters         bigint,
-    applied              bigint,
-    duplicates           bigint,
-    revision             bigint,
-    generation           bigint)
+    dead_letters          bigint)
 language sql stable security definer
 set search_path = pg_catalog, pg_temp
 as $$
@@ -201,18 +265,52 @@ as $$
     ), dead as (
         select d.projection, count(*) as n from cqrs.dead_letter d group by d.projection
     )
-    select p.name, st.halted, st.last_error, st.last_error_sqlstate, st.last_error_at,
-           st.checkpoint_lsn, st.checkpoint_position, st.checkpoint_at,
-           coalesce(lag.events, 0), coalesce(lag.seconds, 0),
-           coalesce(parked.n, 0), parked.oldest,
-           coalesce(parked.oldest > cqrs._gap_alert_seconds(), false),
-           coalesce(dead.n, 0), st.applied, st.duplicates, st.revision, st.generation
+    select p.name, coalesce(lag.events, 0), coalesce(lag.seconds, 0), coalesce(parked.n, 0), parked.oldest,
+           coalesce(dead.n, 0)
       from cqrs.projection p
-      join cqrs.projection_state st on st.name = p.name
       left join lag on lag.name = p.name
       left join parked on parked.projection = p.name
-      left join dead on dead.projection = p.name
-     order by p.name;
+      left join dead on dead.projection = p.name;
+$$;
+
+-- Security invoker, so that it shows the last error's text only to those who may read it
+-- (error texts carry values of the commands: cqrs_reader sees the SQLSTATE).
+create function cqrs.status()
+returns table (
+    projection           text,
+    halted               boolean,
+    last_error           text,
+    last_error_sqlstate  text,
+    last_error_at        timestamptz,
+    checkpoint_lsn       pg_lsn,
+    checkpoint_position  bigint,
+    checkpoint_at        timestamptz,
+    events_behind        bigint,
+    seconds_behind       double precision,
+    parked               bigint,
+    oldest_parked_seconds double precision,
+    gap_alert            boolean,
+    dead_letters         bigint,
+    applied              bigint,
+    duplicates           bigint,
+    revision             bigint,
+    generation           bigint)
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    return query execute pg_catalog.format(
+        'select st.name, st.halted, %s, st.last_error_sqlstate, st.last_error_at,
+                st.checkpoint_lsn, st.checkpoint_position, st.checkpoint_at,
+                b.events_behind, b.seconds_behind, b.parked, b.oldest_parked_seconds,
+                coalesce(b.oldest_parked_seconds > cqrs._gap_alert_seconds(), false),
+                b.dead_letters, st.applied, st.duplicates, st.revision, st.generation
+           from cqrs.projection_state st
+           join cqrs._backlog() b on b.projection = st.name
+          order by st.name',
+        case when pg_catalog.has_column_privilege('cqrs.projection_state', 'last_error', 'select')
+             then 'st.last_error' else 'null::text' end);
+end
 $$;
 comment on function cqrs.status() is
     'Per projection: halted and why, checkpoint, events and seconds behind the log, parked events and the age of the oldest (gap_alert past cqrs.gap_alert_after seconds), dead letters.';
@@ -288,12 +386,20 @@ grant select, insert, update, delete on cqrs.projection_state, cqrs.projection_s
     cqrs.dead_letter to cqrs_projector;
 grant select on cqrs.projection, cqrs.projector_lease to cqrs_projector;
 grant insert, update on cqrs.projector_lease to cqrs_projector;
-grant select on cqrs.projection, cqrs.projection_state, cqrs.projection_stream to cqrs_reader;
+-- readers see where projections are, not the commands they failed on (error texts carry values)
+grant select on cqrs.projection, cqrs.projection_stream to cqrs_reader;
+grant select (name, halted, last_error_sqlstate, last_error_at, checkpoint_lsn, checkpoint_position, checkpoint_at,
+              revision, applied, duplicates, dead_lettered, parked, generation)
+    on cqrs.projection_state to cqrs_reader;
 grant usage on sequence cqrs.dead_letter_id_seq to cqrs_projector;
 revoke execute on function cqrs.drop_projection(text) from public;
-revoke execute on function cqrs.acquire_lease(text), cqrs.ensure_publication(text) from public;
-grant execute on function cqrs.acquire_lease(text), cqrs.ensure_publication(text) to cqrs_projector;
-grant execute on function cqrs.status(), cqrs.progress() to cqrs_reader, cqrs_projector;
+revoke execute on function cqrs.acquire_lease(text), cqrs.ensure_publication(text), cqrs.try_lead(text, interval),
+    cqrs.release_lead(text), cqrs.leader() from public;
+grant execute on function cqrs.acquire_lease(text), cqrs.ensure_publication(text), cqrs.try_lead(text, interval),
+    cqrs.release_lead(text), cqrs.leader() to cqrs_projector;
+revoke execute on function cqrs.status(), cqrs.progress(), cqrs._backlog(), cqrs._gap_alert_seconds() from public;
+grant execute on function cqrs.status(), cqrs.progress(), cqrs._backlog(), cqrs._gap_alert_seconds()
+    to cqrs_reader, cqrs_projector;
 revoke execute on function cqrs.changed_since(text, bigint) from public;
 grant execute on function cqrs.changed_since(text, bigint) to cqrs_reader, cqrs_projector;
 

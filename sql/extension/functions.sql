@@ -69,7 +69,7 @@ returns table (projection text, key text, rev bigint, doc json, deleted boolean)
 language c volatile called on null input
 as 'MODULE_PATHNAME', 'cqrs_catch_up';
 
-create function cqrs.resume(name text)
+create function cqrs.resume(name text, skip boolean default false)
 returns table (projection text, key text, rev bigint, doc json, deleted boolean)
 language c volatile called on null input
 as 'MODULE_PATHNAME', 'cqrs_resume';
