@@ -28,6 +28,57 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
+/// A connection URL that may hold a password: printed (`Debug`, logs) without it, and `--help`
+/// does not show the value it was given in the environment.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***` (`user:pw@host`, `password=…`).
+    pub fn redacted(&self) -> String {
+        let mut out = self.0.clone();
+        if let Some(scheme_end) = out.find("://") {
+            let rest_start = scheme_end + 3;
+            let authority_end = out[rest_start..]
+                .find(['/', '?', '#'])
+                .map_or(out.len(), |at| rest_start + at);
+            if let Some(at) = out[rest_start..authority_end].rfind('@') {
+                let userinfo = &out[rest_start..rest_start + at];
+                if let Some(colon) = userinfo.find(':') {
+                    out.replace_range(rest_start + colon + 1..rest_start + at, "***");
+                }
+            }
+        }
+        let mut redacted = String::with_capacity(out.len());
+        let mut rest = out.as_str();
+        while let Some(at) = rest.find("password=") {
+            let (before, after) = rest.split_at(at + "password=".len());
+            redacted.push_str(before);
+            redacted.push_str("***");
+            rest = &after[after.find(['&', ' ']).unwrap_or(after.len())..];
+        }
+        redacted.push_str(rest);
+        redacted
+    }
+}
+
+impl std::str::FromStr for SecretUrl {
+    type Err = std::convert::Infallible;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(Self(text.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "cqrs-sidecar",
@@ -35,8 +86,8 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     about = "Streams the pg_cqrs command log from a logical replication slot into projections and Redis",
     long_about = "Streams the pg_cqrs command log from a logical replication slot (pgoutput), applies it to \
                   every projection with cqrs.project_batch in adaptive batches, and keeps a Redis cache of the \
-                  read models in step. Run two or more: one leads (a PostgreSQL advisory lock), the others \
-                  stand by and take over when it dies."
+                  read models in step. Run two or more: one leads (the projector lease, cqrs.try_lead), the \
+                  others stand by and take over when it dies."
 )]
 pub struct Config {
     /// PostgreSQL URL of the database where `CREATE EXTENSION pg_cqrs` ran. The role needs the
@@ -46,9 +97,10 @@ pub struct Config {
     #[arg(
         long,
         env = "CQRS_DATABASE_URL",
+        hide_env_values = true,
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
-    pub database_url: String,
+    pub database_url: SecretUrl,
 
     /// Logical replication slot (pgoutput) to stream from; created when missing.
     #[arg(long, env = "CQRS_SLOT", default_value = "cqrs_sidecar")]
@@ -62,8 +114,13 @@ pub struct Config {
     /// against the built-in roots or --redis-ca-file; `rediss://host/#insecure` skips the
     /// verification). Redis being down at start is a warning, not a failure: projecting goes on
     /// and the cache is repaired when it returns.
-    #[arg(long, env = "CQRS_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
-    pub redis_url: String,
+    #[arg(
+        long,
+        env = "CQRS_REDIS_URL",
+        hide_env_values = true,
+        default_value = "redis://127.0.0.1:6379/"
+    )]
+    pub redis_url: SecretUrl,
 
     /// PEM file of the CA certificates a rediss:// server is verified against.
     #[arg(long, env = "CQRS_REDIS_CA_FILE")]
@@ -161,6 +218,49 @@ mod tests {
         assert_eq!(parse_duration("20"), Ok(Duration::from_millis(20)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn passwords_never_print() {
+        let url: SecretUrl = "postgres://app:s3cret@db:5432/shop?sslmode=require"
+            .parse()
+            .expect("a url");
+        assert_eq!(url.redacted(), "postgres://app:***@db:5432/shop?sslmode=require");
+        let key_value: SecretUrl = "host=db user=app password=s3cret dbname=x".parse().expect("text");
+        assert_eq!(key_value.redacted(), "host=db user=app password=*** dbname=x");
+        let redis: SecretUrl = "rediss://:s3cret@cache:6380/0".parse().expect("a url");
+        assert_eq!(redis.redacted(), "rediss://:***@cache:6380/0");
+        let query: SecretUrl = "postgres://db/x?password=s3cret&sslmode=disable"
+            .parse()
+            .expect("a url");
+        assert_eq!(query.redacted(), "postgres://db/x?password=***&sslmode=disable");
+
+        let config = Config::parse_from([
+            "cqrs-sidecar",
+            "--database-url",
+            "postgres://app:s3cret@db/shop",
+            "--redis-url",
+            "redis://:s3cret@cache/",
+        ]);
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(printed.contains("postgres://app:***@db/shop"), "{printed}");
+    }
+
+    #[test]
+    fn help_does_not_show_secret_environment_values() {
+        use clap::CommandFactory;
+        for id in ["database_url", "redis_url"] {
+            let command = Config::command();
+            let arg = command
+                .get_arguments()
+                .find(|a| a.get_id().as_str() == id)
+                .expect("the argument");
+            assert!(
+                arg.is_hide_env_values_set(),
+                "--{id} shows its environment value in --help"
+            );
+        }
     }
 
     #[test]

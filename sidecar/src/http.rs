@@ -30,6 +30,8 @@ pub struct Health {
     pub streaming: AtomicBool,
     /// The last attempt to reach PostgreSQL worked.
     pub pg_reachable: AtomicBool,
+    /// The last status poll found a live projector lease (some sidecar leads).
+    pub leader_live: AtomicBool,
 }
 
 impl Health {
@@ -50,8 +52,15 @@ impl Health {
         match self.role() {
             Role::Leader if self.streaming.load(Ordering::Relaxed) => (true, "leader, streaming"),
             Role::Leader => (false, "leader, not streaming (connecting or retrying)"),
-            Role::Standby if self.pg_reachable.load(Ordering::Relaxed) => (true, "standby"),
-            Role::Standby => (false, "standby, PostgreSQL unreachable"),
+            Role::Standby if !self.pg_reachable.load(Ordering::Relaxed) => {
+                (false, "standby, PostgreSQL unreachable")
+            }
+            // a standby asks for the lease every 200 ms and would have taken a free one: no live
+            // leader for a whole status poll means no sidecar can lead
+            Role::Standby if !self.leader_live.load(Ordering::Relaxed) => {
+                (false, "standby, and no sidecar leads")
+            }
+            Role::Standby => (true, "standby"),
             Role::Starting => (false, "starting"),
         }
     }
@@ -126,6 +135,8 @@ mod tests {
         health.set_role(Role::Standby);
         assert!(!health.readiness().0);
         health.pg_reachable.store(true, Ordering::Relaxed);
+        assert_eq!(health.readiness(), (false, "standby, and no sidecar leads"));
+        health.leader_live.store(true, Ordering::Relaxed);
         assert!(health.readiness().0);
         health.set_role(Role::Leader);
         assert!(!health.readiness().0);

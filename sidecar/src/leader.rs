@@ -1,10 +1,14 @@
-//! Leader election: one sidecar per slot leads, holding a session advisory lock on a connection
-//! of its own; the others stand by, each waiting for the lock in PostgreSQL one second at a
-//! time (so a dead leader's lock passes on at once, and a standby still reports its health and
-//! hears a shutdown every second). A leader whose lock connection
-//! dies — or stops answering — learns it at once and stops streaming: the lock may already be
-//! someone else's. (Fencing does not rely on this alone: batches carry the lease token and the
-//! checkpoint LSN.)
+//! Leader election through the projector lease (`cqrs.try_lead`), which only `cqrs_projector`
+//! may take: leadership is not a lock any session could take and sit on (a session advisory
+//! lock was; an idle session holding it left every sidecar standing by forever).
+//!
+//! Every sidecar asks for the lease on a connection of its own; one holds it and renews it on
+//! that connection well within its time to live, the others ask again every
+//! [`TRY_EVERY`]. The lease is free as soon as the leader's connection is gone — a leader killed
+//! with SIGKILL hands over within a fraction of a second — or once it has not been renewed for
+//! [`TTL`] (a leader that hangs). A leader that cannot renew learns it at once and stops
+//! streaming: the lease may already be someone else's. Fencing does not rely on this alone:
+//! batches carry the lease's token and the checkpoint LSN.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,130 +20,165 @@ use tokio_postgres::Client;
 use crate::http::{Health, Role};
 use crate::postgres::Database;
 
-/// Advisory lock class of the sidecar leader ("CQRL", apart from the "CQRS" class of
-/// cqrs.wait_for); the second key is `hashtext(slot)`.
-const LOCK_CLASS: i32 = 0x4351_524C;
-/// How long one wait for the lock lasts (`lock_timeout` of the lock connection); also the pause
-/// after a failed attempt.
-const WAIT_AT_MOST: Duration = Duration::from_secs(1);
-/// `lock_not_available`: the wait ran out, someone else leads.
-const LOCK_NOT_AVAILABLE: &str = "55P03";
-const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
-const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the lease lasts without renewal.
+const TTL: Duration = Duration::from_secs(2);
+/// How often the leader renews it.
+const RENEW_EVERY: Duration = Duration::from_millis(400);
+/// How often a standby asks for it.
+const TRY_EVERY: Duration = Duration::from_millis(200);
+/// Longest a lease call may take before the connection counts as gone.
+const CALL_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The lock, held while this value lives.
+const TRY_LEAD: &str = "select cqrs.try_lead($1, $2::text::interval)";
+
+/// This process's name on the lease: host, pid and a random part (a restarted process may
+/// reuse a pid).
+pub fn holder() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!(
+        "{}:{}:{:08x}",
+        host.trim(),
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+/// The lease, held while this value lives.
 pub struct Leadership {
     client: Arc<Client>,
+    holder: String,
+    token: i64,
     lost: watch::Receiver<bool>,
     monitor: tokio::task::JoinHandle<()>,
 }
 
 impl Leadership {
-    /// Becomes true when the lock may have been lost.
+    /// The fencing token every batch carries.
+    pub fn token(&self) -> i64 {
+        self.token
+    }
+
+    /// Becomes true when the lease may have been lost.
     pub fn lost(&self) -> watch::Receiver<bool> {
         self.lost.clone()
     }
 
-    /// Gives the lock back (on shutdown); dropping the connection would too.
-    pub async fn release(self, slot: &str) {
+    /// Gives the lease up (on shutdown or failure), so that a standby takes it at once;
+    /// dropping the connection would too.
+    pub async fn release(self) {
         self.monitor.abort();
-        let unlocked = tokio::time::timeout(
-            Duration::from_secs(2),
-            self.client.execute(
-                "select pg_catalog.pg_advisory_unlock($1, pg_catalog.hashtext($2))",
-                &[&LOCK_CLASS, &slot],
-            ),
+        let released = tokio::time::timeout(
+            CALL_TIMEOUT,
+            self.client
+                .execute("select cqrs.release_lead($1)", &[&self.holder]),
         )
         .await;
-        if !matches!(unlocked, Ok(Ok(_))) {
-            tracing::warn!("could not release the leader lock cleanly; it goes with the connection");
+        if !matches!(released, Ok(Ok(_))) {
+            tracing::warn!("could not release the projector lease cleanly; it goes with the connection");
         }
     }
 }
 
-/// The connection the lock is taken on, kept across a standby's attempts.
-struct LockConnection {
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        // no renewal once the leadership is given up, whichever way
+        self.monitor.abort();
+    }
+}
+
+/// The connection the lease is taken and renewed on, kept across a standby's attempts.
+struct LeaseConnection {
     client: Arc<Client>,
-    driver: tokio::task::JoinHandle<()>,
     lost_tx: watch::Sender<bool>,
     lost: watch::Receiver<bool>,
 }
 
-async fn open(db: &Database) -> Result<LockConnection, tokio_postgres::Error> {
+async fn open(db: &Database) -> Result<LeaseConnection, tokio_postgres::Error> {
     let (client, connection) = db.config.connect(db.connector()).await?;
-    let wait = format!("{}ms", WAIT_AT_MOST.as_millis());
     let (lost_tx, lost) = watch::channel(false);
     let driver_lost = lost_tx.clone();
-    let driver = tokio::spawn(async move {
+    tokio::spawn(async move {
         if let Err(err) = connection.await {
-            tracing::warn!(error = %err, "the leader lock connection failed");
+            tracing::warn!(error = %err, "the lease connection failed");
         }
         let _ = driver_lost.send(true);
     });
-    client
-        .execute(
-            "select pg_catalog.set_config('lock_timeout', $1, false)",
-            &[&wait],
-        )
-        .await?;
-    Ok(LockConnection {
+    Ok(LeaseConnection {
         client: Arc::new(client),
-        driver,
         lost_tx,
         lost,
     })
 }
 
-impl LockConnection {
-    /// Waits for the lock (at most `WAIT_AT_MOST`): true once held, false when it ran out.
-    async fn wait_for_lock(&self, slot: &str) -> Result<bool, tokio_postgres::Error> {
-        let waited = self
-            .client
-            .execute(
-                "select pg_catalog.pg_advisory_lock($1, pg_catalog.hashtext($2))",
-                &[&LOCK_CLASS, &slot],
-            )
-            .await;
-        match waited {
-            Ok(_) => Ok(true),
-            Err(err) if err.code().is_some_and(|c| c.code() == LOCK_NOT_AVAILABLE) => Ok(false),
-            Err(err) => Err(err),
-        }
-    }
+fn ttl_text() -> String {
+    format!("{} ms", TTL.as_millis())
+}
 
-    /// Watches the connection of the lock now held.
-    fn lead(self) -> Leadership {
-        let heartbeat_client = Arc::clone(&self.client);
-        let (driver, lost_tx) = (self.driver, self.lost_tx);
+/// Why a lease call failed.
+#[derive(Debug, thiserror::Error)]
+enum LeaseError {
+    /// PostgreSQL answered with an error (a missing privilege, say): it is reachable.
+    #[error("PostgreSQL refused the lease call: {0}")]
+    Refused(tokio_postgres::Error),
+    #[error("the lease connection failed: {0}")]
+    Connection(tokio_postgres::Error),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// One `cqrs.try_lead` call: the token when this holder leads, `None` when another does.
+async fn try_lead(client: &Client, holder: &str) -> Result<Option<i64>, LeaseError> {
+    match tokio::time::timeout(CALL_TIMEOUT, client.query_one(TRY_LEAD, &[&holder, &ttl_text()])).await {
+        Ok(Ok(row)) => Ok(row.get(0)),
+        Ok(Err(err)) if err.as_db_error().is_some() => Err(LeaseError::Refused(err)),
+        Ok(Err(err)) => Err(LeaseError::Connection(err)),
+        Err(_) => Err(LeaseError::Timeout(CALL_TIMEOUT)),
+    }
+}
+
+impl LeaseConnection {
+    /// Renews the lease while it is ours; signals `lost` when it may not be.
+    fn lead(self, holder: String, token: i64) -> Leadership {
+        let client = Arc::clone(&self.client);
+        let renewer = holder.clone();
+        let lost_tx = self.lost_tx;
         let monitor = tokio::spawn(async move {
             loop {
-                tokio::time::sleep(HEARTBEAT_EVERY).await;
-                let alive =
-                    tokio::time::timeout(HEARTBEAT_TIMEOUT, heartbeat_client.simple_query("select 1")).await;
-                if !matches!(alive, Ok(Ok(_))) || driver.is_finished() {
-                    tracing::error!("the leader lock connection stopped answering; giving up leadership");
-                    let _ = lost_tx.send(true);
-                    return;
+                tokio::time::sleep(RENEW_EVERY).await;
+                match try_lead(&client, &renewer).await {
+                    Ok(Some(renewed)) if renewed == token => {}
+                    Ok(other) => {
+                        tracing::error!(token, now = ?other, "the projector lease was taken over; giving up leadership");
+                        let _ = lost_tx.send(true);
+                        return;
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, "renewing the projector lease failed; giving up leadership");
+                        let _ = lost_tx.send(true);
+                        return;
+                    }
                 }
             }
         });
         Leadership {
             client: self.client,
+            holder,
+            token,
             lost: self.lost,
             monitor,
         }
     }
 }
 
-/// Waits until this sidecar holds the lock, standing by meanwhile; `None` on shutdown.
+/// Waits until this sidecar holds the lease, standing by meanwhile; `None` on shutdown.
 pub async fn acquire(
     db: &Database,
-    slot: &str,
+    holder: &str,
     shutdown: &mut watch::Receiver<bool>,
     health: &Health,
 ) -> Option<Leadership> {
     let mut announced = false;
-    let mut connection: Option<LockConnection> = None;
+    let mut connection: Option<LeaseConnection> = None;
     loop {
         if *shutdown.borrow() {
             return None;
@@ -152,41 +191,41 @@ pub async fn acquire(
                 Ok(opened) => connection = Some(opened),
                 Err(err) => {
                     health.pg_reachable.store(false, Ordering::Relaxed);
-                    tracing::warn!(error = %err, "cannot reach PostgreSQL to try the leader lock");
+                    tracing::warn!(error = %err, "cannot reach PostgreSQL to ask for the projector lease");
                 }
             }
         }
+        let mut pause = Duration::from_secs(1);
         if let Some(current) = connection.take() {
-            let waited = tokio::select! {
-                waited = current.wait_for_lock(slot) => waited,
-                // dropping the connection ends the wait in PostgreSQL (or gives back a lock
-                // granted in the meantime)
-                _ = shutdown.changed() => return None,
-            };
-            match waited {
-                Ok(true) => {
+            match try_lead(&current.client, holder).await {
+                Ok(Some(token)) => {
                     health.pg_reachable.store(true, Ordering::Relaxed);
-                    return Some(current.lead());
+                    return Some(current.lead(holder.to_owned(), token));
                 }
-                Ok(false) => {
+                Ok(None) => {
                     health.pg_reachable.store(true, Ordering::Relaxed);
                     health.set_role(Role::Standby);
                     if !announced {
-                        tracing::info!(slot, "another sidecar leads; standing by");
+                        tracing::info!("another sidecar holds the projector lease; standing by");
                         announced = true;
                     }
-                    // the wait itself was the pause: wait again at once
                     connection = Some(current);
-                    continue;
+                    pause = TRY_EVERY;
+                }
+                Err(err @ LeaseError::Refused(_)) => {
+                    health.pg_reachable.store(true, Ordering::Relaxed);
+                    health.set_role(Role::Standby);
+                    tracing::error!(error = %err, "asking for the projector lease was refused (is this role a member of cqrs_projector?)");
+                    connection = Some(current);
                 }
                 Err(err) => {
                     health.pg_reachable.store(false, Ordering::Relaxed);
-                    tracing::warn!(error = %err, "waiting for the leader lock failed");
+                    tracing::warn!(error = %err, "asking for the projector lease failed");
                 }
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(WAIT_AT_MOST) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = shutdown.changed() => {}
         }
     }

@@ -57,7 +57,7 @@ fn exit_code(err: &postgres::StartupError) -> ExitCode {
 
 async fn run(config: Config) -> ExitCode {
     let config = Arc::new(config);
-    let pg = match postgres::Database::parse(&config.database_url) {
+    let pg = match postgres::Database::parse(config.database_url.expose()) {
         Ok(pg) => pg,
         Err(err) => {
             tracing::error!(error = %err, "invalid --database-url");
@@ -77,7 +77,7 @@ async fn run(config: Config) -> ExitCode {
         missing: config.negative_ttl,
     };
     let cache = match Cache::with_roots(
-        &config.redis_url,
+        config.redis_url.expose(),
         config.redis_ca_file.as_deref(),
         &config.redis_prefix,
         ttls,
@@ -193,21 +193,21 @@ async fn run(config: Config) -> ExitCode {
     };
     let mut standby_shutdown = shutdown.clone();
     let mut pause = Duration::from_millis(100);
+    let holder = leader::holder();
     loop {
         health.set_role(Role::Standby);
         metrics.leader.set(0);
-        let Some(leadership) = leader::acquire(&pg, &config.slot, &mut standby_shutdown, &health).await
-        else {
+        let Some(leadership) = leader::acquire(&pg, &holder, &mut standby_shutdown, &health).await else {
             break;
         };
         tracing::info!(slot = %config.slot, "acquired leadership");
         match stream::lead(&ctx, &leadership, shutdown.clone()).await {
             Ending::Shutdown => {
-                leadership.release(&config.slot).await;
+                leadership.release().await;
                 break;
             }
             Ending::LostLeadership => {
-                tracing::error!("lost the leader lock; stopped streaming");
+                tracing::error!("lost the projector lease; stopped streaming");
                 drop(leadership);
             }
             Ending::Deposed => {
@@ -216,7 +216,7 @@ async fn run(config: Config) -> ExitCode {
             }
             Ending::Failed(err) => {
                 tracing::error!(error = %err, retry_in = ?pause, "leading failed");
-                leadership.release(&config.slot).await;
+                leadership.release().await;
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
                     _ = standby_shutdown.wait_for(|stop| *stop) => break,

@@ -7,6 +7,7 @@ use prometheus::{
 };
 
 pub const LEADER: &str = "cqrs_leader";
+pub const LEADER_PRESENT: &str = "cqrs_leader_present";
 pub const PROJECTION_LAG_SECONDS: &str = "cqrs_projection_lag_seconds";
 pub const PROJECTION_EVENTS_BEHIND: &str = "cqrs_projection_events_behind";
 pub const PROJECTION_HALTED: &str = "cqrs_projection_halted";
@@ -33,6 +34,7 @@ pub const READ_BACKEND_QUERIES_TOTAL: &str = "cqrs_read_backend_queries_total";
 pub struct Metrics {
     registry: Registry,
     pub leader: IntGauge,
+    pub leader_present: IntGauge,
     pub projection_lag_seconds: GaugeVec,
     pub projection_events_behind: IntGaugeVec,
     pub projection_halted: IntGaugeVec,
@@ -74,6 +76,7 @@ impl Metrics {
         let r = &registry;
         Ok(Self {
             leader: register(r, IntGauge::new(LEADER, "1 while this sidecar leads (streams and projects), 0 while it stands by.")?),
+            leader_present: register(r, IntGauge::new(LEADER_PRESENT, "1 while some sidecar holds a live projector lease (from cqrs.leader()), 0 while none leads.")?),
             projection_lag_seconds: register(r, GaugeVec::new(Opts::new(PROJECTION_LAG_SECONDS, "Age of the oldest command a projection has not applied yet (0 when caught up)."), &["projection"])?),
             projection_events_behind: register(r, IntGaugeVec::new(Opts::new(PROJECTION_EVENTS_BEHIND, "Commands in the log a projection has not applied yet."), &["projection"])?),
             projection_halted: register(r, IntGaugeVec::new(Opts::new(PROJECTION_HALTED, "1 while a projection is halted by a failing handler."), &["projection"])?),

@@ -88,6 +88,13 @@ pub enum StartupError {
     OldExtension(Installed),
     #[error("role {0} cannot run cqrs.project_batch: grant cqrs_projector to {0}")]
     NoProjector(String),
+    #[error(
+        "PostgreSQL at {target} did not authenticate with SCRAM channel binding, which this sidecar requires before \
+         it sends a password over a connection whose server certificate it does not verify (an on-path attacker \
+         could ask for the password in cleartext): use sslmode=verify-full with sslrootcert, or add \
+         channel_binding=disable to the database URL to accept that risk ({reason})"
+    )]
+    ChannelBinding { target: String, reason: String },
     #[error("checking PostgreSQL failed: {0}")]
     Query(#[from] tokio_postgres::Error),
 }
@@ -115,6 +122,14 @@ impl Database {
             .parse::<tokio_postgres::Config>()
             .map_err(|err| StartupError::BadUrl(err.to_string()))?;
         config.ssl_mode(tls.negotiation());
+        // Under sslmode=prefer (the default) or an unverified require, an on-path attacker can
+        // strip TLS or stand in for the server and ask for the password in cleartext or as md5.
+        // Unless the server is verified, send a password only through SCRAM with channel
+        // binding, which such an attacker cannot relay. channel_binding in the URL decides
+        // otherwise (disable: accept the risk).
+        if config.get_password().is_some() && !tls.verifies_server() && !url.contains("channel_binding=") {
+            config.channel_binding(tokio_postgres::config::ChannelBinding::Require);
+        }
         let connector = tls.connector()?;
         Ok(Self {
             config,
@@ -162,6 +177,19 @@ impl Database {
                     return StartupError::TlsRefused {
                         target: target.clone(),
                         reason,
+                    };
+                }
+                if self.config.get_channel_binding() == tokio_postgres::config::ChannelBinding::Require
+                    && err.as_db_error().is_none()
+                    && !has_io_cause(&err)
+                {
+                    // refused by the client before any password left: not a network fault
+                    let cause = std::error::Error::source(&err)
+                        .map(|c| c.to_string())
+                        .unwrap_or_default();
+                    return StartupError::ChannelBinding {
+                        target: target.clone(),
+                        reason: format!("{err}: {cause}"),
                     };
                 }
                 match err.as_db_error() {
@@ -220,6 +248,18 @@ impl Database {
         .with_buffer_size(1024)
         .with_application_name("cqrs-sidecar")
     }
+}
+
+/// Whether an I/O error (a network fault, which may pass) is among the causes of `err`.
+fn has_io_cause(err: &tokio_postgres::Error) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(current) = next {
+        if current.is::<std::io::Error>() {
+            return true;
+        }
+        next = current.source();
+    }
+    false
 }
 
 /// The TLS handshake's refusal (untrusted or misnamed certificate …), found in the error's
@@ -366,6 +406,17 @@ mod tests {
         assert_eq!((replication.port, replication.database.as_str()), (6543, "shop"));
         assert_eq!(replication.tls.mode, pgwire_replication::SslMode::Require);
         assert_eq!(db.config.get_ssl_mode(), tokio_postgres::config::SslMode::Require);
+        // a password over an unverified connection goes only through SCRAM with channel binding
+        use tokio_postgres::config::ChannelBinding;
+        assert_eq!(db.config.get_channel_binding(), ChannelBinding::Require);
+        let verified = Database::parse("postgres://app:secret@db/x?sslmode=verify-full&sslrootcert=system")
+            .expect("valid");
+        assert_eq!(verified.config.get_channel_binding(), ChannelBinding::Prefer);
+        let opted_out = Database::parse("postgres://app:secret@db/x?sslmode=disable&channel_binding=disable")
+            .expect("valid");
+        assert_eq!(opted_out.config.get_channel_binding(), ChannelBinding::Disable);
+        let no_password = Database::parse("postgres://app@db/x").expect("valid");
+        assert_eq!(no_password.config.get_channel_binding(), ChannelBinding::Prefer);
         assert!(matches!(
             Database::parse("not a url ://"),
             Err(StartupError::BadUrl(_))

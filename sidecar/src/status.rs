@@ -124,6 +124,13 @@ async fn poll(pg: &Client, watch: &Watch, seen: &mut Seen) -> Result<(), tokio_p
         .await?
         .and_then(|row| row.get(0));
     metrics.slot_retained_bytes.set(retained.unwrap_or(0));
+    let live: Option<bool> = pg.query_one("select live from cqrs.leader()", &[]).await?.get(0);
+    let live = live.unwrap_or(false);
+    metrics.leader_present.set(i64::from(live));
+    watch
+        .health
+        .leader_live
+        .store(live, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
 

@@ -36,7 +36,7 @@ const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 pub enum Ending {
     /// Asked to stop: the batch in flight was finished and confirmed.
     Shutdown,
-    /// The lock connection died: someone else may lead now.
+    /// The lease could not be renewed: someone else may lead now.
     LostLeadership,
     /// A newer leader holds the lease.
     Deposed,
@@ -64,11 +64,6 @@ fn backoff() -> impl Iterator<Item = Duration> {
         .with_jitter()
         .without_max_times()
         .build()
-}
-
-fn holder() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    format!("{}:{}", host.trim(), std::process::id())
 }
 
 /// Writes changed rows to the cache and raises the synced mark of each projection whose cache
@@ -360,10 +355,7 @@ pub async fn lead(ctx: &Context, leadership: &Leadership, mut shutdown: watch::R
         Ok(sql) => sql,
         Err(err) => return Ending::Failed(err.into()),
     };
-    let token: i64 = match sql.query_one("select cqrs.acquire_lease($1)", &[&holder()]).await {
-        Ok(row) => row.get(0),
-        Err(err) => return Ending::Failed(err.into()),
-    };
+    let token = leadership.token();
     tracing::info!(token, slot = %config.slot, "leading: took the projector lease");
     if let Err(err) = prepare_slot(ctx, &sql).await {
         return Ending::Failed(err);

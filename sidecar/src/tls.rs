@@ -137,6 +137,11 @@ impl TlsSettings {
         }
     }
 
+    /// Whether the server's certificate is verified (so nobody on the path can stand in for it).
+    pub fn verifies_server(&self) -> bool {
+        self.verification() != Verification::None
+    }
+
     /// What is verified: libpq verifies the chain under `require` too once a root cert is given.
     fn verification(&self) -> Verification {
         match (self.mode, &self.root_cert) {
