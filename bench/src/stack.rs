@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokio_postgres::Client;
 
 use crate::demo::connect;
-use crate::workload::COMMAND_TYPES;
+use crate::workload::command_types;
 
 pub struct Stack {
     pub sidecars: Vec<Sidecar>,
@@ -105,10 +105,10 @@ impl Drop for Stack {
 }
 
 pub async fn register_command_types(client: &Client) -> Result<()> {
-    for (name, schema) in COMMAND_TYPES {
+    for (name, schema) in command_types() {
         let schema: Value = serde_json::from_str(schema)?;
         client
-            .execute("select cqrs.register_command_type($1, $2)", &[name, &schema])
+            .execute("select cqrs.register_command_type($1, $2)", &[&name, &schema])
             .await?;
     }
     Ok(())

@@ -7,36 +7,22 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 /// JSON Schemas of the example command types (also in `sql/examples/orders.sql`).
-pub const COMMAND_TYPES: &[(&str, &str)] = &[
-    (
-        "CREATE_ORDER",
-        r#"{"type": "object", "required": ["user_id", "currency"],
-            "properties": {"user_id": {"type": "string", "minLength": 1},
-                           "currency": {"type": "string", "enum": ["EUR", "USD", "GBP"]}},
-            "additionalProperties": false}"#,
-    ),
-    (
-        "ADD_ITEM",
-        r#"{"type": "object", "required": ["user_id", "sku", "qty", "price", "amount"],
-            "properties": {"user_id": {"type": "string"}, "sku": {"type": "string", "minLength": 1},
-                           "qty": {"type": "integer", "minimum": 1, "maximum": 1000},
-                           "price": {"type": "number", "minimum": 0},
-                           "amount": {"type": "number", "minimum": 0}},
-            "additionalProperties": false}"#,
-    ),
-    (
-        "SHIP_ORDER",
-        r#"{"type": "object", "required": ["user_id", "carrier"],
-            "properties": {"user_id": {"type": "string"}, "carrier": {"type": "string"}},
-            "additionalProperties": false}"#,
-    ),
-    (
-        "CANCEL_ORDER",
-        r#"{"type": "object", "required": ["user_id"],
-            "properties": {"user_id": {"type": "string"}, "reason": {"type": "string"}},
-            "additionalProperties": false}"#,
-    ),
-];
+/// sql/examples/order_commands.sql: the order commands' JSON Schemas, one source for users,
+/// the demo and the benchmarks.
+const ORDER_COMMANDS_SQL: &str = include_str!("../../sql/examples/order_commands.sql");
+
+/// The (command type, JSON Schema) pairs registered by sql/examples/order_commands.sql.
+pub fn command_types() -> Vec<(&'static str, &'static str)> {
+    ORDER_COMMANDS_SQL
+        .split("select cqrs.register_command_type('")
+        .skip(1)
+        .filter_map(|part| {
+            let (name, rest) = part.split_once("', $schema$")?;
+            let (schema, _) = rest.split_once("$schema$")?;
+            Some((name, schema.trim()))
+        })
+        .collect()
+}
 
 /// One command to append.
 #[derive(Clone, Debug)]
@@ -184,7 +170,13 @@ mod tests {
 
     #[test]
     fn generated_payloads_match_the_registered_schemas() {
-        let validators: HashMap<&str, jsonschema::Validator> = COMMAND_TYPES
+        let types = command_types();
+        assert_eq!(
+            types.len(),
+            4,
+            "sql/examples/order_commands.sql has four command types"
+        );
+        let validators: HashMap<&str, jsonschema::Validator> = types
             .iter()
             .map(|(name, schema)| {
                 let schema: Value = serde_json::from_str(schema).expect("schema parses");

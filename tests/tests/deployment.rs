@@ -104,3 +104,23 @@ fn metric_names_are_found_with_their_histogram_suffixes_removed() {
         vec!["cqrs_leader".to_owned(), "cqrs_read_duration_seconds".to_owned()]
     );
 }
+
+/// The development stack publishes nothing on every interface: its PostgreSQL has a well-known
+/// password, and the read API and dashboards are for this machine.
+#[test]
+fn the_compose_stack_publishes_ports_on_loopback_only() -> Result<()> {
+    let compose = std::fs::read_to_string(repo("docker/compose.yaml"))?;
+    let mut published = 0;
+    for line in compose.lines().map(str::trim).filter(|l| l.starts_with("ports:")) {
+        for mapping in line.split('"').skip(1).step_by(2) {
+            published += 1;
+            if !mapping.starts_with("127.0.0.1:") {
+                bail!("docker/compose.yaml publishes {mapping} on every interface; bind it to 127.0.0.1");
+            }
+        }
+    }
+    if published == 0 {
+        bail!("found no published port in docker/compose.yaml: has its format changed?");
+    }
+    Ok(())
+}

@@ -550,15 +550,16 @@ async fn sidecars_started_together_elect_exactly_one_leader() -> Result<()> {
         rig.add_sidecar()?;
     }
     let client = rig.client().await?;
-    let lock_holders = || async {
-        let n: i64 = client
+    // leadership is the projector lease: exactly one live holder, and it is the one that says
+    // it leads
+    let lease_holders = || async {
+        let row = client
             .query_one(
-                "select count(*) from pg_locks where locktype = 'advisory' and granted and classid = x'4351524c'::int",
+                "select count(*) filter (where l.live), (select count(*) from cqrs.projector_lease) from cqrs.leader() l",
                 &[],
             )
-            .await?
-            .get(0);
-        Ok::<_, anyhow::Error>(n)
+            .await?;
+        Ok::<_, anyhow::Error>((row.get::<_, i64>(0), row.get::<_, i64>(1)))
     };
     rig.wait_for_leader(Duration::from_secs(30))?;
     let until = Instant::now() + Duration::from_secs(5);
@@ -567,8 +568,8 @@ async fn sidecars_started_together_elect_exactly_one_leader() -> Result<()> {
         let leaders = rig.leaders();
         ensure!(leaders.len() == 1, "leaders at one moment: {leaders:?}");
         ensure!(
-            lock_holders().await? == 1,
-            "the leader lock is held more than once"
+            lease_holders().await? == (1, 1),
+            "the projector lease is not held by exactly one live holder"
         );
         samples += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -111,3 +111,81 @@ async fn the_sidecar_streams_and_reads_over_verified_tls_and_refuses_a_wrong_ca(
     );
     Ok(())
 }
+
+/// Passwords leave only where nobody on the path can take them: over a connection whose server
+/// certificate the sidecar does not verify it authenticates only with SCRAM channel binding, so
+/// an md5 (or cleartext) request is refused before the password is sent, as is any password
+/// over plain TCP — unless the URL says channel_binding=disable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_go_only_through_channel_binding_unless_the_server_is_verified() -> Result<()> {
+    let certs = Certificates::generate()?;
+    let mut rig = Rig::start_with_options(ClusterOptions {
+        settings: certs.server_settings(),
+        hba: vec![
+            "host all pw_md5 127.0.0.1/32 md5".to_owned(),
+            "host replication pw_md5 127.0.0.1/32 md5".to_owned(),
+            "host all pw_scram 127.0.0.1/32 scram-sha-256".to_owned(),
+            "host replication pw_scram 127.0.0.1/32 scram-sha-256".to_owned(),
+        ],
+        ..ClusterOptions::default()
+    })
+    .await?;
+    let client = rig.client().await?;
+    client
+        .batch_execute(
+            "set password_encryption = 'md5';
+             create role pw_md5 login replication password 'md5-secret' in role cqrs_projector;
+             set password_encryption = 'scram-sha-256';
+             create role pw_scram login replication password 'scram-secret' in role cqrs_projector;",
+        )
+        .await?;
+    let (port, database) = (rig.pg.port(), rig.pg.database().to_owned());
+    let url = |user: &str, password: &str, query: &str| {
+        format!("postgres://{user}:{password}@127.0.0.1:{port}/{database}?{query}")
+    };
+    let refused = |rig: &mut Rig, at: String, what: &str| -> Result<()> {
+        let sidecar = rig.add_sidecar_at(&at)?;
+        let code = rig.sidecars[sidecar].wait_exit(Duration::from_secs(20))?;
+        let log = rig.sidecars[sidecar].log();
+        ensure!(code == Some(2), "{what}: exit code {code:?}\n{log}");
+        ensure!(
+            log.contains("channel binding") && log.contains("channel_binding=disable"),
+            "{what}: the refusal does not say why and how:\n{log}"
+        );
+        ensure!(
+            !log.contains("secret"),
+            "{what}: the log holds the password:\n{log}"
+        );
+        Ok(())
+    };
+    // md5 asked for over TLS the sidecar does not verify: refused, nothing sent
+    refused(
+        &mut rig,
+        url("pw_md5", "md5-secret", "sslmode=require"),
+        "md5 over unverified TLS",
+    )?;
+    // a password over plain TCP: refused, even for SCRAM
+    refused(
+        &mut rig,
+        url("pw_scram", "scram-secret", "sslmode=disable"),
+        "scram without TLS",
+    )?;
+    // SCRAM with channel binding over TLS: fine
+    let bound = rig.add_sidecar_at(&url("pw_scram", "scram-secret", "sslmode=require"))?;
+    rig.sidecars[bound].wait_ready(Duration::from_secs(30))?;
+    // a verified server may ask for md5: the sidecar knows whom it talks to
+    let verified = rig.add_sidecar_at(&url(
+        "pw_md5",
+        "md5-secret",
+        &format!("sslmode=verify-full&sslrootcert={}", certs.ca().display()),
+    ))?;
+    rig.sidecars[verified].wait_ready(Duration::from_secs(30))?;
+    // the operator's explicit choice
+    let accepted = rig.add_sidecar_at(&url(
+        "pw_md5",
+        "md5-secret",
+        "sslmode=disable&channel_binding=disable",
+    ))?;
+    rig.sidecars[accepted].wait_ready(Duration::from_secs(30))?;
+    Ok(())
+}
