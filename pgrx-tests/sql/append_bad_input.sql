@@ -2,7 +2,7 @@
 \set ON_ERROR_ROLLBACK on
 \set SHOW_CONTEXT never
 begin;
-create extension pg_cqrs;
+\ir install.sql
 
 select * from cqrs.append(null, 's', 'T', '{}');
 \echo :LAST_ERROR_SQLSTATE

@@ -2,7 +2,7 @@
 \set ON_ERROR_ROLLBACK on
 \set SHOW_CONTEXT never
 begin;
-create extension pg_cqrs;
+\ir install.sql
 
 select seq, duplicate from cqrs.append('00000000-0000-0000-0000-000000000001', 'order-1', 'CREATE_ORDER', '{"user_id": "u1"}');
 select seq, duplicate from cqrs.append('00000000-0000-0000-0000-000000000002', 'order-1', 'ADD_ITEM', '{"sku": "a", "qty": 2}');

@@ -2,7 +2,7 @@
 \set ON_ERROR_ROLLBACK on
 \set SHOW_CONTEXT never
 begin;
-create extension pg_cqrs;
+\ir install.sql
 
 select index, command_id, seq, duplicate from cqrs.append_batch('[
   {"command_id": "00000000-0000-0000-0000-0000000000a1", "stream": "b-1", "command_type": "CREATE", "payload": {"n": 1}},

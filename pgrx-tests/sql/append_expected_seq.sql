@@ -2,7 +2,7 @@
 \set ON_ERROR_ROLLBACK on
 \set SHOW_CONTEXT never
 begin;
-create extension pg_cqrs;
+\ir install.sql
 
 -- 0: the stream must be new
 select seq from cqrs.append(cqrs.uuid_v7(), 'cart-1', 'CREATE', '{}', expected_seq => 0);

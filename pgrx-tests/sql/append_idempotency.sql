@@ -2,7 +2,7 @@
 \set ON_ERROR_ROLLBACK on
 \set SHOW_CONTEXT never
 begin;
-create extension pg_cqrs;
+\ir install.sql
 
 create temp table first as
 select * from cqrs.append('11111111-1111-1111-1111-111111111111', 'acct-1', 'OPEN', '{"owner": "ann"}');

@@ -2,7 +2,7 @@
 \set ON_ERROR_ROLLBACK on
 \set SHOW_CONTEXT never
 begin;
-create extension pg_cqrs;
+\ir install.sql
 create table things (id uuid primary key, name text, rev bigint not null default 0);
 select cqrs.create_projection('things', 'things', 'id', '{"NAME": {"action": "upsert", "key": "$.id", "set": {"name": "$.name"}}, "DROP": {"action": "delete", "key": "$.id"}}');
 select seq from cqrs.append(cqrs.uuid_v7(), 't', 'NAME', '{"id": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "name": "first"}');

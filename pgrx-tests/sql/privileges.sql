@@ -2,7 +2,7 @@
 \set ON_ERROR_ROLLBACK on
 \set SHOW_CONTEXT never
 begin;
-create extension pg_cqrs;
+\ir install.sql
 
 select rolname from pg_roles where rolname like 'cqrs\_%' order by 1;
 

@@ -2,7 +2,7 @@
 \set ON_ERROR_ROLLBACK on
 \set SHOW_CONTEXT never
 begin;
-create extension pg_cqrs;
+\ir install.sql
 \i sql/examples/orders.sql
 
 select count(*) from (select cqrs.append(cqrs.uuid_v7(), s, t, p::jsonb) from (values

@@ -3,7 +3,7 @@
 \set ON_ERROR_ROLLBACK on
 \set SHOW_CONTEXT never
 begin;
-create extension pg_cqrs;
+\ir install.sql
 
 create table rm (id text primary key, n integer not null default 0, label text, payload jsonb,
                  seen_at timestamptz, gen integer generated always as (n * 2) stored, rev bigint not null default 0);

@@ -5,7 +5,7 @@
 \set SHOW_CONTEXT never
 set client_min_messages = error;
 begin;
-create extension pg_cqrs;
+\ir install.sql
 create table strict_rm (stream text primary key, amount integer not null, rev bigint not null default 0);
 create table lenient_rm (stream text primary key, amount integer not null, rev bigint not null default 0);
 create table healthy_rm (stream text primary key, seen integer not null default 0, rev bigint not null default 0);

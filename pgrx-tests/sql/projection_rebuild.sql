@@ -4,7 +4,7 @@
 \set SHOW_CONTEXT never
 set client_min_messages = warning;
 begin;
-create extension pg_cqrs;
+\ir install.sql
 create table totals (stream text primary key, total integer not null default 0, events integer not null default 0, rev bigint not null default 0);
 select count(*) from (select cqrs.append(cqrs.uuid_v7(), 's' || (g % 7), 'ADD', jsonb_build_object('n', g)) from generate_series(1, 500) g) appended;
 

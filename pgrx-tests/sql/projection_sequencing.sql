@@ -3,7 +3,7 @@
 \set ON_ERROR_ROLLBACK on
 \set SHOW_CONTEXT never
 begin;
-create extension pg_cqrs;
+\ir install.sql
 create table counter (stream text primary key, n integer not null default 0, last_seq bigint, rev bigint not null default 0);
 select cqrs.create_projection('counter', 'counter', 'stream',
     '{"INC": {"action": "upsert", "add": {"n": "$.by"}, "set": {"last_seq": {"field": "seq"}}}}');

@@ -6,7 +6,7 @@
 \set SHOW_CONTEXT never
 set client_min_messages = notice;
 begin;
-create extension pg_cqrs;
+\ir install.sql
 set client_min_messages = error;
 \i sql/examples/orders.sql
 set client_min_messages = notice;

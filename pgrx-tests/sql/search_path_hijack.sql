@@ -4,7 +4,7 @@
 \set ON_ERROR_ROLLBACK on
 \set SHOW_CONTEXT never
 begin;
-create extension pg_cqrs;
+\ir install.sql
 
 create schema evil;
 create function evil.spy_texteq(text, text) returns boolean language plpgsql as $$

@@ -4,7 +4,7 @@
 \set SHOW_CONTEXT never
 set client_min_messages = error;
 begin;
-create extension pg_cqrs;
+\ir install.sql
 
 -- what PUBLIC may call
 select p.oid::regprocedure as callable_by_anyone

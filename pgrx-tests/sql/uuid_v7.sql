@@ -1,6 +1,6 @@
 -- cqrs.uuid_v7(): RFC 9562 version 7, time-ordered.
 begin;
-create extension pg_cqrs;
+\ir install.sql
 select substr(id::text, 15, 1) as version, substr(id::text, 20, 1) in ('8', '9', 'a', 'b') as rfc_variant
   from (select cqrs.uuid_v7() as id) s;
 -- the leading 48 bits are Unix milliseconds

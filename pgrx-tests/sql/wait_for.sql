@@ -2,7 +2,7 @@
 -- tested end to end with two sessions; here the answers and the errors.)
 \set ON_ERROR_ROLLBACK on
 \set SHOW_CONTEXT never
-create extension pg_cqrs;
+\ir install.sql
 create table w_rm (stream text primary key, n integer not null default 0, rev bigint not null default 0);
 select cqrs.create_projection('w', 'w_rm', 'stream', '{"INC": {"action": "upsert", "add": {"n": {"const": 1}}}}');
 select seq from cqrs.append(cqrs.uuid_v7(), 'w-1', 'INC', '{}');
@@ -25,5 +25,5 @@ rollback;
 update cqrs.projection_state set halted = true, last_error = 'boom' where name = 'w';
 select cqrs.wait_for('w-1', 2, 'w', '10 ms');
 \echo :LAST_ERROR_SQLSTATE
-drop extension pg_cqrs cascade;
+\ir uninstall.sql
 drop table w_rm;

@@ -116,6 +116,12 @@ fn scalar(fields: &Fields<'_>, index: usize, field: &str) -> Result<Option<Value
 }
 
 fn integer(fields: &Fields<'_>, index: usize, field: &str) -> Result<i64, EventError> {
+    if fields
+        .get(field)
+        .is_some_and(|raw| matches!(text_type(raw.get()), "object" | "array"))
+    {
+        return Err(error(index, field, "must be an integer"));
+    }
     match scalar(fields, index, field)? {
         None => Err(error(index, field, "is missing")),
         Some(Value::Number(n)) => n

@@ -5,7 +5,7 @@
 \set SHOW_CONTEXT never
 set client_min_messages = error;
 begin;
-create extension pg_cqrs;
+\ir install.sql
 create role rm_owner;
 create role stranger;
 create role projector_app in role cqrs_projector;

@@ -1,0 +1,40 @@
+-- The portable edition: settings are placeholders (PL/pgSQL cannot register typed ones), and
+-- the JSON Schema validator checks a subset of draft 2020-12 — a schema with anything else is
+-- refused at registration with 0A000 naming it, never accepted and then ignored.
+\set ON_ERROR_ROLLBACK on
+\set SHOW_CONTEXT never
+begin;
+\ir install.sql
+show cqrs.require_registered_types;
+\echo :LAST_ERROR_SQLSTATE
+-- invalid schemas are refused at registration
+select cqrs.register_command_type('BROKEN', '{"type": "no-such-type"}');
+\echo :LAST_ERROR_SQLSTATE
+select cqrs.register_command_type('REMOTE', '{"$ref": "https://example.com/schema.json"}');
+\echo :LAST_ERROR_SQLSTATE
+select cqrs.register_command_type('LIST', '{"type": "object", "properties": {"xs": {"type": "array", "contains": {"const": 1}}}}');
+\echo :LAST_ERROR_SQLSTATE
+select cqrs.register_command_type('HOST', '{"properties": {"h": {"type": "string", "format": "hostname"}}}');
+\echo :LAST_ERROR_SQLSTATE
+select cqrs.register_command_type('OLD', '{"$schema": "http://json-schema.org/draft-07/schema#", "type": "object"}');
+\echo :LAST_ERROR_SQLSTATE
+-- the subset at work
+select cqrs.register_command_type('ORDER', '{
+  "type": "object", "required": ["id", "lines"], "additionalProperties": false,
+  "properties": {
+    "id": {"type": "string", "format": "uuid"},
+    "at": {"type": "string", "format": "date-time"},
+    "kind": {"enum": ["web", "shop", "phone", "mail"]},
+    "lines": {"type": "array", "minItems": 1, "uniqueItems": true, "items": {"$ref": "#/$defs/line"}},
+    "note": {"oneOf": [{"type": "string", "maxLength": 3}, {"type": "null"}]}
+  },
+  "$defs": {"line": {"type": "object", "required": ["sku"], "properties": {"sku": {"type": "string", "pattern": "^[A-Z]+$"},
+            "qty": {"type": "integer", "exclusiveMinimum": 0, "multipleOf": 2}}}}
+}') > 0 as registered;
+select seq from cqrs.append(cqrs.uuid_v7(), 'p-1', 'ORDER', '{"id": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "at": "2026-02-28T12:00:00Z", "kind": "web", "lines": [{"sku": "AB", "qty": 2}], "note": null}');
+select seq from cqrs.append(cqrs.uuid_v7(), 'p-1', 'ORDER', '{"id": "nope", "lines": [{"sku": "AB"}]}');
+select seq from cqrs.append(cqrs.uuid_v7(), 'p-1', 'ORDER', '{"id": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "at": "2026-02-30T12:00:00Z", "lines": [{"sku": "AB"}]}');
+select seq from cqrs.append(cqrs.uuid_v7(), 'p-1', 'ORDER', '{"id": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "kind": "fax", "lines": [{"sku": "ab", "qty": 3}]}');
+select seq from cqrs.append(cqrs.uuid_v7(), 'p-1', 'ORDER', '{"id": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "lines": [{"sku": "A"}, {"sku": "A"}], "note": "long"}');
+select seq from cqrs.append(cqrs.uuid_v7(), 'p-1', 'ORDER', '{"id": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "lines": [], "extra": 1}');
+rollback;

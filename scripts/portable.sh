@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Builds the portable edition of pg_cqrs (SQL and PL/pgSQL, for managed PostgreSQL that loads
+# no C extension) from the repository's SQL — nothing hand-copied:
+#
+#   target/portable/pg_cqrs.sql         psql -v ON_ERROR_STOP=1 -1 -f target/portable/pg_cqrs.sql
+#                                       (as the database owner with CREATEROLE, no superuser needed)
+#   target/portable/pg_cqrs--pgtle.sql  registers pg_cqrs with pg_tle (pgtle.install_extension);
+#                                       then CREATE EXTENSION pg_cqrs works without the C library
+#
+# Both are: sql/core/command.sql and sql/core/projection.sql (shared with the extension
+# edition), sql/portable/*.sql (the PL/pgSQL twins of what the extension implements in Rust),
+# then sql/core/api.sql (comments and privileges, shared).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+[ -n "$version" ] || { echo "no version in Cargo.toml" >&2; exit 1; }
+out=target/portable
+mkdir -p "$out"
+
+# The edition's SQL, in dependency order. $1 = psql | pgtle: pg_extension_config_dump() only
+# exists inside CREATE EXTENSION, so the psql file leaves those lines out.
+body() {
+    local mode=$1
+    local files=(sql/core/command.sql sql/core/projection.sql
+                 sql/portable/command.sql sql/portable/json_schema.sql sql/portable/projection_catalog.sql
+                 sql/portable/read.sql sql/portable/projector.sql sql/core/api.sql)
+    cat <<SQL
+-- Helpers of the portable edition only (schema cqrs holds exactly what the extension edition's
+-- schema holds: the conformance suite compares them).
+create schema cqrs_portable;
+comment on schema cqrs_portable is 'pg_cqrs portable edition: internal helpers of the PL/pgSQL engine.';
+SQL
+    for file in "${files[@]}"; do
+        printf '\n-- ---- %s ----\n' "$file"
+        if [ "$mode" = psql ]; then
+            grep -v 'pg_catalog.pg_extension_config_dump' "$file"
+        else
+            cat "$file"
+        fi | sed "s/@VERSION@/$version/g"
+    done
+    cat <<'SQL'
+
+-- the helpers: for pg_cqrs's own functions and its three roles, nobody else
+revoke all on schema cqrs_portable from public;
+grant usage on schema cqrs_portable to cqrs_writer, cqrs_reader, cqrs_projector;
+revoke execute on all functions in schema cqrs_portable from public;
+grant execute on all functions in schema cqrs_portable to cqrs_writer, cqrs_reader, cqrs_projector;
+SQL
+}
+
+{
+    cat <<SQL
+-- pg_cqrs $version, portable edition (SQL and PL/pgSQL), built by scripts/portable.sh.
+-- Install into a database, as its owner with CREATEROLE (the RDS / Cloud SQL / Azure admin
+-- user; no superuser needed), in one transaction:
+--   psql -v ON_ERROR_STOP=1 -1 -f pg_cqrs.sql "postgres://admin@host/app"
+\\set ON_ERROR_STOP on
+set client_min_messages = warning;
+do \$guard\$
+begin
+    if pg_catalog.to_regprocedure('cqrs.version()') is not null then
+        raise exception using errcode = '42710',
+            message = pg_catalog.format('pg_cqrs %s (%s edition) is already installed in this database; this script installs %s only where there is none',
+                                        (select v.version from cqrs.version() v), (select v.edition from cqrs.version() v), '$version'),
+            hint = 'Nothing was changed. Upgrades ship as their own scripts (see the README, Managed PostgreSQL).';
+    end if;
+    if pg_catalog.to_regnamespace('cqrs') is not null then
+        raise exception using errcode = '42P06', message = 'schema cqrs exists already and is not pg_cqrs',
+            hint = 'Nothing was changed. Drop or rename that schema first.';
+    end if;
+end
+\$guard\$;
+-- pg_cqrs body begins
+create schema cqrs;
+SQL
+    body psql
+    printf '\n-- pg_cqrs body ends\nreset client_min_messages;\n'
+} > "$out/pg_cqrs.sql"
+
+# pg_tle: the same body as the extension's install script. The dollar-quote tag must not occur in it.
+tag='_pg_cqrs_portable_'
+if body pgtle | grep -q "\$$tag\$"; then
+    echo "the body contains the dollar-quote tag \$$tag\$" >&2
+    exit 1
+fi
+{
+    cat <<SQL
+-- pg_cqrs $version, portable edition, for pg_tle (RDS, Aurora, Supabase): registers it, after
+-- which CREATE EXTENSION pg_cqrs works on a server without the C library. Run as a member of
+-- pgtle_admin:  psql -v ON_ERROR_STOP=1 -f pg_cqrs--pgtle.sql  then  create extension pg_cqrs;
+-- Built by scripts/portable.sh. (Upgrade paths of later portable releases are registered here
+-- with pgtle.install_update_path, one per sql/portable/upgrades/pg_cqrs--A--B.sql.)
+\\set ON_ERROR_STOP on
+select pgtle.install_extension(
+    'pg_cqrs',
+    '$version',
+    'CQRS inside PostgreSQL: idempotent, sequenced, validated commands and set-based projections (portable edition)',
+    \$$tag\$
+SQL
+    body pgtle
+    cat <<SQL
+\$$tag\$,
+    '{}',
+    'cqrs');
+SQL
+    for upgrade in sql/portable/upgrades/pg_cqrs--*--*.sql; do
+        [ -e "$upgrade" ] || continue
+        from=$(basename "$upgrade" .sql | sed 's/^pg_cqrs--\(.*\)--\(.*\)$/\1/')
+        to=$(basename "$upgrade" .sql | sed 's/^pg_cqrs--\(.*\)--\(.*\)$/\2/')
+        printf "select pgtle.install_update_path('pg_cqrs', '%s', '%s', \$%s\$\n" "$from" "$to" "$tag"
+        sed "s/@VERSION@/$to/g" "$upgrade"
+        printf "\$%s\$);\n" "$tag"
+    done
+} > "$out/pg_cqrs--pgtle.sql"
+
+echo "wrote $out/pg_cqrs.sql and $out/pg_cqrs--pgtle.sql (pg_cqrs $version, portable edition)"

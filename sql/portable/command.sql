@@ -1,0 +1,243 @@
+-- pg_cqrs, portable edition: the command side. PL/pgSQL twins of what the extension edition
+-- implements in Rust (extension/src/append.rs, uuid_v7.rs, command_limits.rs): the same
+-- signatures, results, SQLSTATEs and messages. scripts/portable.sh assembles the edition.
+
+create function cqrs.version(out version text, out edition text)
+returns record
+language sql immutable parallel safe
+set search_path = pg_catalog, pg_temp
+as $$ select '@VERSION@'::text, 'portable'::text $$;
+
+-- The extension edition invalidates each backend's cache of compiled schemas here; this
+-- edition caches nothing across statements, so there is nothing to do.
+create function cqrs._command_type_changed()
+returns trigger
+language plpgsql
+as $$ begin return null; end $$;
+
+-- Time-ordered UUIDs (RFC 9562 version 7): 48 bits of Unix milliseconds, 12 bits that count up
+-- within a millisecond in this session (so ids made in sequence sort in sequence), then random
+-- bits. The counter lives in a session setting, the only state a PL/pgSQL function can keep.
+create function cqrs.uuid_v7()
+returns uuid
+language plpgsql volatile strict parallel safe
+as $$
+declare
+    v_ms bigint := floor(extract(epoch from pg_catalog.clock_timestamp()) * 1000)::bigint;
+    v_last text := pg_catalog.current_setting('cqrs.uuid_v7_last', true);
+    v_last_ms bigint;
+    v_counter integer := 0;
+    v_bytes bytea := pg_catalog.uuid_send(pg_catalog.gen_random_uuid());
+begin
+    if v_last is not null and v_last <> '' then
+        v_last_ms := pg_catalog.split_part(v_last, ':', 1)::bigint;
+        if v_ms <= v_last_ms then
+            v_counter := pg_catalog.split_part(v_last, ':', 2)::integer + 1;
+            v_ms := v_last_ms;
+            if v_counter > 4095 then
+                -- 4,096 ids in one millisecond: borrow the next millisecond
+                v_ms := v_ms + 1;
+                v_counter := 0;
+            end if;
+        end if;
+    end if;
+    perform pg_catalog.set_config('cqrs.uuid_v7_last', v_ms::text || ':' || v_counter::text, false);
+    for i in 0..5 loop
+        v_bytes := pg_catalog.set_byte(v_bytes, i, ((v_ms >> (40 - 8 * i)) & 255)::integer);
+    end loop;
+    v_bytes := pg_catalog.set_byte(v_bytes, 6, (x'70'::integer | (v_counter >> 8)));
+    v_bytes := pg_catalog.set_byte(v_bytes, 7, (v_counter & 255));
+    v_bytes := pg_catalog.set_byte(v_bytes, 8, (x'80'::integer | (pg_catalog.get_byte(v_bytes, 8) & x'3f'::integer)));
+    return pg_catalog.encode(v_bytes, 'hex')::uuid;
+end
+$$;
+
+-- A name as Rust's {:?} prints it (the extension edition's messages quote names that way):
+-- double quotes, with quotes, backslashes and control characters escaped.
+create function cqrs_portable._quoted(value text)
+returns text
+language sql immutable strict parallel safe
+set search_path = pg_catalog, pg_temp
+as $$
+    select '"' || pg_catalog.string_agg(
+        case
+            when c = '"' then '\"'
+            when c = '\' then '\\'
+            when c = E'\n' then '\n'
+            when c = E'\r' then '\r'
+            when c = E'\t' then '\t'
+            when pg_catalog.ascii(c) < 32 or pg_catalog.ascii(c) = 127
+                then '\u{' || pg_catalog.to_hex(pg_catalog.ascii(c)) || '}'
+            else c
+        end, '' order by n) || '"'
+      from pg_catalog.regexp_split_to_table(value, '') with ordinality as t(c, n);
+$$;
+
+-- An integer setting of pg_cqrs (a placeholder here: only the extension edition can register
+-- typed settings that applications cannot change).
+create function cqrs_portable._setting(name text, fallback integer)
+returns integer
+language sql stable parallel safe
+set search_path = pg_catalog, pg_temp
+as $$ select coalesce(nullif(pg_catalog.current_setting(name, true), '')::integer, fallback) $$;
+
+-- The size and nesting limits of cqrs.append (see extension/src/command_limits.rs): a document
+-- larger than its setting, or with a value below level cqrs.max_json_depth (levels as jsonpath
+-- counts them), is refused with 54000.
+create function cqrs_portable._check_limits(what text, doc jsonb)
+returns void
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_setting text := case what when 'payload' then 'cqrs.max_payload_bytes' else 'cqrs.max_metadata_bytes' end;
+    v_max_bytes integer := cqrs_portable._setting(v_setting, case what when 'payload' then 4194304 else 65536 end);
+    v_max_depth integer := cqrs_portable._setting('cqrs.max_json_depth', 64);
+    v_compressed boolean := pg_catalog.pg_column_compression(doc) is not null;
+    -- the size of the jsonb as stored uncompressed (a compressed argument is copied to measure it)
+    v_bytes integer := case when v_compressed then pg_catalog.pg_column_size(doc || '{}'::jsonb)
+                            else pg_catalog.pg_column_size(doc) end;
+begin
+    if v_bytes > v_max_bytes then
+        raise exception using errcode = '54000',
+            message = format('%s is larger than %s (%s bytes)', what, v_setting, v_max_bytes),
+            hint = format('Keep large documents elsewhere and put a reference in the command, or raise the limit: alter database … set %s = …; (superuser).', v_setting);
+    end if;
+    -- every level below the root costs at least 8 bytes of jsonb (a container header and its
+    -- entry in the parent), so a smaller document cannot be too deep: skip the walk
+    if (v_bytes > 8 * v_max_depth or v_compressed)
+       and pg_catalog.jsonb_path_exists(doc, format('lax $.**{%s to last}', v_max_depth + 1)::jsonpath) then
+        raise exception using errcode = '54000',
+            message = format('%s nests deeper than cqrs.max_json_depth (%s levels)', what, v_max_depth),
+            hint = 'Flatten the document; projections read at most cqrs.max_json_depth levels.';
+    end if;
+end
+$$;
+
+create function cqrs.append(
+    command_id uuid,
+    stream text,
+    command_type text,
+    payload jsonb,
+    expected_seq bigint default null,
+    metadata jsonb default '{}',
+    out "position" bigint,
+    out seq bigint,
+    out duplicate boolean)
+returns record
+language plpgsql volatile called on null input
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_existing record;
+    v_differs text[] := '{}';
+    v_what text[] := '{}';
+    v_version bigint;
+    v_schema jsonb;
+    v_violations text[];
+begin
+    if command_id is null then
+        raise exception using errcode = '22004', message = 'command_id must not be null';
+    end if;
+    perform cqrs._check_name('stream', append.stream, 256);
+    perform cqrs._check_name('command_type', append.command_type, 128);
+    if payload is null then
+        raise exception using errcode = '22004', message = 'payload must not be null';
+    end if;
+    if jsonb_typeof(payload) <> 'object' then
+        raise exception using errcode = '22023', message = format('payload must be a JSON object, not %s', jsonb_typeof(payload));
+    end if;
+    perform cqrs_portable._check_limits('payload', payload);
+    if expected_seq < 0 then
+        raise exception using errcode = '22023',
+            message = format('expected_seq must be null, 0 (new stream) or a positive seq, not %s', expected_seq);
+    end if;
+    if metadata is null then
+        raise exception using errcode = '22004', message = 'metadata must not be null', hint = 'Omit metadata or pass ''{}''.';
+    end if;
+    if jsonb_typeof(metadata) <> 'object' then
+        raise exception using errcode = '22023', message = format('metadata must be a JSON object, not %s', jsonb_typeof(metadata));
+    end if;
+    perform cqrs_portable._check_limits('metadata', metadata);
+
+    -- One statement on the happy path, as in the extension: bump the stream's seq under its row
+    -- lock and insert the command; no row means a new stream or a command_id that exists.
+    for pass in 1..2 loop
+        with bumped as (
+            update cqrs.stream s set last_seq = s.last_seq + 1 where s.stream = append.stream returning s.last_seq
+        )
+        insert into cqrs.command_log as l (command_id, stream, seq, command_type, payload, metadata)
+        select append.command_id, append.stream, b.last_seq, append.command_type, append.payload, append.metadata
+          from bumped b
+        on conflict on constraint command_log_command_id_key do nothing
+        returning l.position, l.seq into "position", seq;
+        exit when found;
+        if exists (select from cqrs.command_log l where l.command_id = append.command_id) then
+            -- give back the seq this call took, if it took one (see GIVE_BACK_SEQ in append.rs)
+            update cqrs.stream s set last_seq = s.last_seq - 1
+             where s.stream = append.stream
+               and s.last_seq > (select coalesce(max(l.seq), 0) from cqrs.command_log l where l.stream = append.stream);
+            select l.position, l.seq, l.stream, l.command_type, l.payload = append.payload as same_payload
+              into v_existing from cqrs.command_log l where l.command_id = append.command_id;
+            if v_existing.stream is distinct from append.stream then
+                v_differs := v_differs || format('stream %s (was %s)', cqrs_portable._quoted(append.stream), cqrs_portable._quoted(v_existing.stream));
+                v_what := v_what || 'stream'::text;
+            end if;
+            if v_existing.command_type is distinct from append.command_type then
+                v_differs := v_differs || format('command_type %s (was %s)', cqrs_portable._quoted(append.command_type), cqrs_portable._quoted(v_existing.command_type));
+                v_what := v_what || 'command_type'::text;
+            end if;
+            if not v_existing.same_payload then
+                v_differs := v_differs || 'payload'::text;
+                v_what := v_what || 'payload'::text;
+            end if;
+            if cardinality(v_differs) = 0 then
+                "position" := v_existing.position;
+                seq := v_existing.seq;
+                duplicate := true;
+                return;
+            end if;
+            raise exception using errcode = '23505',
+                message = format('command_id %s was already appended with a different %s', command_id, array_to_string(v_what, ', ')),
+                detail = format('Key (command_id)=(%s) already exists at position %s (stream %s, seq %s); differs in: %s.',
+                                command_id, v_existing.position, cqrs_portable._quoted(v_existing.stream), v_existing.seq,
+                                array_to_string(v_differs, '; ')),
+                hint = 'Reuse a command_id only to retry the very same command; give a new command a new id (cqrs.uuid_v7()).';
+        end if;
+        if pass = 2 then
+            -- only possible when our snapshot cannot see a stream row created concurrently
+            raise exception using errcode = '40001',
+                message = format('stream %s was created concurrently; retry the transaction', append.stream);
+        end if;
+        -- first command of this stream: create its row (a concurrent creator is fine) and retry
+        insert into cqrs.stream (stream, last_seq) values (append.stream, 0)
+        on conflict on constraint stream_pkey do nothing;
+    end loop;
+
+    -- checked after the insert on purpose, as in the extension: a replay must answer duplicate
+    -- even if its expected_seq is stale now or its schema changed since
+    if expected_seq is not null and expected_seq <> seq - 1 then
+        raise exception using errcode = '40001',
+            message = format('stream %s is at seq %s, expected %s', append.stream, seq - 1, expected_seq),
+            hint = 'Reload the stream and retry, or pass expected_seq => null to append unconditionally.';
+    end if;
+    select t.version, t.json_schema into v_version, v_schema from cqrs.command_type t where t.command_type = append.command_type;
+    if found then
+        v_violations := cqrs_portable._schema_violations(v_schema, payload, 6);
+        if cardinality(v_violations) > 0 then
+            raise exception using errcode = '22023',
+                message = format('payload of %s does not match its schema at %s', append.command_type, v_violations[1]),
+                detail = format('Violations: %s%s.', array_to_string(v_violations[1:5], '; '),
+                                case when cardinality(v_violations) > 5 then '; …' else '' end),
+                hint = format('See the schema with: select json_schema from cqrs.command_type where command_type = ''%s'';',
+                              replace(append.command_type, '''', ''''''));
+        end if;
+    elsif coalesce(pg_catalog.current_setting('cqrs.require_registered_types', true), '') in ('on', 'true', 'yes', '1') then
+        raise exception using errcode = '42704',
+            message = format('command type %s is not registered', cqrs_portable._quoted(append.command_type)),
+            hint = 'Register it with cqrs.register_command_type(), or turn off cqrs.require_registered_types.';
+    end if;
+    duplicate := false;
+end
+$$;

@@ -1,0 +1,89 @@
+-- pg_cqrs, portable edition: reading read models and read-your-writes (the extension edition's
+-- extension/src/projection_api.rs read_many and extension/src/waiters.rs).
+
+create function cqrs.read_many(projection text, keys text[])
+returns table (key text, rev bigint, doc json)
+language plpgsql stable called on null input
+as $$
+#variable_conflict use_column
+declare
+    v_def record;
+    v_revision bigint;
+begin
+    if read_many.projection is null then
+        raise exception using errcode = '22004', message = 'projection must not be null';
+    end if;
+    if keys is null then
+        raise exception using errcode = '22004', message = 'keys must not be null';
+    end if;
+    v_def := cqrs_portable._target(read_many.projection);
+    select s.revision into v_revision from cqrs.projection_state s where s.name = read_many.projection;
+    -- for every key in the order given: its canonical form (the key column's own cast, so
+    -- 'ABC' and 'abc' are one uuid), the row's revision (or the projection's) and the row;
+    -- each canonical key once
+    return query execute pg_catalog.format(
+        'select d.canonical, coalesce(d.rev, $2), d.doc
+           from (select distinct on (c.canonical) c.canonical, c.n, x.rev, x.doc
+                   from (select (k.raw::%1$s)::text as canonical, k.n, k.raw
+                           from unnest($1::text[]) with ordinality as k(raw, n) where k.raw is not null) c
+                   left join lateral (select t.%2$I as rev, pg_catalog.row_to_json(t.*) as doc from %3$s as t
+                                       where t.%4$I = c.raw::%1$s offset 0) as x on true
+                  order by c.canonical, c.n) d
+          order by d.n',
+        v_def.key_type, v_def.rev_column, v_def.target, v_def.key_column)
+        using keys, coalesce(v_revision, 0);
+end
+$$;
+
+create function cqrs.wait_for(stream text, seq bigint, projection text, timeout interval default '5 s')
+returns boolean
+language plpgsql volatile strict parallel unsafe
+as $$
+declare
+    v_deadline timestamptz;
+    v_state record;
+    v_error text;
+begin
+    if seq < 1 then
+        raise exception using errcode = '22023', message = pg_catalog.format('seq must be positive, not %s', seq);
+    end if;
+    if timeout < interval '0' then
+        raise exception using errcode = '22023', message = 'timeout must not be negative';
+    end if;
+    if pg_catalog.current_setting('transaction_isolation') in ('repeatable read', 'serializable') then
+        raise exception using errcode = '0A000',
+            message = 'cqrs.wait_for needs READ COMMITTED: under REPEATABLE READ or SERIALIZABLE the transaction''s snapshot never shows the projection moving',
+            hint = 'Call it in its own READ COMMITTED transaction, before the one that reads.';
+    end if;
+    v_deadline := pg_catalog.clock_timestamp() + timeout;
+    loop
+        -- each statement of a volatile function sees what committed before it (READ COMMITTED)
+        select coalesce((select ps.last_seq >= wait_for.seq from cqrs.projection_stream ps
+                          where ps.projection = wait_for.projection and ps.stream = wait_for.stream), false) as applied,
+               s.halted, s.last_error_sqlstate
+          into v_state
+          from cqrs.projection_state s where s.name = wait_for.projection;
+        if not found then
+            raise exception using errcode = '42704', message = pg_catalog.format('projection %s does not exist', cqrs_portable._quoted(wait_for.projection));
+        end if;
+        if v_state.applied then
+            return true;
+        end if;
+        if v_state.halted then
+            -- the error text carries command values: only for those who may read it
+            if pg_catalog.has_column_privilege('cqrs.projection_state', 'last_error', 'select') then
+                select s.last_error into v_error from cqrs.projection_state s where s.name = wait_for.projection;
+            end if;
+            raise exception using errcode = '55000',
+                message = pg_catalog.format('projection %s is halted and will not apply %s#%s: %s', cqrs_portable._quoted(wait_for.projection),
+                                            wait_for.stream, wait_for.seq, coalesce(v_error, 'SQLSTATE ' || coalesce(v_state.last_error_sqlstate, ''))),
+                hint = 'See cqrs.status(); fix the cause and call cqrs.resume().';
+        end if;
+        if pg_catalog.clock_timestamp() >= v_deadline then
+            return false;
+        end if;
+        -- no latch here: poll (the extension edition sleeps until the projecting commit wakes it)
+        perform pg_catalog.pg_sleep(least(0.01, extract(epoch from v_deadline - pg_catalog.clock_timestamp())));
+    end loop;
+end
+$$;
