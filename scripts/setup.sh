@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what pg_cqrs needs on Debian 12, skipping whatever is already there:
 # PostgreSQL 15 (server, headers, pgbench), redis-server, clang (bindgen), sudo (cargo pgrx test
-# --runas), prometheus (promtool), openssl (test certificates), cargo-pgrx 0.18.1 and its PostgreSQL 15 configuration.
+# --runas), prometheus (promtool), openssl (test certificates), plpgsql_check (static checks of the
+# portable edition), cargo-pgrx 0.18.1 and its PostgreSQL 15 configuration, and pg_tle (for the
+# portable edition's pg_tle test) built from its source when the source is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
@@ -9,7 +11,7 @@ source scripts/common.sh
 command -v cargo >/dev/null || die "cargo not found: install the Rust toolchain (rustup) first"
 
 packages=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 redis-server redis-tools
-          clang libclang-dev sudo prometheus openssl)
+          clang libclang-dev sudo prometheus openssl postgresql-15-plpgsql-check flex libkrb5-dev)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
@@ -33,4 +35,21 @@ if grep -qs "pg15 = \"$PG_CONFIG\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; the
 else
     step "cargo pgrx init --pg15 $PG_CONFIG"
     cargo pgrx init --pg15 "$PG_CONFIG"
+fi
+
+# pg_tle (Apache-2.0), for the test that installs the portable edition as a pg_tle extension. Its
+# source is not part of this repository: $PG_TLE_SOURCE, or ../shared/vendor/pg_tle-*.tar.gz
+# next to this checkout. Built outside the repository, installed into PostgreSQL 15.
+pg_tle_source=${PG_TLE_SOURCE:-$(ls ../shared/vendor/pg_tle-*.tar.gz 2>/dev/null | head -n 1)}
+if [ -e "$("$PG_CONFIG" --pkglibdir)/pg_tle.so" ]; then
+    note "pg_tle already installed"
+elif [ -n "$pg_tle_source" ] && [ -e "$pg_tle_source" ]; then
+    step "building pg_tle from $pg_tle_source"
+    build=${XDG_CACHE_HOME:-$HOME/.cache}/pg_cqrs/pg_tle
+    rm -rf "$build" && mkdir -p "$build"
+    tar -xzf "$pg_tle_source" -C "$build" --strip-components=1
+    make -C "$build" PG_CONFIG="$PG_CONFIG" >/dev/null
+    as_root make -C "$build" PG_CONFIG="$PG_CONFIG" install >/dev/null
+else
+    note "no pg_tle source (../shared/vendor/pg_tle-*.tar.gz or \$PG_TLE_SOURCE): the pg_tle test will be skipped"
 fi

@@ -224,21 +224,41 @@ mod tests {
     #[pg_test]
     fn patterns_run_in_linear_time_and_backtracking_ones_are_refused() {
         // catastrophic for a backtracking engine: minutes; linear here
-        let v = register("P", json!({"properties": {"s": {"type": "string", "pattern": "^(a+)+$"}}}));
+        let v = register(
+            "P",
+            json!({"properties": {"s": {"type": "string", "pattern": "^(a+)+$"}}}),
+        );
         let evil = format!("{}b", "a".repeat(10_000));
         let started = std::time::Instant::now();
         assert!(super::validate("P", v, &json!({"s": evil})).is_err());
-        assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
         // look-around needs backtracking: refused when the schema is registered
         let err = super::check_json_schema(JsonB(json!({"properties": {"s": {"pattern": "a(?=b)"}}})))
             .expect_err("look-ahead is refused");
-        assert!(err.message().starts_with("json_schema is not a valid JSON Schema"), "{}", err.message());
+        assert!(
+            err.message()
+                .starts_with("json_schema is not a valid JSON Schema"),
+            "{}",
+            err.message()
+        );
     }
 
     #[pg_test]
     fn every_format_is_enforced_idn_included() {
-        let v = register("F", json!({"properties": {"e": {"format": "idn-email"}, "h": {"format": "idn-hostname"}}}));
-        assert!(super::validate("F", v, &json!({"e": "user@bücher.example", "h": "bücher.example"})).is_ok());
+        let v = register(
+            "F",
+            json!({"properties": {"e": {"format": "idn-email"}, "h": {"format": "idn-hostname"}}}),
+        );
+        assert!(super::validate(
+            "F",
+            v,
+            &json!({"e": "user@bücher.example", "h": "bücher.example"})
+        )
+        .is_ok());
         assert!(super::validate("F", v, &json!({"e": "not an email"})).is_err());
         assert!(super::validate("F", v, &json!({"h": "-bad-.example"})).is_err());
     }

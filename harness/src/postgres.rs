@@ -33,6 +33,8 @@ pub struct ClusterOptions {
     pub with_extension: bool,
     /// The version `CREATE EXTENSION` installs (`None`: the default version, the newest).
     pub extension_version: Option<String>,
+    /// The PostgreSQL binaries to run (`None`: those of `$PG_CONFIG`, see [`pg_bindir`]).
+    pub bindir: Option<PathBuf>,
 }
 
 impl Default for ClusterOptions {
@@ -44,6 +46,7 @@ impl Default for ClusterOptions {
             database: "cqrs".to_owned(),
             with_extension: true,
             extension_version: None,
+            bindir: None,
         }
     }
 }
@@ -104,7 +107,10 @@ fn check(out: Output, what: &str) -> Result<Output> {
 impl PgCluster {
     /// initdb + start. The cluster lives under a fresh directory in the system temp dir.
     pub fn start(options: ClusterOptions) -> Result<Self> {
-        let bindir = pg_bindir()?;
+        let bindir = match &options.bindir {
+            Some(bindir) => bindir.clone(),
+            None => pg_bindir()?,
+        };
         let root = tempdir("pg_cqrs-pg")?;
         let data = root.join("data");
         let port = free_port()?;
@@ -220,6 +226,11 @@ impl PgCluster {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The directory of the PostgreSQL binaries this cluster runs.
+    pub fn bindir(&self) -> &Path {
+        &self.bindir
     }
 
     pub fn database(&self) -> &str {

@@ -131,8 +131,8 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_existing record;
-    v_differs text[] := '{}';
-    v_what text[] := '{}';
+    v_differs text[] := '{}'::text[];
+    v_what text[] := '{}'::text[];
     v_version bigint;
     v_schema jsonb;
     v_violations text[];

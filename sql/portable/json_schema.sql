@@ -97,18 +97,16 @@ language plpgsql immutable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_errors text[] := '{}';
+    v_errors text[] := '{}'::text[];
     v_keyword text;
     v_arg jsonb;
     v_type text := jsonb_typeof(instance);
     v_number numeric;
     v_text text;
     v_length integer;
-    v_sub text[];
     v_valid integer;
     v_key text;
     v_value jsonb;
-    v_i integer;
     v_unexpected text[];
     v_target jsonb;
     v_options text[];

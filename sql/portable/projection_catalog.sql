@@ -5,7 +5,7 @@
 -- A handler error: 22023 with where in the document it is.
 create function cqrs_portable._spec_error(at text, reason text)
 returns void
-language plpgsql immutable parallel safe
+language plpgsql volatile
 as $$ begin raise exception using errcode = '22023', message = at || ': ' || reason; end $$;
 
 -- A JSON path of the handler language ($, $.a.b, $.items[0], $["odd key"]) as a strict SQL/JSON
@@ -150,7 +150,7 @@ language plpgsql immutable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_out jsonb := '{}';
+    v_out jsonb := '{}'::jsonb;
     v_column text;
     v_source jsonb;
 begin
@@ -234,7 +234,7 @@ language plpgsql immutable parallel safe
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_out jsonb := '{}';
+    v_out jsonb := '{}'::jsonb;
     v_type text;
     v_value jsonb;
     v_at text;
@@ -310,7 +310,6 @@ declare
     v_col record;
     v_type text;
     v_handler jsonb;
-    v_i integer;
     v_n integer;
     v_at text;
     v_at2 text;
@@ -318,10 +317,9 @@ declare
     v_source jsonb;
     v_part text;
     v_function text;
-    v_resolved jsonb := '{}';
+    v_resolved jsonb := '{}'::jsonb;
     v_proc record;
-    v_message text;
-    v_out jsonb := '{}';
+    v_out jsonb := '{}'::jsonb;
     v_list jsonb;
 begin
     -- function handlers exist and take (jsonb) returning setof text

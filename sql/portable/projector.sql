@@ -151,17 +151,16 @@ as $$
 declare
     v_def record;
     v_columns text[];
-    v_branches text[] := '{}';
+    v_branches text[] := '{}'::text[];
     v_type text;
     v_list jsonb;
     v_handler jsonb;
-    v_i integer;
     v_sets text;
     v_adds text;
     v_col record;
     v_record text[] := array['k text'];
-    v_window text[] := '{}';
-    v_agg text[] := '{}';
+    v_window text[] := '{}'::text[];
+    v_agg text[] := '{}'::text[];
     v_write text[] := array['''k'', f.k'];
     v_update_set text[];
     v_insert_names text[];
@@ -366,17 +365,18 @@ as $$
 declare
     v_sql text := cqrs_portable._compiled(name);
     v_handlers jsonb := (select p.handlers from cqrs.projection p where p.name = _apply.name);
-    v_keys text[] := '{}';
-    v_docs json[] := '{}';
-    v_gone boolean[] := '{}';
-    v_segment jsonb := '[]';
+    v_keys text[] := '{}'::text[];
+    v_docs json[] := '{}'::json[];
+    v_gone boolean[] := '{}'::boolean[];
+    v_segment jsonb := '[]'::jsonb;
     v_event jsonb;
     v_steps jsonb;
     v_from integer;
-    v_f integer;
     v_function text;
     v_changed text[];
-    v_row record;
+    v_key text;
+    v_doc json;
+    v_deleted boolean;
     v_def record;
 begin
     if not exists (select from jsonb_each(v_handlers) e, jsonb_array_elements(e.value) h where h ? 'function') then
@@ -393,39 +393,39 @@ begin
             v_segment := v_segment || jsonb_build_array(v_event);
             continue;
         end if;
-        for v_row in execute v_sql using v_segment, rev, with_docs, 0, 1000000 loop
-            v_keys := v_keys || v_row.key; v_docs := v_docs || v_row.doc; v_gone := v_gone || v_row.deleted;
+        for v_key, v_doc, v_deleted in execute v_sql using v_segment, rev, with_docs, 0, 1000000 loop
+            v_keys := v_keys || v_key; v_docs := v_docs || v_doc; v_gone := v_gone || v_deleted;
         end loop;
-        v_segment := '[]';
+        v_segment := '[]'::jsonb;
         v_from := 0;
         for v_f in 0 .. jsonb_array_length(v_steps) - 1 loop
             continue when not (v_steps -> v_f) ? 'function';
-            for v_row in execute v_sql using jsonb_build_array(v_event), rev, with_docs, v_from, v_f - 1 loop
-                v_keys := v_keys || v_row.key; v_docs := v_docs || v_row.doc; v_gone := v_gone || v_row.deleted;
+            for v_key, v_doc, v_deleted in execute v_sql using jsonb_build_array(v_event), rev, with_docs, v_from, v_f - 1 loop
+                v_keys := v_keys || v_key; v_docs := v_docs || v_doc; v_gone := v_gone || v_deleted;
             end loop;
             v_function := v_steps -> v_f ->> 'function';
             execute format('select coalesce(array_agg(f.k) filter (where f.k is not null), ''{}'') from %s($1) as f(k)', v_function)
                into v_changed using v_event;
             if cardinality(v_changed) > 0 then
                 -- stamp the rows it reports with the revision; the ones gone were deleted
-                for v_row in execute format(
+                for v_key, v_doc, v_deleted in execute format(
                     'with touched as (update %1$s as t set %2$I = $2 from unnest($1::text[]) as e(k)
                                        where t.%3$I = e.k::%4$s
                                       returning t.%3$I::text as key, case when $3 then pg_catalog.row_to_json(t.*) end as doc)
                      select coalesce(t.key, k.k) as key, t.doc, t.key is null as gone
                        from unnest($1::text[]) with ordinality k(k, n) left join touched t on t.key = k.k order by k.n',
                     v_def.target, v_def.rev_column, v_def.key_column, v_def.key_type) using v_changed, rev, with_docs loop
-                    v_keys := v_keys || v_row.key; v_docs := v_docs || v_row.doc; v_gone := v_gone || v_row.gone;
+                    v_keys := v_keys || v_key; v_docs := v_docs || v_doc; v_gone := v_gone || v_deleted;
                 end loop;
             end if;
             v_from := v_f + 1;
         end loop;
-        for v_row in execute v_sql using jsonb_build_array(v_event), rev, with_docs, v_from, 1000000 loop
-            v_keys := v_keys || v_row.key; v_docs := v_docs || v_row.doc; v_gone := v_gone || v_row.deleted;
+        for v_key, v_doc, v_deleted in execute v_sql using jsonb_build_array(v_event), rev, with_docs, v_from, 1000000 loop
+            v_keys := v_keys || v_key; v_docs := v_docs || v_doc; v_gone := v_gone || v_deleted;
         end loop;
     end loop;
-    for v_row in execute v_sql using v_segment, rev, with_docs, 0, 1000000 loop
-        v_keys := v_keys || v_row.key; v_docs := v_docs || v_row.doc; v_gone := v_gone || v_row.deleted;
+    for v_key, v_doc, v_deleted in execute v_sql using v_segment, rev, with_docs, 0, 1000000 loop
+        v_keys := v_keys || v_key; v_docs := v_docs || v_doc; v_gone := v_gone || v_deleted;
     end loop;
     -- each key once, where it first changed, with its last change
     return query
@@ -482,25 +482,25 @@ $$;
 
 -- Progress, parked events and dead letters of a planned batch (write_bookkeeping in the
 -- extension). `dead` holds [event, error, sqlstate] triples.
-create function cqrs_portable._bookkeeping(name text, plan record, dead jsonb)
+create function cqrs_portable._bookkeeping(name text, progress jsonb, park jsonb, unpark jsonb, dead jsonb)
 returns void
 language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
 begin
     insert into cqrs.projection_stream as ps (projection, stream, last_seq)
-    select _bookkeeping.name, p.key, (p.value #>> '{}')::bigint from jsonb_each(plan.progress) p
+    select _bookkeeping.name, p.key, (p.value #>> '{}')::bigint from jsonb_each(progress) p
     on conflict (projection, stream) do update set last_seq = excluded.last_seq where ps.last_seq < excluded.last_seq;
-    if jsonb_array_length(plan.park) > 0 then
+    if jsonb_array_length(park) > 0 then
         insert into cqrs.parked (projection, stream, seq, event)
-        select _bookkeeping.name, e ->> 'stream', (e ->> 'seq')::bigint, e from jsonb_array_elements(plan.park) e
+        select _bookkeeping.name, e ->> 'stream', (e ->> 'seq')::bigint, e from jsonb_array_elements(park) e
         on conflict (projection, stream, seq) do nothing;
     end if;
-    if jsonb_array_length(plan.unpark) > 0 then
-        delete from cqrs.parked k using jsonb_array_elements(plan.unpark) u
+    if jsonb_array_length(unpark) > 0 then
+        delete from cqrs.parked k using jsonb_array_elements(unpark) u
          where k.projection = _bookkeeping.name and k.stream = u ->> 0 and k.seq = (u ->> 1)::bigint;
     end if;
-    if jsonb_array_length(plan.park) > 0 or jsonb_array_length(plan.unpark) > 0 then
+    if jsonb_array_length(park) > 0 or jsonb_array_length(unpark) > 0 then
         update cqrs.projection_state s set parked = (select count(*) from cqrs.parked p where p.projection = _bookkeeping.name) where s.name = _bookkeeping.name;
     end if;
     if jsonb_array_length(dead) > 0 then
@@ -532,7 +532,6 @@ as $$
 declare
     v_state record;
     v_plan record;
-    v_on_error text;
     v_rev bigint;
     v_max_position bigint := (select max((e ->> 'position')::bigint) from jsonb_array_elements(events) e);
     v_keys text[];
@@ -564,7 +563,7 @@ begin
         -- already applied (a redelivery after a restart), or a deposed projector
         continue when commit_lsn is not null and v_state.checkpoint_lsn is not null and commit_lsn <= v_state.checkpoint_lsn;
         v_plan := cqrs_portable._plan(v_state.name, events, v_state.parked > 0);
-        v_dead := '[]';
+        v_dead := '[]'::jsonb;
         if skip is not null then
             select jsonb_agg(jsonb_build_array(e, skip ->> 2, skip ->> 3)) into v_dead from jsonb_array_elements(v_plan.apply) e
              where e ->> 'stream' = skip ->> 0 and (e ->> 'seq')::bigint = (skip ->> 1)::bigint;
@@ -574,14 +573,14 @@ begin
         end if;
         v_applicable := jsonb_array_length(v_plan.apply) + jsonb_array_length(v_dead);
         v_rev := v_state.revision + 1;
-        v_keys := '{}'; v_docs := '{}'; v_gone := '{}';
+        v_keys := '{}'::text[]; v_docs := '{}'::json[]; v_gone := '{}'::boolean[];
         v_halted := false;
         v_failure := null; v_poison := null;
         begin
             for v_row in select * from cqrs_portable._apply(v_state.name, v_plan.apply, v_rev, with_docs) loop
                 v_keys := v_keys || v_row.key; v_docs := v_docs || v_row.doc; v_gone := v_gone || v_row.deleted;
             end loop;
-            perform cqrs_portable._bookkeeping(v_state.name, v_plan, v_dead);
+            perform cqrs_portable._bookkeeping(v_state.name, v_plan.progress, v_plan.park, v_plan.unpark, v_dead);
         exception when others then
             get stacked diagnostics v_sqlstate = returned_sqlstate, v_message = message_text, v_detail = pg_exception_detail;
             v_failure := cqrs_portable._describe_error(v_message, v_detail);
@@ -612,7 +611,7 @@ begin
         elsif v_failure is not null then
             -- dead_letter: apply one event at a time, set aside those that fail, go on
             begin
-                v_keys := '{}'; v_docs := '{}'; v_gone := '{}';
+                v_keys := '{}'::text[]; v_docs := '{}'::json[]; v_gone := '{}'::boolean[];
                 for v_event in select e from jsonb_array_elements(v_plan.apply) e loop
                     begin
                         for v_row in select * from cqrs_portable._apply(v_state.name, jsonb_build_array(v_event), v_rev, with_docs) loop
@@ -623,13 +622,13 @@ begin
                         v_dead := v_dead || jsonb_build_array(jsonb_build_array(v_event, cqrs_portable._describe_error(v_message, v_detail), v_sqlstate));
                     end;
                 end loop;
-                perform cqrs_portable._bookkeeping(v_state.name, v_plan, v_dead);
+                perform cqrs_portable._bookkeeping(v_state.name, v_plan.progress, v_plan.park, v_plan.unpark, v_dead);
                 v_failure := null;
             exception when others then
                 get stacked diagnostics v_sqlstate = returned_sqlstate, v_message = message_text, v_detail = pg_exception_detail;
                 v_failure := cqrs_portable._describe_error(v_message, v_detail);
                 v_halted := true;
-                v_keys := '{}'; v_docs := '{}'; v_gone := '{}';
+                v_keys := '{}'::text[]; v_docs := '{}'::json[]; v_gone := '{}'::boolean[];
             end;
         end if;
         kind := 'report'; projection := v_state.name; key := null; rev := null; doc := null; deleted := null;
@@ -811,7 +810,7 @@ as $$
 declare
     v_name text;
     v_row record;
-    v_rows jsonb := '[]';
+    v_rows jsonb := '[]'::jsonb;
 begin
     if chunk is not null and chunk not between 1 and 1000000 then
         raise exception using errcode = '22023', message = format('chunk must be between 1 and 1000000, not %s', chunk);
@@ -839,7 +838,7 @@ declare
     v_state record;
     v_skip jsonb;
     v_row record;
-    v_rows jsonb := '[]';
+    v_rows jsonb := '[]'::jsonb;
 begin
     if resume.name is null then
         raise exception using errcode = '22004', message = 'name must not be null';
@@ -904,7 +903,7 @@ declare
     v_rev bigint;
     v_letter record;
     v_row record;
-    v_rows jsonb := '[]';
+    v_rows jsonb := '[]'::jsonb;
     v_letter_rows jsonb;
     v_sqlstate text;
     v_message text;
@@ -920,7 +919,7 @@ begin
     perform cqrs_portable._target(retry_dead_letters.name);
     for v_letter in select d.id, d.event from cqrs.dead_letter d where d.projection = retry_dead_letters.name order by d.id for update loop
         begin
-            v_letter_rows := '[]';
+            v_letter_rows := '[]'::jsonb;
             for v_row in select * from cqrs_portable._apply(retry_dead_letters.name, jsonb_build_array(v_letter.event), v_rev, true) loop
                 v_letter_rows := v_letter_rows || jsonb_build_array(jsonb_build_object('projection', retry_dead_letters.name, 'key', v_row.key,
                                                                                        'rev', v_rev, 'doc', v_row.doc, 'deleted', v_row.deleted));

@@ -1,6 +1,7 @@
 -- The catalog of schema cqrs as comparable lines (object, what, value), one per fact: what the
 -- upgrade test compares between an upgraded and a fresh install, and the conformance suite
--- between the two editions. Grants are listed per role and privilege, so that neither the
+-- between the two editions (all but the 'definition' of functions, which is their body).
+-- Grants are listed per role and privilege, so that neither the
 -- grantor nor the order of an ACL matters; function bodies are compared with everything else
 -- pg_get_functiondef prints (arguments, defaults, volatility, strictness, SECURITY DEFINER,
 -- search_path), whitespace-normalised.
@@ -76,6 +77,17 @@ with ns as (
       from pg_catalog.pg_trigger t join rels r on r.oid = t.tgrelid
      where not t.tgisinternal
     union all
+    select pg_catalog.format('function %s', p.signature), 'returns',
+           pg_catalog.pg_get_function_arguments(p.oid) || ' -> ' || pg_catalog.pg_get_function_result(p.oid)
+      from procs p
+    union all
+    -- what callers can tell: volatility, strictness, parallel safety, security, settings
+    select pg_catalog.format('function %s', p.signature), 'attributes',
+           pg_catalog.concat_ws(' ', f.provolatile, case when f.proisstrict then 'strict' end, 'parallel ' || f.proparallel::text,
+                                case when f.prosecdef then 'security definer' end, f.proconfig::text, f.prokind)
+      from procs p join pg_catalog.pg_proc f on f.oid = p.oid
+    union all
+    -- the body and language: what the two editions implement differently
     select pg_catalog.format('function %s', p.signature), 'definition',
            pg_catalog.regexp_replace(pg_catalog.pg_get_functiondef(p.oid), '\s+', ' ', 'g')
       from procs p

@@ -47,6 +47,49 @@ where
     }
 }
 
+/// The catalog of schema cqrs as `object | what | value` lines (tests/sql/catalog.sql); without
+/// `bodies`, functions are compared by signature and attributes only (what the editions share).
+pub async fn catalog(client: &Client, bodies: bool) -> Result<std::collections::BTreeSet<String>> {
+    let query = std::fs::read_to_string(repo_root().join("tests/sql/catalog.sql"))?;
+    let rows = client.query(query.as_str(), &[]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                r.get::<_, String>(1),
+                r.get::<_, String>(2),
+            )
+        })
+        .filter(|(object, what, _)| bodies || !(object.starts_with("function ") && what == "definition"))
+        .map(|(object, what, value)| format!("{object} | {what} | {value}"))
+        .collect())
+}
+
+/// Every line in one catalog and not the other, named by side.
+pub fn catalog_differences(
+    left: (&str, &std::collections::BTreeSet<String>),
+    right: (&str, &std::collections::BTreeSet<String>),
+) -> Vec<String> {
+    let mut out: Vec<String> = left
+        .1
+        .difference(right.1)
+        .map(|line| format!("only {}: {line}", left.0))
+        .chain(
+            right
+                .1
+                .difference(left.1)
+                .map(|line| format!("only {}: {line}", right.0)),
+        )
+        .collect();
+    out.sort_by(|a, b| {
+        a.split_once(": ")
+            .map(|x| x.1)
+            .cmp(&b.split_once(": ").map(|x| x.1))
+    });
+    out
+}
+
 /// Every projection has applied every command in the log.
 pub async fn caught_up(client: &Client) -> Result<()> {
     let row = client

@@ -6,7 +6,6 @@
 //! install step copies next to the current one; its sidecar is built from the release's commit
 //! by scripts/release-sidecar.sh (scripts/test.sh does it before these tests).
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -14,7 +13,7 @@ use anyhow::{bail, ensure, Context, Result};
 use cqrs_e2e::orders::{random_log, seed_commands};
 use cqrs_e2e::rig::Rig;
 use cqrs_e2e::traffic::Traffic;
-use cqrs_e2e::{connect, eventually, orders, repo_root};
+use cqrs_e2e::{catalog, catalog_differences, connect, eventually, orders, repo_root};
 use cqrs_harness::{ClusterOptions, PgCluster};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -28,23 +27,6 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
 async fn serial() -> MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().await
-}
-
-/// The catalog of schema cqrs as `object | what | value` lines (tests/sql/catalog.sql).
-pub async fn catalog(client: &Client) -> Result<BTreeSet<String>> {
-    let query = std::fs::read_to_string(repo_root().join("tests/sql/catalog.sql"))?;
-    let rows = client.query(query.as_str(), &[]).await?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            format!(
-                "{} | {} | {}",
-                r.get::<_, String>(0),
-                r.get::<_, String>(1),
-                r.get::<_, String>(2)
-            )
-        })
-        .collect())
 }
 
 /// Objects of schema cqrs that are not members of the extension, and the tables pg_dump is told
@@ -80,25 +62,6 @@ async fn extension_facts(client: &Client) -> Result<(Vec<String>, Vec<String>)> 
         .map(|r| r.get(0))
         .collect();
     Ok((strays, dumped))
-}
-
-/// Every difference between two catalogs, one per line.
-fn differences(upgraded: &BTreeSet<String>, fresh: &BTreeSet<String>) -> Vec<String> {
-    let mut out: Vec<String> = upgraded
-        .difference(fresh)
-        .map(|line| format!("only after the upgrade: {line}"))
-        .chain(
-            fresh
-                .difference(upgraded)
-                .map(|line| format!("only in a fresh install: {line}")),
-        )
-        .collect();
-    out.sort_by(|a, b| {
-        a.split_once(": ")
-            .map(|x| x.1)
-            .cmp(&b.split_once(": ").map(|x| x.1))
-    });
-    out
 }
 
 /// Fills a database of an earlier release with what an upgrade must carry over: commands in many
@@ -187,7 +150,7 @@ async fn an_upgraded_install_equals_a_fresh_one_and_keeps_every_row() -> Result<
     pg.psql_in("postgres", &format!("create database {fresh_db}"))?;
     pg.psql_in(fresh_db, "create extension pg_cqrs")?;
     let fresh = connect(&pg.url_for(fresh_db)).await?;
-    let expected = catalog(&fresh).await?;
+    let expected = catalog(&fresh, true).await?;
     let expected_facts = extension_facts(&fresh).await?;
     ensure!(
         expected_facts.0.is_empty(),
@@ -235,7 +198,10 @@ async fn an_upgraded_install_equals_a_fresh_one_and_keeps_every_row() -> Result<
             "after the update pg_cqrs is {version}, not {current}"
         );
 
-        let diff = differences(&catalog(&client).await?, &expected);
+        let diff = catalog_differences(
+            ("after the upgrade", &catalog(&client, true).await?),
+            ("in a fresh install", &expected),
+        );
         if !diff.is_empty() {
             bail!(
                 "the catalog after upgrading from {release} differs from a fresh {current} install in {} places \

@@ -1,0 +1,322 @@
+//! The portable edition installed the ways managed PostgreSQL allows — `psql -f` by a database
+//! owner with CREATEROLE who is not a superuser (the RDS master user), and as a pg_tle extension —
+//! and its catalog against the extension edition's: the same tables, columns, constraints,
+//! indexes, function signatures and attributes, comments and grants; only function bodies differ.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, ensure, Context, Result};
+use cqrs_e2e::{catalog, catalog_differences, connect, repo_root};
+use cqrs_harness::{ClusterOptions, PgCluster};
+
+/// The managed-PostgreSQL administrator: owns the database, may create roles, no superuser.
+const ADMIN: &str = "managed_admin";
+
+fn build_portable() -> Result<()> {
+    let out = Command::new(repo_root().join("scripts/portable.sh")).output()?;
+    ensure!(
+        out.status.success(),
+        "scripts/portable.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// `psql -v ON_ERROR_STOP=1 -1 -f <file>` as `user`; returns (success, stdout + stderr).
+fn psql_file(pg: &PgCluster, user: &str, database: &str, file: &str) -> Result<(bool, String)> {
+    let bindir = pg.bindir().to_path_buf();
+    let out = Command::new(bindir.join("psql"))
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-1",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            user,
+        ])
+        .arg("-p")
+        .arg(pg.port().to_string())
+        .arg("-d")
+        .arg(database)
+        .arg("-f")
+        .arg(repo_root().join(file))
+        .output()
+        .context("running psql")?;
+    Ok((
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+fn admin_database(pg: &PgCluster, database: &str) -> Result<()> {
+    pg.psql_in("postgres", &format!("create database {database} owner {ADMIN}"))?;
+    Ok(())
+}
+
+async fn admin_url(pg: &PgCluster, database: &str) -> Result<tokio_postgres::Client> {
+    connect(&format!("postgres://{ADMIN}@127.0.0.1:{}/{database}", pg.port())).await
+}
+
+/// What the portable edition must do once installed, whichever way: append, register a schema
+/// and validate against it, project.
+async fn smoke(client: &tokio_postgres::Client) -> Result<()> {
+    client
+        .batch_execute(
+            "select cqrs.register_command_type('T', '{\"type\": \"object\", \"required\": [\"n\"]}');
+             create table public.totals (stream text primary key, n integer not null default 0, rev bigint not null default 0);
+             select cqrs.create_projection('totals', 'public.totals', 'stream', '{\"T\": {\"action\": \"upsert\", \"add\": {\"n\": \"$.n\"}}}');
+             select cqrs.append(cqrs.uuid_v7(), 's', 'T', '{\"n\": 2}');
+             select cqrs.append(cqrs.uuid_v7(), 's', 'T', '{\"n\": 3}');
+             select count(*) from cqrs.catch_up();",
+        )
+        .await?;
+    let total: i32 = client
+        .query_one("select n from public.totals where stream = 's'", &[])
+        .await?
+        .get(0);
+    ensure!(total == 5, "the projection holds {total}, not 5");
+    let refused = client
+        .query("select cqrs.append(cqrs.uuid_v7(), 's', 'T', '{}')", &[])
+        .await
+        .err()
+        .and_then(|e| e.code().map(|c| c.code().to_owned()));
+    ensure!(
+        refused.as_deref() == Some("22023"),
+        "a payload breaking its schema: {refused:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_owner_installs_the_portable_edition_with_psql_and_it_matches_the_extension() -> Result<()>
+{
+    build_portable()?;
+    let pg = PgCluster::start(ClusterOptions {
+        with_extension: false,
+        ..ClusterOptions::default()
+    })?;
+    pg.psql_in("postgres", &format!("create role {ADMIN} login createrole"))?;
+    admin_database(&pg, "portable")?;
+    pg.psql_in("postgres", "create database extension")?;
+    pg.psql_in("extension", "create extension pg_cqrs")?;
+
+    let (ok, output) = psql_file(&pg, ADMIN, "portable", "target/portable/pg_cqrs.sql")?;
+    ensure!(ok, "psql -f as {ADMIN} (no superuser) failed:\n{output}");
+    let client = admin_url(&pg, "portable").await?;
+    let row = client
+        .query_one("select version, edition from cqrs.version()", &[])
+        .await?;
+    let (version, edition): (String, String) = (row.get(0), row.get(1));
+    ensure!(
+        edition == "portable" && version == env!("CARGO_PKG_VERSION"),
+        "cqrs.version() says {version} {edition}"
+    );
+    let superuser: bool = client
+        .query_one("select rolsuper from pg_roles where rolname = current_user", &[])
+        .await?
+        .get(0);
+    ensure!(
+        !superuser,
+        "the installer must not be a superuser for this test to mean anything"
+    );
+
+    // running it again changes nothing and says why
+    let (ok, output) = psql_file(&pg, ADMIN, "portable", "target/portable/pg_cqrs.sql")?;
+    ensure!(
+        !ok && output.contains("is already installed"),
+        "a second run: ok={ok}\n{output}"
+    );
+
+    let extension = connect(&pg.url_for("extension")).await?;
+    let differences = catalog_differences(
+        ("in the extension edition", &catalog(&extension, false).await?),
+        ("in the portable edition", &catalog(&client, false).await?),
+    );
+    if !differences.is_empty() {
+        bail!(
+            "the editions' catalogs differ in {} places (bodies aside):\n{}",
+            differences.len(),
+            differences.join("\n")
+        );
+    }
+    smoke(&client).await
+}
+
+/// The pg_tle library of this machine's PostgreSQL, if it is installed (scripts/setup.sh builds it
+/// from the pg_tle source when the source is there).
+fn pg_tle_installed() -> Result<bool> {
+    let pg_config =
+        std::env::var("PG_CONFIG").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
+    let libdir = String::from_utf8(Command::new(&pg_config).arg("--pkglibdir").output()?.stdout)?;
+    Ok(PathBuf::from(libdir.trim()).join("pg_tle.so").exists())
+}
+
+/// A copy of this machine's PostgreSQL without pg_cqrs's library and control file: a server like
+/// a managed one, on which only pg_tle can make pg_cqrs an extension (pg_tle refuses a name that a
+/// control file already uses). Debian's PostgreSQL finds its share and lib directories relative
+/// to its binaries, so a copy of both trees runs as is. Kept under target/ and reused.
+fn server_without_the_extension() -> Result<PathBuf> {
+    let pg_config =
+        std::env::var("PG_CONFIG").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
+    let ask = |flag: &str| -> Result<PathBuf> {
+        let out = Command::new(&pg_config).arg(flag).output()?;
+        Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+    };
+    let (bindir, sharedir, pkglibdir) = (ask("--bindir")?, ask("--sharedir")?, ask("--pkglibdir")?);
+    let root = repo_root().join("target/pg-without-pg_cqrs");
+    let inside = |path: &PathBuf| root.join(path.strip_prefix("/").unwrap_or(path));
+    if !root.join("ready").exists() {
+        let _ = std::fs::remove_dir_all(&root);
+        for tree in [
+            bindir.parent().context("bindir has no parent")?.to_path_buf(),
+            sharedir.clone(),
+        ] {
+            let target = inside(&tree);
+            std::fs::create_dir_all(target.parent().context("no parent")?)?;
+            let copied = Command::new("cp").arg("-a").arg(&tree).arg(&target).status()?;
+            ensure!(copied.success(), "copying {} failed", tree.display());
+        }
+        for entry in std::fs::read_dir(inside(&sharedir).join("extension"))?.flatten() {
+            if entry.file_name().to_string_lossy().starts_with("pg_cqrs") {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        let _ = std::fs::remove_file(inside(&pkglibdir).join("pg_cqrs.so"));
+        std::fs::write(root.join("ready"), "")?;
+    }
+    Ok(inside(&bindir))
+}
+
+/// Where the pg_tle source would be (scripts/setup.sh: $PG_TLE_SOURCE or ../shared/vendor).
+fn pg_tle_source() -> Option<PathBuf> {
+    if let Ok(path) = std::env::var("PG_TLE_SOURCE") {
+        return Some(PathBuf::from(path));
+    }
+    let vendor = repo_root().join("../shared/vendor");
+    std::fs::read_dir(vendor)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("pg_tle-"))
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_portable_edition_installs_as_a_pg_tle_extension() -> Result<()> {
+    if !pg_tle_installed()? {
+        match pg_tle_source() {
+            Some(source) => bail!(
+                "pg_tle is not installed although its source is at {}: run scripts/setup.sh",
+                source.display()
+            ),
+            None => {
+                eprintln!("SKIPPED: no pg_tle source (../shared/vendor/pg_tle-*.tar.gz or $PG_TLE_SOURCE) and no pg_tle installed");
+                return Ok(());
+            }
+        }
+    }
+    build_portable()?;
+    let pg = PgCluster::start(ClusterOptions {
+        with_extension: false,
+        settings: vec!["shared_preload_libraries = 'pg_tle'".to_owned()],
+        bindir: Some(server_without_the_extension()?),
+        ..ClusterOptions::default()
+    })?;
+    pg.psql_in("postgres", &format!("create role {ADMIN} login createrole"))?;
+    admin_database(&pg, "tle")?;
+    pg.psql_in(
+        "tle",
+        &format!("create extension pg_tle; grant pgtle_admin to {ADMIN}"),
+    )?;
+    let (ok, output) = psql_file(&pg, ADMIN, "tle", "target/portable/pg_cqrs--pgtle.sql")?;
+    ensure!(ok, "registering pg_cqrs with pg_tle failed:\n{output}");
+    let client = admin_url(&pg, "tle").await?;
+    client
+        .batch_execute("create extension pg_cqrs")
+        .await
+        .context("create extension pg_cqrs (pg_tle)")?;
+    let row = client
+        .query_one(
+            "select v.version, v.edition, e.extversion from cqrs.version() v, pg_extension e where e.extname = 'pg_cqrs'",
+            &[],
+        )
+        .await?;
+    let (version, edition, extversion): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+    ensure!(
+        edition == "portable" && version == extversion && version == env!("CARGO_PKG_VERSION"),
+        "pg_tle install: cqrs.version() {version} {edition}, extension {extversion}"
+    );
+    let available: i64 = client
+        .query_one(
+            "select count(*) from pgtle.available_extension_versions() where name = 'pg_cqrs'",
+            &[],
+        )
+        .await?
+        .get(0);
+    ensure!(available >= 1, "pg_tle does not list pg_cqrs");
+    smoke(&client).await?;
+    // and it goes as an extension goes (schema cqrs itself stays, as with the extension edition:
+    // CREATE EXTENSION made it for the control file's schema)
+    client.batch_execute("drop extension pg_cqrs cascade").await?;
+    let left: i64 = client
+        .query_one(
+            "select (select count(*) from pg_proc where pronamespace = 'cqrs'::regnamespace)
+                  + (select count(*) from pg_class where relnamespace = 'cqrs'::regnamespace)
+                  + (to_regnamespace('cqrs_portable') is not null)::int",
+            &[],
+        )
+        .await?
+        .get(0);
+    ensure!(left == 0, "drop extension left {left} objects behind");
+    Ok(())
+}
+
+/// Every PL/pgSQL function of the portable edition passes plpgsql_check: no errors, no warnings
+/// (unused variables, type mismatches, records read before assignment …).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_portable_plpgsql_passes_plpgsql_check() -> Result<()> {
+    build_portable()?;
+    let pg = PgCluster::start(ClusterOptions {
+        with_extension: false,
+        ..ClusterOptions::default()
+    })?;
+    let (ok, output) = psql_file(&pg, "postgres", pg.database(), "target/portable/pg_cqrs.sql")?;
+    ensure!(ok, "installing the portable edition failed:\n{output}");
+    let client = connect(&pg.url()).await?;
+    client
+        .batch_execute("create extension plpgsql_check")
+        .await
+        .context("create extension plpgsql_check (apt-get install postgresql-15-plpgsql-check)")?;
+    let query = std::fs::read_to_string(repo_root().join("tests/sql/plpgsql_check.sql"))?;
+    let findings: Vec<String> = client
+        .query(query.as_str(), &[])
+        .await?
+        .iter()
+        .map(|r| {
+            format!(
+                "{} line {:?}: {} {} ({})",
+                r.get::<_, String>(0),
+                r.get::<_, Option<i32>>(3),
+                r.get::<_, String>(1),
+                r.get::<_, String>(2),
+                r.get::<_, Option<String>>(4).unwrap_or_default()
+            )
+        })
+        .collect();
+    ensure!(
+        findings.is_empty(),
+        "plpgsql_check found:\n{}",
+        findings.join("\n")
+    );
+    Ok(())
+}
