@@ -136,8 +136,11 @@ begin
                     v_errors := v_errors || format('%s: value is not of type %s', pointer, v_arg::text);
                 end if;
             elsif not exists (select from jsonb_array_elements_text(v_arg) t where cqrs_portable._json_type_matches(instance, t)) then
+                -- listed in the Rust validator's order of types, each once
                 v_errors := v_errors || format('%s: value is not of types %s', pointer,
-                    (select string_agg(t.v::text, ', ' order by t.n) from jsonb_array_elements(v_arg) with ordinality t(v, n)));
+                    (select string_agg(to_jsonb(t.v)::text, ', '
+                                       order by array_position(array['null', 'boolean', 'integer', 'number', 'string', 'array', 'object'], t.v))
+                       from (select distinct e as v from jsonb_array_elements_text(v_arg) e) t));
             end if;
         when 'enum' then
             if not exists (select from jsonb_array_elements(v_arg) o where o = instance) then

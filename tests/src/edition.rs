@@ -1,0 +1,108 @@
+//! The two editions of pg_cqrs, installed the way their users install them: the extension with
+//! `CREATE EXTENSION` (a superuser), the portable edition with `psql -f` by the database's owner,
+//! a role that may create roles but is not a superuser (the managed-PostgreSQL admin). Tests that
+//! must hold for both take an [`Edition`].
+
+use std::process::Command;
+
+use anyhow::{ensure, Context, Result};
+use cqrs_harness::{ClusterOptions, PgCluster};
+
+use crate::repo_root;
+
+/// The managed-PostgreSQL admin that installs the portable edition.
+pub const ADMIN: &str = "managed_admin";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Edition {
+    Extension,
+    Portable,
+}
+
+impl Edition {
+    pub fn name(self) -> &'static str {
+        match self {
+            Edition::Extension => "extension",
+            Edition::Portable => "portable",
+        }
+    }
+}
+
+/// Builds target/portable/ (scripts/portable.sh).
+pub fn build_portable() -> Result<()> {
+    let out = Command::new(repo_root().join("scripts/portable.sh")).output()?;
+    ensure!(
+        out.status.success(),
+        "scripts/portable.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// `psql -v ON_ERROR_STOP=1 -1 -f <repository file>` as `user`; (success, stdout + stderr).
+pub fn psql_file(pg: &PgCluster, user: &str, database: &str, file: &str) -> Result<(bool, String)> {
+    let out = Command::new(pg.bindir().join("psql"))
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-1",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            user,
+        ])
+        .arg("-p")
+        .arg(pg.port().to_string())
+        .arg("-d")
+        .arg(database)
+        .arg("-f")
+        .arg(repo_root().join(file))
+        .output()
+        .context("running psql")?;
+    Ok((
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+/// A private cluster whose database has `edition` installed. The portable edition is installed
+/// by [`ADMIN`], who owns the database.
+pub fn cluster(edition: Edition, options: ClusterOptions) -> Result<PgCluster> {
+    let pg = PgCluster::start(ClusterOptions {
+        with_extension: edition == Edition::Extension,
+        ..options
+    })?;
+    if edition == Edition::Portable {
+        build_portable()?;
+        pg.psql_in(
+            "postgres",
+            &format!(
+                "create role {ADMIN} login createrole; alter database {} owner to {ADMIN}",
+                cqrs_harness::postgres::quote_ident(pg.database())
+            ),
+        )?;
+        let (ok, output) = psql_file(&pg, ADMIN, pg.database(), "target/portable/pg_cqrs.sql")?;
+        ensure!(ok, "installing the portable edition as {ADMIN} failed:\n{output}");
+    }
+    Ok(pg)
+}
+
+/// The URL of `user` on the cluster's database.
+pub fn url_as(pg: &PgCluster, user: &str) -> String {
+    format!("postgres://{user}@127.0.0.1:{}/{}", pg.port(), pg.database())
+}
+
+/// Who creates read models: the extension's superuser, or the portable edition's admin (the
+/// tables' owner, as create_projection requires).
+pub fn owner_url(pg: &PgCluster, edition: Edition) -> String {
+    match edition {
+        Edition::Extension => pg.url(),
+        Edition::Portable => url_as(pg, ADMIN),
+    }
+}
