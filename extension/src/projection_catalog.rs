@@ -643,8 +643,21 @@ pub(crate) fn register(new: &NewProjection<'_>) -> Result<(), ErrorReport> {
             )
             .map_err(|err| spi_error("registering the projection state", err))?;
         // The projector writes the read model as its owner (owner_rights), and reads it to
-        // fill and repair caches: it needs select, and nothing more.
-        let grant = format!("grant select on {} to cqrs_projector", target.table);
+        // fill and repair caches: it needs select (and its schema), and nothing more.
+        let schema = client
+            .select(
+                "select n.nspname::text from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace where c.oid = $1",
+                Some(1),
+                &[new.target.into()],
+            )
+            .and_then(|rows| rows.first().get_one::<String>())
+            .map_err(|err| spi_error("reading the target's schema", err))?
+            .unwrap_or_default();
+        let grant = format!(
+            "grant usage on schema {} to cqrs_projector; grant select on {} to cqrs_projector",
+            quote_ident(&schema),
+            target.table
+        );
         if let Err(failure) = subtransaction::run(|| {
             Spi::run(&grant).map_err(|err| spi_error("granting the projector access", err))
         }) {

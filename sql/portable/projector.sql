@@ -1075,10 +1075,12 @@ begin
     insert into cqrs.projection_state (name) values (create_projection.name);
     -- this edition writes read models with the projector's rights: let it, if we may grant that
     begin
-        execute format('grant select, insert, update, delete on %s to cqrs_projector', (cqrs_portable._target(create_projection.name)).target);
+        execute format('grant usage on schema %I to cqrs_projector; grant select, insert, update, delete on %s to cqrs_projector',
+                       (select n.nspname from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace where c.oid = target),
+                       (cqrs_portable._target(create_projection.name)).target);
     exception when others then
         get stacked diagnostics v_message = message_text;
-        raise notice '%', format('could not grant cqrs_projector access to %s (%s); grant select, insert, update, delete on it to cqrs_projector yourself',
+        raise notice '%', format('could not grant cqrs_projector access to %s (%s); grant usage on its schema and select, insert, update, delete on it to cqrs_projector yourself',
                                  target::text, v_message);
     end;
     if backfill then

@@ -226,12 +226,17 @@ grant execute on function cqrs.wait_for(text, bigint, text, interval) to cqrs_re
 
 -- Read models are written as their owner now, not by the projector's rights: it keeps select
 -- (to fill and repair caches) and loses the rest on every table registered so far.
+-- It reads them through their schema: usage on it, which 0.1.0 left to the operator.
 do $revoke$
 declare
     v_target regclass;
+    v_schema name;
 begin
-    for v_target in select p.target from cqrs.projection p loop
+    for v_target, v_schema in select p.target, n.nspname from cqrs.projection p
+                                join pg_catalog.pg_class c on c.oid = p.target
+                                join pg_catalog.pg_namespace n on n.oid = c.relnamespace loop
         execute pg_catalog.format('revoke insert, update, delete on %s from cqrs_projector', v_target);
+        execute pg_catalog.format('grant usage on schema %I to cqrs_projector', v_schema);
     end loop;
 end
 $revoke$;

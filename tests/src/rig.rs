@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use cqrs_harness::{ClusterOptions, PgCluster, RedisServer, Sidecar};
 use tokio_postgres::Client;
 
+use crate::edition::{self, Edition};
 use crate::orders::assert_read_models_match_the_log;
 use crate::{cache_check, caught_up, connect, eventually, repo_root};
 
@@ -17,9 +18,16 @@ pub struct Rig {
     pub pg: PgCluster,
     pub redis: RedisServer,
     pub sidecars: Vec<Sidecar>,
+    pub edition: Edition,
+    /// Where sidecars connect: the superuser with the extension; with the portable edition the
+    /// role a managed service gives a sidecar (REPLICATION and cqrs_projector, nothing more).
+    pub sidecar_url: String,
     /// `CQRS_*` settings every sidecar of this rig gets.
     settings: Vec<(String, String)>,
 }
+
+/// The sidecar's role on a managed-style database.
+pub const SIDECAR_ROLE: &str = "sidecar";
 
 impl Rig {
     /// PostgreSQL with the example projections and Redis; no sidecar yet.
@@ -38,18 +46,36 @@ impl Rig {
 
     /// Like [`Rig::start`], with the cluster's options given.
     pub async fn start_with_options(options: ClusterOptions) -> Result<Self> {
-        let pg = PgCluster::start(options)?;
-        let client = connect(&pg.url()).await?;
-        client
+        Self::start_edition(Edition::Extension, options).await
+    }
+
+    /// Like [`Rig::start_with_options`], with `edition` installed the way its users install it
+    /// (the portable edition by a database owner who is not a superuser, the sidecars connecting
+    /// as a role with only REPLICATION and cqrs_projector).
+    pub async fn start_edition(edition: Edition, options: ClusterOptions) -> Result<Self> {
+        let pg = edition::cluster(edition, options)?;
+        connect(&edition::owner_url(&pg, edition))
+            .await?
             .batch_execute(&std::fs::read_to_string(
                 repo_root().join("sql/examples/orders.sql"),
             )?)
             .await?;
+        let sidecar_url = match edition {
+            Edition::Extension => pg.url(),
+            Edition::Portable => {
+                pg.psql(&format!(
+                    "create role {SIDECAR_ROLE} login replication in role cqrs_projector"
+                ))?;
+                edition::url_as(&pg, SIDECAR_ROLE)
+            }
+        };
         let redis = RedisServer::start()?;
         Ok(Self {
             pg,
             redis,
             sidecars: Vec::new(),
+            edition,
+            sidecar_url,
             settings: Vec::new(),
         })
     }
@@ -70,7 +96,7 @@ impl Rig {
 
     /// Starts one more sidecar (it leads if nobody does, else stands by); returns its index.
     pub fn add_sidecar(&mut self) -> Result<usize> {
-        self.add_sidecar_at(&self.pg.url())
+        self.add_sidecar_at(&self.sidecar_url.clone())
     }
 
     /// Like [`Rig::add_sidecar`], connecting with `database_url`.

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use cqrs_e2e::edition::{self, Edition};
 use cqrs_e2e::orders::{fold, random_log, read_models, seed_commands, Command};
 use cqrs_e2e::{connect, repo_root};
 use cqrs_harness::{ClusterOptions, PgCluster};
@@ -14,14 +15,18 @@ use serde_json::Value;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-async fn with_examples(cluster: &PgCluster) -> anyhow::Result<Client> {
-    let client = connect(&cluster.url()).await?;
-    client
+/// A cluster with `edition` and the example projections (created by the tables' owner); the
+/// client is the superuser's.
+async fn with_examples(edition: Edition) -> anyhow::Result<(PgCluster, Client)> {
+    let cluster = edition::cluster(edition, ClusterOptions::default())?;
+    connect(&edition::owner_url(&cluster, edition))
+        .await?
         .batch_execute(&std::fs::read_to_string(
             repo_root().join("sql/examples/orders.sql"),
         )?)
         .await?;
-    Ok(client)
+    let client = connect(&cluster.url()).await?;
+    Ok((cluster, client))
 }
 
 /// Random logs, delivered in random batches — some twice, some shuffled, some held back and
@@ -34,8 +39,16 @@ async fn with_examples(cluster: &PgCluster) -> anyhow::Result<Client> {
 /// it adds up, whatever the order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_models_equal_the_fold_of_the_log_however_it_is_delivered() -> anyhow::Result<()> {
-    let cluster = PgCluster::start(ClusterOptions::default())?;
-    let client = with_examples(&cluster).await?;
+    folds_equal(Edition::Extension).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_models_equal_the_fold_of_the_log_however_it_is_delivered_portable() -> anyhow::Result<()> {
+    folds_equal(Edition::Portable).await
+}
+
+async fn folds_equal(edition: Edition) -> anyhow::Result<()> {
+    let (_cluster, client) = with_examples(edition).await?;
     let seed: u64 = std::env::var("CQRS_PROPERTY_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -159,8 +172,17 @@ async fn read_models_equal_the_fold_of_the_log_however_it_is_delivered() -> anyh
 /// command (it sleeps on its latch; the committing projector sets it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_for_wakes_within_50_ms_of_the_projecting_commit() -> anyhow::Result<()> {
-    let cluster = PgCluster::start(ClusterOptions::default())?;
-    let projector = with_examples(&cluster).await?;
+    wakes_promptly(Edition::Extension).await
+}
+
+/// The portable edition polls every 10 ms instead of sleeping on a latch: within 50 ms too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_wakes_within_50_ms_of_the_projecting_commit_portable() -> anyhow::Result<()> {
+    wakes_promptly(Edition::Portable).await
+}
+
+async fn wakes_promptly(edition: Edition) -> anyhow::Result<()> {
+    let (cluster, projector) = with_examples(edition).await?;
     let waiter = connect(&cluster.url()).await?;
     let mut worst = Duration::ZERO;
     for round in 1..=8i64 {
@@ -204,8 +226,16 @@ async fn wait_for_wakes_within_50_ms_of_the_projecting_commit() -> anyhow::Resul
 /// next catch-up are done: nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_loses_nothing_committed_while_it_runs() -> anyhow::Result<()> {
-    let cluster = PgCluster::start(ClusterOptions::default())?;
-    let client = with_examples(&cluster).await?;
+    rebuild_loses_nothing(Edition::Extension).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_loses_nothing_committed_while_it_runs_portable() -> anyhow::Result<()> {
+    rebuild_loses_nothing(Edition::Portable).await
+}
+
+async fn rebuild_loses_nothing(edition: Edition) -> anyhow::Result<()> {
+    let (cluster, client) = with_examples(edition).await?;
     let mut rng = StdRng::seed_from_u64(7);
     let log = random_log(&mut rng, 3000, 300, 40);
     let append = client.prepare("select cqrs.append($1, $2, $3, $4)").await?;

@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use cqrs_e2e::edition::Edition;
 use cqrs_e2e::orders::{self, seed_commands, Command};
 use cqrs_e2e::rig::{Rig, PREFIX};
 use cqrs_e2e::{connect, eventually};
-use cqrs_harness::RedisServer;
+use cqrs_harness::{ClusterOptions, RedisServer};
 use cqrs_sidecar::cache::{Cache, Entry, Ttls};
 use cqrs_sidecar::metrics::Metrics;
 use cqrs_sidecar::reads::{ReadSettings, Reader};
@@ -73,7 +74,18 @@ fn order(stream: &str, command_type: &'static str, payload: Value) -> Command {
 
 /// A rig with the order projections fed by one sidecar, and a few orders in them.
 async fn rig_with_orders(extra: &[(&str, &str)]) -> Result<Rig> {
-    let mut rig = Rig::start_with(&["track_functions = 'all'"]).await?;
+    rig_with_orders_on(Edition::Extension, extra).await
+}
+
+async fn rig_with_orders_on(edition: Edition, extra: &[(&str, &str)]) -> Result<Rig> {
+    let mut rig = Rig::start_edition(
+        edition,
+        ClusterOptions {
+            settings: vec!["track_functions = 'all'".to_owned()],
+            ..ClusterOptions::default()
+        },
+    )
+    .await?;
     for (key, value) in extra {
         rig.set(key, value);
     }
@@ -439,13 +451,26 @@ async fn a_slow_reader_never_replaces_a_newer_projected_row() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_your_writes_waits_for_a_slowed_projector() -> Result<()> {
+    read_your_writes(Edition::Extension).await
+}
+
+/// The same on the portable edition (its wait_for polls instead of sleeping on a latch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_waits_for_a_slowed_projector_portable() -> Result<()> {
+    read_your_writes(Edition::Portable).await
+}
+
+async fn read_your_writes(edition: Edition) -> Result<()> {
     let _serial = serial().await;
     // every batch waits 400 ms for more events: the projector lags on purpose
-    let rig = rig_with_orders(&[
-        ("CQRS_BATCH_MAX_WAIT", "400ms"),
-        ("CQRS_BATCH_MIN_EVENTS", "100000"),
-        ("CQRS_BATCH_MAX_EVENTS", "100000"),
-    ])
+    let rig = rig_with_orders_on(
+        edition,
+        &[
+            ("CQRS_BATCH_MAX_WAIT", "400ms"),
+            ("CQRS_BATCH_MIN_EVENTS", "100000"),
+            ("CQRS_BATCH_MAX_EVENTS", "100000"),
+        ],
+    )
     .await?;
     let client = rig.client().await?;
     let http = reqwest::Client::new();

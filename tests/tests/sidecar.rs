@@ -10,11 +10,12 @@ use std::process::Command as Process;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use cqrs_e2e::edition::Edition;
 use cqrs_e2e::orders::{random_log, seed_commands, Command};
 use cqrs_e2e::rig::Rig;
 use cqrs_e2e::traffic::Traffic;
 use cqrs_e2e::{eventually, orders};
-use cqrs_harness::RedisServer;
+use cqrs_harness::{ClusterOptions, RedisServer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -81,9 +82,20 @@ fn promtool_check(metrics: &str) -> Result<()> {
 /// 50,000 commands across 1,000 streams from 4 writers while a leader and a standby run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_thousand_commands_become_read_models_and_cache_entries() -> Result<()> {
+    fifty_thousand_commands_become_read_models_and_cache_entries_on(Edition::Extension).await
+}
+
+/// The same on the portable edition, installed by a database owner who is not a superuser, the
+/// sidecars connecting as a role with only REPLICATION and cqrs_projector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_thousand_commands_become_read_models_and_cache_entries_portable() -> Result<()> {
+    fifty_thousand_commands_become_read_models_and_cache_entries_on(Edition::Portable).await
+}
+
+async fn fifty_thousand_commands_become_read_models_and_cache_entries_on(edition: Edition) -> Result<()> {
     let _serial = serial().await;
     let mut rng = StdRng::seed_from_u64(seed());
-    let mut rig = Rig::start().await?;
+    let mut rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
     rig.add_sidecar()?;
     rig.add_sidecar()?;
     let leader = rig.wait_for_leader(Duration::from_secs(30))?;
@@ -149,9 +161,20 @@ async fn kill_the_leader(rig: &mut Rig, rng: &mut StdRng, kills: usize) -> Resul
 /// standby takes over within 5 s each time, and in the end nothing is lost, doubled or stale.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_ten_times_loses_and_doubles_nothing() -> Result<()> {
+    killing_the_leader_ten_times_loses_and_doubles_nothing_on(Edition::Extension).await
+}
+
+/// The same on the portable edition, installed by a database owner who is not a superuser, the
+/// sidecars connecting as a role with only REPLICATION and cqrs_projector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_ten_times_loses_and_doubles_nothing_portable() -> Result<()> {
+    killing_the_leader_ten_times_loses_and_doubles_nothing_on(Edition::Portable).await
+}
+
+async fn killing_the_leader_ten_times_loses_and_doubles_nothing_on(edition: Edition) -> Result<()> {
     let _serial = serial().await;
     let mut rng = StdRng::seed_from_u64(seed());
-    let mut rig = Rig::start().await?;
+    let mut rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
     // small batches: more of them in flight, more moments to be killed in
     rig.set("CQRS_BATCH_MAX_EVENTS", "200");
     rig.add_sidecar()?;
@@ -261,9 +284,20 @@ async fn a_slot_replaying_below_the_checkpoint_loses_nothing() -> Result<()> {
 /// leads again and resumes from its confirmed position.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_restart_mid_stream_loses_nothing() -> Result<()> {
+    a_postgres_restart_mid_stream_loses_nothing_on(Edition::Extension).await
+}
+
+/// The same on the portable edition, installed by a database owner who is not a superuser, the
+/// sidecars connecting as a role with only REPLICATION and cqrs_projector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_mid_stream_loses_nothing_portable() -> Result<()> {
+    a_postgres_restart_mid_stream_loses_nothing_on(Edition::Portable).await
+}
+
+async fn a_postgres_restart_mid_stream_loses_nothing_on(edition: Edition) -> Result<()> {
     let _serial = serial().await;
     let mut rng = StdRng::seed_from_u64(seed());
-    let mut rig = Rig::start().await?;
+    let mut rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
     rig.add_sidecar()?;
     rig.wait_for_leader(Duration::from_secs(30))?;
     let traffic = start_traffic(&rig, &mut rng, 15_000, 2, Some(1_000.0)).await?;
@@ -315,9 +349,20 @@ async fn redis_down_for_ten_seconds_is_repaired() -> Result<()> {
 /// sidecar recreates it, catches up from the log, and counts it in a metric.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_dropped_by_hand_is_recreated_and_caught_up() -> Result<()> {
+    a_slot_dropped_by_hand_is_recreated_and_caught_up_on(Edition::Extension).await
+}
+
+/// The same on the portable edition, installed by a database owner who is not a superuser, the
+/// sidecars connecting as a role with only REPLICATION and cqrs_projector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_dropped_by_hand_is_recreated_and_caught_up_portable() -> Result<()> {
+    a_slot_dropped_by_hand_is_recreated_and_caught_up_on(Edition::Portable).await
+}
+
+async fn a_slot_dropped_by_hand_is_recreated_and_caught_up_on(edition: Edition) -> Result<()> {
     let _serial = serial().await;
     let mut rng = StdRng::seed_from_u64(seed());
-    let mut rig = Rig::start().await?;
+    let mut rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
     rig.add_sidecar()?;
     let leader = rig.wait_for_leader(Duration::from_secs(30))?;
     let traffic = start_traffic(&rig, &mut rng, 15_000, 2, Some(1_000.0)).await?;
