@@ -1,5 +1,7 @@
-//! `cqrs-bench append`: pgbench against a private cluster (fsync on), comparing `cqrs.append`
-//! with the plain baseline `insert … on conflict (command_id) do nothing` on an equivalent table.
+//! `cqrs-bench append`: pgbench against a private cluster (fsync on), comparing `cqrs.append` of
+//! both editions (the extension, and the portable PL/pgSQL edition in a second database of the
+//! same cluster) with the plain baseline `insert … on conflict (command_id) do nothing` on an
+//! equivalent table.
 //! Rounds are interleaved so that drift of this (shared, noisy) machine hits every variant alike;
 //! the medians and their ratios are printed.
 
@@ -31,7 +33,12 @@ pub struct AppendArgs {
 struct Variant {
     name: &'static str,
     script: String,
+    /// the portable edition's database, or the extension's
+    portable: bool,
 }
+
+/// The database of the same cluster that holds the portable edition.
+const PORTABLE_DB: &str = "portable";
 
 const PAYLOAD: &str = r#"{"user_id": "u-42", "currency": "EUR", "note": "benchmark order"}"#;
 
@@ -51,23 +58,54 @@ fn variants(streams: u32) -> Vec<Variant> {
                  values (gen_random_uuid(), 'order-' || :sid, nextval('bench.seq'), 'CREATE_ORDER', '{PAYLOAD}', '{{}}') \
                  on conflict (command_id) do nothing;\n"
             ),
+            portable: false,
         },
         Variant {
             name: "cqrs.append",
             script: format!(
                 "{header}select * from cqrs.append(gen_random_uuid(), 'order-' || :sid, 'CREATE_ORDER', '{PAYLOAD}');\n"
             ),
+            portable: false,
         },
         Variant {
             name: "cqrs.append + schema",
             script: format!(
                 "{header}select * from cqrs.append(gen_random_uuid(), 'order-' || :sid, 'CREATE_ORDER_V', '{PAYLOAD}');\n"
             ),
+            portable: false,
+        },
+        Variant {
+            name: "portable append",
+            script: format!(
+                "{header}select * from cqrs.append(gen_random_uuid(), 'order-' || :sid, 'CREATE_ORDER', '{PAYLOAD}');\n"
+            ),
+            portable: true,
+        },
+        Variant {
+            name: "portable append + schema",
+            script: format!(
+                "{header}select * from cqrs.append(gen_random_uuid(), 'order-' || :sid, 'CREATE_ORDER_V', '{PAYLOAD}');\n"
+            ),
+            portable: true,
         },
     ]
 }
 
 fn setup(cluster: &PgCluster, streams: u32) -> Result<()> {
+    cqrs_harness::edition::build_portable()?;
+    cluster.psql_in("postgres", &format!("create database {PORTABLE_DB}"))?;
+    let (ok, output) =
+        cqrs_harness::edition::psql_file(cluster, "postgres", PORTABLE_DB, "target/portable/pg_cqrs.sql")?;
+    if !ok {
+        bail!("installing the portable edition failed:\n{output}");
+    }
+    cluster.psql_in(
+        PORTABLE_DB,
+        &format!(
+            "select cqrs.register_command_type('CREATE_ORDER_V', '{SCHEMA}');
+             select cqrs.append(gen_random_uuid(), 'order-' || g, 'WARMUP', '{{}}') from generate_series(1, {streams}) g;"
+        ),
+    )?;
     cluster.psql(&format!(
         "create schema bench;
          -- the same columns, defaults, constraints and indexes as cqrs.command_log
@@ -81,7 +119,7 @@ fn setup(cluster: &PgCluster, streams: u32) -> Result<()> {
     Ok(())
 }
 
-fn pgbench(cluster: &PgCluster, script: &Path, clients: u32, seconds: u32) -> Result<f64> {
+fn pgbench(cluster: &PgCluster, database: &str, script: &Path, clients: u32, seconds: u32) -> Result<f64> {
     let out = Command::new("pgbench")
         .args(["-n", "-M", "prepared", "-h", "127.0.0.1", "-U", "postgres"])
         .arg("-p")
@@ -93,7 +131,7 @@ fn pgbench(cluster: &PgCluster, script: &Path, clients: u32, seconds: u32) -> Re
         .arg(seconds.to_string())
         .arg("-f")
         .arg(script)
-        .arg(cluster.database())
+        .arg(database)
         .output()
         .context("running pgbench (apt-get install postgresql-client-15)")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -130,9 +168,14 @@ pub fn run(args: AppendArgs) -> Result<()> {
     for round in 1..=args.rounds {
         for (ci, &clients) in args.clients.iter().enumerate() {
             for (vi, variant) in variants.iter().enumerate() {
-                let tps = pgbench(&cluster, &scripts[vi], clients, args.seconds)?;
+                let database = if variant.portable {
+                    PORTABLE_DB
+                } else {
+                    cluster.database()
+                };
+                let tps = pgbench(&cluster, database, &scripts[vi], clients, args.seconds)?;
                 println!(
-                    "  round {round}/{}  {clients:>3} clients  {:<22} {tps:>9.0} tps",
+                    "  round {round}/{}  {clients:>3} clients  {:<26} {tps:>9.0} tps",
                     args.rounds, variant.name
                 );
                 results[ci][vi].push(tps);
@@ -156,7 +199,7 @@ pub fn run(args: AppendArgs) -> Result<()> {
     let mut summary = String::new();
     let _ = writeln!(
         summary,
-        "\ncqrs.append vs plain insert … on conflict do nothing — {} rounds × {} s, {} streams, fsync on",
+        "\ncqrs.append (extension and portable editions) vs plain insert … on conflict do nothing — {} rounds × {} s, {} streams, fsync on",
         args.rounds, args.seconds, args.streams
     );
     print!("{summary}");

@@ -1,8 +1,9 @@
-//! `cqrs-bench project`: `cqrs.project_batch` on the example projections against the plain
-//! baseline a hand-rolled projector would use — one
+//! `cqrs-bench project`: `cqrs.project_batch` of both editions (the extension, and the portable
+//! PL/pgSQL edition in a second database of the same cluster, with the same log) on the example
+//! projections against the plain baseline a hand-rolled projector would use — one
 //! `insert … select … from jsonb_array_elements($1) on conflict (…) do update` per read-model
 //! table per batch — for batches of 100, 1,000 and 10,000 events; then `cqrs.rebuild` of a large
-//! log, and the peak memory of a backend projecting a 10,000-event batch.
+//! log in both, and the peak memory of a backend projecting a 10,000-event batch.
 
 use std::time::{Duration, Instant};
 
@@ -30,7 +31,13 @@ pub struct ProjectArgs {
     /// Commands in the log for the rebuild measurement (0 skips it).
     #[arg(long, default_value_t = 2_400_000)]
     rebuild_commands: u64,
+    /// Leave the portable edition out.
+    #[arg(long)]
+    no_portable: bool,
 }
+
+/// The database of the same cluster that holds the portable edition.
+const PORTABLE_DB: &str = "portable";
 
 const BASELINE_TABLES: &str = "
 create schema bench;
@@ -163,6 +170,43 @@ async fn backend_peak_kib(client: &Client) -> Result<u64> {
         .context("reading the backend's /proc status")
 }
 
+/// The portable edition in its own database of `cluster`, with the example projections and the
+/// same kind of log; a client on it.
+async fn portable_database(cluster: &PgCluster, events: u64) -> Result<Client> {
+    cqrs_harness::edition::build_portable()?;
+    cluster.psql_in("postgres", &format!("create database {PORTABLE_DB}"))?;
+    let (ok, output) =
+        cqrs_harness::edition::psql_file(cluster, "postgres", PORTABLE_DB, "target/portable/pg_cqrs.sql")?;
+    if !ok {
+        bail!("installing the portable edition failed:\n{output}");
+    }
+    let client = connect(&cluster.url_for(PORTABLE_DB)).await?;
+    client
+        .batch_execute(&std::fs::read_to_string(crate::repo_file(
+            "sql/examples/orders.sql",
+        ))?)
+        .await?;
+    client.batch_execute(BASELINE_TABLES).await?;
+    load_log(&client, events, 11, 1).await?;
+    Ok(client)
+}
+
+async fn rebuild(client: &Client, label: &str) -> Result<()> {
+    let total: i64 = client
+        .query_one("select count(*) from cqrs.command_log", &[])
+        .await?
+        .get(0);
+    client.batch_execute("checkpoint").await?;
+    let started = Instant::now();
+    let row = client
+        .query_one("select events, seconds from cqrs.rebuild('order_summary')", &[])
+        .await?;
+    let (events, seconds): (i64, f64) = (row.get(0), row.get(1));
+    let wall = started.elapsed().as_secs_f64();
+    println!("{label}: cqrs.rebuild('order_summary') of {total} commands: {events} events in {seconds:.1} s ({:.0} events/s; {wall:.1} s wall)", events as f64 / seconds);
+    Ok(())
+}
+
 pub async fn run(args: ProjectArgs) -> Result<()> {
     println!("starting a private PostgreSQL 15 cluster (fsync on) …");
     let cluster = tokio::task::spawn_blocking(|| {
@@ -178,40 +222,50 @@ pub async fn run(args: ProjectArgs) -> Result<()> {
     client.batch_execute(BASELINE_TABLES).await?;
     println!("writing {} order commands into the log …", args.events);
     load_log(&client, args.events, 11, 1).await?;
+    let portable = if args.no_portable {
+        None
+    } else {
+        println!("installing the portable edition in database {PORTABLE_DB} with the same log …");
+        Some(portable_database(&cluster, args.events).await?)
+    };
 
-    let mut results: Vec<(usize, Vec<f64>, Vec<f64>)> = Vec::new();
+    // per batch size: baseline, extension, portable events/s per round
+    let mut results: Vec<(usize, [Vec<f64>; 3])> = Vec::new();
     let mut prepared = Vec::new();
     for &size in &args.batches {
         prepared.push((size, log_batches(&client, size).await?));
-    }
-    for &(size, _) in &prepared {
-        results.push((size, Vec::new(), Vec::new()));
+        results.push((size, [Vec::new(), Vec::new(), Vec::new()]));
     }
     for round in 1..=args.rounds {
         for (i, (size, batches)) in prepared.iter().enumerate() {
             reset(&client).await?;
             let baseline = run_baseline(&client, batches).await?;
             let ours = run_ours(&client, batches).await?;
-            let (b, o) = (
-                args.events as f64 / baseline.as_secs_f64(),
-                args.events as f64 / ours.as_secs_f64(),
-            );
-            println!("  round {round}/{}  batch {size:>6}  baseline {b:>9.0} events/s   project_batch {o:>9.0} events/s", args.rounds);
-            results[i].1.push(b);
-            results[i].2.push(o);
+            let rate = |took: Duration| args.events as f64 / took.as_secs_f64();
+            let (b, o) = (rate(baseline), rate(ours));
+            results[i].1[0].push(b);
+            results[i].1[1].push(o);
+            let mut line = format!("  round {round}/{}  batch {size:>6}  baseline {b:>9.0} events/s   project_batch {o:>9.0} events/s", args.rounds);
+            if let Some(portable) = &portable {
+                reset(portable).await?;
+                // the portable database's own log: its batches carry its own positions
+                let own = log_batches(portable, *size).await?;
+                let p = rate(run_ours(portable, &own).await?);
+                results[i].1[2].push(p);
+                line.push_str(&format!("   portable {p:>9.0} events/s"));
+            }
+            println!("{line}");
         }
     }
     // sanity: what we measured must be the right read model
-    let (orders, users): (i64, i64) = {
-        let row = client.query_one("select (select count(*) from shop.order_summary), (select count(*) from shop.user_order_stats)", &[]).await?;
-        (row.get(0), row.get(1))
-    };
-    let expected_orders: i64 = client
-        .query_one("select count(distinct stream) from cqrs.command_log", &[])
-        .await?
-        .get(0);
-    if orders != expected_orders || users == 0 {
-        bail!("read model incomplete after the benchmark: {orders} orders (expected {expected_orders}), {users} users");
+    for (label, client) in
+        std::iter::once(("extension", &client)).chain(portable.iter().map(|p| ("portable", p)))
+    {
+        let row = client.query_one("select (select count(*) from shop.order_summary), (select count(*) from shop.user_order_stats), (select count(distinct stream) from cqrs.command_log)", &[]).await?;
+        let (orders, users, expected): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        if orders != expected || users == 0 {
+            bail!("{label}: read model incomplete after the benchmark: {orders} orders (expected {expected}), {users} users");
+        }
     }
 
     // peak memory of a fresh backend projecting one 10,000-event batch
@@ -222,49 +276,50 @@ pub async fn run(args: ProjectArgs) -> Result<()> {
     run_ours(&fresh, &big).await?;
     let after = backend_peak_kib(&fresh).await?;
 
-    let mut table = Table::new(&["batch", "baseline events/s", "project_batch events/s", "ratio"]);
-    for (size, baseline, ours) in &results {
+    let mut table = Table::new(&[
+        "batch",
+        "baseline events/s",
+        "extension events/s",
+        "extension / baseline",
+        "portable events/s",
+        "portable / baseline",
+        "portable / extension",
+    ]);
+    for (size, [baseline, ours, portable]) in &results {
         let (b, o) = (median(baseline), median(ours));
+        let p = if portable.is_empty() {
+            f64::NAN
+        } else {
+            median(portable)
+        };
         table.row(vec![
             size.to_string(),
             format!("{b:.0}"),
             format!("{o:.0}"),
             format!("{:.2}x", o / b),
+            format!("{p:.0}"),
+            format!("{:.2}x", p / b),
+            format!("{:.2}x", p / o),
         ]);
     }
     println!("\nproject_batch (order_summary + user_order_stats) vs one insert … on conflict per table per batch — {} events, {} rounds, fsync on", args.events, args.rounds);
     table.print();
     println!(
-        "peak backend memory projecting a 10,000-event batch: {:.1} MiB (VmHWM {} → {} KiB)",
+        "peak backend memory projecting a 10,000-event batch (extension): {:.1} MiB (VmHWM {} → {} KiB)",
         (after.saturating_sub(before)) as f64 / 1024.0,
         before,
         after
     );
 
     if args.rebuild_commands > 0 {
-        println!(
-            "\nwriting {} more commands for the rebuild …",
-            args.rebuild_commands.saturating_sub(args.events)
-        );
-        load_log(
-            &client,
-            args.rebuild_commands.saturating_sub(args.events),
-            12,
-            100_000_000,
-        )
-        .await?;
-        let total: i64 = client
-            .query_one("select count(*) from cqrs.command_log", &[])
-            .await?
-            .get(0);
-        client.batch_execute("checkpoint").await?;
-        let started = Instant::now();
-        let row = client
-            .query_one("select events, seconds from cqrs.rebuild('order_summary')", &[])
-            .await?;
-        let (events, seconds): (i64, f64) = (row.get(0), row.get(1));
-        let wall = started.elapsed().as_secs_f64();
-        println!("cqrs.rebuild('order_summary') of {total} commands: {events} events in {seconds:.1} s ({:.0} events/s; {wall:.1} s wall)", events as f64 / seconds);
+        let more = args.rebuild_commands.saturating_sub(args.events);
+        println!("\nwriting {more} more commands for the rebuild …");
+        load_log(&client, more, 12, 100_000_000).await?;
+        rebuild(&client, "extension").await?;
+        if let Some(portable) = &portable {
+            load_log(portable, more, 12, 100_000_000).await?;
+            rebuild(portable, "portable").await?;
+        }
     }
     drop(cluster);
     Ok(())

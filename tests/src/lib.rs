@@ -2,7 +2,7 @@
 //! independent fold, cache checks, and waiting for conditions.
 
 pub mod cache_check;
-pub mod edition;
+pub use cqrs_harness::edition;
 pub mod orders;
 pub mod rig;
 pub mod traffic;

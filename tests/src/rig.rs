@@ -7,9 +7,9 @@ use anyhow::{Context, Result};
 use cqrs_harness::{ClusterOptions, PgCluster, RedisServer, Sidecar};
 use tokio_postgres::Client;
 
-use crate::edition::{self, Edition};
 use crate::orders::assert_read_models_match_the_log;
 use crate::{cache_check, caught_up, connect, eventually, repo_root};
+use cqrs_harness::edition::{self, Edition};
 
 /// Key prefix the sidecars of a rig write under.
 pub const PREFIX: &str = "cqrs";

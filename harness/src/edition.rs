@@ -6,9 +6,13 @@
 use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
-use cqrs_harness::{ClusterOptions, PgCluster};
 
-use crate::repo_root;
+use crate::postgres::{quote_ident, ClusterOptions, PgCluster};
+
+/// The repository root (scripts/, sql/, target/).
+fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
 
 /// The managed-PostgreSQL admin that installs the portable edition.
 pub const ADMIN: &str = "managed_admin";
@@ -84,7 +88,7 @@ pub fn cluster(edition: Edition, options: ClusterOptions) -> Result<PgCluster> {
             "postgres",
             &format!(
                 "create role {ADMIN} login createrole; alter database {} owner to {ADMIN}",
-                cqrs_harness::postgres::quote_ident(pg.database())
+                quote_ident(pg.database())
             ),
         )?;
         let (ok, output) = psql_file(&pg, ADMIN, pg.database(), "target/portable/pg_cqrs.sql")?;
