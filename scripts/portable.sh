@@ -6,6 +6,9 @@
 #                                       (as the database owner with CREATEROLE, no superuser needed)
 #   target/portable/pg_cqrs--pgtle.sql  registers pg_cqrs with pg_tle (pgtle.install_extension);
 #                                       then CREATE EXTENSION pg_cqrs works without the C library
+#   target/portable/pg_cqrs--A--B.sql   upgrades a psql install from A to B (one per
+#                                       sql/portable/upgrades/pg_cqrs--A--B.sql; none yet: 0.2.0
+#                                       is the first portable release)
 #
 # Both are: sql/core/command.sql and sql/core/projection.sql (shared with the extension
 # edition), sql/portable/*.sql (the PL/pgSQL twins of what the extension implements in Rust),
@@ -15,7 +18,9 @@ cd "$(dirname "$0")/.."
 
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 [ -n "$version" ] || { echo "no version in Cargo.toml" >&2; exit 1; }
-out=target/portable
+# PORTABLE_OUT and PORTABLE_UPGRADES are for the tests (a made-up release step, built elsewhere)
+out=${PORTABLE_OUT:-target/portable}
+upgrades=${PORTABLE_UPGRADES:-sql/portable/upgrades}
 mkdir -p "$out"
 
 # The edition's SQL, in dependency order. $1 = psql | pgtle: pg_extension_config_dump() only
@@ -104,7 +109,7 @@ SQL
     '{}',
     'cqrs');
 SQL
-    for upgrade in sql/portable/upgrades/pg_cqrs--*--*.sql; do
+    for upgrade in "$upgrades"/pg_cqrs--*--*.sql; do
         [ -e "$upgrade" ] || continue
         from=$(basename "$upgrade" .sql | sed 's/^pg_cqrs--\(.*\)--\(.*\)$/\1/')
         to=$(basename "$upgrade" .sql | sed 's/^pg_cqrs--\(.*\)--\(.*\)$/\2/')
@@ -114,4 +119,34 @@ SQL
     done
 } > "$out/pg_cqrs--pgtle.sql"
 
-echo "wrote $out/pg_cqrs.sql and $out/pg_cqrs--pgtle.sql (pg_cqrs $version, portable edition)"
+# psql: one upgrade script per release step, each refusing to run on any other version than
+# the one it upgrades from (pg_tle checks that itself).
+rm -f "$out"/pg_cqrs--*--*.sql
+for upgrade in "$upgrades"/pg_cqrs--*--*.sql; do
+    [ -e "$upgrade" ] || continue
+    name=$(basename "$upgrade")
+    from=$(basename "$upgrade" .sql | sed 's/^pg_cqrs--\(.*\)--\(.*\)$/\1/')
+    to=$(basename "$upgrade" .sql | sed 's/^pg_cqrs--\(.*\)--\(.*\)$/\2/')
+    {
+        cat <<SQL
+-- pg_cqrs portable edition: upgrade $from to $to, installed with psql (not pg_tle: there,
+-- alter extension pg_cqrs update). Run as the role that installed it, in one transaction:
+--   psql -v ON_ERROR_STOP=1 -1 -f $name "postgres://admin@host/app"
+\\set ON_ERROR_STOP on
+do \$guard\$
+begin
+    if pg_catalog.to_regprocedure('cqrs.version()') is null
+       or (select v.version from cqrs.version() v) <> '$from'
+       or (select v.edition from cqrs.version() v) <> 'portable' then
+        raise exception using errcode = '55000',
+            message = 'this script upgrades the portable edition of pg_cqrs $from, which is not what this database has',
+            hint = 'Nothing was changed. select * from cqrs.version(); shows what is installed; run the upgrade scripts from there in order.';
+    end if;
+end
+\$guard\$;
+SQL
+        grep -v 'pg_catalog.pg_extension_config_dump' "$upgrade" | sed "s/@VERSION@/$to/g"
+    } > "$out/$name"
+done
+
+echo "wrote $out/pg_cqrs.sql, $out/pg_cqrs--pgtle.sql and the upgrade scripts (pg_cqrs $version, portable edition)"

@@ -28,9 +28,14 @@ use crate::report::percentile;
 use crate::stack::Stack;
 use crate::workload::{OrderCommand, OrderGenerator};
 use crate::writers::{WriteStats, WriterOptions, Writers};
+use cqrs_harness::edition::{self, Edition};
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
+    /// Which edition of pg_cqrs to run on: `extension` (CREATE EXTENSION, a superuser) or
+    /// `portable` (the PL/pgSQL edition installed by the database owner, as on managed PostgreSQL).
+    #[arg(long, default_value = "extension", value_parser = crate::stack::parse_edition)]
+    edition: cqrs_harness::edition::Edition,
     /// Commands to append in part 1 (the command side).
     #[arg(long, default_value_t = 4_000)]
     commands: u64,
@@ -207,22 +212,36 @@ fn explain(code: &str) -> &'static str {
 
 pub async fn run(args: DemoArgs) -> Result<()> {
     println!("▶ starting a private PostgreSQL 15 cluster (wal_level=logical, fsync on) and redis-server …");
-    let mut stack = Stack::start(false).await?;
+    let mut stack = Stack::start(args.edition, false).await?;
     println!(
         "  PostgreSQL port {}, data {}; Redis port {}",
         stack.pg.port(),
         stack.pg.data_dir().display(),
         stack.redis.port()
     );
-    println!("  CREATE EXTENSION pg_cqrs; order command types registered with their JSON Schemas");
+    match stack.edition {
+        Edition::Extension => println!(
+            "  CREATE EXTENSION pg_cqrs; order command types registered with their JSON Schemas"
+        ),
+        Edition::Portable => println!(
+            "  the portable edition installed with psql by the database owner {} (no superuser, as on managed PostgreSQL);\n  \
+             sidecars log in as {} (REPLICATION, cqrs_projector); order command types registered with their JSON Schemas",
+            edition::ADMIN,
+            edition::SIDECAR_ROLE
+        ),
+    }
     command_side(&stack, &args).await?;
     let interrupted = live(&mut stack, &args).await?;
     if args.keep && !interrupted {
         let leader = stack.wait_for_leader(Duration::from_secs(10)).unwrap_or(0);
         println!("▶ everything kept running (Ctrl-C to stop):");
         println!(
-            "    psql -h 127.0.0.1 -p {} -U postgres {}",
+            "    psql -h 127.0.0.1 -p {} -U {} {}",
             stack.pg.port(),
+            match stack.edition {
+                Edition::Extension => "postgres",
+                Edition::Portable => edition::ADMIN,
+            },
             stack.pg.database()
         );
         println!(
@@ -244,7 +263,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
 /// Part 1: what the command side accepts and refuses.
 async fn command_side(stack: &Stack, args: &DemoArgs) -> Result<()> {
-    let url = stack.pg.url();
+    let url = stack.owner_url.clone();
     println!(
         "\n▶ part 1 — the command side: {} commands from {} concurrent sessions, some wrong on purpose …",
         args.commands, args.sessions
@@ -347,7 +366,7 @@ async fn live(stack: &mut Stack, args: &DemoArgs) -> Result<bool> {
             "; the leader is killed with SIGKILL half-way"
         }
     );
-    let url = stack.pg.url();
+    let url = stack.owner_url.clone();
     let stats = Arc::new(WriteStats::default());
     let writers = Writers::start(
         &url,

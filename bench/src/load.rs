@@ -27,6 +27,10 @@ use crate::writers::{WriteStats, WriterOptions, Writers, Written};
 
 #[derive(clap::Args, Debug)]
 pub struct LoadArgs {
+    /// Which edition of pg_cqrs to run on: `extension` (CREATE EXTENSION, a superuser) or
+    /// `portable` (the PL/pgSQL edition installed by the database owner, as on managed PostgreSQL).
+    #[arg(long, default_value = "extension", value_parser = crate::stack::parse_edition)]
+    edition: cqrs_harness::edition::Edition,
     /// Commands per second through cqrs.append in the mixed phase.
     #[arg(long, default_value_t = 5_000.0)]
     write_rate: f64,
@@ -290,14 +294,14 @@ struct Phase {
 
 pub async fn run(args: LoadArgs) -> Result<()> {
     println!("▶ starting PostgreSQL 15 (fsync on), redis-server, the order projections and a sidecar …");
-    let mut stack = Stack::start(true).await?;
+    let mut stack = Stack::start(args.edition, true).await?;
     for (key, value) in &args.sidecar_env {
         stack.set(key, value);
     }
     stack.add_sidecar()?;
     let leader = stack.wait_for_leader(Duration::from_secs(30))?;
     let base = stack.http(leader);
-    let url = stack.pg.url();
+    let url = stack.owner_url.clone();
     let client = stack.client().await?;
 
     println!("▶ preloading {} commands …", args.preload);
@@ -457,7 +461,7 @@ async fn phase(
     keys: Arc<KeyChooser>,
     writes: Option<(Arc<WriteStats>, mpsc::Sender<Written>)>,
 ) -> Result<Phase> {
-    let url = stack.pg.url();
+    let url = stack.owner_url.clone();
     let reads = Arc::new(ReadStats::default());
     let leader = stack.sidecars.iter().position(|_| true).unwrap_or(0);
     let readers = Readers::start(
@@ -675,7 +679,7 @@ async fn naive_vs_read_api(
     orders: &[String],
     args: &LoadArgs,
 ) -> Result<Vec<Comparison>> {
-    let client = connect(&stack.pg.url()).await?;
+    let client = connect(&stack.owner_url).await?;
     let mut users: Vec<String> = client
         .query(
             "select user_id from shop.user_order_stats order by orders desc",

@@ -26,6 +26,10 @@ use crate::writers::{WriteStats, WriterOptions, Writers};
 
 #[derive(clap::Args, Debug)]
 pub struct SidecarArgs {
+    /// Which edition of pg_cqrs to run on: `extension` (CREATE EXTENSION, a superuser) or
+    /// `portable` (the PL/pgSQL edition installed by the database owner, as on managed PostgreSQL).
+    #[arg(long, default_value = "extension", value_parser = crate::stack::parse_edition)]
+    edition: cqrs_harness::edition::Edition,
     /// Commands in the backlog the sidecar catches up on.
     #[arg(long, default_value_t = 500_000)]
     backlog: u64,
@@ -58,7 +62,7 @@ const PUBLICATION: &str = "cqrs_command_log";
 
 pub async fn run(args: SidecarArgs) -> Result<()> {
     println!("▶ starting PostgreSQL 15 (fsync on), redis-server, the example order projections …");
-    let mut stack = Stack::start(true).await?;
+    let mut stack = Stack::start(args.edition, true).await?;
     for (key, value) in &args.sidecar_env {
         stack.set(key, value);
     }
@@ -78,7 +82,7 @@ pub async fn run(args: SidecarArgs) -> Result<()> {
             args.backlog, args.per_transaction
         );
         let started = Instant::now();
-        append_backlog(&stack.pg.url(), args.backlog, args.per_transaction).await?;
+        append_backlog(&stack.owner_url, args.backlog, args.per_transaction).await?;
         println!(
             "  {:.1} s ({:.0} commands/s)",
             started.elapsed().as_secs_f64(),
@@ -359,7 +363,7 @@ struct LiveRun {
 /// Paced writers at `rate` for `seconds`, with lag probes (40 per second) alongside.
 async fn live_lag(stack: &Stack, rate: f64, seconds: u64) -> Result<LiveRun> {
     println!("▶ live: {rate:.0} commands/s for {seconds} s …");
-    let url = stack.pg.url();
+    let url = stack.owner_url.clone();
     let stats = Arc::new(WriteStats::default());
     // an append takes ~1–4 ms with fsync: enough sessions that pacing, not latency, sets the rate
     let sessions = ((rate / 150.0).ceil() as usize).clamp(2, 32);

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
+use cqrs_harness::edition::{self, Edition};
 use cqrs_harness::{ClusterOptions, Durability, PgCluster, RedisServer, Sidecar};
 use serde_json::Value;
 use tokio_postgres::Client;
@@ -17,25 +18,39 @@ pub struct Stack {
     pub sidecars: Vec<Sidecar>,
     pub redis: RedisServer,
     pub pg: PgCluster,
+    pub edition: Edition,
+    /// The application's and the DBA's connection: the superuser with the extension, the
+    /// database owner (no superuser, as on managed PostgreSQL) with the portable edition.
+    pub owner_url: String,
+    /// The sidecars' connection (see [`edition::sidecar_url`]).
+    sidecar_url: String,
     settings: Vec<(String, String)>,
 }
 
 impl Stack {
-    /// PostgreSQL (fsync on, as in production) and Redis; the order command types registered
-    /// and, with `projections`, the example order projections created.
-    pub async fn start(projections: bool) -> Result<Self> {
-        let pg = tokio::task::spawn_blocking(|| {
-            PgCluster::start(ClusterOptions {
-                durability: Durability::Fsync,
-                ..Default::default()
-            })
+    /// PostgreSQL (fsync on, as in production) with `edition` installed, and Redis; the order
+    /// command types registered and, with `projections`, the example order projections created.
+    pub async fn start(edition: Edition, projections: bool) -> Result<Self> {
+        let (pg, sidecar_url) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let pg = edition::cluster(
+                edition,
+                ClusterOptions {
+                    durability: Durability::Fsync,
+                    ..Default::default()
+                },
+            )?;
+            let sidecar_url = edition::sidecar_url(&pg, edition)?;
+            Ok((pg, sidecar_url))
         })
         .await??;
         let redis = tokio::task::spawn_blocking(RedisServer::start).await??;
         let stack = Self {
             sidecars: Vec::new(),
             redis,
+            owner_url: edition::owner_url(&pg, edition),
             pg,
+            edition,
+            sidecar_url,
             settings: Vec::new(),
         };
         let client = stack.client().await?;
@@ -52,8 +67,9 @@ impl Stack {
         Ok(())
     }
 
+    /// A connection as the owner (see [`Stack::owner_url`]).
     pub async fn client(&self) -> Result<Client> {
-        connect(&self.pg.url()).await
+        connect(&self.owner_url).await
     }
 
     /// A `CQRS_*` setting for sidecars started from now on.
@@ -64,7 +80,7 @@ impl Stack {
     /// Starts a sidecar; returns its index.
     pub fn add_sidecar(&mut self) -> Result<usize> {
         let name = format!("sidecar-{}", self.sidecars.len() + 1);
-        let sidecar = Sidecar::start(&name, &self.pg.url(), &self.redis.url(), &self.settings)?;
+        let sidecar = Sidecar::start(&name, &self.sidecar_url, &self.redis.url(), &self.settings)?;
         self.sidecars.push(sidecar);
         Ok(self.sidecars.len() - 1)
     }
@@ -125,4 +141,13 @@ pub fn memory_kib(pid: u32) -> Option<(u64, u64)> {
             .and_then(|kib| kib.parse().ok())
     };
     Some((field("VmHWM:")?, field("VmRSS:")?))
+}
+
+/// `--edition extension|portable`: which edition of pg_cqrs the stack installs.
+pub fn parse_edition(text: &str) -> Result<Edition, String> {
+    match text {
+        "extension" => Ok(Edition::Extension),
+        "portable" => Ok(Edition::Portable),
+        _ => Err(format!("expected extension or portable, got {text:?}")),
+    }
 }

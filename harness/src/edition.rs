@@ -32,9 +32,23 @@ impl Edition {
     }
 }
 
-/// Builds target/portable/ (scripts/portable.sh).
+/// Builds target/portable/ (scripts/portable.sh), once per process: tests run in parallel
+/// threads, and one rewriting the files while another's psql reads them would race.
 pub fn build_portable() -> Result<()> {
-    let out = Command::new(repo_root().join("scripts/portable.sh")).output()?;
+    static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| portable_script(&[]).map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// Runs scripts/portable.sh with extra environment (`PORTABLE_OUT`, `PORTABLE_UPGRADES`).
+pub fn portable_script(env: &[(&str, &std::path::Path)]) -> Result<()> {
+    let mut command = Command::new(repo_root().join("scripts/portable.sh"));
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let out = command.output().context("running scripts/portable.sh")?;
     ensure!(
         out.status.success(),
         "scripts/portable.sh: {}",
@@ -43,7 +57,8 @@ pub fn build_portable() -> Result<()> {
     Ok(())
 }
 
-/// `psql -v ON_ERROR_STOP=1 -1 -f <repository file>` as `user`; (success, stdout + stderr).
+/// `psql -v ON_ERROR_STOP=1 -1 -f <file>` as `user` (a path relative to the repository, or
+/// absolute); (success, stdout + stderr).
 pub fn psql_file(pg: &PgCluster, user: &str, database: &str, file: &str) -> Result<(bool, String)> {
     let out = Command::new(pg.bindir().join("psql"))
         .args([
@@ -109,4 +124,22 @@ pub fn owner_url(pg: &PgCluster, edition: Edition) -> String {
         Edition::Extension => pg.url(),
         Edition::Portable => url_as(pg, ADMIN),
     }
+}
+
+/// The role the sidecar logs in as on a portable-edition database: what an operator creates on
+/// managed PostgreSQL (`REPLICATION`, or `rds_replication` on RDS, and `cqrs_projector`).
+pub const SIDECAR_ROLE: &str = "sidecar";
+
+/// The URL the sidecar connects with: the superuser on the extension's cluster, a
+/// non-superuser [`SIDECAR_ROLE`] (created here) on the portable edition's.
+pub fn sidecar_url(pg: &PgCluster, edition: Edition) -> Result<String> {
+    Ok(match edition {
+        Edition::Extension => pg.url(),
+        Edition::Portable => {
+            pg.psql(&format!(
+                "create role {SIDECAR_ROLE} login replication in role cqrs_projector"
+            ))?;
+            url_as(pg, SIDECAR_ROLE)
+        }
+    })
 }

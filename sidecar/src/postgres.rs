@@ -55,8 +55,8 @@ impl Installed {
     /// How to move this install to a newer version.
     fn upgrade_hint(&self) -> &'static str {
         if self.edition == "portable" {
-            "run the newer portable script (target/portable/pg_cqrs.sql from scripts/portable.sh) with psql -f, \
-             or with pg_tle: alter extension pg_cqrs update"
+            "run the portable upgrade scripts pg_cqrs--<from>--<to>.sql (scripts/portable.sh writes them) \
+             with psql -1 -f, or with pg_tle: alter extension pg_cqrs update"
         } else {
             "alter extension pg_cqrs update"
         }

@@ -26,9 +26,6 @@ pub struct Rig {
     settings: Vec<(String, String)>,
 }
 
-/// The sidecar's role on a managed-style database.
-pub const SIDECAR_ROLE: &str = "sidecar";
-
 impl Rig {
     /// PostgreSQL with the example projections and Redis; no sidecar yet.
     pub async fn start() -> Result<Self> {
@@ -60,15 +57,7 @@ impl Rig {
                 repo_root().join("sql/examples/orders.sql"),
             )?)
             .await?;
-        let sidecar_url = match edition {
-            Edition::Extension => pg.url(),
-            Edition::Portable => {
-                pg.psql(&format!(
-                    "create role {SIDECAR_ROLE} login replication in role cqrs_projector"
-                ))?;
-                edition::url_as(&pg, SIDECAR_ROLE)
-            }
-        };
+        let sidecar_url = edition::sidecar_url(&pg, edition)?;
         let redis = RedisServer::start()?;
         Ok(Self {
             pg,

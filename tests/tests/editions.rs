@@ -7,53 +7,39 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
+use cqrs_e2e::edition::{build_portable, portable_script, psql_file, ADMIN};
 use cqrs_e2e::{catalog, catalog_differences, connect, repo_root};
 use cqrs_harness::{ClusterOptions, PgCluster};
 
-/// The managed-PostgreSQL administrator: owns the database, may create roles, no superuser.
-const ADMIN: &str = "managed_admin";
+/// A release after this one, made up for the tests: its upgrade script only moves
+/// `cqrs.version()`, which is what shows that the release step ran.
+const NEXT: &str = "9.9.9";
 
-fn build_portable() -> Result<()> {
-    let out = Command::new(repo_root().join("scripts/portable.sh")).output()?;
-    ensure!(
-        out.status.success(),
-        "scripts/portable.sh: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+/// Builds the portable edition with a made-up upgrade step to [`NEXT`] into a directory of its
+/// own (target/portable-next), as a later release's scripts/portable.sh would.
+fn build_with_a_next_release() -> Result<PathBuf> {
+    let root = repo_root().join("target/portable-next");
+    let upgrades = root.join("upgrades");
+    std::fs::create_dir_all(&upgrades)?;
+    std::fs::write(
+        upgrades.join(format!("pg_cqrs--{}--{NEXT}.sql", env!("CARGO_PKG_VERSION"))),
+        "create or replace function cqrs.version(out version text, out edition text)
+returns record
+language sql immutable parallel safe
+set search_path = pg_catalog, pg_temp
+as $$ select '@VERSION@'::text, 'portable'::text $$;
+",
+    )?;
+    let out = root.join("out");
+    portable_script(&[("PORTABLE_OUT", &out), ("PORTABLE_UPGRADES", &upgrades)])?;
+    Ok(out)
 }
 
-/// `psql -v ON_ERROR_STOP=1 -1 -f <file>` as `user`; returns (success, stdout + stderr).
-fn psql_file(pg: &PgCluster, user: &str, database: &str, file: &str) -> Result<(bool, String)> {
-    let bindir = pg.bindir().to_path_buf();
-    let out = Command::new(bindir.join("psql"))
-        .args([
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-1",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            user,
-        ])
-        .arg("-p")
-        .arg(pg.port().to_string())
-        .arg("-d")
-        .arg(database)
-        .arg("-f")
-        .arg(repo_root().join(file))
-        .output()
-        .context("running psql")?;
-    Ok((
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    ))
+async fn installed_version(client: &tokio_postgres::Client) -> Result<String> {
+    Ok(client
+        .query_one("select version from cqrs.version()", &[])
+        .await?
+        .get(0))
 }
 
 fn admin_database(pg: &PgCluster, database: &str) -> Result<()> {
@@ -150,6 +136,50 @@ async fn a_database_owner_installs_the_portable_edition_with_psql_and_it_matches
     smoke(&client).await
 }
 
+/// A psql install moves to the next release with that release's upgrade script, which refuses
+/// to run twice or on any other version and changes nothing then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_psql_install_upgrades_with_the_release_upgrade_script() -> Result<()> {
+    let build = build_with_a_next_release()?;
+    let pg = PgCluster::start(ClusterOptions {
+        with_extension: false,
+        ..ClusterOptions::default()
+    })?;
+    pg.psql_in("postgres", &format!("create role {ADMIN} login createrole"))?;
+    admin_database(&pg, "app")?;
+    let file = |name: &str| build.join(name).to_string_lossy().into_owned();
+    let (ok, output) = psql_file(&pg, ADMIN, "app", &file("pg_cqrs.sql"))?;
+    ensure!(ok, "installing with psql failed:\n{output}");
+    let client = admin_url(&pg, "app").await?;
+    smoke(&client).await?;
+    let upgrade = file(&format!("pg_cqrs--{}--{NEXT}.sql", env!("CARGO_PKG_VERSION")));
+    let (ok, output) = psql_file(&pg, ADMIN, "app", &upgrade)?;
+    ensure!(ok, "the upgrade script failed:\n{output}");
+    ensure!(
+        installed_version(&client).await? == NEXT,
+        "the upgrade did not run"
+    );
+    let total: i32 = client
+        .query_one("select n from public.totals where stream = 's'", &[])
+        .await?
+        .get(0);
+    ensure!(
+        total == 5,
+        "the read model holds {total} after the upgrade, not 5"
+    );
+
+    let (ok, output) = psql_file(&pg, ADMIN, "app", &upgrade)?;
+    ensure!(
+        !ok && output.contains("which is not what this database has"),
+        "running the upgrade again: ok={ok}\n{output}"
+    );
+    ensure!(
+        installed_version(&client).await? == NEXT,
+        "a refused upgrade changed the version"
+    );
+    Ok(())
+}
+
 /// The pg_tle library of this machine's PostgreSQL, if it is installed (scripts/setup.sh builds it
 /// from the pg_tle source when the source is there).
 fn pg_tle_installed() -> Result<bool> {
@@ -225,7 +255,7 @@ async fn the_portable_edition_installs_as_a_pg_tle_extension() -> Result<()> {
             }
         }
     }
-    build_portable()?;
+    let build = build_with_a_next_release()?;
     let pg = PgCluster::start(ClusterOptions {
         with_extension: false,
         settings: vec!["shared_preload_libraries = 'pg_tle'".to_owned()],
@@ -238,7 +268,12 @@ async fn the_portable_edition_installs_as_a_pg_tle_extension() -> Result<()> {
         "tle",
         &format!("create extension pg_tle; grant pgtle_admin to {ADMIN}"),
     )?;
-    let (ok, output) = psql_file(&pg, ADMIN, "tle", "target/portable/pg_cqrs--pgtle.sql")?;
+    let (ok, output) = psql_file(
+        &pg,
+        ADMIN,
+        "tle",
+        &build.join("pg_cqrs--pgtle.sql").to_string_lossy(),
+    )?;
     ensure!(ok, "registering pg_cqrs with pg_tle failed:\n{output}");
     let client = admin_url(&pg, "tle").await?;
     client
@@ -265,6 +300,28 @@ async fn the_portable_edition_installs_as_a_pg_tle_extension() -> Result<()> {
         .get(0);
     ensure!(available >= 1, "pg_tle does not list pg_cqrs");
     smoke(&client).await?;
+    // a later release's update path, registered by the same file, is what ALTER EXTENSION takes
+    client
+        .batch_execute(&format!("alter extension pg_cqrs update to '{NEXT}'"))
+        .await
+        .context("alter extension pg_cqrs update (pg_tle update path)")?;
+    let extversion: String = client
+        .query_one(
+            "select extversion from pg_extension where extname = 'pg_cqrs'",
+            &[],
+        )
+        .await?
+        .get(0);
+    let version = installed_version(&client).await?;
+    ensure!(
+        version == NEXT && extversion == NEXT,
+        "after the update: cqrs.version() {version}, extension {extversion}"
+    );
+    let appended: i64 = client
+        .query_one("select count(*) from cqrs.command_log", &[])
+        .await?
+        .get(0);
+    ensure!(appended == 2, "the update lost commands: {appended} left of 2");
     // and it goes as an extension goes (schema cqrs itself stays, as with the extension edition:
     // CREATE EXTENSION made it for the control file's schema)
     client.batch_execute("drop extension pg_cqrs cascade").await?;
