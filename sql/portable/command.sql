@@ -74,11 +74,12 @@ as $$
 $$;
 
 -- An integer setting of pg_cqrs (a placeholder here: only the extension edition can register
--- typed settings that applications cannot change).
+-- typed settings that applications cannot change). No `set search_path` here nor on
+-- _check_limits, on purpose: see the note at the top of json_schema.sql (this one also stays
+-- inlinable into its callers' queries).
 create function cqrs_portable._setting(name text, fallback integer)
 returns integer
 language sql stable parallel safe
-set search_path = pg_catalog, pg_temp
 as $$ select coalesce(nullif(pg_catalog.current_setting(name, true), '')::integer, fallback) $$;
 
 -- The size and nesting limits of cqrs.append (see extension/src/command_limits.rs): a document
@@ -87,7 +88,6 @@ as $$ select coalesce(nullif(pg_catalog.current_setting(name, true), '')::intege
 create function cqrs_portable._check_limits(what text, doc jsonb)
 returns void
 language plpgsql stable
-set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_setting text := case what when 'payload' then 'cqrs.max_payload_bytes' else 'cqrs.max_metadata_bytes' end;

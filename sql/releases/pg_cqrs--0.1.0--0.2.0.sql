@@ -240,3 +240,6 @@ begin
     end loop;
 end
 $revoke$;
+
+-- cqrs._check_name: no SET clause (see sql/core/command.sql); its callers pin search_path.
+alter function cqrs._check_name(text, text, integer) reset search_path;
