@@ -112,7 +112,9 @@ mod tests {
         let datum = datum.into_datum().expect("a datum");
         // SAFETY: a detoasted jsonb built just now in this context.
         let detoasted = unsafe { pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) };
-        !unsafe { super::deeper_than(pg_sys::Datum::from(detoasted), limit) }
+        // SAFETY: `detoasted` is the jsonb just detoasted above, valid for this memory context.
+        let deeper = unsafe { super::deeper_than(pg_sys::Datum::from(detoasted), limit) };
+        !deeper
     }
 
     #[pg_test]

@@ -10,9 +10,30 @@
 //! - [`sql`]: the set-based statements those writes are executed with.
 
 pub mod event;
+
+/// The SQLSTATE `cqrs.project_batch` refuses a fencing token older than the projector lease
+/// with: the caller is a deposed leader and must stop projecting. Class QC is pg_cqrs's own;
+/// sql/core/projection.sql raises it (in SQL: a C function can only raise the codes PostgreSQL
+/// defines), and the sidecar stops on it.
+pub const FENCED_SQLSTATE: &str = "QC001";
+
 pub mod fold;
 pub mod lsn;
 pub mod path;
 pub mod sequencing;
 pub mod spec;
 pub mod sql;
+
+#[cfg(test)]
+mod tests {
+    /// The SQL that raises the fencing SQLSTATE and this constant are one definition.
+    #[test]
+    fn the_fencing_sqlstate_is_the_one_the_sql_raises() {
+        let sql = include_str!("../../sql/core/projection.sql");
+        assert!(
+            sql.contains(&format!("errcode = '{}'", super::FENCED_SQLSTATE)),
+            "sql/core/projection.sql does not raise {}",
+            super::FENCED_SQLSTATE
+        );
+    }
+}

@@ -47,6 +47,11 @@ impl Batch {
         self.events == 0
     }
 
+    /// Events, and bytes of their JSON.
+    pub fn size(&self) -> (usize, usize) {
+        (self.events, self.json.len())
+    }
+
     /// The LSN `project_batch` may skip this batch at: none when it was cut inside a
     /// transaction (see the module comment).
     pub fn fence(&self) -> Option<u64> {
@@ -62,10 +67,10 @@ impl Batch {
 pub struct Assembler {
     decoder: Decoder,
     /// number of the last batch taken
-    pub taken: u64,
+    taken: u64,
     /// relation id → how to read it, when it is the command log
     log: HashMap<u32, Option<LogColumns>>,
-    pub batch: Batch,
+    batch: Batch,
     in_transaction: bool,
     /// the batch being filled holds events of the open transaction
     holds_open: bool,
@@ -87,6 +92,16 @@ impl Default for Assembler {
 }
 
 impl Assembler {
+    /// The batch being filled.
+    pub fn filling(&self) -> &Batch {
+        &self.batch
+    }
+
+    /// The number of the last batch taken.
+    pub fn taken(&self) -> u64 {
+        self.taken
+    }
+
     pub fn in_transaction(&self) -> bool {
         self.in_transaction
     }

@@ -6,6 +6,7 @@ mod assembly;
 pub mod batching;
 pub mod cache;
 pub mod config;
+mod flusher;
 pub mod http;
 pub mod leader;
 pub mod log_row;

@@ -2,6 +2,7 @@
 //! (pgwire-replication), both from the one configured URL, and the start-up checks.
 
 use std::time::Duration;
+use tokio_postgres::error::SqlState;
 
 use pgwire_replication::ReplicationConfig;
 use tokio_postgres::config::Host;
@@ -194,7 +195,10 @@ impl Database {
                 }
                 match err.as_db_error() {
                     // class 28 (pg_hba.conf, password) and an unknown database: waiting won't help
-                    Some(db) if db.code().code().starts_with("28") || db.code().code() == "3D000" => {
+                    Some(db)
+                        if db.code().code().starts_with("28")
+                            || *db.code() == SqlState::INVALID_CATALOG_NAME =>
+                    {
                         StartupError::Refused {
                             target: target.clone(),
                             reason: db.message().to_owned(),
@@ -392,7 +396,7 @@ mod tests {
         assert!(supports(&installed("0.1.5", "portable"))
             .expect_err("too old")
             .to_string()
-            .contains("psql -f"));
+            .contains("psql -1 -f"));
         assert_eq!(supports(&installed("0.2.0", "portable")).ok(), Some(true));
         assert_eq!(supports(&installed("0.3.0", "extension")).ok(), Some(false));
     }

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio_postgres::error::SqlState;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::watch;
@@ -96,7 +97,9 @@ fn is_bad_key(code: &str) -> bool {
 
 fn pg_error(err: &tokio_postgres::Error, projection: &str) -> ReadError {
     match err.as_db_error() {
-        Some(db) if db.code().code() == "42704" => ReadError::UnknownProjection(projection.to_owned()),
+        Some(db) if *db.code() == SqlState::UNDEFINED_OBJECT => {
+            ReadError::UnknownProjection(projection.to_owned())
+        }
         Some(db) if is_bad_key(db.code().code()) => ReadError::BadRequest(db.message().to_owned()),
         _ => ReadError::Unavailable(format!("PostgreSQL: {err}")),
     }

@@ -11,17 +11,19 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
 use crate::assembly::{Assembler, Batch, Confirmations};
 use crate::batching::BatchPolicy;
 use crate::cache::{Cache, Entry, Write};
 use crate::config::Config;
+use crate::flusher::{self, FlushError};
 use crate::http::{Health, Role};
 use crate::leader::Leadership;
 use crate::metrics::Metrics;
@@ -56,7 +58,7 @@ pub struct Context {
 }
 
 /// Retry delays: exponential from 100 ms, doubling, at most 5 s, with jitter.
-fn backoff() -> impl Iterator<Item = Duration> {
+pub(crate) fn backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
         .with_factor(2.0)
@@ -146,7 +148,7 @@ pub async fn resync_behind(ctx: &Context, sql: &Client) -> anyhow::Result<()> {
 }
 
 /// Changed rows as returned by project_batch / catch_up, as cache writes.
-fn writes_from(rows: &[tokio_postgres::Row]) -> Vec<Write> {
+pub(crate) fn writes_from(rows: &[tokio_postgres::Row]) -> Vec<Write> {
     rows.iter()
         .map(|row| {
             let deleted: bool = row.get(4);
@@ -238,297 +240,292 @@ async fn prepare_slot(ctx: &Context, sql: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
-enum FlushError {
-    Deposed,
-    Stopped,
-}
-
-const PROJECT: &str = "select projection, key, rev, doc::text, deleted \
-                       from cqrs.project_batch($1::text::jsonb, $2::text::pg_lsn, $3)";
-
-/// Projects batches one at a time, retrying each until it commits; confirms what is done.
-async fn flusher(
-    ctx: Context,
-    mut sql: Client,
-    token: i64,
-    mut batches: mpsc::Receiver<Batch>,
-    completed: watch::Sender<u64>,
-    policy: Arc<Mutex<BatchPolicy>>,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), FlushError> {
-    let mut statement = sql.prepare(PROJECT).await.ok();
-    while let Some(batch) = batches.recv().await {
-        let started = Instant::now();
-        let lsn = batch.fence().map(cqrs_lsn);
-        // the LSN is confirmed by the streamer once this batch is reported done
-        let mut delays = backoff();
-        let rows = loop {
-            let attempt = async {
-                if statement.is_none() || sql.is_closed() {
-                    sql = ctx
-                        .pg
-                        .connect(Duration::from_secs(5))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    statement = Some(sql.prepare(PROJECT).await.map_err(|e| e.to_string())?);
-                }
-                let Some(statement) = statement.as_ref() else {
-                    return Err("no statement".to_owned());
-                };
-                sql.query(statement, &[&batch.json, &lsn, &token])
-                    .await
-                    .map_err(|err| match err.as_db_error() {
-                        Some(db) if db.code().code() == "55000" && db.message().contains("lease") => {
-                            "deposed".to_owned()
-                        }
-                        _ => err.to_string(),
-                    })
-            };
-            match attempt.await {
-                Ok(rows) => break rows,
-                Err(reason) if reason == "deposed" => {
-                    tracing::error!(
-                        "a newer leader holds the projector lease; this sidecar stops projecting"
-                    );
-                    return Err(FlushError::Deposed);
-                }
-                Err(reason) => {
-                    ctx.metrics.batch_failures.inc();
-                    ctx.health.streaming.store(false, Ordering::Relaxed);
-                    if let Ok(mut policy) = policy.lock() {
-                        policy.record(batch.events, started.elapsed(), false);
-                    }
-                    let delay = delays.next().unwrap_or(Duration::from_secs(5));
-                    tracing::warn!(error = %reason, events = batch.events, retry_in = ?delay, "projecting a batch failed; retrying");
-                    if sql.is_closed() {
-                        statement = None;
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.wait_for(|stop| *stop) => {
-                            tracing::warn!("stopping with a batch that did not commit; it will be streamed again");
-                            return Err(FlushError::Stopped);
-                        }
-                    }
-                }
-            }
-        };
-        write_to_cache(&ctx, writes_from(&rows)).await;
-        let took = started.elapsed();
-        ctx.health.streaming.store(true, Ordering::Relaxed);
-        ctx.metrics.flush_duration.observe(took.as_secs_f64());
-        ctx.metrics.batch_events.observe(batch.events as f64);
-        ctx.metrics.events_projected.inc_by(batch.events as u64);
-        if let Some(oldest) = batch.oldest_commit {
-            if let Ok(delay) = SystemTime::now().duration_since(oldest) {
-                ctx.metrics.event_delay.observe(delay.as_secs_f64());
-            }
-        }
-        if let Ok(mut policy) = policy.lock() {
-            policy.record(batch.events, took, true);
-            ctx.metrics.batch_target.set(policy.target() as i64);
-        }
-        completed.send_replace(batch.number);
-    }
-    Ok(())
-}
-
 fn cqrs_lsn(lsn: u64) -> String {
     cqrs_projection::lsn::format(lsn)
 }
 
-/// Takes the batch being filled; its last complete commit may be confirmed once it is done.
-fn take(assembler: &mut Assembler, confirmations: &mut Confirmations) -> Batch {
-    let batch = assembler.take();
-    if let Some(lsn) = batch.commit_lsn {
-        confirmations.defer(batch.number, lsn);
-    }
-    batch
-}
-
-/// Leads until shutdown, loss of the lock, deposition or failure.
-pub async fn lead(ctx: &Context, leadership: &Leadership, mut shutdown: watch::Receiver<bool>) -> Ending {
-    let config = Arc::clone(&ctx.config);
+/// Leads until shutdown, loss of the lease, deposition or failure.
+pub async fn lead(ctx: &Context, leadership: &Leadership, shutdown: watch::Receiver<bool>) -> Ending {
     ctx.health.set_role(Role::Leader);
     ctx.metrics.leader.set(1);
-    let sql = match ctx.pg.connect(Duration::from_secs(5)).await {
-        Ok(sql) => sql,
-        Err(err) => return Ending::Failed(err.into()),
-    };
-    let token = leadership.token();
-    tracing::info!(token, slot = %config.slot, "leading: took the projector lease");
-    if let Err(err) = prepare_slot(ctx, &sql).await {
-        return Ending::Failed(err);
-    }
-    if let Err(err) = resync_behind(ctx, &sql).await {
-        return Ending::Failed(err);
-    }
-    let mut repl = match ReplicationClient::connect(
-        ctx.pg
-            .replication_config(&config.slot, &config.publication)
-            .with_status_interval(Duration::from_millis(250)),
-    )
-    .await
-    {
-        Ok(repl) => repl,
-        Err(err) => return Ending::Failed(err.into()),
-    };
-
-    let policy = Arc::new(Mutex::new(BatchPolicy::new(
-        config.batch_min_events,
-        config.batch_max_events,
-        config.batch_max_bytes,
-        config.batch_max_wait,
-        config.batch_target_latency,
-    )));
-    let (batches_tx, batches_rx) = mpsc::channel::<Batch>(1);
-    let (completed_tx, mut completed_rx) = watch::channel(0u64);
-    let mut flusher = tokio::spawn(flusher(
-        ctx.clone(),
-        sql,
-        token,
-        batches_rx,
-        completed_tx,
-        Arc::clone(&policy),
-        shutdown.clone(),
-    ));
-
-    let mut lost = leadership.lost();
-    let mut assembler = Assembler::default();
-    // a full batch waiting for the flusher; while it waits the stream is not read
-    let mut waiting: Option<Batch> = None;
-    let mut confirmations = Confirmations::default();
-    let confirm = |repl: &ReplicationClient, confirmations: &mut Confirmations, done: u64| {
-        if let Some(lsn) = confirmations.advance(done) {
-            repl.update_applied_lsn(Lsn::from_u64(lsn));
+    tracing::info!(token = leadership.token(), slot = %ctx.config.slot, "leading: took the projector lease");
+    let ending = match Streaming::start(ctx, leadership.token(), shutdown.clone()).await {
+        Ok(mut streaming) => {
+            let ending = streaming.stream(leadership.lost(), shutdown).await;
+            ctx.health.streaming.store(false, Ordering::Relaxed);
+            ctx.metrics.leader.set(0);
+            streaming.finish(ending).await
         }
+        Err(err) => Ending::Failed(err),
     };
+    ctx.health.streaming.store(false, Ordering::Relaxed);
+    ctx.metrics.leader.set(0);
+    ending
+}
 
-    let ending = loop {
-        let due = assembler.batch.started
-            + policy
+/// What the streamer waits for next.
+enum Step {
+    End(Ending),
+    /// The flusher finished a batch.
+    Completed,
+    /// The flusher can take the batch that waits.
+    SendWaiting(mpsc::OwnedPermit<Batch>),
+    /// The batch being filled is due by age and the flusher can take it.
+    SendDue(mpsc::OwnedPermit<Batch>),
+    Received(ReplicationEvent),
+}
+
+/// The streamer's state while it leads: the replication stream, the batch being filled, the
+/// batch waiting for the flusher, and what may be confirmed once which batch is done.
+struct Streaming {
+    ctx: Context,
+    repl: ReplicationClient,
+    policy: Arc<Mutex<BatchPolicy>>,
+    assembler: Assembler,
+    /// a full batch waiting for the flusher; while it waits the stream is not read
+    waiting: Option<Batch>,
+    confirmations: Confirmations,
+    batches: mpsc::Sender<Batch>,
+    completed: watch::Receiver<u64>,
+    flusher: JoinHandle<Result<(), FlushError>>,
+}
+
+impl Streaming {
+    /// Slot and publication ready, the cache resynced where it may be behind, the replication
+    /// stream open and the flusher running.
+    async fn start(ctx: &Context, token: i64, shutdown: watch::Receiver<bool>) -> anyhow::Result<Self> {
+        let config = &ctx.config;
+        let sql = ctx.pg.connect(Duration::from_secs(5)).await?;
+        prepare_slot(ctx, &sql).await?;
+        resync_behind(ctx, &sql).await?;
+        let repl = ReplicationClient::connect(
+            ctx.pg
+                .replication_config(&config.slot, &config.publication)
+                .with_status_interval(Duration::from_millis(250)),
+        )
+        .await?;
+        let policy = Arc::new(Mutex::new(BatchPolicy::new(
+            config.batch_min_events,
+            config.batch_max_events,
+            config.batch_max_bytes,
+            config.batch_max_wait,
+            config.batch_target_latency,
+        )));
+        let (batches, batches_rx) = mpsc::channel::<Batch>(1);
+        let (completed_tx, completed) = watch::channel(0u64);
+        let flusher = tokio::spawn(flusher::run(
+            ctx.clone(),
+            sql,
+            token,
+            batches_rx,
+            completed_tx,
+            Arc::clone(&policy),
+            shutdown,
+        ));
+        Ok(Self {
+            ctx: ctx.clone(),
+            repl,
+            policy,
+            assembler: Assembler::default(),
+            waiting: None,
+            confirmations: Confirmations::default(),
+            batches,
+            completed,
+            flusher,
+        })
+    }
+
+    /// Reads the stream into batches and hands them to the flusher until something ends it.
+    async fn stream(
+        &mut self,
+        mut lost: watch::Receiver<bool>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Ending {
+        loop {
+            let step = self.next_step(&mut lost, &mut shutdown).await;
+            match step {
+                Step::End(ending) => return ending,
+                Step::Completed => {
+                    let done = *self.completed.borrow_and_update();
+                    self.confirm(done);
+                }
+                Step::SendWaiting(permit) => match self.waiting.take() {
+                    Some(batch) => {
+                        permit.send(batch);
+                    }
+                    None => return Ending::Failed(anyhow::anyhow!("no batch was waiting")),
+                },
+                Step::SendDue(permit) => {
+                    let batch = self.take();
+                    permit.send(batch);
+                }
+                Step::Received(event) => {
+                    if let Err(err) = self.receive(event) {
+                        return Ending::Failed(err);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for whatever happens first. Only waits here; what to do about it is done by the
+    /// caller, with the waiting futures gone.
+    async fn next_step(
+        &mut self,
+        lost: &mut watch::Receiver<bool>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Step {
+        let due = self.assembler.filling().started
+            + self
+                .policy
                 .lock()
                 .map(|p| p.max_wait())
                 .unwrap_or(Duration::from_millis(20));
+        let gone = || Step::End(Ending::Failed(anyhow::anyhow!("the flusher went away")));
         tokio::select! {
             biased;
-            _ = lost.wait_for(|lost| *lost) => break Ending::LostLeadership,
-            _ = shutdown.wait_for(|stop| *stop) => break Ending::Shutdown,
-            finished = &mut flusher => {
-                break match finished {
-                    Ok(Err(FlushError::Deposed)) => Ending::Deposed,
-                    Ok(Err(FlushError::Stopped)) => Ending::Shutdown,
-                    Ok(Ok(())) => Ending::Failed(anyhow::anyhow!("the flusher stopped")),
-                    Err(err) => Ending::Failed(anyhow::anyhow!("the flusher failed: {err}")),
-                };
-            }
-            _ = completed_rx.changed() => {
-                let done = *completed_rx.borrow_and_update();
-                confirm(&repl, &mut confirmations, done);
-            }
-            permit = batches_tx.reserve(), if waiting.is_some() => {
-                match (permit, waiting.take()) {
-                    (Ok(permit), Some(batch)) => permit.send(batch),
-                    _ => break Ending::Failed(anyhow::anyhow!("the flusher went away")),
-                }
+            _ = lost.wait_for(|lost| *lost) => Step::End(Ending::LostLeadership),
+            _ = shutdown.wait_for(|stop| *stop) => Step::End(Ending::Shutdown),
+            finished = &mut self.flusher => Step::End(match finished {
+                Ok(Err(FlushError::Deposed)) => Ending::Deposed,
+                Ok(Err(FlushError::Stopped)) => Ending::Shutdown,
+                Ok(Ok(())) => Ending::Failed(anyhow::anyhow!("the flusher stopped")),
+                Err(err) => Ending::Failed(anyhow::anyhow!("the flusher failed: {err}")),
+            }),
+            _ = self.completed.changed() => Step::Completed,
+            permit = self.batches.clone().reserve_owned(), if self.waiting.is_some() => {
+                permit.map_or_else(|_| gone(), Step::SendWaiting)
             }
             // Due by age, the batch goes out only once the flusher can take it: until then it
             // keeps growing, so under load batches grow to what arrives during one flush and the
             // per-batch cost is spread (a full batch still stops the reading below).
             permit = async {
                 tokio::time::sleep_until(due.into()).await;
-                batches_tx.reserve().await
-            }, if waiting.is_none() && !assembler.batch.is_empty() => {
-                let Ok(permit) = permit else {
-                    break Ending::Failed(anyhow::anyhow!("the flusher went away"));
-                };
-                permit.send(take(&mut assembler, &mut confirmations));
+                self.batches.clone().reserve_owned().await
+            }, if self.waiting.is_none() && !self.assembler.filling().is_empty() => {
+                permit.map_or_else(|_| gone(), Step::SendDue)
             }
-            event = repl.recv(), if waiting.is_none() => {
-                let event = match event {
-                    Ok(Some(event)) => event,
-                    Ok(None) => break Ending::Failed(anyhow::anyhow!("the replication stream ended")),
-                    Err(err) => break Ending::Failed(anyhow::anyhow!("replication: {err}")),
-                };
-                ctx.health.streaming.store(true, Ordering::Relaxed);
-                match event {
-                    ReplicationEvent::Begin { commit_time_micros, .. } => {
-                        let unix = commit_time_micros.saturating_add(PG_EPOCH_OFFSET_MICROS).max(0) as u64;
-                        assembler.begin(UNIX_EPOCH + Duration::from_micros(unix));
-                    }
-                    ReplicationEvent::XLogData { data, .. } => {
-                        if let Err(err) = assembler.data(&data) {
-                            break Ending::Failed(err);
-                        }
-                        // a transaction too large for one batch is cut; the part carries no fence
-                        let cut = policy.lock().map(|p| p.must_cut(assembler.batch.events, assembler.batch.json.len())).unwrap_or(false);
-                        if cut {
-                            waiting = Some(take(&mut assembler, &mut confirmations));
-                        }
-                    }
-                    ReplicationEvent::Commit { end_lsn, .. } => {
-                        if !assembler.commit(end_lsn.as_u64()) {
-                            // its events (if any) went out in batches already taken: confirm it
-                            // once they are done
-                            confirmations.defer(assembler.taken, end_lsn.as_u64());
-                            confirm(&repl, &mut confirmations, *completed_rx.borrow());
-                        }
-                        let full = policy.lock().map(|p| p.is_full(assembler.batch.events, assembler.batch.json.len())).unwrap_or(false);
-                        if full {
-                            waiting = Some(take(&mut assembler, &mut confirmations));
-                        }
-                    }
-                    ReplicationEvent::KeepAlive { wal_end, .. } => {
-                        // nothing open: everything up to wal_end is done once the batches taken are
-                        if !assembler.in_transaction() && assembler.batch.is_empty() {
-                            confirmations.defer(assembler.taken, wal_end.as_u64());
-                            confirm(&repl, &mut confirmations, *completed_rx.borrow());
-                        }
-                    }
-                    ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
-                }
-            }
+            event = self.repl.recv(), if self.waiting.is_none() => match event {
+                Ok(Some(event)) => Step::Received(event),
+                Ok(None) => Step::End(Ending::Failed(anyhow::anyhow!("the replication stream ended"))),
+                Err(err) => Step::End(Ending::Failed(anyhow::anyhow!("replication: {err}"))),
+            },
         }
-    };
+    }
 
-    ctx.health.streaming.store(false, Ordering::Relaxed);
-    ctx.metrics.leader.set(0);
-    match ending {
-        Ending::Shutdown => {
-            // finish: hand over what was read, let the flusher finish, confirm, stop
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(7);
-            let mut remaining = vec![];
-            remaining.extend(waiting.take());
-            if !assembler.batch.is_empty() {
-                remaining.push(take(&mut assembler, &mut confirmations));
+    /// One message of the replication stream.
+    fn receive(&mut self, event: ReplicationEvent) -> anyhow::Result<()> {
+        self.ctx.health.streaming.store(true, Ordering::Relaxed);
+        match event {
+            ReplicationEvent::Begin {
+                commit_time_micros, ..
+            } => {
+                let unix = commit_time_micros.saturating_add(PG_EPOCH_OFFSET_MICROS).max(0) as u64;
+                self.assembler.begin(UNIX_EPOCH + Duration::from_micros(unix));
             }
-            for batch in remaining {
-                if tokio::time::timeout_at(deadline, batches_tx.send(batch))
-                    .await
-                    .is_err()
+            ReplicationEvent::XLogData { data, .. } => {
+                self.assembler.data(&data)?;
+                // a transaction too large for one batch is cut; the part carries no fence
+                let (events, bytes) = self.assembler.filling().size();
+                if self
+                    .policy
+                    .lock()
+                    .map(|p| p.must_cut(events, bytes))
+                    .unwrap_or(false)
                 {
-                    break;
+                    self.waiting = Some(self.take());
                 }
             }
-            drop(batches_tx);
-            if tokio::time::timeout_at(deadline, &mut flusher).await.is_err() {
-                tracing::warn!("the last batch did not finish in time; it will be streamed again");
-                flusher.abort();
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                if !self.assembler.commit(end_lsn.as_u64()) {
+                    // its events (if any) went out in batches already taken: confirm it once
+                    // they are done
+                    self.confirmations.defer(self.assembler.taken(), end_lsn.as_u64());
+                    let done = *self.completed.borrow();
+                    self.confirm(done);
+                }
+                let (events, bytes) = self.assembler.filling().size();
+                if self
+                    .policy
+                    .lock()
+                    .map(|p| p.is_full(events, bytes))
+                    .unwrap_or(false)
+                {
+                    self.waiting = Some(self.take());
+                }
             }
-            let done = *completed_rx.borrow();
-            confirm(&repl, &mut confirmations, done);
-            // the status update goes out on the stream's status interval
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            repl.stop();
-            let _ = tokio::time::timeout(Duration::from_secs(1), repl.shutdown()).await;
-            tracing::info!(confirmed = %cqrs_lsn(confirmations.confirmed), "stopped streaming");
-            Ending::Shutdown
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                // nothing open: everything up to wal_end is done once the batches taken are
+                if !self.assembler.in_transaction() && self.assembler.filling().is_empty() {
+                    self.confirmations.defer(self.assembler.taken(), wal_end.as_u64());
+                    let done = *self.completed.borrow();
+                    self.confirm(done);
+                }
+            }
+            ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
         }
-        other => {
-            // stop at once: another leader may be streaming already
+        Ok(())
+    }
+
+    /// Takes the batch being filled; its last complete commit may be confirmed once it is done.
+    fn take(&mut self) -> Batch {
+        let batch = self.assembler.take();
+        if let Some(lsn) = batch.commit_lsn {
+            self.confirmations.defer(batch.number, lsn);
+        }
+        batch
+    }
+
+    /// Confirms to the slot what the batches done so far allow.
+    fn confirm(&mut self, done: u64) {
+        if let Some(lsn) = self.confirmations.advance(done) {
+            self.repl.update_applied_lsn(Lsn::from_u64(lsn));
+        }
+    }
+
+    /// On shutdown: hands over what was read, lets the flusher finish, confirms, stops. On
+    /// anything else: stops at once (another leader may be streaming already).
+    async fn finish(mut self, ending: Ending) -> Ending {
+        if !matches!(ending, Ending::Shutdown) {
+            self.flusher.abort();
+            self.repl.abort();
+            return ending;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(7);
+        let mut remaining = vec![];
+        remaining.extend(self.waiting.take());
+        if !self.assembler.filling().is_empty() {
+            remaining.push(self.take());
+        }
+        for batch in remaining {
+            if tokio::time::timeout_at(deadline, self.batches.send(batch))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        let Streaming {
+            mut repl,
+            mut flusher,
+            mut confirmations,
+            completed,
+            batches,
+            ..
+        } = self;
+        drop(batches);
+        if tokio::time::timeout_at(deadline, &mut flusher).await.is_err() {
+            tracing::warn!("the last batch did not finish in time; it will be streamed again");
             flusher.abort();
-            repl.abort();
-            other
         }
+        if let Some(lsn) = confirmations.advance(*completed.borrow()) {
+            repl.update_applied_lsn(Lsn::from_u64(lsn));
+        }
+        // the status update goes out on the stream's status interval
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        repl.stop();
+        let _ = tokio::time::timeout(Duration::from_secs(1), repl.shutdown()).await;
+        tracing::info!(confirmed = %cqrs_lsn(confirmations.confirmed), "stopped streaming");
+        Ending::Shutdown
     }
 }

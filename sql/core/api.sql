@@ -20,6 +20,8 @@ comment on function cqrs.create_projection(text, regclass, text, jsonb, text, te
     'Registers a read model: your table, its uniquely indexed key column, a bigint revision column, and what each command type does to it.';
 comment on function cqrs.project_batch(jsonb, pg_lsn, bigint) is
     'Applies an ordered batch of command-log rows to every projection, exactly once, in one transaction; returns every read-model row it changed. A batch at or below a projection''s checkpoint LSN is skipped; a fencing_token older than the lease is refused.';
+comment on function cqrs._project_batch(jsonb, pg_lsn, bigint) is
+    'The work of cqrs.project_batch without its fencing check; call cqrs.project_batch.';
 comment on function cqrs.read_many(text, text[]) is
     'The current rows of a read model: for every key its canonical form, revision and row as json; a missing row has a null doc and the projection''s current revision.';
 comment on function cqrs.read(text, text) is 'One read-model row as jsonb with its revision; no row when there is none.';
@@ -39,13 +41,14 @@ comment on function cqrs.retry_dead_letters(text) is
 revoke execute on function cqrs._command_type_changed(), cqrs._check_json_schema(jsonb),
     cqrs.append(uuid, text, text, jsonb, bigint, jsonb),
     cqrs.create_projection(text, regclass, text, jsonb, text, text, boolean),
-    cqrs.project_batch(jsonb, pg_lsn, bigint), cqrs.catch_up(text, integer), cqrs.resume(text, boolean),
-    cqrs.retry_dead_letters(text), cqrs.rebuild(text, integer), cqrs.read_many(text, text[]), cqrs.read(text, text),
+    cqrs.project_batch(jsonb, pg_lsn, bigint), cqrs._project_batch(jsonb, pg_lsn, bigint),
+    cqrs.catch_up(text, integer), cqrs.resume(text, boolean), cqrs.retry_dead_letters(text), cqrs.rebuild(text, integer), cqrs.read_many(text, text[]), cqrs.read(text, text),
     cqrs.wait_for(text, bigint, text, interval)
     from public;
 grant execute on function cqrs.append(uuid, text, text, jsonb, bigint, jsonb) to cqrs_writer;
 -- routine operations need no superuser: the projector resumes, rebuilds and retries
-grant execute on function cqrs.project_batch(jsonb, pg_lsn, bigint), cqrs.catch_up(text, integer),
+grant execute on function cqrs.project_batch(jsonb, pg_lsn, bigint), cqrs._project_batch(jsonb, pg_lsn, bigint),
+    cqrs.catch_up(text, integer),
     cqrs.resume(text, boolean), cqrs.retry_dead_letters(text), cqrs.rebuild(text, integer) to cqrs_projector;
 grant execute on function cqrs.read_many(text, text[]), cqrs.read(text, text), cqrs.wait_for(text, bigint, text, interval)
     to cqrs_reader, cqrs_projector;

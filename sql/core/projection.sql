@@ -181,6 +181,35 @@ $$;
 comment on function cqrs.leader() is
     'The holder of the projector lease, its token, and whether the lease is live (not expired, holder connected).';
 
+-- The fencing check of cqrs.project_batch, in SQL for both editions because it raises pg_cqrs's
+-- own SQLSTATE, QC001 (class QC: pg_cqrs; a C function can raise only the codes PostgreSQL
+-- defines): a caller whose token is older than the lease is a deposed leader, and the sidecar
+-- stops projecting on this code alone. cqrs._project_batch (Rust, or PL/pgSQL in the portable
+-- edition) does the work. The share lock on the lease row, held to the end of the transaction,
+-- makes cqrs.try_lead wait for batches in flight, so after a takeover every call with the old
+-- token is refused. The SQLSTATE is also in projection/src/lib.rs (FENCED_SQLSTATE), whose test
+-- reads this file.
+create function cqrs.project_batch(events jsonb, commit_lsn pg_lsn default null, fencing_token bigint default null)
+returns table (projection text, key text, rev bigint, doc json, deleted boolean)
+language plpgsql volatile called on null input
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_current bigint;
+begin
+    if fencing_token is not null then
+        v_current := coalesce((select l.token from cqrs.projector_lease l for share), 0);
+        if fencing_token < v_current then
+            raise exception using errcode = 'QC001',
+                message = format('this projector''s lease (token %s) was taken over by a newer one (token %s)', fencing_token, v_current),
+                hint = 'Another sidecar leads now; this one must stop projecting.';
+        end if;
+    end if;
+    return query select b.projection, b.key, b.rev, b.doc, b.deleted
+                   from cqrs._project_batch(events, commit_lsn, fencing_token) b;
+end
+$$;
+
 -- Creates the publication the sidecar streams (on cqrs.command_log only) if it is missing.
 -- Creating a publication for a table requires owning it, hence SECURITY DEFINER.
 create function cqrs.ensure_publication(name text)

@@ -7,6 +7,11 @@
 -- set-based statement (ops → key probe → fold → delete/update/insert as data-modifying CTEs),
 -- kept in a session setting and run once per batch; no loop over events on that path.
 
+-- The small expression helpers below carry no `set search_path`: SQL functions without one are
+-- inlined into the statements that call them per event and per key (with one, each call is a
+-- function call plus a save and restore of the settings). They name only built-ins, which
+-- PostgreSQL finds in pg_catalog before any schema of the caller's search_path.
+
 -- The event rows a batch carries, checked as the extension checks them (the first bad element
 -- and field named, 22023) and normalised: numbers as numbers, metadata {} when missing.
 create function cqrs_portable._events(events jsonb)
@@ -59,7 +64,6 @@ $$;
 create function cqrs_portable._event_integer(event jsonb, field text)
 returns text
 language sql immutable
-set search_path = pg_catalog, pg_temp
 as $$
     select case
         when coalesce(jsonb_typeof(event -> field), 'null') = 'null' then '.' || field || ': is missing'
@@ -75,7 +79,6 @@ $$;
 create function cqrs_portable._event_string(event jsonb, field text)
 returns text
 language sql immutable
-set search_path = pg_catalog, pg_temp
 as $$
     select case
         when coalesce(jsonb_typeof(event -> field), 'null') = 'null' then '.' || field || ': is missing'
@@ -88,14 +91,12 @@ $$;
 create function cqrs_portable._describe(event jsonb)
 returns text
 language sql immutable
-set search_path = pg_catalog, pg_temp
 as $$ select format('event %s#%s (%s, position %s)', event ->> 'stream', event ->> 'seq', event ->> 'command_type', event ->> 'position') $$;
 
 -- A key that is not a scalar: 23502, naming the projection and the event.
 create function cqrs_portable._key_error(projection text, event jsonb, key jsonb)
 returns text
 language plpgsql immutable
-set search_path = pg_catalog, pg_temp
 as $$
 begin
     raise exception using errcode = '23502',
@@ -108,7 +109,6 @@ $$;
 create function cqrs_portable._drop_nulls(doc jsonb)
 returns jsonb
 language sql immutable strict
-set search_path = pg_catalog, pg_temp
 as $$ select coalesce(jsonb_object_agg(e.key, e.value), '{}') from jsonb_each(doc) e where jsonb_typeof(e.value) <> 'null' $$;
 
 -- The sum of a column's added values, as the extension's fold gives it: the exact decimal sum
@@ -117,7 +117,6 @@ as $$ select coalesce(jsonb_object_agg(e.key, e.value), '{}') from jsonb_each(do
 create function cqrs_portable._exact_sum(vals jsonb)
 returns text
 language sql immutable strict
-set search_path = pg_catalog, pg_temp
 as $$
     select case when bool_and((jsonb_typeof(v) = 'number') or (jsonb_typeof(v) = 'string' and (v #>> '{}') ~ '^-?[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?$'))
                 then sum((v #>> '{}')::numeric)::text end
@@ -128,7 +127,6 @@ $$;
 create function cqrs_portable._source_sql(source jsonb)
 returns text
 language sql immutable
-set search_path = pg_catalog, pg_temp
 as $$
     select case
         when source ? 'path' then format('pg_catalog.jsonb_path_query_first(e.ev -> ''payload'', %L::pg_catalog.jsonpath, ''{}'', true)',
@@ -693,7 +691,8 @@ begin
 end
 $$;
 
-create function cqrs.project_batch(events jsonb, commit_lsn pg_lsn default null, fencing_token bigint default null)
+-- The work of cqrs.project_batch, which checks the fencing token first (sql/core/projection.sql).
+create function cqrs._project_batch(events jsonb, commit_lsn pg_lsn, fencing_token bigint)
 returns table (projection text, key text, rev bigint, doc json, deleted boolean)
 language plpgsql volatile called on null input
 as $$

@@ -243,3 +243,34 @@ $revoke$;
 
 -- cqrs._check_name: no SET clause (see sql/core/command.sql); its callers pin search_path.
 alter function cqrs._check_name(text, text, integer) reset search_path;
+
+-- The fencing check moves into SQL so that a deposed leader gets pg_cqrs's own SQLSTATE, QC001
+-- (see sql/core/projection.sql); the C function keeps its symbol under a new name.
+create function cqrs._project_batch(events jsonb, commit_lsn pg_lsn, fencing_token bigint)
+returns table (projection text, key text, rev bigint, doc json, deleted boolean)
+language c volatile called on null input
+as 'MODULE_PATHNAME', 'cqrs_project_batch';
+comment on function cqrs._project_batch(jsonb, pg_lsn, bigint) is
+    'The work of cqrs.project_batch without its fencing check; call cqrs.project_batch.';
+revoke execute on function cqrs._project_batch(jsonb, pg_lsn, bigint) from public;
+grant execute on function cqrs._project_batch(jsonb, pg_lsn, bigint) to cqrs_projector;
+create or replace function cqrs.project_batch(events jsonb, commit_lsn pg_lsn default null, fencing_token bigint default null)
+returns table (projection text, key text, rev bigint, doc json, deleted boolean)
+language plpgsql volatile called on null input
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_current bigint;
+begin
+    if fencing_token is not null then
+        v_current := coalesce((select l.token from cqrs.projector_lease l for share), 0);
+        if fencing_token < v_current then
+            raise exception using errcode = 'QC001',
+                message = format('this projector''s lease (token %s) was taken over by a newer one (token %s)', fencing_token, v_current),
+                hint = 'Another sidecar leads now; this one must stop projecting.';
+        end if;
+    end if;
+    return query select b.projection, b.key, b.rev, b.doc, b.deleted
+                   from cqrs._project_batch(events, commit_lsn, fencing_token) b;
+end
+$$;

@@ -626,3 +626,72 @@ async fn sidecars_started_together_elect_exactly_one_leader() -> Result<()> {
     eprintln!("{samples} samples with exactly one leader");
     Ok(())
 }
+
+/// A newer leader takes the lease while the sidecar streams: from then on not one batch of the
+/// deposed sidecar applies (`project_batch` refuses its token with QC001, and its lease renewal
+/// fails), it stops streaming, and once the lease is free again it leads anew and loses and
+/// doubles nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_stops_and_nothing_applies_twice() -> Result<()> {
+    a_deposed_leader_stops_and_nothing_applies_twice_on(Edition::Extension).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_stops_and_nothing_applies_twice_portable() -> Result<()> {
+    a_deposed_leader_stops_and_nothing_applies_twice_on(Edition::Portable).await
+}
+
+async fn a_deposed_leader_stops_and_nothing_applies_twice_on(edition: Edition) -> Result<()> {
+    let _serial = serial().await;
+    let mut rng = StdRng::seed_from_u64(seed());
+    let mut rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
+    let leader = rig.add_sidecar()?;
+    rig.wait_for_leader(Duration::from_secs(30))?;
+    let traffic = start_traffic(&rig, &mut rng, 4_000, 2, Some(500.0)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // the usurper: a live session holding a newer token for an hour
+    let usurper = rig.client().await?;
+    usurper
+        .batch_execute(
+            "update cqrs.projector_lease
+                set token = token + 1, holder = 'usurper', holder_pid = pg_backend_pid(),
+                    expires_at = clock_timestamp() + interval '1 hour'",
+        )
+        .await?;
+    let checkpoint = || async {
+        let row = usurper
+            .query_one(
+                "select coalesce(sum(checkpoint_position), 0)::bigint from cqrs.projection_state",
+                &[],
+            )
+            .await?;
+        Ok::<i64, anyhow::Error>(row.get(0))
+    };
+    let at_takeover = checkpoint().await?;
+    eventually(
+        Duration::from_secs(10),
+        "the deposed sidecar stops leading",
+        || async {
+            ensure!(!rig.sidecars[leader].is_leader(), "it still says it leads");
+            Ok(())
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = checkpoint().await?;
+    ensure!(
+        later == at_takeover,
+        "a deposed leader's batches applied: checkpoints moved from {at_takeover} to {later}"
+    );
+
+    // the usurper goes: the lease is free, the sidecar leads again
+    drop(usurper);
+    rig.wait_for_leader(Duration::from_secs(30))?;
+    let appended = traffic.finish().await?;
+    rig.assert_consistent(Duration::from_secs(60)).await?;
+    eprintln!(
+        "{appended} commands; deposed at checkpoint {at_takeover}, nothing applied until the lease was free"
+    );
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! The flusher: projects the streamer's batches one at a time with `cqrs.project_batch` (the
+//! lease token and the batch's fence LSN with each), retrying a batch until it commits, writes
+//! the changed rows to the cache, and only then reports the batch done, so that the streamer
+//! may confirm its LSN to the slot.
+//!
+//! What happens after a failed attempt is decided by the failure's kind, never by its text: a
+//! deposed leader (SQLSTATE [`FENCED_SQLSTATE`]) stops at once, anything else is retried with
+//! backoff, on a new connection when the old one broke.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use cqrs_projection::FENCED_SQLSTATE;
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::{Client, Row, Statement};
+
+use crate::assembly::Batch;
+use crate::batching::BatchPolicy;
+use crate::postgres::StartupError;
+use crate::stream::{backoff, write_to_cache, writes_from, Context};
+
+/// How the flusher stopped before its channel closed.
+#[derive(Debug)]
+pub(crate) enum FlushError {
+    /// A newer leader holds the lease.
+    Deposed,
+    /// Asked to stop while a batch was being retried; it did not commit.
+    Stopped,
+}
+
+/// Why one attempt at a batch did not commit.
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    /// `project_batch` refused the lease token: a newer leader holds the lease.
+    #[error("a newer leader holds the projector lease")]
+    Deposed,
+    /// The connection broke: connect again, then retry.
+    #[error("connection: {0}")]
+    Connection(tokio_postgres::Error),
+    /// Connecting again failed: retry.
+    #[error("{0}")]
+    Connect(#[from] StartupError),
+    /// The database failed the batch (a lock timeout, a restart in progress, …): retry.
+    #[error("database: {0}")]
+    Database(tokio_postgres::Error),
+}
+
+impl From<tokio_postgres::Error> for AttemptError {
+    fn from(err: tokio_postgres::Error) -> Self {
+        match err.as_db_error() {
+            Some(db) if db.code().code() == FENCED_SQLSTATE => AttemptError::Deposed,
+            Some(_) if !err.is_closed() => AttemptError::Database(err),
+            _ => AttemptError::Connection(err),
+        }
+    }
+}
+
+const PROJECT: &str = "select projection, key, rev, doc::text, deleted \
+                       from cqrs.project_batch($1::text::jsonb, $2::text::pg_lsn, $3)";
+
+struct Flusher {
+    ctx: Context,
+    sql: Client,
+    /// `PROJECT`, prepared on `sql`; none after the connection broke
+    statement: Option<Statement>,
+    token: i64,
+    policy: Arc<Mutex<BatchPolicy>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Projects batches until the channel closes; reports each batch's number on `completed` once
+/// it committed and its rows went to the cache (or were remembered for repair).
+pub(crate) async fn run(
+    ctx: Context,
+    sql: Client,
+    token: i64,
+    mut batches: mpsc::Receiver<Batch>,
+    completed: watch::Sender<u64>,
+    policy: Arc<Mutex<BatchPolicy>>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), FlushError> {
+    let statement = sql.prepare(PROJECT).await.ok();
+    let mut flusher = Flusher {
+        ctx,
+        sql,
+        statement,
+        token,
+        policy,
+        shutdown,
+    };
+    while let Some(batch) = batches.recv().await {
+        let started = Instant::now();
+        let rows = flusher.project(&batch, started).await?;
+        write_to_cache(&flusher.ctx, writes_from(&rows)).await;
+        flusher.record_success(&batch, started.elapsed());
+        completed.send_replace(batch.number);
+    }
+    Ok(())
+}
+
+impl Flusher {
+    /// One batch, retried until it commits, the leader is deposed or asked to stop.
+    async fn project(&mut self, batch: &Batch, started: Instant) -> Result<Vec<Row>, FlushError> {
+        let fence = batch.fence().map(cqrs_projection::lsn::format);
+        let mut delays = backoff();
+        loop {
+            let failure = match self.attempt(batch, &fence).await {
+                Ok(rows) => return Ok(rows),
+                Err(AttemptError::Deposed) => {
+                    tracing::error!(
+                        "a newer leader holds the projector lease; this sidecar stops projecting"
+                    );
+                    return Err(FlushError::Deposed);
+                }
+                Err(failure) => failure,
+            };
+            self.ctx.metrics.batch_failures.inc();
+            self.ctx.health.streaming.store(false, Ordering::Relaxed);
+            if let Ok(mut policy) = self.policy.lock() {
+                policy.record(batch.events, started.elapsed(), false);
+            }
+            if matches!(failure, AttemptError::Connection(_) | AttemptError::Connect(_))
+                || self.sql.is_closed()
+            {
+                self.statement = None;
+            }
+            let delay = delays.next().unwrap_or(Duration::from_secs(5));
+            tracing::warn!(error = %failure, events = batch.events, retry_in = ?delay, "projecting a batch failed; retrying");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.shutdown.wait_for(|stop| *stop) => {
+                    tracing::warn!("stopping with a batch that did not commit; it will be streamed again");
+                    return Err(FlushError::Stopped);
+                }
+            }
+        }
+    }
+
+    async fn attempt(&mut self, batch: &Batch, fence: &Option<String>) -> Result<Vec<Row>, AttemptError> {
+        let statement = match &self.statement {
+            Some(statement) => statement.clone(),
+            None => {
+                self.sql = self.ctx.pg.connect(Duration::from_secs(5)).await?;
+                let statement = self.sql.prepare(PROJECT).await?;
+                self.statement = Some(statement.clone());
+                statement
+            }
+        };
+        Ok(self
+            .sql
+            .query(&statement, &[&batch.json, fence, &self.token])
+            .await?)
+    }
+
+    fn record_success(&self, batch: &Batch, took: Duration) {
+        let metrics = &self.ctx.metrics;
+        self.ctx.health.streaming.store(true, Ordering::Relaxed);
+        metrics.flush_duration.observe(took.as_secs_f64());
+        metrics.batch_events.observe(batch.events as f64);
+        metrics.events_projected.inc_by(batch.events as u64);
+        if let Some(oldest) = batch.oldest_commit {
+            if let Ok(delay) = SystemTime::now().duration_since(oldest) {
+                metrics.event_delay.observe(delay.as_secs_f64());
+            }
+        }
+        if let Ok(mut policy) = self.policy.lock() {
+            policy.record(batch.events, took, true);
+            metrics.batch_target.set(policy.target() as i64);
+        }
+    }
+}
