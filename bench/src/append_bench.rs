@@ -92,13 +92,8 @@ fn variants(streams: u32) -> Vec<Variant> {
 }
 
 fn setup(cluster: &PgCluster, streams: u32) -> Result<()> {
-    cqrs_harness::edition::build_portable()?;
     cluster.psql_in("postgres", &format!("create database {PORTABLE_DB}"))?;
-    let (ok, output) =
-        cqrs_harness::edition::psql_file(cluster, "postgres", PORTABLE_DB, "target/portable/pg_cqrs.sql")?;
-    if !ok {
-        bail!("installing the portable edition failed:\n{output}");
-    }
+    cqrs_harness::edition::install_portable(cluster, "postgres", PORTABLE_DB)?;
     cluster.psql_in(
         PORTABLE_DB,
         &format!(

@@ -20,7 +20,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use tokio::sync::Mutex;
-use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
 
 use crate::lag::LagProbe;
@@ -104,23 +103,13 @@ struct Tally {
     intents: BTreeMap<Intent, u64>,
 }
 
-pub async fn connect(url: &str) -> Result<Client> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
-}
-
 struct Sent {
     id: Uuid,
     command: OrderCommand,
 }
 
 async fn session(url: String, index: u64, commands: u64, tally: Arc<Mutex<Tally>>) -> Result<()> {
-    let client = connect(&url).await?;
+    let client = cqrs_harness::connect(&url).await?;
     let append = client
         .prepare("select seq, duplicate from cqrs.append($1, $2, $3, $4, $5)")
         .await?;
@@ -334,6 +323,8 @@ async fn command_side(stack: &Stack, args: &DemoArgs) -> Result<()> {
 
 /// Part 2: projections, two sidecars and Redis under a paced workload. True when Ctrl-C ended
 /// it.
+// A script read top to bottom (start, run with progress lines, fail over, summarise), as the
+// README shows its output.
 async fn live(stack: &mut Stack, args: &DemoArgs) -> Result<bool> {
     println!("\n▶ part 2 — live: projections, two sidecars and Redis");
     let started = Instant::now();

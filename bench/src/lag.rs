@@ -9,7 +9,7 @@ use anyhow::Result;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::demo::connect;
+use cqrs_harness::connect;
 
 /// Longest a probe waits; a probe that times out is recorded at this value.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);

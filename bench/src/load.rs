@@ -18,12 +18,12 @@ use rand_distr::{Distribution, Zipf};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::demo::connect;
 use crate::lag::LagProbe;
 use crate::report::{percentile, Table};
 use crate::sidecar_bench::{append_backlog, events_behind};
 use crate::stack::Stack;
 use crate::writers::{WriteStats, WriterOptions, Writers, Written};
+use cqrs_harness::connect;
 
 #[derive(clap::Args, Debug)]
 pub struct LoadArgs {
@@ -292,6 +292,7 @@ struct Phase {
     lag_timeouts: u64,
 }
 
+// A script read top to bottom: preload, the phases, the naive comparison, the report.
 pub async fn run(args: LoadArgs) -> Result<()> {
     println!("▶ starting PostgreSQL 15 (fsync on), redis-server, the order projections and a sidecar …");
     let mut stack = Stack::start(args.edition, true).await?;
@@ -453,6 +454,7 @@ fn triple(values: &[f64], ps: &[f64; 3]) -> String {
 }
 
 /// Runs readers (and writers, with `writes`) for `seconds` with a progress line each second.
+// One piece: the tasks it starts and the per-second line share the counters it reports.
 async fn phase(
     stack: &Stack,
     name: &'static str,

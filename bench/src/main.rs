@@ -52,7 +52,5 @@ fn main() -> anyhow::Result<()> {
 
 /// A file of this repository (examples, SQL), wherever the binary is run from.
 pub(crate) fn repo_file(relative: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(relative)
+    cqrs_harness::repo_root().join(relative)
 }

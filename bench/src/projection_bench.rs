@@ -13,9 +13,9 @@ use futures_util::SinkExt;
 use serde_json::Value;
 use tokio_postgres::Client;
 
-use crate::demo::connect;
 use crate::report::{median, Table};
 use crate::workload::OrderGenerator;
+use cqrs_harness::connect;
 
 #[derive(clap::Args, Debug)]
 pub struct ProjectArgs {
@@ -173,13 +173,8 @@ async fn backend_peak_kib(client: &Client) -> Result<u64> {
 /// The portable edition in its own database of `cluster`, with the example projections and the
 /// same kind of log; a client on it.
 async fn portable_database(cluster: &PgCluster, events: u64) -> Result<Client> {
-    cqrs_harness::edition::build_portable()?;
     cluster.psql_in("postgres", &format!("create database {PORTABLE_DB}"))?;
-    let (ok, output) =
-        cqrs_harness::edition::psql_file(cluster, "postgres", PORTABLE_DB, "target/portable/pg_cqrs.sql")?;
-    if !ok {
-        bail!("installing the portable edition failed:\n{output}");
-    }
+    cqrs_harness::edition::install_portable(cluster, "postgres", PORTABLE_DB)?;
     let client = connect(&cluster.url_for(PORTABLE_DB)).await?;
     client
         .batch_execute(&std::fs::read_to_string(crate::repo_file(
@@ -207,6 +202,7 @@ async fn rebuild(client: &Client, label: &str) -> Result<()> {
     Ok(())
 }
 
+// A script read top to bottom: set-up, interleaved rounds, memory, rebuild, report.
 pub async fn run(args: ProjectArgs) -> Result<()> {
     println!("starting a private PostgreSQL 15 cluster (fsync on) …");
     let cluster = tokio::task::spawn_blocking(|| {

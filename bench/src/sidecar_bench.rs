@@ -17,12 +17,12 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 
-use crate::demo::connect;
 use crate::lag::LagProbe;
 use crate::report::{percentile, Table};
 use crate::stack::{memory_kib, Stack};
 use crate::workload::OrderGenerator;
 use crate::writers::{WriteStats, WriterOptions, Writers};
+use cqrs_harness::connect;
 
 #[derive(clap::Args, Debug)]
 pub struct SidecarArgs {
@@ -60,6 +60,7 @@ const SIDECAR_MAX_BATCH: usize = 5000;
 const SLOT: &str = "cqrs_sidecar";
 const PUBLICATION: &str = "cqrs_command_log";
 
+// A script read top to bottom: backlog, in-database limit, sidecar catch-up, live rates, report.
 pub async fn run(args: SidecarArgs) -> Result<()> {
     println!("▶ starting PostgreSQL 15 (fsync on), redis-server, the example order projections …");
     let mut stack = Stack::start(args.edition, true).await?;

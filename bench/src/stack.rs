@@ -11,8 +11,8 @@ use cqrs_harness::{ClusterOptions, Durability, PgCluster, RedisServer, Sidecar};
 use serde_json::Value;
 use tokio_postgres::Client;
 
-use crate::demo::connect;
 use crate::workload::command_types;
+use cqrs_harness::connect;
 
 pub struct Stack {
     pub sidecars: Vec<Sidecar>,

@@ -11,8 +11,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use crate::demo::connect;
 use crate::workload::OrderGenerator;
+use cqrs_harness::connect;
 
 /// An append to check with a read-your-writes read.
 pub struct Written {

@@ -20,6 +20,7 @@ use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 use crate::command_limits::{self, Document};
 use crate::command_registry;
 use crate::errors::{column, error, null_argument, spi_error};
+use crate::fmgr;
 use crate::payload_schema;
 use crate::settings;
 
@@ -188,13 +189,7 @@ impl Command<'_> {
         // SAFETY: the caller guarantees the argument list; each argument is read only when it is
         // not null, and text/jsonb arguments are the types text_arg/check_object expect.
         unsafe {
-            let arg = |n: usize| -> Option<pg_sys::Datum> {
-                if pgrx::fcinfo::pg_arg_is_null(fcinfo, n) {
-                    None
-                } else {
-                    Some(pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, n))
-                }
-            };
+            let arg = |n: usize| fmgr::arg(fcinfo, n);
             let Some(command_id) = arg(0) else {
                 return Err(null_argument("command_id"));
             };
@@ -460,12 +455,7 @@ pub(crate) fn append(command: &Command<'_>) -> Result<Appended, ErrorReport> {
     })
 }
 
-#[unsafe(no_mangle)]
-#[doc(hidden)]
-pub extern "C" fn pg_finfo_cqrs_append() -> &'static pg_sys::Pg_finfo_record {
-    const V1_API: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1_API
-}
+fmgr::v1_function!(pg_finfo_cqrs_append);
 
 /// The C entry point of `cqrs.append()`.
 ///
@@ -477,42 +467,18 @@ pub extern "C" fn pg_finfo_cqrs_append() -> &'static pg_sys::Pg_finfo_record {
 pub unsafe extern "C-unwind" fn cqrs_append(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     // SAFETY: fcinfo is the call info of cqrs.append (see the function's contract).
     let appended = unsafe { Command::from_fcinfo(fcinfo) }.and_then(|command| append(&command));
-    match appended {
-        // SAFETY: same fcinfo; cqrs.append is declared with three OUT parameters.
-        Ok(appended) => unsafe { composite(fcinfo, &appended) },
-        Err(report) => {
-            report.report(PgLogLevel::ERROR);
-            unreachable!("ERROR does not return")
-        }
-    }
-}
-
-/// Builds the `(position, seq, duplicate)` result row.
-///
-/// # Safety
-/// `fcinfo` must be the call info of a function returning a composite of (bigint, bigint, boolean).
-unsafe fn composite(fcinfo: pg_sys::FunctionCallInfo, appended: &Appended) -> pg_sys::Datum {
-    // SAFETY: standard composite-return sequence; memory is allocated in the caller's context
-    // (SPI has been finished by now).
+    let appended = fmgr::or_raise(appended);
+    // SAFETY: same fcinfo; cqrs.append is declared with three OUT parameters of these types.
     unsafe {
-        let mut tupdesc: pg_sys::TupleDesc = std::ptr::null_mut();
-        let class = pg_sys::get_call_result_type(fcinfo, std::ptr::null_mut(), &mut tupdesc);
-        if class != pg_sys::TypeFuncClass::TYPEFUNC_COMPOSITE || tupdesc.is_null() {
-            error(
-                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                "cqrs.append must be called in a context that accepts a record",
-            )
-            .report(PgLogLevel::ERROR);
-            unreachable!("ERROR does not return")
-        }
-        let tupdesc = pg_sys::BlessTupleDesc(tupdesc);
-        let mut values = [
-            pg_sys::Datum::from(appended.position),
-            pg_sys::Datum::from(appended.seq),
-            pg_sys::Datum::from(appended.duplicate),
-        ];
-        let mut nulls = [false; 3];
-        let tuple = pg_sys::heap_form_tuple(tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
-        pgrx::htup::heap_tuple_get_datum(tuple)
+        fmgr::return_record(
+            fcinfo,
+            "cqrs.append",
+            [
+                pg_sys::Datum::from(appended.position),
+                pg_sys::Datum::from(appended.seq),
+                pg_sys::Datum::from(appended.duplicate),
+            ],
+            [false; 3],
+        )
     }
 }

@@ -1,8 +1,20 @@
-//! `pg_cqrs`: CQRS inside PostgreSQL.
+//! `pg_cqrs`: CQRS inside PostgreSQL — the extension edition.
 //!
-//! The SQL API lives mostly in hand-written SQL under `sql/core/` (so that a PL/pgSQL edition can
-//! share it); this crate adds what earns its place in Rust: JSON Schema validation of payloads,
-//! `uuid_v7()`, and the typed settings.
+//! Where a function is declared: every SQL function of the extension is declared once, in SQL —
+//! the ones written in SQL and PL/pgSQL in `sql/core/` (shared with the portable edition), the
+//! ones implemented here in `sql/extension/functions.sql` (`language c` with their symbols);
+//! `sql/core/api.sql` holds every function's comment and privileges. This crate implements:
+//!
+//! - the command side: [`append`] (`cqrs.append`, one kept statement), [`command_limits`]
+//!   (size and depth limits), [`payload_schema`] (JSON Schema validation, compiled schemas cached
+//!   per backend), [`command_registry`] (registered types in backend memory), [`uuid_v7`];
+//! - the projection side: [`projection_api`] (the SQL functions: `_project_batch`, `catch_up`,
+//!   `resume`, `retry_dead_letters`, `read_many`, `create_projection`, `rebuild`),
+//!   [`projector`] (sequencing, folding and writing one batch), [`projection_catalog`]
+//!   (definitions checked against the catalog and cached), [`events`] (command-log rows in),
+//!   [`owner_rights`] (writes as the read model's owner), [`waiters`] (`wait_for`);
+//! - the plumbing: [`fmgr`] (the C calling convention of the hand-written entry points),
+//!   [`prepared`] (kept statements), [`subtransaction`], [`errors`], [`settings`].
 
 // Errors are pgrx `ErrorReport`s (SQLSTATE, message, detail, hint), which are large; they are
 // raised once and end the statement, so boxing them would only add noise.
@@ -15,6 +27,7 @@ mod command_limits;
 mod command_registry;
 mod errors;
 mod events;
+mod fmgr;
 mod owner_rights;
 mod payload_schema;
 mod prepared;

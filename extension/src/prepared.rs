@@ -14,9 +14,25 @@ thread_local! {
     static PLANS: RefCell<HashMap<&'static str, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
 }
 
-/// The kept plan of `sql`, prepared with `args` on first use. The cache is not borrowed while
+/// Executes the kept plan of `sql` with `args`, whose types are its parameters' types;
+/// `doing` names the work in the error.
+pub(crate) fn execute(
+    client: &mut SpiClient<'_>,
+    sql: &'static str,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+    doing: &str,
+) -> Result<(), ErrorReport> {
+    let types: Vec<PgOid> = args.iter().map(|arg| PgOid::from(arg.oid())).collect();
+    let kept = statement(client, sql, &types)?;
+    client
+        .update(&*kept, None, args)
+        .map(|_| ())
+        .map_err(|err| spi_error(doing, err))
+}
+
+/// The kept statement of `sql`, prepared with `args` on first use. The cache is not borrowed while
 /// the caller executes it, so user code run by the statement may re-enter the extension.
-pub(crate) fn plan(
+pub(crate) fn statement(
     client: &SpiClient<'_>,
     sql: &'static str,
     args: &[PgOid],
@@ -37,7 +53,7 @@ pub(crate) fn plan(
 /// Runs `work` (which plans and executes the extension's own statements) with the planner
 /// limited to index scans and nested loops.
 ///
-/// Every statement of the extension looks rows up by their unique keys. Plans are kept for the
+/// Every statement of the extension looks rows up by their unique keys. Statements are kept for the
 /// backend's life, and one made while a table was empty or unanalysed (the first batch, always)
 /// would scan that table — sequentially or through a bitmap of a whole projection — long after
 /// it has grown. Restricted like this, plans are index nested loops whatever the statistics say.

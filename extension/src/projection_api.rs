@@ -14,6 +14,7 @@ use pgrx::JsonB;
 
 use crate::errors::{column, error, null_argument, spi_error, unknown_projection};
 use crate::events;
+use crate::fmgr::{self, arg, raise, text_arg};
 use crate::owner_rights;
 use crate::prepared;
 use crate::projection_catalog::{self, NewProjection};
@@ -23,35 +24,6 @@ use crate::subtransaction::Failure;
 
 /// Default number of commands read from the log at a time by catch-up and rebuild.
 const DEFAULT_CHUNK: i64 = 10_000;
-
-fn raise(report: ErrorReport) -> ! {
-    report.report(PgLogLevel::ERROR);
-    unreachable!("ERROR does not return")
-}
-
-/// Argument `n`, `None` when SQL NULL.
-///
-/// # Safety
-/// `fcinfo` must be a valid call info with at least `n + 1` arguments.
-unsafe fn arg(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> Option<pg_sys::Datum> {
-    // SAFETY: per the contract.
-    unsafe {
-        if pgrx::fcinfo::pg_arg_is_null(fcinfo, n) {
-            None
-        } else {
-            Some(pgrx::fcinfo::pg_getarg_datum_raw(fcinfo, n))
-        }
-    }
-}
-
-/// A text argument as a Rust string.
-///
-/// # Safety
-/// As [`arg`], and argument `n` must be of type text.
-unsafe fn text_arg(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> Option<String> {
-    // SAFETY: per the contract.
-    unsafe { arg(fcinfo, n).and_then(|d| String::from_datum(d, false)) }
-}
 
 /// Returns `rows` as the function's result set, or raises the error.
 ///
@@ -73,43 +45,48 @@ unsafe fn answer_rows(
 /// # Safety
 /// `fcinfo` must be the call info of a set-returning function declared with those columns.
 unsafe fn return_rows(fcinfo: pg_sys::FunctionCallInfo, rows: Vec<ChangedRow>) -> pg_sys::Datum {
-    // SAFETY: InitMaterializedSRF checks that the caller accepts a materialised set and sets up
-    // the tuplestore and descriptor; every value put is a valid Datum of its column's type.
+    let null = pg_sys::Datum::from(0);
+    // SAFETY: per the contract; the Datums are text, text, bigint, json and boolean.
     unsafe {
-        pg_sys::InitMaterializedSRF(fcinfo, 0);
-        let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
-        for row in rows {
-            let mut values = [
-                row.projection
-                    .as_ref()
-                    .into_datum()
-                    .unwrap_or(pg_sys::Datum::from(0)),
-                row.key.as_str().into_datum().unwrap_or(pg_sys::Datum::from(0)),
-                pg_sys::Datum::from(row.rev),
-                row.doc.unwrap_or(pg_sys::Datum::from(0)),
-                pg_sys::Datum::from(row.deleted),
-            ];
-            let mut nulls = [false, false, false, row.doc.is_none(), false];
-            pg_sys::tuplestore_putvalues(
-                (*rsinfo).setResult,
-                (*rsinfo).setDesc,
-                values.as_mut_ptr(),
-                nulls.as_mut_ptr(),
-            );
-        }
-        pg_sys::Datum::from(0)
+        fmgr::return_set(fcinfo, rows, |row| {
+            (
+                [
+                    row.projection.as_ref().into_datum().unwrap_or(null),
+                    row.key.as_str().into_datum().unwrap_or(null),
+                    pg_sys::Datum::from(row.rev),
+                    row.doc.unwrap_or(null),
+                    pg_sys::Datum::from(row.deleted),
+                ],
+                [false, false, false, row.doc.is_none(), false],
+            )
+        })
     }
 }
 
-macro_rules! v1_function {
-    ($finfo:ident) => {
-        #[unsafe(no_mangle)]
-        #[doc(hidden)]
-        pub extern "C" fn $finfo() -> &'static pg_sys::Pg_finfo_record {
-            const V1_API: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-            &V1_API
-        }
-    };
+/// The next chunk of the log (at most `chunk` commands and about [`events::CHUNK_BYTES`]):
+/// `query` is [`events::BEHIND`] (after projection `from`'s progress) or [`events::LOG_AFTER`]
+/// (after position `from`).
+fn read_log(
+    client: &mut SpiClient<'_>,
+    query: &'static str,
+    from_type: PgBuiltInOids,
+    from: pgrx::datum::DatumWithOid<'_>,
+    chunk: i64,
+) -> Result<Vec<cqrs_projection::event::Event>, ErrorReport> {
+    let plan = prepared::statement(
+        client,
+        query,
+        &[
+            from_type.into(),
+            PgBuiltInOids::INT8OID.into(),
+            PgBuiltInOids::INT8OID.into(),
+        ],
+    )?;
+    let rows = prepared::index_plans(|| {
+        client.update(&*plan, None, &[from, chunk.into(), events::CHUNK_BYTES.into()])
+    })
+    .map_err(|e| spi_error("reading the log", e))?;
+    events::from_rows(rows, "a command-log row")
 }
 
 /// How a catch-up ended.
@@ -130,24 +107,7 @@ pub(crate) fn catch_up_one(
 ) -> Result<CaughtUp, ErrorReport> {
     let mut total = 0u64;
     loop {
-        let plan = prepared::plan(
-            client,
-            events::BEHIND,
-            &[
-                PgBuiltInOids::TEXTOID.into(),
-                PgBuiltInOids::INT8OID.into(),
-                PgBuiltInOids::INT8OID.into(),
-            ],
-        )?;
-        let rows = prepared::index_plans(|| {
-            client.update(
-                &*plan,
-                None,
-                &[name.into(), chunk.into(), events::CHUNK_BYTES.into()],
-            )
-        })
-        .map_err(|e| spi_error("reading the log", e))?;
-        let events = events::from_rows(rows, "a command-log row")?;
+        let events = read_log(client, events::BEHIND, PgBuiltInOids::TEXTOID, name.into(), chunk)?;
         if events.is_empty() {
             return Ok(CaughtUp {
                 events: total,
@@ -212,13 +172,12 @@ fn names(client: &mut SpiClient<'_>, only: Option<&str>) -> Result<Vec<String>, 
 }
 
 fn bump_generation(client: &mut SpiClient<'_>, name: &str) -> Result<(), ErrorReport> {
-    client
-        .update(
-            "update cqrs.projection_state set generation = generation + 1 where name = $1",
-            None,
-            &[name.into()],
-        )
-        .map_err(|e| spi_error("bumping the generation", e))?;
+    for_projection(
+        client,
+        "update cqrs.projection_state set generation = generation + 1 where name = $1",
+        name,
+        "bumping the generation",
+    )?;
     Ok(())
 }
 
@@ -237,7 +196,7 @@ fn chunk_arg(chunk: Option<i64>) -> Result<i64, ErrorReport> {
 /// `cqrs.acquire_lease()` wait for batches in flight, so after a takeover every call with the
 /// old token is refused.
 fn check_lease(client: &mut SpiClient<'_>, token: i64) -> Result<(), ErrorReport> {
-    let plan = prepared::plan(client, LEASE, &[])?;
+    let plan = prepared::statement(client, LEASE, &[])?;
     let current = prepared::index_plans(|| client.update(&*plan, None, &[]))
         .and_then(|rows| rows.first().get_one::<i64>())
         .map_err(|e| spi_error("reading the projector lease", e))?
@@ -256,7 +215,7 @@ const LEASE: &str = "select coalesce((select l.token from cqrs.projector_lease l
 
 // ---- project_batch ----
 
-v1_function!(pg_finfo_cqrs_project_batch);
+fmgr::v1_function!(pg_finfo_cqrs_project_batch);
 
 /// `cqrs.project_batch(events jsonb, commit_lsn pg_lsn default null)`.
 ///
@@ -306,7 +265,7 @@ pub unsafe extern "C-unwind" fn cqrs_project_batch(fcinfo: pg_sys::FunctionCallI
 
 // ---- catch_up ----
 
-v1_function!(pg_finfo_cqrs_catch_up);
+fmgr::v1_function!(pg_finfo_cqrs_catch_up);
 
 /// `cqrs.catch_up(name text default null, chunk integer default 10000)`.
 ///
@@ -340,7 +299,7 @@ pub unsafe extern "C-unwind" fn cqrs_catch_up(fcinfo: pg_sys::FunctionCallInfo) 
 
 // ---- resume ----
 
-v1_function!(pg_finfo_cqrs_resume);
+fmgr::v1_function!(pg_finfo_cqrs_resume);
 
 /// `cqrs.resume(name text)`: clears a halt and catches the projection up with the log.
 ///
@@ -371,18 +330,7 @@ pub unsafe extern "C-unwind" fn cqrs_resume(fcinfo: pg_sys::FunctionCallInfo) ->
         } else {
             None
         };
-        let resumed = client
-            .update(
-                "update cqrs.projection_state set halted = false, last_error = null, last_error_sqlstate = null,
-                        last_error_at = null, last_error_event = null, generation = generation + 1
-                  where name = $1 returning 1",
-                None,
-                &[name.as_str().into()],
-            )
-            .map_err(|e| spi_error("resuming", e))?;
-        if resumed.is_empty() {
-            return Err(unknown_projection(&name));
-        }
+        clear_halt(client, &name, Counts::Keep)?;
         let mut changes = Changes::default();
         let caught = catch_up_one(client, &name, DEFAULT_CHUNK, true, skip.as_ref(), &mut changes)?;
         if let Some(skipped) = &skip {
@@ -449,7 +397,7 @@ fn failed_event(client: &mut SpiClient<'_>, name: &str) -> Result<Skip, ErrorRep
 
 // ---- retry_dead_letters ----
 
-v1_function!(pg_finfo_cqrs_retry_dead_letters);
+fmgr::v1_function!(pg_finfo_cqrs_retry_dead_letters);
 
 /// `cqrs.retry_dead_letters(name text)`: applies the projection's dead letters again (as they
 /// are, out of their original order); those that now succeed leave `cqrs.dead_letter`.
@@ -528,7 +476,7 @@ pub unsafe extern "C-unwind" fn cqrs_retry_dead_letters(fcinfo: pg_sys::Function
 
 // ---- read_many ----
 
-v1_function!(pg_finfo_cqrs_read_many);
+fmgr::v1_function!(pg_finfo_cqrs_read_many);
 
 /// `cqrs.read_many(projection text, keys text[])`.
 ///
@@ -562,7 +510,7 @@ pub unsafe extern "C-unwind" fn cqrs_read_many(fcinfo: pg_sys::FunctionCallInfo)
             .and_then(|rows| rows.first().get_one::<i64>())
             .map_err(|e| spi_error("reading the projection's revision", e))?
             .unwrap_or(0);
-        let plan = def.plan(
+        let plan = def.statement(
             client,
             "read",
             cqrs_projection::sql::Target::read_sql,
@@ -587,29 +535,20 @@ pub unsafe extern "C-unwind" fn cqrs_read_many(fcinfo: pg_sys::FunctionCallInfo)
         }
         Ok::<_, ErrorReport>(rows)
     });
-    match rows {
-        // SAFETY: InitMaterializedSRF checks the caller accepts a materialised set; each value
-        // is a valid Datum of its column's type.
-        Ok(rows) => unsafe {
-            pg_sys::InitMaterializedSRF(fcinfo, 0);
-            let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
-            for (key, rev, doc) in rows {
-                let mut values = [
-                    key.as_str().into_datum().unwrap_or(pg_sys::Datum::from(0)),
+    let rows = fmgr::or_raise(rows);
+    let null = pg_sys::Datum::from(0);
+    // SAFETY: cqrs.read_many returns (key text, rev bigint, doc json), which these Datums are.
+    unsafe {
+        fmgr::return_set(fcinfo, rows, |(key, rev, doc)| {
+            (
+                [
+                    key.as_str().into_datum().unwrap_or(null),
                     pg_sys::Datum::from(rev),
-                    doc.unwrap_or(pg_sys::Datum::from(0)),
-                ];
-                let mut nulls = [false, false, doc.is_none()];
-                pg_sys::tuplestore_putvalues(
-                    (*rsinfo).setResult,
-                    (*rsinfo).setDesc,
-                    values.as_mut_ptr(),
-                    nulls.as_mut_ptr(),
-                );
-            }
-            pg_sys::Datum::from(0)
-        },
-        Err(report) => raise(report),
+                    doc.unwrap_or(null),
+                ],
+                [false, false, doc.is_none()],
+            )
+        })
     }
 }
 
@@ -656,24 +595,51 @@ fn create_projection(
                 .set_hint("Nothing was registered. Fix the handlers (or use on_error => 'dead_letter') and try again."));
             }
         } else {
-            client
-                .update(
-                    "insert into cqrs.projection_stream (projection, stream, last_seq) select $1, s.stream, s.last_seq from cqrs.stream s",
-                    None,
-                    &[name.into()],
-                )
-                .map_err(|e| spi_error("starting the projection at the end of the log", e))?;
+            for_projection(client, "insert into cqrs.projection_stream (projection, stream, last_seq) select $1, s.stream, s.last_seq from cqrs.stream s", name, "starting the projection at the end of the log")?;
             // the checkpoint too, so that cqrs.progress() does not count the log it skipped
-            client
-                .update(
-                    "update cqrs.projection_state set checkpoint_position = (select max(position) from cqrs.command_log) where name = $1",
-                    None,
-                    &[name.into()],
-                )
-                .map_err(|e| spi_error("starting the projection at the end of the log", e))?;
+            for_projection(client, "update cqrs.projection_state set checkpoint_position = (select max(position) from cqrs.command_log) where name = $1", name, "starting the projection at the end of the log")?;
         }
         Ok(())
     })
+}
+
+/// Runs `sql`, whose one parameter is the projection's name; `doing` names the work in errors.
+fn for_projection(client: &mut SpiClient<'_>, sql: &str, name: &str, doing: &str) -> Result<(), ErrorReport> {
+    client
+        .update(sql, None, &[name.into()])
+        .map(|_| ())
+        .map_err(|e| spi_error(doing, e))
+}
+
+/// What [`clear_halt`] does to a projection's counters.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Counts {
+    Keep,
+    /// a rebuild counts from zero
+    Reset,
+}
+
+/// Clears a projection's halt and last error (resume, rebuild); on resume it bumps the generation
+/// (its read model is about to change outside project_batch; a rebuild bumps it when done).
+/// 42704 when there is no such projection.
+fn clear_halt(client: &mut SpiClient<'_>, name: &str, counts: Counts) -> Result<(), ErrorReport> {
+    let cleared = client
+        .update(
+            "update cqrs.projection_state
+                set halted = false, last_error = null, last_error_sqlstate = null, last_error_at = null,
+                    last_error_event = null, generation = generation + case when $2 then 0 else 1 end,
+                    applied = case when $2 then 0 else applied end,
+                    duplicates = case when $2 then 0 else duplicates end,
+                    dead_lettered = case when $2 then 0 else dead_lettered end
+              where name = $1 returning 1",
+            None,
+            &[name.into(), (counts == Counts::Reset).into()],
+        )
+        .map_err(|e| spi_error("clearing the projection's halt", e))?;
+    if cleared.is_empty() {
+        return Err(unknown_projection(name));
+    }
+    Ok(())
 }
 
 /// Empties the read model and replays the whole log into it, `chunk` commands at a time, in one
@@ -697,118 +663,10 @@ fn rebuild(
     let chunk = chunk_arg(Some(i64::from(chunk)))?;
     let started = Instant::now();
     let events = Spi::connect_mut(|client| {
-        let state = client
-            .update(
-                "update cqrs.projection_state set halted = false, last_error = null, last_error_sqlstate = null,
-                        last_error_at = null, last_error_event = null, applied = 0, duplicates = 0,
-                        dead_lettered = 0
-                  where name = $1 returning 1",
-                None,
-                &[name.into()],
-            )
-            .map_err(|e| spi_error("locking the projection", e))?;
-        if state.is_empty() {
-            return Err(unknown_projection(name));
-        }
-        let def = projection_catalog::load(client, name, None)?;
-        // as the table's owner, like every write of the read model (its delete triggers fire)
-        subtransaction::run(|| {
-            owner_rights::as_owner(def.owner, || {
-                client
-                    .update(&def.target.clear_sql(), None, &[])
-                    .map(|_| ())
-                    .map_err(|e| spi_error("emptying the read model", e))
-            })
-        })
-        .map_err(|failure| {
-            error(
-                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                format!(
-                    "rebuild of {name} could not empty its read model: {}",
-                    failure.describe()
-                ),
-            )
-        })?;
-        client
-            .update(
-                "delete from cqrs.projection_stream where projection = $1",
-                None,
-                &[name.into()],
-            )
-            .map_err(|e| spi_error("resetting progress", e))?;
-        client
-            .update(
-                "delete from cqrs.parked where projection = $1",
-                None,
-                &[name.into()],
-            )
-            .map_err(|e| spi_error("clearing parked events", e))?;
-        let total = client
-            .select("select count(*) from cqrs.command_log", Some(1), &[])
-            .and_then(|rows| rows.first().get_one::<i64>())
-            .map_err(|e| spi_error("counting the log", e))?
-            .unwrap_or(0);
-
-        let mut done = 0i64;
-        let mut cursor = 0i64;
-        let mut last_notice = Instant::now();
-        let mut changes = Changes::default();
-        loop {
-            let plan = prepared::plan(
-                client,
-                events::LOG_AFTER,
-                &[
-                    PgBuiltInOids::INT8OID.into(),
-                    PgBuiltInOids::INT8OID.into(),
-                    PgBuiltInOids::INT8OID.into(),
-                ],
-            )?;
-            let rows = prepared::index_plans(|| {
-                client.update(
-                    &*plan,
-                    None,
-                    &[cursor.into(), chunk.into(), events::CHUNK_BYTES.into()],
-                )
-            })
-            .map_err(|e| spi_error("reading the log", e))?;
-            let events = events::from_rows(rows, "a command-log row")?;
-            let Some(last) = events.last() else { break };
-            cursor = last.position;
-            let reports = projector::project(
-                client,
-                &events,
-                &Options {
-                    commit_lsn: None,
-                    only: Some(name),
-                    with_docs: false,
-                    skip: None,
-                },
-                &mut changes,
-            )?;
-            if let Some((failure, event)) = reports.get(name).and_then(|r| r.halted.as_ref()) {
-                let at = event
-                    .as_ref()
-                    .map(|e| format!(" at {}#{} (position {})", e.stream, e.seq, e.position))
-                    .unwrap_or_default();
-                return Err(error(
-                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                    format!("rebuild of {name} stopped{at}: {}", failure.describe()),
-                )
-                .set_hint("The rebuild was rolled back and the read model left as it was. Fix the handlers or the data (or use on_error => 'dead_letter')."));
-            }
-            done += events.len() as i64;
-            changes = Changes::default();
-            if last_notice.elapsed().as_secs_f64() >= 1.0 {
-                let seconds = started.elapsed().as_secs_f64();
-                pgrx::notice!(
-                    "rebuild {name}: {done}/{total} events ({:.0}%), {:.0} events/s",
-                    100.0 * done as f64 / total.max(1) as f64,
-                    done as f64 / seconds.max(1e-9)
-                );
-                last_notice = Instant::now();
-            }
-        }
+        start_over(client, name)?;
+        let replayed = replay_log(client, name, chunk, started)?;
         // commands committed while we ran, below our cursor
+        let mut changes = Changes::default();
         let caught = catch_up_one(client, name, chunk, false, None, &mut changes)?;
         if let Some(why) = caught.halted {
             return Err(error(
@@ -817,7 +675,7 @@ fn rebuild(
             ));
         }
         bump_generation(client, name)?;
-        Ok(done + caught.events as i64)
+        Ok(replayed + caught.events as i64)
     })?;
     let seconds = started.elapsed().as_secs_f64();
     pgrx::notice!("rebuild {name}: done, {events} events in {seconds:.1} s");
@@ -826,4 +684,108 @@ fn rebuild(
         seconds,
         events as f64 / seconds.max(1e-9),
     )))
+}
+
+/// Rebuild, phase 1: the projection as if just created — no halt, counters at zero, its read
+/// model emptied (as the table's owner, like every write of it: its delete triggers fire), no
+/// progress and nothing parked.
+fn start_over(client: &mut SpiClient<'_>, name: &str) -> Result<(), ErrorReport> {
+    clear_halt(client, name, Counts::Reset)?;
+    let def = projection_catalog::load(client, name, None)?;
+    subtransaction::run(|| {
+        owner_rights::as_owner(def.owner, || {
+            client
+                .update(&def.target.clear_sql(), None, &[])
+                .map(|_| ())
+                .map_err(|e| spi_error("emptying the read model", e))
+        })
+    })
+    .map_err(|failure| {
+        error(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "rebuild of {name} could not empty its read model: {}",
+                failure.describe()
+            ),
+        )
+    })?;
+    for_projection(
+        client,
+        "delete from cqrs.projection_stream where projection = $1",
+        name,
+        "resetting progress",
+    )?;
+    for_projection(
+        client,
+        "delete from cqrs.parked where projection = $1",
+        name,
+        "clearing parked events",
+    )?;
+    Ok(())
+}
+
+/// Rebuild, phase 2: the whole log through the projector, `chunk` commands at a time, with a
+/// NOTICE of the progress every second; returns the events replayed. A halt stops the rebuild
+/// (its transaction rolls back, leaving the read model as it was).
+fn replay_log(
+    client: &mut SpiClient<'_>,
+    name: &str,
+    chunk: i64,
+    started: Instant,
+) -> Result<i64, ErrorReport> {
+    let total = client
+        .select("select count(*) from cqrs.command_log", Some(1), &[])
+        .and_then(|rows| rows.first().get_one::<i64>())
+        .map_err(|e| spi_error("counting the log", e))?
+        .unwrap_or(0);
+    let mut done = 0i64;
+    let mut cursor = 0i64;
+    let mut last_notice = Instant::now();
+    loop {
+        let events = read_log(
+            client,
+            events::LOG_AFTER,
+            PgBuiltInOids::INT8OID,
+            cursor.into(),
+            chunk,
+        )?;
+        let Some(last) = events.last() else {
+            return Ok(done);
+        };
+        cursor = last.position;
+        // the changed rows are not returned (rebuild returns figures), so not kept either
+        let mut changes = Changes::default();
+        let reports = projector::project(
+            client,
+            &events,
+            &Options {
+                commit_lsn: None,
+                only: Some(name),
+                with_docs: false,
+                skip: None,
+            },
+            &mut changes,
+        )?;
+        if let Some((failure, event)) = reports.get(name).and_then(|r| r.halted.as_ref()) {
+            let at = event
+                .as_ref()
+                .map(|e| format!(" at {}#{} (position {})", e.stream, e.seq, e.position))
+                .unwrap_or_default();
+            return Err(error(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("rebuild of {name} stopped{at}: {}", failure.describe()),
+            )
+            .set_hint("The rebuild was rolled back and the read model left as it was. Fix the handlers or the data (or use on_error => 'dead_letter')."));
+        }
+        done += events.len() as i64;
+        if last_notice.elapsed().as_secs_f64() >= 1.0 {
+            let seconds = started.elapsed().as_secs_f64();
+            pgrx::notice!(
+                "rebuild {name}: {done}/{total} events ({:.0}%), {:.0} events/s",
+                100.0 * done as f64 / total.max(1) as f64,
+                done as f64 / seconds.max(1e-9)
+            );
+            last_notice = Instant::now();
+        }
+    }
 }

@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
-use cqrs_projection::spec::{Field, Handler, Program, Source, Spec};
+use cqrs_projection::spec::{Handler, Program, Source, Spec};
 use cqrs_projection::sql::{quote_ident, Column, JsonKind, Target};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
@@ -24,10 +24,20 @@ pub(crate) enum OnError {
     DeadLetter,
 }
 
+impl OnError {
+    /// From `cqrs.projection.on_error` ('halt' or 'dead_letter', checked at registration).
+    fn from_setting(setting: &str) -> Self {
+        match setting {
+            "dead_letter" => OnError::DeadLetter,
+            _ => OnError::Halt,
+        }
+    }
+}
+
 /// The statements of a definition, prepared on first use and kept for the backend's life.
 #[derive(Default)]
-pub(crate) struct Plans {
-    plans: HashMap<String, Rc<OwnedPreparedStatement>>,
+pub(crate) struct Statements {
+    kept: HashMap<String, Rc<OwnedPreparedStatement>>,
 }
 
 /// A loaded projection definition.
@@ -38,21 +48,21 @@ pub(crate) struct Definition {
     /// The target table's owner: read-model writes and handlers run as this role.
     pub(crate) owner: pg_sys::Oid,
     pub(crate) on_error: OnError,
-    plans: RefCell<Plans>,
+    statements: RefCell<Statements>,
 }
 
 impl Definition {
-    /// The kept plan `which`, prepared from `sql` with `args` types the first time. The cache
-    /// is not borrowed while the caller executes it.
-    pub(crate) fn plan(
+    /// The kept statement `which`, prepared from `sql` with `args` types the first time. The
+    /// cache is not borrowed while the caller executes it.
+    pub(crate) fn statement(
         &self,
         client: &SpiClient<'_>,
         which: &str,
         sql: impl FnOnce(&Target) -> String,
         args: &[PgOid],
     ) -> Result<Rc<OwnedPreparedStatement>, ErrorReport> {
-        if let Some(plan) = self.plans.borrow().plans.get(which).cloned() {
-            return Ok(plan);
+        if let Some(kept) = self.statements.borrow().kept.get(which).cloned() {
+            return Ok(kept);
         }
         let text = sql(&self.target);
         let prepared = client.prepare_mut(text.as_str(), args).map_err(|err| {
@@ -62,9 +72,9 @@ impl Definition {
             )
         })?;
         let prepared = Rc::new(prepared.keep());
-        self.plans
+        self.statements
             .borrow_mut()
-            .plans
+            .kept
             .insert(which.to_owned(), Rc::clone(&prepared));
         Ok(prepared)
     }
@@ -288,13 +298,14 @@ fn probe_cast(
 }
 
 /// The checks made when a projection is created, beyond what the statements need.
+// Long but flat: one check after another, in the order their errors are documented.
 fn check_definition(
     client: &SpiClient<'_>,
     target: pg_sys::Oid,
     key_column: &str,
     rev_column: &str,
     spec: &Spec,
-) -> Result<Target, ErrorReport> {
+) -> Result<(Target, pg_sys::Oid), ErrorReport> {
     let (built, owner) = build_target(client, target, key_column, rev_column, spec)?;
     let table = read_table(client, target)?;
     check_function_owners(client, spec, owner)?;
@@ -380,7 +391,7 @@ fn check_definition(
             check_source(&at, source, column, &table)?;
         }
     }
-    Ok(built)
+    Ok((built, owner))
 }
 
 /// The projection writes the table as its owner: only the owner (or a member of its role) may
@@ -481,22 +492,11 @@ fn check_source(at: &str, source: &Source, column: &str, table: &CatalogTable) -
                 error(
                     PgSqlErrorCode::ERRCODE_CANNOT_COERCE,
                     format!("{at}: the command-log field {} ({}) cannot be stored in column {column:?} of type {}: {}",
-                        field_name(*field), field.sql_type(), catalog.sql_type, failure.message),
+                        field.name(), field.sql_type(), catalog.sql_type, failure.message),
                 )
             })
         }
         _ => Ok(()),
-    }
-}
-
-fn field_name(field: Field) -> &'static str {
-    match field {
-        Field::Stream => "stream",
-        Field::Seq => "seq",
-        Field::Position => "position",
-        Field::CreatedAt => "created_at",
-        Field::CommandId => "command_id",
-        Field::CommandType => "command_type",
     }
 }
 
@@ -619,7 +619,7 @@ pub(crate) fn register(new: &NewProjection<'_>) -> Result<(), ErrorReport> {
             ));
         }
         resolve_functions(client, &mut spec)?;
-        let target = check_definition(client, new.target, new.key_column, new.rev_column, &spec)?;
+        let (target, owner) = check_definition(client, new.target, new.key_column, new.rev_column, &spec)?;
         client
             .update(
                 "insert into cqrs.projection (name, target, key_column, rev_column, handlers, on_error)
@@ -642,33 +642,77 @@ pub(crate) fn register(new: &NewProjection<'_>) -> Result<(), ErrorReport> {
                 &[new.name.into()],
             )
             .map_err(|err| spi_error("registering the projection state", err))?;
-        // The projector writes the read model as its owner (owner_rights), and reads it to
-        // fill and repair caches: it needs select (and its schema), and nothing more.
-        let schema = client
+        grant_projector(client, new.target, &target.table)?;
+        // Hand the compiled definition on: the backfill, and this session's batches, use it
+        // without parsing the handlers or reading the catalog again. The table version is read
+        // after the grant, which changed the table's catalog row.
+        let (version, relation_version) = client
             .select(
-                "select n.nspname::text from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace where c.oid = $1",
+                "select p.definition_version, c.xmin::text
+                   from cqrs.projection p join pg_catalog.pg_class c on c.oid = p.target where p.name = $1",
                 Some(1),
-                &[new.target.into()],
+                &[new.name.into()],
             )
-            .and_then(|rows| rows.first().get_one::<String>())
-            .map_err(|err| spi_error("reading the target's schema", err))?
-            .unwrap_or_default();
-        let grant = format!(
-            "grant usage on schema {} to cqrs_projector; grant select on {} to cqrs_projector",
-            quote_ident(&schema),
-            target.table
-        );
-        if let Err(failure) = subtransaction::run(|| {
-            Spi::run(&grant).map_err(|err| spi_error("granting the projector access", err))
-        }) {
-            pgrx::notice!(
-                "could not grant cqrs_projector select on {} ({}); grant it yourself, and select to the roles that read it",
-                target.table,
-                failure.message
+            .and_then(|rows| rows.first().get_two::<i64, String>())
+            .map_err(|err| spi_error("reading the new projection's version", err))?;
+        if let (Some(version), Some(relation_version)) = (version, relation_version) {
+            remember(
+                version,
+                relation_version,
+                Definition {
+                    name: new.name.to_owned(),
+                    program: spec.compile(),
+                    target,
+                    owner,
+                    on_error: OnError::from_setting(on_error),
+                    statements: RefCell::new(Statements::default()),
+                },
             );
         }
         Ok(())
     })
+}
+
+/// The projector writes a read model as its owner (owner_rights), and reads it to fill and
+/// repair caches: it needs select on it (and usage on its schema), and nothing more. A grant
+/// that fails is a NOTICE: the owner can grant it.
+fn grant_projector(client: &mut SpiClient<'_>, target: pg_sys::Oid, table: &str) -> Result<(), ErrorReport> {
+    let schema = client
+        .select(
+            "select n.nspname::text from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace where c.oid = $1",
+            Some(1),
+            &[target.into()],
+        )
+        .and_then(|rows| rows.first().get_one::<String>())
+        .map_err(|err| spi_error("reading the target's schema", err))?
+        .unwrap_or_default();
+    let grant = format!(
+        "grant usage on schema {} to cqrs_projector; grant select on {} to cqrs_projector",
+        quote_ident(&schema),
+        table
+    );
+    if let Err(failure) = subtransaction::run(|| {
+        Spi::run(&grant).map_err(|err| spi_error("granting the projector access", err))
+    }) {
+        pgrx::notice!(
+            "could not grant cqrs_projector select on {} ({}); grant it yourself, and select to the roles that read it",
+            table,
+            failure.message
+        );
+    }
+    Ok(())
+}
+
+/// Keeps `definition` in this backend's cache, for its version and its table's version.
+fn remember(version: i64, relation_version: String, definition: Definition) -> Rc<Definition> {
+    let definition = Rc::new(definition);
+    DEFINITIONS.with_borrow_mut(|cache| {
+        cache.insert(
+            definition.name.clone(),
+            (version, relation_version, Rc::clone(&definition)),
+        );
+    });
+    definition
 }
 
 /// The definition of projection `name` (cached; reloaded when it or its table changed). With
@@ -730,26 +774,24 @@ pub(crate) fn load(
     let handlers = column(row.get::<JsonB>(6), "handlers")?
         .map(|j| j.0)
         .unwrap_or_default();
-    let on_error = match column(row.get::<String>(7), "on_error")?.as_deref() {
-        Some("dead_letter") => OnError::DeadLetter,
-        _ => OnError::Halt,
-    };
+    let on_error = OnError::from_setting(
+        column(row.get::<String>(7), "on_error")?
+            .as_deref()
+            .unwrap_or("halt"),
+    );
     let spec = Spec::parse(&handlers)
         .map_err(|err| internal(format!("stored handlers of {name:?} do not parse: {err}")))?;
     let (target, owner) = build_target(client, target_oid, &key_column, &rev_column, &spec)?;
-    let definition = Rc::new(Definition {
-        name: name.to_owned(),
-        program: spec.compile(),
-        target,
-        owner,
-        on_error,
-        plans: RefCell::new(Plans::default()),
-    });
-    DEFINITIONS.with_borrow_mut(|cache| {
-        cache.insert(
-            name.to_owned(),
-            (version, relation_version, Rc::clone(&definition)),
-        );
-    });
-    Ok(definition)
+    Ok(remember(
+        version,
+        relation_version,
+        Definition {
+            name: name.to_owned(),
+            program: spec.compile(),
+            target,
+            owner,
+            on_error,
+            statements: RefCell::new(Statements::default()),
+        },
+    ))
 }

@@ -225,11 +225,11 @@ fn text_array() -> PgOid {
 fn lock_states(client: &mut SpiClient<'_>, only: Option<&str>) -> Result<Vec<State>, ErrorReport> {
     let rows = match only {
         Some(name) => {
-            let plan = prepared::plan(client, LOCK_ONE, &[PgBuiltInOids::TEXTOID.into()])?;
+            let plan = prepared::statement(client, LOCK_ONE, &[PgBuiltInOids::TEXTOID.into()])?;
             prepared::index_plans(|| client.update(&*plan, None, &[name.into()]))
         }
         None => {
-            let plan = prepared::plan(client, LOCK_ALL, &[])?;
+            let plan = prepared::statement(client, LOCK_ALL, &[])?;
             prepared::index_plans(|| client.update(&*plan, None, &[]))
         }
     }
@@ -258,7 +258,7 @@ fn read_progress(
     name: &str,
     streams: &[String],
 ) -> Result<HashMap<String, i64>, ErrorReport> {
-    let plan = prepared::plan(client, PROGRESS, &[PgBuiltInOids::TEXTOID.into(), text_array()])?;
+    let plan = prepared::statement(client, PROGRESS, &[PgBuiltInOids::TEXTOID.into(), text_array()])?;
     let rows = prepared::index_plans(|| client.update(&*plan, None, &[name.into(), streams.to_vec().into()]))
         .map_err(|err| spi_error("reading stream progress", err))?;
     let mut progress = HashMap::with_capacity(rows.len());
@@ -275,7 +275,7 @@ fn read_parked(
     name: &str,
     streams: &[String],
 ) -> Result<Vec<Event>, ErrorReport> {
-    let plan = prepared::plan(client, PARKED, &[PgBuiltInOids::TEXTOID.into(), text_array()])?;
+    let plan = prepared::statement(client, PARKED, &[PgBuiltInOids::TEXTOID.into(), text_array()])?;
     let rows = prepared::index_plans(|| client.update(&*plan, None, &[name.into(), streams.to_vec().into()]))
         .map_err(|err| spi_error("reading parked events", err))?;
     events::from_rows(rows, "a parked event")
@@ -317,14 +317,16 @@ fn keep_doc(datum: Option<pg_sys::Datum>) -> Option<pg_sys::Datum> {
     datum.map(|d| unsafe { pg_sys::SPI_datumTransfer(d, false, -1) })
 }
 
-struct Flush<'a> {
+/// The writes of one projection's read model for one batch: its definition, the revision the
+/// rows it changes get, and whether to return their documents.
+struct ReadModelWrite<'a> {
     def: &'a Definition,
     projection: Rc<str>,
     rev: i64,
     with_docs: bool,
 }
 
-impl Flush<'_> {
+impl ReadModelWrite<'_> {
     fn rows_changed(
         &self,
         client: &mut SpiClient<'_>,
@@ -333,7 +335,7 @@ impl Flush<'_> {
         args: (&[PgOid], Vec<pgrx::datum::DatumWithOid<'static>>),
         out: &mut Vec<ChangedRow>,
     ) -> Result<(), ErrorReport> {
-        let plan = self.def.plan(client, which, sql, args.0)?;
+        let plan = self.def.statement(client, which, sql, args.0)?;
         let mut rows = prepared::index_plans(|| client.update(&*plan, None, &args.1))
             .map_err(|err| spi_error(&format!("{which} of projection {}", self.def.name), err))?;
         // iterate the table itself: only it hands out a column as the raw Datum
@@ -359,7 +361,8 @@ impl Flush<'_> {
     }
 
     /// Applies the pending steps: probe the keys, fold, write.
-    fn flush(
+    // One piece: the probe's answer, the fold and the three writes share the keys' state.
+    fn write_pending(
         &self,
         client: &mut SpiClient<'_>,
         pending: &mut Vec<Pending>,
@@ -376,7 +379,7 @@ impl Flush<'_> {
             .collect();
         let plan = self
             .def
-            .plan(client, "probe", Target::probe_sql, &[text_array()])?;
+            .statement(client, "probe", Target::probe_sql, &[text_array()])?;
         let rows = prepared::index_plans(|| client.update(&*plan, None, &[raw.into()]))
             .map_err(|err| spi_error(&format!("probing keys of projection {}", self.def.name), err))?;
         let mut keys: HashMap<String, (String, bool)> = HashMap::new();
@@ -418,7 +421,7 @@ impl Flush<'_> {
         if !deletes.is_empty() {
             let plan = self
                 .def
-                .plan(client, "delete", Target::delete_sql, &[text_array()])?;
+                .statement(client, "delete", Target::delete_sql, &[text_array()])?;
             let rows = prepared::index_plans(|| client.update(&*plan, None, &[deletes.into()]))
                 .map_err(|err| spi_error(&format!("deleting rows of projection {}", self.def.name), err))?;
             for row in rows {
@@ -462,7 +465,7 @@ impl Flush<'_> {
         out: &mut Vec<ChangedRow>,
     ) -> Result<(), ErrorReport> {
         let which = format!("function {function}");
-        let plan = self.def.plan(
+        let plan = self.def.statement(
             client,
             &which,
             |_| format!("select f.k from {function}($1) as f(k)"),
@@ -519,43 +522,44 @@ impl Flush<'_> {
 /// [`owner_rights`]); callers run it in a subtransaction.
 fn apply_events(
     client: &mut SpiClient<'_>,
-    flush: &Flush<'_>,
+    write: &ReadModelWrite<'_>,
     events: &[&Event],
     out: &mut Vec<ChangedRow>,
 ) -> Result<(), ErrorReport> {
-    owner_rights::as_owner(flush.def.owner, || apply_in_order(client, flush, events, out))
+    owner_rights::as_owner(write.def.owner, || apply_in_order(client, write, events, out))
 }
 
 fn apply_in_order(
     client: &mut SpiClient<'_>,
-    flush: &Flush<'_>,
+    write: &ReadModelWrite<'_>,
     events: &[&Event],
     out: &mut Vec<ChangedRow>,
 ) -> Result<(), ErrorReport> {
     let mut pending = Vec::new();
     for event in events {
-        let steps = flush.def.program.steps_for(&event.command_type);
+        let steps = write.def.program.steps_for(&event.command_type);
         if let (Some(why), false) = (&event.unreadable, steps.is_empty()) {
             return Err(error(
                 PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
-                format!("projection {}: {}: {why}", flush.def.name, describe(event)),
+                format!("projection {}: {}: {why}", write.def.name, describe(event)),
             ));
         }
         for step in steps {
             match step {
-                ProgramStep::Declarative(action) => pending.push(evaluate(flush.def, event, action)?),
+                ProgramStep::Declarative(action) => pending.push(evaluate(write.def, event, action)?),
                 ProgramStep::Function(function) => {
                     // a function sees the read model as every earlier event left it
-                    flush.flush(client, &mut pending, out)?;
-                    flush.call(client, function, event, out)?;
+                    write.write_pending(client, &mut pending, out)?;
+                    write.call(client, function, event, out)?;
                 }
             }
         }
     }
-    flush.flush(client, &mut pending, out)
+    write.write_pending(client, &mut pending, out)
 }
 
 /// Progress, parked events and dead letters of a planned batch.
+// Long but flat: four kept statements, each with its arguments.
 fn write_bookkeeping(
     client: &mut SpiClient<'_>,
     name: &str,
@@ -578,7 +582,7 @@ fn write_bookkeeping(
         if streams.is_empty() {
             continue;
         }
-        let statement = prepared::plan(client, sql, &args)?;
+        let statement = prepared::statement(client, sql, &args)?;
         prepared::index_plans(|| {
             client.update(&*statement, None, &[name.into(), streams.into(), seqs.into()])
         })
@@ -586,7 +590,7 @@ fn write_bookkeeping(
     }
     if !plan.park.is_empty() {
         let events = Event::array_text(plan.park.iter().copied());
-        let sql = prepared::plan(
+        let sql = prepared::statement(
             client,
             PARK,
             &[PgBuiltInOids::TEXTOID.into(), PgBuiltInOids::TEXTOID.into()],
@@ -596,7 +600,7 @@ fn write_bookkeeping(
     }
     if !plan.unpark.is_empty() {
         let (streams, seqs): (Vec<String>, Vec<i64>) = plan.unpark.iter().cloned().unzip();
-        let sql = prepared::plan(
+        let sql = prepared::statement(
             client,
             UNPARK,
             &[
@@ -609,7 +613,7 @@ fn write_bookkeeping(
             .map_err(|err| spi_error("releasing parked events", err))?;
     }
     if !plan.park.is_empty() || !plan.unpark.is_empty() {
-        let sql = prepared::plan(client, RECOUNT_PARKED, &[PgBuiltInOids::TEXTOID.into()])?;
+        let sql = prepared::statement(client, RECOUNT_PARKED, &[PgBuiltInOids::TEXTOID.into()])?;
         prepared::index_plans(|| client.update(&*sql, None, &[name.into()]))
             .map_err(|err| spi_error("counting parked events", err))?;
     }
@@ -617,7 +621,7 @@ fn write_bookkeeping(
         let events = Event::array_text(dead.iter().map(|(e, _)| e));
         let errors: Vec<String> = dead.iter().map(|(_, f)| f.describe()).collect();
         let codes: Vec<String> = dead.iter().map(|(_, f)| f.sqlstate.clone()).collect();
-        let sql = prepared::plan(
+        let sql = prepared::statement(
             client,
             DEAD_LETTER,
             &[
@@ -654,22 +658,22 @@ enum Outcome {
 /// applied but set aside with their recorded error, like dead letters.
 fn run_plan(
     client: &mut SpiClient<'_>,
-    flush: &Flush<'_>,
+    write: &ReadModelWrite<'_>,
     known: &HashMap<String, i64>,
     plan: &Plan<'_>,
     skipped: Vec<(Event, Failure)>,
 ) -> Outcome {
     let fast = subtransaction::run(|| {
         let mut rows = Vec::new();
-        apply_events(client, flush, &plan.apply, &mut rows)?;
-        write_bookkeeping(client, &flush.def.name, known, plan, &skipped)?;
+        apply_events(client, write, &plan.apply, &mut rows)?;
+        write_bookkeeping(client, &write.def.name, known, plan, &skipped)?;
         Ok(rows)
     });
     let first_failure = match fast {
         Ok(rows) => return Outcome::Done { rows, dead: skipped },
         Err(failure) => failure,
     };
-    match flush.def.on_error {
+    match write.def.on_error {
         OnError::Halt => {
             // Find the event that fails, then roll everything back: a halted projection keeps
             // what it had before this batch.
@@ -678,7 +682,7 @@ fn run_plan(
                 for event in &plan.apply {
                     let mut scratch = Vec::new();
                     if let Err(failure) =
-                        subtransaction::run(|| apply_events(client, flush, &[event], &mut scratch))
+                        subtransaction::run(|| apply_events(client, write, &[event], &mut scratch))
                     {
                         poison = Some(((*event).clone(), failure));
                         break;
@@ -703,12 +707,12 @@ fn run_plan(
                 let mut dead = skipped.clone();
                 for event in &plan.apply {
                     let mut applied = Vec::new();
-                    match subtransaction::run(|| apply_events(client, flush, &[event], &mut applied)) {
+                    match subtransaction::run(|| apply_events(client, write, &[event], &mut applied)) {
                         Ok(()) => rows.append(&mut applied),
                         Err(failure) => dead.push(((*event).clone(), failure)),
                     }
                 }
-                write_bookkeeping(client, &flush.def.name, known, plan, &dead)?;
+                write_bookkeeping(client, &write.def.name, known, plan, &dead)?;
                 Ok((rows, dead))
             });
             match careful {
@@ -727,14 +731,14 @@ pub(crate) fn apply_one(
     rev: i64,
     changes: &mut Changes,
 ) -> Result<(), Failure> {
-    let flush = Flush {
+    let write = ReadModelWrite {
         def,
         projection: Rc::from(def.name.as_str()),
         rev,
         with_docs: true,
     };
     let mut rows = Vec::new();
-    subtransaction::run(|| apply_events(client, &flush, &[event], &mut rows))?;
+    subtransaction::run(|| apply_events(client, &write, &[event], &mut rows))?;
     changes.extend(rows);
     Ok(())
 }
@@ -750,8 +754,12 @@ pub(crate) fn project(
     let mut streams: Vec<String> = events.iter().map(|e| e.stream.clone()).collect();
     streams.sort_unstable();
     streams.dedup();
-    let max_position = events.iter().map(|e| e.position).max();
-    let lsn_text = options.commit_lsn.map(lsn::format);
+    let batch = BatchFacts {
+        events,
+        streams: &streams,
+        max_position: events.iter().map(|e| e.position).max(),
+        lsn_text: options.commit_lsn.map(lsn::format),
+    };
     let mut reports = BTreeMap::new();
     for state in states {
         if state.halted {
@@ -763,106 +771,124 @@ pub(crate) fn project(
                 continue;
             }
         }
-        let def = projection_catalog::load(
-            client,
-            &state.name,
-            Some((state.definition_version, &state.relation_version)),
-        )?;
-        let progress = read_progress(client, &state.name, &streams)?;
-        let parked = if state.parked > 0 {
-            read_parked(client, &state.name, &streams)?
-        } else {
-            Vec::new()
-        };
-        let mut plan = sequencing::plan(&progress, events, &parked);
-        let skipped = take_skipped(&mut plan, options.skip);
-        let flush = Flush {
-            def: &def,
-            projection: Rc::from(state.name.as_str()),
-            rev: state.revision + 1,
-            with_docs: options.with_docs,
-        };
-        let mut report = Report {
-            duplicates: plan.duplicates,
-            ..Report::default()
-        };
-        let applicable = plan.apply.len() + skipped.len();
-        match run_plan(client, &flush, &progress, &plan, skipped) {
-            Outcome::Done { rows, dead } => {
-                report.applied = (applicable - dead.len()) as u64;
-                report.dead_lettered = dead.len() as u64;
-                let wrote = !rows.is_empty();
-                changes.extend(rows);
-                let sql = prepared::plan(
-                    client,
-                    SAVE_CHECKPOINT,
-                    &[
-                        PgBuiltInOids::TEXTOID.into(),
-                        PgBuiltInOids::TEXTOID.into(),
-                        PgBuiltInOids::INT8OID.into(),
-                        PgBuiltInOids::INT8OID.into(),
-                        PgBuiltInOids::INT8OID.into(),
-                        PgBuiltInOids::INT8OID.into(),
-                        PgBuiltInOids::INT8OID.into(),
-                    ],
-                )?;
-                let revision = if wrote { flush.rev } else { state.revision };
-                client
-                    .update(
-                        &*sql,
-                        None,
-                        &[
-                            state.name.as_str().into(),
-                            lsn_text.clone().into(),
-                            max_position.into(),
-                            revision.into(),
-                            (report.applied as i64).into(),
-                            (report.duplicates as i64).into(),
-                            (report.dead_lettered as i64).into(),
-                        ],
-                    )
-                    .map_err(|err| spi_error("saving the checkpoint", err))?;
-                if !plan.progress.is_empty() {
-                    waiters::wake_at_commit();
-                }
-            }
-            Outcome::Halted { failure, event } => {
-                let sql = prepared::plan(
-                    client,
-                    HALT,
-                    &[
-                        PgBuiltInOids::TEXTOID.into(),
-                        PgBuiltInOids::TEXTOID.into(),
-                        PgBuiltInOids::TEXTOID.into(),
-                        PgBuiltInOids::TEXTOID.into(),
-                    ],
-                )?;
-                client
-                    .update(
-                        &*sql,
-                        None,
-                        &[
-                            state.name.as_str().into(),
-                            failure.describe().into(),
-                            failure.sqlstate.clone().into(),
-                            event.as_ref().map(|e| e.to_json_text()).into(),
-                        ],
-                    )
-                    .map_err(|err| spi_error("halting the projection", err))?;
-                pgrx::warning!(
-                    "projection {} halted: {} (SQLSTATE {}){}",
-                    state.name,
-                    failure.describe(),
-                    failure.sqlstate,
-                    event
-                        .as_ref()
-                        .map(|e| format!(" at {}", describe(e)))
-                        .unwrap_or_default()
-                );
-                report.halted = Some((failure, event.map(|e| *e)));
-            }
-        }
+        let report = project_one(client, &state, &batch, options, changes)?;
         reports.insert(state.name, report);
     }
     Ok(reports)
+}
+
+/// What every projection of one batch shares.
+struct BatchFacts<'a> {
+    events: &'a [Event],
+    /// the batch's streams, sorted, once each
+    streams: &'a [String],
+    max_position: Option<i64>,
+    lsn_text: Option<String>,
+}
+
+/// One projection's part of a batch: sequence it, apply it (halting or dead-lettering on a
+/// failure), then record the checkpoint or the halt.
+fn project_one(
+    client: &mut SpiClient<'_>,
+    state: &State,
+    batch: &BatchFacts<'_>,
+    options: &Options<'_>,
+    changes: &mut Changes,
+) -> Result<Report, ErrorReport> {
+    let def = projection_catalog::load(
+        client,
+        &state.name,
+        Some((state.definition_version, &state.relation_version)),
+    )?;
+    let progress = read_progress(client, &state.name, batch.streams)?;
+    let parked = if state.parked > 0 {
+        read_parked(client, &state.name, batch.streams)?
+    } else {
+        Vec::new()
+    };
+    let mut plan = sequencing::plan(&progress, batch.events, &parked);
+    let skipped = take_skipped(&mut plan, options.skip);
+    let write = ReadModelWrite {
+        def: &def,
+        projection: Rc::from(state.name.as_str()),
+        rev: state.revision + 1,
+        with_docs: options.with_docs,
+    };
+    let mut report = Report {
+        duplicates: plan.duplicates,
+        ..Report::default()
+    };
+    let applicable = plan.apply.len() + skipped.len();
+    match run_plan(client, &write, &progress, &plan, skipped) {
+        Outcome::Done { rows, dead } => {
+            report.applied = (applicable - dead.len()) as u64;
+            report.dead_lettered = dead.len() as u64;
+            let revision = if rows.is_empty() {
+                state.revision
+            } else {
+                write.rev
+            };
+            changes.extend(rows);
+            save_checkpoint(client, &state.name, batch, revision, &report)?;
+            if !plan.progress.is_empty() {
+                waiters::wake_at_commit();
+            }
+        }
+        Outcome::Halted { failure, event } => {
+            halt(client, &state.name, &failure, event.as_deref())?;
+            report.halted = Some((failure, event.map(|e| *e)));
+        }
+    }
+    Ok(report)
+}
+
+fn save_checkpoint(
+    client: &mut SpiClient<'_>,
+    name: &str,
+    batch: &BatchFacts<'_>,
+    revision: i64,
+    report: &Report,
+) -> Result<(), ErrorReport> {
+    prepared::execute(
+        client,
+        SAVE_CHECKPOINT,
+        &[
+            name.into(),
+            batch.lsn_text.clone().into(),
+            batch.max_position.into(),
+            revision.into(),
+            (report.applied as i64).into(),
+            (report.duplicates as i64).into(),
+            (report.dead_lettered as i64).into(),
+        ],
+        "saving the checkpoint",
+    )
+}
+
+/// Records that projection `name` halted on `failure` (at `event`, when it is known).
+fn halt(
+    client: &mut SpiClient<'_>,
+    name: &str,
+    failure: &Failure,
+    event: Option<&Event>,
+) -> Result<(), ErrorReport> {
+    prepared::execute(
+        client,
+        HALT,
+        &[
+            name.into(),
+            failure.describe().into(),
+            failure.sqlstate.clone().into(),
+            event.map(|e| e.to_json_text()).into(),
+        ],
+        "halting the projection",
+    )?;
+    pgrx::warning!(
+        "projection {} halted: {} (SQLSTATE {}){}",
+        name,
+        failure.describe(),
+        failure.sqlstate,
+        event.map(|e| format!(" at {}", describe(e))).unwrap_or_default()
+    );
+    Ok(())
 }

@@ -103,6 +103,8 @@ const LAST_ERROR: &str = "select s.last_error from cqrs.projection_state s where
 const POLL_EVERY: Duration = Duration::from_millis(20);
 
 /// True once command `seq` of `stream` is applied to `projection`; false after `timeout`.
+// One piece: the argument checks, the registration with the waker and the loop of check and
+// latch wait (or polling, when it could not register) share one deadline.
 #[pg_extern(sql = false)]
 fn wait_for(
     stream: &str,
@@ -133,7 +135,7 @@ fn wait_for(
     }
     let deadline = Instant::now() + Duration::from_micros(micros.min(i128::from(u32::MAX) * 1000) as u64);
     Spi::connect_mut(|client| {
-        let lock = prepared::plan(
+        let lock = prepared::statement(
             client,
             REGISTER_WAITER,
             &[PgBuiltInOids::INT4OID.into(), PgBuiltInOids::TEXTOID.into()],
@@ -145,7 +147,7 @@ fn wait_for(
         .map_err(|err| spi_error("registering as a waiter", err))?
             == Some(true);
         let recheck_after = if registered { RECHECK_AFTER } else { POLL_EVERY };
-        let check = prepared::plan(
+        let check = prepared::statement(
             client,
             APPLIED,
             &[

@@ -8,11 +8,7 @@ use std::process::Command;
 use anyhow::{ensure, Context, Result};
 
 use crate::postgres::{quote_ident, ClusterOptions, PgCluster};
-
-/// The repository root (scripts/, sql/, target/).
-fn repo_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use crate::repo_root;
 
 /// The managed-PostgreSQL admin that installs the portable edition.
 pub const ADMIN: &str = "managed_admin";
@@ -90,6 +86,14 @@ pub fn psql_file(pg: &PgCluster, user: &str, database: &str, file: &str) -> Resu
     ))
 }
 
+/// Installs the portable edition into `database` as `user`, with `psql -1 -f` as its users do.
+pub fn install_portable(pg: &PgCluster, user: &str, database: &str) -> Result<()> {
+    build_portable()?;
+    let (ok, output) = psql_file(pg, user, database, "target/portable/pg_cqrs.sql")?;
+    ensure!(ok, "installing the portable edition as {user} failed:\n{output}");
+    Ok(())
+}
+
 /// A private cluster whose database has `edition` installed. The portable edition is installed
 /// by [`ADMIN`], who owns the database.
 pub fn cluster(edition: Edition, options: ClusterOptions) -> Result<PgCluster> {
@@ -106,8 +110,7 @@ pub fn cluster(edition: Edition, options: ClusterOptions) -> Result<PgCluster> {
                 quote_ident(pg.database())
             ),
         )?;
-        let (ok, output) = psql_file(&pg, ADMIN, pg.database(), "target/portable/pg_cqrs.sql")?;
-        ensure!(ok, "installing the portable edition as {ADMIN} failed:\n{output}");
+        install_portable(&pg, ADMIN, pg.database())?;
     }
     Ok(pg)
 }

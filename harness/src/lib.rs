@@ -14,3 +14,21 @@ pub use postgres::{free_port, ClusterOptions, Durability, PgCluster};
 pub use process::ChildGuard;
 pub use redis::RedisServer;
 pub use sidecar::{http_get, Sidecar};
+
+/// The repository root (scripts/, sql/, target/, pgrx-tests/ …).
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A client of `url` (no TLS: the harness's servers are local), its connection driven on the
+/// runtime until the client is dropped or the server goes away.
+pub async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    use anyhow::Context;
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use crate::spec::ActionKind;
+use crate::spec::{ActionKind, ColumnId};
 
 /// The operations a run applied to one column.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -25,9 +25,6 @@ pub struct ColumnOps {
     /// Values added after the last set (or to the row's value, when never set).
     pub add: Vec<Value>,
 }
-
-/// A handled column, by its index in the projection's column list ([`crate::spec::Program`]).
-pub type ColumnId = usize;
 
 /// One declarative action evaluated for one event.
 #[derive(Clone, Debug, PartialEq)]

@@ -44,6 +44,7 @@ struct Candidate<'a> {
 
 /// Plans `batch` (in batch order) given the projection's `progress` (last applied seq per
 /// stream; absent = 0) and the `parked` events of the batch's streams.
+// One piece: the per-stream walk keeps the run, the gap and the parked events together.
 pub fn plan<'a>(progress: &HashMap<String, i64>, batch: &'a [Event], parked: &'a [Event]) -> Plan<'a> {
     let mut by_stream: HashMap<&str, Vec<Candidate<'a>>> = HashMap::new();
     for event in parked {

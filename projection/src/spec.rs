@@ -22,11 +22,13 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value};
 
 use crate::event::{json_type, Event};
-use crate::fold::ColumnId;
 use crate::path::JsonPath;
 
 /// Longest command type, in bytes (as in cqrs.append).
 const MAX_COMMAND_TYPE_BYTES: usize = 128;
+
+/// A handled column, by its index in the projection's column list ([`Program`]).
+pub type ColumnId = usize;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ActionKind {
@@ -49,6 +51,18 @@ pub enum Field {
 }
 
 impl Field {
+    /// The command-log column, as handlers name it (`{"field": "created_at"}`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Field::Stream => "stream",
+            Field::Seq => "seq",
+            Field::Position => "position",
+            Field::CreatedAt => "created_at",
+            Field::CommandId => "command_id",
+            Field::CommandType => "command_type",
+        }
+    }
+
     fn parse(name: &str) -> Option<Self> {
         Some(match name {
             "stream" => Field::Stream,
@@ -360,7 +374,7 @@ impl Spec {
             match source {
                 Source::Payload(path) => map.insert("path".into(), Value::from(path.as_str())),
                 Source::Metadata(path) => map.insert("meta".into(), Value::from(path.as_str())),
-                Source::Field(field) => map.insert("field".into(), Value::from(field_name(*field))),
+                Source::Field(field) => map.insert("field".into(), Value::from(field.name())),
                 Source::Const(value) => map.insert("const".into(), value.clone()),
             };
             Value::Object(map)
@@ -403,17 +417,6 @@ impl Spec {
             out.insert(command_type.clone(), Value::Array(list));
         }
         Value::Object(out)
-    }
-}
-
-fn field_name(field: Field) -> &'static str {
-    match field {
-        Field::Stream => "stream",
-        Field::Seq => "seq",
-        Field::Position => "position",
-        Field::CreatedAt => "created_at",
-        Field::CommandId => "command_id",
-        Field::CommandType => "command_type",
     }
 }
 

@@ -17,8 +17,9 @@ use tokio_postgres::{Client, Row, Statement};
 
 use crate::assembly::Batch;
 use crate::batching::BatchPolicy;
+use crate::cache_sync::{write_to_cache, writes_from};
+use crate::leading::{backoff, Context};
 use crate::postgres::StartupError;
-use crate::stream::{backoff, write_to_cache, writes_from, Context};
 
 /// How the flusher stopped before its channel closed.
 #[derive(Debug)]

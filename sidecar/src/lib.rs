@@ -5,10 +5,12 @@
 mod assembly;
 pub mod batching;
 pub mod cache;
+mod cache_sync;
 pub mod config;
 mod flusher;
 pub mod http;
 pub mod leader;
+pub mod leading;
 pub mod log_row;
 pub mod metrics;
 pub mod pgoutput;

@@ -11,8 +11,9 @@ use cqrs_sidecar::read_api::ReadState;
 use cqrs_sidecar::reads::{ReadSettings, Reader};
 use cqrs_sidecar::repair::{run::repairer, Repairs};
 use cqrs_sidecar::stream::{self, Ending};
-use cqrs_sidecar::{leader, postgres, status};
+use cqrs_sidecar::{leader, leading, postgres, status};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tracing_subscriber::EnvFilter;
 
 /// Exit code for a configuration that must be fixed before a restart can help.
@@ -57,178 +58,24 @@ fn exit_code(err: &postgres::StartupError) -> ExitCode {
 
 async fn run(config: Config) -> ExitCode {
     let config = Arc::new(config);
-    let pg = match postgres::Database::parse(config.database_url.expose()) {
-        Ok(pg) => pg,
-        Err(err) => {
-            tracing::error!(error = %err, "invalid --database-url");
-            return ExitCode::from(MISCONFIGURED);
-        }
+    let wiring = match Wiring::new(&config) {
+        Ok(wiring) => wiring,
+        Err(code) => return code,
     };
-    let metrics = match Metrics::new() {
-        Ok(metrics) => Arc::new(metrics),
-        Err(err) => {
-            tracing::error!(error = %err, "cannot set up metrics");
-            return ExitCode::FAILURE;
-        }
-    };
-    let ttls = Ttls {
-        row: config.cache_ttl,
-        tombstone: config.tombstone_ttl,
-        missing: config.negative_ttl,
-    };
-    let cache = match Cache::with_roots(
-        config.redis_url.expose(),
-        config.redis_ca_file.as_deref(),
-        &config.redis_prefix,
-        ttls,
-    ) {
-        Ok(cache) => Arc::new(cache),
-        Err(err) => {
-            tracing::error!(error = %err, "invalid --redis-url or --redis-ca-file");
-            return ExitCode::from(MISCONFIGURED);
-        }
-    };
-    let health = Arc::new(Health::default());
-    let repairs = Arc::new(Mutex::new(Repairs::new(config.max_repair_keys)));
     let (shutdown_tx, shutdown) = watch::channel(false);
     tokio::spawn(signals(shutdown_tx));
-
-    let state = AppState {
-        health: Arc::clone(&health),
-        metrics: Arc::clone(&metrics),
+    let server = match wiring.serve_http(&config, shutdown.clone()) {
+        Ok(server) => server,
+        Err(code) => return code,
     };
-    let reader = match Reader::new(
-        pg.clone(),
-        Arc::clone(&cache),
-        Arc::clone(&metrics),
-        ReadSettings {
-            redis_timeout: config.read_redis_timeout,
-            postgres_timeout: config.read_pg_timeout,
-            pool_size: config.read_pool_size,
-        },
-    ) {
-        Ok(reader) => reader,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot set up the read API");
-            return ExitCode::FAILURE;
-        }
-    };
-    let app = http::router(state.clone())
-        .with_state(state)
-        .merge(http::read_router(ReadState {
-            reader,
-            metrics: Arc::clone(&metrics),
-        }));
-    let server = tokio::spawn(http::serve(config.http_addr, app, shutdown.clone()));
-
-    // start-up checks: one clear message per misconfiguration
-    let target = pg.describe();
-    let started = tokio::time::Instant::now();
-    let client = loop {
-        match pg.connect(Duration::from_secs(5)).await {
-            Ok(client) => break client,
-            Err(err)
-                if !err.is_misconfiguration()
-                    && started.elapsed() < CONNECT_AT_START_FOR
-                    && !*shutdown.borrow() =>
-            {
-                tracing::warn!(error = %err, "PostgreSQL not reachable yet; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(err) => {
-                tracing::error!(error = %err, database = %target, "giving up");
-                return exit_code(&err);
-            }
-        }
-    };
-    let installed = match postgres::check(&client, pg.dbname()).await {
-        Ok(installed) => installed,
-        Err(err) => {
-            tracing::error!(error = %err, database = %target, "start-up check failed");
-            return exit_code(&err);
-        }
-    };
-    drop(client);
-    health
-        .pg_reachable
-        .store(true, std::sync::atomic::Ordering::Relaxed);
-    if !cache.ping().await {
-        tracing::warn!(redis = %cache.describe(), "Redis is unreachable; projecting goes on and the cache is repaired when Redis answers");
+    if let Err(code) = wiring.check_start(&config, &shutdown).await {
+        return code;
     }
-    tracing::info!(
-        database = %target,
-        slot = %config.slot,
-        pg_cqrs = %installed.version,
-        edition = %installed.edition,
-        "start-up checks passed"
-    );
+    wiring.spawn_background(&config, &shutdown);
+    wiring.lead_or_stand_by(&config, shutdown).await;
 
-    tokio::spawn(status::poller(
-        status::Watch {
-            pg: pg.clone(),
-            slot: config.slot.clone(),
-            every: config.status_interval,
-            metrics: Arc::clone(&metrics),
-            repairs: Arc::clone(&repairs),
-            cache: Arc::clone(&cache),
-            health: Arc::clone(&health),
-        },
-        shutdown.clone(),
-    ));
-    tokio::spawn(repairer(
-        pg.clone(),
-        Arc::clone(&cache),
-        Arc::clone(&repairs),
-        Arc::clone(&metrics),
-        shutdown.clone(),
-    ));
-
-    let ctx = stream::Context {
-        config: Arc::clone(&config),
-        pg: pg.clone(),
-        cache,
-        repairs,
-        metrics: Arc::clone(&metrics),
-        health: Arc::clone(&health),
-    };
-    let mut standby_shutdown = shutdown.clone();
-    let mut pause = Duration::from_millis(100);
-    let holder = leader::holder();
-    loop {
-        health.set_role(Role::Standby);
-        metrics.leader.set(0);
-        let Some(leadership) = leader::acquire(&pg, &holder, &mut standby_shutdown, &health).await else {
-            break;
-        };
-        tracing::info!(slot = %config.slot, "acquired leadership");
-        match stream::lead(&ctx, &leadership, shutdown.clone()).await {
-            Ending::Shutdown => {
-                leadership.release().await;
-                break;
-            }
-            Ending::LostLeadership => {
-                tracing::error!("lost the projector lease; stopped streaming");
-                drop(leadership);
-            }
-            Ending::Deposed => {
-                tracing::error!("deposed: a newer leader holds the lease");
-                drop(leadership);
-            }
-            Ending::Failed(err) => {
-                tracing::error!(error = %err, retry_in = ?pause, "leading failed");
-                leadership.release().await;
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = standby_shutdown.wait_for(|stop| *stop) => break,
-                }
-                pause = (pause * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        }
-        pause = Duration::from_millis(100);
-    }
-    health.set_role(Role::Starting);
-    metrics.leader.set(0);
+    wiring.health.set_role(Role::Starting);
+    wiring.metrics.leader.set(0);
     match tokio::time::timeout(Duration::from_secs(2), server).await {
         Ok(Ok(Err(err))) => tracing::warn!(error = %err, "the HTTP server failed"),
         Err(_) => tracing::warn!("the HTTP server did not stop in time"),
@@ -236,6 +83,203 @@ async fn run(config: Config) -> ExitCode {
     }
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// What the sidecar's parts share: the database, the cache, metrics, health, repairs.
+struct Wiring {
+    pg: postgres::Database,
+    metrics: Arc<Metrics>,
+    cache: Arc<Cache>,
+    health: Arc<Health>,
+    repairs: Arc<Mutex<Repairs>>,
+}
+
+impl Wiring {
+    /// Parses the URLs and sets up metrics and the cache client (no connection yet).
+    fn new(config: &Config) -> Result<Self, ExitCode> {
+        let pg = postgres::Database::parse(config.database_url.expose()).map_err(|err| {
+            tracing::error!(error = %err, "invalid --database-url");
+            ExitCode::from(MISCONFIGURED)
+        })?;
+        let metrics = Metrics::new().map(Arc::new).map_err(|err| {
+            tracing::error!(error = %err, "cannot set up metrics");
+            ExitCode::FAILURE
+        })?;
+        let ttls = Ttls {
+            row: config.cache_ttl,
+            tombstone: config.tombstone_ttl,
+            missing: config.negative_ttl,
+        };
+        let cache = Cache::with_roots(
+            config.redis_url.expose(),
+            config.redis_ca_file.as_deref(),
+            &config.redis_prefix,
+            ttls,
+        )
+        .map(Arc::new)
+        .map_err(|err| {
+            tracing::error!(error = %err, "invalid --redis-url or --redis-ca-file");
+            ExitCode::from(MISCONFIGURED)
+        })?;
+        Ok(Self {
+            pg,
+            metrics,
+            cache,
+            health: Arc::new(Health::default()),
+            repairs: Arc::new(Mutex::new(Repairs::new(config.max_repair_keys))),
+        })
+    }
+
+    /// `/metrics`, `/healthz`, `/readyz` and the read API, answering from the start.
+    fn serve_http(
+        &self,
+        config: &Config,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<JoinHandle<std::io::Result<()>>, ExitCode> {
+        let state = AppState {
+            health: Arc::clone(&self.health),
+            metrics: Arc::clone(&self.metrics),
+        };
+        let reader = Reader::new(
+            self.pg.clone(),
+            Arc::clone(&self.cache),
+            Arc::clone(&self.metrics),
+            ReadSettings {
+                redis_timeout: config.read_redis_timeout,
+                postgres_timeout: config.read_pg_timeout,
+                pool_size: config.read_pool_size,
+            },
+        )
+        .map_err(|err| {
+            tracing::error!(error = %err, "cannot set up the read API");
+            ExitCode::FAILURE
+        })?;
+        let app = http::router(state.clone())
+            .with_state(state)
+            .merge(http::read_router(ReadState {
+                reader,
+                metrics: Arc::clone(&self.metrics),
+            }));
+        Ok(tokio::spawn(http::serve(config.http_addr, app, shutdown)))
+    }
+
+    /// The start-up checks, one clear message per misconfiguration: PostgreSQL reachable (for
+    /// up to [`CONNECT_AT_START_FOR`]), pg_cqrs installed and recent enough, logical decoding
+    /// and the rights the sidecar needs; Redis unreachable is only a warning.
+    async fn check_start(&self, config: &Config, shutdown: &watch::Receiver<bool>) -> Result<(), ExitCode> {
+        let target = self.pg.describe();
+        let started = tokio::time::Instant::now();
+        let client = loop {
+            match self.pg.connect(Duration::from_secs(5)).await {
+                Ok(client) => break client,
+                Err(err)
+                    if !err.is_misconfiguration()
+                        && started.elapsed() < CONNECT_AT_START_FOR
+                        && !*shutdown.borrow() =>
+                {
+                    tracing::warn!(error = %err, "PostgreSQL not reachable yet; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, database = %target, "giving up");
+                    return Err(exit_code(&err));
+                }
+            }
+        };
+        let installed = postgres::check(&client, self.pg.dbname()).await.map_err(|err| {
+            tracing::error!(error = %err, database = %target, "start-up check failed");
+            exit_code(&err)
+        })?;
+        drop(client);
+        self.health
+            .pg_reachable
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if !self.cache.ping().await {
+            tracing::warn!(redis = %self.cache.describe(), "Redis is unreachable; projecting goes on and the cache is repaired when Redis answers");
+        }
+        tracing::info!(
+            database = %target,
+            slot = %config.slot,
+            pg_cqrs = %installed.version,
+            edition = %installed.edition,
+            "start-up checks passed"
+        );
+        Ok(())
+    }
+
+    /// The status poller (metrics, health) and the cache repairer, on every sidecar.
+    fn spawn_background(&self, config: &Config, shutdown: &watch::Receiver<bool>) {
+        tokio::spawn(status::poller(
+            status::Watch {
+                pg: self.pg.clone(),
+                slot: config.slot.clone(),
+                every: config.status_interval,
+                metrics: Arc::clone(&self.metrics),
+                repairs: Arc::clone(&self.repairs),
+                cache: Arc::clone(&self.cache),
+                health: Arc::clone(&self.health),
+            },
+            shutdown.clone(),
+        ));
+        tokio::spawn(repairer(
+            self.pg.clone(),
+            Arc::clone(&self.cache),
+            Arc::clone(&self.repairs),
+            Arc::clone(&self.metrics),
+            shutdown.clone(),
+        ));
+    }
+
+    /// Stands by until this sidecar takes the lease, leads until that ends, and again, until
+    /// shutdown.
+    async fn lead_or_stand_by(&self, config: &Arc<Config>, shutdown: watch::Receiver<bool>) {
+        let ctx = leading::Context {
+            config: Arc::clone(config),
+            pg: self.pg.clone(),
+            cache: Arc::clone(&self.cache),
+            repairs: Arc::clone(&self.repairs),
+            metrics: Arc::clone(&self.metrics),
+            health: Arc::clone(&self.health),
+        };
+        let mut standby_shutdown = shutdown.clone();
+        let mut pause = Duration::from_millis(100);
+        let holder = leader::holder();
+        loop {
+            self.health.set_role(Role::Standby);
+            self.metrics.leader.set(0);
+            let Some(leadership) =
+                leader::acquire(&self.pg, &holder, &mut standby_shutdown, &self.health).await
+            else {
+                return;
+            };
+            tracing::info!(slot = %config.slot, "acquired leadership");
+            match stream::lead(&ctx, &leadership, shutdown.clone()).await {
+                Ending::Shutdown => {
+                    leadership.release().await;
+                    return;
+                }
+                Ending::LostLeadership => {
+                    tracing::error!("lost the projector lease; stopped streaming");
+                    drop(leadership);
+                }
+                Ending::Deposed => {
+                    tracing::error!("deposed: a newer leader holds the lease");
+                    drop(leadership);
+                }
+                Ending::Failed(err) => {
+                    tracing::error!(error = %err, retry_in = ?pause, "leading failed");
+                    leadership.release().await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = standby_shutdown.wait_for(|stop| *stop) => return,
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+            pause = Duration::from_millis(100);
+        }
+    }
 }
 
 fn main() -> ExitCode {

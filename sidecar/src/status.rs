@@ -43,6 +43,7 @@ pub struct Watch {
     pub health: Arc<Health>,
 }
 
+// Long but flat: one metric family after another from one round of queries.
 async fn poll(pg: &Client, watch: &Watch, seen: &mut Seen) -> Result<(), tokio_postgres::Error> {
     let (metrics, repairs, slot) = (&watch.metrics, &watch.repairs, &watch.slot);
     let leading = watch.health.role() == Role::Leader;

@@ -8,12 +8,10 @@
 //! flusher is busy and a batch waits, the streamer stops reading the stream, so memory stays
 //! bounded and PostgreSQL holds the rest.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -21,14 +19,11 @@ use tokio_postgres::Client;
 
 use crate::assembly::{Assembler, Batch, Confirmations};
 use crate::batching::BatchPolicy;
-use crate::cache::{Cache, Entry, Write};
-use crate::config::Config;
+use crate::cache_sync::{resync_behind, write_to_cache, writes_from};
 use crate::flusher::{self, FlushError};
-use crate::http::{Health, Role};
+use crate::http::Role;
 use crate::leader::Leadership;
-use crate::metrics::Metrics;
-use crate::postgres::Database;
-use crate::repair::Repairs;
+use crate::leading::Context;
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -44,126 +39,6 @@ pub enum Ending {
     Deposed,
     /// Something failed; lead again after a pause.
     Failed(anyhow::Error),
-}
-
-/// What the leader needs.
-#[derive(Clone)]
-pub struct Context {
-    pub config: Arc<Config>,
-    pub pg: Database,
-    pub cache: Arc<Cache>,
-    pub repairs: Arc<Mutex<Repairs>>,
-    pub metrics: Arc<Metrics>,
-    pub health: Arc<Health>,
-}
-
-/// Retry delays: exponential from 100 ms, doubling, at most 5 s, with jitter.
-pub(crate) fn backoff() -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_factor(2.0)
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
-        .build()
-}
-
-/// Writes changed rows to the cache and raises the synced mark of each projection whose cache
-/// has nothing else pending; rows that could not be written are remembered for repair.
-pub async fn write_to_cache(ctx: &Context, writes: Vec<Write>) {
-    if writes.is_empty() {
-        return;
-    }
-    let mut highest: HashMap<&str, i64> = HashMap::new();
-    for write in &writes {
-        let rev = highest.entry(write.projection.as_str()).or_insert(write.rev);
-        *rev = (*rev).max(write.rev);
-    }
-    let synced: Vec<(String, i64)> = match ctx.repairs.lock() {
-        Ok(repairs) => highest
-            .into_iter()
-            .filter(|(projection, _)| !repairs.is_pending(projection))
-            .map(|(projection, rev)| (projection.to_owned(), rev))
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    match ctx.cache.write_all(&writes, &synced).await {
-        Ok(applied) => {
-            ctx.metrics
-                .cache_writes
-                .with_label_values(&["applied"])
-                .inc_by(applied as u64);
-            ctx.metrics
-                .cache_writes
-                .with_label_values(&["stale"])
-                .inc_by((writes.len() - applied) as u64);
-        }
-        Err(err) => {
-            tracing::warn!(error = %err, rows = writes.len(), "cache write failed; the rows will be repaired when Redis answers");
-            ctx.metrics
-                .cache_writes
-                .with_label_values(&["failed"])
-                .inc_by(writes.len() as u64);
-            if let Ok(mut repairs) = ctx.repairs.lock() {
-                for write in &writes {
-                    repairs.remember(&write.projection, &write.key);
-                }
-                ctx.metrics
-                    .cache_repair_pending
-                    .set(repairs.pending_keys() as i64);
-            }
-        }
-    }
-}
-
-/// Marks for a resync every projection whose cache may be behind its read model: its synced
-/// mark is below the projection's revision (the last leader died between a commit and its cache
-/// writes) or missing (a cold or emptied Redis). Unknown when Redis is down: resync then too.
-pub async fn resync_behind(ctx: &Context, sql: &Client) -> anyhow::Result<()> {
-    let rows = sql
-        .query(
-            "select name, revision from cqrs.projection_state order by name",
-            &[],
-        )
-        .await?;
-    for row in rows {
-        let (projection, revision): (String, i64) = (row.get(0), row.get(1));
-        let behind = match ctx.cache.synced(&projection).await {
-            Ok(Some(mark)) => mark < revision,
-            // nothing was ever projected: there is nothing the cache could miss
-            Ok(None) if revision == 0 => ctx.cache.establish_synced(&projection, 0).await.is_err(),
-            Ok(None) => true,
-            Err(_) => true,
-        };
-        if behind {
-            if let Ok(mut repairs) = ctx.repairs.lock() {
-                if !repairs.is_pending(&projection) {
-                    tracing::info!(%projection, revision, "the cache may be behind the read model; resyncing it");
-                    repairs.refresh_all(&projection);
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Changed rows as returned by project_batch / catch_up, as cache writes.
-pub(crate) fn writes_from(rows: &[tokio_postgres::Row]) -> Vec<Write> {
-    rows.iter()
-        .map(|row| {
-            let deleted: bool = row.get(4);
-            let doc: Option<String> = row.get(3);
-            Write {
-                projection: row.get(0),
-                key: row.get(1),
-                rev: row.get(2),
-                entry: match (deleted, doc) {
-                    (false, Some(doc)) => Entry::Row(doc),
-                    _ => Entry::Deleted,
-                },
-            }
-        })
-        .collect()
 }
 
 /// Creates the publication and the slot when missing; a slot that is gone or lost is recreated

@@ -366,7 +366,8 @@ declare
     v_keys text[] := '{}'::text[];
     v_docs json[] := '{}'::json[];
     v_gone boolean[] := '{}'::boolean[];
-    v_segment jsonb := '[]'::jsonb;
+    -- an array, appended in place (a jsonb array would be copied at every append)
+    v_segment jsonb[] := '{}'::jsonb[];
     v_event jsonb;
     v_steps jsonb;
     v_from integer;
@@ -388,13 +389,13 @@ begin
     for v_event in select e from jsonb_array_elements(events) e loop
         v_steps := v_handlers -> (v_event ->> 'command_type');
         if v_steps is null or not exists (select from jsonb_array_elements(v_steps) h where h ? 'function') then
-            v_segment := v_segment || jsonb_build_array(v_event);
+            v_segment := v_segment || v_event;
             continue;
         end if;
-        for v_key, v_doc, v_deleted in execute v_sql using v_segment, rev, with_docs, 0, 1000000 loop
+        for v_key, v_doc, v_deleted in execute v_sql using pg_catalog.to_jsonb(v_segment), rev, with_docs, 0, 1000000 loop
             v_keys := v_keys || v_key; v_docs := v_docs || v_doc; v_gone := v_gone || v_deleted;
         end loop;
-        v_segment := '[]'::jsonb;
+        v_segment := '{}'::jsonb[];
         v_from := 0;
         for v_f in 0 .. jsonb_array_length(v_steps) - 1 loop
             continue when not (v_steps -> v_f) ? 'function';
@@ -422,7 +423,7 @@ begin
             v_keys := v_keys || v_key; v_docs := v_docs || v_doc; v_gone := v_gone || v_deleted;
         end loop;
     end loop;
-    for v_key, v_doc, v_deleted in execute v_sql using v_segment, rev, with_docs, 0, 1000000 loop
+    for v_key, v_doc, v_deleted in execute v_sql using pg_catalog.to_jsonb(v_segment), rev, with_docs, 0, 1000000 loop
         v_keys := v_keys || v_key; v_docs := v_docs || v_doc; v_gone := v_gone || v_deleted;
     end loop;
     -- each key once, where it first changed, with its last change
@@ -786,17 +787,17 @@ $$;
 
 -- The changed rows of several calls, each (projection, key) once: where it first changed, with
 -- its last change (Changes in the extension).
-create function cqrs_portable._changes(rows jsonb)
+create function cqrs_portable._changes(rows jsonb[])
 returns table (projection text, key text, rev bigint, doc json, deleted boolean)
 language sql immutable
 set search_path = pg_catalog, pg_temp
 as $$
     select l.r ->> 'projection', l.r ->> 'key', (l.r ->> 'rev')::bigint, (l.r -> 'doc')::json, (l.r ->> 'deleted')::boolean
       from (select distinct on (x.r ->> 'projection', x.r ->> 'key') x.r, x.n
-              from jsonb_array_elements(rows) with ordinality x(r, n)
+              from unnest(rows) with ordinality x(r, n)
              order by x.r ->> 'projection', x.r ->> 'key', x.n desc) l
       join (select x.r ->> 'projection' as p, x.r ->> 'key' as k, min(x.n) as first
-              from jsonb_array_elements(rows) with ordinality x(r, n) group by 1, 2) f
+              from unnest(rows) with ordinality x(r, n) group by 1, 2) f
         on f.p = l.r ->> 'projection' and f.k = l.r ->> 'key'
      order by f.first
 $$;
@@ -809,7 +810,8 @@ as $$
 declare
     v_name text;
     v_row record;
-    v_rows jsonb := '[]'::jsonb;
+    -- an array, appended in place (a jsonb array would be copied at every append)
+    v_rows jsonb[] := '{}'::jsonb[];
 begin
     if chunk is not null and chunk not between 1 and 1000000 then
         raise exception using errcode = '22023', message = format('chunk must be between 1 and 1000000, not %s', chunk);
@@ -817,8 +819,8 @@ begin
     for v_name in select s.name from cqrs.projection_state s where (catch_up.name is null or s.name = catch_up.name) and not s.halted order by s.name loop
         for v_row in select * from cqrs_portable._catch_up_one(v_name, coalesce(chunk, 10000), true, null) loop
             if v_row.halted is null then
-                v_rows := v_rows || jsonb_build_array(jsonb_build_object('projection', v_row.projection, 'key', v_row.key,
-                                                                         'rev', v_row.rev, 'doc', v_row.doc, 'deleted', v_row.deleted));
+                v_rows := v_rows || jsonb_build_object('projection', v_row.projection, 'key', v_row.key,
+                                                      'rev', v_row.rev, 'doc', v_row.doc, 'deleted', v_row.deleted);
             elsif v_row.halted <> '' then
                 raise warning '%', format('catch-up of %s stopped: %s', v_name, v_row.halted);
             end if;
@@ -837,7 +839,8 @@ declare
     v_state record;
     v_skip jsonb;
     v_row record;
-    v_rows jsonb := '[]'::jsonb;
+    -- an array, appended in place (a jsonb array would be copied at every append)
+    v_rows jsonb[] := '{}'::jsonb[];
 begin
     if resume.name is null then
         raise exception using errcode = '22004', message = 'name must not be null';
@@ -874,8 +877,8 @@ begin
     end if;
     for v_row in select * from cqrs_portable._catch_up_one(resume.name, 10000, true, v_skip) loop
         if v_row.halted is null then
-            v_rows := v_rows || jsonb_build_array(jsonb_build_object('projection', v_row.projection, 'key', v_row.key,
-                                                                     'rev', v_row.rev, 'doc', v_row.doc, 'deleted', v_row.deleted));
+            v_rows := v_rows || jsonb_build_object('projection', v_row.projection, 'key', v_row.key,
+                                                  'rev', v_row.rev, 'doc', v_row.doc, 'deleted', v_row.deleted);
         elsif v_row.halted <> '' then
             if v_skip is not null then
                 raise notice '%', format('projection %s: skipped %s#%s into cqrs.dead_letter; cqrs.retry_dead_letters(''%s'') applies it once the cause is fixed',
@@ -902,8 +905,10 @@ declare
     v_rev bigint;
     v_letter record;
     v_row record;
-    v_rows jsonb := '[]'::jsonb;
-    v_letter_rows jsonb;
+    -- an array, appended in place (a jsonb array would be copied at every append)
+    v_rows jsonb[] := '{}'::jsonb[];
+    v_letter_rows jsonb[];
+    v_changed jsonb;
     v_sqlstate text;
     v_message text;
     v_detail text;
@@ -918,13 +923,15 @@ begin
     perform cqrs_portable._target(retry_dead_letters.name);
     for v_letter in select d.id, d.event from cqrs.dead_letter d where d.projection = retry_dead_letters.name order by d.id for update loop
         begin
-            v_letter_rows := '[]'::jsonb;
+            v_letter_rows := '{}'::jsonb[];
             for v_row in select * from cqrs_portable._apply(retry_dead_letters.name, jsonb_build_array(v_letter.event), v_rev, true) loop
-                v_letter_rows := v_letter_rows || jsonb_build_array(jsonb_build_object('projection', retry_dead_letters.name, 'key', v_row.key,
-                                                                                       'rev', v_rev, 'doc', v_row.doc, 'deleted', v_row.deleted));
+                v_letter_rows := v_letter_rows || jsonb_build_object('projection', retry_dead_letters.name, 'key', v_row.key,
+                                                                    'rev', v_rev, 'doc', v_row.doc, 'deleted', v_row.deleted);
             end loop;
             delete from cqrs.dead_letter d where d.id = v_letter.id;
-            v_rows := v_rows || v_letter_rows;
+            foreach v_changed in array v_letter_rows loop
+                v_rows := v_rows || v_changed;
+            end loop;
         exception when others then
             get stacked diagnostics v_sqlstate = returned_sqlstate, v_message = message_text, v_detail = pg_exception_detail;
             update cqrs.dead_letter d set retries = d.retries + 1, error = cqrs_portable._describe_error(v_message, v_detail),

@@ -10,25 +10,10 @@ pub mod traffic;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use tokio_postgres::{Client, NoTls};
+use anyhow::Result;
+use tokio_postgres::Client;
 
-/// Connects to `url` and drives the connection on the current tokio runtime.
-pub async fn connect(url: &str) -> Result<Client> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
-    tokio::spawn(async move {
-        // the connection ends when the client is dropped or the server goes away
-        let _ = connection.await;
-    });
-    Ok(client)
-}
-
-/// The repository root (for pgrx-tests/, sql/ …).
-pub fn repo_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+pub use cqrs_harness::{connect, repo_root};
 
 /// Retries `check` until it passes or `timeout` passes; the last failure is the error.
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<()>

@@ -290,6 +290,18 @@ async fn batch_hostile(client: &Client, rng: &mut StdRng, tally: &mut Tally) -> 
 }
 
 /// The verdict: the log holds every accepted command once, the canary has applied every canary
+/// What the canary projection applied, and how many CANARY commands the log holds.
+async fn canary_counts(client: &Client) -> Result<(i64, i64)> {
+    let row = client
+        .query_one(
+            "select (select coalesce(sum(n), 0)::bigint from public.canary),
+                    (select count(*) from cqrs.command_log where command_type = 'CANARY')",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
 /// command, and every HOSTILE command is accounted for in each projection that handles it.
 async fn assert_nothing_lost_and_nobody_stalled(client: &Client, canaries: u64) -> Result<()> {
     let duplicates: i64 = client
@@ -313,14 +325,7 @@ async fn assert_nothing_lost_and_nobody_stalled(client: &Client, canaries: u64) 
     ensure!(gaps == 0, "{gaps} streams have gaps in their seqs");
     // every CANARY command the log holds: the well-formed ones this test wrote, and hostile
     // ones that happened to take the type (the canary reads nothing from the payload)
-    let row = client
-        .query_one(
-            "select (select coalesce(sum(n), 0)::bigint from public.canary),
-                    (select count(*) from cqrs.command_log where command_type = 'CANARY')",
-            &[],
-        )
-        .await?;
-    let (canary, logged): (i64, i64) = (row.get(0), row.get(1));
+    let (canary, logged) = canary_counts(client).await?;
     ensure!(
         logged >= canaries as i64,
         "the log holds {logged} CANARY commands, {canaries} were appended"
@@ -409,14 +414,7 @@ async fn the_sidecar_keeps_projecting_through_hostile_commands() -> Result<()> {
         Duration::from_secs(60),
         "the sidecar projected every canary command",
         || async {
-            let row = client
-                .query_one(
-                    "select (select coalesce(sum(n), 0)::bigint from public.canary),
-                        (select count(*) from cqrs.command_log where command_type = 'CANARY')",
-                    &[],
-                )
-                .await?;
-            let (applied, logged): (i64, i64) = (row.get(0), row.get(1));
+            let (applied, logged) = canary_counts(&client).await?;
             ensure!(
                 applied == logged && logged >= canaries as i64,
                 "{applied} of {logged}"
