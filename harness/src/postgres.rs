@@ -67,28 +67,48 @@ pub fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// The directory holding `initdb`, `pg_ctl` and `postgres`, from `$PG_CONFIG` or `pg_config` on
-/// the PATH (Debian's is `/usr/lib/postgresql/15/bin/pg_config`).
-pub fn pg_bindir() -> Result<PathBuf> {
-    let pg_config = std::env::var("PG_CONFIG").unwrap_or_else(|_| {
+/// The `pg_config` the tests run against: `$PG_CONFIG`, else Debian's PostgreSQL 15, else the
+/// one on the PATH. scripts/test.sh sets it to run the suite on another major.
+pub fn pg_config() -> String {
+    std::env::var("PG_CONFIG").unwrap_or_else(|_| {
         let debian = "/usr/lib/postgresql/15/bin/pg_config";
         if Path::new(debian).exists() {
             debian.to_owned()
         } else {
             "pg_config".to_owned()
         }
-    });
+    })
+}
+
+/// `pg_config <flag>`, trimmed.
+pub fn pg_config_value(flag: &str) -> Result<String> {
+    let pg_config = pg_config();
     let out = Command::new(&pg_config)
-        .arg("--bindir")
+        .arg(flag)
         .output()
-        .with_context(|| format!("running {pg_config} --bindir (is PostgreSQL 15 installed?)"))?;
+        .with_context(|| format!("running {pg_config} {flag} (is PostgreSQL installed?)"))?;
     if !out.status.success() {
         bail!(
-            "{pg_config} --bindir failed: {}",
+            "{pg_config} {flag} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The directory holding `initdb`, `pg_ctl` and `postgres` (see [`pg_config`]).
+pub fn pg_bindir() -> Result<PathBuf> {
+    Ok(PathBuf::from(pg_config_value("--bindir")?))
+}
+
+/// The major version of the PostgreSQL the tests run against (15, 16 …).
+pub fn pg_major() -> Result<u32> {
+    let version = pg_config_value("--version")?;
+    version
+        .strip_prefix("PostgreSQL ")
+        .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|major| major.parse().ok())
+        .with_context(|| format!("no major version in {version:?}"))
 }
 
 fn check(out: Output, what: &str) -> Result<Output> {

@@ -23,6 +23,13 @@ pub const BATCH_FAILURES_TOTAL: &str = "cqrs_batch_failures_total";
 pub const EVENT_DELAY_SECONDS: &str = "cqrs_event_delay_seconds";
 pub const SLOT_RETAINED_BYTES: &str = "cqrs_slot_retained_bytes";
 pub const SLOT_RECREATED_TOTAL: &str = "cqrs_slot_recreated_total";
+pub const SLOT_WAL_STATUS: &str = "cqrs_slot_wal_status";
+pub const SLOT_SAFE_WAL_SIZE_BYTES: &str = "cqrs_slot_safe_wal_size_bytes";
+pub const SLOT_INACTIVE_SECONDS: &str = "cqrs_slot_inactive_seconds";
+pub const SLOT_INVALIDATED: &str = "cqrs_slot_invalidated";
+
+/// The values of `pg_replication_slots.wal_status`, each a label value of [`SLOT_WAL_STATUS`].
+pub const WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
 pub const CACHE_WRITES_TOTAL: &str = "cqrs_cache_writes_total";
 pub const CACHE_REPAIR_PENDING_KEYS: &str = "cqrs_cache_repair_pending_keys";
 pub const CACHE_HIT_RATIO: &str = "cqrs_cache_hit_ratio";
@@ -50,6 +57,10 @@ pub struct Metrics {
     pub event_delay: Histogram,
     pub slot_retained_bytes: IntGauge,
     pub slot_recreated: IntCounter,
+    pub slot_wal_status: IntGaugeVec,
+    pub slot_safe_wal_size: IntGauge,
+    pub slot_inactive_seconds: Gauge,
+    pub slot_invalidated: IntGaugeVec,
     pub cache_writes: IntCounterVec,
     pub cache_repair_pending: IntGauge,
     pub cache_hit_ratio: Gauge,
@@ -92,6 +103,10 @@ impl Metrics {
             event_delay: register(r, Histogram::with_opts(HistogramOpts::new(EVENT_DELAY_SECONDS, "Time from a command's commit to its batch being projected and cached.").buckets(LATENCY_BUCKETS.to_vec()))?),
             slot_retained_bytes: register(r, IntGauge::new(SLOT_RETAINED_BYTES, "WAL the replication slot keeps (current LSN minus the slot's restart LSN).")?),
             slot_recreated: register(r, IntCounter::new(SLOT_RECREATED_TOTAL, "Times the replication slot was found missing or lost and recreated.")?),
+            slot_wal_status: register(r, IntGaugeVec::new(Opts::new(SLOT_WAL_STATUS, "1 for the slot's pg_replication_slots.wal_status (reserved, extended, unreserved, lost), 0 for the others."), &["status"])?),
+            slot_safe_wal_size: register(r, IntGauge::new(SLOT_SAFE_WAL_SIZE_BYTES, "WAL that can still be written before the slot is in danger of being lost (pg_replication_slots.safe_wal_size; -1 without max_slot_wal_keep_size).")?),
+            slot_inactive_seconds: register(r, Gauge::new(SLOT_INACTIVE_SECONDS, "How long the slot has had no walsender (pg_replication_slots.inactive_since, PostgreSQL 17+; 0 while streaming or before 17).")?),
+            slot_invalidated: register(r, IntGaugeVec::new(Opts::new(SLOT_INVALIDATED, "1 with the reason when PostgreSQL invalidated the slot (pg_replication_slots.invalidation_reason, PostgreSQL 17+)."), &["reason"])?),
             cache_writes: register(r, IntCounterVec::new(Opts::new(CACHE_WRITES_TOTAL, "Cache writes by result: applied, stale (an equal or newer revision was cached), failed."), &["result"])?),
             cache_repair_pending: register(r, IntGauge::new(CACHE_REPAIR_PENDING_KEYS, "Cache keys waiting to be repaired after Redis was unreachable.")?),
             cache_hit_ratio: register(r, Gauge::new(CACHE_HIT_RATIO, "Share of reads answered from the cache.")?),

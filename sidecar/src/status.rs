@@ -13,7 +13,7 @@ use tokio_postgres::Client;
 
 use crate::cache::Cache;
 use crate::http::{Health, Role};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WAL_STATUSES};
 use crate::postgres::Database;
 use crate::repair::Repairs;
 
@@ -24,6 +24,8 @@ struct Seen {
     dead_lettered: HashMap<String, i64>,
     duplicates: HashMap<String, i64>,
     halted: HashMap<String, bool>,
+    /// the slot's invalidation reason at the last poll
+    invalidation: Option<String>,
 }
 
 /// A counter's increase since the last poll (nothing on the first).
@@ -116,15 +118,7 @@ async fn poll(pg: &Client, watch: &Watch, seen: &mut Seen) -> Result<(), tokio_p
             .with_label_values(&labels)
             .inc_by(duplicates);
     }
-    let retained: Option<i64> = pg
-        .query_opt(
-            "select pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), restart_lsn)::bigint
-               from pg_catalog.pg_replication_slots where slot_name = $1",
-            &[&slot],
-        )
-        .await?
-        .and_then(|row| row.get(0));
-    metrics.slot_retained_bytes.set(retained.unwrap_or(0));
+    slot_state(pg, metrics, slot, seen).await?;
     let live: Option<bool> = pg.query_one("select live from cqrs.leader()", &[]).await?.get(0);
     let live = live.unwrap_or(false);
     metrics.leader_present.set(i64::from(live));
@@ -132,6 +126,54 @@ async fn poll(pg: &Client, watch: &Watch, seen: &mut Seen) -> Result<(), tokio_p
         .health
         .leader_live
         .store(live, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// The slot's state as `pg_replication_slots` shows it. Columns that only some majors have
+/// (`inactive_since` and `invalidation_reason`, PostgreSQL 17+) are read through the row's JSON,
+/// so one query serves every major.
+async fn slot_state(
+    pg: &Client,
+    metrics: &Metrics,
+    slot: &str,
+    seen: &mut Seen,
+) -> Result<(), tokio_postgres::Error> {
+    let row = pg
+        .query_opt(
+            "select pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), s.restart_lsn)::bigint,
+                    s.wal_status, s.safe_wal_size,
+                    extract(epoch from pg_catalog.now() - (pg_catalog.to_jsonb(s) ->> 'inactive_since')::timestamptz)::float8,
+                    pg_catalog.to_jsonb(s) ->> 'invalidation_reason'
+               from pg_catalog.pg_replication_slots s where s.slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    let retained: Option<i64> = row.as_ref().and_then(|r| r.get(0));
+    let wal_status: Option<String> = row.as_ref().and_then(|r| r.get(1));
+    let safe: Option<i64> = row.as_ref().and_then(|r| r.get(2));
+    let inactive: Option<f64> = row.as_ref().and_then(|r| r.get(3));
+    let invalidated: Option<String> = row.as_ref().and_then(|r| r.get(4));
+    metrics.slot_retained_bytes.set(retained.unwrap_or(0));
+    for status in WAL_STATUSES {
+        metrics
+            .slot_wal_status
+            .with_label_values(&[status])
+            .set(i64::from(wal_status.as_deref() == Some(status)));
+    }
+    metrics.slot_safe_wal_size.set(safe.unwrap_or(-1));
+    metrics
+        .slot_inactive_seconds
+        .set(inactive.unwrap_or(0.0).max(0.0));
+    // a reason seen before and gone now (the slot was recreated) goes back to 0
+    if let Some(previous) = seen.invalidation.take() {
+        if invalidated.as_deref() != Some(previous.as_str()) {
+            metrics.slot_invalidated.with_label_values(&[&previous]).set(0);
+        }
+    }
+    if let Some(reason) = invalidated {
+        metrics.slot_invalidated.with_label_values(&[&reason]).set(1);
+        seen.invalidation = Some(reason);
+    }
     Ok(())
 }
 

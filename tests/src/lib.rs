@@ -4,6 +4,7 @@
 pub mod cache_check;
 pub use cqrs_harness::edition;
 pub mod orders;
+pub mod regress;
 pub mod rig;
 pub mod traffic;
 

@@ -122,7 +122,19 @@ async fn readiness_and_a_metric_show_when_no_sidecar_leads() -> Result<()> {
     );
     let sidecar = rig.add_sidecar_at(&url)?;
     rig.wait_for_leader(Duration::from_secs(30))?;
-    ensure!(rig.sidecars[sidecar].metric("cqrs_leader_present")? == 1.0);
+    // the metric follows the status poll, which may have run before the lease was taken
+    eventually(
+        Duration::from_secs(10),
+        "the metric says someone leads",
+        || async {
+            ensure!(
+                rig.sidecars[sidecar].metric("cqrs_leader_present")? == 1.0,
+                "not yet"
+            );
+            Ok(())
+        },
+    )
+    .await?;
 
     // the lease cannot be taken or renewed any more (an operator's mistake)
     admin
