@@ -238,10 +238,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             stack.redis.port()
         );
         println!(
-            "    curl -i {}/v1/projections/order_summary/order-100000000",
+            "    curl -i -H 'authorization: {}' {}/v1/projections/order_summary/order-100000000",
+            stack.authorization(),
             stack.http(leader)
         );
-        println!("    curl {}/metrics", stack.http(leader));
+        println!("    curl {}/metrics", stack.admin(leader));
         tokio::signal::ctrl_c().await?;
     }
     println!("▶ stopping the sidecars (SIGTERM), redis-server and PostgreSQL");
@@ -341,11 +342,16 @@ async fn live(stack: &mut Stack, args: &DemoArgs) -> Result<bool> {
         stack.sidecars[sidecar].keep_log();
     }
     println!(
-        "  sidecar-1 leads (http {}), sidecar-2 stands by (http {}); logs: {} and {}",
+        "  sidecar-1 leads (read API {}), sidecar-2 stands by (read API {}); logs: {} and {}",
         stack.http(first),
         stack.http(second),
         stack.sidecars[first].log_path().display(),
         stack.sidecars[second].log_path().display()
+    );
+    println!(
+        "  the read API wants a JWT (exposed: {}; a user's stats only to that user); this demo reads with\n    {}",
+        crate::stack::READ_EXPOSURE,
+        stack.authorization()
     );
     println!(
         "  appending {:.0} commands/s for {} s{} (Ctrl-C ends early) …",
@@ -493,7 +499,7 @@ async fn live(stack: &mut Stack, args: &DemoArgs) -> Result<bool> {
         metrics
             .metric("cqrs_batch_flush_duration_seconds_count")
             .unwrap_or(0.0),
-        stack.http(leader)
+        stack.admin(leader)
     );
     Ok(interrupted)
 }
@@ -507,7 +513,7 @@ async fn verify_cache(stack: &Stack, sidecar: usize) -> Result<usize> {
             &[],
         )
         .await?;
-    let http = reqwest::Client::new();
+    let http = stack.read_client(reqwest::Client::builder())?;
     for row in &rows {
         let (key, rev, doc): (String, i64, String) = (row.get(0), row.get(1), row.get(2));
         let response = http

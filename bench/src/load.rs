@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use crate::lag::LagProbe;
 use crate::report::{percentile, Table};
 use crate::sidecar_bench::{append_backlog, events_behind};
-use crate::stack::Stack;
+use crate::stack::{authorization_header, Stack};
 use crate::writers::{WriteStats, WriterOptions, Writers, Written};
 use cqrs_harness::connect;
 
@@ -170,6 +170,7 @@ struct Readers {
 impl Readers {
     fn start(
         base: &str,
+        authorization: &str,
         rate: f64,
         tasks: usize,
         keys: Arc<KeyChooser>,
@@ -178,6 +179,7 @@ impl Readers {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(tasks)
+            .default_headers(authorization_header(authorization)?)
             .build()?;
         let (stop, stopped) = watch::channel(false);
         let tasks = tasks.max(1);
@@ -246,10 +248,13 @@ impl Readers {
 
 /// Read-your-writes: for sampled appends, `GET …?after=stream:seq` right after the append
 /// returned; the time until the answer is the wait an application sees.
-fn read_your_writes(base: &str, mut written: mpsc::Receiver<Written>) -> JoinHandle<(Vec<f64>, u64)> {
+fn read_your_writes(
+    base: &str,
+    http: reqwest::Client,
+    mut written: mpsc::Receiver<Written>,
+) -> JoinHandle<(Vec<f64>, u64)> {
     let base = format!("{base}/v1/projections/order_summary/");
     tokio::spawn(async move {
-        let http = reqwest::Client::new();
         let waits = Arc::new(Mutex::new(Vec::new()));
         let failures = Arc::new(AtomicU64::new(0));
         let mut inflight = Vec::new();
@@ -361,7 +366,7 @@ pub async fn run(args: LoadArgs) -> Result<()> {
         zipf: args.zipf,
     });
     let (written_tx, written_rx) = mpsc::channel(1024);
-    let ryw = read_your_writes(&base, written_rx);
+    let ryw = read_your_writes(&base, stack.read_client(reqwest::Client::builder())?, written_rx);
     phases.push(
         phase(
             &stack,
@@ -468,6 +473,7 @@ async fn phase(
     let leader = stack.sidecars.iter().position(|_| true).unwrap_or(0);
     let readers = Readers::start(
         &stack.http(leader),
+        stack.authorization(),
         args.read_rate,
         args.readers,
         keys,
@@ -633,6 +639,7 @@ impl Comparison {
 
 /// `samples` Zipf-chosen keys of `projection` read both ways, one at a time from one client.
 async fn compare(
+    stack: &Stack,
     client: &tokio_postgres::Client,
     base: &str,
     (what, projection, naive_sql): (&'static str, &str, &str),
@@ -642,6 +649,14 @@ async fn compare(
 ) -> Result<Comparison> {
     let naive = client.prepare(naive_sql).await?;
     let http = reqwest::Client::new();
+    // a user's statistics are that user's: read each with a token of its own subject
+    let authorization = |key: &str| -> Result<String> {
+        Ok(if projection == "user_order_stats" {
+            format!("Bearer {}", stack.token(key, &[projection])?)
+        } else {
+            stack.authorization().to_owned()
+        })
+    };
     let mut rng = rand::rng();
     let sample: Vec<&String> = (0..samples)
         .filter_map(|_| keys.get(zipf_rank(keys.len(), zipf, &mut rng)))
@@ -654,9 +669,11 @@ async fn compare(
         if rows.is_empty() {
             bail!("the naive query found nothing for {key}");
         }
+        let authorization = authorization(key)?;
         let started = Instant::now();
         let response = http
             .get(format!("{base}/v1/projections/{projection}/{key}"))
+            .header(reqwest::header::AUTHORIZATION, authorization)
             .send()
             .await?;
         let status = response.status();
@@ -695,6 +712,7 @@ async fn naive_vs_read_api(
     users.shuffle(&mut rand::rng());
     Ok(vec![
         compare(
+            stack,
             &client,
             base,
             ("order summary (1 stream)", "order_summary", NAIVE_ORDER_SUMMARY),
@@ -705,6 +723,7 @@ async fn naive_vs_read_api(
         .await?,
         // the naive user query scans the log: fewer samples
         compare(
+            stack,
             &client,
             base,
             (

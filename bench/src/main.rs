@@ -7,6 +7,7 @@ mod demo;
 mod lag;
 mod load;
 mod projection_bench;
+mod read_bench;
 mod report;
 mod sidecar_bench;
 mod stack;
@@ -36,6 +37,8 @@ enum Commands {
     Sidecar(sidecar_bench::SidecarArgs),
     /// The load test: writes through cqrs.append and Zipf reads through the read API.
     Load(load::LoadArgs),
+    /// The read API: JWT + row ownership vs no authentication, and load shedding at 2× capacity.
+    Read(read_bench::ReadArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         Commands::Project(args) => runtime.block_on(projection_bench::run(args)),
         Commands::Sidecar(args) => runtime.block_on(sidecar_bench::run(args)),
         Commands::Load(args) => runtime.block_on(load::run(args)),
+        Commands::Read(args) => runtime.block_on(read_bench::run(args)),
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use cqrs_harness::edition::{self, Edition};
+use cqrs_harness::read_tokens;
 use cqrs_harness::{ClusterOptions, Durability, PgCluster, RedisServer, Sidecar};
 use serde_json::Value;
 use tokio_postgres::Client;
@@ -25,6 +26,10 @@ pub struct Stack {
     /// The sidecars' connection (see [`edition::sidecar_url`]).
     sidecar_url: String,
     settings: Vec<(String, String)>,
+    /// The HS256 secret the sidecars verify read API tokens with.
+    secret: Vec<u8>,
+    /// `Bearer <JWT>` of a reader of both example projections.
+    authorization: String,
 }
 
 impl Stack {
@@ -44,6 +49,23 @@ impl Stack {
         })
         .await??;
         let redis = tokio::task::spawn_blocking(RedisServer::start).await??;
+        // the read API as the README secures it: the example projections, a user's stats only
+        // to that user, JWTs signed with a secret of this stack
+        let (secret_file, secret) =
+            read_tokens::write_hs256_secret(pg.data_dir().parent().unwrap_or(pg.data_dir()))?;
+        let settings = vec![
+            ("CQRS_EXPOSE".to_owned(), READ_EXPOSURE.to_owned()),
+            ("CQRS_READ_AUTH".to_owned(), "jwt".to_owned()),
+            (
+                "CQRS_JWT_HS256_SECRET_FILE".to_owned(),
+                secret_file.display().to_string(),
+            ),
+            ("CQRS_JWT_AUDIENCE".to_owned(), read_tokens::AUDIENCE.to_owned()),
+        ];
+        let authorization = format!(
+            "Bearer {}",
+            read_tokens::hs256_token(&secret, "cqrs-bench", &["order_summary", "user_order_stats"])?
+        );
         let stack = Self {
             sidecars: Vec::new(),
             redis,
@@ -51,7 +73,9 @@ impl Stack {
             pg,
             edition,
             sidecar_url,
-            settings: Vec::new(),
+            settings,
+            secret,
+            authorization,
         };
         let client = stack.client().await?;
         register_command_types(&client).await?;
@@ -70,6 +94,24 @@ impl Stack {
     /// A connection as the owner (see [`Stack::owner_url`]).
     pub async fn client(&self) -> Result<Client> {
         connect(&self.owner_url).await
+    }
+
+    /// `Bearer <JWT>` that reads both example projections (order_summary has no row rule; a
+    /// user's stats are read by the sidecar for this subject only: see [`Stack::token`]).
+    pub fn authorization(&self) -> &str {
+        &self.authorization
+    }
+
+    /// A JWT for subject `sub` reading `projections`.
+    pub fn token(&self, sub: &str, projections: &[&str]) -> Result<String> {
+        read_tokens::hs256_token(&self.secret, sub, projections)
+    }
+
+    /// An HTTP client for the read API that sends [`Stack::authorization`].
+    pub fn read_client(&self, builder: reqwest::ClientBuilder) -> Result<reqwest::Client> {
+        Ok(builder
+            .default_headers(authorization_header(&self.authorization)?)
+            .build()?)
     }
 
     /// A `CQRS_*` setting for sidecars started from now on.
@@ -93,6 +135,11 @@ impl Stack {
     /// The HTTP base URL of a sidecar.
     pub fn http(&self, sidecar: usize) -> String {
         self.sidecars[sidecar].base_url()
+    }
+
+    /// The base URL of a sidecar's /metrics, /healthz and /readyz.
+    pub fn admin(&self, sidecar: usize) -> String {
+        format!("http://127.0.0.1:{}", self.sidecars[sidecar].admin_port())
     }
 
     /// Cache entries in Redis.
@@ -150,4 +197,17 @@ pub fn parse_edition(text: &str) -> Result<Edition, String> {
         "portable" => Ok(Edition::Portable),
         _ => Err(format!("expected extension or portable, got {text:?}")),
     }
+}
+
+/// What the sidecars of the demo and the benchmarks expose: the README's example.
+pub const READ_EXPOSURE: &str = "order_summary,user_order_stats:user_id=sub";
+
+/// Default headers carrying `authorization` (`Bearer …`).
+pub fn authorization_header(authorization: &str) -> Result<reqwest::header::HeaderMap> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(authorization)?,
+    );
+    Ok(headers)
 }

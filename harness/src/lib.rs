@@ -5,6 +5,7 @@ pub mod certificates;
 pub mod edition;
 pub mod postgres;
 pub mod process;
+pub mod read_tokens;
 pub mod redis;
 pub mod sidecar;
 

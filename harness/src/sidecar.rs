@@ -39,7 +39,10 @@ pub fn sidecar_binary() -> Result<PathBuf> {
 /// A running sidecar.
 pub struct Sidecar {
     child: ChildGuard,
+    /// the read API
     http_port: u16,
+    /// /metrics, /healthz, /readyz (the read API's port for sidecars before 0.2.0)
+    admin_port: u16,
     log: PathBuf,
     /// Keep the log file when dropped (`CQRS_KEEP_LOGS`, or [`Sidecar::keep_log`]).
     keep_log: bool,
@@ -90,7 +93,22 @@ impl Sidecar {
         Self::start_binary(&sidecar_binary()?, name, database_url, redis_url, extra)
     }
 
-    /// Like [`Sidecar::start`], running `binary` (e.g. the sidecar of an earlier release).
+    /// Like [`Sidecar::start`], running `binary` of an earlier release, which serves
+    /// /metrics and /readyz on its read API's port.
+    pub fn start_release<K: AsRef<str>, V: AsRef<str>>(
+        binary: &std::path::Path,
+        name: &str,
+        database_url: &str,
+        redis_url: &str,
+        extra: &[(K, V)],
+    ) -> Result<Self> {
+        let mut sidecar = Self::start_binary(binary, name, database_url, redis_url, extra)?;
+        sidecar.admin_port = sidecar.http_port;
+        Ok(sidecar)
+    }
+
+    /// Like [`Sidecar::start`], running `binary`. The read API serves every projection to
+    /// anyone (`CQRS_EXPOSE=*`, `CQRS_READ_AUTH=none`) unless `extra` says otherwise.
     pub fn start_binary<K: AsRef<str>, V: AsRef<str>>(
         binary: &std::path::Path,
         name: &str,
@@ -99,6 +117,7 @@ impl Sidecar {
         extra: &[(K, V)],
     ) -> Result<Self> {
         let http_port = free_port()?;
+        let admin_port = free_port()?;
         let log = std::env::temp_dir().join(format!("pg_cqrs-{name}-{}-{http_port}.log", std::process::id()));
         let file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut command = Command::new(binary);
@@ -106,6 +125,9 @@ impl Sidecar {
             .env("CQRS_DATABASE_URL", database_url)
             .env("CQRS_REDIS_URL", redis_url)
             .env("CQRS_HTTP_ADDR", format!("127.0.0.1:{http_port}"))
+            .env("CQRS_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
+            .env("CQRS_EXPOSE", "*")
+            .env("CQRS_READ_AUTH", "none")
             .env("CQRS_STATUS_INTERVAL", "1s")
             .env("CQRS_LOG_FORMAT", "text")
             .env("NO_COLOR", "1")
@@ -122,16 +144,23 @@ impl Sidecar {
         Ok(Self {
             child: ChildGuard::new(name.to_owned(), child),
             http_port,
+            admin_port,
             log,
             keep_log: std::env::var_os("CQRS_KEEP_LOGS").is_some(),
         })
     }
 
+    /// The read API's port.
     pub fn http_port(&self) -> u16 {
         self.http_port
     }
 
-    /// Base URL of its HTTP server.
+    /// The port of /metrics, /healthz and /readyz.
+    pub fn admin_port(&self) -> u16 {
+        self.admin_port
+    }
+
+    /// Base URL of its read API.
     pub fn base_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.http_port)
     }
@@ -157,14 +186,14 @@ impl Sidecar {
 
     /// `/readyz` status code, `None` when the server does not answer.
     pub fn readiness(&self) -> Option<u16> {
-        http_get(self.http_port, "/readyz", Duration::from_secs(2))
+        http_get(self.admin_port, "/readyz", Duration::from_secs(2))
             .ok()
             .map(|(status, _)| status)
     }
 
     /// The Prometheus metrics text.
     pub fn metrics(&self) -> Result<String> {
-        let (status, body) = http_get(self.http_port, "/metrics", Duration::from_secs(2))?;
+        let (status, body) = http_get(self.admin_port, "/metrics", Duration::from_secs(2))?;
         if status != 200 {
             bail!("/metrics answered {status}");
         }

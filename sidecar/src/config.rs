@@ -188,9 +188,70 @@ pub struct Config {
     #[arg(long, env = "CQRS_READ_PG_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub read_pg_timeout: Duration,
 
-    /// Address of the HTTP server (/metrics, /healthz, /readyz, /v1/projections/…).
+    /// How long a read that misses the cache may wait for a PostgreSQL connection of the read
+    /// pool before it answers 503 (misses are limited apart, so cache hits never wait behind them).
+    #[arg(long, env = "CQRS_READ_PG_QUEUE_TIMEOUT", default_value = "100ms", value_parser = parse_duration)]
+    pub read_pg_queue_timeout: Duration,
+
+    /// Address of the read API (/v1/projections/…), the only thing on it.
     #[arg(long, env = "CQRS_HTTP_ADDR", default_value = "0.0.0.0:9187")]
     pub http_addr: SocketAddr,
+
+    /// Address of /metrics, /healthz and /readyz (keep it off the public network).
+    #[arg(long, env = "CQRS_ADMIN_ADDR", default_value = "127.0.0.1:9188")]
+    pub admin_addr: SocketAddr,
+
+    /// The projections the read API serves: names separated by commas, each optionally with a
+    /// row rule `name:column=claim` (a JWT caller reads only rows whose column equals its claim),
+    /// or `*` for all (development). Nothing is served when empty.
+    #[arg(long, env = "CQRS_EXPOSE", default_value = "")]
+    pub expose: String,
+
+    /// How read API callers authenticate: `keys`, `jwt` or `keys,jwt`; `none` serves anyone
+    /// (logged as a warning). Required when --expose names anything.
+    #[arg(long, env = "CQRS_READ_AUTH")]
+    pub read_auth: Option<String>,
+
+    /// API keys file: `<name> sha256:<hex of the key's SHA-256> <projections>` per line; read
+    /// again when it changes or on SIGHUP.
+    #[arg(long, env = "CQRS_READ_KEYS_FILE")]
+    pub read_keys_file: Option<std::path::PathBuf>,
+
+    /// File holding the HS256 secret of JWTs.
+    #[arg(long, env = "CQRS_JWT_HS256_SECRET_FILE")]
+    pub jwt_hs256_secret_file: Option<std::path::PathBuf>,
+
+    /// JWKS file with the RS256 / ES256 public keys of JWTs.
+    #[arg(long, env = "CQRS_JWT_JWKS_FILE")]
+    pub jwt_jwks_file: Option<std::path::PathBuf>,
+
+    /// Required `iss` of JWTs.
+    #[arg(long, env = "CQRS_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` of JWTs.
+    #[arg(long, env = "CQRS_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// The JWT claim listing the projections a token may read (`"*"` or an array of names).
+    #[arg(long, env = "CQRS_JWT_PROJECTIONS_CLAIM", default_value = "cqrs_projections")]
+    pub jwt_projections_claim: String,
+
+    /// PEM certificate chain of the read API: serve it over TLS (reloaded when the file changes).
+    #[arg(long, env = "CQRS_READ_TLS_CERT", requires = "read_tls_key")]
+    pub read_tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of the read API's certificate.
+    #[arg(long, env = "CQRS_READ_TLS_KEY", requires = "read_tls_cert")]
+    pub read_tls_key: Option<std::path::PathBuf>,
+
+    /// Read requests in flight at most; past it requests wait at most --read-queue-timeout.
+    #[arg(long, env = "CQRS_READ_MAX_CONCURRENCY", default_value_t = 256)]
+    pub read_max_concurrency: usize,
+
+    /// How long a read request may wait to start before it is shed with 503 and Retry-After.
+    #[arg(long, env = "CQRS_READ_QUEUE_TIMEOUT", default_value = "20ms", value_parser = parse_duration)]
+    pub read_queue_timeout: Duration,
 
     /// How often cqrs.progress() and the slot are polled for metrics.
     #[arg(long, env = "CQRS_STATUS_INTERVAL", default_value = "5s", value_parser = parse_duration)]

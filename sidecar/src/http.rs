@@ -1,18 +1,25 @@
-//! The HTTP server: `/metrics` (Prometheus text), `/healthz` (the process is up), `/readyz`
-//! (leading and streaming, or standing by with PostgreSQL reachable), and the read API.
+//! The two HTTP servers. The admin server (`--admin-addr`, loopback by default): `/metrics`
+//! (Prometheus text), `/healthz` (the process is up), `/readyz` (leading and streaming, or
+//! standing by with PostgreSQL reachable and some sidecar leading). The read API (`--http-addr`):
+//! `/v1/projections/{name}/{key}` and nothing else, behind load shedding, over TLS when given a
+//! certificate (reloaded when its files change).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use axum_server::tls_rustls::RustlsConfig;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
+use crate::read_admission::{self, Admission};
 use crate::read_api::{self, ReadState};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,34 +101,92 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     (status, format!("{why}\n"))
 }
 
-pub fn router(state: AppState) -> Router<AppState> {
-    let _ = &state;
+/// The admin server's routes.
+pub fn admin_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-}
-
-/// The read API: `GET /v1/projections/{name}/{key}`.
-pub fn read_router(state: ReadState) -> Router {
-    Router::new()
-        .route("/v1/projections/{name}/{key}", get(read_api::read))
         .with_state(state)
 }
 
-/// Serves `app` on `addr` until `shutdown` turns true.
+/// The read API: `GET /v1/projections/{name}/{key}`, behind `admission`.
+pub fn read_router(state: ReadState, admission: Arc<Admission>) -> Router {
+    Router::new()
+        .route("/v1/projections/{name}/{key}", get(read_api::read))
+        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            admission,
+            read_admission::admit,
+        ))
+}
+
+/// The certificate and key of the read API's TLS.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Serves `app` on `addr` until `shutdown` turns true; over TLS with `tls`.
 pub async fn serve(
+    what: &'static str,
     addr: SocketAddr,
     app: Router,
+    tls: Option<TlsFiles>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "HTTP server listening (/metrics, /healthz, /readyz, /v1/projections/{{name}}/{{key}})");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        })
+    let Some(files) = tls else {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        tracing::info!(%addr, "{what} listening (HTTP)");
+        return axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown.wait_for(|stop| *stop).await;
+            })
+            .await;
+    };
+    let config = RustlsConfig::from_pem_file(&files.cert, &files.key).await?;
+    tokio::spawn(reload_on_change(config.clone(), files, shutdown.clone()));
+    let handle = axum_server::Handle::new();
+    let stopper = handle.clone();
+    tokio::spawn(async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+        stopper.graceful_shutdown(Some(Duration::from_secs(5)));
+    });
+    tracing::info!(%addr, "{what} listening (HTTPS)");
+    axum_server::bind_rustls(addr, config)
+        .handle(handle)
+        .serve(app.into_make_service())
         .await
+}
+
+/// Reloads the certificate and key when either file changes (checked every 2 s): a renewed
+/// certificate is served without a restart. A pair that does not load is logged and the old one
+/// kept.
+async fn reload_on_change(config: RustlsConfig, files: TlsFiles, mut shutdown: watch::Receiver<bool>) {
+    let stamp = |files: &TlsFiles| {
+        [&files.cert, &files.key].map(|path| std::fs::metadata(path).and_then(|m| m.modified()).ok())
+    };
+    let mut seen = stamp(&files);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        let now = stamp(&files);
+        if now == seen {
+            continue;
+        }
+        match config.reload_from_pem_file(&files.cert, &files.key).await {
+            Ok(()) => {
+                tracing::info!(cert = %files.cert.display(), "reloaded the read API's TLS certificate");
+                seen = now;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "the read API's new certificate does not load; keeping the old one")
+            }
+        }
+    }
 }
 
 #[cfg(test)]

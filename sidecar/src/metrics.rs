@@ -36,6 +36,8 @@ pub const CACHE_HIT_RATIO: &str = "cqrs_cache_hit_ratio";
 pub const READ_REQUESTS_TOTAL: &str = "cqrs_read_requests_total";
 pub const READ_DURATION_SECONDS: &str = "cqrs_read_duration_seconds";
 pub const READ_BACKEND_QUERIES_TOTAL: &str = "cqrs_read_backend_queries_total";
+pub const READ_DENIED_TOTAL: &str = "cqrs_read_denied_total";
+pub const READ_SHED_TOTAL: &str = "cqrs_read_shed_total";
 
 /// Every metric of the sidecar.
 pub struct Metrics {
@@ -67,6 +69,8 @@ pub struct Metrics {
     pub read_requests: IntCounterVec,
     pub read_duration: HistogramVec,
     pub read_backend_queries: IntCounter,
+    pub read_denied: IntCounterVec,
+    pub read_shed: IntCounter,
 }
 
 fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
@@ -113,6 +117,8 @@ impl Metrics {
             read_requests: register(r, IntCounterVec::new(Opts::new(READ_REQUESTS_TOTAL, "Read API requests by outcome and source."), &["outcome", "source"])?),
             read_duration: register(r, HistogramVec::new(HistogramOpts::new(READ_DURATION_SECONDS, "Read API latency.").buckets(LATENCY_BUCKETS.to_vec()), &["source"])?),
             read_backend_queries: register(r, IntCounter::new(READ_BACKEND_QUERIES_TOTAL, "PostgreSQL queries made by the read API (after singleflight).")?),
+            read_denied: register(r, IntCounterVec::new(Opts::new(READ_DENIED_TOTAL, "Read API requests refused, by reason (credentials, a projection not exposed or not the caller's, a row another subject owns)."), &["reason"])?),
+            read_shed: register(r, IntCounter::new(READ_SHED_TOTAL, "Read API requests answered 503 at once because the API was at capacity.")?),
             registry,
         })
     }

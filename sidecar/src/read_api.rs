@@ -1,10 +1,15 @@
 //! `GET /v1/projections/{name}/{key}[?after=stream:seq&timeout_ms=n]`: a read-model row as
 //! JSON, with its revision as the ETag and where it came from in `X-Cqrs-Source`.
 //!
-//! 200 the row; 304 when `If-None-Match` names the current revision; 400 bad input; 404 no
-//! such row (`"error": "not_found"`) or no such projection (`"error": "unknown_projection"`);
-//! 503 neither Redis nor PostgreSQL could answer; 504 `after` was not applied within the
-//! timeout (the body says how far the projection is).
+//! 200 the row; 304 when `If-None-Match` names the current revision; 400 bad input; 401 no or
+//! bad credentials (with `WWW-Authenticate: Bearer`); 404 no such row (`"error": "not_found"`),
+//! or a row the caller does not own, or no such projection (`"error": "unknown_projection"`),
+//! or one that is not exposed or not the caller's — all answered alike; 503 neither Redis nor
+//! PostgreSQL could answer, or the API is at capacity (with `Retry-After`); 504 `after` was not
+//! applied within the timeout (the body says how far the projection is).
+//!
+//! Order of checks: the request's shape, the credentials, the projection (exposed, and listed
+//! for the caller) — all before anything is read or waited for — then the row's owner.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +21,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::metrics::Metrics;
+use crate::read_access::{self, Exposure};
+use crate::read_auth::{Authenticator, Caller, Denial};
 use crate::reads::{Found, ReadError, Reader, Source};
 
 /// Longest key accepted, in bytes.
@@ -33,7 +40,15 @@ pub const SOURCE_HEADER: &str = "x-cqrs-source";
 pub struct ReadState {
     pub reader: Arc<Reader>,
     pub metrics: Arc<Metrics>,
+    pub exposure: Arc<Exposure>,
+    /// `None`: `--read-auth none`, everyone may read what is exposed.
+    pub auth: Option<Arc<Authenticator>>,
 }
+
+/// Metric label of a projection the caller may not see (not exposed, or not listed for it).
+pub const DENIED_PROJECTION: &str = "projection_not_allowed";
+/// Metric label of a row another subject owns.
+pub const DENIED_ROW: &str = "row_not_owned";
 
 #[derive(Debug, serde::Deserialize)]
 pub struct ReadQuery {
@@ -155,16 +170,36 @@ fn respond(found: Found, request: &Request, headers: &HeaderMap) -> (Response, &
     (response, outcome)
 }
 
+/// A projection that does not exist; also what an unexposed one, or one the caller may not
+/// read, answers (no way to probe which exist).
+fn unknown_projection(name: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "unknown_projection",
+        format!("there is no projection named {name:?}"),
+    )
+}
+
+/// 401 with the Bearer challenge; the body says what to send, never which check failed.
+fn unauthorized(denial: Denial) -> Response {
+    let mut response = error(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "send Authorization: Bearer <API key or JWT>".to_owned(),
+    );
+    let challenge = match denial.challenge() {
+        "" => "Bearer realm=\"cqrs-read\"".to_owned(),
+        code => format!("Bearer realm=\"cqrs-read\", error=\"{code}\""),
+    };
+    if let Ok(value) = HeaderValue::from_str(&challenge) {
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, value);
+    }
+    response
+}
+
 fn failure(err: ReadError, request: &Request) -> (Response, &'static str) {
     match err {
-        ReadError::UnknownProjection(name) => (
-            error(
-                StatusCode::NOT_FOUND,
-                "unknown_projection",
-                format!("there is no projection named {name:?}"),
-            ),
-            "unknown_projection",
-        ),
+        ReadError::UnknownProjection(name) => (unknown_projection(&name), "unknown_projection"),
         ReadError::BadRequest(message) => (
             error(StatusCode::BAD_REQUEST, "bad_request", message),
             "bad_request",
@@ -202,6 +237,58 @@ fn failure(err: ReadError, request: &Request) -> (Response, &'static str) {
     }
 }
 
+/// Why a request is refused before anything is read.
+enum Refusal {
+    Unauthorized(Denial),
+    /// not exposed, or not the caller's: answered as an unknown projection
+    Hidden,
+}
+
+impl Refusal {
+    fn response(self, projection: &str) -> (Response, &'static str) {
+        match self {
+            Refusal::Unauthorized(denial) => (unauthorized(denial), "unauthorized"),
+            Refusal::Hidden => (unknown_projection(projection), "unknown_projection"),
+        }
+    }
+}
+
+/// The caller, if its credentials hold and it may read `projection`, with the projection's row
+/// rule.
+fn admit<'a>(
+    state: &'a ReadState,
+    projection: &str,
+    headers: &HeaderMap,
+) -> Result<(Caller, Option<&'a read_access::Ownership>), Refusal> {
+    let caller = match &state.auth {
+        None => Caller::Anyone,
+        Some(auth) => {
+            let authorization = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|value| value.to_str().ok());
+            auth.authenticate(authorization).map_err(|denial| {
+                state
+                    .metrics
+                    .read_denied
+                    .with_label_values(&[denial.label()])
+                    .inc();
+                Refusal::Unauthorized(denial)
+            })?
+        }
+    };
+    match state.exposure.admit(&caller, projection) {
+        Some(rule) => Ok((caller, rule)),
+        None => {
+            state
+                .metrics
+                .read_denied
+                .with_label_values(&[DENIED_PROJECTION])
+                .inc();
+            Err(Refusal::Hidden)
+        }
+    }
+}
+
 pub async fn read(
     State(state): State<ReadState>,
     path: Result<Path<(String, String)>, PathRejection>,
@@ -220,28 +307,47 @@ pub async fn read(
             "bad_request",
             "none",
         ),
-        Ok(request) => {
-            let result = match &request.after {
-                Some((stream, seq)) => {
-                    state
-                        .reader
-                        .get_after(&request.projection, &request.key, stream, *seq, request.timeout)
-                        .await
-                }
-                None => state.reader.get(&request.projection, &request.key).await,
-            };
-            match result {
-                Ok(found) => {
-                    let source = found.source.label();
-                    let (response, outcome) = respond(found, &request, &headers);
-                    (response, outcome, source)
-                }
-                Err(err) => {
-                    let (response, outcome) = failure(err, &request);
-                    (response, outcome, "none")
+        Ok(request) => match admit(&state, &request.projection, &headers) {
+            Err(refusal) => {
+                let (response, outcome) = refusal.response(&request.projection);
+                (response, outcome, "none")
+            }
+            Ok((caller, rule)) => {
+                let rule = rule.cloned();
+                let result = match &request.after {
+                    Some((stream, seq)) => {
+                        state
+                            .reader
+                            .get_after(&request.projection, &request.key, stream, *seq, request.timeout)
+                            .await
+                    }
+                    None => state.reader.get(&request.projection, &request.key).await,
+                };
+                match result {
+                    Ok(mut found) => {
+                        let source = found.source.label();
+                        // another subject's row answers like no row, from the cache or not
+                        if let Some(doc) = &found.doc {
+                            if !read_access::owns(&caller, rule.as_ref(), doc) {
+                                state.metrics.read_denied.with_label_values(&[DENIED_ROW]).inc();
+                                found.doc = None;
+                            }
+                        }
+                        let (mut response, outcome) = respond(found, &request, &headers);
+                        // under a row rule, a 404 does not say where it came from: a row in
+                        // the cache that is someone else's would otherwise differ from no row
+                        if rule.is_some() && response.status() == StatusCode::NOT_FOUND {
+                            response.headers_mut().remove(SOURCE_HEADER);
+                        }
+                        (response, outcome, source)
+                    }
+                    Err(err) => {
+                        let (response, outcome) = failure(err, &request);
+                        (response, outcome, "none")
+                    }
                 }
             }
-        }
+        },
     };
     state
         .metrics

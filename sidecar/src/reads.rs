@@ -75,6 +75,8 @@ pub enum ReadError {
 pub struct ReadSettings {
     pub redis_timeout: Duration,
     pub postgres_timeout: Duration,
+    /// How long a miss waits for a pooled connection (the misses' own limit).
+    pub postgres_queue_timeout: Duration,
     pub pool_size: usize,
 }
 
@@ -122,7 +124,7 @@ impl Reader {
         let pool = Pool::builder(manager)
             .max_size(settings.pool_size.max(1))
             .runtime(deadpool_postgres::Runtime::Tokio1)
-            .wait_timeout(Some(settings.postgres_timeout))
+            .wait_timeout(Some(settings.postgres_queue_timeout))
             .create_timeout(Some(settings.postgres_timeout))
             .recycle_timeout(Some(settings.postgres_timeout))
             .build()?;

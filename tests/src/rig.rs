@@ -100,7 +100,7 @@ impl Rig {
     pub fn add_sidecar_binary(&mut self, binary: &std::path::Path) -> Result<usize> {
         let name = format!("sidecar-{}", self.sidecars.len() + 1);
         let sidecar =
-            Sidecar::start_binary(binary, &name, &self.pg.url(), &self.redis.url(), &self.settings)?;
+            Sidecar::start_release(binary, &name, &self.pg.url(), &self.redis.url(), &self.settings)?;
         self.sidecars.push(sidecar);
         Ok(self.sidecars.len() - 1)
     }

@@ -10,6 +10,7 @@ use cqrs_e2e::edition::Edition;
 use cqrs_e2e::orders::{self, seed_commands, Command};
 use cqrs_e2e::rig::{Rig, PREFIX};
 use cqrs_e2e::{connect, eventually};
+use cqrs_harness::read_tokens;
 use cqrs_harness::{ClusterOptions, RedisServer};
 use cqrs_sidecar::cache::{Cache, Entry, Ttls};
 use cqrs_sidecar::metrics::Metrics;
@@ -109,6 +110,27 @@ async fn rig_with_orders_on(edition: Edition, extra: &[(&str, &str)]) -> Result<
     orders::append_all(&client, &commands, 100).await?;
     rig.assert_consistent(Duration::from_secs(30)).await?;
     Ok(rig)
+}
+
+/// JWT authentication on the read API, as the README configures it: the settings, and the
+/// `authorization` header of a user that may read order_summary.
+fn jwt_auth() -> Result<(Vec<(String, String)>, String)> {
+    let dir = cqrs_harness::postgres::tempdir("pg_cqrs-read-jwt")?;
+    let (secret_file, secret) = read_tokens::write_hs256_secret(&dir)?;
+    let token = read_tokens::hs256_token(&secret, "user-1", &["order_summary"])?;
+    let settings = [
+        (
+            "CQRS_EXPOSE",
+            "order_summary,user_order_stats:user_id=sub".to_owned(),
+        ),
+        ("CQRS_READ_AUTH", "jwt".to_owned()),
+        ("CQRS_JWT_HS256_SECRET_FILE", secret_file.display().to_string()),
+        ("CQRS_JWT_AUDIENCE", read_tokens::AUDIENCE.to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    Ok((settings, format!("Bearer {token}")))
 }
 
 fn redis_del(rig: &Rig, key: &str) -> Result<()> {
@@ -278,7 +300,11 @@ async fn hits_misses_negative_entries_and_bad_input() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_hundred_concurrent_cold_reads_make_one_query() -> Result<()> {
     let _serial = serial().await;
-    let rig = rig_with_orders(&[]).await?;
+    // with authentication on, and room for 800 requests in flight
+    let (mut settings, authorization) = jwt_auth()?;
+    settings.push(("CQRS_READ_MAX_CONCURRENCY".to_owned(), "1000".to_owned()));
+    let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let rig = rig_with_orders(&settings).await?;
     let client = rig.client().await?;
     let calls = || async {
         // counted by PostgreSQL itself (track_functions = all), flushed at transaction ends
@@ -310,9 +336,10 @@ async fn eight_hundred_concurrent_cold_reads_make_one_query() -> Result<()> {
         let requests: Vec<_> = (0..800)
             .map(|_| {
                 let (http, url, start) = (http.clone(), url.clone(), Arc::clone(&start));
+                let authorization = authorization.clone();
                 tokio::spawn(async move {
                     start.wait().await;
-                    get(&http, &url, &[]).await
+                    get(&http, &url, &[("authorization", authorization.as_str())]).await
                 })
             })
             .collect();
@@ -368,6 +395,7 @@ async fn a_slow_reader_never_replaces_a_newer_projected_row() -> Result<()> {
     let settings = ReadSettings {
         redis_timeout: Duration::from_secs(1),
         postgres_timeout: Duration::from_secs(5),
+        postgres_queue_timeout: Duration::from_secs(5),
         pool_size: 2,
     };
     let reader = Reader::new(pg, Arc::clone(&cache), Arc::new(Metrics::new()?), settings)?;
@@ -462,16 +490,19 @@ async fn read_your_writes_waits_for_a_slowed_projector_portable() -> Result<()> 
 
 async fn read_your_writes(edition: Edition) -> Result<()> {
     let _serial = serial().await;
-    // every batch waits 400 ms for more events: the projector lags on purpose
-    let rig = rig_with_orders_on(
-        edition,
-        &[
-            ("CQRS_BATCH_MAX_WAIT", "400ms"),
-            ("CQRS_BATCH_MIN_EVENTS", "100000"),
-            ("CQRS_BATCH_MAX_EVENTS", "100000"),
-        ],
-    )
-    .await?;
+    // every batch waits 400 ms for more events: the projector lags on purpose; and the read
+    // API wants a JWT
+    let (mut settings, authorization) = jwt_auth()?;
+    for (key, value) in [
+        ("CQRS_BATCH_MAX_WAIT", "400ms"),
+        ("CQRS_BATCH_MIN_EVENTS", "100000"),
+        ("CQRS_BATCH_MAX_EVENTS", "100000"),
+    ] {
+        settings.push((key.to_owned(), value.to_owned()));
+    }
+    let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let rig = rig_with_orders_on(edition, &settings).await?;
+    let auth = [("authorization", authorization.as_str())];
     let client = rig.client().await?;
     let http = reqwest::Client::new();
     let base = format!("{}/v1/projections/order_summary", rig.http(0));
@@ -487,13 +518,13 @@ async fn read_your_writes(edition: Edition) -> Result<()> {
             Ok::<i64, anyhow::Error>(row.get(0))
         }
     };
-    let before = get(&http, &format!("{base}/order-1"), &[]).await?.json()?;
+    let before = get(&http, &format!("{base}/order-1"), &auth).await?.json()?;
     let mut waits = Vec::new();
     for _ in 0..5 {
         let seq = append_item("order-1").await?;
         let started = Instant::now();
-        let stale = get(&http, &format!("{base}/order-1"), &[]).await?.json()?;
-        let fresh = get(&http, &format!("{base}/order-1?after=order-1:{seq}"), &[]).await?;
+        let stale = get(&http, &format!("{base}/order-1"), &auth).await?.json()?;
+        let fresh = get(&http, &format!("{base}/order-1?after=order-1:{seq}"), &auth).await?;
         waits.push(started.elapsed());
         ensure!(fresh.status == 200, "{} {}", fresh.status, fresh.body);
         let fresh = fresh.json()?;
@@ -506,7 +537,7 @@ async fn read_your_writes(edition: Edition) -> Result<()> {
         waits.iter().any(|w| *w > Duration::from_millis(100)),
         "the projector was not slow: {waits:?}"
     );
-    let total = get(&http, &format!("{base}/order-1"), &[]).await?.json()?;
+    let total = get(&http, &format!("{base}/order-1"), &auth).await?.json()?;
     ensure!(total["item_count"].as_i64() == before["item_count"].as_i64().map(|n| n + 5));
 
     // a timeout says how far the projection is
@@ -514,7 +545,7 @@ async fn read_your_writes(edition: Edition) -> Result<()> {
     let timeout = get(
         &http,
         &format!("{base}/order-1?after=order-1:{seq}&timeout_ms=50"),
-        &[],
+        &auth,
     )
     .await?;
     ensure!(timeout.status == 504, "{} {}", timeout.status, timeout.body);
@@ -526,7 +557,7 @@ async fn read_your_writes(edition: Edition) -> Result<()> {
     let unknown = get(
         &http,
         &format!("{}/v1/projections/nope/order-1?after=order-1:1", rig.http(0)),
-        &[],
+        &auth,
     )
     .await?;
     ensure!(

@@ -151,7 +151,7 @@ async fn readiness_and_a_metric_show_when_no_sidecar_leads() -> Result<()> {
     .await
     .with_context(|| rig.logs())?;
     let (_, body) = cqrs_harness::http_get(
-        rig.sidecars[sidecar].http_port(),
+        rig.sidecars[sidecar].admin_port(),
         "/readyz",
         Duration::from_secs(2),
     )?;

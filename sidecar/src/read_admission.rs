@@ -1,0 +1,68 @@
+//! Load shedding for the read API: at most a fixed number of requests in flight, and a request
+//! that cannot start within a short queue deadline is answered at once with 503 and
+//! `Retry-After`, instead of waiting in a queue that only grows under overload. The requests
+//! admitted keep their latency; the excess is shed, not queued.
+//!
+//! Misses have their own, smaller limit: the PostgreSQL pool of the read path, whose wait
+//! deadline (`--read-pg-queue-timeout`) is short too, so reads answered from Redis never wait
+//! behind misses.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tokio::sync::Semaphore;
+
+use crate::metrics::Metrics;
+
+pub struct Admission {
+    permits: Arc<Semaphore>,
+    queue_timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Admission {
+    pub fn new(max_concurrent: usize, queue_timeout: Duration, metrics: Arc<Metrics>) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            queue_timeout,
+            metrics,
+        }
+    }
+}
+
+/// The 503 of a shed request.
+pub fn overloaded() -> Response {
+    let mut response = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::CONTENT_TYPE, "application/json")],
+        r#"{"error":"overloaded","message":"the read API is at capacity; retry shortly"}"#,
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+/// The middleware: admits the request or sheds it.
+pub async fn admit(State(admission): State<Arc<Admission>>, request: Request, next: Next) -> Response {
+    let waiting = tokio::time::timeout(
+        admission.queue_timeout,
+        Arc::clone(&admission.permits).acquire_owned(),
+    );
+    match waiting.await {
+        Ok(Ok(permit)) => {
+            let response = next.run(request).await;
+            drop(permit);
+            response
+        }
+        _ => {
+            admission.metrics.read_shed.inc();
+            overloaded()
+        }
+    }
+}
