@@ -39,11 +39,14 @@ pub struct ReadArgs {
     #[arg(long, default_value_t = 10)]
     overload_seconds: u64,
     /// `--read-max-concurrency` of the sidecar that is overloaded.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 8)]
     shed_concurrency: usize,
     /// `--read-queue-timeout` of the sidecar that is overloaded.
     #[arg(long, default_value = "2ms")]
     shed_queue_timeout: String,
+    /// `--read-pool-size` (PostgreSQL connections) of the sidecar that is overloaded.
+    #[arg(long, default_value_t = 3)]
+    shed_pg_pool: usize,
     /// CPU of the sidecar that is overloaded, in cores (a cgroup CPU quota, as a container limit
     /// would set): small enough that one core of generator can offer twice its capacity.
     #[arg(long, default_value_t = 0.25)]
@@ -105,6 +108,18 @@ fn split_cores(sidecar_pid: u32) -> Result<()> {
     Ok(())
 }
 
+/// What a run reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reads {
+    /// a random user's stats, cached, without credentials
+    Stats,
+    /// a random user's stats with that user's token
+    OwnStats,
+    /// an order that does not exist, a new one each time: every read misses the cache and
+    /// asks PostgreSQL (answered 404), so capacity is PostgreSQL's, not the sidecar's
+    Absent,
+}
+
 /// The answers of one run of reads.
 #[derive(Default)]
 struct Outcome {
@@ -119,21 +134,28 @@ impl Outcome {
     }
 }
 
-/// One read of a random user's stats; `tokens` (per user) when the sidecar wants them.
+/// One read of what `reads` says, of a random user.
 async fn read_one(
     http: &reqwest::Client,
     base: &str,
     users: &[(String, String)],
-    with_tokens: bool,
+    reads: Reads,
     outcome: &Outcome,
 ) {
     let Some((user, token)) = users.choose(&mut rand::rng()) else {
         return;
     };
-    let mut request = http.get(format!("{base}/v1/projections/user_order_stats/{user}"));
-    if with_tokens {
-        request = request.header(reqwest::header::AUTHORIZATION, token.as_str());
-    }
+    let request = match reads {
+        Reads::Stats => http.get(format!("{base}/v1/projections/user_order_stats/{user}")),
+        Reads::OwnStats => http
+            .get(format!("{base}/v1/projections/user_order_stats/{user}"))
+            .header(reqwest::header::AUTHORIZATION, token.as_str()),
+        Reads::Absent => http.get(format!(
+            "{base}/v1/projections/order_summary/absent-{}",
+            rand::random::<u64>()
+        )),
+    };
+    let answered = if reads == Reads::Absent { 404 } else { 200 };
     let started = Instant::now();
     let status = match request.send().await {
         Ok(response) => {
@@ -144,7 +166,7 @@ async fn read_one(
         Err(_) => 0,
     };
     match status {
-        200 => {
+        status if status == answered => {
             if let Ok(mut ok) = outcome.ok_ms.lock() {
                 ok.push(started.elapsed().as_secs_f64() * 1000.0);
             }
@@ -164,7 +186,7 @@ async fn paced(
     http: &reqwest::Client,
     base: &str,
     users: &Arc<Vec<(String, String)>>,
-    with_tokens: bool,
+    reads: Reads,
     rate: f64,
     seconds: u64,
 ) -> Arc<Outcome> {
@@ -189,7 +211,7 @@ async fn paced(
                 Arc::clone(&outcome),
             );
             tokio::spawn(async move {
-                read_one(&http, &base, &users, with_tokens, &outcome).await;
+                read_one(&http, &base, &users, reads, &outcome).await;
                 drop(permit);
             });
         }
@@ -204,6 +226,7 @@ async fn capacity(
     http: &reqwest::Client,
     base: &str,
     users: &Arc<Vec<(String, String)>>,
+    reads: Reads,
     tasks: usize,
     seconds: u64,
 ) -> f64 {
@@ -219,7 +242,7 @@ async fn capacity(
             );
             tokio::spawn(async move {
                 while Instant::now() < deadline {
-                    read_one(&http, &base, &users, false, &outcome).await;
+                    read_one(&http, &base, &users, reads, &outcome).await;
                 }
             })
         })
@@ -274,14 +297,14 @@ pub async fn run(args: ReadArgs) -> Result<()> {
         .pool_max_idle_per_host(4096)
         .build()?;
     // every row once from each sidecar: both answer from the cache from here on
-    for (sidecar, with_tokens) in [(open, false), (secured, true)] {
+    for (sidecar, reads) in [(open, Reads::Stats), (secured, Reads::OwnStats)] {
         let warm = Outcome::default();
         for (user, token) in users.iter() {
             read_one(
                 &http,
                 &stack.http(sidecar),
                 &[(user.clone(), token.clone())],
-                with_tokens,
+                reads,
                 &warm,
             )
             .await;
@@ -306,12 +329,15 @@ pub async fn run(args: ReadArgs) -> Result<()> {
         ("JWT (HS256) + row ownership (user_id = sub)", Vec::new(), 0),
     ];
     for round in 1..=args.rounds {
-        for (variant, (sidecar, with_tokens)) in [(open, false), (secured, true)].into_iter().enumerate() {
+        for (variant, (sidecar, reads)) in [(open, Reads::Stats), (secured, Reads::OwnStats)]
+            .into_iter()
+            .enumerate()
+        {
             let outcome = paced(
                 &http,
                 &stack.http(sidecar),
                 &users,
-                with_tokens,
+                reads,
                 args.rate,
                 args.seconds,
             )
@@ -376,60 +402,107 @@ pub async fn run(args: ReadArgs) -> Result<()> {
         stack.set("CQRS_READ_AUTH", "none");
         stack.set("CQRS_READ_MAX_CONCURRENCY", &args.shed_concurrency.to_string());
         stack.set("CQRS_READ_QUEUE_TIMEOUT", &args.shed_queue_timeout);
-        let shedding = stack.add_sidecar()?;
-        stack.sidecars[shedding].wait_ready(Duration::from_secs(30))?;
+        stack.set("CQRS_READ_PG_QUEUE_TIMEOUT", &args.shed_queue_timeout);
+        stack.set("CQRS_READ_POOL_SIZE", &args.shed_pg_pool.to_string());
+        overload(&mut stack, &http, &users, &args, Overload::Misses).await?;
+        overload(&mut stack, &http, &users, &args, Overload::CpuBoundHits).await?;
+    }
+    stack.stop_sidecars();
+    Ok(())
+}
+
+/// What is overloaded, and by what.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Overload {
+    /// reads that all miss the cache: PostgreSQL (the read pool) is what runs out
+    Misses,
+    /// cache hits on a sidecar held to `--shed-cpu` of one core: its own CPU runs out
+    CpuBoundHits,
+}
+
+/// A fresh sidecar with the shedding settings: unloaded p99, capacity, then twice the capacity
+/// offered open-loop; prints what was answered, how fast, and what was shed.
+async fn overload(
+    stack: &mut Stack,
+    http: &reqwest::Client,
+    users: &Arc<Vec<(String, String)>>,
+    args: &ReadArgs,
+    what: Overload,
+) -> Result<()> {
+    let shedding = stack.add_sidecar()?;
+    stack.sidecars[shedding].wait_ready(Duration::from_secs(30))?;
+    let (reads, answered, title) = match what {
+        Overload::Misses => (
+            Reads::Absent,
+            "answered 404",
+            "cache misses, PostgreSQL-bound (no CPU split)".to_owned(),
+        ),
+        Overload::CpuBoundHits => (
+            Reads::Stats,
+            "answered 200",
+            format!(
+                "cache hits, sidecar held to {} of core 1, generator on core 0",
+                args.shed_cpu
+            ),
+        ),
+    };
+    let cpu_limit = if what == Overload::CpuBoundHits {
         let pid = stack.sidecars[shedding]
             .pid()
             .ok_or_else(|| anyhow::anyhow!("the shedding sidecar has no pid"))?;
         split_cores(pid)?;
-        let cpu_limit = CpuLimit::apply(pid, args.shed_cpu)?;
-        let base = stack.http(shedding);
-        let calm = paced(&http, &base, &users, false, args.rate / 5.0, args.seconds).await;
-        let calm_p99 = percentile(&calm.latencies(), 99.0);
-        let capacity = capacity(&http, &base, &users, 64, 5).await;
-        let offered = 2.0 * capacity;
-        println!("▶ capacity (64 closed-loop readers): {capacity:.0} reads/s; offering {offered:.0} reads/s for {} s …", args.overload_seconds);
-        let loaded = paced(&http, &base, &users, false, offered, args.overload_seconds).await;
-        let latencies = loaded.latencies();
-        let shed = loaded.shed.load(Ordering::Relaxed);
-        let other = loaded.other.load(Ordering::Relaxed);
-        let mut table = Table::new(&[
-            "load",
-            "reads/s answered 200",
-            "p50 ms",
-            "p99 ms",
-            "p99 vs unloaded",
-            "shed (503)",
-            "other",
-        ]);
-        table.row(vec![
-            format!("unloaded ({:.0}/s)", args.rate / 5.0),
-            format!("{:.0}", calm.latencies().len() as f64 / args.seconds as f64),
-            ms(percentile(&calm.latencies(), 50.0)),
-            ms(calm_p99),
-            "1.00x".to_owned(),
-            calm.shed.load(Ordering::Relaxed).to_string(),
-            calm.other.load(Ordering::Relaxed).to_string(),
-        ]);
-        table.row(vec![
+        Some(CpuLimit::apply(pid, args.shed_cpu)?)
+    } else {
+        None
+    };
+    let base = stack.http(shedding);
+    let calm_rate = args.rate / 5.0;
+    let calm = paced(http, &base, users, reads, calm_rate, args.seconds).await;
+    let calm_p99 = percentile(&calm.latencies(), 99.0);
+    let capacity = capacity(http, &base, users, reads, 64, 5).await;
+    let offered = 2.0 * capacity;
+    println!(
+        "▶ {title}: capacity (64 closed-loop readers) {capacity:.0} reads/s; offering {offered:.0} reads/s for {} s …",
+        args.overload_seconds
+    );
+    let loaded = paced(http, &base, users, reads, offered, args.overload_seconds).await;
+    let mut table = Table::new(&[
+        "load",
+        &format!("reads/s {answered}"),
+        "p50 ms",
+        "p99 ms",
+        "p99 vs unloaded",
+        "shed (503)",
+        "other",
+    ]);
+    for (load, outcome, seconds) in [
+        (format!("unloaded ({calm_rate:.0}/s)"), &calm, args.seconds),
+        (
             format!("2× capacity ({offered:.0}/s offered)"),
-            format!("{:.0}", latencies.len() as f64 / args.overload_seconds as f64),
+            &loaded,
+            args.overload_seconds,
+        ),
+    ] {
+        let latencies = outcome.latencies();
+        table.row(vec![
+            load,
+            format!("{:.0}", latencies.len() as f64 / seconds as f64),
             ms(percentile(&latencies, 50.0)),
             ms(percentile(&latencies, 99.0)),
             format!("{:.2}x", percentile(&latencies, 99.0) / calm_p99.max(1e-9)),
-            shed.to_string(),
-            other.to_string(),
+            outcome.shed.load(Ordering::Relaxed).to_string(),
+            outcome.other.load(Ordering::Relaxed).to_string(),
         ]);
-        println!(
-            "\nload shedding (sidecar limited to {} of core 1, generator on core 0; --read-max-concurrency {}, --read-queue-timeout {}):\n{}",
-            args.shed_cpu,
-            args.shed_concurrency,
-            args.shed_queue_timeout,
-            table.render()
-        );
-        stack.stop_sidecars();
-        drop(cpu_limit);
     }
-    stack.stop_sidecars();
+    println!(
+        "\nload shedding, {title} (--read-max-concurrency {}, --read-pool-size {}, --read-queue-timeout and --read-pg-queue-timeout {}):\n{}",
+        args.shed_concurrency,
+        args.shed_pg_pool,
+        args.shed_queue_timeout,
+        table.render()
+    );
+    let _ = stack.sidecars[shedding].terminate(Duration::from_secs(10));
+    // the group is empty once the sidecar has exited
+    drop(cpu_limit);
     Ok(())
 }
