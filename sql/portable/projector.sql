@@ -106,36 +106,28 @@ begin
 end
 $$;
 
-create function cqrs_portable._drop_nulls(doc jsonb)
-returns jsonb
-language sql immutable strict
-as $$ select coalesce(jsonb_object_agg(e.key, e.value), '{}') from jsonb_each(doc) e where jsonb_typeof(e.value) <> 'null' $$;
-
--- The sum of a column's added values, as the extension's fold gives it: the exact decimal sum
--- when every value is a plain number (JSON number or a string holding one), else null (then
--- the list is summed with the column's type).
-create function cqrs_portable._exact_sum(vals jsonb)
-returns text
-language sql immutable strict
-as $$
-    select case when bool_and((jsonb_typeof(v) = 'number') or (jsonb_typeof(v) = 'string' and (v #>> '{}') ~ '^-?[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?$'))
-                then sum((v #>> '{}')::numeric)::text end
-      from jsonb_array_elements(vals) v
-$$;
 
 -- The SQL expression of a value source over event `e.ev`.
 create function cqrs_portable._source_sql(source jsonb)
 returns text
 language sql immutable
 as $$
+    -- A path of plain keys becomes a chain of `->`: it gives what the strict, silent path query
+    -- gives (the value; null when a key is missing or a step is not an object) at a fraction of
+    -- its cost per event. Any other path (indexes, quoted keys) stays a path query.
     select case
-        when source ? 'path' then format('pg_catalog.jsonb_path_query_first(e.ev -> ''payload'', %L::pg_catalog.jsonpath, ''{}'', true)',
-                                         cqrs_portable._json_path('', source ->> 'path'))
-        when source ? 'meta' then format('pg_catalog.jsonb_path_query_first(e.ev -> ''metadata'', %L::pg_catalog.jsonpath, ''{}'', true)',
-                                         cqrs_portable._json_path('', source ->> 'meta'))
-        when source ? 'field' then format('(e.ev -> %L)', source ->> 'field')
-        else format('%L::jsonb', source -> 'const')
+        when p.path is null then
+            case when source ? 'field' then format('(e.ev -> %L)', source ->> 'field')
+                 else format('%L::jsonb', source -> 'const') end
+        when p.path ~ '^strict \$(\."[A-Za-z0-9_]+")+$' then
+            format('(e.ev -> %L%s)', p.doc,
+                   (select string_agg(format(' -> %L', k.m[1]), '' order by k.n)
+                      from regexp_matches(p.path, '\."([A-Za-z0-9_]+)"', 'g') with ordinality as k(m, n)))
+        else format('pg_catalog.jsonb_path_query_first(e.ev -> %L, %L::pg_catalog.jsonpath, ''{}'', true)', p.doc, p.path)
     end
+      from (select case when source ? 'path' then 'payload' when source ? 'meta' then 'metadata' end as doc,
+                   case when source ? 'path' then cqrs_portable._json_path('', source ->> 'path')
+                        when source ? 'meta' then cqrs_portable._json_path('', source ->> 'meta') end as path) as p
 $$;
 
 -- The compiled statement of a projection: $1 events (applicable, in log order), $2 the revision,
@@ -159,6 +151,8 @@ declare
     v_record text[] := array['k text'];
     v_window text[] := '{}'::text[];
     v_agg text[] := '{}'::text[];
+    v_filter text;
+    v_plain text;
     v_write text[] := array['''k'', f.k'];
     v_update_set text[];
     v_insert_names text[];
@@ -184,10 +178,14 @@ begin
             continue when v_handler ? 'function';
             select coalesce(string_agg(format('%L, %s', array_position(v_columns, s.key) - 1, cqrs_portable._source_sql(s.value)), ', '), '')
               into v_sets from jsonb_each(coalesce(v_handler -> 'set', '{}')) s;
-            select coalesce(string_agg(format('%L, %s', array_position(v_columns, a.key) - 1, cqrs_portable._source_sql(a.value)), ', '), '')
+            -- an added value that is missing or JSON null adds nothing: it is left out of the
+            -- object, inline (a function call per event costs more than the whole expression)
+            select coalesce(string_agg(format('case when coalesce(pg_catalog.jsonb_typeof(%2$s), ''null'') = ''null'' then ''{}''::jsonb else pg_catalog.jsonb_build_object(%1$L, %2$s) end',
+                                              array_position(v_columns, a.key) - 1, cqrs_portable._source_sql(a.value)), ' || '),
+                            '''{}''::jsonb')
               into v_adds from jsonb_each(coalesce(v_handler -> 'add', '{}')) a;
             v_branches := v_branches || format(
-                'select %s as act, %L as kind, %s as key_json, pg_catalog.jsonb_build_object(%s) as sets, cqrs_portable._drop_nulls(pg_catalog.jsonb_build_object(%s)) as adds where e.ev ->> ''command_type'' = %L',
+                'select %s as act, %L as kind, %s as key_json, pg_catalog.jsonb_build_object(%s) as sets, (%s) as adds where e.ev ->> ''command_type'' = %L',
                 v_i, v_handler ->> 'action', cqrs_portable._source_sql(v_handler -> 'key'), v_sets, v_adds, v_type);
         end loop;
     end loop;
@@ -221,9 +219,17 @@ begin
         end if;
         if v_col.uses_add then
             v_record := v_record || format('a%s %s', v_idx, v_col.sql_type) || format('l%s jsonb', v_idx);
-            v_agg := v_agg || format('pg_catalog.jsonb_agg(o.adds -> %1$L order by o.n) filter (where o.eff and o.adds ? %1$L and o.n > coalesce(%3$s, 0)) as adds%2$s',
-                                     v_idx, v_idx, case when v_col.uses_set then format('o.ls%s', v_idx) else '0' end);
-            v_write := v_write || format('''a%1$s'', cqrs_portable._exact_sum(f.adds%1$s), ''l%1$s'', case when cqrs_portable._exact_sum(f.adds%1$s) is null then f.adds%1$s end', v_idx);
+            -- the values added after the last set, as a list, and, as the extension's fold gives
+            -- it, their exact decimal sum when every one is a plain number (a JSON number or a
+            -- string holding one); when one is not, a write sums the list with the column's type
+            v_filter := format('o.eff and o.adds ? %L and o.n > coalesce(%s, 0)', v_idx::text,
+                               case when v_col.uses_set then format('o.ls%s', v_idx) else '0' end);
+            v_plain := format('(pg_catalog.jsonb_typeof(o.adds -> %1$L) = ''number'' or (pg_catalog.jsonb_typeof(o.adds -> %1$L) = ''string'' and (o.adds ->> %1$L) ~ ''^-?[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?$''))',
+                              v_idx::text);
+            v_agg := v_agg || format('pg_catalog.jsonb_agg(o.adds -> %1$L order by o.n) filter (where %3$s) as adds%2$s', v_idx::text, v_idx, v_filter)
+                           || format('bool_and(%3$s) filter (where %2$s) as plain%1$s', v_idx, v_filter, v_plain)
+                           || format('pg_catalog.sum(case when %3$s then (o.adds ->> %4$L)::numeric end) filter (where %2$s) as sum%1$s', v_idx, v_filter, v_plain, v_idx::text);
+            v_write := v_write || format('''a%1$s'', case when f.plain%1$s then f.sum%1$s::text end, ''l%1$s'', f.adds%1$s', v_idx);
         end if;
         -- the value a write gives the column, from the current row (update) or the default (insert)
         for v_base in select unnest(array[format('t.%I', v_col.name), coalesce('(' || v_col.default_sql || ')', 'null')]) loop
