@@ -462,8 +462,11 @@ as $$
           from streams s join cqrs.parked k on k.projection = name and k.stream = s.stream
          where has_parked
     ), ranked as (
+        -- `is_parked`: this (stream, seq) is parked already. A window, not a probe of `parked`
+        -- per row: the planner cannot size a CTE, and a nested loop over it is O(batch × parked)
         select c.*, coalesce(ps.last_seq, 0) as last,
-               row_number() over (partition by c.stream, c.seq order by c.origin, c.o) as copy
+               row_number() over (partition by c.stream, c.seq order by c.origin, c.o) as copy,
+               bool_or(c.origin = 1) over (partition by c.stream, c.seq) as is_parked
           from (select * from batch union all select * from parked) c
           left join cqrs.projection_stream ps on ps.projection = name and ps.stream = c.stream
     ), firsts as (
@@ -473,16 +476,16 @@ as $$
     select
         (select coalesce(jsonb_agg(f.event order by f.position, f.stream collate "C", f.seq), '[]') from firsts f where f.applicable),
         (select coalesce(jsonb_agg(f.event order by f.stream collate "C", f.seq), '[]') from firsts f
-          where not f.applicable and f.origin = 0
-            and not exists (select from parked k where k.stream = f.stream and k.seq = f.seq)),
-        (select coalesce(jsonb_agg(jsonb_build_array(r.stream, r.seq) order by r.stream collate "C", r.seq), '[]') from ranked r
-          where r.origin = 1
-            and (r.seq <= r.last or exists (select from firsts f where f.applicable and f.stream = r.stream and f.seq = r.seq))),
+          where not f.applicable and f.origin = 0 and not f.is_parked),
+        -- unparked: what the progress has passed, and what applies now (from whichever copy)
+        (select coalesce(jsonb_agg(jsonb_build_array(u.stream, u.seq) order by u.stream collate "C", u.seq), '[]')
+           from (select r.stream, r.seq from ranked r where r.origin = 1 and r.seq <= r.last
+                 union all
+                 select f.stream, f.seq from firsts f where f.applicable and f.is_parked) u),
         (select coalesce(jsonb_object_agg(g.stream, g.last + g.moved), '{}')
            from (select f.stream, f.last, count(*) as moved from firsts f where f.applicable group by f.stream, f.last) g),
         (select count(*) from ranked r where r.origin = 0 and (r.seq <= r.last or r.copy > 1))
-        + (select count(*) from firsts f where f.origin = 0 and not f.applicable
-             and exists (select from parked k where k.stream = f.stream and k.seq = f.seq))
+        + (select count(*) from firsts f where f.origin = 0 and not f.applicable and f.is_parked)
 $$;
 
 -- Progress, parked events and dead letters of a planned batch (write_bookkeeping in the
