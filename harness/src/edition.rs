@@ -76,14 +76,7 @@ pub fn psql_file(pg: &PgCluster, user: &str, database: &str, file: &str) -> Resu
         .arg(repo_root().join(file))
         .output()
         .context("running psql")?;
-    Ok((
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    ))
+    Ok(crate::process::success_and_output(&out))
 }
 
 /// Installs the portable edition into `database` as `user`, with `psql -1 -f` as its users do.

@@ -135,3 +135,16 @@ impl Drop for ChildGuard {
         self.kill();
     }
 }
+
+/// Whether a finished command succeeded, and everything it printed (stdout, then stderr): for
+/// tests that assert on what a client tool says either way.
+pub fn success_and_output(out: &std::process::Output) -> (bool, String) {
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}

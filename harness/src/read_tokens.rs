@@ -21,7 +21,7 @@ pub fn now() -> u64 {
 
 /// A new random HS256 secret (64 hex digits) written to `dir/hs256.secret`; its path and bytes.
 pub fn write_hs256_secret(dir: &Path) -> Result<(PathBuf, Vec<u8>)> {
-    let secret: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+    let secret = hex::encode(rand::random::<[u8; 32]>());
     let path = dir.join("hs256.secret");
     std::fs::write(&path, &secret).with_context(|| format!("writing {}", path.display()))?;
     Ok((path, secret.into_bytes()))

@@ -216,17 +216,8 @@ impl KeyStore {
             let hex = hash
                 .strip_prefix("sha256:")
                 .ok_or_else(|| bad("the hash must be sha256:<64 hex digits>"))?;
-            let bytes: Vec<u8> = (0..hex.len())
-                .step_by(2)
-                .map(|i| {
-                    hex.get(i..i + 2)
-                        .and_then(|pair| u8::from_str_radix(pair, 16).ok())
-                })
-                .collect::<Option<_>>()
-                .ok_or_else(|| bad("the hash must be 64 hex digits"))?;
-            let hash: [u8; 32] = bytes
-                .try_into()
-                .map_err(|_| bad("the hash must be 64 hex digits"))?;
+            let mut hash = [0u8; 32];
+            hex::decode_to_slice(hex, &mut hash).map_err(|_| bad("the hash must be 64 hex digits"))?;
             keys.push(Key {
                 name: name.to_owned(),
                 hash,
@@ -464,8 +455,7 @@ impl Authenticator {
 /// The keys-file line of an API key: `<name> sha256:<hex> <projections>` (what an operator
 /// appends after generating a key; the tests use it too).
 pub fn key_line(name: &str, token: &str, projections: &str) -> String {
-    let hex: String = sha256(token).iter().map(|b| format!("{b:02x}")).collect();
-    format!("{name} sha256:{hex} {projections}")
+    format!("{name} sha256:{} {projections}", hex::encode(sha256(token)))
 }
 
 #[cfg(test)]
@@ -580,18 +570,8 @@ mod tests {
     }
 
     fn base64_url(bytes: &[u8]) -> String {
-        const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-        let mut out = String::new();
-        for chunk in bytes.chunks(3) {
-            let n = chunk
-                .iter()
-                .enumerate()
-                .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
-            for i in 0..=chunk.len() {
-                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            }
-        }
-        out
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
     }
 
     #[test]

@@ -43,24 +43,8 @@ fn openssl(dir: &Path, args: &[&str]) -> Result<Vec<u8>> {
 }
 
 fn base64_url(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
-        for i in 0..=chunk.len() {
-            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
-}
-
-fn hex_bytes(hex: &str) -> Vec<u8> {
-    (0..hex.len() / 2)
-        .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
-        .collect()
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 /// Everything a sidecar and its callers need: keys file, HS256 secret, an RSA and an EC key
@@ -131,21 +115,14 @@ impl Credentials {
         ensure!(point[0] == 4, "not an uncompressed P-256 point");
         let jwks = json!({"keys": [
             {"kty": "RSA", "kid": "rsa-1", "use": "sig", "alg": "RS256",
-             "n": base64_url(&hex_bytes(modulus)), "e": "AQAB"},
+             "n": base64_url(&hex::decode(modulus)?), "e": "AQAB"},
             {"kty": "EC", "kid": "ec-1", "use": "sig", "alg": "ES256", "crv": "P-256",
              "x": base64_url(&point[1..33]), "y": base64_url(&point[33..65])},
         ]});
         let jwks_path = dir.join("jwks.json");
         std::fs::write(&jwks_path, jwks.to_string())?;
         let rsa_public = openssl(&dir, &["rsa", "-in", "rsa.pem", "-pubout"])?;
-        let random_key = || {
-            format!(
-                "{KEY_PREFIX}{}",
-                (0..32)
-                    .map(|_| format!("{:02x}", rand::random::<u8>()))
-                    .collect::<String>()
-            )
-        };
+        let random_key = || format!("{KEY_PREFIX}{}", hex::encode(rand::random::<[u8; 32]>()));
         let (billing_key, reporting_key) = (random_key(), random_key());
         let keys_file = dir.join("keys");
         std::fs::write(
@@ -617,14 +594,7 @@ fn curl(url: &str, ca: &Path) -> Result<(bool, String)> {
         .arg(ca)
         .arg(url)
         .output()?;
-    Ok((
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    ))
+    Ok(cqrs_harness::process::success_and_output(&out))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
