@@ -28,8 +28,9 @@ mkdir -p "$out"
 body() {
     local mode=$1
     local files=(sql/core/command.sql sql/core/projection.sql
-                 sql/portable/command.sql sql/portable/json_schema.sql sql/portable/projection_catalog.sql
-                 sql/portable/read.sql sql/portable/projector.sql sql/core/api.sql)
+                 sql/portable/settings.sql sql/portable/command.sql sql/portable/json_schema.sql
+                 sql/portable/projection_catalog.sql sql/portable/owner_rights.sql sql/portable/read.sql
+                 sql/portable/projector.sql sql/core/api.sql)
     cat <<SQL
 -- Helpers of the portable edition only (schema cqrs holds exactly what the extension edition's
 -- schema holds: the conformance suite compares them).
@@ -46,11 +47,17 @@ SQL
     done
     cat <<'SQL'
 
--- the helpers: for pg_cqrs's own functions and its three roles, nobody else
+-- the helpers: for pg_cqrs's own functions and its three roles, nobody else (a read model's
+-- owner gets what its writer and reader call, from cqrs_portable._make_owner_functions)
 revoke all on schema cqrs_portable from public;
 grant usage on schema cqrs_portable to cqrs_writer, cqrs_reader, cqrs_projector;
+revoke all on all tables in schema cqrs_portable from public;
+grant select on cqrs_portable.settings to cqrs_writer, cqrs_reader, cqrs_projector;
 revoke execute on all functions in schema cqrs_portable from public;
 grant execute on all functions in schema cqrs_portable to cqrs_writer, cqrs_reader, cqrs_projector;
+-- making and dropping a read model's functions is the installer's
+revoke execute on function cqrs_portable._make_owner_functions(text, regclass), cqrs_portable._drop_owner_functions(text),
+    cqrs_portable.rebind(text) from cqrs_writer, cqrs_reader, cqrs_projector;
 SQL
 }
 

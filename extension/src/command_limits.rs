@@ -51,7 +51,7 @@ pub(crate) unsafe fn check(document: Document, datum: pg_sys::Datum) -> Result<(
             format!("{} is larger than {setting} ({max_bytes} bytes)", document.name()),
         )
         .set_hint(format!(
-            "Keep large documents elsewhere and put a reference in the command, or raise the limit: alter database … set {setting} = …; (superuser)."
+            "Keep large documents elsewhere and put a reference in the command, or have pg_cqrs's installer raise {setting} (README, Settings)."
         )));
     }
     let max_depth = settings::MAX_JSON_DEPTH.get();

@@ -12,7 +12,8 @@ use cqrs_projection::event::{Event, Limits};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
-use crate::errors::{column, error};
+use crate::errors::{column, error, spi_error};
+use crate::prepared;
 use crate::settings;
 
 /// Bytes of log (as stored) read at a time by catch-up and rebuild, beyond which a chunk ends
@@ -78,6 +79,51 @@ pub(crate) fn from_rows(rows: pgrx::spi::SpiTupleTable<'_>, what: &str) -> Resul
     Ok(events)
 }
 
+/// The events of a batch as the log holds them: each event is looked up by its position and must
+/// be that row — same command id, stream and seq — or the batch is refused (22023), so a caller
+/// cannot make a projection apply a command that was never appended, nor skip the real one as a
+/// duplicate later. What is projected is the log's row, whatever else the batch says.
+pub(crate) fn from_log(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    batch: &[Event],
+) -> Result<Vec<Event>, ErrorReport> {
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
+    let positions: Vec<i64> = batch.iter().map(|e| e.position).collect();
+    let plan = prepared::statement(client, AT_POSITIONS, &[PgBuiltInOids::INT8ARRAYOID.into()])?;
+    let rows = prepared::index_plans(|| client.update(&*plan, None, &[positions.into()]))
+        .map_err(|e| spi_error("reading the batch's commands from the log", e))?;
+    let limits = limits();
+    let mut events = Vec::with_capacity(batch.len());
+    for (i, (row, sent)) in rows.zip(batch).enumerate() {
+        let logged = match column(row.get::<&str>(1), "a command-log row")? {
+            Some(text) => Some(stored(i, text, "a command-log row", limits)?),
+            None => None,
+        };
+        match logged {
+            Some(event)
+                if event.command_id.eq_ignore_ascii_case(&sent.command_id)
+                    && event.stream == sent.stream
+                    && event.seq == sent.seq =>
+            {
+                events.push(event)
+            }
+            _ => {
+                return Err(error(
+                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                    format!(
+                        "events[{i}] is not in cqrs.command_log: no command {} of stream {:?} seq {} at position {}",
+                        sent.command_id, sent.stream, sent.seq, sent.position
+                    ),
+                )
+                .set_hint("A batch carries rows of cqrs.command_log as they are (the sidecar sends them from the slot)."))
+            }
+        }
+    }
+    Ok(events)
+}
+
 /// One command-log row `l` as the JSON text of an event.
 macro_rules! log_row_json {
     () => {
@@ -86,6 +132,15 @@ macro_rules! log_row_json {
          'created_at', l.created_at)::text"
     };
 }
+
+/// The command-log rows at positions `$1`, in that order; null where there is none.
+const AT_POSITIONS: &str = concat!(
+    "select (select ",
+    log_row_json!(),
+    " from cqrs.command_log l where l.position = u.position)
+  from unnest($1::bigint[]) with ordinality as u(position, n)
+ order by u.n"
+);
 
 /// Commands after `$1` in log order, at most `$2` of them and about `$3` bytes (at least one).
 pub(crate) const LOG_AFTER: &str = concat!(

@@ -14,6 +14,7 @@ use pgrx::JsonB;
 
 use crate::errors::{column, error, null_argument, spi_error, unknown_projection};
 use crate::events;
+use crate::fence;
 use crate::fmgr::{self, arg, raise, text_arg};
 use crate::owner_rights;
 use crate::prepared;
@@ -192,47 +193,44 @@ fn chunk_arg(chunk: Option<i64>) -> Result<i64, ErrorReport> {
     }
 }
 
-/// Refuses a projector whose lease has been taken over. The share lock on the lease row makes
-/// `cqrs.acquire_lease()` wait for batches in flight, so after a takeover every call with the
-/// old token is refused.
-fn check_lease(client: &mut SpiClient<'_>, token: i64) -> Result<(), ErrorReport> {
-    let plan = prepared::statement(client, LEASE, &[])?;
-    let current = prepared::index_plans(|| client.update(&*plan, None, &[]))
-        .and_then(|rows| rows.first().get_one::<i64>())
-        .map_err(|e| spi_error("reading the projector lease", e))?
-        .unwrap_or(0);
-    if token < current {
-        return Err(error(
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!("this projector's lease (token {token}) was taken over by a newer one (token {current})"),
-        )
-        .set_hint("Another sidecar leads now; this one must stop projecting."));
-    }
-    Ok(())
-}
-
-const LEASE: &str = "select coalesce((select l.token from cqrs.projector_lease l for share), 0)";
-
 // ---- project_batch ----
 
 fmgr::v1_function!(pg_finfo_cqrs_project_batch);
 
-/// `cqrs.project_batch(events jsonb, commit_lsn pg_lsn default null)`.
+/// `cqrs._project_batch(events jsonb, commit_lsn pg_lsn, fencing_token bigint)`, the work of
+/// `cqrs.project_batch`: the fence first ([`fence`], so that its QC001 reaches the caller as is),
+/// then the batch.
+///
+/// Not `#[pg_guard]`: an ERROR from the fence jumps over this frame, which therefore holds only
+/// plain values when it checks the fence; the work is done in the guarded function after it.
 ///
 /// # Safety
 /// Called by the function manager with the call info of that function.
-#[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn cqrs_project_batch(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    // SAFETY: argument 0 is jsonb, argument 1 pg_lsn and argument 2 bigint (64-bit values
-    // passed by value).
-    let (events, commit_lsn, fencing_token) = unsafe {
-        (
-            arg(fcinfo, 0),
-            arg(fcinfo, 1).map(|d| d.value() as u64),
-            arg(fcinfo, 2).map(|d| d.value() as i64),
-        )
+    // SAFETY: argument 1 is pg_lsn and argument 2 bigint (64-bit values passed by value); the
+    // fence is called with nothing alive in this frame that needs dropping.
+    let checked = unsafe {
+        let commit_lsn = arg(fcinfo, 1).map(|d| d.value() as u64);
+        let fencing_token = arg(fcinfo, 2).map(|d| d.value() as i64);
+        fence::check(fencing_token, commit_lsn)
     };
+    // SAFETY: the call info of this function, passed on.
+    unsafe { project_batch_work(fcinfo, checked.is_ok()) }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn project_batch_work(
+    fcinfo: pg_sys::FunctionCallInfo,
+    fence_checked: bool,
+) -> pg_sys::Datum {
+    if !fence_checked {
+        raise(crate::errors::internal(
+            "the fence of the batch (cqrs._fence) could not be checked: SPI failed",
+        ));
+    }
+    // SAFETY: argument 0 is jsonb and argument 1 pg_lsn (passed by value).
+    let (events, commit_lsn) = unsafe { (arg(fcinfo, 0), arg(fcinfo, 1).map(|d| d.value() as u64)) };
     let Some(events) = events else {
         raise(null_argument("events"));
     };
@@ -242,9 +240,7 @@ pub unsafe extern "C-unwind" fn cqrs_project_batch(fcinfo: pg_sys::FunctionCallI
         Err(report) => raise(report),
     };
     let rows = Spi::connect_mut(|client| {
-        if let Some(token) = fencing_token {
-            check_lease(client, token)?;
-        }
+        let events = events::from_log(client, &events)?;
         let mut changes = Changes::default();
         projector::project(
             client,
@@ -472,84 +468,6 @@ pub unsafe extern "C-unwind" fn cqrs_retry_dead_letters(fcinfo: pg_sys::Function
     });
     // SAFETY: fcinfo is the call info of this set-returning function.
     unsafe { answer_rows(fcinfo, rows) }
-}
-
-// ---- read_many ----
-
-fmgr::v1_function!(pg_finfo_cqrs_read_many);
-
-/// `cqrs.read_many(projection text, keys text[])`.
-///
-/// # Safety
-/// Called by the function manager with the call info of that function.
-#[pg_guard]
-#[unsafe(no_mangle)]
-pub unsafe extern "C-unwind" fn cqrs_read_many(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    // SAFETY: argument 0 is text, argument 1 text[].
-    let (projection, keys) = unsafe {
-        (
-            text_arg(fcinfo, 0),
-            arg(fcinfo, 1).and_then(|d| Vec::<Option<String>>::from_datum(d, false)),
-        )
-    };
-    let Some(projection) = projection else {
-        raise(null_argument("projection"));
-    };
-    let Some(keys) = keys else {
-        raise(null_argument("keys"));
-    };
-    let keys: Vec<String> = keys.into_iter().flatten().collect();
-    let rows = Spi::connect_mut(|client| {
-        let def = projection_catalog::load(client, &projection, None)?;
-        let revision = client
-            .select(
-                "select s.revision from cqrs.projection_state s where s.name = $1",
-                Some(1),
-                &[projection.as_str().into()],
-            )
-            .and_then(|rows| rows.first().get_one::<i64>())
-            .map_err(|e| spi_error("reading the projection's revision", e))?
-            .unwrap_or(0);
-        let plan = def.statement(
-            client,
-            "read",
-            cqrs_projection::sql::Target::read_sql,
-            &[PgBuiltInOids::TEXTARRAYOID.into()],
-        )?;
-        let mut table = prepared::index_plans(|| client.update(&*plan, None, &[keys.into()]))
-            .map_err(|e| spi_error("reading rows", e))?;
-        let mut rows = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        while table.next().is_some() {
-            let key = column(table.get::<String>(2), "a key")?.unwrap_or_default();
-            if !seen.insert(key.clone()) {
-                continue;
-            }
-            let rev = column(table.get::<i64>(3), "a revision")?;
-            // SAFETY: a json Datum of the current SPI result, copied out of SPI's memory.
-            let doc = table
-                .get_datum_by_ordinal(4)
-                .map_err(|e| spi_error("reading a row", e))?
-                .map(|d| unsafe { pg_sys::SPI_datumTransfer(d, false, -1) });
-            rows.push((key, rev.unwrap_or(revision), doc));
-        }
-        Ok::<_, ErrorReport>(rows)
-    });
-    let rows = fmgr::or_raise(rows);
-    let null = pg_sys::Datum::from(0);
-    // SAFETY: cqrs.read_many returns (key text, rev bigint, doc json), which these Datums are.
-    unsafe {
-        fmgr::return_set(fcinfo, rows, |(key, rev, doc)| {
-            (
-                [
-                    key.as_str().into_datum().unwrap_or(null),
-                    pg_sys::Datum::from(rev),
-                    doc.unwrap_or(null),
-                ],
-                [false, false, doc.is_none()],
-            )
-        })
-    }
 }
 
 // ---- create_projection, rebuild ----

@@ -14,6 +14,7 @@ use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 use pgrx::JsonB;
 
 use crate::errors::{column, error, internal, spi_error};
+use crate::owner_rights;
 use crate::prepared;
 use crate::subtransaction;
 
@@ -45,6 +46,8 @@ pub(crate) struct Definition {
     pub(crate) name: String,
     pub(crate) program: Program,
     pub(crate) target: Target,
+    /// The target table.
+    pub(crate) relid: pg_sys::Oid,
     /// The target table's owner: read-model writes and handlers run as this role.
     pub(crate) owner: pg_sys::Oid,
     pub(crate) on_error: OnError,
@@ -282,17 +285,22 @@ fn build_target(
     ))
 }
 
-/// Whether `select <probe>` runs without error (a cast that exists and accepts the value).
+/// Whether `select <probe>` runs without error (a cast that exists and accepts the value). The
+/// cast may run the table owner's code — a domain's check, a cast function — so it runs as the
+/// owner (see [`owner_rights`]), never as whoever creates the projection.
 fn probe_cast(
+    owner: pg_sys::Oid,
     sql: &str,
     args: Vec<pgrx::datum::DatumWithOid<'static>>,
 ) -> Result<(), subtransaction::Failure> {
     subtransaction::run(|| {
-        Spi::connect(|client| {
-            client
-                .select(sql, Some(1), &args)
-                .map(|_| ())
-                .map_err(|err| spi_error("checking a cast", err))
+        owner_rights::as_owner(owner, || {
+            Spi::connect(|client| {
+                client
+                    .select(sql, Some(1), &args)
+                    .map(|_| ())
+                    .map_err(|err| spi_error("checking a cast", err))
+            })
         })
     })
 }
@@ -397,15 +405,17 @@ fn check_definition(
 /// The projection writes the table as its owner: only the owner (or a member of its role) may
 /// make it a read model. Checked first, before anything else is looked up.
 fn check_owner(client: &SpiClient<'_>, target: pg_sys::Oid) -> Result<(), ErrorReport> {
-    let rows = client
-        .select(
+    // the table's name schema-qualified whatever the caller's search_path, as in the portable edition
+    let rows = prepared::with_settings(&[(c"search_path", c"pg_catalog, pg_temp")], || {
+        client.select(
             "select pg_catalog.pg_has_role(c.relowner, 'MEMBER'), c.relowner::pg_catalog.regrole::text,
                     c.oid::pg_catalog.regclass::text
                from pg_catalog.pg_class c where c.oid = $1",
             Some(1),
             &[target.into()],
         )
-        .map_err(|err| spi_error("checking the table's owner", err))?;
+    })
+    .map_err(|err| spi_error("checking the table's owner", err))?;
     for row in rows {
         if column(row.get::<bool>(1), "membership")? != Some(true) {
             let owner = column(row.get::<String>(2), "relowner")?.unwrap_or_default();
@@ -476,7 +486,7 @@ fn check_source(at: &str, source: &Source, column: &str, table: &CatalogTable) -
                 "select (pg_catalog.jsonb_build_array($1::jsonb) ->> 0)::{}",
                 catalog.sql_type
             );
-            probe_cast(&sql, vec![JsonB(value.clone()).into()]).map_err(|failure| {
+            probe_cast(table.owner, &sql, vec![JsonB(value.clone()).into()]).map_err(|failure| {
                 error(
                     PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
                     format!(
@@ -488,7 +498,7 @@ fn check_source(at: &str, source: &Source, column: &str, table: &CatalogTable) -
         }
         Source::Field(field) if kind == JsonKind::No => {
             let sql = format!("select null::{}::{}", field.sql_type(), catalog.sql_type);
-            probe_cast(&sql, Vec::new()).map_err(|failure| {
+            probe_cast(table.owner, &sql, Vec::new()).map_err(|failure| {
                 error(
                     PgSqlErrorCode::ERRCODE_CANNOT_COERCE,
                     format!("{at}: the command-log field {} ({}) cannot be stored in column {column:?} of type {}: {}",
@@ -663,6 +673,7 @@ pub(crate) fn register(new: &NewProjection<'_>) -> Result<(), ErrorReport> {
                     name: new.name.to_owned(),
                     program: spec.compile(),
                     target,
+                    relid: new.target,
                     owner,
                     on_error: OnError::from_setting(on_error),
                     statements: RefCell::new(Statements::default()),
@@ -789,6 +800,7 @@ pub(crate) fn load(
             name: name.to_owned(),
             program: spec.compile(),
             target,
+            relid: target_oid,
             owner,
             on_error,
             statements: RefCell::new(Statements::default()),

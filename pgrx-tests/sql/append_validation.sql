@@ -33,10 +33,11 @@ select seq from cqrs.append(cqrs.uuid_v7(), 'o-1', 'ADD_ITEM', '{"sku": "a", "qt
 
 -- unregistered types are accepted while cqrs.require_registered_types is off (the default)
 select seq from cqrs.append(cqrs.uuid_v7(), 'o-1', 'FREE_FORM', '{"anything": [1, 2]}');
-set cqrs.require_registered_types = on;
+-- (the installer's setting: pg_temp.cqrs_set, in install.sql, sets it the edition's way)
+call pg_temp.cqrs_set('require_registered_types', 'on');
 select seq from cqrs.append(cqrs.uuid_v7(), 'o-1', 'FREE_FORM', '{"anything": [1, 2]}');
 \echo :LAST_ERROR_SQLSTATE
-reset cqrs.require_registered_types;
+call pg_temp.cqrs_set('require_registered_types', 'off');
 
 -- a rejected payload consumed no seq
 select last_seq from cqrs.stream where stream = 'o-1';

@@ -18,9 +18,9 @@ select projection, parked, gap_alert, events_behind from cqrs.status();
 select n, last_seq from counter;
 
 -- a gap older than cqrs.gap_alert_after (seconds) raises the alert in status
-set cqrs.gap_alert_after = 0;
+call pg_temp.cqrs_set('gap_alert_after', '0');
 select projection, parked, gap_alert from cqrs.status();
-reset cqrs.gap_alert_after;
+call pg_temp.cqrs_set('gap_alert_after', '60');
 
 -- seq 3 fills the gap: 3, 4, 5 apply in order, nothing stays parked
 select key, doc::jsonb ->> 'n' as n, doc::jsonb ->> 'last_seq' as last_seq from cqrs.project_batch((select jsonb_agg(e) from ev where seq = 3));

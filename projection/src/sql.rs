@@ -239,6 +239,17 @@ impl Target {
         )
     }
 
+    /// `cqrs.changed_since`: `(key, rev, doc)` of every row whose revision is above `$1` (every
+    /// row for -1) — what a cache holding everything up to `$1` is missing. It scans the table.
+    pub fn changed_since_sql(&self) -> String {
+        format!(
+            "select t.{key}::text, t.{rev}::bigint, pg_catalog.row_to_json(t.*) from {table} as t where t.{rev} > $1",
+            table = self.table,
+            rev = quote_ident(&self.rev),
+            key = self.key_ident(),
+        )
+    }
+
     /// Empties the table (rebuild). `delete`, not `truncate`: readers keep seeing the old rows
     /// until the rebuild commits, and no ACCESS EXCLUSIVE lock is taken.
     pub fn clear_sql(&self) -> String {

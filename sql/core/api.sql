@@ -34,6 +34,12 @@ comment on function cqrs.rebuild(text, integer) is
 comment on function cqrs.wait_for(text, bigint, text, interval) is
     'Read-your-writes: true as soon as command seq of stream is applied to the projection, false after timeout.';
 comment on function cqrs.uuid_v7() is 'A new time-ordered UUID (version 7), for command ids.';
+comment on function cqrs.changed_since(text, bigint) is
+    'Read-model rows of a projection whose revision is above the given one (all rows for -1), as (key, rev, doc): for warming and repairing caches. Scans the read model, as its owner.';
+comment on function cqrs.drop_projection(text) is
+    'Unregisters a projection (its progress, parked events and dead letters too); the read-model table stays.';
+comment on function cqrs._gap_alert_seconds() is
+    'Seconds a gap may stay unfilled before cqrs.status() flags it (cqrs.gap_alert_after).';
 comment on function cqrs.retry_dead_letters(text) is
     'Applies a projection''s dead letters again; those that succeed are removed.';
 
@@ -43,13 +49,15 @@ revoke execute on function cqrs._command_type_changed(), cqrs._check_json_schema
     cqrs.create_projection(text, regclass, text, jsonb, text, text, boolean),
     cqrs.project_batch(jsonb, pg_lsn, bigint), cqrs._project_batch(jsonb, pg_lsn, bigint),
     cqrs.catch_up(text, integer), cqrs.resume(text, boolean), cqrs.retry_dead_letters(text), cqrs.rebuild(text, integer), cqrs.read_many(text, text[]), cqrs.read(text, text),
-    cqrs.wait_for(text, bigint, text, interval)
+    cqrs.wait_for(text, bigint, text, interval), cqrs.changed_since(text, bigint), cqrs.drop_projection(text),
+    cqrs._gap_alert_seconds()
     from public;
 grant execute on function cqrs.append(uuid, text, text, jsonb, bigint, jsonb) to cqrs_writer;
 -- routine operations need no superuser: the projector resumes, rebuilds and retries
 grant execute on function cqrs.project_batch(jsonb, pg_lsn, bigint), cqrs._project_batch(jsonb, pg_lsn, bigint),
     cqrs.catch_up(text, integer),
     cqrs.resume(text, boolean), cqrs.retry_dead_letters(text), cqrs.rebuild(text, integer) to cqrs_projector;
-grant execute on function cqrs.read_many(text, text[]), cqrs.read(text, text), cqrs.wait_for(text, bigint, text, interval)
+grant execute on function cqrs.read_many(text, text[]), cqrs.read(text, text), cqrs.wait_for(text, bigint, text, interval),
+    cqrs.changed_since(text, bigint), cqrs._gap_alert_seconds()
     to cqrs_reader, cqrs_projector;
 -- cqrs.version() and cqrs.uuid_v7() stay callable by everyone: they reveal and change nothing.

@@ -102,7 +102,7 @@ create table cqrs.projector_lease (
 
 create function cqrs.acquire_lease(holder text default null)
 returns bigint
-language sql
+language sql security definer
 set search_path = pg_catalog, pg_temp
 as $$
     insert into cqrs.projector_lease as l (id, token, holder, acquired_at)
@@ -181,30 +181,67 @@ $$;
 comment on function cqrs.leader() is
     'The holder of the projector lease, its token, and whether the lease is live (not expired, holder connected).';
 
--- The fencing check of cqrs.project_batch, in SQL for both editions because it raises pg_cqrs's
--- own SQLSTATE, QC001 (class QC: pg_cqrs; a C function can raise only the codes PostgreSQL
--- defines): a caller whose token is older than the lease is a deposed leader, and the sidecar
--- stops projecting on this code alone. cqrs._project_batch (Rust, or PL/pgSQL in the portable
--- edition) does the work. The share lock on the lease row, held to the end of the transaction,
--- makes cqrs.try_lead wait for batches in flight, so after a takeover every call with the old
--- token is refused. The SQLSTATE is also in projection/src/lib.rs (FENCED_SQLSTATE), whose test
--- reads this file.
-create function cqrs.project_batch(events jsonb, commit_lsn pg_lsn default null, fencing_token bigint default null)
-returns table (projection text, key text, rev bigint, doc json, deleted boolean)
-language plpgsql volatile called on null input
+-- The fence of every batch, checked by cqrs._project_batch in both editions (the Rust one calls
+-- it), in SQL because it raises pg_cqrs's own SQLSTATE, QC001 (class QC: pg_cqrs; a C function
+-- can raise only the codes PostgreSQL defines): a caller whose token is not the lease's — a
+-- deposed leader, or a session that never led — is refused, and the sidecar stops projecting
+-- on this code alone. A call without a token is refused while a sidecar leads: only the leader
+-- projects batches then (cqrs.catch_up, which reads the log itself, needs no token). The share
+-- lock on the lease row, held to the end of the transaction, makes cqrs.try_lead wait for
+-- batches in flight, so after a takeover every call with the old token is refused. A commit LSN
+-- past the server's WAL cannot be a commit's: it would make projections skip the real batches
+-- below it. The SQLSTATE is also in projection/src/lib.rs (FENCED_SQLSTATE), whose test reads
+-- this file.
+create function cqrs._fence(fencing_token bigint, commit_lsn pg_lsn)
+returns void
+language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_current bigint;
+    v_lease record;
 begin
-    if fencing_token is not null then
-        v_current := coalesce((select l.token from cqrs.projector_lease l for share), 0);
-        if fencing_token < v_current then
+    select l.token, l.holder,
+           l.expires_at is not null and l.expires_at >= pg_catalog.clock_timestamp()
+           and exists (select from pg_catalog.pg_stat_activity a where a.pid = l.holder_pid) as live
+      into v_lease
+      from cqrs.projector_lease l
+       for share;
+    if fencing_token is null then
+        if v_lease.live then
             raise exception using errcode = 'QC001',
-                message = format('this projector''s lease (token %s) was taken over by a newer one (token %s)', fencing_token, v_current),
-                hint = 'Another sidecar leads now; this one must stop projecting.';
+                message = format('%s leads the projection (lease token %s): a batch without its fencing token is refused',
+                                 coalesce(v_lease.holder, 'a sidecar'), v_lease.token),
+                hint = 'Only the leading sidecar projects batches; cqrs.catch_up() projects from the log without one.';
         end if;
+    elsif fencing_token < coalesce(v_lease.token, 0) then
+        raise exception using errcode = 'QC001',
+            message = format('this projector''s lease (token %s) was taken over by a newer one (token %s)', fencing_token, v_lease.token),
+            hint = 'Another sidecar leads now; this one must stop projecting.';
+    elsif fencing_token <> coalesce(v_lease.token, 0) then
+        raise exception using errcode = 'QC001',
+            message = format('fencing token %s is not the projector lease''s (%s)', fencing_token,
+                             coalesce('token ' || v_lease.token, 'no lease was ever taken')),
+            hint = 'Take the lease with cqrs.try_lead() and pass the token it returns.';
     end if;
+    if commit_lsn > pg_catalog.pg_current_wal_insert_lsn() then
+        raise exception using errcode = '22023',
+            message = format('commit_lsn %s is past the end of the server''s WAL', commit_lsn),
+            hint = 'Pass the commit LSN of the transaction that ends the batch, or null.';
+    end if;
+end
+$$;
+comment on function cqrs._fence(bigint, pg_lsn) is
+    'The fence of cqrs.project_batch: QC001 unless the fencing token is the projector lease''s (or, without one, unless no sidecar leads); 22023 for a commit LSN past the WAL.';
+
+-- (PL/pgSQL, not SQL: cqrs._project_batch is the edition's and does not exist yet here. No `set
+-- search_path`, on purpose: the portable edition puts back the caller's search_path when the
+-- owner's code changed it, and must see the caller's, not this function's; the body names only
+-- schema-qualified objects.)
+create function cqrs.project_batch(events jsonb, commit_lsn pg_lsn default null, fencing_token bigint default null)
+returns table (projection text, key text, rev bigint, doc json, deleted boolean)
+language plpgsql volatile called on null input
+as $$
+begin
     return query select b.projection, b.key, b.rev, b.doc, b.deleted
                    from cqrs._project_batch(events, commit_lsn, fencing_token) b;
 end
@@ -238,29 +275,6 @@ end
 $$;
 comment on function cqrs.ensure_publication(text) is
     'Creates the publication of cqrs.command_log (inserts only) when missing; true if it created it.';
-
-create function cqrs.drop_projection(name text)
-returns boolean
-language plpgsql
-set search_path = pg_catalog, pg_temp
-as $$
-begin
-    -- the read-model table is the user's and stays
-    delete from cqrs.projection_stream ps where ps.projection = drop_projection.name;
-    delete from cqrs.parked p where p.projection = drop_projection.name;
-    delete from cqrs.dead_letter d where d.projection = drop_projection.name;
-    delete from cqrs.projection p where p.name = drop_projection.name;
-    return found;
-end
-$$;
-comment on function cqrs.drop_projection(text) is
-    'Unregisters a projection (its progress, parked events and dead letters too); the read-model table stays.';
-
--- Seconds a gap may stay unfilled before status() flags it.
-create function cqrs._gap_alert_seconds()
-returns double precision
-language sql stable
-as $$ select coalesce(nullif(pg_catalog.current_setting('cqrs.gap_alert_after', true), ''), '60')::double precision $$;
 
 -- What every projection has still to do, counted from the command log, parked events and dead
 -- letters, which readers may not read: numbers only, no command data.
@@ -380,57 +394,29 @@ $$;
 comment on function cqrs.progress() is
     'Per projection: halted, commands after the checkpoint and the age of the oldest, parked, dead letters — cheap at any number of streams (cqrs.status() is exact per stream).';
 
--- Rows of a projection's read model with a revision above `after` (every row for -1): what a
--- cache that holds everything up to `after` is missing. It scans the read model, so it is for
--- warming a cache and for repairing one after a crash, not for the hot path.
-create function cqrs.changed_since(projection text, after bigint)
-returns table (key text, rev bigint, doc json)
-language plpgsql stable
-set search_path = pg_catalog, pg_temp
-as $$
-#variable_conflict use_column
-declare
-    def record;
-begin
-    select p.target, p.key_column, p.rev_column into def
-      from cqrs.projection p where p.name = changed_since.projection;
-    if not found then
-        raise exception 'projection % does not exist', changed_since.projection
-            using errcode = '42704', hint = 'cqrs.status() lists the projections.';
-    end if;
-    return query execute format(
-        'select t.%1$I::text, t.%2$I::bigint, pg_catalog.row_to_json(t) from %3$s t where t.%2$I > $1',
-        def.key_column, def.rev_column, def.target)
-        using coalesce(after, -1);
-end
-$$;
-comment on function cqrs.changed_since(text, bigint) is
-    'Read-model rows of a projection whose revision is above the given one (all rows for -1), as (key, rev, doc): for warming and repairing caches. Scans the read model.';
-
 -- Privileges. Projection functions run with the caller's rights (a user function handler must
 -- never run as the extension owner); cqrs_projector gets what projecting needs.
 revoke all on all tables in schema cqrs from public;
 revoke all on all sequences in schema cqrs from public;
 grant select, insert, update, delete on cqrs.projection_state, cqrs.projection_stream, cqrs.parked,
     cqrs.dead_letter to cqrs_projector;
+-- the lease changes only through its functions (try_lead, release_lead, acquire_lease)
 grant select on cqrs.projection, cqrs.projector_lease to cqrs_projector;
-grant insert, update on cqrs.projector_lease to cqrs_projector;
 -- readers see where projections are, not the commands they failed on (error texts carry values)
 grant select on cqrs.projection, cqrs.projection_stream to cqrs_reader;
 grant select (name, halted, last_error_sqlstate, last_error_at, checkpoint_lsn, checkpoint_position, checkpoint_at,
               revision, applied, duplicates, dead_lettered, parked, generation)
     on cqrs.projection_state to cqrs_reader;
 grant usage on sequence cqrs.dead_letter_id_seq to cqrs_projector;
-revoke execute on function cqrs.drop_projection(text) from public;
 revoke execute on function cqrs.acquire_lease(text), cqrs.ensure_publication(text), cqrs.try_lead(text, interval),
     cqrs.release_lead(text), cqrs.leader() from public;
 grant execute on function cqrs.acquire_lease(text), cqrs.ensure_publication(text), cqrs.try_lead(text, interval),
     cqrs.release_lead(text), cqrs.leader() to cqrs_projector;
-revoke execute on function cqrs.status(), cqrs.progress(), cqrs._backlog(), cqrs._gap_alert_seconds() from public;
-grant execute on function cqrs.status(), cqrs.progress(), cqrs._backlog(), cqrs._gap_alert_seconds()
+revoke execute on function cqrs.status(), cqrs.progress(), cqrs._backlog() from public;
+grant execute on function cqrs.status(), cqrs.progress(), cqrs._backlog()
     to cqrs_reader, cqrs_projector;
-revoke execute on function cqrs.changed_since(text, bigint) from public;
-grant execute on function cqrs.changed_since(text, bigint) to cqrs_reader, cqrs_projector;
+revoke execute on function cqrs._fence(bigint, pg_lsn) from public;
+grant execute on function cqrs._fence(bigint, pg_lsn) to cqrs_projector;
 
 -- Extension tables are not dumped by pg_dump unless marked; these hold user data.
 select pg_catalog.pg_extension_config_dump('cqrs.projection', '');

@@ -13,7 +13,7 @@ create function cqrs.version(out version text, out edition text)
 returns record
 language sql immutable parallel safe
 set search_path = pg_catalog, pg_temp
-as $$ select '0.2.0'::text, 'extension'::text $$;
+as $$ select '0.3.0'::text, 'extension'::text $$;
 
 -- (The trigger on cqrs.command_type that calls it is in sql/core/command.sql.)
 create function cqrs._command_type_changed()
@@ -95,3 +95,29 @@ create function cqrs.wait_for(stream text, seq bigint, projection text, timeout 
 returns boolean
 language c volatile strict parallel unsafe
 as 'MODULE_PATHNAME', 'wait_for_wrapper';
+
+create function cqrs.changed_since(projection text, after bigint)
+returns table (key text, rev bigint, doc json)
+language c stable called on null input
+as 'MODULE_PATHNAME', 'cqrs_changed_since';
+
+-- Seconds a gap may stay unfilled before status() flags it: the setting cqrs.gap_alert_after.
+create function cqrs._gap_alert_seconds()
+returns double precision
+language sql stable
+as $$ select coalesce(nullif(pg_catalog.current_setting('cqrs.gap_alert_after', true), ''), '60')::double precision $$;
+
+create function cqrs.drop_projection(name text)
+returns boolean
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    -- the read-model table is the user's and stays
+    delete from cqrs.projection_stream ps where ps.projection = drop_projection.name;
+    delete from cqrs.parked p where p.projection = drop_projection.name;
+    delete from cqrs.dead_letter d where d.projection = drop_projection.name;
+    delete from cqrs.projection p where p.name = drop_projection.name;
+    return found;
+end
+$$;

@@ -29,9 +29,11 @@ declare
     v_counter integer := 0;
     v_bytes bytea := pg_catalog.uuid_send(pg_catalog.gen_random_uuid());
 begin
-    if v_last is not null and v_last <> '' then
+    -- any session code can change a placeholder setting: one that is not ours, or ahead of the
+    -- clock by more than a minute, is ignored
+    if v_last ~ '^[0-9]{1,15}:[0-9]{1,4}$' then
         v_last_ms := pg_catalog.split_part(v_last, ':', 1)::bigint;
-        if v_ms <= v_last_ms then
+        if v_ms <= v_last_ms and v_last_ms < v_ms + 60000 then
             v_counter := pg_catalog.split_part(v_last, ':', 2)::integer + 1;
             v_ms := v_last_ms;
             if v_counter > 4095 then
@@ -73,42 +75,32 @@ as $$
       from pg_catalog.regexp_split_to_table(value, '') with ordinality as t(c, n);
 $$;
 
--- An integer setting of pg_cqrs (a placeholder here: only the extension edition can register
--- typed settings that applications cannot change). No `set search_path` here nor on
--- _check_limits, on purpose: see the note at the top of json_schema.sql (this one also stays
--- inlinable into its callers' queries).
-create function cqrs_portable._setting(name text, fallback integer)
-returns integer
-language sql stable parallel safe
-as $$ select coalesce(nullif(pg_catalog.current_setting(name, true), '')::integer, fallback) $$;
-
 -- The size and nesting limits of cqrs.append (see extension/src/command_limits.rs): a document
--- larger than its setting, or with a value below level cqrs.max_json_depth (levels as jsonpath
--- counts them), is refused with 54000.
-create function cqrs_portable._check_limits(what text, doc jsonb)
+-- larger than its setting (cqrs_portable.settings), or with a value below level max_json_depth
+-- (levels as jsonpath counts them), is refused with 54000. No `set search_path` here, on
+-- purpose: see the note at the top of json_schema.sql.
+create function cqrs_portable._check_limits(what text, doc jsonb, max_bytes integer, max_depth integer)
 returns void
 language plpgsql stable
 as $$
 declare
     v_setting text := case what when 'payload' then 'cqrs.max_payload_bytes' else 'cqrs.max_metadata_bytes' end;
-    v_max_bytes integer := cqrs_portable._setting(v_setting, case what when 'payload' then 4194304 else 65536 end);
-    v_max_depth integer := cqrs_portable._setting('cqrs.max_json_depth', 64);
     v_compressed boolean := pg_catalog.pg_column_compression(doc) is not null;
     -- the size of the jsonb as stored uncompressed (a compressed argument is copied to measure it)
     v_bytes integer := case when v_compressed then pg_catalog.pg_column_size(doc || '{}'::jsonb)
                             else pg_catalog.pg_column_size(doc) end;
 begin
-    if v_bytes > v_max_bytes then
+    if v_bytes > max_bytes then
         raise exception using errcode = '54000',
-            message = format('%s is larger than %s (%s bytes)', what, v_setting, v_max_bytes),
-            hint = format('Keep large documents elsewhere and put a reference in the command, or raise the limit: alter database … set %s = …; (superuser).', v_setting);
+            message = format('%s is larger than %s (%s bytes)', what, v_setting, max_bytes),
+            hint = format('Keep large documents elsewhere and put a reference in the command, or have pg_cqrs''s installer raise %s (README, Settings).', v_setting);
     end if;
     -- every level below the root costs at least 8 bytes of jsonb (a container header and its
     -- entry in the parent), so a smaller document cannot be too deep: skip the walk
-    if (v_bytes > 8 * v_max_depth or v_compressed)
-       and pg_catalog.jsonb_path_exists(doc, format('lax $.**{%s to last}', v_max_depth + 1)::jsonpath) then
+    if (v_bytes > 8 * max_depth or v_compressed)
+       and pg_catalog.jsonb_path_exists(doc, format('lax $.**{%s to last}', max_depth + 1)::jsonpath) then
         raise exception using errcode = '54000',
-            message = format('%s nests deeper than cqrs.max_json_depth (%s levels)', what, v_max_depth),
+            message = format('%s nests deeper than cqrs.max_json_depth (%s levels)', what, max_depth),
             hint = 'Flatten the document; projections read at most cqrs.max_json_depth levels.';
     end if;
 end
@@ -130,6 +122,8 @@ security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
+    -- the limits, read once (only the installer may change them)
+    v_settings cqrs_portable.settings := (select s from cqrs_portable.settings s);
     v_existing record;
     v_differs text[] := '{}'::text[];
     v_what text[] := '{}'::text[];
@@ -148,7 +142,7 @@ begin
     if jsonb_typeof(payload) <> 'object' then
         raise exception using errcode = '22023', message = format('payload must be a JSON object, not %s', jsonb_typeof(payload));
     end if;
-    perform cqrs_portable._check_limits('payload', payload);
+    perform cqrs_portable._check_limits('payload', payload, v_settings.max_payload_bytes, v_settings.max_json_depth);
     if expected_seq < 0 then
         raise exception using errcode = '22023',
             message = format('expected_seq must be null, 0 (new stream) or a positive seq, not %s', expected_seq);
@@ -159,7 +153,7 @@ begin
     if jsonb_typeof(metadata) <> 'object' then
         raise exception using errcode = '22023', message = format('metadata must be a JSON object, not %s', jsonb_typeof(metadata));
     end if;
-    perform cqrs_portable._check_limits('metadata', metadata);
+    perform cqrs_portable._check_limits('metadata', metadata, v_settings.max_metadata_bytes, v_settings.max_json_depth);
 
     -- One statement on the happy path, as in the extension: bump the stream's seq under its row
     -- lock and insert the command; no row means a new stream or a command_id that exists.
@@ -233,7 +227,7 @@ begin
                 hint = format('See the schema with: select json_schema from cqrs.command_type where command_type = ''%s'';',
                               replace(append.command_type, '''', ''''''));
         end if;
-    elsif coalesce(pg_catalog.current_setting('cqrs.require_registered_types', true), '') in ('on', 'true', 'yes', '1') then
+    elsif v_settings.require_registered_types then
         raise exception using errcode = '42704',
             message = format('command type %s is not registered', cqrs_portable._quoted(append.command_type)),
             hint = 'Register it with cqrs.register_command_type(), or turn off cqrs.require_registered_types.';

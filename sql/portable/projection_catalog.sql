@@ -266,12 +266,14 @@ begin
 end
 $$;
 
--- The catalog facts of a projection the engine needs, from its registration.
+-- The catalog facts of a projection the engine needs, from its registration. SECURITY DEFINER:
+-- the owner's side of the engine (cqrs_portable._owner_write, _owner_read), which runs as the
+-- table's owner, needs them too, and the owner may not read cqrs.projection.
 create function cqrs_portable._target(name text,
     out target text, out key_column text, out key_type text, out rev_column text, out owner oid,
     out handlers jsonb, out on_error text, out definition_version bigint, out relation_version text, out relid oid)
 returns record
-language plpgsql stable
+language plpgsql stable security definer
 set search_path = pg_catalog, pg_temp
 as $$
 begin
@@ -389,7 +391,7 @@ begin
                                  v_source #>> '{}',
                                  (select p.proowner::regrole::text from pg_catalog.pg_proc p where p.oid = pg_catalog.to_regprocedure(v_source #>> '{}' || '(jsonb)')),
                                  v_owner::regrole::text),
-                hint = format('Function handlers must belong to the read model''s owner: alter function %s(jsonb) owner to %s;', v_source #>> '{}', v_owner::regrole::text);
+                hint = format('Handlers run as the table''s owner: alter function %s(jsonb) owner to %s;', v_source #>> '{}', v_owner::regrole::text);
         end if;
     end loop;
     if not exists (select from pg_catalog.pg_index i
@@ -412,7 +414,7 @@ begin
             v_handler := v_list -> v_i;
             continue when v_handler ? 'function';
             v_at := case when v_n = 1 then 'handlers.' || v_type else format('handlers.%s[%s]', v_type, v_i) end;
-            perform cqrs_portable._check_source(v_at || '.key', v_handler -> 'key', target, key_column);
+            perform cqrs_portable._check_source(name, v_at || '.key', v_handler -> 'key', target, key_column);
             for v_column, v_source, v_part in
                 select s.key, s.value, 'set' from jsonb_each(coalesce(v_handler -> 'set', '{}')) s
                 union all
@@ -436,7 +438,7 @@ begin
                     raise exception using errcode = '42804',
                         message = format('%s: "add" needs a numeric column; %s is %s', v_at2, cqrs_portable._quoted(v_column), v_col.sql_type);
                 end if;
-                perform cqrs_portable._check_source(v_at2, v_source, target, v_column);
+                perform cqrs_portable._check_source(name, v_at2, v_source, target, v_column);
             end loop;
         end loop;
     end loop;
@@ -451,8 +453,9 @@ end
 $$;
 
 -- A constant or command-log field can be stored in `column` (a path's value can only be checked
--- when an event arrives).
-create function cqrs_portable._check_source(at text, source jsonb, target regclass, column_name text)
+-- when an event arrives). The cast may run the owner's code (a domain's check): it is tried
+-- through the projection's writer, as the table's owner.
+create function cqrs_portable._check_source(name text, at text, source jsonb, target regclass, column_name text)
 returns void
 language plpgsql
 set search_path = pg_catalog, pg_temp
@@ -475,7 +478,7 @@ begin
                                  cqrs_portable._quoted(column_name), v_type);
         end if;
         begin
-            execute format('select (pg_catalog.jsonb_build_array($1::jsonb) ->> 0)::%s', v_type) using source -> 'const';
+            perform cqrs_portable._write(name, 'probe', jsonb_build_array(column_name, source), null, false);
         exception when others then
             get stacked diagnostics v_message = message_text;
             raise exception using errcode = '42804',
@@ -486,7 +489,7 @@ begin
         v_field_type := case source ->> 'field' when 'seq' then 'bigint' when 'position' then 'bigint'
                             when 'created_at' then 'timestamptz' when 'command_id' then 'uuid' else 'text' end;
         begin
-            execute format('select null::%s::%s', v_field_type, v_type);
+            perform cqrs_portable._write(name, 'probe', jsonb_build_array(column_name, source), null, false);
         exception when others then
             get stacked diagnostics v_message = message_text;
             raise exception using errcode = '42846',

@@ -13,10 +13,10 @@
 -- PostgreSQL finds in pg_catalog before any schema of the caller's search_path.
 
 -- The event rows a batch carries, checked as the extension checks them (the first bad element
--- and field named, 22023) and normalised: numbers as numbers, metadata {} when missing.
+-- and field named, 22023), then each replaced by the log's row at its position.
 create function cqrs_portable._events(events jsonb)
 returns jsonb
-language plpgsql immutable
+language plpgsql stable
 set search_path = pg_catalog, pg_temp
 as $$
 declare
@@ -51,12 +51,27 @@ begin
     if v_bad is not null then
         raise exception using errcode = '22023', message = v_bad;
     end if;
+    -- each event must be the log's row at its position (extension/src/events.rs, from_log); what
+    -- is projected is that row, whatever else the batch says
+    select format('events[%s] is not in cqrs.command_log: no command %s of stream %s seq %s at position %s',
+                  x.n - 1, x.e ->> 'command_id', cqrs_portable._quoted(x.e ->> 'stream'), x.e ->> 'seq', x.e ->> 'position')
+      into v_bad
+      from jsonb_array_elements(events) with ordinality x(e, n)
+      left join cqrs.command_log l on l.position = (x.e ->> 'position')::bigint
+     where l.position is null or l.command_id::text <> lower(x.e ->> 'command_id') or l.stream <> x.e ->> 'stream'
+        or l.seq <> (x.e ->> 'seq')::bigint
+     order by x.n limit 1;
+    if v_bad is not null then
+        raise exception using errcode = '22023', message = v_bad,
+            hint = 'A batch carries rows of cqrs.command_log as they are (the sidecar sends them from the slot).';
+    end if;
     select coalesce(jsonb_agg(jsonb_build_object(
-               'position', (e ->> 'position')::bigint, 'command_id', e -> 'command_id', 'stream', e -> 'stream',
-               'seq', (e ->> 'seq')::bigint, 'command_type', e -> 'command_type', 'payload', e -> 'payload',
-               'metadata', case when jsonb_typeof(e -> 'metadata') = 'object' then e -> 'metadata' else '{}'::jsonb end,
-               'created_at', e -> 'created_at') order by n), '[]')
-      into v_out from jsonb_array_elements(events) with ordinality x(e, n);
+               'position', l.position, 'command_id', l.command_id, 'stream', l.stream, 'seq', l.seq,
+               'command_type', l.command_type, 'payload', l.payload, 'metadata', l.metadata,
+               'created_at', l.created_at) order by x.n), '[]')
+      into v_out
+      from jsonb_array_elements(events) with ordinality x(e, n)
+      join cqrs.command_log l on l.position = (x.e ->> 'position')::bigint;
     return v_out;
 end
 $$;
@@ -190,7 +205,8 @@ begin
         end loop;
     end loop;
     if cardinality(v_branches) = 0 then
-        v_branches := array['select 0, null::text, null::jsonb, null::jsonb, null::jsonb where false'];
+        -- only function handlers: no declarative action applies to any event
+        v_branches := array['select 0 as act, null::text as kind, null::jsonb as key_json, null::jsonb as sets, null::jsonb as adds where false'];
     end if;
 
     v_update_set := array[format('%I = $2', v_def.rev_column)];
@@ -334,41 +350,64 @@ $sql$,
 end
 $$;
 
--- The compiled statement of a projection, kept for the session per definition and table
--- version (a session setting is the only cache PL/pgSQL has).
-create function cqrs_portable._compiled(name text)
-returns text
-language plpgsql
-set search_path = pg_catalog, pg_temp
-as $$
-declare
-    v_slot text := 'cqrs.compiled_' || md5(name);
-    v_version text;
-    v_cached text := current_setting(v_slot, true);
-    v_sql text;
-begin
-    select p.definition_version::text || ':' || c.xmin::text into v_version
-      from cqrs.projection p join pg_catalog.pg_class c on c.oid = p.target where p.name = _compiled.name;
-    if v_cached is not null and split_part(v_cached, E'\n', 1) = v_version then
-        return substr(v_cached, length(v_version) + 2);
-    end if;
-    v_sql := cqrs_portable._compile(name);
-    perform set_config(v_slot, v_version || E'\n' || v_sql, false);
-    return v_sql;
-end
-$$;
-
--- Applies events (in order) to projection `name`'s read model at revision `rev`; returns the
--- changed rows (deleted: doc null, deleted true), each key once, its last change.
+-- Applies events (in order) to projection `name`'s read model at revision `rev`, as its table's
+-- owner (cqrs_portable._write); returns the changed rows (deleted: doc null, deleted true), each
+-- key once, its last change.
 create function cqrs_portable._apply(name text, events jsonb, rev bigint, with_docs boolean)
 returns table (key text, doc json, deleted boolean)
-language plpgsql
+language sql volatile
+set search_path = pg_catalog, pg_temp
+as $$ select w.key, w.doc, w.deleted from cqrs_portable._write(name, 'apply', events, rev, with_docs) w $$;
+
+-- The owner's side of the engine: what a projection's writer function (cqrs_portable._write_…,
+-- SECURITY DEFINER, owned by the table's owner) runs, as that owner. `op`:
+--   apply  `args` the events (in order) to apply at revision `rev`; returns the changed rows
+--   clear  empties the read model (cqrs.rebuild)
+--   probe  `args` [column, source]: whether a constant or command-log field casts to the
+--          column's type (cqrs.create_projection) — the cast may run the owner's domain checks
+create function cqrs_portable._owner_write(name text, relid oid, op text, args jsonb, rev bigint, with_docs boolean)
+returns table (key text, doc json, deleted boolean)
+language plpgsql volatile
 set search_path = pg_catalog, pg_temp
 as $$
 #variable_conflict use_column
 declare
-    v_sql text := cqrs_portable._compiled(name);
-    v_handlers jsonb := (select p.handlers from cqrs.projection p where p.name = _apply.name);
+    v_def record;
+    v_type text;
+begin
+    if op = 'probe' then
+        select pg_catalog.format_type(a.atttypid, a.atttypmod) into v_type
+          from pg_catalog.pg_attribute a where a.attrelid = relid and a.attname = args ->> 0 and a.attnum > 0 and not a.attisdropped;
+        if args -> 1 ? 'const' then
+            execute format('select (pg_catalog.jsonb_build_array($1::jsonb) ->> 0)::%s', v_type) using args -> 1 -> 'const';
+        else
+            execute format('select null::%s::%s', case args -> 1 ->> 'field' when 'seq' then 'bigint' when 'position' then 'bigint'
+                                                      when 'created_at' then 'timestamptz' when 'command_id' then 'uuid' else 'text' end,
+                           v_type);
+        end if;
+        return;
+    end if;
+    v_def := cqrs_portable._definition(name);
+    if op = 'clear' then
+        execute format('delete from %s', v_def.target);
+        return;
+    end if;
+    return query select * from cqrs_portable._owner_apply(v_def.sql, v_def.handlers, v_def.target, v_def.key_column,
+                                                          v_def.key_type, v_def.rev_column, args, rev, with_docs);
+end
+$$;
+
+-- Applies events with a compiled definition (cqrs_portable._definition), as the owner.
+create function cqrs_portable._owner_apply(sql text, handlers jsonb, target text, key_column text, key_type text,
+                                           rev_column text, events jsonb, rev bigint, with_docs boolean)
+returns table (key text, doc json, deleted boolean)
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_column
+declare
+    v_sql text := _owner_apply.sql;
+    v_handlers jsonb := _owner_apply.handlers;
     v_keys text[] := '{}'::text[];
     v_docs json[] := '{}'::json[];
     v_gone boolean[] := '{}'::boolean[];
@@ -382,7 +421,6 @@ declare
     v_key text;
     v_doc json;
     v_deleted boolean;
-    v_def record;
 begin
     if not exists (select from jsonb_each(v_handlers) e, jsonb_array_elements(e.value) h where h ? 'function') then
         -- the common path: one set-based statement for the whole batch
@@ -391,7 +429,6 @@ begin
     end if;
     -- Function handlers see the read model as every earlier event left it: the events are
     -- applied in segments between them (each segment still set-based).
-    v_def := cqrs_portable._target(name);
     for v_event in select e from jsonb_array_elements(events) e loop
         v_steps := v_handlers -> (v_event ->> 'command_type');
         if v_steps is null or not exists (select from jsonb_array_elements(v_steps) h where h ? 'function') then
@@ -419,7 +456,7 @@ begin
                                       returning t.%3$I::text as key, case when $3 then pg_catalog.row_to_json(t.*) end as doc)
                      select coalesce(t.key, k.k) as key, t.doc, t.key is null as gone
                        from unnest($1::text[]) with ordinality k(k, n) left join touched t on t.key = k.k order by k.n',
-                    v_def.target, v_def.rev_column, v_def.key_column, v_def.key_type) using v_changed, rev, with_docs loop
+                    target, rev_column, key_column, key_type) using v_changed, rev, with_docs loop
                     v_keys := v_keys || v_key; v_docs := v_docs || v_doc; v_gone := v_gone || v_deleted;
                 end loop;
             end if;
@@ -439,6 +476,43 @@ begin
                  order by x.k, x.n desc) l
           join (select x.k, min(x.n) as first from unnest(v_keys) with ordinality x(k, n) group by x.k) f on f.k = l.k
          order by f.first;
+end
+$$;
+
+-- What a projection's reader function (cqrs_portable._read_…, owned by the table's owner) runs,
+-- as that owner: for `keys`, in order, each key's canonical text (the key column's own cast, so
+-- 'ABC' and 'abc' are one uuid) with the row's revision and the row (null when there is none),
+-- each canonical key once; with keys null, the rows whose revision is above `after`.
+create function cqrs_portable._owner_read(name text, relid oid, keys text[], after bigint)
+returns table (key text, rev bigint, doc json)
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_column
+declare
+    v_def record;
+begin
+    -- cqrs.read_many checked its caller; this checks whoever called the reader directly
+    perform cqrs_portable._may_read(name, relid, session_user);
+    v_def := cqrs_portable._target(name);
+    if keys is null then
+        return query execute pg_catalog.format(
+            'select t.%1$I::text, t.%2$I::bigint, pg_catalog.row_to_json(t.*) from %3$s as t where t.%2$I > $1',
+            v_def.key_column, v_def.rev_column, v_def.target)
+            using coalesce(after, -1);
+        return;
+    end if;
+    return query execute pg_catalog.format(
+        'select d.canonical, d.rev, d.doc
+           from (select distinct on (c.canonical) c.canonical, c.n, x.rev, x.doc
+                   from (select (k.raw::%1$s)::text as canonical, k.n, k.raw
+                           from unnest($1::text[]) with ordinality as k(raw, n) where k.raw is not null) c
+                   left join lateral (select t.%2$I as rev, pg_catalog.row_to_json(t.*) as doc from %3$s as t
+                                       where t.%4$I = c.raw::%1$s offset 0) as x on true
+                  order by c.canonical, c.n) d
+          order by d.n',
+        v_def.key_type, v_def.rev_column, v_def.target, v_def.key_column)
+        using keys;
 end
 $$;
 
@@ -683,39 +757,24 @@ begin
 end
 $$;
 
--- Refuses a projector whose lease has been taken over (the share lock makes cqrs.try_lead wait
--- for batches in flight, so after a takeover every call with the old token is refused).
-create function cqrs_portable._check_lease(token bigint)
-returns void
-language plpgsql
-set search_path = pg_catalog, pg_temp
-as $$
-declare
-    v_current bigint := coalesce((select l.token from cqrs.projector_lease l for share), 0);
-begin
-    if token < v_current then
-        raise exception using errcode = '55000',
-            message = format('this projector''s lease (token %s) was taken over by a newer one (token %s)', token, v_current),
-            hint = 'Another sidecar leads now; this one must stop projecting.';
-    end if;
-end
-$$;
-
--- The work of cqrs.project_batch, which checks the fencing token first (sql/core/projection.sql).
+-- The work of cqrs.project_batch: the fence (cqrs._fence, sql/core/projection.sql), the events
+-- as the log holds them, then every projection.
 create function cqrs._project_batch(events jsonb, commit_lsn pg_lsn, fencing_token bigint)
 returns table (projection text, key text, rev bigint, doc json, deleted boolean)
 language plpgsql volatile called on null input
 as $$
 #variable_conflict use_column
 declare
-    v_events jsonb := cqrs_portable._events(events);
+    -- the caller's search_path: the owner's code may change it (see cqrs_portable._restore_search_path)
+    v_search_path text := pg_catalog.current_setting('search_path');
+    v_events jsonb;
 begin
-    if fencing_token is not null then
-        perform cqrs_portable._check_lease(fencing_token);
-    end if;
+    perform cqrs._fence(fencing_token, commit_lsn);
+    v_events := cqrs_portable._events(events);
     return query
         select p.projection, p.key, p.rev, p.doc, p.deleted
           from cqrs_portable._project(v_events, commit_lsn, null, true, null) p where p.kind = 'row';
+    perform cqrs_portable._restore_search_path(v_search_path);
 end
 $$;
 
@@ -817,6 +876,8 @@ language plpgsql volatile called on null input
 as $$
 #variable_conflict use_column
 declare
+    -- the caller's search_path: the owner's code may change it (see cqrs_portable._restore_search_path)
+    v_search_path text := pg_catalog.current_setting('search_path');
     v_name text;
     v_row record;
     -- an array, appended in place (a jsonb array would be copied at every append)
@@ -835,6 +896,7 @@ begin
             end if;
         end loop;
     end loop;
+    perform cqrs_portable._restore_search_path(v_search_path);
     return query select * from cqrs_portable._changes(v_rows);
 end
 $$;
@@ -845,6 +907,8 @@ language plpgsql volatile called on null input
 as $$
 #variable_conflict use_column
 declare
+    -- the caller's search_path: the owner's code may change it (see cqrs_portable._restore_search_path)
+    v_search_path text := pg_catalog.current_setting('search_path');
     v_state record;
     v_skip jsonb;
     v_row record;
@@ -901,6 +965,7 @@ begin
         raise notice '%', format('projection %s: skipped %s#%s into cqrs.dead_letter; cqrs.retry_dead_letters(''%s'') applies it once the cause is fixed',
                                  resume.name, v_skip ->> 0, v_skip ->> 1, resume.name);
     end if;
+    perform cqrs_portable._restore_search_path(v_search_path);
     return query select * from cqrs_portable._changes(v_rows);
 end
 $$;
@@ -911,6 +976,8 @@ language plpgsql volatile called on null input
 as $$
 #variable_conflict use_column
 declare
+    -- the caller's search_path: the owner's code may change it (see cqrs_portable._restore_search_path)
+    v_search_path text := pg_catalog.current_setting('search_path');
     v_rev bigint;
     v_letter record;
     v_row record;
@@ -950,6 +1017,7 @@ begin
     end loop;
     update cqrs.projection_state s set revision = greatest(s.revision, v_rev), generation = s.generation + 1
      where s.name = retry_dead_letters.name;
+    perform cqrs_portable._restore_search_path(v_search_path);
     return query select * from cqrs_portable._changes(v_rows);
 end
 $$;
@@ -960,9 +1028,10 @@ language plpgsql volatile strict
 as $$
 #variable_conflict use_column
 declare
+    -- the caller's search_path: the owner's code may change it (see cqrs_portable._restore_search_path)
+    v_search_path text := pg_catalog.current_setting('search_path');
     v_started timestamptz := clock_timestamp();
     v_last_notice timestamptz := clock_timestamp();
-    v_def record;
     v_total bigint;
     v_done bigint := 0;
     v_cursor bigint := 0;
@@ -982,9 +1051,9 @@ begin
     if not found then
         raise exception using errcode = '42704', message = format('projection %s does not exist', cqrs_portable._quoted(rebuild.name));
     end if;
-    v_def := cqrs_portable._target(rebuild.name);
     begin
-        execute format('delete from %s', v_def.target);
+        -- as the table's owner, like every write of it: its delete triggers fire
+        perform cqrs_portable._write(rebuild.name, 'clear', null, null, false);
     exception when others then
         get stacked diagnostics v_message = message_text, v_detail = pg_exception_detail;
         raise exception using errcode = '55000',
@@ -1031,6 +1100,7 @@ begin
     update cqrs.projection_state s set generation = s.generation + 1 where s.name = rebuild.name;
     v_seconds := extract(epoch from clock_timestamp() - v_started);
     raise notice '%', format('rebuild %s: done, %s events in %s s', rebuild.name, v_done, round(v_seconds::numeric, 1));
+    perform cqrs_portable._restore_search_path(v_search_path);
     events := v_done;
     seconds := v_seconds;
     events_per_second := v_done / greatest(v_seconds, 1e-9);
@@ -1050,6 +1120,8 @@ returns void
 language plpgsql volatile called on null input
 as $$
 declare
+    -- the caller's search_path: the owner's code may change it (see cqrs_portable._restore_search_path)
+    v_search_path text := pg_catalog.current_setting('search_path');
     v_spec jsonb;
     v_existing text;
     v_row record;
@@ -1080,23 +1152,28 @@ begin
     if found then
         raise exception using errcode = '42710', message = format('that table is already the read model of projection %s', cqrs_portable._quoted(v_existing));
     end if;
+    -- Registered first (one transaction: a failed check below undoes it), so that the checks can
+    -- probe casts through the writer function, as the table's owner.
+    insert into cqrs.projection (name, target, key_column, rev_column, handlers, on_error)
+    values (create_projection.name, target, key_column, rev_column, v_spec, on_error);
+    insert into cqrs.projection_state (name) values (create_projection.name);
+    perform cqrs_portable._make_owner_functions(create_projection.name, target);
     -- handler functions resolve with the caller's search_path, as the extension resolves them
     v_spec := cqrs_portable._check_definition(create_projection.name, target, key_column, rev_column, v_spec,
         (select coalesce(jsonb_object_agg(f, pg_catalog.to_regprocedure(f || '(jsonb)')::oid), '{}')
            from (select distinct h ->> 'function' as f from jsonb_each(v_spec) e, jsonb_array_elements(e.value) h
                   where h ? 'function') fs));
-    insert into cqrs.projection (name, target, key_column, rev_column, handlers, on_error)
-    values (create_projection.name, target, key_column, rev_column, v_spec, on_error);
-    insert into cqrs.projection_state (name) values (create_projection.name);
-    -- this edition writes read models with the projector's rights: let it, if we may grant that
+    update cqrs.projection p set handlers = v_spec where p.name = create_projection.name;
+    -- the projector reads the read model to fill and repair caches (as its owner, through the
+    -- reader function, which lets only roles that may select from it): select, nothing more
     begin
-        execute format('grant usage on schema %I to cqrs_projector; grant select, insert, update, delete on %s to cqrs_projector',
+        execute format('grant usage on schema %I to cqrs_projector; grant select on %s to cqrs_projector',
                        (select n.nspname from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace where c.oid = target),
                        (cqrs_portable._target(create_projection.name)).target);
     exception when others then
         get stacked diagnostics v_message = message_text;
-        raise notice '%', format('could not grant cqrs_projector access to %s (%s); grant usage on its schema and select, insert, update, delete on it to cqrs_projector yourself',
-                                 target::text, v_message);
+        raise notice '%', format('could not grant cqrs_projector select on %s (%s); grant it yourself, and select to the roles that read it',
+                                 (cqrs_portable._target(create_projection.name)).target, v_message);
     end;
     if backfill then
         for v_row in select * from cqrs_portable._catch_up_one(create_projection.name, 10000, false, null) where halted is not null and halted <> '' loop
@@ -1111,5 +1188,6 @@ begin
         update cqrs.projection_state s set checkpoint_position = (select max(l.position) from cqrs.command_log l)
          where s.name = create_projection.name;
     end if;
+    perform cqrs_portable._restore_search_path(v_search_path);
 end
 $$;

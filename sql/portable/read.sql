@@ -7,6 +7,8 @@ language plpgsql stable called on null input
 as $$
 #variable_conflict use_column
 declare
+    -- the caller's search_path: the owner's code may change it (see cqrs_portable._restore_search_path)
+    v_search_path text := pg_catalog.current_setting('search_path');
     v_def record;
     v_revision bigint;
 begin
@@ -17,21 +19,53 @@ begin
         raise exception using errcode = '22004', message = 'keys must not be null';
     end if;
     v_def := cqrs_portable._target(read_many.projection);
+    perform cqrs_portable._may_read(read_many.projection, v_def.relid, current_user);
     select s.revision into v_revision from cqrs.projection_state s where s.name = read_many.projection;
-    -- for every key in the order given: its canonical form (the key column's own cast, so
-    -- 'ABC' and 'abc' are one uuid), the row's revision (or the projection's) and the row;
-    -- each canonical key once
-    return query execute pg_catalog.format(
-        'select d.canonical, coalesce(d.rev, $2), d.doc
-           from (select distinct on (c.canonical) c.canonical, c.n, x.rev, x.doc
-                   from (select (k.raw::%1$s)::text as canonical, k.n, k.raw
-                           from unnest($1::text[]) with ordinality as k(raw, n) where k.raw is not null) c
-                   left join lateral (select t.%2$I as rev, pg_catalog.row_to_json(t.*) as doc from %3$s as t
-                                       where t.%4$I = c.raw::%1$s offset 0) as x on true
-                  order by c.canonical, c.n) d
-          order by d.n',
-        v_def.key_type, v_def.rev_column, v_def.target, v_def.key_column)
-        using keys, coalesce(v_revision, 0);
+    -- as the table's owner (extension/src/read_models.rs); a missing row has the projection's revision
+    return query select r.key, coalesce(r.rev, v_revision, 0), r.doc from cqrs_portable._read(read_many.projection, keys, null) r;
+    perform cqrs_portable._restore_search_path(v_search_path);
+end
+$$;
+
+create function cqrs.changed_since(projection text, after bigint)
+returns table (key text, rev bigint, doc json)
+language plpgsql stable called on null input
+as $$
+#variable_conflict use_column
+declare
+    -- the caller's search_path: the owner's code may change it (see cqrs_portable._restore_search_path)
+    v_search_path text := pg_catalog.current_setting('search_path');
+    v_def record;
+begin
+    if changed_since.projection is null then
+        raise exception using errcode = '22004', message = 'projection must not be null';
+    end if;
+    v_def := cqrs_portable._target(changed_since.projection);
+    perform cqrs_portable._may_read(changed_since.projection, v_def.relid, current_user);
+    return query select r.key, r.rev, r.doc from cqrs_portable._read(changed_since.projection, null, coalesce(after, -1)) r;
+    perform cqrs_portable._restore_search_path(v_search_path);
+end
+$$;
+
+-- Seconds a gap may stay unfilled before status() flags it (cqrs_portable.settings).
+create function cqrs._gap_alert_seconds()
+returns double precision
+language sql stable
+as $$ select s.gap_alert_after::double precision from cqrs_portable.settings s $$;
+
+create function cqrs.drop_projection(name text)
+returns boolean
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    -- the read-model table is the user's and stays; its writer and reader functions go
+    perform cqrs_portable._drop_owner_functions(drop_projection.name);
+    delete from cqrs.projection_stream ps where ps.projection = drop_projection.name;
+    delete from cqrs.parked p where p.projection = drop_projection.name;
+    delete from cqrs.dead_letter d where d.projection = drop_projection.name;
+    delete from cqrs.projection p where p.name = drop_projection.name;
+    return found;
 end
 $$;
 

@@ -34,10 +34,23 @@ fn portable_body() -> Result<String> {
     Ok(script[start..end].to_owned())
 }
 
+/// `call pg_temp.cqrs_set(name, value)`: changes a pg_cqrs setting for the rest of the test's
+/// transaction, the edition's way — the extension's are settings (`cqrs.<name>`), the portable
+/// edition's a row only its installer may change (`cqrs_portable.settings`).
+const SETTING_HELPER: [&str; 2] = [
+    "create procedure pg_temp.cqrs_set(name text, value text) language sql \
+     as $$ select pg_catalog.set_config('cqrs.' || name, value, true) $$;\n",
+    "create procedure pg_temp.cqrs_set(name text, value text) language plpgsql \
+     as $$ begin execute pg_catalog.format('update cqrs_portable.settings set %I = %L', name, value); end $$;\n",
+];
+
 fn install_scripts(edition: Edition) -> Result<(String, String)> {
     Ok(match edition {
         Edition::Extension => (
-            "\\set ECHO none\ncreate extension pg_cqrs;\n\\set ECHO all\n".to_owned(),
+            format!(
+                "\\set ECHO none\ncreate extension pg_cqrs;\n{}\\set ECHO all\n",
+                SETTING_HELPER[0]
+            ),
             "\\set ECHO none\ndrop extension pg_cqrs cascade;\n\\set ECHO all\n".to_owned(),
         ),
         Edition::Portable => (
@@ -45,9 +58,10 @@ fn install_scripts(edition: Edition) -> Result<(String, String)> {
                 "\\set ECHO none\n\
                  select pg_catalog.current_setting('client_min_messages') as cqrs_saved_messages \\gset\n\
                  set client_min_messages = warning;\n\
-                 set role {INSTALLER};\n{}\nreset role;\n\
+                 set role {INSTALLER};\n{}\nreset role;\n{}\
                  set client_min_messages = :'cqrs_saved_messages';\n\\set ECHO all\n",
-                portable_body()?
+                portable_body()?,
+                SETTING_HELPER[1]
             ),
             "\\set ECHO none\nset client_min_messages = warning;\ndrop schema cqrs, cqrs_portable cascade;\nreset client_min_messages;\n\\set ECHO all\n".to_owned(),
         ),

@@ -1,0 +1,358 @@
+-- pg_cqrs, portable edition: the code of a read model's owner runs as its owner and leaves no
+-- setting behind (the extension edition: extension/src/owner_rights.rs).
+--
+-- PL/pgSQL cannot switch users inside a security-restricted operation as the extension does, so
+-- every projection gets two functions owned by its table's owner, SECURITY DEFINER with a pinned
+-- search_path, made by cqrs.create_projection (whose caller must be a member of that owner):
+--
+--   cqrs_portable."_write_<md5 of the name>"(op, args, rev, with_docs)  writes the read model
+--   cqrs_portable."_read_<md5 of the name>"(keys, after)               reads it
+--
+-- The engine calls them for every write and read of the read model, so the owner's triggers,
+-- defaults, domain and check constraints, index expressions, policies and function handlers run
+-- as the owner (inside a SECURITY DEFINER function PostgreSQL refuses SET ROLE and SET SESSION
+-- AUTHORIZATION). What they run is fixed: the statements are compiled by
+-- cqrs_portable._definition, with the installer's rights, from the catalog and the projection's
+-- definition, into cqrs_portable.compiled, which only that function writes — not by the caller,
+-- so neither the projecting role nor the owner can make the other's rights run their SQL. Before
+-- each call the engine checks that the function is still the one pg_cqrs made (owner, SECURITY
+-- DEFINER, search_path, body): its owner may ALTER it, and a SECURITY INVOKER writer would run as
+-- the projector. Around each call the engine snapshots every setting the session may change and
+-- puts back whatever the owner's code changed (a plain SET would otherwise reach the session's
+-- next statement); see the README for what that costs.
+
+-- The compiled write statement of each projection, for its definition and table version.
+create table cqrs_portable.compiled (
+    projection text primary key,
+    -- definition_version:pg_class xmin of the table, as cqrs_portable._definition computes it
+    version    text  not null,
+    sql        text  not null,
+    handlers   jsonb not null,
+    target     text  not null,
+    key_column text  not null,
+    key_type   text  not null,
+    rev_column text  not null
+);
+
+-- A projection's definition with its compiled write statement, compiled again when the
+-- definition or its table changed. SECURITY DEFINER: only this function writes
+-- cqrs_portable.compiled, and it compiles from the catalog and cqrs.projection, never from what
+-- a caller passes.
+create function cqrs_portable._definition(name text,
+    out sql text, out handlers jsonb, out target text, out key_column text, out key_type text, out rev_column text)
+returns record
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_version text;
+    v_def record;
+begin
+    select p.definition_version::text || ':' || c.xmin::text into v_version
+      from cqrs.projection p join pg_catalog.pg_class c on c.oid = p.target where p.name = _definition.name;
+    if not found then
+        raise exception using errcode = '42704',
+            message = format('projection %s does not exist, or its read-model table was dropped', cqrs_portable._quoted(name));
+    end if;
+    select k.sql, k.handlers, k.target, k.key_column, k.key_type, k.rev_column
+      into sql, handlers, target, key_column, key_type, rev_column
+      from cqrs_portable.compiled k where k.projection = _definition.name and k.version = v_version;
+    if found then
+        return;
+    end if;
+    v_def := cqrs_portable._target(name);
+    sql := cqrs_portable._compile(name);
+    handlers := v_def.handlers;
+    target := v_def.target;
+    key_column := v_def.key_column;
+    key_type := v_def.key_type;
+    rev_column := v_def.rev_column;
+    insert into cqrs_portable.compiled as k (projection, version, sql, handlers, target, key_column, key_type, rev_column)
+    values (name, v_version, sql, handlers, target, key_column, key_type, rev_column)
+    on conflict (projection) do update
+        set version = excluded.version, sql = excluded.sql, handlers = excluded.handlers, target = excluded.target,
+            key_column = excluded.key_column, key_type = excluded.key_type, rev_column = excluded.rev_column;
+end
+$$;
+
+-- The name of a projection's writer ('w') or reader ('r') function in cqrs_portable.
+create function cqrs_portable._owner_function(name text, kind text)
+returns text
+language sql immutable
+as $$ select case kind when 'w' then '_write_' else '_read_' end || pg_catalog.md5(name) $$;
+
+-- The body of a projection's writer or reader: it only hands its arguments to the engine's
+-- owner-side functions, with the projection's name and table fixed.
+create function cqrs_portable._owner_function_body(name text, relid oid, kind text)
+returns text
+language sql immutable
+as $$
+    select case kind
+        when 'w' then pg_catalog.format($b$
+begin
+    return query select * from cqrs_portable._owner_write(%L, %s::pg_catalog.oid, op, args, rev, with_docs);
+end
+$b$, name, relid)
+        else pg_catalog.format($b$
+begin
+    return query select * from cqrs_portable._owner_read(%L, %s::pg_catalog.oid, keys, after);
+end
+$b$, name, relid)
+    end
+$$;
+
+-- Makes (or makes again) a projection's writer and reader, owned by the owner of its table. The
+-- caller is a member of that owner (cqrs.create_projection checks it) and owns cqrs_portable
+-- (the installer): the owner gets CREATE on the schema for as long as ALTER FUNCTION … OWNER
+-- needs it, within this transaction, and keeps only USAGE.
+create function cqrs_portable._make_owner_functions(name text, target regclass)
+returns void
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_owner text := (select c.relowner::regrole::text from pg_catalog.pg_class c where c.oid = target);
+    v_writer text := cqrs_portable._owner_function(name, 'w');
+    v_reader text := cqrs_portable._owner_function(name, 'r');
+    v_could_create boolean := pg_catalog.has_schema_privilege(v_owner, 'cqrs_portable', 'create');
+begin
+    execute format('create or replace function cqrs_portable.%I(op text, args jsonb, rev bigint, with_docs boolean)
+        returns table (key text, doc json, deleted boolean)
+        language plpgsql volatile security definer
+        set search_path = pg_catalog, pg_temp
+        as %L', v_writer, cqrs_portable._owner_function_body(name, target, 'w'));
+    execute format('create or replace function cqrs_portable.%I(keys text[], after bigint)
+        returns table (key text, rev bigint, doc json)
+        language plpgsql stable security definer
+        set search_path = pg_catalog, pg_temp
+        as %L', v_reader, cqrs_portable._owner_function_body(name, target, 'r'));
+    execute format('comment on function cqrs_portable.%I(text, jsonb, bigint, boolean) is %L', v_writer,
+                   format('pg_cqrs: writes the read model of projection %s as its owner (made by cqrs.create_projection; do not alter it)', name));
+    execute format('comment on function cqrs_portable.%I(text[], bigint) is %L', v_reader,
+                   format('pg_cqrs: reads the read model of projection %s as its owner (made by cqrs.create_projection; do not alter it)', name));
+    execute format('revoke all on function cqrs_portable.%I(text, jsonb, bigint, boolean) from public', v_writer);
+    execute format('revoke all on function cqrs_portable.%I(text[], bigint) from public', v_reader);
+    -- who projects: the sidecar's role, and the installer (create_projection's backfill, rebuild)
+    execute format('grant execute on function cqrs_portable.%I(text, jsonb, bigint, boolean) to cqrs_projector, %I',
+                   v_writer, current_user);
+    execute format('grant execute on function cqrs_portable.%I(text[], bigint) to cqrs_projector, cqrs_reader, %I',
+                   v_reader, current_user);
+    -- what the owner's side of the engine calls, as the owner
+    execute format('grant usage on schema cqrs_portable to %I', v_owner);
+    execute format('grant execute on function cqrs_portable._owner_write(text, oid, text, jsonb, bigint, boolean),
+                        cqrs_portable._owner_apply(text, jsonb, text, text, text, text, jsonb, bigint, boolean),
+                        cqrs_portable._owner_read(text, oid, text[], bigint), cqrs_portable._definition(text),
+                        cqrs_portable._key_error(text, jsonb, jsonb), cqrs_portable._describe(jsonb),
+                        cqrs_portable._quoted(text), cqrs_portable._may_read(text, oid, name), cqrs_portable._target(text)
+                        to %I', v_owner);
+    if not v_could_create then
+        execute format('grant create on schema cqrs_portable to %I', v_owner);
+    end if;
+    execute format('alter function cqrs_portable.%I(text, jsonb, bigint, boolean) owner to %I', v_writer, v_owner);
+    execute format('alter function cqrs_portable.%I(text[], bigint) owner to %I', v_reader, v_owner);
+    if not v_could_create then
+        execute format('revoke create on schema cqrs_portable from %I', v_owner);
+    end if;
+end
+$$;
+
+-- Drops a projection's writer and reader (cqrs.drop_projection).
+create function cqrs_portable._drop_owner_functions(name text)
+returns void
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_function regprocedure;
+begin
+    for v_function in
+        select f from unnest(array[
+            pg_catalog.to_regprocedure('cqrs_portable.' || cqrs_portable._owner_function(name, 'w') || '(text, jsonb, bigint, boolean)'),
+            pg_catalog.to_regprocedure('cqrs_portable.' || cqrs_portable._owner_function(name, 'r') || '(text[], bigint)')]) f
+         where f is not null
+    loop
+        execute format('drop function %s', v_function);
+    end loop;
+    delete from cqrs_portable.compiled k where k.projection = _drop_owner_functions.name;
+end
+$$;
+
+-- The projection's writer or reader, refused (55000) unless it is still the function pg_cqrs
+-- made: owned by the table's owner, SECURITY DEFINER, with the pinned search_path and its body.
+-- Its owner may ALTER it — made SECURITY INVOKER, it would run as whoever projects — or the table
+-- may have changed hands since.
+create function cqrs_portable._owner_function_checked(name text, kind text)
+returns text
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_function text := cqrs_portable._owner_function(name, kind);
+    v_args text := case kind when 'w' then '(text, jsonb, bigint, boolean)' else '(text[], bigint)' end;
+    v_fn record;
+    v_table record;
+begin
+    select c.oid, c.relowner::regrole::text as owner, c.relowner into v_table
+      from cqrs.projection p join pg_catalog.pg_class c on c.oid = p.target where p.name = _owner_function_checked.name;
+    if not found then
+        raise exception using errcode = '42704',
+            message = format('projection %s does not exist, or its read-model table was dropped', cqrs_portable._quoted(name));
+    end if;
+    select f.proowner, f.prosecdef, f.proconfig, f.prosrc into v_fn
+      from pg_catalog.pg_proc f where f.oid = pg_catalog.to_regprocedure('cqrs_portable.' || quote_ident(v_function) || v_args);
+    if not found or v_fn.proowner <> v_table.relowner or not v_fn.prosecdef
+       or v_fn.proconfig is distinct from array['search_path=pg_catalog, pg_temp']
+       or v_fn.prosrc is distinct from cqrs_portable._owner_function_body(name, v_table.oid, kind) then
+        raise exception using errcode = '55000',
+            message = format('the %s of projection %s (function cqrs_portable.%s) is not the one pg_cqrs made for the owner of its table, role %s',
+                             case kind when 'w' then 'writer' else 'reader' end, name, v_function, v_table.owner),
+            detail = case when not found then 'It is missing.'
+                          when v_fn.proowner <> v_table.relowner then format('It belongs to role %s: the table changed owner since.', v_fn.proowner::regrole)
+                          else 'It was altered.' end,
+            hint = format('As the installer, a member of role %s: select cqrs_portable.rebind(%L);', v_table.owner, name);
+    end if;
+    return v_function;
+end
+$$;
+
+-- Makes a projection's writer and reader again, for the current owner of its table: after the
+-- table changed owner, or after someone altered them. The caller must be a member of the owner.
+create function cqrs_portable.rebind(name text)
+returns void
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_target regclass;
+begin
+    select p.target into v_target from cqrs.projection p where p.name = rebind.name;
+    if not found then
+        raise exception using errcode = '42704', message = format('projection %s does not exist', cqrs_portable._quoted(name));
+    end if;
+    perform cqrs_portable._check_owner(v_target);
+    perform cqrs_portable._drop_owner_functions(name);
+    perform cqrs_portable._make_owner_functions(name, v_target);
+end
+$$;
+comment on function cqrs_portable.rebind(text) is
+    'Makes a projection''s writer and reader functions again for the current owner of its table (after an owner change).';
+
+-- Every setting this session may change, as name=value.
+--
+-- This function and the two after it have no `set search_path` and name everything with its
+-- schema, on purpose: they run right after the owner's code returns, when the session's
+-- search_path may be whatever that code set — a plain SET outlives every function that ran it,
+-- overriding their own SET clauses (PostgreSQL's rule) — and they must see and put back that
+-- value, not a function's own.
+create function cqrs_portable._settings()
+returns pg_catalog.text[]
+language sql volatile
+as $$
+    select pg_catalog.array_agg(pg_catalog.textcat(pg_catalog.textcat(s.name, '='), s.setting) order by s.name)
+      from pg_catalog.pg_show_all_settings() s
+     where s.context operator(pg_catalog.=) any ('{user,superuser}'::pg_catalog.text[])
+$$;
+
+-- Puts back, session-wide, every setting that differs from `before` (cqrs_portable._settings()):
+-- what the owner's code changed, with SET or SET LOCAL, must not reach the next statement.
+create function cqrs_portable._restore_settings(before pg_catalog.text[])
+returns void
+language plpgsql volatile
+as $$
+declare
+    v_name pg_catalog.text;
+    v_value pg_catalog.text;
+begin
+    for v_name, v_value in
+        select pg_catalog.split_part(b.s, '=', 1), pg_catalog.substr(b.s, pg_catalog.strpos(b.s, '=') operator(pg_catalog.+) 1)
+          from pg_catalog.unnest(before) as b(s)
+        except
+        select pg_catalog.split_part(a.s, '=', 1), pg_catalog.substr(a.s, pg_catalog.strpos(a.s, '=') operator(pg_catalog.+) 1)
+          from pg_catalog.unnest(cqrs_portable._settings()) as a(s)
+    loop
+        perform pg_catalog.set_config(v_name, v_value, false);
+    end loop;
+end
+$$;
+
+-- Puts the session's search_path back to `before`, the value a public function of this
+-- edition found when it was called. Inside the engine, after the owner's code ran, it is
+-- pg_catalog, pg_temp (the value cqrs_portable._write put back, which is its own); every
+-- function that can run the owner's code ends with this.
+create function cqrs_portable._restore_search_path(before pg_catalog.text)
+returns void
+language plpgsql volatile
+as $$
+begin
+    if pg_catalog.current_setting('search_path') operator(pg_catalog.<>) before then
+        perform pg_catalog.set_config('search_path', before, false);
+    end if;
+end
+$$;
+
+-- Runs op ('apply', 'clear' or 'probe') of projection `name`'s writer, as its table's owner, and
+-- puts back every setting the owner's code changed before anything else runs.
+create function cqrs_portable._write(name text, op text, args jsonb, rev bigint, with_docs boolean)
+returns table (key text, doc json, deleted boolean)
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_column
+declare
+    v_function text := cqrs_portable._owner_function_checked(name, 'w');
+    v_before text[] := cqrs_portable._settings();
+begin
+    return query execute format('select * from cqrs_portable.%I($1, $2, $3, $4)', v_function) using op, args, rev, with_docs;
+    perform cqrs_portable._restore_settings(v_before);
+end
+$$;
+
+-- Reads projection `name`'s read model as its table's owner — the rows of `keys` (in order,
+-- each key's canonical text; a missing row has a null rev and doc) or, with keys null, the rows
+-- changed after `after` — and puts back every setting the owner's code changed.
+create function cqrs_portable._read(name text, keys text[], after bigint)
+returns table (key text, rev bigint, doc json)
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_column
+declare
+    v_function text := cqrs_portable._owner_function_checked(name, 'r');
+    v_before text[] := cqrs_portable._settings();
+begin
+    return query execute format('select * from cqrs_portable.%I($1, $2)', v_function) using keys, after;
+    perform cqrs_portable._restore_settings(v_before);
+end
+$$;
+
+-- Who may read a read model through pg_cqrs (see extension/src/read_models.rs): a role that may
+-- select from it and, where it has row-level security, one that sees every row anyway. 42501
+-- otherwise. cqrs.read_many checks its caller; the reader function checks the session's role
+-- again, for whoever calls it directly.
+create function cqrs_portable._may_read(name text, relid oid, role name)
+returns void
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_table record;
+begin
+    select '"' || replace(n.nspname, '"', '""') || '"."' || replace(c.relname, '"', '""') || '"' as name, c.relrowsecurity, c.relowner
+      into v_table
+      from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace where c.oid = relid;
+    if not pg_catalog.has_table_privilege(role, relid, 'select') then
+        raise exception using errcode = '42501',
+            message = format('permission denied for the read model of projection %s (table %s)', name, v_table.name),
+            hint = format('Its owner grants it: grant select on %s to %s;', v_table.name, quote_ident(role));
+    end if;
+    if v_table.relrowsecurity
+       and not (pg_catalog.pg_has_role(role, v_table.relowner, 'member')
+                or (select r.rolsuper or r.rolbypassrls from pg_catalog.pg_roles r where r.rolname = role)
+                or pg_catalog.pg_has_role(role, 'cqrs_projector', 'member')) then
+        raise exception using errcode = '42501',
+            message = format('table %s has row-level security, which pg_cqrs cannot apply to role %s: it reads read models as their owner',
+                             v_table.name, role),
+            hint = 'Select from the table yourself, so that its policies apply to you.';
+    end if;
+end
+$$;
