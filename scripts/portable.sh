@@ -15,22 +15,34 @@
 # then sql/core/api.sql (comments and privileges, shared).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/common.sh
 
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 [ -n "$version" ] || { echo "no version in Cargo.toml" >&2; exit 1; }
-# PORTABLE_OUT and PORTABLE_UPGRADES are for the tests (a made-up release step, built elsewhere)
+# PORTABLE_OUT and PORTABLE_UPGRADES are for the tests (a made-up release step, built elsewhere).
+# The upgrade steps: those of released versions, frozen in sql/portable/upgrades/, and the one
+# to this version, written by scripts/upgrade-scripts.sh.
 out=${PORTABLE_OUT:-target/portable}
-upgrades=${PORTABLE_UPGRADES:-sql/portable/upgrades}
+if [ -n "${PORTABLE_UPGRADES:-}" ]; then
+    upgrade_dirs=("$PORTABLE_UPGRADES")
+else
+    scripts/upgrade-scripts.sh
+    upgrade_dirs=(sql/portable/upgrades target/upgrades/portable)
+fi
 mkdir -p "$out"
+
+upgrade_files() {
+    local dir
+    for dir in "${upgrade_dirs[@]}"; do
+        ls "$dir"/pg_cqrs--*--*.sql 2>/dev/null || true
+    done
+}
 
 # The edition's SQL, in dependency order. $1 = psql | pgtle: pg_extension_config_dump() only
 # exists inside CREATE EXTENSION, so the psql file leaves those lines out.
 body() {
     local mode=$1
-    local files=(sql/core/command.sql sql/core/projection.sql
-                 sql/portable/settings.sql sql/portable/command.sql sql/portable/json_schema.sql
-                 sql/portable/projection_catalog.sql sql/portable/owner_rights.sql sql/portable/read.sql
-                 sql/portable/projector.sql sql/core/api.sql)
+    local files=("${PORTABLE_SQL[@]}")
     cat <<SQL
 -- Helpers of the portable edition only (schema cqrs holds exactly what the extension edition's
 -- schema holds: the conformance suite compares them).
@@ -45,20 +57,8 @@ SQL
             cat "$file"
         fi | sed "s/@VERSION@/$version/g"
     done
-    cat <<'SQL'
-
--- the helpers: for pg_cqrs's own functions and its three roles, nobody else (a read model's
--- owner gets what its writer and reader call, from cqrs_portable._make_owner_functions)
-revoke all on schema cqrs_portable from public;
-grant usage on schema cqrs_portable to cqrs_writer, cqrs_reader, cqrs_projector;
-revoke all on all tables in schema cqrs_portable from public;
-grant select on cqrs_portable.settings to cqrs_writer, cqrs_reader, cqrs_projector;
-revoke execute on all functions in schema cqrs_portable from public;
-grant execute on all functions in schema cqrs_portable to cqrs_writer, cqrs_reader, cqrs_projector;
--- making and dropping a read model's functions is the installer's
-revoke execute on function cqrs_portable._make_owner_functions(text, regclass), cqrs_portable._drop_owner_functions(text),
-    cqrs_portable.rebind(text) from cqrs_writer, cqrs_reader, cqrs_projector;
-SQL
+    printf '\n'
+    portable_helper_grants
 }
 
 {
@@ -101,36 +101,51 @@ fi
 -- pg_cqrs $version, portable edition, for pg_tle (RDS, Aurora, Supabase): registers it, after
 -- which CREATE EXTENSION pg_cqrs works on a server without the C library. Run as a member of
 -- pgtle_admin:  psql -v ON_ERROR_STOP=1 -f pg_cqrs--pgtle.sql  then  create extension pg_cqrs;
--- Built by scripts/portable.sh. (Upgrade paths of later portable releases are registered here
--- with pgtle.install_update_path, one per sql/portable/upgrades/pg_cqrs--A--B.sql.)
+-- Where an earlier release is registered already, this adds $version and the update paths to
+-- it and makes it the default: then  alter extension pg_cqrs update;
+-- Built by scripts/portable.sh.
 \\set ON_ERROR_STOP on
-select pgtle.install_extension(
-    'pg_cqrs',
-    '$version',
-    'CQRS inside PostgreSQL: idempotent, sequenced, validated commands and set-based projections (portable edition)',
-    \$$tag\$
+do \$register\$
+begin
+    if exists (select from pgtle.available_extensions() e where e.name = 'pg_cqrs') then
+        perform pgtle.install_extension_version_sql('pg_cqrs', '$version', \$$tag\$
+SQL
+    body pgtle
+    cat <<SQL
+\$$tag\$);
+    else
+        perform pgtle.install_extension(
+            'pg_cqrs',
+            '$version',
+            'CQRS inside PostgreSQL: idempotent, sequenced, validated commands and set-based projections (portable edition)',
+            \$$tag\$
 SQL
     body pgtle
     cat <<SQL
 \$$tag\$,
-    '{}',
-    'cqrs');
+            '{}',
+            'cqrs');
+    end if;
+end
+\$register\$;
 SQL
-    for upgrade in "$upgrades"/pg_cqrs--*--*.sql; do
-        [ -e "$upgrade" ] || continue
+    # every step to this version; one registered already (by an earlier release's file) stays
+    for upgrade in $(upgrade_files); do
         from=$(basename "$upgrade" .sql | sed 's/^pg_cqrs--\(.*\)--\(.*\)$/\1/')
         to=$(basename "$upgrade" .sql | sed 's/^pg_cqrs--\(.*\)--\(.*\)$/\2/')
-        printf "select pgtle.install_update_path('pg_cqrs', '%s', '%s', \$%s\$\n" "$from" "$to" "$tag"
+        printf 'do $register$\nbegin\n    if not exists (select from pgtle.extension_update_paths(%s) p where p.source = %s and p.target = %s and p.path = %s) then\n' \
+            "'pg_cqrs'" "'$from'" "'$to'" "'$from--$to'"
+        printf "        perform pgtle.install_update_path('pg_cqrs', '%s', '%s', \$%s\$\n" "$from" "$to" "$tag"
         sed "s/@VERSION@/$to/g" "$upgrade"
-        printf "\$%s\$);\n" "$tag"
+        printf "\$%s\$);\n    end if;\nend\n\$register\$;\n" "$tag"
     done
+    printf "select pgtle.set_default_version('pg_cqrs', '%s');\n" "$version"
 } > "$out/pg_cqrs--pgtle.sql"
 
 # psql: one upgrade script per release step, each refusing to run on any other version than
 # the one it upgrades from (pg_tle checks that itself).
 rm -f "$out"/pg_cqrs--*--*.sql
-for upgrade in "$upgrades"/pg_cqrs--*--*.sql; do
-    [ -e "$upgrade" ] || continue
+for upgrade in $(upgrade_files); do
     name=$(basename "$upgrade")
     from=$(basename "$upgrade" .sql | sed 's/^pg_cqrs--\(.*\)--\(.*\)$/\1/')
     to=$(basename "$upgrade" .sql | sed 's/^pg_cqrs--\(.*\)--\(.*\)$/\2/')

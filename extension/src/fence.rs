@@ -27,6 +27,21 @@ unsafe extern "C-unwind" {
     fn SPI_finish() -> c_int;
 }
 
+/// Whether the installed SQL has `cqrs._fence` (0.3.0 on); this library also serves a database
+/// of an earlier release until it is upgraded.
+///
+/// # Safety
+/// Must be called by a C function invoked by PostgreSQL, inside a transaction.
+#[pgrx::pg_guard]
+pub(crate) unsafe extern "C-unwind" fn installed() -> bool {
+    pgrx::Spi::get_one::<bool>(
+        "select pg_catalog.to_regprocedure('cqrs._fence(pg_catalog.int8, pg_catalog.pg_lsn)') is not null",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
 /// The fence could not even be asked (an SPI failure, not a refusal).
 #[derive(Debug)]
 pub(crate) struct Unchecked;

@@ -208,27 +208,73 @@ fmgr::v1_function!(pg_finfo_cqrs_project_batch);
 /// Called by the function manager with the call info of that function.
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn cqrs_project_batch(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    // SAFETY: argument 1 is pg_lsn and argument 2 bigint (64-bit values passed by value); the
-    // fence is called with nothing alive in this frame that needs dropping.
-    let checked = unsafe {
-        let commit_lsn = arg(fcinfo, 1).map(|d| d.value() as u64);
-        let fencing_token = arg(fcinfo, 2).map(|d| d.value() as i64);
-        fence::check(fencing_token, commit_lsn)
+    // SAFETY: guarded; it only reads the catalog.
+    let fence = if unsafe { fence::installed() } {
+        // SAFETY: argument 1 is pg_lsn and argument 2 bigint (64-bit values passed by value);
+        // the fence is called with nothing alive in this frame that needs dropping.
+        let checked = unsafe {
+            let commit_lsn = arg(fcinfo, 1).map(|d| d.value() as u64);
+            let fencing_token = arg(fcinfo, 2).map(|d| d.value() as i64);
+            fence::check(fencing_token, commit_lsn)
+        };
+        if checked.is_ok() {
+            Fence::Checked
+        } else {
+            Fence::Unchecked
+        }
+    } else {
+        Fence::Legacy
     };
     // SAFETY: the call info of this function, passed on.
-    unsafe { project_batch_work(fcinfo, checked.is_ok()) }
+    unsafe { project_batch_work(fcinfo, fence) }
+}
+
+/// How the fence of a batch was checked.
+#[repr(u8)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fence {
+    /// by `cqrs._fence`
+    Checked,
+    /// it could not be asked (SPI failed)
+    Unchecked,
+    /// the installed SQL is older than `cqrs._fence` (this library serves a database of an
+    /// earlier release until it is upgraded): the lease token is checked as that release did
+    Legacy,
+}
+
+/// The fence of releases before 0.3.0, for a database not upgraded yet.
+fn check_lease_legacy(client: &mut SpiClient<'_>, token: i64) -> Result<(), ErrorReport> {
+    let current = client
+        .update(
+            "select coalesce((select l.token from cqrs.projector_lease l for share), 0)",
+            None,
+            &[],
+        )
+        .and_then(|rows| rows.first().get_one::<i64>())
+        .map_err(|e| spi_error("reading the projector lease", e))?
+        .unwrap_or(0);
+    if token < current {
+        return Err(error(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("this projector's lease (token {token}) was taken over by a newer one (token {current})"),
+        )
+        .set_hint("Another sidecar leads now; this one must stop projecting."));
+    }
+    Ok(())
 }
 
 #[pg_guard]
 unsafe extern "C-unwind" fn project_batch_work(
     fcinfo: pg_sys::FunctionCallInfo,
-    fence_checked: bool,
+    fence: Fence,
 ) -> pg_sys::Datum {
-    if !fence_checked {
+    if fence == Fence::Unchecked {
         raise(crate::errors::internal(
             "the fence of the batch (cqrs._fence) could not be checked: SPI failed",
         ));
     }
+    // SAFETY: argument 2 is bigint (passed by value).
+    let legacy_token = unsafe { arg(fcinfo, 2).map(|d| d.value() as i64) }.filter(|_| fence == Fence::Legacy);
     // SAFETY: argument 0 is jsonb and argument 1 pg_lsn (passed by value).
     let (events, commit_lsn) = unsafe { (arg(fcinfo, 0), arg(fcinfo, 1).map(|d| d.value() as u64)) };
     let Some(events) = events else {
@@ -240,6 +286,9 @@ unsafe extern "C-unwind" fn project_batch_work(
         Err(report) => raise(report),
     };
     let rows = Spi::connect_mut(|client| {
+        if let Some(token) = legacy_token {
+            check_lease_legacy(client, token)?;
+        }
         let events = events::from_log(client, &events)?;
         let mut changes = Changes::default();
         projector::project(

@@ -93,17 +93,20 @@ impl Sidecar {
         Self::start_binary(&sidecar_binary()?, name, database_url, redis_url, extra)
     }
 
-    /// Like [`Sidecar::start`], running `binary` of an earlier release, which serves
-    /// /metrics and /readyz on its read API's port.
+    /// Like [`Sidecar::start`], running `binary` of release `version`; before 0.2.0 a sidecar
+    /// served /metrics and /readyz on its read API's port.
     pub fn start_release<K: AsRef<str>, V: AsRef<str>>(
         binary: &std::path::Path,
+        version: &str,
         name: &str,
         database_url: &str,
         redis_url: &str,
         extra: &[(K, V)],
     ) -> Result<Self> {
         let mut sidecar = Self::start_binary(binary, name, database_url, redis_url, extra)?;
-        sidecar.admin_port = sidecar.http_port;
+        if version == "0.1.0" {
+            sidecar.admin_port = sidecar.http_port;
+        }
         Ok(sidecar)
     }
 

@@ -7,6 +7,7 @@ use tokio_postgres::Client;
 
 use crate::cache::{Entry, Write};
 use crate::leading::Context;
+use crate::metrics::label;
 
 /// Writes changed rows to the cache and raises the synced mark of each projection whose cache
 /// has nothing else pending; rows that could not be written are remembered for repair.
@@ -31,18 +32,18 @@ pub async fn write_to_cache(ctx: &Context, writes: Vec<Write>) {
         Ok(applied) => {
             ctx.metrics
                 .cache_writes
-                .with_label_values(&["applied"])
+                .with_label_values(&[label::CACHE_APPLIED])
                 .inc_by(applied as u64);
             ctx.metrics
                 .cache_writes
-                .with_label_values(&["stale"])
+                .with_label_values(&[label::CACHE_STALE])
                 .inc_by((writes.len() - applied) as u64);
         }
         Err(err) => {
             tracing::warn!(error = %err, rows = writes.len(), "cache write failed; the rows will be repaired when Redis answers");
             ctx.metrics
                 .cache_writes
-                .with_label_values(&["failed"])
+                .with_label_values(&[label::CACHE_FAILED])
                 .inc_by(writes.len() as u64);
             if let Ok(mut repairs) = ctx.repairs.lock() {
                 for write in &writes {

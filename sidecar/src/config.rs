@@ -176,7 +176,8 @@ pub struct Config {
     #[arg(long, env = "CQRS_NEGATIVE_TTL", default_value = "2s", value_parser = parse_duration)]
     pub negative_ttl: Duration,
 
-    /// PostgreSQL connections of the read API (misses and read-your-writes waits).
+    /// PostgreSQL connections of the read API's cache misses (read-your-writes waits use one
+    /// connection of their own, whatever their number).
     #[arg(long, env = "CQRS_READ_POOL_SIZE", default_value_t = 8)]
     pub read_pool_size: usize,
 
@@ -252,6 +253,20 @@ pub struct Config {
     /// How long a read request may wait to start before it is shed with 503 and Retry-After.
     #[arg(long, env = "CQRS_READ_QUEUE_TIMEOUT", default_value = "20ms", value_parser = parse_duration)]
     pub read_queue_timeout: Duration,
+
+    /// How often pending read-your-writes waits (`?after=`) look whether their commands are
+    /// applied (one query for all of them, only while some are pending).
+    #[arg(long, env = "CQRS_READ_WAIT_POLL", default_value = "2ms", value_parser = parse_duration)]
+    pub read_wait_poll: Duration,
+
+    /// Read-your-writes waits held at once; past it a wait answers 503 at once.
+    #[arg(long, env = "CQRS_READ_MAX_WAITS", default_value_t = 1024)]
+    pub read_max_waits: usize,
+
+    /// Read-your-writes waits one caller (API key, or token subject) holds at once; past it a
+    /// wait answers 429 at once.
+    #[arg(long, env = "CQRS_READ_MAX_WAITS_PER_CALLER", default_value_t = 32)]
+    pub read_max_waits_per_caller: usize,
 
     /// How often cqrs.progress() and the slot are polled for metrics.
     #[arg(long, env = "CQRS_STATUS_INTERVAL", default_value = "5s", value_parser = parse_duration)]

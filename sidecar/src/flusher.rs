@@ -19,7 +19,7 @@ use crate::assembly::Batch;
 use crate::batching::BatchPolicy;
 use crate::cache_sync::{write_to_cache, writes_from};
 use crate::leading::{backoff, Context};
-use crate::postgres::StartupError;
+use crate::postgres::{ConnectionPurpose, StartupError};
 
 /// How the flusher stopped before its channel closed.
 #[derive(Debug)]
@@ -142,7 +142,11 @@ impl Flusher {
         let statement = match &self.statement {
             Some(statement) => statement.clone(),
             None => {
-                self.sql = self.ctx.pg.connect(Duration::from_secs(5)).await?;
+                self.sql = self
+                    .ctx
+                    .pg
+                    .connect_for(ConnectionPurpose::Flush, Duration::from_secs(5))
+                    .await?;
                 let statement = self.sql.prepare(PROJECT).await?;
                 self.statement = Some(statement.clone());
                 statement

@@ -17,8 +17,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
-use crate::http::{Health, Role};
-use crate::postgres::Database;
+use crate::health::{Health, Role};
+use crate::postgres::{ConnectionPurpose, Database};
 
 /// How long the lease lasts without renewal.
 const TTL: Duration = Duration::from_secs(2);
@@ -94,7 +94,8 @@ struct LeaseConnection {
 }
 
 async fn open(db: &Database) -> Result<LeaseConnection, tokio_postgres::Error> {
-    let (client, connection) = db.config.connect(db.connector()).await?;
+    let config = db.config_for(ConnectionPurpose::Lease);
+    let (client, connection) = config.connect(db.connector()).await?;
     let (lost_tx, lost) = watch::channel(false);
     let driver_lost = lost_tx.clone();
     tokio::spawn(async move {

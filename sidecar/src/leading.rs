@@ -8,7 +8,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 
 use crate::cache::Cache;
 use crate::config::Config;
-use crate::http::Health;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::postgres::Database;
 use crate::repair::Repairs;

@@ -2,25 +2,23 @@
 //! and changed read-model rows to Redis; serves read-model rows over HTTP from Redis or
 //! PostgreSQL.
 
+pub mod admin;
 mod assembly;
 pub mod batching;
 pub mod cache;
 mod cache_sync;
 pub mod config;
 mod flusher;
-pub mod http;
+pub mod health;
 pub mod leader;
 pub mod leading;
 pub mod log_row;
 pub mod metrics;
 pub mod pgoutput;
 pub mod postgres;
-pub mod read_access;
-pub mod read_admission;
-pub mod read_api;
-pub mod read_auth;
-pub mod reads;
+pub mod read;
 pub mod repair;
+pub mod server;
 pub mod status;
 pub mod stream;
 pub mod tls;

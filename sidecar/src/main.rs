@@ -3,18 +3,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
+use cqrs_sidecar::admin::{self, AppState};
 use cqrs_sidecar::cache::{Cache, Ttls};
 use cqrs_sidecar::config::Config;
-use cqrs_sidecar::http::{self, AppState, Health, Role};
+use cqrs_sidecar::health::{Health, Role};
 use cqrs_sidecar::metrics::Metrics;
-use cqrs_sidecar::read_access::Exposure;
-use cqrs_sidecar::read_admission::Admission;
-use cqrs_sidecar::read_api::ReadState;
-use cqrs_sidecar::read_auth::{Authenticator, JwtRules, JwtVerifier, KeyStore};
-use cqrs_sidecar::reads::{ReadSettings, Reader};
+use cqrs_sidecar::postgres::ConnectionPurpose;
+use cqrs_sidecar::read::access::Exposure;
+use cqrs_sidecar::read::cache_aside::{ReadSettings, Reader};
 use cqrs_sidecar::repair::{run::repairer, Repairs};
+use cqrs_sidecar::server::{self, TlsFiles};
 use cqrs_sidecar::stream::{self, Ending};
-use cqrs_sidecar::{leader, leading, postgres, status};
+use cqrs_sidecar::{leader, leading, postgres, read, status};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing_subscriber::EnvFilter;
@@ -90,108 +90,6 @@ async fn run(config: Config) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Who may read what over HTTP, from the settings: the exposed projections, and how callers
-/// authenticate (`None`: `--read-auth none`).
-fn read_access_from(config: &Config) -> Result<(Exposure, Option<Arc<Authenticator>>), String> {
-    let exposure = Exposure::parse(&config.expose)?;
-    let methods: Vec<&str> = config
-        .read_auth
-        .as_deref()
-        .map(|list| list.split(',').map(str::trim).filter(|m| !m.is_empty()).collect())
-        .unwrap_or_default();
-    if methods.is_empty() {
-        if exposure.is_empty() {
-            tracing::info!("the read API serves nothing: no projection is exposed (--expose)");
-            return Ok((exposure, None));
-        }
-        return Err("--expose names projections but --read-auth is not set: choose keys, jwt, keys,jwt, or none (anyone may read)".into());
-    }
-    if methods == ["none"] {
-        if exposure.has_ownership_rules() {
-            return Err("row rules in --expose (name:column=claim) need --read-auth jwt: without a token there is no claim to compare".into());
-        }
-        tracing::warn!("the read API serves its exposed projections to anyone (--read-auth none)");
-        return Ok((exposure, None));
-    }
-    let mut auth = Authenticator {
-        keys: None,
-        jwt: None,
-    };
-    for method in methods {
-        match method {
-            "keys" => {
-                let path = config
-                    .read_keys_file
-                    .as_deref()
-                    .ok_or("--read-auth keys needs --read-keys-file")?;
-                auth.keys = Some(KeyStore::load(path).map_err(|e| e.to_string())?);
-            }
-            "jwt" => {
-                let hs256_secret = match &config.jwt_hs256_secret_file {
-                    None => None,
-                    Some(path) => {
-                        let secret = std::fs::read(path)
-                            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-                        let secret = secret.trim_ascii().to_vec();
-                        if secret.len() < 32 {
-                            return Err(format!(
-                                "{}: an HS256 secret needs at least 32 bytes",
-                                path.display()
-                            ));
-                        }
-                        Some(secret)
-                    }
-                };
-                if hs256_secret.is_none() && config.jwt_jwks_file.is_none() {
-                    return Err("--read-auth jwt needs --jwt-hs256-secret-file or --jwt-jwks-file".into());
-                }
-                auth.jwt = Some(
-                    JwtVerifier::new(JwtRules {
-                        hs256_secret,
-                        jwks: config.jwt_jwks_file.clone(),
-                        issuer: config.jwt_issuer.clone(),
-                        audience: config.jwt_audience.clone(),
-                        projections_claim: config.jwt_projections_claim.clone(),
-                    })
-                    .map_err(|e| e.to_string())?,
-                );
-            }
-            "none" => return Err("--read-auth none cannot be combined with keys or jwt".into()),
-            other => return Err(format!("--read-auth: unknown method {other:?} (keys, jwt, none)")),
-        }
-    }
-    if exposure.has_ownership_rules() && auth.jwt.is_none() {
-        return Err("row rules in --expose (name:column=claim) need --read-auth jwt".into());
-    }
-    Ok((exposure, Some(Arc::new(auth))))
-}
-
-/// Reads the API keys file again when it changes (checked every second) or on SIGHUP; a file
-/// that does not parse is logged and the keys stay as they were.
-async fn reload_keys(auth: Arc<Authenticator>, mut shutdown: watch::Receiver<bool>) {
-    let Some(keys) = &auth.keys else { return };
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    loop {
-        let forced = tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => false,
-            Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        };
-        let result = if forced {
-            Some(keys.reload())
-        } else {
-            keys.reload_if_changed()
-        };
-        match result {
-            Some(Ok(count)) => tracing::info!(keys = count, "reloaded the read API keys"),
-            Some(Err(err)) => {
-                tracing::error!(error = %err, "the read API keys file does not load; keeping the keys as they were")
-            }
-            None => {}
-        }
-    }
-}
-
 /// What the sidecar's parts share: the database, the cache, metrics, health, repairs.
 struct Wiring {
     pg: postgres::Database,
@@ -244,7 +142,7 @@ impl Wiring {
         config: &Config,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Vec<JoinHandle<std::io::Result<()>>>, ExitCode> {
-        let admin = http::admin_router(AppState {
+        let admin = admin::router(AppState {
             health: Arc::clone(&self.health),
             metrics: Arc::clone(&self.metrics),
         });
@@ -263,40 +161,31 @@ impl Wiring {
             tracing::error!(error = %err, "cannot set up the read API");
             ExitCode::FAILURE
         })?;
-        let (exposure, auth) = read_access_from(config).map_err(|reason| {
-            tracing::error!(error = %reason, "the read API's settings are not usable");
+        let reads = read::setup(
+            config,
+            &self.pg,
+            reader,
+            Arc::clone(&self.metrics),
+            shutdown.clone(),
+        )
+        .map_err(|err| {
+            tracing::error!(error = %err, "the read API's settings are not usable");
             ExitCode::from(MISCONFIGURED)
         })?;
-        if let Some(auth) = &auth {
-            tokio::spawn(reload_keys(Arc::clone(auth), shutdown.clone()));
-        }
-        let reads = http::read_router(
-            ReadState {
-                reader,
-                metrics: Arc::clone(&self.metrics),
-                exposure: Arc::new(exposure),
-                auth,
-            },
-            Arc::new(Admission::new(
-                config.read_max_concurrency,
-                config.read_queue_timeout,
-                Arc::clone(&self.metrics),
-            )),
-        );
         let tls = config
             .read_tls_cert
             .clone()
             .zip(config.read_tls_key.clone())
-            .map(|(cert, key)| http::TlsFiles { cert, key });
+            .map(|(cert, key)| TlsFiles { cert, key });
         Ok(vec![
-            tokio::spawn(http::serve(
+            tokio::spawn(server::serve(
                 "admin server (/metrics, /healthz, /readyz)",
                 config.admin_addr,
                 admin,
                 None,
                 shutdown.clone(),
             )),
-            tokio::spawn(http::serve(
+            tokio::spawn(server::serve(
                 "read API (/v1/projections/{name}/{key})",
                 config.http_addr,
                 reads,
@@ -313,7 +202,11 @@ impl Wiring {
         let target = self.pg.describe();
         let started = tokio::time::Instant::now();
         let client = loop {
-            match self.pg.connect(Duration::from_secs(5)).await {
+            match self
+                .pg
+                .connect_for(ConnectionPurpose::Checks, Duration::from_secs(5))
+                .await
+            {
                 Ok(client) => break client,
                 Err(err)
                     if !err.is_misconfiguration()
@@ -333,6 +226,9 @@ impl Wiring {
             tracing::error!(error = %err, database = %target, "start-up check failed");
             exit_code(&err)
         })?;
+        if let Ok(exposure) = Exposure::parse(&config.expose) {
+            read::warn_unknown_exposed(&client, &exposure).await;
+        }
         drop(client);
         self.health
             .pg_reachable

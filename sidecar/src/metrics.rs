@@ -38,6 +38,37 @@ pub const READ_DURATION_SECONDS: &str = "cqrs_read_duration_seconds";
 pub const READ_BACKEND_QUERIES_TOTAL: &str = "cqrs_read_backend_queries_total";
 pub const READ_DENIED_TOTAL: &str = "cqrs_read_denied_total";
 pub const READ_SHED_TOTAL: &str = "cqrs_read_shed_total";
+pub const READ_PLAINTEXT_CREDENTIALS: &str = "cqrs_read_plaintext_credentials";
+
+/// Label values, as constants: the code that counts and the tests that read the counts use these.
+pub mod label {
+    /// `cqrs_cache_writes_total{result}`
+    pub const CACHE_APPLIED: &str = "applied";
+    pub const CACHE_STALE: &str = "stale";
+    pub const CACHE_FAILED: &str = "failed";
+    pub const CACHE_FILL: &str = "fill";
+    pub const CACHE_FILL_STALE: &str = "fill_stale";
+    /// `cqrs_command_errors_total{kind}`
+    pub const ERROR_HALT: &str = "halt";
+    pub const ERROR_DEAD_LETTER: &str = "dead_letter";
+    /// `cqrs_read_requests_total{outcome}`
+    pub const READ_OK: &str = "ok";
+    pub const READ_NOT_MODIFIED: &str = "not_modified";
+    pub const READ_NOT_FOUND: &str = "not_found";
+    pub const READ_UNKNOWN_PROJECTION: &str = "unknown_projection";
+    pub const READ_BAD_REQUEST: &str = "bad_request";
+    pub const READ_UNAUTHORIZED: &str = "unauthorized";
+    pub const READ_UNAVAILABLE: &str = "unavailable";
+    pub const READ_HALTED: &str = "halted";
+    pub const READ_TIMEOUT: &str = "timeout";
+    pub const READ_TOO_MANY_WAITS: &str = "too_many_waits";
+    /// `cqrs_read_requests_total{source}` of a request answered before any read
+    pub const SOURCE_NONE: &str = "none";
+    /// `cqrs_read_denied_total{reason}`, besides the credentials' (`read::auth::Denial::LABELS`):
+    /// a projection not exposed or not the caller's, and a row another subject owns
+    pub const DENIED_PROJECTION: &str = "projection_not_allowed";
+    pub const DENIED_ROW: &str = "row_not_owned";
+}
 
 /// Every metric of the sidecar.
 pub struct Metrics {
@@ -71,6 +102,7 @@ pub struct Metrics {
     pub read_backend_queries: IntCounter,
     pub read_denied: IntCounterVec,
     pub read_shed: IntCounter,
+    pub read_plaintext_credentials: IntGauge,
 }
 
 fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
@@ -119,6 +151,7 @@ impl Metrics {
             read_backend_queries: register(r, IntCounter::new(READ_BACKEND_QUERIES_TOTAL, "PostgreSQL queries made by the read API (after singleflight).")?),
             read_denied: register(r, IntCounterVec::new(Opts::new(READ_DENIED_TOTAL, "Read API requests refused, by reason (credentials, a projection not exposed or not the caller's, a row another subject owns)."), &["reason"])?),
             read_shed: register(r, IntCounter::new(READ_SHED_TOTAL, "Read API requests answered 503 at once because the API was at capacity.")?),
+            read_plaintext_credentials: register(r, IntGauge::new(READ_PLAINTEXT_CREDENTIALS, "1 when the read API takes credentials over plain HTTP on a non-loopback address (no --read-tls-cert).")?),
             registry,
         })
     }

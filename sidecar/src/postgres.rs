@@ -11,14 +11,14 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::tls::{TlsError, TlsSettings};
 
-/// The oldest pg_cqrs this sidecar works with: the first whose SQL API it uses throughout
-/// (`cqrs.version()` to tell the editions apart, …). Older ones are refused at start, naming
-/// the upgrade to run.
-pub const OLDEST_SUPPORTED: Version = Version(0, 2, 0);
+/// The oldest pg_cqrs this sidecar works with: the first whose SQL API and guarantees it relies on
+/// throughout (0.3.0: read models read as their owner, batches fenced and checked against the
+/// log). Older ones are refused at start, naming the upgrade to run.
+pub const OLDEST_SUPPORTED: Version = Version(0, 3, 0);
 /// The newest pg_cqrs this sidecar knows: the one it was built with. Newer ones start with a
 /// warning (upgrade scripts only add to the SQL API, so a sidecar keeps working while the
 /// database is upgraded first and the sidecars after).
-pub const NEWEST_KNOWN: Version = Version(0, 2, 0);
+pub const NEWEST_KNOWN: Version = Version(0, 3, 0);
 
 /// A `major.minor.patch` version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -96,6 +96,13 @@ pub enum StartupError {
          channel_binding=disable to the database URL to accept that risk ({reason})"
     )]
     ChannelBinding { target: String, reason: String },
+    #[error(
+        "the database URL has a password but does not verify the server (sslmode=verify-full or verify-ca with \
+         sslrootcert): the replication connection cannot bind its password to TLS (pgwire-replication has no SCRAM \
+         channel binding), so an on-path attacker could ask it for the password in cleartext. Use \
+         sslmode=verify-full&sslrootcert=<CA file>, a Unix socket, or add channel_binding=disable to accept that risk"
+    )]
+    ReplicationUnverified,
     #[error("checking PostgreSQL failed: {0}")]
     Query(#[from] tokio_postgres::Error),
 }
@@ -104,6 +111,54 @@ impl StartupError {
     /// Misconfiguration (fix and restart) rather than something that may pass by itself.
     pub fn is_misconfiguration(&self) -> bool {
         !matches!(self, StartupError::Connect { .. } | StartupError::Query(_))
+    }
+}
+
+/// What a connection is for, named in its `application_name` so that `pg_stat_activity` and
+/// `pg_stat_statements` tell the sidecar's connections apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionPurpose {
+    /// the checks at start
+    Checks,
+    /// the projector lease (renewed every 400 ms)
+    Lease,
+    /// `cqrs.project_batch` and the slot's bookkeeping, while leading
+    Flush,
+    /// the replication stream
+    Replication,
+    /// the read API's pool (cache misses)
+    Read,
+    /// the read API's read-your-writes waits
+    Waits,
+    /// the metrics poller
+    Status,
+    /// the cache repairer
+    Repair,
+}
+
+impl ConnectionPurpose {
+    pub const ALL: [ConnectionPurpose; 8] = [
+        ConnectionPurpose::Checks,
+        ConnectionPurpose::Lease,
+        ConnectionPurpose::Flush,
+        ConnectionPurpose::Replication,
+        ConnectionPurpose::Read,
+        ConnectionPurpose::Waits,
+        ConnectionPurpose::Status,
+        ConnectionPurpose::Repair,
+    ];
+
+    pub fn application_name(self) -> &'static str {
+        match self {
+            ConnectionPurpose::Checks => "cqrs-sidecar/checks",
+            ConnectionPurpose::Lease => "cqrs-sidecar/lease",
+            ConnectionPurpose::Flush => "cqrs-sidecar/flush",
+            ConnectionPurpose::Replication => "cqrs-sidecar/replication",
+            ConnectionPurpose::Read => "cqrs-sidecar/read",
+            ConnectionPurpose::Waits => "cqrs-sidecar/waits",
+            ConnectionPurpose::Status => "cqrs-sidecar/status",
+            ConnectionPurpose::Repair => "cqrs-sidecar/repair",
+        }
     }
 }
 
@@ -128,8 +183,23 @@ impl Database {
         // Unless the server is verified, send a password only through SCRAM with channel
         // binding, which such an attacker cannot relay. channel_binding in the URL decides
         // otherwise (disable: accept the risk).
-        if config.get_password().is_some() && !tls.verifies_server() && !url.contains("channel_binding=") {
+        // (a Unix socket has no path to stand on: the rule is for TCP)
+        let over_tcp = config.get_hosts().iter().all(|h| matches!(h, Host::Tcp(_)));
+        let opted_out = config.get_channel_binding() == tokio_postgres::config::ChannelBinding::Disable
+            && url.contains("channel_binding=");
+        if config.get_password().is_some()
+            && !tls.verifies_server()
+            && over_tcp
+            && !url.contains("channel_binding=")
+        {
             config.channel_binding(tokio_postgres::config::ChannelBinding::Require);
+        }
+        // The same rule for the replication connection, whose library (pgwire-replication)
+        // answers a cleartext or md5 request and cannot bind SCRAM to the channel: a password
+        // goes over it only to a verified server, through a Unix socket, or by the operator's
+        // explicit channel_binding=disable.
+        if config.get_password().is_some() && !tls.verifies_server() && over_tcp && !opted_out {
+            return Err(StartupError::ReplicationUnverified);
         }
         let connector = tls.connector()?;
         Ok(Self {
@@ -163,10 +233,22 @@ impl Database {
         format!("{host}:{port}/{}", self.dbname())
     }
 
-    /// A connection, its driver task spawned; gives up after `timeout`.
-    pub async fn connect(&self, timeout: Duration) -> Result<Client, StartupError> {
+    /// The settings of a connection for `purpose` (named in its `application_name`).
+    pub fn config_for(&self, purpose: ConnectionPurpose) -> tokio_postgres::Config {
+        let mut config = self.config.clone();
+        config.application_name(purpose.application_name());
+        config
+    }
+
+    /// A connection for `purpose`, its driver task spawned; gives up after `timeout`.
+    pub async fn connect_for(
+        &self,
+        purpose: ConnectionPurpose,
+        timeout: Duration,
+    ) -> Result<Client, StartupError> {
         let target = self.describe();
-        let connecting = self.config.connect(self.connector());
+        let config = self.config_for(purpose);
+        let connecting = config.connect(self.connector());
         let (client, connection) = tokio::time::timeout(timeout, connecting)
             .await
             .map_err(|_| StartupError::Connect {
@@ -250,7 +332,7 @@ impl Database {
         .with_status_interval(Duration::from_secs(1))
         .with_wakeup_interval(Duration::from_secs(1))
         .with_buffer_size(1024)
-        .with_application_name("cqrs-sidecar")
+        .with_application_name(ConnectionPurpose::Replication.application_name())
     }
 }
 
@@ -390,29 +472,46 @@ mod tests {
         let err = supports(&installed("0.1.0", "extension")).expect_err("0.1.0 is too old");
         assert_eq!(
             err.to_string(),
-            "pg_cqrs 0.1.0 (extension edition) is older than this sidecar supports (0.2.0 to 0.2.0): alter extension pg_cqrs update"
+            "pg_cqrs 0.1.0 (extension edition) is older than this sidecar supports (0.3.0 to 0.3.0): alter extension pg_cqrs update"
         );
         assert!(err.is_misconfiguration());
         assert!(supports(&installed("0.1.5", "portable"))
             .expect_err("too old")
             .to_string()
             .contains("psql -1 -f"));
-        assert_eq!(supports(&installed("0.2.0", "portable")).ok(), Some(true));
-        assert_eq!(supports(&installed("0.3.0", "extension")).ok(), Some(false));
+        assert!(supports(&installed("0.2.0", "portable")).is_err());
+        assert_eq!(supports(&installed("0.3.0", "extension")).ok(), Some(true));
+        assert_eq!(supports(&installed("0.4.0", "extension")).ok(), Some(false));
     }
 
     #[test]
     fn describes_without_the_password() {
-        let db =
-            Database::parse("postgres://app:secret@db.example:6543/shop?sslmode=require").expect("valid");
+        let db = Database::parse(
+            "postgres://app:secret@db.example:6543/shop?sslmode=require&channel_binding=disable",
+        )
+        .expect("valid");
         assert_eq!(db.describe(), "db.example:6543/shop");
         let replication = db.replication_config("s", "p");
         assert_eq!((replication.port, replication.database.as_str()), (6543, "shop"));
         assert_eq!(replication.tls.mode, pgwire_replication::SslMode::Require);
+        assert_eq!(
+            replication.application_name.as_deref(),
+            Some("cqrs-sidecar/replication")
+        );
         assert_eq!(db.config.get_ssl_mode(), tokio_postgres::config::SslMode::Require);
-        // a password over an unverified connection goes only through SCRAM with channel binding
         use tokio_postgres::config::ChannelBinding;
-        assert_eq!(db.config.get_channel_binding(), ChannelBinding::Require);
+        // a password over an unverified connection: the replication connection cannot bind it
+        // to the channel, so it is refused unless the operator accepts the risk
+        assert!(matches!(
+            Database::parse("postgres://app:secret@db.example/shop?sslmode=require"),
+            Err(StartupError::ReplicationUnverified)
+        ));
+        assert!(matches!(
+            Database::parse("postgres://app:secret@db.example/shop"),
+            Err(StartupError::ReplicationUnverified)
+        ));
+        assert!(Database::parse("postgres://app:secret@%2Frun%2Fpostgresql/shop").is_ok());
+        assert!(Database::parse("host=/run/postgresql user=app password=secret dbname=shop").is_ok());
         let verified = Database::parse("postgres://app:secret@db/x?sslmode=verify-full&sslrootcert=system")
             .expect("valid");
         assert_eq!(verified.config.get_channel_binding(), ChannelBinding::Prefer);

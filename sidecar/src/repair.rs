@@ -174,7 +174,7 @@ pub mod run {
     use super::{RepairWork, Repairs};
     use crate::cache::{Cache, Entry, Write};
     use crate::metrics::Metrics;
-    use crate::postgres::Database;
+    use crate::postgres::{ConnectionPurpose, Database};
 
     /// Rows written to the cache per pipeline.
     const CHUNK: usize = 500;
@@ -298,7 +298,10 @@ pub mod run {
                 Err(work)
             } else {
                 if pg.as_ref().is_none_or(|c| c.is_closed()) {
-                    pg = db.connect(Duration::from_secs(5)).await.ok();
+                    pg = db
+                        .connect_for(ConnectionPurpose::Repair, Duration::from_secs(5))
+                        .await
+                        .ok();
                 }
                 match pg.as_ref() {
                     Some(client) => pass(client, &cache, work).await,

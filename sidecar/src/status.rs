@@ -12,9 +12,9 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use crate::cache::Cache;
-use crate::http::{Health, Role};
-use crate::metrics::{Metrics, WAL_STATUSES};
-use crate::postgres::Database;
+use crate::health::{Health, Role};
+use crate::metrics::{label, Metrics, WAL_STATUSES};
+use crate::postgres::{ConnectionPurpose, Database};
 use crate::repair::Repairs;
 
 #[derive(Default)]
@@ -103,12 +103,12 @@ async fn poll(pg: &Client, watch: &Watch, seen: &mut Seen) -> Result<(), tokio_p
         let dead = delta(&mut seen.dead_lettered, &projection, row.get(7));
         metrics
             .command_errors
-            .with_label_values(&[projection.as_str(), "dead_letter"])
+            .with_label_values(&[projection.as_str(), label::ERROR_DEAD_LETTER])
             .inc_by(dead);
         if halted && !seen.halted.get(&projection).copied().unwrap_or(false) {
             metrics
                 .command_errors
-                .with_label_values(&[projection.as_str(), "halt"])
+                .with_label_values(&[projection.as_str(), label::ERROR_HALT])
                 .inc();
         }
         seen.halted.insert(projection.clone(), halted);
@@ -182,7 +182,11 @@ pub async fn poller(watch: Watch, mut shutdown: watch::Receiver<bool>) {
     let mut seen = Seen::default();
     loop {
         if pg.as_ref().is_none_or(|c| c.is_closed()) {
-            pg = watch.pg.connect(Duration::from_secs(5)).await.ok();
+            pg = watch
+                .pg
+                .connect_for(ConnectionPurpose::Status, Duration::from_secs(5))
+                .await
+                .ok();
         }
         if let Some(client) = pg.as_ref() {
             if let Err(err) = poll(client, &watch, &mut seen).await {

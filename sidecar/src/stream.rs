@@ -21,9 +21,10 @@ use crate::assembly::{Assembler, Batch, Confirmations};
 use crate::batching::BatchPolicy;
 use crate::cache_sync::{resync_behind, write_to_cache, writes_from};
 use crate::flusher::{self, FlushError};
-use crate::http::Role;
+use crate::health::Role;
 use crate::leader::Leadership;
 use crate::leading::Context;
+use crate::postgres::ConnectionPurpose;
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -170,7 +171,10 @@ impl Streaming {
     /// stream open and the flusher running.
     async fn start(ctx: &Context, token: i64, shutdown: watch::Receiver<bool>) -> anyhow::Result<Self> {
         let config = &ctx.config;
-        let sql = ctx.pg.connect(Duration::from_secs(5)).await?;
+        let sql = ctx
+            .pg
+            .connect_for(ConnectionPurpose::Flush, Duration::from_secs(5))
+            .await?;
         prepare_slot(ctx, &sql).await?;
         resync_behind(ctx, &sql).await?;
         let repl = ReplicationClient::connect(

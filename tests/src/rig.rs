@@ -96,11 +96,17 @@ impl Rig {
         Ok(self.sidecars.len() - 1)
     }
 
-    /// Like [`Rig::add_sidecar`], running `binary` (the sidecar of an earlier release).
-    pub fn add_sidecar_binary(&mut self, binary: &std::path::Path) -> Result<usize> {
+    /// Like [`Rig::add_sidecar`], running `binary`, the sidecar of release `version`.
+    pub fn add_sidecar_binary(&mut self, binary: &std::path::Path, version: &str) -> Result<usize> {
         let name = format!("sidecar-{}", self.sidecars.len() + 1);
-        let sidecar =
-            Sidecar::start_release(binary, &name, &self.pg.url(), &self.redis.url(), &self.settings)?;
+        let sidecar = Sidecar::start_release(
+            binary,
+            version,
+            &name,
+            &self.pg.url(),
+            &self.redis.url(),
+            &self.settings,
+        )?;
         self.sidecars.push(sidecar);
         Ok(self.sidecars.len() - 1)
     }

@@ -15,7 +15,7 @@ use cqrs_e2e::orders::{self, seed_commands, Command as OrderCommand};
 use cqrs_e2e::rig::{Rig, PREFIX};
 use cqrs_harness::read_tokens::{self, now, AUDIENCE};
 use cqrs_harness::Certificates;
-use cqrs_sidecar::read_auth::{key_line, KEY_PREFIX};
+use cqrs_sidecar::read::auth::keys::{key_line, KEY_PREFIX};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tokio::sync::{Mutex, MutexGuard};

@@ -112,10 +112,10 @@ async fn the_sidecar_streams_and_reads_over_verified_tls_and_refuses_a_wrong_ca(
     Ok(())
 }
 
-/// Passwords leave only where nobody on the path can take them: over a connection whose server
-/// certificate the sidecar does not verify it authenticates only with SCRAM channel binding, so
-/// an md5 (or cleartext) request is refused before the password is sent, as is any password
-/// over plain TCP — unless the URL says channel_binding=disable.
+/// Passwords leave only where nobody on the path can take them: a password goes only to a server
+/// whose certificate the sidecar verifies — over an unverified connection the queries could bind
+/// SCRAM to the channel, but the replication connection cannot, so such a URL is refused at
+/// start, as is any password over plain TCP — unless the URL says channel_binding=disable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passwords_go_only_through_channel_binding_unless_the_server_is_verified() -> Result<()> {
     let certs = Certificates::generate()?;
@@ -170,9 +170,19 @@ async fn passwords_go_only_through_channel_binding_unless_the_server_is_verified
         url("pw_scram", "scram-secret", "sslmode=disable"),
         "scram without TLS",
     )?;
-    // SCRAM with channel binding over TLS: fine
-    let bound = rig.add_sidecar_at(&url("pw_scram", "scram-secret", "sslmode=require"))?;
-    rig.sidecars[bound].wait_ready(Duration::from_secs(30))?;
+    // SCRAM over TLS the sidecar does not verify: its queries could bind the password to the
+    // channel, its replication connection could not (pgwire-replication has no channel binding),
+    // so an on-path attacker could ask that one for the password in cleartext: refused too
+    refused(
+        &mut rig,
+        url("pw_scram", "scram-secret", "sslmode=require"),
+        "scram over unverified TLS",
+    )?;
+    let log = rig.sidecars.last().map(|s| s.log()).unwrap_or_default();
+    ensure!(
+        log.contains("replication connection"),
+        "the refusal does not say which connection:\n{log}"
+    );
     // a verified server may ask for md5: the sidecar knows whom it talks to
     let verified = rig.add_sidecar_at(&url(
         "pw_md5",

@@ -21,7 +21,7 @@ use tokio::sync::{Mutex, MutexGuard};
 use tokio_postgres::Client;
 
 /// The releases an upgrade is tested from (each has sql/releases/pg_cqrs--<v>.sql).
-const EARLIER_RELEASES: &[&str] = &["0.1.0"];
+const EARLIER_RELEASES: &[&str] = &["0.1.0", "0.2.0"];
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
@@ -237,6 +237,132 @@ async fn an_upgraded_install_equals_a_fresh_one_and_keeps_every_row() -> Result<
     Ok(())
 }
 
+/// The portable edition's own helpers (schema cqrs_portable, apart from the read models' writers
+/// and readers) as comparable lines: every function with its attributes, body and grants, and
+/// every table's columns.
+const PORTABLE_HELPERS: &str = "
+select pg_catalog.format('function %s | %s', p.oid::pg_catalog.regprocedure,
+           pg_catalog.regexp_replace(pg_catalog.pg_get_functiondef(p.oid), '\\s+', ' ', 'g'))
+  from pg_catalog.pg_proc p
+ where p.pronamespace = 'cqrs_portable'::pg_catalog.regnamespace and p.proname !~ '^_(write|read)_[0-9a-f]{32}$'
+union all
+select pg_catalog.format('grant %s | %s | %s', p.oid::pg_catalog.regprocedure, a.grantee::pg_catalog.regrole, a.privilege_type)
+  from pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+ where p.pronamespace = 'cqrs_portable'::pg_catalog.regnamespace and p.proname !~ '^_(write|read)_[0-9a-f]{32}$'
+union all
+select pg_catalog.format('column %s.%s | %s', c.relname, a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod))
+  from pg_catalog.pg_class c join pg_catalog.pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
+ where c.relnamespace = 'cqrs_portable'::pg_catalog.regnamespace and c.relkind = 'r'
+order by 1";
+
+async fn portable_helpers(client: &Client) -> Result<std::collections::BTreeSet<String>> {
+    Ok(client
+        .query(PORTABLE_HELPERS, &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// A portable install of 0.2.0 (its frozen psql script, by the non-superuser database owner)
+/// upgraded with this release's psql upgrade script equals a fresh install — schema cqrs and its
+/// own helpers, bodies included — keeps every row, and each of its read models now has a writer
+/// and a reader owned by the table's owner, the projecting role no longer writing them itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_portable_install_upgraded_with_psql_equals_a_fresh_one_and_keeps_every_row() -> Result<()> {
+    use cqrs_e2e::edition::{build_portable, psql_file, ADMIN};
+    let _serial = serial().await;
+    build_portable()?;
+    let release = "0.2.0";
+    let pg = PgCluster::start(ClusterOptions {
+        with_extension: false,
+        ..ClusterOptions::default()
+    })?;
+    pg.psql_in("postgres", &format!("create role {ADMIN} login createrole"))?;
+    let admin_url = |db: &str| format!("postgres://{ADMIN}@127.0.0.1:{}/{db}", pg.port());
+    for db in ["fresh", "upgraded"] {
+        pg.psql_in("postgres", &format!("create database {db} owner {ADMIN}"))?;
+    }
+    let (ok, output) = psql_file(&pg, ADMIN, "fresh", "target/portable/pg_cqrs.sql")?;
+    ensure!(ok, "a fresh install failed:\n{output}");
+    let frozen = format!("sql/portable/releases/pg_cqrs--{release}.sql");
+    let (ok, output) = psql_file(&pg, ADMIN, "upgraded", &frozen)?;
+    ensure!(ok, "installing {frozen} failed:\n{output}");
+    let fresh = connect(&admin_url("fresh")).await?;
+    let client = connect(&admin_url("upgraded")).await?;
+    client
+        .batch_execute(FILL)
+        .await
+        .context("filling the earlier release")?;
+    let before = snapshot(&client).await?;
+
+    let upgrade = format!(
+        "target/portable/pg_cqrs--{release}--{}.sql",
+        env!("CARGO_PKG_VERSION")
+    );
+    let started = Instant::now();
+    let (ok, output) = psql_file(&pg, ADMIN, "upgraded", &upgrade)?;
+    ensure!(ok, "{upgrade} failed:\n{output}");
+    eprintln!(
+        "portable {release} → {}: the upgrade script took {:?}",
+        env!("CARGO_PKG_VERSION"),
+        started.elapsed()
+    );
+    ensure!(!output.contains("WARNING"), "the upgrade warned:\n{output}");
+
+    let diff = catalog_differences(
+        ("after the upgrade", &catalog(&client, true).await?),
+        ("in a fresh install", &catalog(&fresh, true).await?),
+    );
+    let helpers = catalog_differences(
+        ("after the upgrade", &portable_helpers(&client).await?),
+        ("in a fresh install", &portable_helpers(&fresh).await?),
+    );
+    if !diff.is_empty() || !helpers.is_empty() {
+        bail!(
+            "the portable edition upgraded from {release} differs from a fresh install in {} places \
+             (does sql/upgrades/{release}--{}/ carry every schema change?):\n{}",
+            diff.len() + helpers.len(),
+            env!("CARGO_PKG_VERSION"),
+            diff.iter()
+                .chain(&helpers)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    let after = snapshot(&client).await?;
+    for ((name, was), (_, is)) in before.iter().zip(&after) {
+        ensure!(
+            was == is,
+            "{name} changed in the upgrade:\nbefore:\n{was}\nafter:\n{is}"
+        );
+    }
+    // every read model has its writer and reader, owned by its table's owner
+    let writers: i64 = scalar(
+        &client,
+        "select count(*) from cqrs.projection p join pg_catalog.pg_class c on c.oid = p.target
+           join pg_catalog.pg_proc f on f.proname in ('_write_' || md5(p.name), '_read_' || md5(p.name))
+                                    and f.pronamespace = 'cqrs_portable'::regnamespace
+          where f.proowner = c.relowner and f.prosecdef",
+    )
+    .await?;
+    ensure!(
+        writers == 6,
+        "{writers} writer and reader functions for 3 projections, not 6"
+    );
+    let may_write: bool = scalar(
+        &client,
+        "select bool_or(has_table_privilege('cqrs_projector', p.target, 'insert,update,delete')) from cqrs.projection p",
+    )
+    .await?;
+    ensure!(
+        !may_write,
+        "the projecting role may still write a read model itself"
+    );
+    still_behaves(&client).await.context("after the portable upgrade")
+}
+
 /// What the upgraded rows must still do.
 async fn still_behaves(client: &Client) -> Result<()> {
     // a replayed command is still a duplicate, answered with its original position and seq
@@ -350,7 +476,7 @@ async fn a_sidecar_streaming_through_an_upgrade_loses_and_doubles_nothing() -> R
     );
     rig.sidecars.clear();
 
-    rig.add_sidecar_binary(&old_sidecar)?;
+    rig.add_sidecar_binary(&old_sidecar, release)?;
     rig.wait_for_leader(Duration::from_secs(30))?;
     let client = rig.client().await?;
     let mut rng = StdRng::seed_from_u64(7);

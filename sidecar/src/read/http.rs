@@ -1,12 +1,15 @@
-//! `GET /v1/projections/{name}/{key}[?after=stream:seq&timeout_ms=n]`: a read-model row as
-//! JSON, with its revision as the ETag and where it came from in `X-Cqrs-Source`.
+//! The read API's HTTP handler: `GET /v1/projections/{name}/{key}[?after=stream:seq&timeout_ms=n]`,
+//! a read-model row as JSON, with its revision as the ETag and where it came from in
+//! `X-Cqrs-Source`.
 //!
 //! 200 the row; 304 when `If-None-Match` names the current revision; 400 bad input; 401 no or
 //! bad credentials (with `WWW-Authenticate: Bearer`); 404 no such row (`"error": "not_found"`),
 //! or a row the caller does not own, or no such projection (`"error": "unknown_projection"`),
-//! or one that is not exposed or not the caller's — all answered alike; 503 neither Redis nor
-//! PostgreSQL could answer, or the API is at capacity (with `Retry-After`); 504 `after` was not
-//! applied within the timeout (the body says how far the projection is).
+//! or one that is not exposed or not the caller's — all answered alike; 429 the caller holds as
+//! many read-your-writes waits as it may; 503 neither Redis nor PostgreSQL could answer, the API
+//! is at capacity, or the projection is halted (with `Retry-After`); 504 `after` was not applied
+//! within the timeout. No body says anything of rows or streams the caller may not read, nor
+//! carries a database error's text (which can hold command values).
 //!
 //! Order of checks: the request's shape, the credentials, the projection (exposed, and listed
 //! for the caller) — all before anything is read or waited for — then the row's owner.
@@ -18,12 +21,17 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
 use serde_json::json;
 
-use crate::metrics::Metrics;
-use crate::read_access::{self, Exposure};
-use crate::read_auth::{Authenticator, Caller, Denial};
-use crate::reads::{Found, ReadError, Reader, Source};
+use super::access::{self, Ownership};
+use super::auth::{Caller, Denial};
+use super::cache_aside::{Found, ReadError, Source};
+use super::shedding::{self, Shedding};
+use super::waits::{Outcome, Refused};
+use super::ReadState;
+use crate::metrics::label;
 
 /// Longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -35,20 +43,6 @@ const MAX_WAIT: Duration = Duration::from_secs(30);
 
 /// Header naming where the answer came from: `cache`, `postgres` or `postgres_cache_down`.
 pub const SOURCE_HEADER: &str = "x-cqrs-source";
-
-#[derive(Clone)]
-pub struct ReadState {
-    pub reader: Arc<Reader>,
-    pub metrics: Arc<Metrics>,
-    pub exposure: Arc<Exposure>,
-    /// `None`: `--read-auth none`, everyone may read what is exposed.
-    pub auth: Option<Arc<Authenticator>>,
-}
-
-/// Metric label of a projection the caller may not see (not exposed, or not listed for it).
-pub const DENIED_PROJECTION: &str = "projection_not_allowed";
-/// Metric label of a row another subject owns.
-pub const DENIED_ROW: &str = "row_not_owned";
 
 #[derive(Debug, serde::Deserialize)]
 pub struct ReadQuery {
@@ -147,7 +141,7 @@ fn respond(found: Found, request: &Request, headers: &HeaderMap) -> (Response, &
             format!("{} has no row with key {:?}", request.projection, request.key),
         );
         response.headers_mut().insert(SOURCE_HEADER, source);
-        return (response, "not_found");
+        return (response, label::READ_NOT_FOUND);
     };
     let tag = etag(found.rev);
     let tag_value = HeaderValue::from_str(&tag).unwrap_or_else(|_| HeaderValue::from_static("\"0\""));
@@ -157,9 +151,9 @@ fn respond(found: Found, request: &Request, headers: &HeaderMap) -> (Response, &
         ([(header::CONTENT_TYPE, "application/json")], doc).into_response()
     };
     let outcome = if response.status() == StatusCode::NOT_MODIFIED {
-        "not_modified"
+        label::READ_NOT_MODIFIED
     } else {
-        "ok"
+        label::READ_OK
     };
     let headers = response.headers_mut();
     headers.insert(header::ETAG, tag_value);
@@ -197,32 +191,72 @@ fn unauthorized(denial: Denial) -> Response {
     response
 }
 
-fn failure(err: ReadError, request: &Request) -> (Response, &'static str) {
+/// A response that asks the client to come back in a second.
+fn retry_later(status: StatusCode, code: &str, message: String) -> Response {
+    let mut response = error(status, code, message);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+fn failure(err: ReadError) -> (Response, &'static str) {
     match err {
-        ReadError::UnknownProjection(name) => (unknown_projection(&name), "unknown_projection"),
+        ReadError::UnknownProjection(name) => (unknown_projection(&name), label::READ_UNKNOWN_PROJECTION),
         ReadError::BadRequest(message) => (
             error(StatusCode::BAD_REQUEST, "bad_request", message),
-            "bad_request",
+            label::READ_BAD_REQUEST,
         ),
         ReadError::Unavailable(message) => (
-            error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message),
-            "unavailable",
+            retry_later(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message),
+            label::READ_UNAVAILABLE,
         ),
-        ReadError::NotYet(progress) => {
+    }
+}
+
+/// How a read-your-writes wait that did not end in the command being applied is answered.
+fn wait_failure(
+    outcome: Outcome,
+    request: &Request,
+    seconds_behind: Option<f64>,
+) -> (Response, &'static str) {
+    match outcome {
+        Outcome::Halted => (
+            retry_later(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "projection_halted",
+                format!(
+                    "projection {} is halted: it applies nothing until an operator resumes it",
+                    request.projection
+                ),
+            ),
+            label::READ_HALTED,
+        ),
+        Outcome::UnknownProjection => (
+            unknown_projection(&request.projection),
+            label::READ_UNKNOWN_PROJECTION,
+        ),
+        Outcome::Unavailable => (
+            retry_later(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "PostgreSQL could not be asked whether the command is applied".to_owned(),
+            ),
+            label::READ_UNAVAILABLE,
+        ),
+        Outcome::TimedOut | Outcome::Applied => {
             let (stream, seq) = request.after.clone().unwrap_or_default();
+            // nothing of the stream's progress: the caller may not read every row of it
             let body = json!({
                 "error": "timeout",
                 "message": format!(
-                    "{} has applied {stream} up to seq {} of {seq} after {} ms{}",
-                    request.projection, progress.applied_seq, request.timeout.as_millis(),
-                    if progress.halted { " (the projection is halted: see cqrs.status())" } else { "" }
+                    "{} had not applied {stream}:{seq} after {} ms",
+                    request.projection, request.timeout.as_millis()
                 ),
                 "projection": request.projection,
                 "stream": stream,
                 "seq": seq,
-                "applied_seq": progress.applied_seq,
-                "seconds_behind": progress.seconds_behind,
-                "halted": progress.halted,
+                "seconds_behind": seconds_behind,
             });
             (
                 (
@@ -231,10 +265,21 @@ fn failure(err: ReadError, request: &Request) -> (Response, &'static str) {
                     body.to_string(),
                 )
                     .into_response(),
-                "timeout",
+                label::READ_TIMEOUT,
             )
         }
     }
+}
+
+fn too_many_waits(refused: Refused) -> (Response, &'static str) {
+    let status = match refused {
+        Refused::CallerFull => StatusCode::TOO_MANY_REQUESTS,
+        Refused::Full => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (
+        retry_later(status, "too_many_waits", refused.to_string()),
+        label::READ_TOO_MANY_WAITS,
+    )
 }
 
 /// Why a request is refused before anything is read.
@@ -247,19 +292,19 @@ enum Refusal {
 impl Refusal {
     fn response(self, projection: &str) -> (Response, &'static str) {
         match self {
-            Refusal::Unauthorized(denial) => (unauthorized(denial), "unauthorized"),
-            Refusal::Hidden => (unknown_projection(projection), "unknown_projection"),
+            Refusal::Unauthorized(denial) => (unauthorized(denial), label::READ_UNAUTHORIZED),
+            Refusal::Hidden => (unknown_projection(projection), label::READ_UNKNOWN_PROJECTION),
         }
     }
 }
 
 /// The caller, if its credentials hold and it may read `projection`, with the projection's row
 /// rule.
-fn admit<'a>(
+fn authorize<'a>(
     state: &'a ReadState,
     projection: &str,
     headers: &HeaderMap,
-) -> Result<(Caller, Option<&'a read_access::Ownership>), Refusal> {
+) -> Result<(Caller, Option<&'a Ownership>), Refusal> {
     let caller = match &state.auth {
         None => Caller::Anyone,
         Some(auth) => {
@@ -276,20 +321,61 @@ fn admit<'a>(
             })?
         }
     };
-    match state.exposure.admit(&caller, projection) {
+    match state.exposure.may_read(&caller, projection) {
         Some(rule) => Ok((caller, rule)),
         None => {
             state
                 .metrics
                 .read_denied
-                .with_label_values(&[DENIED_PROJECTION])
+                .with_label_values(&[label::DENIED_PROJECTION])
                 .inc();
             Err(Refusal::Hidden)
         }
     }
 }
 
-pub async fn read(
+/// The row, after waiting for `after` when the request has one.
+async fn fetch(
+    state: &ReadState,
+    request: &Request,
+    caller: &Caller,
+) -> Result<Found, (Response, &'static str)> {
+    let Some((stream, seq)) = &request.after else {
+        return state
+            .reader
+            .get(&request.projection, &request.key)
+            .await
+            .map_err(failure);
+    };
+    let outcome = state
+        .waits
+        .wait(
+            &caller.identity(),
+            &request.projection,
+            stream,
+            *seq,
+            request.timeout,
+        )
+        .await
+        .map_err(too_many_waits)?;
+    if outcome != Outcome::Applied {
+        let behind = if outcome == Outcome::TimedOut {
+            state.reader.seconds_behind(&request.projection).await
+        } else {
+            None
+        };
+        return Err(wait_failure(outcome, request, behind));
+    }
+    // applied: read it from PostgreSQL (the cache may not have it yet) and fill the cache
+    state
+        .reader
+        .get_fresh(&request.projection, &request.key)
+        .await
+        .map_err(failure)
+}
+
+/// Serves one read (see the module's documentation).
+async fn get_row(
     State(state): State<ReadState>,
     path: Result<Path<(String, String)>, PathRejection>,
     query: Result<Query<ReadQuery>, QueryRejection>,
@@ -304,32 +390,27 @@ pub async fn read(
     let (response, outcome, source) = match request {
         Err(message) => (
             error(StatusCode::BAD_REQUEST, "bad_request", message),
-            "bad_request",
-            "none",
+            label::READ_BAD_REQUEST,
+            label::SOURCE_NONE,
         ),
-        Ok(request) => match admit(&state, &request.projection, &headers) {
+        Ok(request) => match authorize(&state, &request.projection, &headers) {
             Err(refusal) => {
                 let (response, outcome) = refusal.response(&request.projection);
-                (response, outcome, "none")
+                (response, outcome, label::SOURCE_NONE)
             }
             Ok((caller, rule)) => {
                 let rule = rule.cloned();
-                let result = match &request.after {
-                    Some((stream, seq)) => {
-                        state
-                            .reader
-                            .get_after(&request.projection, &request.key, stream, *seq, request.timeout)
-                            .await
-                    }
-                    None => state.reader.get(&request.projection, &request.key).await,
-                };
-                match result {
+                match fetch(&state, &request, &caller).await {
                     Ok(mut found) => {
                         let source = found.source.label();
                         // another subject's row answers like no row, from the cache or not
                         if let Some(doc) = &found.doc {
-                            if !read_access::owns(&caller, rule.as_ref(), doc) {
-                                state.metrics.read_denied.with_label_values(&[DENIED_ROW]).inc();
+                            if !access::owns(&caller, rule.as_ref(), doc) {
+                                state
+                                    .metrics
+                                    .read_denied
+                                    .with_label_values(&[label::DENIED_ROW])
+                                    .inc();
                                 found.doc = None;
                             }
                         }
@@ -341,10 +422,7 @@ pub async fn read(
                         }
                         (response, outcome, source)
                     }
-                    Err(err) => {
-                        let (response, outcome) = failure(err, &request);
-                        (response, outcome, "none")
-                    }
+                    Err((response, outcome)) => (response, outcome, label::SOURCE_NONE),
                 }
             }
         },
@@ -360,6 +438,14 @@ pub async fn read(
         .with_label_values(&[source])
         .observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// The read API: `GET /v1/projections/{name}/{key}`, behind `shedding`.
+pub fn router(state: ReadState, shedding: Arc<Shedding>) -> Router {
+    Router::new()
+        .route("/v1/projections/{name}/{key}", get(get_row))
+        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(shedding, shedding::shed))
 }
 
 #[cfg(test)]

@@ -12,13 +12,62 @@
 //! reads alike. Services (API keys) read every row of the projections their key lists.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
+use std::sync::Arc;
 
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
 
-use crate::read_auth::Caller;
+use super::auth::Caller;
+
+/// The projections a caller may read: what its API key lists, or its JWT's projections claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Projections {
+    All,
+    /// shared: a caller's list is cloned on every request
+    Only(Arc<BTreeSet<String>>),
+}
+
+impl Projections {
+    pub fn allows(&self, projection: &str) -> bool {
+        match self {
+            Projections::All => true,
+            Projections::Only(names) => names.contains(projection),
+        }
+    }
+
+    /// `*`, or names separated by commas.
+    pub fn parse(list: &str) -> Self {
+        if list.trim() == "*" {
+            return Projections::All;
+        }
+        Projections::Only(
+            list.split(',')
+                .map(str::trim)
+                .filter(|name| !name.is_empty())
+                .map(str::to_owned)
+                .collect::<BTreeSet<_>>()
+                .into(),
+        )
+    }
+
+    /// From a JWT claim: `"*"`, or an array of names (anything else allows nothing).
+    pub fn from_claim(claim: Option<&Value>) -> Self {
+        match claim {
+            Some(Value::String(all)) if all == "*" => Projections::All,
+            Some(Value::Array(names)) => Projections::Only(
+                names
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect::<BTreeSet<_>>()
+                    .into(),
+            ),
+            _ => Projections::Only(Arc::default()),
+        }
+    }
+}
 
 /// "Column C of the row must equal claim K of the token."
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,9 +130,25 @@ impl Exposure {
         self.projections.values().any(Option::is_some)
     }
 
+    /// The projections exposed by name (not through `*`).
+    pub fn named(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.projections.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// The exposed projections by name, `*` for all (logged at start).
+    pub fn names(&self) -> Vec<String> {
+        let mut names = self.named();
+        if self.all {
+            names.insert(0, "*".to_owned());
+        }
+        names
+    }
+
     /// Whether `caller` may read `projection`, and under which row rule; `None`: it may not
     /// (answered as an unknown projection).
-    pub fn admit(&self, caller: &Caller, projection: &str) -> Option<Option<&Ownership>> {
+    pub fn may_read(&self, caller: &Caller, projection: &str) -> Option<Option<&Ownership>> {
         let rule = match self.projections.get(projection) {
             Some(rule) => rule.as_ref(),
             None if self.all => None,
@@ -105,6 +170,11 @@ fn scalar_text(value: &Value) -> Option<String> {
 }
 
 /// Whether `caller` may see the row `doc` (JSON text) of a projection with `rule`.
+///
+/// The row's column and the token's claim are compared as the text of JSON scalars: a claim
+/// `"7"` owns a row whose column is the number `7` (identity providers send subjects as strings,
+/// tables often key users by number); `7.0` and `7` are not equal, nor is anything to null, an
+/// array or an object.
 pub fn owns(caller: &Caller, rule: Option<&Ownership>, doc: &str) -> bool {
     let Some(rule) = rule else { return true };
     match caller {
@@ -162,7 +232,6 @@ impl<'de> Visitor<'de> for OneColumn<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::read_auth::Projections;
     use serde_json::json;
 
     fn user(sub: Value, projections: &str) -> Caller {
@@ -176,16 +245,16 @@ mod tests {
     fn exposure_and_rules() {
         let exposure = Exposure::parse("order_summary, user_order_stats:user_id=sub").unwrap();
         let alice = user(json!("u-1"), "*");
-        assert_eq!(exposure.admit(&alice, "order_summary"), Some(None));
-        let rule = exposure.admit(&alice, "user_order_stats").flatten().cloned();
+        assert_eq!(exposure.may_read(&alice, "order_summary"), Some(None));
+        let rule = exposure.may_read(&alice, "user_order_stats").flatten().cloned();
         assert_eq!(rule.as_ref().map(|r| r.column.as_str()), Some("user_id"));
-        assert_eq!(exposure.admit(&alice, "secret_ledger"), None);
+        assert_eq!(exposure.may_read(&alice, "secret_ledger"), None);
         let limited = user(json!("u-1"), "order_summary");
-        assert_eq!(exposure.admit(&limited, "user_order_stats"), None);
+        assert_eq!(exposure.may_read(&limited, "user_order_stats"), None);
         assert!(Exposure::parse("x:nocolumn").is_err());
         assert!(Exposure::parse("").unwrap().is_empty());
         assert_eq!(
-            Exposure::parse("*").unwrap().admit(&Caller::Anyone, "any"),
+            Exposure::parse("*").unwrap().may_read(&Caller::Anyone, "any"),
             Some(None)
         );
 

@@ -18,13 +18,13 @@ use tokio::sync::Semaphore;
 
 use crate::metrics::Metrics;
 
-pub struct Admission {
+pub struct Shedding {
     permits: Arc<Semaphore>,
     queue_timeout: Duration,
     metrics: Arc<Metrics>,
 }
 
-impl Admission {
+impl Shedding {
     pub fn new(max_concurrent: usize, queue_timeout: Duration, metrics: Arc<Metrics>) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(max_concurrent.max(1))),
@@ -48,11 +48,11 @@ pub fn overloaded() -> Response {
     response
 }
 
-/// The middleware: admits the request or sheds it.
-pub async fn admit(State(admission): State<Arc<Admission>>, request: Request, next: Next) -> Response {
+/// The middleware: lets the request in, or sheds it at once.
+pub async fn shed(State(shedding): State<Arc<Shedding>>, request: Request, next: Next) -> Response {
     let waiting = tokio::time::timeout(
-        admission.queue_timeout,
-        Arc::clone(&admission.permits).acquire_owned(),
+        shedding.queue_timeout,
+        Arc::clone(&shedding.permits).acquire_owned(),
     );
     match waiting.await {
         Ok(Ok(permit)) => {
@@ -61,7 +61,7 @@ pub async fn admit(State(admission): State<Arc<Admission>>, request: Request, ne
             response
         }
         _ => {
-            admission.metrics.read_shed.inc();
+            shedding.metrics.read_shed.inc();
             overloaded()
         }
     }

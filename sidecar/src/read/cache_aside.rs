@@ -1,4 +1,4 @@
-//! The read path: cache-aside reads of read-model rows.
+//! Cache-aside reads of read-model rows (step 6 of a read request, see [`super`]).
 //!
 //! A read looks in Redis first. A miss is read from PostgreSQL (`cqrs.read_many`, which also
 //! canonicalises the key) and filled into Redis through the same version-guarded script the
@@ -21,8 +21,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::watch;
 
 use crate::cache::{Cache, Entry, Write};
-use crate::metrics::Metrics;
-use crate::postgres::Database;
+use crate::metrics::{label, Metrics};
+use crate::postgres::{ConnectionPurpose, Database};
 
 /// Where an answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,14 +51,6 @@ pub struct Found {
     pub source: Source,
 }
 
-/// How far a projection is with a stream, for a read-your-writes timeout.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Progress {
-    pub applied_seq: i64,
-    pub seconds_behind: f64,
-    pub halted: bool,
-}
-
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ReadError {
     #[error("there is no projection named {0:?}")]
@@ -67,9 +59,12 @@ pub enum ReadError {
     BadRequest(String),
     #[error("{0}")]
     Unavailable(String),
-    #[error("the command was not applied within the timeout")]
-    NotYet(Progress),
 }
+
+/// The read pool could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up the read API's PostgreSQL pool: {0}")]
+pub struct PoolError(String);
 
 #[derive(Debug, Clone, Copy)]
 pub struct ReadSettings {
@@ -97,13 +92,32 @@ fn is_bad_key(code: &str) -> bool {
     code.starts_with("22")
 }
 
-fn pg_error(err: &tokio_postgres::Error, projection: &str) -> ReadError {
+/// What a failed query means for the caller. No database message reaches the caller or the log:
+/// it can hold a value of a row or a command; the SQLSTATE says what an operator needs.
+fn pg_error(err: &tokio_postgres::Error, projection: &str, key: &str) -> ReadError {
     match err.as_db_error() {
         Some(db) if *db.code() == SqlState::UNDEFINED_OBJECT => {
             ReadError::UnknownProjection(projection.to_owned())
         }
-        Some(db) if is_bad_key(db.code().code()) => ReadError::BadRequest(db.message().to_owned()),
-        _ => ReadError::Unavailable(format!("PostgreSQL: {err}")),
+        Some(db) if is_bad_key(db.code().code()) => ReadError::BadRequest(format!(
+            "{key:?} is not a key of {projection} (SQLSTATE {})",
+            db.code().code()
+        )),
+        Some(db) => {
+            tracing::warn!(
+                projection,
+                sqlstate = db.code().code(),
+                "reading a read model failed"
+            );
+            ReadError::Unavailable(format!(
+                "PostgreSQL could not read {projection} (SQLSTATE {})",
+                db.code().code()
+            ))
+        }
+        None => {
+            tracing::warn!(projection, error = %err, "reading a read model failed");
+            ReadError::Unavailable("PostgreSQL could not be reached".into())
+        }
     }
 }
 
@@ -113,9 +127,9 @@ impl Reader {
         cache: Arc<Cache>,
         metrics: Arc<Metrics>,
         settings: ReadSettings,
-    ) -> anyhow::Result<Arc<Self>> {
+    ) -> Result<Arc<Self>, PoolError> {
         let manager = Manager::from_config(
-            pg.config.clone(),
+            pg.config_for(ConnectionPurpose::Read),
             pg.connector(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -127,7 +141,8 @@ impl Reader {
             .wait_timeout(Some(settings.postgres_queue_timeout))
             .create_timeout(Some(settings.postgres_timeout))
             .recycle_timeout(Some(settings.postgres_timeout))
-            .build()?;
+            .build()
+            .map_err(|err| PoolError(err.to_string()))?;
         Ok(Arc::new(Self {
             cache,
             pool,
@@ -157,10 +172,10 @@ impl Reader {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, ReadError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|err| ReadError::Unavailable(format!("PostgreSQL: {err}")))
+        self.pool.get().await.map_err(|err| {
+            tracing::debug!(error = %err, "no read pool connection");
+            ReadError::Unavailable("PostgreSQL could not be reached in time".into())
+        })
     }
 
     /// The cached entry, `Err(())` when Redis did not answer in time.
@@ -268,7 +283,7 @@ impl Reader {
                 &[&projection, &&keys[..]],
             )
             .await
-            .map_err(|err| pg_error(&err, projection))?;
+            .map_err(|err| pg_error(&err, projection, key))?;
         let row = row.ok_or_else(|| ReadError::Unavailable("cqrs.read_many returned nothing".into()))?;
         Ok(Fetched {
             key: row.get(0),
@@ -290,51 +305,25 @@ impl Reader {
         };
         match tokio::time::timeout(self.settings.redis_timeout, self.cache.write(write)).await {
             Ok(Ok(applied)) => {
-                let result = if applied { "fill" } else { "fill_stale" };
+                let result = if applied {
+                    label::CACHE_FILL
+                } else {
+                    label::CACHE_FILL_STALE
+                };
                 self.metrics.cache_writes.with_label_values(&[result]).inc();
             }
-            _ => self.metrics.cache_writes.with_label_values(&["failed"]).inc(),
+            _ => self
+                .metrics
+                .cache_writes
+                .with_label_values(&[label::CACHE_FAILED])
+                .inc(),
         }
     }
 
-    /// Read-your-writes: waits (at most `timeout`) until command `seq` of `stream` is applied
-    /// to `projection`, then reads the row from PostgreSQL (the cache may not have it yet) and
-    /// fills the cache. On timeout, says how far the projection is.
-    pub async fn get_after(
-        &self,
-        projection: &str,
-        key: &str,
-        stream: &str,
-        seq: i64,
-        timeout: Duration,
-    ) -> Result<Found, ReadError> {
-        // the wait and the read on one connection, one after the other (pipelining them let
-        // the read overtake the wait)
-        let (client, applied) = tokio::time::timeout(timeout + self.settings.postgres_timeout, async {
-            let client = self.client().await?;
-            let applied = client
-                .query_one(
-                    "select cqrs.wait_for($1, $2, $3, $4::float8 * interval '1 millisecond')",
-                    &[&stream, &seq, &projection, &(timeout.as_secs_f64() * 1000.0)],
-                )
-                .await
-                .map(|row| row.get::<_, bool>(0))
-                .map_err(|err| pg_error(&err, projection))?;
-            Ok::<_, ReadError>((client, applied))
-        })
-        .await
-        .map_err(|_| ReadError::Unavailable("PostgreSQL did not answer in time".into()))??;
-        if !applied {
-            drop(client);
-            return Err(ReadError::NotYet(self.progress(projection, stream).await?));
-        }
-        let fetched = tokio::time::timeout(
-            self.settings.postgres_timeout,
-            self.fetch_on(&client, projection, key),
-        )
-        .await
-        .map_err(|_| ReadError::Unavailable("PostgreSQL did not answer in time".into()))??;
-        drop(client);
+    /// A row as PostgreSQL has it now (read-your-writes: the cache may not have it yet), filled
+    /// into the cache.
+    pub async fn get_fresh(&self, projection: &str, key: &str) -> Result<Found, ReadError> {
+        let fetched = self.fetch(projection, key).await?;
         self.fill(projection, &fetched).await;
         Ok(Found {
             doc: fetched.doc,
@@ -343,27 +332,24 @@ impl Reader {
         })
     }
 
-    async fn progress(&self, projection: &str, stream: &str) -> Result<Progress, ReadError> {
-        let row = tokio::time::timeout(self.settings.postgres_timeout, async {
-            let client = self.client().await?;
+    /// How far behind the log `projection` is, in seconds (`cqrs.progress()`), for a
+    /// read-your-writes timeout; `None` when PostgreSQL does not say in time.
+    pub async fn seconds_behind(&self, projection: &str) -> Option<f64> {
+        tokio::time::timeout(self.settings.postgres_timeout, async {
+            let client = self.client().await.ok()?;
             client
-                .query_one(
-                    "select coalesce((select ps.last_seq from cqrs.projection_stream ps
-                                       where ps.projection = $1 and ps.stream = $2), 0),
-                            coalesce(s.seconds_behind, 0)::float8, coalesce(s.halted, false)
-                       from (select 1) one left join cqrs.progress() s on s.projection = $1",
-                    &[&projection, &stream],
+                .query_opt(
+                    "select coalesce(s.seconds_behind, 0)::float8 from cqrs.progress() s where s.projection = $1",
+                    &[&projection],
                 )
                 .await
-                .map_err(|err| pg_error(&err, projection))
+                .ok()
+                .flatten()
+                .map(|row| row.get::<_, f64>(0))
         })
         .await
-        .map_err(|_| ReadError::Unavailable("PostgreSQL did not answer in time".into()))??;
-        Ok(Progress {
-            applied_seq: row.get(0),
-            seconds_behind: row.get(1),
-            halted: row.get(2),
-        })
+        .ok()
+        .flatten()
     }
 }
 
