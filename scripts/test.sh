@@ -9,6 +9,9 @@ source scripts/common.sh
 started=$(date +%s)
 scripts/setup.sh
 
+step "the upgrade scripts are what scripts/upgrade-scripts.sh writes from the sources"
+scripts/upgrade-scripts.sh --check
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

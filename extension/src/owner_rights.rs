@@ -36,16 +36,23 @@ pub(crate) fn as_owner<R>(owner: pg_sys::Oid, work: impl FnOnce() -> R) -> R {
             | pg_sys::SECURITY_RESTRICTED_OPERATION as std::ffi::c_int;
         pg_sys::SetUserIdAndSecContext(owner, restricted);
         let level = pg_sys::NewGUCNestLevel();
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
+        // its messages (a RAISE WARNING that quotes a row) stay in the server's log, which is
+        // the owner's to write to, and do not reach the caller's client — the sidecar's log
+        for (name, value) in [
+            (c"search_path", c"pg_catalog, pg_temp"),
+            (c"client_min_messages", c"error"),
+        ] {
+            pg_sys::set_config_option(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+        }
         level
     };
     let result = work();

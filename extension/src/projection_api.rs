@@ -140,7 +140,7 @@ pub(crate) fn catch_up_one(
                 .unwrap_or_default();
             return Ok(CaughtUp {
                 events: total,
-                halted: Some(format!("{}{at}", failure.describe())),
+                halted: Some(format!("{}{at}", failure.summary())),
             });
         }
         let progressed = report.applied + report.dead_lettered;
@@ -401,7 +401,7 @@ pub unsafe extern "C-unwind" fn cqrs_resume(fcinfo: pg_sys::FunctionCallInfo) ->
 fn failed_event(client: &mut SpiClient<'_>, name: &str) -> Result<Skip, ErrorReport> {
     let state = client
         .update(
-            "select s.halted, s.last_error_event::text, s.last_error, s.last_error_sqlstate
+            "select s.halted, s.last_error_event::text, s.last_error, s.last_error_sqlstate, s.last_error_detail
                from cqrs.projection_state s where s.name = $1 for update",
             Some(1),
             &[name.into()],
@@ -413,8 +413,9 @@ fn failed_event(client: &mut SpiClient<'_>, name: &str) -> Result<Skip, ErrorRep
     let row = state.first();
     let halted = column(row.get::<bool>(1), "halted")?.unwrap_or(false);
     let event = column(row.get::<String>(2), "last_error_event")?;
-    let message = column(row.get::<String>(3), "last_error")?.unwrap_or_default();
+    let summary = column(row.get::<String>(3), "last_error")?.unwrap_or_default();
     let sqlstate = column(row.get::<String>(4), "last_error_sqlstate")?.unwrap_or_else(|| "XX000".to_owned());
+    let full = column(row.get::<String>(5), "last_error_detail")?.unwrap_or_else(|| summary.clone());
     if !halted {
         return Err(error(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -432,10 +433,12 @@ fn failed_event(client: &mut SpiClient<'_>, name: &str) -> Result<Skip, ErrorRep
     Ok(Skip {
         stream: event.stream,
         seq: event.seq,
+        // recorded as the halt recorded it: its summary, and the whole error
         failure: Failure {
             sqlstate,
-            message,
+            message: full,
             detail: None,
+            recorded_summary: Some(summary),
         },
     })
 }
@@ -498,9 +501,15 @@ pub unsafe extern "C-unwind" fn cqrs_retry_dead_letters(fcinfo: pg_sys::Function
                 Err(failure) => {
                     client
                         .update(
-                            "update cqrs.dead_letter set retries = retries + 1, error = $2, sqlstate = $3, failed_at = now() where id = $1",
+                            "update cqrs.dead_letter set retries = retries + 1, error = $2, sqlstate = $3, error_detail = $4,
+                                    failed_at = now() where id = $1",
                             None,
-                            &[(*id).into(), failure.describe().into(), failure.sqlstate.clone().into()],
+                            &[
+                                (*id).into(),
+                                failure.summary().into(),
+                                failure.sqlstate.clone().into(),
+                                failure.describe().into(),
+                            ],
                         )
                         .map_err(|e| spi_error("updating a dead letter", e))?;
                 }
@@ -594,7 +603,7 @@ fn clear_halt(client: &mut SpiClient<'_>, name: &str, counts: Counts) -> Result<
         .update(
             "update cqrs.projection_state
                 set halted = false, last_error = null, last_error_sqlstate = null, last_error_at = null,
-                    last_error_event = null, generation = generation + case when $2 then 0 else 1 end,
+                    last_error_event = null, last_error_detail = null, generation = generation + case when $2 then 0 else 1 end,
                     applied = case when $2 then 0 else applied end,
                     duplicates = case when $2 then 0 else duplicates end,
                     dead_lettered = case when $2 then 0 else dead_lettered end
@@ -672,7 +681,7 @@ fn start_over(client: &mut SpiClient<'_>, name: &str) -> Result<(), ErrorReport>
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!(
                 "rebuild of {name} could not empty its read model: {}",
-                failure.describe()
+                failure.summary()
             ),
         )
     })?;
@@ -740,7 +749,7 @@ fn replay_log(
                 .unwrap_or_default();
             return Err(error(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                format!("rebuild of {name} stopped{at}: {}", failure.describe()),
+                format!("rebuild of {name} stopped{at}: {}", failure.summary()),
             )
             .set_hint("The rebuild was rolled back and the read model left as it was. Fix the handlers or the data (or use on_error => 'dead_letter')."));
         }

@@ -197,9 +197,9 @@ update cqrs.projection_state s set parked = (select count(*) from cqrs.parked p 
  where s.name = $1";
 
 const DEAD_LETTER: &str = "\
-insert into cqrs.dead_letter (projection, stream, seq, command_id, command_type, event, error, sqlstate)
+insert into cqrs.dead_letter (projection, stream, seq, command_id, command_type, event, error, sqlstate, error_detail)
 select $1, e ->> 'stream', (e ->> 'seq')::bigint, (e ->> 'command_id')::uuid, e ->> 'command_type', e,
-       $2[o::int], $3[o::int]
+       $2[o::int], $3[o::int], $5[o::int]
   from jsonb_array_elements($4::jsonb) with ordinality as x(e, o)";
 
 const SAVE_CHECKPOINT: &str = "\
@@ -215,7 +215,8 @@ update cqrs.projection_state set
 
 const HALT: &str = "\
 update cqrs.projection_state set
-       halted = true, last_error = $2, last_error_sqlstate = $3, last_error_at = now(), last_error_event = $4::jsonb
+       halted = true, last_error = $2, last_error_sqlstate = $3, last_error_at = now(), last_error_event = $4::jsonb,
+       last_error_detail = $5
  where name = $1";
 
 fn text_array() -> PgOid {
@@ -619,8 +620,9 @@ fn write_bookkeeping(
     }
     if !dead.is_empty() {
         let events = Event::array_text(dead.iter().map(|(e, _)| e));
-        let errors: Vec<String> = dead.iter().map(|(_, f)| f.describe()).collect();
+        let errors: Vec<String> = dead.iter().map(|(_, f)| f.summary()).collect();
         let codes: Vec<String> = dead.iter().map(|(_, f)| f.sqlstate.clone()).collect();
+        let details: Vec<String> = dead.iter().map(|(_, f)| f.describe()).collect();
         let sql = prepared::statement(
             client,
             DEAD_LETTER,
@@ -629,13 +631,20 @@ fn write_bookkeeping(
                 text_array(),
                 text_array(),
                 PgBuiltInOids::TEXTOID.into(),
+                text_array(),
             ],
         )?;
         prepared::index_plans(|| {
             client.update(
                 &*sql,
                 None,
-                &[name.into(), errors.into(), codes.into(), events.into()],
+                &[
+                    name.into(),
+                    errors.into(),
+                    codes.into(),
+                    events.into(),
+                    details.into(),
+                ],
             )
         })
         .map_err(|err| spi_error("writing dead letters", err))?;
@@ -865,7 +874,9 @@ fn save_checkpoint(
     )
 }
 
-/// Records that projection `name` halted on `failure` (at `event`, when it is known).
+/// Records that projection `name` halted on `failure` (at `event`, when it is known): the
+/// summary where readers and logs see it, the whole error (which may hold the command's values)
+/// in `last_error_detail`.
 fn halt(
     client: &mut SpiClient<'_>,
     name: &str,
@@ -877,18 +888,23 @@ fn halt(
         HALT,
         &[
             name.into(),
-            failure.describe().into(),
+            failure.summary().into(),
             failure.sqlstate.clone().into(),
             event.map(|e| e.to_json_text()).into(),
+            failure.describe().into(),
         ],
         "halting the projection",
     )?;
     pgrx::warning!(
-        "projection {} halted: {} (SQLSTATE {}){}",
+        "projection {} halted{}: {}",
         name,
-        failure.describe(),
-        failure.sqlstate,
-        event.map(|e| format!(" at {}", describe(e))).unwrap_or_default()
+        event.map(|e| format!(" at {}", locate(e))).unwrap_or_default(),
+        failure.summary()
     );
     Ok(())
+}
+
+/// "s#3 (position 9)": where an event is, without its contents (for logs and warnings).
+pub(crate) fn locate(event: &Event) -> String {
+    format!("{}#{} (position {})", event.stream, event.seq, event.position)
 }

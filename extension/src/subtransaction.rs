@@ -11,15 +11,46 @@ pub(crate) struct Failure {
     pub(crate) sqlstate: String,
     pub(crate) message: String,
     pub(crate) detail: Option<String>,
+    /// The summary it was recorded with, for a failure read back from where it was recorded.
+    pub(crate) recorded_summary: Option<String>,
+}
+
+/// SQLSTATE classes whose PostgreSQL messages name objects — a constraint, a column, a table, a
+/// role — and never values: integrity constraints (23), transaction rollback (40), syntax and
+/// access rules (42), resources (53), program limits (54), object state (55), operator
+/// intervention (57). A data exception's message (22: `invalid input syntax for type integer:
+/// "4111…"`), a RAISE in the owner's code (P0) or an internal error may quote a command's value.
+const CLASSES_NAMING_OBJECTS_ONLY: [&str; 7] = ["23", "40", "42", "53", "54", "55", "57"];
+
+/// The error as it may be shown anywhere — a log, a warning, `cqrs.status()` to readers, a
+/// dead letter's `error`: its SQLSTATE, with PostgreSQL's message only where that class's
+/// messages never carry values (the portable edition's `cqrs_portable._summarize_error`).
+pub(crate) fn summarize(sqlstate: &str, message: &str) -> String {
+    if CLASSES_NAMING_OBJECTS_ONLY
+        .iter()
+        .any(|class| sqlstate.starts_with(class))
+    {
+        format!("SQLSTATE {sqlstate}: {message}")
+    } else {
+        format!("SQLSTATE {sqlstate}")
+    }
 }
 
 impl Failure {
-    /// The error as one line for status and dead letters: message and detail.
+    /// The whole error as one line: message and detail, which may hold a command's values.
+    /// Kept where readers and logs do not reach (`last_error_detail`, `error_detail`).
     pub(crate) fn describe(&self) -> String {
         match &self.detail {
             Some(detail) => format!("{} ({detail})", self.message),
             None => self.message.clone(),
         }
+    }
+
+    /// The error as it may be shown anywhere (see [`summarize`]).
+    pub(crate) fn summary(&self) -> String {
+        self.recorded_summary
+            .clone()
+            .unwrap_or_else(|| summarize(&self.sqlstate, &self.message))
     }
 }
 
@@ -37,11 +68,13 @@ fn failure(caught: CaughtError) -> Failure {
             sqlstate: sqlstate(report.sql_error_code()),
             message: report.message().to_owned(),
             detail: report.detail().map(str::to_owned),
+            recorded_summary: None,
         },
         CaughtError::RustPanic { ereport, .. } => Failure {
             sqlstate: sqlstate(ereport.sql_error_code()),
             message: ereport.message().to_owned(),
             detail: None,
+            recorded_summary: None,
         },
     }
 }

@@ -87,17 +87,9 @@ const REGISTER_WAITER: &str =
 const APPLIED: &str = "\
 select coalesce((select ps.last_seq >= $3 from cqrs.projection_stream ps
                   where ps.projection = $1 and ps.stream = $2), false),
-       s.halted, s.last_error_sqlstate
+       s.halted, s.last_error
   from cqrs.projection_state s
  where s.name = $1";
-
-/// Whether the caller may read error texts (they carry command values; cqrs_reader sees the
-/// SQLSTATE only). Asked apart from the read: a statement that names the column at all needs
-/// the privilege, whether or not it reads it.
-const MAY_READ_ERRORS: &str =
-    "select pg_catalog.has_column_privilege('cqrs.projection_state', 'last_error', 'select')";
-
-const LAST_ERROR: &str = "select s.last_error from cqrs.projection_state s where s.name = $1";
 
 /// How often a waiter that could not register for wake-ups checks.
 const POLL_EVERY: Duration = Duration::from_millis(20);
@@ -172,21 +164,8 @@ fn wait_for(
                 return Ok(true);
             }
             if column(row.get::<bool>(2), "halted")? == Some(true) {
-                let sqlstate = column(row.get::<String>(3), "last_error_sqlstate")?.unwrap_or_default();
-                let may_read = client
-                    .select(MAY_READ_ERRORS, Some(1), &[])
-                    .and_then(|rows| rows.first().get_one::<bool>())
-                    .map_err(|err| spi_error("checking the caller's privileges", err))?
-                    == Some(true);
-                let last_error = if may_read {
-                    client
-                        .select(LAST_ERROR, Some(1), &[projection.into()])
-                        .and_then(|rows| rows.first().get_one::<String>())
-                        .map_err(|err| spi_error("reading the projection's error", err))?
-                } else {
-                    None
-                }
-                .unwrap_or_else(|| format!("SQLSTATE {sqlstate}"));
+                // the summary: SQLSTATE and, where safe, what it names — never a command's values
+                let last_error = column(row.get::<String>(3), "last_error")?.unwrap_or_default();
                 return Err(error(
                     PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                     format!(

@@ -25,12 +25,16 @@ select cqrs.create_projection('pay', 'public.pay_rm', 'stream', '{"PAY": {"actio
 select seq from cqrs.append(cqrs.uuid_v7(), 'card-4111', 'PAY', '{"amount": "4111 1111 1111 1111"}');
 select count(*) from cqrs.catch_up();
 
--- a projector (and a superuser) sees the error with the value that caused it
+-- everyone who may see the status sees why it halted without the value that caused it: the
+-- SQLSTATE (and the message where its class names only objects); the installer finds the whole
+-- error, value included, in last_error_detail
 select projection, halted, last_error_sqlstate, last_error from cqrs.status();
--- a reader sees that it halted and the SQLSTATE, not the command's data
+select last_error_detail from cqrs.projection_state;
+-- a reader sees that it halted and why, not the command's data
 set role app_reader;
 select projection, halted, last_error_sqlstate, last_error from cqrs.status();
 select last_error from cqrs.projection_state;
+select last_error_detail from cqrs.projection_state;
 \echo :LAST_ERROR_SQLSTATE
 select last_error_event from cqrs.projection_state;
 \echo :LAST_ERROR_SQLSTATE

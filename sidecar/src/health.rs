@@ -1,6 +1,17 @@
-//! What this sidecar is doing, for `/readyz` and `/healthz` (see [`crate::admin`]).
+//! What this sidecar is doing, for `/readyz` (see [`crate::admin`]).
+//!
+//! **Readiness is "send me read traffic"**, what a load balancer or Kubernetes asks: the sidecar
+//! can answer reads — it leads and streams, or stands by while some sidecar leads — and its read
+//! pool is not exhausted (a sidecar whose cache misses are all refused for want of a connection
+//! should not receive reads). **A halted projection does not make a sidecar unready**: every
+//! sidecar sees the same halt, so taking them out of the balancer would turn one projection's
+//! trouble into an outage of all; reads of the others go on and the halted one's rows are served
+//! as they were. A halt is what alerting pages on (`cqrs_projection_halted`, alert
+//! `CqrsProjectionHalted`); `/readyz` names halted projections in its body, still answering 200.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -8,6 +19,10 @@ pub enum Role {
     Standby = 1,
     Leader = 2,
 }
+
+/// How long the read pool must refuse every cache miss before the sidecar is unready: long
+/// enough that a burst does not take it out of the balancer, short enough that a stuck pool does.
+pub const READ_POOL_UNREADY_AFTER: Duration = Duration::from_secs(1);
 
 /// What `/readyz` answers from.
 #[derive(Debug, Default)]
@@ -19,6 +34,17 @@ pub struct Health {
     pub pg_reachable: AtomicBool,
     /// The last status poll found a live projector lease (some sidecar leads).
     pub leader_live: AtomicBool,
+    /// Since when (ms since the epoch) every cache miss found no read pool connection; 0: not.
+    read_pool_starved_since: AtomicU64,
+    /// The projections the last status poll found halted.
+    halted: Mutex<Vec<String>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl Health {
@@ -34,9 +60,35 @@ impl Health {
         }
     }
 
+    /// A cache miss got no read pool connection in time.
+    pub fn read_pool_refused(&self) {
+        let _ =
+            self.read_pool_starved_since
+                .compare_exchange(0, now_ms(), Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// A cache miss got a read pool connection.
+    pub fn read_pool_served(&self) {
+        self.read_pool_starved_since.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether every cache miss has been refused for at least [`READ_POOL_UNREADY_AFTER`].
+    pub fn read_pool_exhausted(&self) -> bool {
+        match self.read_pool_starved_since.load(Ordering::Relaxed) {
+            0 => false,
+            since => now_ms().saturating_sub(since) >= READ_POOL_UNREADY_AFTER.as_millis() as u64,
+        }
+    }
+
+    pub fn set_halted(&self, halted: Vec<String>) {
+        if let Ok(mut current) = self.halted.lock() {
+            *current = halted;
+        }
+    }
+
     /// Ready, and why (or why not).
-    pub fn readiness(&self) -> (bool, &'static str) {
-        match self.role() {
+    pub fn readiness(&self) -> (bool, String) {
+        let (ready, why) = match self.role() {
             Role::Leader if self.streaming.load(Ordering::Relaxed) => (true, "leader, streaming"),
             Role::Leader => (false, "leader, not streaming (connecting or retrying)"),
             Role::Standby if !self.pg_reachable.load(Ordering::Relaxed) => {
@@ -49,6 +101,21 @@ impl Health {
             }
             Role::Standby => (true, "standby"),
             Role::Starting => (false, "starting"),
+        };
+        if ready && self.read_pool_exhausted() {
+            return (
+                false,
+                format!("{why}, but the read pool is exhausted: cache misses are refused"),
+            );
+        }
+        let halted = self.halted.lock().map(|h| h.join(", ")).unwrap_or_default();
+        if halted.is_empty() {
+            (ready, why.to_owned())
+        } else {
+            (
+                ready,
+                format!("{why}; halted, serving their rows as they were: {halted} (see cqrs.status())"),
+            )
         }
     }
 }
@@ -64,12 +131,37 @@ mod tests {
         health.set_role(Role::Standby);
         assert!(!health.readiness().0);
         health.pg_reachable.store(true, Ordering::Relaxed);
-        assert_eq!(health.readiness(), (false, "standby, and no sidecar leads"));
+        assert_eq!(
+            health.readiness(),
+            (false, "standby, and no sidecar leads".to_owned())
+        );
         health.leader_live.store(true, Ordering::Relaxed);
         assert!(health.readiness().0);
         health.set_role(Role::Leader);
         assert!(!health.readiness().0);
         health.streaming.store(true, Ordering::Relaxed);
-        assert_eq!(health.readiness(), (true, "leader, streaming"));
+        assert_eq!(health.readiness(), (true, "leader, streaming".to_owned()));
+    }
+
+    #[test]
+    fn a_halt_is_named_but_an_exhausted_pool_makes_it_unready() {
+        let health = Health::default();
+        health.set_role(Role::Leader);
+        health.streaming.store(true, Ordering::Relaxed);
+        health.set_halted(vec!["memos".into()]);
+        let (ready, why) = health.readiness();
+        assert!(ready && why.contains("memos"), "{why}");
+        health.read_pool_refused();
+        assert!(
+            health.readiness().0,
+            "one refused miss is a burst, not exhaustion"
+        );
+        health
+            .read_pool_starved_since
+            .store(now_ms() - 1_500, Ordering::Relaxed);
+        let (ready, why) = health.readiness();
+        assert!(!ready && why.contains("read pool"), "{why}");
+        health.read_pool_served();
+        assert!(health.readiness().0);
     }
 }

@@ -99,7 +99,7 @@ async fn open(db: &Database) -> Result<LeaseConnection, tokio_postgres::Error> {
     let (lost_tx, lost) = watch::channel(false);
     let driver_lost = lost_tx.clone();
     tokio::spawn(async move {
-        if let Err(err) = connection.await {
+        if let Err(err) = crate::postgres::drive(connection, ConnectionPurpose::Lease).await {
             tracing::warn!(error = %err, "the lease connection failed");
         }
         let _ = driver_lost.send(true);

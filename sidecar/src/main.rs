@@ -150,6 +150,7 @@ impl Wiring {
             self.pg.clone(),
             Arc::clone(&self.cache),
             Arc::clone(&self.metrics),
+            Arc::clone(&self.health),
             ReadSettings {
                 redis_timeout: config.read_redis_timeout,
                 postgres_timeout: config.read_pg_timeout,

@@ -39,6 +39,7 @@ pub const READ_BACKEND_QUERIES_TOTAL: &str = "cqrs_read_backend_queries_total";
 pub const READ_DENIED_TOTAL: &str = "cqrs_read_denied_total";
 pub const READ_SHED_TOTAL: &str = "cqrs_read_shed_total";
 pub const READ_PLAINTEXT_CREDENTIALS: &str = "cqrs_read_plaintext_credentials";
+pub const READ_POOL_EXHAUSTED: &str = "cqrs_read_pool_exhausted";
 
 /// Label values, as constants: the code that counts and the tests that read the counts use these.
 pub mod label {
@@ -103,6 +104,7 @@ pub struct Metrics {
     pub read_denied: IntCounterVec,
     pub read_shed: IntCounter,
     pub read_plaintext_credentials: IntGauge,
+    pub read_pool_exhausted: IntGauge,
 }
 
 fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
@@ -151,6 +153,7 @@ impl Metrics {
             read_backend_queries: register(r, IntCounter::new(READ_BACKEND_QUERIES_TOTAL, "PostgreSQL queries made by the read API (after singleflight).")?),
             read_denied: register(r, IntCounterVec::new(Opts::new(READ_DENIED_TOTAL, "Read API requests refused, by reason (credentials, a projection not exposed or not the caller's, a row another subject owns)."), &["reason"])?),
             read_shed: register(r, IntCounter::new(READ_SHED_TOTAL, "Read API requests answered 503 at once because the API was at capacity.")?),
+            read_pool_exhausted: register(r, IntGauge::new(READ_POOL_EXHAUSTED, "1 while every cache miss has been refused for want of a read pool connection for a second or more (the sidecar is then not ready).")?),
             read_plaintext_credentials: register(r, IntGauge::new(READ_PLAINTEXT_CREDENTIALS, "1 when the read API takes credentials over plain HTTP on a non-loopback address (no --read-tls-cert).")?),
             registry,
         })

@@ -293,8 +293,8 @@ impl Database {
                 }
             })?;
         tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(error = %err, "PostgreSQL connection ended");
+            if let Err(err) = drive(connection, purpose).await {
+                tracing::debug!(connection = purpose.application_name(), error = %err, "PostgreSQL connection ended");
             }
         });
         Ok(client)
@@ -333,6 +333,39 @@ impl Database {
         .with_wakeup_interval(Duration::from_secs(1))
         .with_buffer_size(1024)
         .with_application_name(ConnectionPurpose::Replication.application_name())
+    }
+}
+
+/// Drives a connection until it ends, logging each notice PostgreSQL sends at its own severity
+/// (tokio-postgres, left to itself, logs every notice at INFO, a WARNING too). The notices are
+/// pg_cqrs's own — a projection halted, a catch-up stopped — and carry no command values: the
+/// code of a read model's owner runs with client_min_messages = error, so its messages stay in
+/// the server's log.
+pub async fn drive<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    purpose: ConnectionPurpose,
+) -> Result<(), tokio_postgres::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::StreamExt;
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    while let Some(message) = messages.next().await {
+        if let tokio_postgres::AsyncMessage::Notice(notice) = message? {
+            log_notice(purpose, &notice);
+        }
+    }
+    Ok(())
+}
+
+fn log_notice(purpose: ConnectionPurpose, notice: &tokio_postgres::error::DbError) {
+    let (connection, sqlstate, message) =
+        (purpose.application_name(), notice.code().code(), notice.message());
+    match notice.severity() {
+        "WARNING" => tracing::warn!(connection, sqlstate, "PostgreSQL: {message}"),
+        "NOTICE" | "INFO" => tracing::info!(connection, sqlstate, "PostgreSQL: {message}"),
+        _ => tracing::debug!(connection, sqlstate, "PostgreSQL: {message}"),
     }
 }
 

@@ -61,9 +61,13 @@ async fn poll(pg: &Client, watch: &Watch, seen: &mut Seen) -> Result<(), tokio_p
             &[],
         )
         .await?;
+    let mut halted_now = Vec::new();
     for row in rows {
         let projection: String = row.get(0);
         let halted: bool = row.get(1);
+        if halted {
+            halted_now.push(projection.clone());
+        }
         let labels = [projection.as_str()];
         metrics
             .projection_halted
@@ -118,6 +122,10 @@ async fn poll(pg: &Client, watch: &Watch, seen: &mut Seen) -> Result<(), tokio_p
             .with_label_values(&labels)
             .inc_by(duplicates);
     }
+    watch.health.set_halted(halted_now);
+    metrics
+        .read_pool_exhausted
+        .set(i64::from(watch.health.read_pool_exhausted()));
     slot_state(pg, metrics, slot, seen).await?;
     let live: Option<bool> = pg.query_one("select live from cqrs.leader()", &[]).await?.get(0);
     let live = live.unwrap_or(false);

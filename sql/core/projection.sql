@@ -44,7 +44,10 @@ create table cqrs.projection_state (
     parked              bigint      not null default 0,
     -- bumped when read-model rows change outside project_batch (rebuild, resume, retries), so
     -- that caches know to refresh
-    generation          bigint      not null default 0
+    generation          bigint      not null default 0,
+    -- last_error is the summary that may be shown anywhere (SQLSTATE, and the message where it
+    -- names only objects); the whole error, which may hold the command's values, is here
+    last_error_detail   text
 ) with (fillfactor = 50);
 
 -- How far each projection has applied each stream. No foreign key: it is written for every
@@ -78,7 +81,9 @@ create table cqrs.dead_letter (
     error        text        not null,
     sqlstate     text        not null,
     failed_at    timestamptz not null default pg_catalog.now(),
-    retries      integer     not null default 0
+    retries      integer     not null default 0,
+    -- error is the summary (see projection_state.last_error); the whole error is here
+    error_detail text
 );
 create index dead_letter_projection_idx on cqrs.dead_letter (projection, id);
 
@@ -105,6 +110,8 @@ returns bigint
 language sql security definer
 set search_path = pg_catalog, pg_temp
 as $$
+    -- locked for update first: a new token waits for the batches in flight (see cqrs._fence)
+    with locked as (select from cqrs.projector_lease l for update)
     insert into cqrs.projector_lease as l (id, token, holder, acquired_at)
     values (true, 1, acquire_lease.holder, pg_catalog.now())
     on conflict (id) do update
@@ -131,6 +138,14 @@ begin
     if ttl is null or ttl < interval '100 milliseconds' or ttl > interval '1 hour' then
         raise exception using errcode = '22023',
             message = format('ttl must be between 100 ms and 1 hour, not %s', coalesce(ttl::text, 'null'));
+    end if;
+    -- a takeover locks the row for update first, which waits for the batches in flight (they
+    -- hold a key share lock, see cqrs._fence); the holder renewing its lease does not
+    if exists (select from cqrs.projector_lease l
+                where (l.holder is distinct from try_lead.holder or l.holder_pid is distinct from pg_catalog.pg_backend_pid())
+                  and (l.expires_at is null or l.expires_at < pg_catalog.clock_timestamp()
+                       or not exists (select from pg_catalog.pg_stat_activity a where a.pid = l.holder_pid))) then
+        perform from cqrs.projector_lease l for update;
     end if;
     insert into cqrs.projector_lease as l (id, token, holder, acquired_at, holder_pid, expires_at)
     values (true, 1, try_lead.holder, pg_catalog.now(), pg_catalog.pg_backend_pid(), pg_catalog.clock_timestamp() + ttl)
@@ -186,9 +201,11 @@ comment on function cqrs.leader() is
 -- can raise only the codes PostgreSQL defines): a caller whose token is not the lease's — a
 -- deposed leader, or a session that never led — is refused, and the sidecar stops projecting
 -- on this code alone. A call without a token is refused while a sidecar leads: only the leader
--- projects batches then (cqrs.catch_up, which reads the log itself, needs no token). The share
--- lock on the lease row, held to the end of the transaction, makes cqrs.try_lead wait for
--- batches in flight, so after a takeover every call with the old token is refused. A commit LSN
+-- projects batches then (cqrs.catch_up, which reads the log itself, needs no token). The key
+-- share lock on the lease row, held to the end of the transaction, makes a takeover (which locks
+-- the row for update, in cqrs.try_lead and cqrs.acquire_lease) wait for batches in flight, so
+-- after it every call with the old token is refused; the leader renewing its own lease (an
+-- update of no key) does not wait for its batches. A commit LSN
 -- past the server's WAL cannot be a commit's: it would make projections skip the real batches
 -- below it. The SQLSTATE is also in projection/src/lib.rs (FENCED_SQLSTATE), whose test reads
 -- this file.
@@ -205,7 +222,7 @@ begin
            and exists (select from pg_catalog.pg_stat_activity a where a.pid = l.holder_pid) as live
       into v_lease
       from cqrs.projector_lease l
-       for share;
+       for key share;
     if fencing_token is null then
         if v_lease.live then
             raise exception using errcode = 'QC001',
@@ -316,8 +333,8 @@ as $$
       left join dead on dead.projection = p.name;
 $$;
 
--- Security invoker, so that it shows the last error's text only to those who may read it
--- (error texts carry values of the commands: cqrs_reader sees the SQLSTATE).
+-- Security invoker, so that it shows the last error only to those who may read it (its summary,
+-- which carries no command values: readers and projectors).
 create function cqrs.status()
 returns table (
     projection           text,
@@ -402,9 +419,10 @@ grant select, insert, update, delete on cqrs.projection_state, cqrs.projection_s
     cqrs.dead_letter to cqrs_projector;
 -- the lease changes only through its functions (try_lead, release_lead, acquire_lease)
 grant select on cqrs.projection, cqrs.projector_lease to cqrs_projector;
--- readers see where projections are, not the commands they failed on (error texts carry values)
+-- readers see where projections are and why one halted (the summary), not the commands they
+-- failed on nor the whole error (which can hold their values)
 grant select on cqrs.projection, cqrs.projection_stream to cqrs_reader;
-grant select (name, halted, last_error_sqlstate, last_error_at, checkpoint_lsn, checkpoint_position, checkpoint_at,
+grant select (name, halted, last_error, last_error_sqlstate, last_error_at, checkpoint_lsn, checkpoint_position, checkpoint_at,
               revision, applied, duplicates, dead_lettered, parked, generation)
     on cqrs.projection_state to cqrs_reader;
 grant usage on sequence cqrs.dead_letter_id_seq to cqrs_projector;

@@ -119,12 +119,12 @@ begin
     execute format('create or replace function cqrs_portable.%I(op text, args jsonb, rev bigint, with_docs boolean)
         returns table (key text, doc json, deleted boolean)
         language plpgsql volatile security definer
-        set search_path = pg_catalog, pg_temp
+        set search_path = pg_catalog, pg_temp set client_min_messages = error
         as %L', v_writer, cqrs_portable._owner_function_body(name, target, 'w'));
     execute format('create or replace function cqrs_portable.%I(keys text[], after bigint)
         returns table (key text, rev bigint, doc json)
         language plpgsql stable security definer
-        set search_path = pg_catalog, pg_temp
+        set search_path = pg_catalog, pg_temp set client_min_messages = error
         as %L', v_reader, cqrs_portable._owner_function_body(name, target, 'r'));
     execute format('comment on function cqrs_portable.%I(text, jsonb, bigint, boolean) is %L', v_writer,
                    format('pg_cqrs: writes the read model of projection %s as its owner (made by cqrs.create_projection; do not alter it)', name));
@@ -180,7 +180,8 @@ $$;
 -- The projection's writer or reader, refused (55000) unless it is still the function pg_cqrs
 -- made: owned by the table's owner, SECURITY DEFINER, with the pinned search_path and its body.
 -- Its owner may ALTER it — made SECURITY INVOKER, it would run as whoever projects — or the table
--- may have changed hands since.
+-- may have changed hands since. (client_min_messages = error: the owner's messages stay in the
+-- server's log and do not reach the caller's client, the sidecar's log.)
 create function cqrs_portable._owner_function_checked(name text, kind text)
 returns text
 language plpgsql stable
@@ -201,7 +202,7 @@ begin
     select f.proowner, f.prosecdef, f.proconfig, f.prosrc into v_fn
       from pg_catalog.pg_proc f where f.oid = pg_catalog.to_regprocedure('cqrs_portable.' || quote_ident(v_function) || v_args);
     if not found or v_fn.proowner <> v_table.relowner or not v_fn.prosecdef
-       or v_fn.proconfig is distinct from array['search_path=pg_catalog, pg_temp']
+       or v_fn.proconfig is distinct from array['search_path=pg_catalog, pg_temp', 'client_min_messages=error']
        or v_fn.prosrc is distinct from cqrs_portable._owner_function_body(name, v_table.oid, kind) then
         raise exception using errcode = '55000',
             message = format('the %s of projection %s (function cqrs_portable.%s) is not the one pg_cqrs made for the owner of its table, role %s',

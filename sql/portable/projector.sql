@@ -563,7 +563,7 @@ as $$
 $$;
 
 -- Progress, parked events and dead letters of a planned batch (write_bookkeeping in the
--- extension). `dead` holds [event, error, sqlstate] triples.
+-- extension). `dead` holds [event, summary, sqlstate, whole error] each.
 create function cqrs_portable._bookkeeping(name text, progress jsonb, park jsonb, unpark jsonb, dead jsonb)
 returns void
 language plpgsql
@@ -586,24 +586,125 @@ begin
         update cqrs.projection_state s set parked = (select count(*) from cqrs.parked p where p.projection = _bookkeeping.name) where s.name = _bookkeeping.name;
     end if;
     if jsonb_array_length(dead) > 0 then
-        insert into cqrs.dead_letter (projection, stream, seq, command_id, command_type, event, error, sqlstate)
+        insert into cqrs.dead_letter (projection, stream, seq, command_id, command_type, event, error, sqlstate, error_detail)
         select _bookkeeping.name, d -> 0 ->> 'stream', (d -> 0 ->> 'seq')::bigint, (d -> 0 ->> 'command_id')::uuid, d -> 0 ->> 'command_type',
-               d -> 0, d ->> 1, d ->> 2
+               d -> 0, d ->> 1, d ->> 2, d ->> 3
           from jsonb_array_elements(dead) with ordinality x(d, n) order by n;
     end if;
 end
 $$;
 
--- An error as the extension keeps it: the message, and the detail in parentheses.
+-- The whole error as the extension keeps it (Failure::describe): the message, and the detail
+-- in parentheses. It may hold a command's values: kept where readers and logs do not reach.
 create function cqrs_portable._describe_error(message text, detail text)
 returns text
 language sql immutable
 as $$ select case when coalesce(detail, '') = '' then message else message || ' (' || detail || ')' end $$;
 
+-- The error as it may be shown anywhere (extension/src/subtransaction.rs, summarize): its
+-- SQLSTATE, with PostgreSQL's message only for the classes whose messages name objects and never
+-- values (integrity constraints, rollback, access rules, resources, limits, object state,
+-- operator intervention).
+create function cqrs_portable._summarize_error(sqlstate text, message text)
+returns text
+language sql immutable
+as $$
+    select case when left(sqlstate, 2) in ('23', '40', '42', '53', '54', '55', '57')
+                then 'SQLSTATE ' || sqlstate || ': ' || message else 'SQLSTATE ' || sqlstate end
+$$;
+
+-- "s#3 (position 9)": where an event is, without its contents (for warnings and messages).
+create function cqrs_portable._locate(event jsonb)
+returns text
+language sql immutable
+as $$ select format('%s#%s (position %s)', event ->> 'stream', event ->> 'seq', event ->> 'position') $$;
+
+-- One projection's part of a batch, applied (run_plan in the extension): its events and
+-- bookkeeping in one go; on a failure, with on_error = 'halt' the failing event is found and
+-- nothing applied, with 'dead_letter' the events are applied one at a time and those that fail
+-- set aside. `dead` holds [event, summary, sqlstate, whole error] of the events set aside
+-- already (a resume's skip).
+create function cqrs_portable._run_plan(name text, on_error text, apply jsonb, progress jsonb, park jsonb, unpark jsonb,
+    dead jsonb, rev bigint, with_docs boolean,
+    out keys text[], out docs json[], out gone boolean[], out dead_letters jsonb,
+    out halted boolean, out summary text, out whole text, out code text, out poison jsonb)
+returns record
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_row record;
+    v_event jsonb;
+    v_message text;
+    v_detail text;
+    v_code text;
+begin
+    keys := '{}'; docs := '{}'; gone := '{}'; dead_letters := dead; halted := false;
+    begin
+        for v_row in select * from cqrs_portable._apply(name, apply, rev, with_docs) loop
+            keys := keys || v_row.key; docs := docs || v_row.doc; gone := gone || v_row.deleted;
+        end loop;
+        perform cqrs_portable._bookkeeping(name, progress, park, unpark, dead);
+        return;
+    exception when others then
+        get stacked diagnostics code = returned_sqlstate, v_message = message_text, v_detail = pg_exception_detail;
+        summary := cqrs_portable._summarize_error(code, v_message);
+        whole := cqrs_portable._describe_error(v_message, v_detail);
+    end;
+    keys := '{}'; docs := '{}'; gone := '{}';
+    if on_error = 'halt' then
+        -- find the event that fails, then roll everything back: a halted projection keeps what it
+        -- had before this batch
+        begin
+            for v_event in select e from jsonb_array_elements(apply) e loop
+                begin
+                    perform cqrs_portable._apply(name, jsonb_build_array(v_event), rev, false);
+                exception when others then
+                    get stacked diagnostics v_code = returned_sqlstate, v_message = message_text, v_detail = pg_exception_detail;
+                    code := v_code;
+                    summary := cqrs_portable._summarize_error(v_code, v_message);
+                    whole := cqrs_portable._describe_error(v_message, v_detail);
+                    poison := v_event;
+                end;
+                exit when poison is not null;
+            end loop;
+            raise exception using errcode = 'P0001', message = 'rolling back the search for the failing event';
+        exception when others then
+            null;
+        end;
+        halted := true;
+        return;
+    end if;
+    -- dead_letter: apply one event at a time, set aside those that fail, go on
+    begin
+        for v_event in select e from jsonb_array_elements(apply) e loop
+            begin
+                for v_row in select * from cqrs_portable._apply(name, jsonb_build_array(v_event), rev, with_docs) loop
+                    keys := keys || v_row.key; docs := docs || v_row.doc; gone := gone || v_row.deleted;
+                end loop;
+            exception when others then
+                get stacked diagnostics v_code = returned_sqlstate, v_message = message_text, v_detail = pg_exception_detail;
+                dead_letters := dead_letters || jsonb_build_array(jsonb_build_array(v_event,
+                    cqrs_portable._summarize_error(v_code, v_message), v_code, cqrs_portable._describe_error(v_message, v_detail)));
+            end;
+        end loop;
+        perform cqrs_portable._bookkeeping(name, progress, park, unpark, dead_letters);
+        summary := null; whole := null; code := null;
+    exception when others then
+        get stacked diagnostics code = returned_sqlstate, v_message = message_text, v_detail = pg_exception_detail;
+        summary := cqrs_portable._summarize_error(code, v_message);
+        whole := cqrs_portable._describe_error(v_message, v_detail);
+        halted := true;
+        keys := '{}'; docs := '{}'; gone := '{}';
+    end;
+end
+$$;
+
 -- Applies events (in commit order) to every projection not halted, or only to `only_name`:
 -- one row per changed read-model row ('row'), and one 'report' per projection it ran
--- (applied, dead-lettered, and the failure and event it halted on, if it did). `skip` is
--- [stream, seq, error, sqlstate]: that event is set aside into the dead letters (resume).
+-- (applied, dead-lettered, and the failure's summary and the event it halted on, if it did).
+-- `skip` is [stream, seq, summary, sqlstate, whole error]: that event is set aside into the dead
+-- letters (resume).
 create function cqrs_portable._project(events jsonb, commit_lsn pg_lsn, only_name text, with_docs boolean, skip jsonb,
     out kind text, out projection text, out key text, out rev bigint, out doc json, out deleted boolean,
     out applied bigint, out dead_lettered bigint, out failure text, out failure_event jsonb)
@@ -614,23 +715,12 @@ as $$
 declare
     v_state record;
     v_plan record;
+    v_run record;
     v_rev bigint;
     v_max_position bigint := (select max((e ->> 'position')::bigint) from jsonb_array_elements(events) e);
-    v_keys text[];
-    v_docs json[];
-    v_gone boolean[];
     v_dead jsonb;
     v_applicable integer;
-    v_event jsonb;
     v_row record;
-    v_failure text;
-    v_sqlstate text;
-    v_message text;
-    v_detail text;
-    v_poison jsonb;
-    v_poison_failure text;
-    v_poison_sqlstate text;
-    v_halted boolean;
     v_any boolean := false;
 begin
     for v_state in
@@ -647,7 +737,8 @@ begin
         v_plan := cqrs_portable._plan(v_state.name, events, v_state.parked > 0);
         v_dead := '[]'::jsonb;
         if skip is not null then
-            select jsonb_agg(jsonb_build_array(e, skip ->> 2, skip ->> 3)) into v_dead from jsonb_array_elements(v_plan.apply) e
+            select jsonb_agg(jsonb_build_array(e, skip ->> 2, skip ->> 3, coalesce(skip ->> 4, skip ->> 2))) into v_dead
+              from jsonb_array_elements(v_plan.apply) e
              where e ->> 'stream' = skip ->> 0 and (e ->> 'seq')::bigint = (skip ->> 1)::bigint;
             v_dead := coalesce(v_dead, '[]');
             select coalesce(jsonb_agg(e order by n), '[]') into v_plan.apply from jsonb_array_elements(v_plan.apply) with ordinality x(e, n)
@@ -655,81 +746,27 @@ begin
         end if;
         v_applicable := jsonb_array_length(v_plan.apply) + jsonb_array_length(v_dead);
         v_rev := v_state.revision + 1;
-        v_keys := '{}'::text[]; v_docs := '{}'::json[]; v_gone := '{}'::boolean[];
-        v_halted := false;
-        v_failure := null; v_poison := null;
-        begin
-            for v_row in select * from cqrs_portable._apply(v_state.name, v_plan.apply, v_rev, with_docs) loop
-                v_keys := v_keys || v_row.key; v_docs := v_docs || v_row.doc; v_gone := v_gone || v_row.deleted;
-            end loop;
-            perform cqrs_portable._bookkeeping(v_state.name, v_plan.progress, v_plan.park, v_plan.unpark, v_dead);
-        exception when others then
-            get stacked diagnostics v_sqlstate = returned_sqlstate, v_message = message_text, v_detail = pg_exception_detail;
-            v_failure := cqrs_portable._describe_error(v_message, v_detail);
-        end;
-        if v_failure is not null and v_state.on_error = 'halt' then
-            -- find the event that fails, then roll everything back: a halted projection keeps
-            -- what it had before this batch
-            begin
-                for v_event in select e from jsonb_array_elements(v_plan.apply) e loop
-                    begin
-                        perform cqrs_portable._apply(v_state.name, jsonb_build_array(v_event), v_rev, false);
-                    exception when others then
-                        get stacked diagnostics v_poison_sqlstate = returned_sqlstate, v_message = message_text, v_detail = pg_exception_detail;
-                        v_poison_failure := cqrs_portable._describe_error(v_message, v_detail);
-                        v_poison := v_event;
-                    end;
-                    exit when v_poison is not null;
-                end loop;
-                raise exception using errcode = 'P0001', message = 'rolling back the search for the failing event';
-            exception when others then
-                null;
-            end;
-            if v_poison is not null then
-                v_failure := v_poison_failure;
-                v_sqlstate := v_poison_sqlstate;
-            end if;
-            v_halted := true;
-        elsif v_failure is not null then
-            -- dead_letter: apply one event at a time, set aside those that fail, go on
-            begin
-                v_keys := '{}'::text[]; v_docs := '{}'::json[]; v_gone := '{}'::boolean[];
-                for v_event in select e from jsonb_array_elements(v_plan.apply) e loop
-                    begin
-                        for v_row in select * from cqrs_portable._apply(v_state.name, jsonb_build_array(v_event), v_rev, with_docs) loop
-                            v_keys := v_keys || v_row.key; v_docs := v_docs || v_row.doc; v_gone := v_gone || v_row.deleted;
-                        end loop;
-                    exception when others then
-                        get stacked diagnostics v_sqlstate = returned_sqlstate, v_message = message_text, v_detail = pg_exception_detail;
-                        v_dead := v_dead || jsonb_build_array(jsonb_build_array(v_event, cqrs_portable._describe_error(v_message, v_detail), v_sqlstate));
-                    end;
-                end loop;
-                perform cqrs_portable._bookkeeping(v_state.name, v_plan.progress, v_plan.park, v_plan.unpark, v_dead);
-                v_failure := null;
-            exception when others then
-                get stacked diagnostics v_sqlstate = returned_sqlstate, v_message = message_text, v_detail = pg_exception_detail;
-                v_failure := cqrs_portable._describe_error(v_message, v_detail);
-                v_halted := true;
-                v_keys := '{}'::text[]; v_docs := '{}'::json[]; v_gone := '{}'::boolean[];
-            end;
-        end if;
+        v_run := cqrs_portable._run_plan(v_state.name, v_state.on_error, v_plan.apply, v_plan.progress, v_plan.park,
+                                         v_plan.unpark, v_dead, v_rev, with_docs);
         kind := 'report'; projection := v_state.name; key := null; rev := null; doc := null; deleted := null;
-        if v_halted then
+        if v_run.halted then
+            -- the summary where readers and logs see it, the whole error where they do not
             update cqrs.projection_state s
-               set halted = true, last_error = v_failure, last_error_sqlstate = v_sqlstate, last_error_at = now(),
-                   last_error_event = v_poison
+               set halted = true, last_error = v_run.summary, last_error_sqlstate = v_run.code, last_error_at = now(),
+                   last_error_event = v_run.poison, last_error_detail = v_run.whole
              where s.name = v_state.name;
-            raise warning '%', format('projection %s halted: %s (SQLSTATE %s)%s', v_state.name, v_failure, v_sqlstate,
-                                      coalesce(' at ' || cqrs_portable._describe(v_poison), ''));
-            applied := 0; dead_lettered := 0; failure := v_failure; failure_event := v_poison;
+            raise warning '%', format('projection %s halted%s: %s', v_state.name,
+                                      coalesce(' at ' || cqrs_portable._locate(v_run.poison), ''), v_run.summary);
+            applied := 0; dead_lettered := 0; failure := v_run.summary; failure_event := v_run.poison;
             return next;
             continue;
         end if;
+        v_dead := v_run.dead_letters;
         update cqrs.projection_state s set
                checkpoint_lsn = greatest(s.checkpoint_lsn, commit_lsn),
                checkpoint_position = greatest(s.checkpoint_position, v_max_position),
                checkpoint_at = now(),
-               revision = greatest(s.revision, case when cardinality(v_keys) > 0 then v_rev else s.revision end),
+               revision = greatest(s.revision, case when cardinality(v_run.keys) > 0 then v_rev else s.revision end),
                applied = s.applied + (v_applicable - jsonb_array_length(v_dead)),
                duplicates = s.duplicates + v_plan.duplicates,
                dead_lettered = s.dead_lettered + jsonb_array_length(v_dead)
@@ -737,9 +774,9 @@ begin
         -- the changed rows: each key once, where it first changed, with its last change
         for v_row in
             select l.k, l.d, l.g
-              from (select distinct on (x.k) x.k, x.d, x.g, x.n from unnest(v_keys, v_docs, v_gone) with ordinality x(k, d, g, n)
+              from (select distinct on (x.k) x.k, x.d, x.g, x.n from unnest(v_run.keys, v_run.docs, v_run.gone) with ordinality x(k, d, g, n)
                      order by x.k, x.n desc) l
-              join (select x.k, min(x.n) as first from unnest(v_keys) with ordinality x(k, n) group by x.k) f on f.k = l.k
+              join (select x.k, min(x.n) as first from unnest(v_run.keys) with ordinality x(k, n) group by x.k) f on f.k = l.k
              order by f.first
         loop
             kind := 'row'; key := v_row.k; rev := v_rev; doc := v_row.d; deleted := v_row.g;
@@ -924,7 +961,7 @@ begin
     if skip then
         -- the way out of a halt on an event that cannot be applied as it is: set it aside into
         -- the dead letters, with its error, as the catch-up below reaches it
-        select s.halted, s.last_error_event, s.last_error, s.last_error_sqlstate into v_state
+        select s.halted, s.last_error_event, s.last_error, s.last_error_sqlstate, s.last_error_detail into v_state
           from cqrs.projection_state s where s.name = resume.name for update;
         if not found then
             raise exception using errcode = '42704', message = format('projection %s does not exist', cqrs_portable._quoted(resume.name));
@@ -939,11 +976,12 @@ begin
                 hint = 'See cqrs.status() for the error; fix it, then call cqrs.resume(name).';
         end if;
         v_skip := jsonb_build_array(v_state.last_error_event ->> 'stream', (v_state.last_error_event ->> 'seq')::bigint,
-                                    coalesce(v_state.last_error, ''), coalesce(v_state.last_error_sqlstate, 'XX000'));
+                                    coalesce(v_state.last_error, ''), coalesce(v_state.last_error_sqlstate, 'XX000'),
+                                    coalesce(v_state.last_error_detail, v_state.last_error, ''));
     end if;
     update cqrs.projection_state s
        set halted = false, last_error = null, last_error_sqlstate = null, last_error_at = null, last_error_event = null,
-           generation = s.generation + 1
+           last_error_detail = null, generation = s.generation + 1
      where s.name = resume.name;
     if not found then
         raise exception using errcode = '42704', message = format('projection %s does not exist', cqrs_portable._quoted(resume.name));
@@ -1010,8 +1048,8 @@ begin
             end loop;
         exception when others then
             get stacked diagnostics v_sqlstate = returned_sqlstate, v_message = message_text, v_detail = pg_exception_detail;
-            update cqrs.dead_letter d set retries = d.retries + 1, error = cqrs_portable._describe_error(v_message, v_detail),
-                   sqlstate = v_sqlstate, failed_at = now()
+            update cqrs.dead_letter d set retries = d.retries + 1, error = cqrs_portable._summarize_error(v_sqlstate, v_message),
+                   sqlstate = v_sqlstate, error_detail = cqrs_portable._describe_error(v_message, v_detail), failed_at = now()
              where d.id = v_letter.id;
         end;
     end loop;
@@ -1039,14 +1077,14 @@ declare
     v_row record;
     v_seconds double precision;
     v_message text;
-    v_detail text;
+    v_sqlstate text;
 begin
     if chunk not between 1 and 1000000 then
         raise exception using errcode = '22023', message = format('chunk must be between 1 and 1000000, not %s', chunk);
     end if;
     update cqrs.projection_state s
        set halted = false, last_error = null, last_error_sqlstate = null, last_error_at = null, last_error_event = null,
-           applied = 0, duplicates = 0, dead_lettered = 0
+           last_error_detail = null, applied = 0, duplicates = 0, dead_lettered = 0
      where s.name = rebuild.name;
     if not found then
         raise exception using errcode = '42704', message = format('projection %s does not exist', cqrs_portable._quoted(rebuild.name));
@@ -1055,9 +1093,9 @@ begin
         -- as the table's owner, like every write of it: its delete triggers fire
         perform cqrs_portable._write(rebuild.name, 'clear', null, null, false);
     exception when others then
-        get stacked diagnostics v_message = message_text, v_detail = pg_exception_detail;
+        get stacked diagnostics v_message = message_text, v_sqlstate = returned_sqlstate;
         raise exception using errcode = '55000',
-            message = format('rebuild of %s could not empty its read model: %s', rebuild.name, cqrs_portable._describe_error(v_message, v_detail));
+            message = format('rebuild of %s could not empty its read model: %s', rebuild.name, cqrs_portable._summarize_error(v_sqlstate, v_message));
     end;
     delete from cqrs.projection_stream ps where ps.projection = rebuild.name;
     delete from cqrs.parked p where p.projection = rebuild.name;

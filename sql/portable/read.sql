@@ -76,7 +76,6 @@ as $$
 declare
     v_deadline timestamptz;
     v_state record;
-    v_error text;
 begin
     if seq < 1 then
         raise exception using errcode = '22023', message = pg_catalog.format('seq must be positive, not %s', seq);
@@ -94,7 +93,7 @@ begin
         -- each statement of a volatile function sees what committed before it (READ COMMITTED)
         select coalesce((select ps.last_seq >= wait_for.seq from cqrs.projection_stream ps
                           where ps.projection = wait_for.projection and ps.stream = wait_for.stream), false) as applied,
-               s.halted, s.last_error_sqlstate
+               s.halted, s.last_error
           into v_state
           from cqrs.projection_state s where s.name = wait_for.projection;
         if not found then
@@ -104,13 +103,10 @@ begin
             return true;
         end if;
         if v_state.halted then
-            -- the error text carries command values: only for those who may read it
-            if pg_catalog.has_column_privilege('cqrs.projection_state', 'last_error', 'select') then
-                select s.last_error into v_error from cqrs.projection_state s where s.name = wait_for.projection;
-            end if;
+            -- the summary: SQLSTATE and, where safe, what it names — never a command's values
             raise exception using errcode = '55000',
                 message = pg_catalog.format('projection %s is halted and will not apply %s#%s: %s', cqrs_portable._quoted(wait_for.projection),
-                                            wait_for.stream, wait_for.seq, coalesce(v_error, 'SQLSTATE ' || coalesce(v_state.last_error_sqlstate, ''))),
+                                            wait_for.stream, wait_for.seq, coalesce(v_state.last_error, '')),
                 hint = 'See cqrs.status(); fix the cause and call cqrs.resume().';
         end if;
         if pg_catalog.clock_timestamp() >= v_deadline then

@@ -9,6 +9,18 @@
 -- the leader and made token + 1 overflow for everyone.
 revoke insert, update on cqrs.projector_lease from cqrs_projector;
 
+-- Errors are kept twice: the summary that may be shown anywhere (last_error, error: the SQLSTATE,
+-- and the message where its class names only objects) and the whole error, which may hold a
+-- command's values, where readers and logs do not reach (last_error_detail, error_detail). What
+-- earlier releases recorded becomes the whole error; its summary is its SQLSTATE.
+alter table cqrs.projection_state add column last_error_detail text;
+alter table cqrs.dead_letter add column error_detail text;
+update cqrs.projection_state
+   set last_error_detail = last_error, last_error = 'SQLSTATE ' || coalesce(last_error_sqlstate, 'XX000')
+ where last_error is not null;
+update cqrs.dead_letter set error_detail = error, error = 'SQLSTATE ' || sqlstate;
+grant select (last_error) on cqrs.projection_state to cqrs_reader;
+
 -- ---- sql/core/command.sql ----
 comment on table cqrs.command_log is
     'Append-only log of accepted commands. Write it only through cqrs.append()/cqrs.append_batch().';
@@ -209,6 +221,8 @@ returns bigint
 language sql security definer
 set search_path = pg_catalog, pg_temp
 as $$
+    -- locked for update first: a new token waits for the batches in flight (see cqrs._fence)
+    with locked as (select from cqrs.projector_lease l for update)
     insert into cqrs.projector_lease as l (id, token, holder, acquired_at)
     values (true, 1, acquire_lease.holder, pg_catalog.now())
     on conflict (id) do update
@@ -234,6 +248,14 @@ begin
     if ttl is null or ttl < interval '100 milliseconds' or ttl > interval '1 hour' then
         raise exception using errcode = '22023',
             message = format('ttl must be between 100 ms and 1 hour, not %s', coalesce(ttl::text, 'null'));
+    end if;
+    -- a takeover locks the row for update first, which waits for the batches in flight (they
+    -- hold a key share lock, see cqrs._fence); the holder renewing its lease does not
+    if exists (select from cqrs.projector_lease l
+                where (l.holder is distinct from try_lead.holder or l.holder_pid is distinct from pg_catalog.pg_backend_pid())
+                  and (l.expires_at is null or l.expires_at < pg_catalog.clock_timestamp()
+                       or not exists (select from pg_catalog.pg_stat_activity a where a.pid = l.holder_pid))) then
+        perform from cqrs.projector_lease l for update;
     end if;
     insert into cqrs.projector_lease as l (id, token, holder, acquired_at, holder_pid, expires_at)
     values (true, 1, try_lead.holder, pg_catalog.now(), pg_catalog.pg_backend_pid(), pg_catalog.clock_timestamp() + ttl)
@@ -299,7 +321,7 @@ begin
            and exists (select from pg_catalog.pg_stat_activity a where a.pid = l.holder_pid) as live
       into v_lease
       from cqrs.projector_lease l
-       for share;
+       for key share;
     if fencing_token is null then
         if v_lease.live then
             raise exception using errcode = 'QC001',
@@ -488,7 +510,7 @@ grant select on cqrs.projection, cqrs.projector_lease to cqrs_projector;
 
 grant select on cqrs.projection, cqrs.projection_stream to cqrs_reader;
 
-grant select (name, halted, last_error_sqlstate, last_error_at, checkpoint_lsn, checkpoint_position, checkpoint_at,
+grant select (name, halted, last_error, last_error_sqlstate, last_error_at, checkpoint_lsn, checkpoint_position, checkpoint_at,
               revision, applied, duplicates, dead_lettered, parked, generation)
     on cqrs.projection_state to cqrs_reader;
 

@@ -398,7 +398,13 @@ async fn a_slow_reader_never_replaces_a_newer_projected_row() -> Result<()> {
         postgres_queue_timeout: Duration::from_secs(5),
         pool_size: 2,
     };
-    let reader = Reader::new(pg, Arc::clone(&cache), Arc::new(Metrics::new()?), settings)?;
+    let reader = Reader::new(
+        pg,
+        Arc::clone(&cache),
+        Arc::new(Metrics::new()?),
+        Arc::new(cqrs_sidecar::health::Health::default()),
+        settings,
+    )?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(rand::random());
     let (mut late, mut racing) = (0, 0);
     for round in 0..60 {

@@ -21,6 +21,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::watch;
 
 use crate::cache::{Cache, Entry, Write};
+use crate::health::Health;
 use crate::metrics::{label, Metrics};
 use crate::postgres::{ConnectionPurpose, Database};
 
@@ -81,6 +82,8 @@ pub struct Reader {
     cache: Arc<Cache>,
     pool: Pool,
     metrics: Arc<Metrics>,
+    /// told whether cache misses find a connection (readiness)
+    health: Arc<Health>,
     settings: ReadSettings,
     flights: Mutex<HashMap<(String, String), Flight>>,
     hits: AtomicU64,
@@ -126,6 +129,7 @@ impl Reader {
         pg: Database,
         cache: Arc<Cache>,
         metrics: Arc<Metrics>,
+        health: Arc<Health>,
         settings: ReadSettings,
     ) -> Result<Arc<Self>, PoolError> {
         let manager = Manager::from_config(
@@ -147,6 +151,7 @@ impl Reader {
             cache,
             pool,
             metrics,
+            health,
             settings,
             flights: Mutex::new(HashMap::new()),
             hits: AtomicU64::new(0),
@@ -172,10 +177,23 @@ impl Reader {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, ReadError> {
-        self.pool.get().await.map_err(|err| {
-            tracing::debug!(error = %err, "no read pool connection");
-            ReadError::Unavailable("PostgreSQL could not be reached in time".into())
-        })
+        match self.pool.get().await {
+            Ok(client) => {
+                self.health.read_pool_served();
+                self.metrics.read_pool_exhausted.set(0);
+                Ok(client)
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "no read pool connection");
+                self.health.read_pool_refused();
+                self.metrics
+                    .read_pool_exhausted
+                    .set(i64::from(self.health.read_pool_exhausted()));
+                Err(ReadError::Unavailable(
+                    "PostgreSQL could not be reached in time".into(),
+                ))
+            }
+        }
     }
 
     /// The cached entry, `Err(())` when Redis did not answer in time.

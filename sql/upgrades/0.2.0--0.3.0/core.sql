@@ -2,3 +2,15 @@
 -- and acquire_lease, now SECURITY DEFINER): the projecting role could set a token that deposed
 -- the leader and made token + 1 overflow for everyone.
 revoke insert, update on cqrs.projector_lease from cqrs_projector;
+
+-- Errors are kept twice: the summary that may be shown anywhere (last_error, error: the SQLSTATE,
+-- and the message where its class names only objects) and the whole error, which may hold a
+-- command's values, where readers and logs do not reach (last_error_detail, error_detail). What
+-- earlier releases recorded becomes the whole error; its summary is its SQLSTATE.
+alter table cqrs.projection_state add column last_error_detail text;
+alter table cqrs.dead_letter add column error_detail text;
+update cqrs.projection_state
+   set last_error_detail = last_error, last_error = 'SQLSTATE ' || coalesce(last_error_sqlstate, 'XX000')
+ where last_error is not null;
+update cqrs.dead_letter set error_detail = error, error = 'SQLSTATE ' || sqlstate;
+grant select (last_error) on cqrs.projection_state to cqrs_reader;
