@@ -29,6 +29,7 @@ mod errors;
 mod events;
 mod fence;
 mod fmgr;
+mod installed_schema;
 mod owner_rights;
 mod payload_schema;
 mod prepared;

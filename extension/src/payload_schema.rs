@@ -33,7 +33,54 @@ thread_local! {
     static CACHE: RefCell<HashMap<String, Compiled>> = RefCell::new(HashMap::new());
 }
 
+/// The JSON types a `type` keyword may name.
+const JSON_TYPES: [&str; 7] = [
+    "null", "boolean", "object", "array", "number", "integer", "string",
+];
+
+/// A `type` that names no JSON type, anywhere a subschema sits, reported as the portable edition
+/// reports it (the meta-schema's own message, "not valid under any of the schemas listed in the
+/// 'anyOf' keyword", says nothing a user can act on).
+fn type_error(schema: &serde_json::Value, at: &str) -> Option<String> {
+    let object = schema.as_object()?;
+    let pointer = |parent: &str, key: &str| format!("{parent}/{}", key.replace('~', "~0").replace('/', "~1"));
+    if let Some(types) = object.get("type") {
+        let names: Vec<&serde_json::Value> = match types {
+            serde_json::Value::Array(items) => items.iter().collect(),
+            other => vec![other],
+        };
+        for name in names {
+            if !name.as_str().is_some_and(|n| JSON_TYPES.contains(&n)) {
+                return Some(format!("{name} is not a type (at {})", pointer(at, "type")));
+            }
+        }
+    }
+    for (keyword, value) in object {
+        let found = match (keyword.as_str(), value) {
+            (
+                "properties" | "patternProperties" | "$defs" | "definitions",
+                serde_json::Value::Object(members),
+            ) => members
+                .iter()
+                .find_map(|(name, sub)| type_error(sub, &pointer(&pointer(at, keyword), name))),
+            ("prefixItems" | "allOf" | "anyOf" | "oneOf", serde_json::Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .find_map(|(i, sub)| type_error(sub, &pointer(&pointer(at, keyword), &i.to_string()))),
+            ("additionalProperties" | "items" | "not", sub) => type_error(sub, &pointer(at, keyword)),
+            _ => None,
+        };
+        if found.is_some() {
+            return found;
+        }
+    }
+    None
+}
+
 fn compile(schema: &serde_json::Value) -> Result<jsonschema::Validator, String> {
+    if let Some(reason) = type_error(schema, "") {
+        return Err(reason);
+    }
     jsonschema::options()
         // "format" is only an annotation by default in drafts 2019-09 and later; users who write
         // "format": "email" expect it to be enforced (idn-hostname and idn-email included: the
@@ -55,15 +102,33 @@ fn invalid_schema(reason: &str) -> ErrorReport {
         format!("json_schema is not a valid JSON Schema: {reason}"),
         function_name!(),
     )
-    .set_hint("Schemas must be self-contained: remote and file $refs are not resolved inside the database.")
+}
+
+/// Whether `schema` has a `$ref` that points outside itself (another document, a file).
+fn has_remote_ref(schema: &serde_json::Value) -> bool {
+    match schema {
+        serde_json::Value::Object(members) => members.iter().any(|(keyword, value)| {
+            (keyword == "$ref" && value.as_str().is_some_and(|r| !r.starts_with('#')))
+                || has_remote_ref(value)
+        }),
+        serde_json::Value::Array(items) => items.iter().any(has_remote_ref),
+        _ => false,
+    }
 }
 
 /// Raises 22023 unless `json_schema` compiles.
 #[pg_extern(sql = false)]
 fn check_json_schema(json_schema: JsonB) -> Result<(), ErrorReport> {
-    compile(&json_schema.0)
-        .map(|_| ())
-        .map_err(|reason| invalid_schema(&reason))
+    compile(&json_schema.0).map(|_| ()).map_err(|reason| {
+        let report = invalid_schema(&reason);
+        if has_remote_ref(&json_schema.0) {
+            report.set_hint(
+                "Schemas must be self-contained: remote and file $refs are not resolved inside the database.",
+            )
+        } else {
+            report
+        }
+    })
 }
 
 fn load(command_type: &str) -> Result<Option<(i64, serde_json::Value)>, ErrorReport> {

@@ -399,13 +399,15 @@ pub unsafe extern "C-unwind" fn cqrs_resume(fcinfo: pg_sys::FunctionCallInfo) ->
 /// that resumes it — into `cqrs.dead_letter` with its error, so that nothing is lost silently
 /// and `cqrs.retry_dead_letters` applies it once the cause is fixed.
 fn failed_event(client: &mut SpiClient<'_>, name: &str) -> Result<Skip, ErrorReport> {
+    let query = if crate::installed_schema::keeps_error_details(client)? {
+        "select s.halted, s.last_error_event::text, s.last_error, s.last_error_sqlstate, s.last_error_detail
+           from cqrs.projection_state s where s.name = $1 for update"
+    } else {
+        "select s.halted, s.last_error_event::text, s.last_error, s.last_error_sqlstate, null::text
+           from cqrs.projection_state s where s.name = $1 for update"
+    };
     let state = client
-        .update(
-            "select s.halted, s.last_error_event::text, s.last_error, s.last_error_sqlstate, s.last_error_detail
-               from cqrs.projection_state s where s.name = $1 for update",
-            Some(1),
-            &[name.into()],
-        )
+        .update(query, Some(1), &[name.into()])
         .map_err(|e| spi_error("locking the projection", e))?;
     if state.is_empty() {
         return Err(unknown_projection(name));
@@ -499,10 +501,17 @@ pub unsafe extern "C-unwind" fn cqrs_retry_dead_letters(fcinfo: pg_sys::Function
                         .map_err(|e| spi_error("removing a dead letter", e))?;
                 }
                 Err(failure) => {
+                    let update = if crate::installed_schema::keeps_error_details(client)? {
+                        "update cqrs.dead_letter set retries = retries + 1, error = $2, sqlstate = $3, error_detail = $4,
+                                failed_at = now() where id = $1"
+                    } else {
+                        // ($4, the whole error, has no column before 0.3.0)
+                        "update cqrs.dead_letter set retries = retries + 1, error = $2, sqlstate = $3,
+                                failed_at = now() where id = $1"
+                    };
                     client
                         .update(
-                            "update cqrs.dead_letter set retries = retries + 1, error = $2, sqlstate = $3, error_detail = $4,
-                                    failed_at = now() where id = $1",
+                            update,
                             None,
                             &[
                                 (*id).into(),
@@ -599,15 +608,22 @@ enum Counts {
 /// (its read model is about to change outside project_batch; a rebuild bumps it when done).
 /// 42704 when there is no such projection.
 fn clear_halt(client: &mut SpiClient<'_>, name: &str, counts: Counts) -> Result<(), ErrorReport> {
+    let details = if crate::installed_schema::keeps_error_details(client)? {
+        ", last_error_detail = null"
+    } else {
+        ""
+    };
     let cleared = client
         .update(
-            "update cqrs.projection_state
+            &format!(
+                "update cqrs.projection_state
                 set halted = false, last_error = null, last_error_sqlstate = null, last_error_at = null,
-                    last_error_event = null, last_error_detail = null, generation = generation + case when $2 then 0 else 1 end,
+                    last_error_event = null{details}, generation = generation + case when $2 then 0 else 1 end,
                     applied = case when $2 then 0 else applied end,
                     duplicates = case when $2 then 0 else duplicates end,
                     dead_lettered = case when $2 then 0 else dead_lettered end
-              where name = $1 returning 1",
+              where name = $1 returning 1"
+            ),
             None,
             &[name.into(), (counts == Counts::Reset).into()],
         )

@@ -653,6 +653,7 @@ pub(crate) fn register(new: &NewProjection<'_>) -> Result<(), ErrorReport> {
             )
             .map_err(|err| spi_error("registering the projection state", err))?;
         grant_projector(client, new.target, &target.table)?;
+        warn_unregistered(client, &spec)?;
         // Hand the compiled definition on: the backfill, and this session's batches, use it
         // without parsing the handlers or reading the catalog again. The table version is read
         // after the grant, which changed the table's catalog row.
@@ -710,6 +711,32 @@ fn grant_projector(client: &mut SpiClient<'_>, target: pg_sys::Oid, table: &str)
             table,
             failure.message
         );
+    }
+    Ok(())
+}
+
+/// Warns of handlers of command types that are not registered while
+/// `cqrs.require_registered_types` refuses such commands: a misspelt type (`BORROW_BOK`) would
+/// otherwise wait for commands that can never come, in silence.
+fn warn_unregistered(client: &SpiClient<'_>, spec: &Spec) -> Result<(), ErrorReport> {
+    if !crate::settings::REQUIRE_REGISTERED_TYPES.get() {
+        return Ok(());
+    }
+    let types: Vec<String> = spec.handlers.keys().cloned().collect();
+    let rows = client
+        .select(
+            "select t from unnest($1::text[]) as u(t)
+              where not exists (select from cqrs.command_type c where c.command_type = u.t) order by u.t collate \"C\"",
+            None,
+            &[types.into()],
+        )
+        .map_err(|err| spi_error("looking up the handled command types", err))?;
+    for row in rows {
+        if let Some(command_type) = column(row.get::<String>(1), "a command type")? {
+            pgrx::warning!(
+                "handlers.{command_type}: command type {command_type:?} is not registered and cqrs.require_registered_types refuses its commands: this handler runs only once it is registered"
+            );
+        }
     }
     Ok(())
 }

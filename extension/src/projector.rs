@@ -202,6 +202,14 @@ select $1, e ->> 'stream', (e ->> 'seq')::bigint, (e ->> 'command_id')::uuid, e 
        $2[o::int], $3[o::int], $5[o::int]
   from jsonb_array_elements($4::jsonb) with ordinality as x(e, o)";
 
+/// [`DEAD_LETTER`] for an install of a release before 0.3.0 (the summary only, see
+/// [`crate::installed_schema`]).
+const DEAD_LETTER_SUMMARY_ONLY: &str = "\
+insert into cqrs.dead_letter (projection, stream, seq, command_id, command_type, event, error, sqlstate)
+select $1, e ->> 'stream', (e ->> 'seq')::bigint, (e ->> 'command_id')::uuid, e ->> 'command_type', e,
+       $2[o::int], $3[o::int]
+  from jsonb_array_elements($4::jsonb) with ordinality as x(e, o)";
+
 const SAVE_CHECKPOINT: &str = "\
 update cqrs.projection_state set
        checkpoint_lsn = greatest(checkpoint_lsn, $2::pg_lsn),
@@ -217,6 +225,12 @@ const HALT: &str = "\
 update cqrs.projection_state set
        halted = true, last_error = $2, last_error_sqlstate = $3, last_error_at = now(), last_error_event = $4::jsonb,
        last_error_detail = $5
+ where name = $1";
+
+/// [`HALT`] for an install of a release before 0.3.0 (the summary only).
+const HALT_SUMMARY_ONLY: &str = "\
+update cqrs.projection_state set
+       halted = true, last_error = $2, last_error_sqlstate = $3, last_error_at = now(), last_error_event = $4::jsonb
  where name = $1";
 
 fn text_array() -> PgOid {
@@ -623,9 +637,14 @@ fn write_bookkeeping(
         let errors: Vec<String> = dead.iter().map(|(_, f)| f.summary()).collect();
         let codes: Vec<String> = dead.iter().map(|(_, f)| f.sqlstate.clone()).collect();
         let details: Vec<String> = dead.iter().map(|(_, f)| f.describe()).collect();
+        let insert = if crate::installed_schema::keeps_error_details(client)? {
+            DEAD_LETTER
+        } else {
+            DEAD_LETTER_SUMMARY_ONLY
+        };
         let sql = prepared::statement(
             client,
-            DEAD_LETTER,
+            insert,
             &[
                 PgBuiltInOids::TEXTOID.into(),
                 text_array(),
@@ -883,9 +902,14 @@ fn halt(
     failure: &Failure,
     event: Option<&Event>,
 ) -> Result<(), ErrorReport> {
+    let update = if crate::installed_schema::keeps_error_details(client)? {
+        HALT
+    } else {
+        HALT_SUMMARY_ONLY
+    };
     prepared::execute(
         client,
-        HALT,
+        update,
         &[
             name.into(),
             failure.summary().into(),

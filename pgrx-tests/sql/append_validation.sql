@@ -61,4 +61,14 @@ select cqrs.register_command_type('X', null);
 select cqrs.register_command_type(repeat('T', 129), '{}');
 \echo :LAST_ERROR_SQLSTATE
 
+-- a typo deep in a schema is named by its place, the same in both editions
+select cqrs.register_command_type('TYPO', '{"type": "object", "properties": {"total": {"type": "objekt"}}}');
+\echo :LAST_ERROR_SQLSTATE
+select cqrs.register_command_type('TYPO', '{"anyOf": [{"type": "string"}, {"type": ["null", "nummber"]}]}');
+\echo :LAST_ERROR_SQLSTATE
+-- a format neither edition knows ("isbn") is an annotation, as the specification says: accepted,
+-- and checked by neither
+select cqrs.register_command_type('BOOK', '{"properties": {"isbn": {"type": "string", "format": "isbn"}}}') > 0 as registered;
+select seq from cqrs.append(cqrs.uuid_v7(), 'b-1', 'BOOK', '{"isbn": "not an isbn"}');
+
 rollback;

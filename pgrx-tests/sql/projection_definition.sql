@@ -93,4 +93,13 @@ table "my schema"."order";
 select cqrs.drop_projection('weird'), cqrs.drop_projection('weird') as again;
 select count(*) as rows_kept from "my schema"."order";
 select count(*) as progress_left from cqrs.projection_stream where projection = 'weird';
+
+-- a handler of a type that is not registered, while such commands are refused, is named (a
+-- typo would otherwise wait for commands that never come)
+create table typo_rm (id text primary key, rev bigint not null default 0);
+call pg_temp.cqrs_set('require_registered_types', 'on');
+select cqrs.register_command_type('BORROW_BOOK', '{}') > 0 as registered;
+select cqrs.create_projection('typo', 'typo_rm', 'id',
+    '{"BORROW_BOK": {"action": "upsert", "key": "$.id"}, "BORROW_BOOK": {"action": "upsert", "key": "$.id"}, "RETURN_BOOK": {"action": "delete", "key": "$.id"}}');
+call pg_temp.cqrs_set('require_registered_types', 'off');
 rollback;

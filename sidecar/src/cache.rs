@@ -118,6 +118,23 @@ pub enum CacheError {
     CaFile { path: String, reason: String },
     #[error("a Redis CA file is set but the Redis URL is not rediss:// (TLS)")]
     CaWithoutTls,
+    #[error(
+        "the Redis prefix {prefix:?} holds the cache of another database ({owner}), not of this one ({ours}): \
+         give each database its own --redis-prefix (or its own Redis); if that database is gone for good, \
+         delete the key {prefix}!database"
+    )]
+    Foreign {
+        prefix: String,
+        owner: String,
+        ours: String,
+    },
+}
+
+impl CacheError {
+    /// Whether the prefix belongs to another database (a misconfiguration, not an outage).
+    pub fn is_foreign(&self) -> bool {
+        matches!(self, CacheError::Foreign { .. })
+    }
 }
 
 /// Time to live of entries of each kind.
@@ -130,6 +147,10 @@ pub struct Ttls {
 
 pub struct Cache {
     client: redis::Client,
+    /// Which database this cache is of (`system identifier/database oid/name`), once known: the
+    /// prefix is claimed for it in Redis (`{prefix}!database`), so that two databases can never
+    /// read each other's entries or marks.
+    identity: std::sync::Mutex<Option<String>>,
     manager: Mutex<Option<ConnectionManager>>,
     last_attempt: Mutex<Option<Instant>>,
     script: redis::Script,
@@ -196,6 +217,7 @@ impl Cache {
         };
         Ok(Self {
             client,
+            identity: std::sync::Mutex::new(None),
             manager: Mutex::new(None),
             last_attempt: Mutex::new(None),
             script: redis::Script::new(WRITE_SCRIPT),
@@ -253,8 +275,67 @@ impl Cache {
         .await
         .map_err(|_| CacheError::Unreachable("connecting timed out".into()))?
         .map_err(|err| CacheError::Unreachable(err.to_string()))?;
+        self.claim(&mut created.clone()).await?;
         *manager = Some(created.clone());
         Ok(created)
+    }
+
+    fn claim_key(&self) -> String {
+        format!("{}!database", self.prefix)
+    }
+
+    /// Claims the prefix for this cache's database, or finds it claimed for it already; refuses
+    /// a prefix claimed for another. Nothing is claimed until the database is known.
+    async fn claim(&self, connection: &mut ConnectionManager) -> Result<(), CacheError> {
+        let Some(ours) = self.identity.lock().ok().and_then(|id| id.clone()) else {
+            return Ok(());
+        };
+        let key = self.claim_key();
+        for _ in 0..2 {
+            let set: Option<String> = redis::cmd("SET")
+                .arg(&key)
+                .arg(&ours)
+                .arg("NX")
+                .query_async(connection)
+                .await?;
+            if set.is_some() {
+                return Ok(());
+            }
+            let owner: Option<String> = redis::cmd("GET").arg(&key).query_async(connection).await?;
+            match owner {
+                Some(owner) if owner == ours => return Ok(()),
+                Some(owner) => {
+                    return Err(CacheError::Foreign {
+                        prefix: self.prefix.clone(),
+                        owner,
+                        ours,
+                    })
+                }
+                // gone between the two: try again
+                None => continue,
+            }
+        }
+        Ok(())
+    }
+
+    /// Says which database this cache is of and claims the prefix for it (at start).
+    pub async fn claim_for(&self, identity: String) -> Result<(), CacheError> {
+        if let Ok(mut known) = self.identity.lock() {
+            *known = Some(identity);
+        }
+        self.assert_claim().await
+    }
+
+    /// Claims the prefix again (the status poller, every few seconds: a Redis that lost its data
+    /// lost the claim too); a prefix found claimed for another database drops the connection, so
+    /// that nothing more is read or written under it.
+    pub async fn assert_claim(&self) -> Result<(), CacheError> {
+        let mut connection = self.connection().await?;
+        let claimed = self.claim(&mut connection).await;
+        if let Err(CacheError::Foreign { .. }) = &claimed {
+            *self.manager.lock().await = None;
+        }
+        claimed
     }
 
     /// True when Redis answers PING.

@@ -223,19 +223,32 @@ impl Wiring {
                 }
             }
         };
-        let installed = postgres::check(&client, self.pg.dbname()).await.map_err(|err| {
-            tracing::error!(error = %err, database = %target, "start-up check failed");
-            exit_code(&err)
-        })?;
+        let installed = postgres::check(&client, self.pg.dbname(), &config.slot)
+            .await
+            .map_err(|err| {
+                tracing::error!(error = %err, database = %target, "start-up check failed");
+                exit_code(&err)
+            })?;
         if let Ok(exposure) = Exposure::parse(&config.expose) {
             read::warn_unknown_exposed(&client, &exposure).await;
         }
+        let identity = postgres::database_identity(&client).await.map_err(|err| {
+            tracing::error!(error = %err, database = %target, "start-up check failed");
+            ExitCode::FAILURE
+        })?;
         drop(client);
         self.health
             .pg_reachable
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        if !self.cache.ping().await {
-            tracing::warn!(redis = %self.cache.describe(), "Redis is unreachable; projecting goes on and the cache is repaired when Redis answers");
+        match self.cache.claim_for(identity).await {
+            Ok(()) => {}
+            Err(err) if err.is_foreign() => {
+                tracing::error!(error = %err, redis = %self.cache.describe(), "the cache is another database's");
+                return Err(ExitCode::from(MISCONFIGURED));
+            }
+            Err(_) => {
+                tracing::warn!(redis = %self.cache.describe(), "Redis is unreachable; projecting goes on and the cache is repaired when Redis answers")
+            }
         }
         tracing::info!(
             database = %target,

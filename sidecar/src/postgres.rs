@@ -90,6 +90,15 @@ pub enum StartupError {
     #[error("role {0} cannot run cqrs.project_batch: grant cqrs_projector to {0}")]
     NoProjector(String),
     #[error(
+        "replication slot {slot} belongs to database {owner}, not {database}: slots are the cluster's, so the \
+         sidecars of each database need their own (--slot / CQRS_SLOT)"
+    )]
+    SlotOfAnotherDatabase {
+        slot: String,
+        owner: String,
+        database: String,
+    },
+    #[error(
         "PostgreSQL at {target} did not authenticate with SCRAM channel binding, which this sidecar requires before \
          it sends a password over a connection whose server certificate it does not verify (an on-path attacker \
          could ask for the password in cleartext): use sslmode=verify-full with sslrootcert, or add \
@@ -428,6 +437,30 @@ pub async fn installed(client: &Client) -> Result<Option<Installed>, tokio_postg
     }))
 }
 
+/// Which database this is, for the cache's claim on its Redis prefix: the cluster's system
+/// identifier, the database's oid and name (`7715…/16384/app`). A managed service that does not
+/// let a role call pg_control_system() (42501), or has none (42883), gets the oid and name alone.
+pub async fn database_identity(client: &Client) -> Result<String, tokio_postgres::Error> {
+    const OF_DATABASE: &str =
+        "d.oid::text || '/' || d.datname from pg_catalog.pg_database d where d.datname = current_database()";
+    match client
+        .query_one(
+            &format!("select (select system_identifier::text from pg_catalog.pg_control_system()) || '/' || {OF_DATABASE}"),
+            &[],
+        )
+        .await
+    {
+        Ok(row) => Ok(row.get(0)),
+        Err(err)
+            if err.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE)
+                || err.code() == Some(&SqlState::UNDEFINED_FUNCTION) =>
+        {
+            Ok(client.query_one(&format!("select {OF_DATABASE}"), &[]).await?.get(0))
+        }
+        Err(err) => Err(err),
+    }
+}
+
 /// Whether this sidecar works with `installed`: `Ok(true)` when it knows the version,
 /// `Ok(false)` when it is newer than any it knows (it still starts, with a warning).
 pub fn supports(installed: &Installed) -> Result<bool, StartupError> {
@@ -440,7 +473,7 @@ pub fn supports(installed: &Installed) -> Result<bool, StartupError> {
 
 /// Everything that must be right before streaming; each failure says how to fix it. Returns
 /// the pg_cqrs it found.
-pub async fn check(client: &Client, database: &str) -> Result<Installed, StartupError> {
+pub async fn check(client: &Client, database: &str, slot: &str) -> Result<Installed, StartupError> {
     let wal_level: String = client.query_one("show wal_level", &[]).await?.get(0);
     if wal_level != "logical" {
         return Err(StartupError::WalLevel(wal_level));
@@ -478,6 +511,25 @@ pub async fn check(client: &Client, database: &str) -> Result<Installed, Startup
         .get(0);
     if !may_project {
         return Err(StartupError::NoProjector(user));
+    }
+    // a slot of another database would be refused by START_REPLICATION at every attempt
+    let owner: Option<String> = client
+        .query_opt(
+            "select s.database::text from pg_catalog.pg_replication_slots s
+              where s.slot_name = $1 and s.database is distinct from current_database()",
+            &[&slot],
+        )
+        .await?
+        .map(|row| {
+            row.get::<_, Option<String>>(0)
+                .unwrap_or_else(|| "(none: a physical slot)".to_owned())
+        });
+    if let Some(owner) = owner {
+        return Err(StartupError::SlotOfAnotherDatabase {
+            slot: slot.to_owned(),
+            owner,
+            database: database.to_owned(),
+        });
     }
     Ok(installed)
 }

@@ -123,6 +123,11 @@ async fn poll(pg: &Client, watch: &Watch, seen: &mut Seen) -> Result<(), tokio_p
             .inc_by(duplicates);
     }
     watch.health.set_halted(halted_now);
+    if let Err(err) = watch.cache.assert_claim().await {
+        if err.is_foreign() {
+            tracing::error!(error = %err, "the cache is another database's: it is neither read nor written");
+        }
+    }
     metrics
         .read_pool_exhausted
         .set(i64::from(watch.health.read_pool_exhausted()));

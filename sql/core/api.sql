@@ -53,6 +53,9 @@ revoke execute on function cqrs._command_type_changed(), cqrs._check_json_schema
     cqrs._gap_alert_seconds()
     from public;
 grant execute on function cqrs.append(uuid, text, text, jsonb, bigint, jsonb) to cqrs_writer;
+-- an application reads its own writes: it waits for them, then reads the read models it may select
+grant execute on function cqrs.wait_for(text, bigint, text, interval), cqrs.read(text, text), cqrs.read_many(text, text[])
+    to cqrs_writer;
 -- routine operations need no superuser: the projector resumes, rebuilds and retries
 grant execute on function cqrs.project_batch(jsonb, pg_lsn, bigint), cqrs._project_batch(jsonb, pg_lsn, bigint),
     cqrs.catch_up(text, integer),

@@ -88,13 +88,26 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_version bigint;
+    v_state text;
+    v_message text;
+    v_hint text;
 begin
     perform cqrs._check_name('command_type', register_command_type.command_type, 128);
     if json_schema is null then
         raise exception using errcode = '22004', message = 'json_schema must not be null';
     end if;
-    -- compiles the schema in Rust; an invalid schema raises 22023 naming the problem
-    perform cqrs._check_json_schema(json_schema);
+    -- the edition's validator checks the schema: an invalid one is 22023 naming the problem, one
+    -- the portable edition cannot check is 0A000; raised again from here, so that the error
+    -- reads the same in both editions, without the validator's internals as its context
+    begin
+        perform cqrs._check_json_schema(json_schema);
+    exception when invalid_parameter_value or feature_not_supported or program_limit_exceeded then
+        get stacked diagnostics v_state = returned_sqlstate, v_message = message_text, v_hint = pg_exception_hint;
+        if v_hint = '' then
+            raise exception using errcode = v_state, message = v_message;
+        end if;
+        raise exception using errcode = v_state, message = v_message, hint = v_hint;
+    end;
     insert into cqrs.command_type as t (command_type, json_schema)
     values (register_command_type.command_type, register_command_type.json_schema)
     on conflict on constraint command_type_pkey do update
@@ -213,7 +226,10 @@ begin
         elsif coalesce(v_detail, '') <> '' then
             raise exception using errcode = v_state, message = v_message, detail = v_detail;
         elsif coalesce(v_hint, '') <> '' then
-            raise exception using errcode = v_state, message = v_message, hint = v_hint;
+            if v_hint = '' then
+            raise exception using errcode = v_state, message = v_message;
+        end if;
+        raise exception using errcode = v_state, message = v_message, hint = v_hint;
         else
             raise exception using errcode = v_state, message = v_message;
         end if;
@@ -233,6 +249,8 @@ revoke execute on function cqrs.register_command_type(text, jsonb) from public;
 revoke execute on function cqrs.unregister_command_type(text) from public;
 grant execute on function cqrs.append_batch(jsonb) to cqrs_writer;
 grant select on cqrs.stream, cqrs.command_type to cqrs_reader, cqrs_projector;
+-- an application sees the heads of its streams (for expected_seq)
+grant select on cqrs.stream to cqrs_writer;
 grant select on cqrs.command_log to cqrs_projector;
 
 -- Extension tables are not dumped by pg_dump unless marked; these hold user data.

@@ -421,10 +421,12 @@ grant select, insert, update, delete on cqrs.projection_state, cqrs.projection_s
 grant select on cqrs.projection, cqrs.projector_lease to cqrs_projector;
 -- readers see where projections are and why one halted (the summary), not the commands they
 -- failed on nor the whole error (which can hold their values)
-grant select on cqrs.projection, cqrs.projection_stream to cqrs_reader;
+-- (and so do writers: an application reads its own writes — cqrs.wait_for, cqrs.read — which
+-- look at the catalog)
+grant select on cqrs.projection, cqrs.projection_stream to cqrs_reader, cqrs_writer;
 grant select (name, halted, last_error, last_error_sqlstate, last_error_at, checkpoint_lsn, checkpoint_position, checkpoint_at,
               revision, applied, duplicates, dead_lettered, parked, generation)
-    on cqrs.projection_state to cqrs_reader;
+    on cqrs.projection_state to cqrs_reader, cqrs_writer;
 grant usage on sequence cqrs.dead_letter_id_seq to cqrs_projector;
 revoke execute on function cqrs.acquire_lease(text), cqrs.ensure_publication(text), cqrs.try_lead(text, interval),
     cqrs.release_lead(text), cqrs.leader() from public;

@@ -135,7 +135,7 @@ begin
     -- who projects: the sidecar's role, and the installer (create_projection's backfill, rebuild)
     execute format('grant execute on function cqrs_portable.%I(text, jsonb, bigint, boolean) to cqrs_projector, %I',
                    v_writer, current_user);
-    execute format('grant execute on function cqrs_portable.%I(text[], bigint) to cqrs_projector, cqrs_reader, %I',
+    execute format('grant execute on function cqrs_portable.%I(text[], bigint) to cqrs_projector, cqrs_reader, cqrs_writer, %I',
                    v_reader, current_user);
     -- what the owner's side of the engine calls, as the owner
     execute format('grant usage on schema cqrs_portable to %I', v_owner);

@@ -1164,6 +1164,7 @@ declare
     v_existing text;
     v_row record;
     v_message text;
+    v_type text;
 begin
     if create_projection.name is null then raise exception using errcode = '22004', message = 'name must not be null'; end if;
     if target is null then raise exception using errcode = '22004', message = 'target must not be null'; end if;
@@ -1213,6 +1214,14 @@ begin
         raise notice '%', format('could not grant cqrs_projector select on %s (%s); grant it yourself, and select to the roles that read it',
                                  (cqrs_portable._target(create_projection.name)).target, v_message);
     end;
+    -- a handler of a type that is not registered, while such commands are refused, never runs
+    if (select s.require_registered_types from cqrs_portable.settings s) then
+        for v_type in select t from jsonb_object_keys(v_spec) t
+                       where not exists (select from cqrs.command_type c where c.command_type = t) order by t collate "C" loop
+            raise warning '%', format('handlers.%s: command type %s is not registered and cqrs.require_registered_types refuses its commands: this handler runs only once it is registered',
+                                      v_type, cqrs_portable._quoted(v_type));
+        end loop;
+    end if;
     if backfill then
         for v_row in select * from cqrs_portable._catch_up_one(create_projection.name, 10000, false, null) where halted is not null and halted <> '' loop
             raise exception using errcode = '55000',

@@ -21,6 +21,10 @@ update cqrs.projection_state
 update cqrs.dead_letter set error_detail = error, error = 'SQLSTATE ' || sqlstate;
 grant select (last_error) on cqrs.projection_state to cqrs_reader;
 
+-- An application (cqrs_writer) reads its own writes: the heads of its streams, cqrs.wait_for and
+-- cqrs.read of the read models it may select, and the catalog those look at (granted with the
+-- functions and tables they concern).
+
 -- ---- sql/core/command.sql ----
 comment on table cqrs.command_log is
     'Append-only log of accepted commands. Write it only through cqrs.append()/cqrs.append_batch().';
@@ -55,13 +59,26 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_version bigint;
+    v_state text;
+    v_message text;
+    v_hint text;
 begin
     perform cqrs._check_name('command_type', register_command_type.command_type, 128);
     if json_schema is null then
         raise exception using errcode = '22004', message = 'json_schema must not be null';
     end if;
-    -- compiles the schema in Rust; an invalid schema raises 22023 naming the problem
-    perform cqrs._check_json_schema(json_schema);
+    -- the edition's validator checks the schema: an invalid one is 22023 naming the problem, one
+    -- the portable edition cannot check is 0A000; raised again from here, so that the error
+    -- reads the same in both editions, without the validator's internals as its context
+    begin
+        perform cqrs._check_json_schema(json_schema);
+    exception when invalid_parameter_value or feature_not_supported or program_limit_exceeded then
+        get stacked diagnostics v_state = returned_sqlstate, v_message = message_text, v_hint = pg_exception_hint;
+        if v_hint = '' then
+            raise exception using errcode = v_state, message = v_message;
+        end if;
+        raise exception using errcode = v_state, message = v_message, hint = v_hint;
+    end;
     insert into cqrs.command_type as t (command_type, json_schema)
     values (register_command_type.command_type, register_command_type.json_schema)
     on conflict on constraint command_type_pkey do update
@@ -181,7 +198,10 @@ begin
         elsif coalesce(v_detail, '') <> '' then
             raise exception using errcode = v_state, message = v_message, detail = v_detail;
         elsif coalesce(v_hint, '') <> '' then
-            raise exception using errcode = v_state, message = v_message, hint = v_hint;
+            if v_hint = '' then
+            raise exception using errcode = v_state, message = v_message;
+        end if;
+        raise exception using errcode = v_state, message = v_message, hint = v_hint;
         else
             raise exception using errcode = v_state, message = v_message;
         end if;
@@ -209,6 +229,8 @@ revoke execute on function cqrs.unregister_command_type(text) from public;
 grant execute on function cqrs.append_batch(jsonb) to cqrs_writer;
 
 grant select on cqrs.stream, cqrs.command_type to cqrs_reader, cqrs_projector;
+
+grant select on cqrs.stream to cqrs_writer;
 
 grant select on cqrs.command_log to cqrs_projector;
 
@@ -508,11 +530,11 @@ grant select, insert, update, delete on cqrs.projection_state, cqrs.projection_s
 
 grant select on cqrs.projection, cqrs.projector_lease to cqrs_projector;
 
-grant select on cqrs.projection, cqrs.projection_stream to cqrs_reader;
+grant select on cqrs.projection, cqrs.projection_stream to cqrs_reader, cqrs_writer;
 
 grant select (name, halted, last_error, last_error_sqlstate, last_error_at, checkpoint_lsn, checkpoint_position, checkpoint_at,
               revision, applied, duplicates, dead_lettered, parked, generation)
-    on cqrs.projection_state to cqrs_reader;
+    on cqrs.projection_state to cqrs_reader, cqrs_writer;
 
 grant usage on sequence cqrs.dead_letter_id_seq to cqrs_projector;
 
@@ -705,6 +727,9 @@ revoke execute on function cqrs._command_type_changed(), cqrs._check_json_schema
     from public;
 
 grant execute on function cqrs.append(uuid, text, text, jsonb, bigint, jsonb) to cqrs_writer;
+
+grant execute on function cqrs.wait_for(text, bigint, text, interval), cqrs.read(text, text), cqrs.read_many(text, text[])
+    to cqrs_writer;
 
 grant execute on function cqrs.project_batch(jsonb, pg_lsn, bigint), cqrs._project_batch(jsonb, pg_lsn, bigint),
     cqrs.catch_up(text, integer),

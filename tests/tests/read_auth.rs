@@ -446,7 +446,22 @@ async fn only_valid_credentials_read_and_only_what_they_list() -> Result<()> {
             "no cqrs_read_denied_total for {reason}"
         );
     }
+    // …and each reason is logged, saying why (at most once per period: the unit tests of
+    // read::denials show that)
     let log = rig.sidecars[0].log();
+    for reason in [
+        "missing_credentials",
+        "unknown_key",
+        "expired",
+        "wrong_issuer",
+        "projection_not_allowed",
+    ] {
+        let lines = log
+            .lines()
+            .filter(|l| l.contains("read request refused") && l.contains(&format!("reason=\"{reason}\"")))
+            .count();
+        ensure!(lines >= 1, "no log line for refusals by {reason}:\n{log}");
+    }
     for secret in [&creds.billing_key, &creds.reporting_key, &token] {
         ensure!(
             !log.contains(secret.as_str()),

@@ -650,13 +650,19 @@ async fn a_deposed_leader_stops_and_nothing_applies_twice_on(edition: Edition) -
     let traffic = start_traffic(&rig, &mut rng, 4_000, 2, Some(500.0)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    // the usurper: a live session holding a newer token for an hour
+    // the usurper: a live session holding a newer token for an hour. Like every takeover
+    // (cqrs.try_lead, cqrs.acquire_lease) it locks the lease row for update first, which waits
+    // for the batch in flight (it holds a key share lock, see cqrs._fence); a bare update of the
+    // token would not, and that batch could still commit after it.
     let usurper = rig.client().await?;
     usurper
         .batch_execute(
-            "update cqrs.projector_lease
+            "begin;
+             select from cqrs.projector_lease for update;
+             update cqrs.projector_lease
                 set token = token + 1, holder = 'usurper', holder_pid = pg_backend_pid(),
-                    expires_at = clock_timestamp() + interval '1 hour'",
+                    expires_at = clock_timestamp() + interval '1 hour';
+             commit",
         )
         .await?;
     let checkpoint = || async {

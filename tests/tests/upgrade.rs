@@ -95,10 +95,11 @@ const SNAPSHOT: &[(&str, &str)] = &[
     ("stream", "select stream, last_seq from cqrs.stream order by stream"),
     ("command_type", "select command_type, json_schema, version, registered_at from cqrs.command_type order by 1"),
     ("projection", "select name, target, key_column, rev_column, handlers, on_error, definition_version, created_at from cqrs.projection order by name"),
-    ("projection_state", "select name, halted, last_error, last_error_sqlstate, last_error_at, last_error_event, checkpoint_lsn, checkpoint_position, checkpoint_at, revision, applied, duplicates, dead_lettered, parked, generation from cqrs.projection_state order by name"),
+    // the whole error: last_error before 0.3.0, last_error_detail since (last_error is its summary)
+    ("projection_state", "select name, halted, coalesce(to_jsonb(s) ->> 'last_error_detail', s.last_error) as last_error, last_error_sqlstate, last_error_at, last_error_event, checkpoint_lsn, checkpoint_position, checkpoint_at, revision, applied, duplicates, dead_lettered, parked, generation from cqrs.projection_state s order by name"),
     ("projection_stream", "select projection, stream, last_seq from cqrs.projection_stream order by 1, 2"),
     ("parked", "select projection, stream, seq, event, parked_at from cqrs.parked order by 1, 2, 3"),
-    ("dead_letter", "select id, projection, stream, seq, command_id, command_type, event, error, sqlstate, failed_at, retries from cqrs.dead_letter order by id"),
+    ("dead_letter", "select id, projection, stream, seq, command_id, command_type, event, coalesce(to_jsonb(d) ->> 'error_detail', d.error) as error, sqlstate, failed_at, retries from cqrs.dead_letter d order by id"),
     ("projector_lease", "select token, holder, acquired_at from cqrs.projector_lease"),
     ("read models", "select 'count', stream, n, rev from public.rm_count union all select 'total', stream, total, rev from public.rm_total union all select 'strict', stream, total, rev from public.rm_strict order by 1, 2"),
     ("status", "select projection, halted, last_error_sqlstate, checkpoint_lsn, checkpoint_position, checkpoint_at, events_behind, parked, gap_alert, dead_letters, applied, duplicates, revision, generation from cqrs.status() order by 1"),
@@ -118,6 +119,22 @@ async fn snapshot(client: &Client) -> Result<Vec<(String, String)>> {
         out.push(((*name).to_owned(), text));
     }
     Ok(out)
+}
+
+/// After the upgrade to 0.3.0 the errors recorded before it are whole in the detail columns
+/// (the snapshot compares those) and only their SQLSTATE is where readers look.
+async fn errors_are_summarized(client: &Client) -> Result<()> {
+    let summaries: String = scalar(
+        client,
+        "select concat_ws(' | ', (select string_agg(last_error, ', ') from cqrs.projection_state where halted),
+                                 (select string_agg(error, ', ') from cqrs.dead_letter))",
+    )
+    .await?;
+    ensure!(
+        summaries == "SQLSTATE 22P02 | SQLSTATE 22P02",
+        "the errors of the earlier release are not summarized: {summaries}"
+    );
+    Ok(())
 }
 
 async fn scalar<T>(client: &Client, sql: &str) -> Result<T>
@@ -230,6 +247,7 @@ async fn an_upgraded_install_equals_a_fresh_one_and_keeps_every_row() -> Result<
                 "{name} changed in the upgrade from {release}:\nbefore:\n{was}\nafter:\n{is}"
             );
         }
+        errors_are_summarized(&client).await?;
         still_behaves(&client)
             .await
             .with_context(|| format!("after upgrading from {release}"))?;
@@ -338,6 +356,7 @@ async fn a_portable_install_upgraded_with_psql_equals_a_fresh_one_and_keeps_ever
             "{name} changed in the upgrade:\nbefore:\n{was}\nafter:\n{is}"
         );
     }
+    errors_are_summarized(&client).await?;
     // every read model has its writer and reader, owned by its table's owner
     let writers: i64 = scalar(
         &client,

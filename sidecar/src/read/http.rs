@@ -312,11 +312,7 @@ fn authorize<'a>(
                 .get(header::AUTHORIZATION)
                 .and_then(|value| value.to_str().ok());
             auth.authenticate(authorization).map_err(|denial| {
-                state
-                    .metrics
-                    .read_denied
-                    .with_label_values(&[denial.label()])
-                    .inc();
+                state.denials.unauthorized(denial, projection);
                 Refusal::Unauthorized(denial)
             })?
         }
@@ -324,11 +320,7 @@ fn authorize<'a>(
     match state.exposure.may_read(&caller, projection) {
         Some(rule) => Ok((caller, rule)),
         None => {
-            state
-                .metrics
-                .read_denied
-                .with_label_values(&[label::DENIED_PROJECTION])
-                .inc();
+            state.denials.projection_not_allowed(projection);
             Err(Refusal::Hidden)
         }
     }
@@ -406,11 +398,7 @@ async fn get_row(
                         // another subject's row answers like no row, from the cache or not
                         if let Some(doc) = &found.doc {
                             if !access::owns(&caller, rule.as_ref(), doc) {
-                                state
-                                    .metrics
-                                    .read_denied
-                                    .with_label_values(&[label::DENIED_ROW])
-                                    .inc();
+                                state.denials.row_not_owned(&request.projection);
                                 found.doc = None;
                             }
                         }

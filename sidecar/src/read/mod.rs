@@ -6,7 +6,7 @@
 //! 3. [`auth`] — its credentials: an API key ([`auth::keys`]) or a JWT ([`auth::jwt`]) makes a
 //!    [`auth::Caller`] (401 otherwise);
 //! 4. [`access`] — the projection exposed and listed for that caller (404 otherwise, as if it did
-//!    not exist), and its row rule;
+//!    not exist), and its row rule; every refusal is counted and logged by [`denials`];
 //! 5. [`waits`] — with `after`, until that command is applied to the projection (holding no
 //!    pooled connection);
 //! 6. [`cache_aside`] — the row from Redis, or from PostgreSQL (`cqrs.read_many`, one query per
@@ -18,6 +18,7 @@
 pub mod access;
 pub mod auth;
 pub mod cache_aside;
+pub mod denials;
 pub mod http;
 pub mod shedding;
 pub mod waits;
@@ -34,6 +35,7 @@ use crate::postgres::Database;
 use access::Exposure;
 use auth::{AuthSetupError, Authenticator, Methods};
 use cache_aside::Reader;
+use denials::Denials;
 use shedding::Shedding;
 use waits::{WaitSettings, Waits};
 
@@ -43,6 +45,8 @@ pub struct ReadState {
     pub reader: Arc<Reader>,
     pub waits: Arc<Waits>,
     pub metrics: Arc<Metrics>,
+    /// refusals, counted and logged (rate-limited)
+    pub denials: Arc<Denials>,
     pub exposure: Arc<Exposure>,
     /// `None`: `--read-auth none`, everyone may read what is exposed.
     pub auth: Option<Arc<Authenticator>>,
@@ -140,6 +144,7 @@ pub fn setup(
         ReadState {
             reader,
             waits,
+            denials: Arc::new(Denials::new(Arc::clone(&metrics))),
             metrics: Arc::clone(&metrics),
             exposure: Arc::new(exposure),
             auth,

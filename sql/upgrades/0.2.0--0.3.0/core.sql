@@ -14,3 +14,7 @@ update cqrs.projection_state
  where last_error is not null;
 update cqrs.dead_letter set error_detail = error, error = 'SQLSTATE ' || sqlstate;
 grant select (last_error) on cqrs.projection_state to cqrs_reader;
+
+-- An application (cqrs_writer) reads its own writes: the heads of its streams, cqrs.wait_for and
+-- cqrs.read of the read models it may select, and the catalog those look at (granted with the
+-- functions and tables they concern).
