@@ -75,7 +75,7 @@ begin
         raise exception using errcode = '42710',
             message = pg_catalog.format('pg_cqrs %s (%s edition) is already installed in this database; this script installs %s only where there is none',
                                         (select v.version from cqrs.version() v), (select v.edition from cqrs.version() v), '$version'),
-            hint = 'Nothing was changed. Upgrades ship as their own scripts (see the README, Managed PostgreSQL).';
+            hint = 'Nothing was changed. Upgrades ship as their own scripts (README, Upgrading).';
     end if;
     if pg_catalog.to_regnamespace('cqrs') is not null then
         raise exception using errcode = '42P06', message = 'schema cqrs exists already and is not pg_cqrs',
