@@ -24,8 +24,8 @@ pg_config_for() {
 EXTENSION_SQL=(sql/core/command.sql sql/core/projection.sql sql/extension/functions.sql sql/core/api.sql)
 PORTABLE_SQL=(sql/core/command.sql sql/core/projection.sql
               sql/portable/settings.sql sql/portable/command.sql sql/portable/json_schema.sql
-              sql/portable/projection_catalog.sql sql/portable/owner_rights.sql sql/portable/read.sql
-              sql/portable/projector.sql sql/core/api.sql)
+              sql/portable/projection_catalog.sql sql/portable/compile.sql sql/portable/owner_rights.sql
+              sql/portable/read.sql sql/portable/projector.sql sql/portable/projection_api.sql sql/core/api.sql)
 
 # What the portable edition grants on its helpers (schema cqrs_portable), after every install and
 # upgrade: each helper to pg_cqrs's three roles — except the installer's own (making a read

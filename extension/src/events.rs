@@ -91,16 +91,22 @@ pub(crate) fn from_log(
         return Ok(Vec::new());
     }
     let positions: Vec<i64> = batch.iter().map(|e| e.position).collect();
-    let plan = prepared::statement(client, AT_POSITIONS, &[PgBuiltInOids::INT8ARRAYOID.into()])?;
-    let rows = prepared::index_plans(|| client.update(&*plan, None, &[positions.into()]))
-        .map_err(|e| spi_error("reading the batch's commands from the log", e))?;
     let limits = limits();
+    let mut logged = at_positions(client, &positions, limits)?;
+    // A commit reaches the WAL, and so the slot, a moment before other sessions' snapshots see
+    // it (PostgreSQL flushes the commit record first, then marks the transaction finished): a
+    // batch streamed at once may name rows this snapshot does not see yet. Look again, each
+    // query with a new snapshot, for about a second before calling the batch forged.
+    let mut pause_us: i64 = 1_000;
+    while pause_us < 500_000 && logged.iter().any(Option::is_none) {
+        // SAFETY: pg_usleep only sleeps; interrupts are checked right after.
+        unsafe { pg_sys::pg_usleep(pause_us as std::ffi::c_long) };
+        pgrx::check_for_interrupts!();
+        pause_us *= 2;
+        logged = at_positions(client, &positions, limits)?;
+    }
     let mut events = Vec::with_capacity(batch.len());
-    for (i, (row, sent)) in rows.zip(batch).enumerate() {
-        let logged = match column(row.get::<&str>(1), "a command-log row")? {
-            Some(text) => Some(stored(i, text, "a command-log row", limits)?),
-            None => None,
-        };
+    for (i, (logged, sent)) in logged.into_iter().zip(batch).enumerate() {
         match logged {
             Some(event)
                 if event.command_id.eq_ignore_ascii_case(&sent.command_id)
@@ -122,6 +128,25 @@ pub(crate) fn from_log(
         }
     }
     Ok(events)
+}
+
+/// The log's rows at `positions`, in that order; `None` where this snapshot sees none.
+fn at_positions(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    positions: &[i64],
+    limits: Limits,
+) -> Result<Vec<Option<Event>>, ErrorReport> {
+    let plan = prepared::statement(client, AT_POSITIONS, &[PgBuiltInOids::INT8ARRAYOID.into()])?;
+    let rows = prepared::index_plans(|| client.update(&*plan, None, &[positions.to_vec().into()]))
+        .map_err(|e| spi_error("reading the batch's commands from the log", e))?;
+    let mut logged = Vec::with_capacity(positions.len());
+    for (i, row) in rows.enumerate() {
+        logged.push(match column(row.get::<&str>(1), "a command-log row")? {
+            Some(text) => Some(stored(i, text, "a command-log row", limits)?),
+            None => None,
+        });
+    }
+    Ok(logged)
 }
 
 /// One command-log row `l` as the JSON text of an event.

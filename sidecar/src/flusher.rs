@@ -42,9 +42,14 @@ enum AttemptError {
     /// Connecting again failed: retry.
     #[error("{0}")]
     Connect(#[from] StartupError),
-    /// The database failed the batch (a lock timeout, a restart in progress, …): retry.
-    #[error("database: {0}")]
+    /// The database failed the batch (a lock timeout, a restart in progress, …): retry. Shown
+    /// by its SQLSTATE alone: the message can hold a command's values.
+    #[error("the database failed the batch with SQLSTATE {}", sqlstate_of(.0))]
     Database(tokio_postgres::Error),
+}
+
+fn sqlstate_of(err: &tokio_postgres::Error) -> &str {
+    err.code().map_or("(none)", |code| code.code())
 }
 
 impl From<tokio_postgres::Error> for AttemptError {

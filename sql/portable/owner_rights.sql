@@ -357,3 +357,173 @@ begin
     end if;
 end
 $$;
+
+-- ==============================================================================================
+-- internal: the owner's side of the engine (what a projection's writer and reader run)
+-- ==============================================================================================
+
+-- Applies events (in order) to projection `name`'s read model at revision `rev`, as its table's
+-- owner (cqrs_portable._write); returns the changed rows (deleted: doc null, deleted true), each
+-- key once, its last change.
+create function cqrs_portable._apply(name text, events jsonb, rev bigint, with_docs boolean)
+returns table (key text, doc json, deleted boolean)
+language sql volatile
+set search_path = pg_catalog, pg_temp
+as $$ select w.key, w.doc, w.deleted from cqrs_portable._write(name, 'apply', events, rev, with_docs) w $$;
+
+-- The owner's side of the engine: what a projection's writer function (cqrs_portable._write_…,
+-- SECURITY DEFINER, owned by the table's owner) runs, as that owner. `op`:
+--   apply  `args` the events (in order) to apply at revision `rev`; returns the changed rows
+--   clear  empties the read model (cqrs.rebuild)
+--   probe  `args` [column, source]: whether a constant or command-log field casts to the
+--          column's type (cqrs.create_projection) — the cast may run the owner's domain checks
+create function cqrs_portable._owner_write(name text, relid oid, op text, args jsonb, rev bigint, with_docs boolean)
+returns table (key text, doc json, deleted boolean)
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_column
+declare
+    v_def record;
+    v_type text;
+begin
+    if op = 'probe' then
+        select pg_catalog.format_type(a.atttypid, a.atttypmod) into v_type
+          from pg_catalog.pg_attribute a where a.attrelid = relid and a.attname = args ->> 0 and a.attnum > 0 and not a.attisdropped;
+        if args -> 1 ? 'const' then
+            execute format('select (pg_catalog.jsonb_build_array($1::jsonb) ->> 0)::%s', v_type) using args -> 1 -> 'const';
+        else
+            execute format('select null::%s::%s', case args -> 1 ->> 'field' when 'seq' then 'bigint' when 'position' then 'bigint'
+                                                      when 'created_at' then 'timestamptz' when 'command_id' then 'uuid' else 'text' end,
+                           v_type);
+        end if;
+        return;
+    end if;
+    v_def := cqrs_portable._definition(name);
+    if op = 'clear' then
+        execute format('delete from %s', v_def.target);
+        return;
+    end if;
+    return query select * from cqrs_portable._owner_apply(v_def.sql, v_def.handlers, v_def.target, v_def.key_column,
+                                                          v_def.key_type, v_def.rev_column, args, rev, with_docs);
+end
+$$;
+
+-- Applies events with a compiled definition (cqrs_portable._definition), as the owner.
+create function cqrs_portable._owner_apply(sql text, handlers jsonb, target text, key_column text, key_type text,
+                                           rev_column text, events jsonb, rev bigint, with_docs boolean)
+returns table (key text, doc json, deleted boolean)
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_column
+declare
+    v_sql text := _owner_apply.sql;
+    v_handlers jsonb := _owner_apply.handlers;
+    v_keys text[] := '{}'::text[];
+    v_docs json[] := '{}'::json[];
+    v_gone boolean[] := '{}'::boolean[];
+    -- an array, appended in place (a jsonb array would be copied at every append)
+    v_segment jsonb[] := '{}'::jsonb[];
+    v_event jsonb;
+    v_steps jsonb;
+    v_from integer;
+    v_function text;
+    v_changed text[];
+    v_key text;
+    v_doc json;
+    v_deleted boolean;
+begin
+    if not exists (select from jsonb_each(v_handlers) e, jsonb_array_elements(e.value) h where h ? 'function') then
+        -- the common path: one set-based statement for the whole batch
+        return query execute v_sql using events, rev, with_docs, 0, 1000000;
+        return;
+    end if;
+    -- Function handlers see the read model as every earlier event left it: the events are
+    -- applied in segments between them (each segment still set-based).
+    for v_event in select e from jsonb_array_elements(events) e loop
+        v_steps := v_handlers -> (v_event ->> 'command_type');
+        if v_steps is null or not exists (select from jsonb_array_elements(v_steps) h where h ? 'function') then
+            v_segment := v_segment || v_event;
+            continue;
+        end if;
+        for v_key, v_doc, v_deleted in execute v_sql using pg_catalog.to_jsonb(v_segment), rev, with_docs, 0, 1000000 loop
+            v_keys := v_keys || v_key; v_docs := v_docs || v_doc; v_gone := v_gone || v_deleted;
+        end loop;
+        v_segment := '{}'::jsonb[];
+        v_from := 0;
+        for v_f in 0 .. jsonb_array_length(v_steps) - 1 loop
+            continue when not (v_steps -> v_f) ? 'function';
+            for v_key, v_doc, v_deleted in execute v_sql using jsonb_build_array(v_event), rev, with_docs, v_from, v_f - 1 loop
+                v_keys := v_keys || v_key; v_docs := v_docs || v_doc; v_gone := v_gone || v_deleted;
+            end loop;
+            v_function := v_steps -> v_f ->> 'function';
+            execute format('select coalesce(array_agg(f.k) filter (where f.k is not null), ''{}'') from %s($1) as f(k)', v_function)
+               into v_changed using v_event;
+            if cardinality(v_changed) > 0 then
+                -- stamp the rows it reports with the revision; the ones gone were deleted
+                for v_key, v_doc, v_deleted in execute format(
+                    'with touched as (update %1$s as t set %2$I = $2 from unnest($1::text[]) as e(k)
+                                       where t.%3$I = e.k::%4$s
+                                      returning t.%3$I::text as key, case when $3 then pg_catalog.row_to_json(t.*) end as doc)
+                     select coalesce(t.key, k.k) as key, t.doc, t.key is null as gone
+                       from unnest($1::text[]) with ordinality k(k, n) left join touched t on t.key = k.k order by k.n',
+                    target, rev_column, key_column, key_type) using v_changed, rev, with_docs loop
+                    v_keys := v_keys || v_key; v_docs := v_docs || v_doc; v_gone := v_gone || v_deleted;
+                end loop;
+            end if;
+            v_from := v_f + 1;
+        end loop;
+        for v_key, v_doc, v_deleted in execute v_sql using jsonb_build_array(v_event), rev, with_docs, v_from, 1000000 loop
+            v_keys := v_keys || v_key; v_docs := v_docs || v_doc; v_gone := v_gone || v_deleted;
+        end loop;
+    end loop;
+    for v_key, v_doc, v_deleted in execute v_sql using pg_catalog.to_jsonb(v_segment), rev, with_docs, 0, 1000000 loop
+        v_keys := v_keys || v_key; v_docs := v_docs || v_doc; v_gone := v_gone || v_deleted;
+    end loop;
+    -- each key once, where it first changed, with its last change
+    return query
+        select l.k, l.d, l.g
+          from (select distinct on (x.k) x.k, x.d, x.g, x.n from unnest(v_keys, v_docs, v_gone) with ordinality x(k, d, g, n)
+                 order by x.k, x.n desc) l
+          join (select x.k, min(x.n) as first from unnest(v_keys) with ordinality x(k, n) group by x.k) f on f.k = l.k
+         order by f.first;
+end
+$$;
+
+-- What a projection's reader function (cqrs_portable._read_…, owned by the table's owner) runs,
+-- as that owner: for `keys`, in order, each key's canonical text (the key column's own cast, so
+-- 'ABC' and 'abc' are one uuid) with the row's revision and the row (null when there is none),
+-- each canonical key once; with keys null, the rows whose revision is above `after`.
+create function cqrs_portable._owner_read(name text, relid oid, keys text[], after bigint)
+returns table (key text, rev bigint, doc json)
+language plpgsql stable
+set search_path = pg_catalog, pg_temp
+as $$
+#variable_conflict use_column
+declare
+    v_def record;
+begin
+    -- cqrs.read_many checked its caller; this checks whoever called the reader directly
+    perform cqrs_portable._may_read(name, relid, session_user);
+    v_def := cqrs_portable._target(name);
+    if keys is null then
+        return query execute pg_catalog.format(
+            'select t.%1$I::text, t.%2$I::bigint, pg_catalog.row_to_json(t.*) from %3$s as t where t.%2$I > $1',
+            v_def.key_column, v_def.rev_column, v_def.target)
+            using coalesce(after, -1);
+        return;
+    end if;
+    return query execute pg_catalog.format(
+        'select d.canonical, d.rev, d.doc
+           from (select distinct on (c.canonical) c.canonical, c.n, x.rev, x.doc
+                   from (select (k.raw::%1$s)::text as canonical, k.n, k.raw
+                           from unnest($1::text[]) with ordinality as k(raw, n) where k.raw is not null) c
+                   left join lateral (select t.%2$I as rev, pg_catalog.row_to_json(t.*) as doc from %3$s as t
+                                       where t.%4$I = c.raw::%1$s offset 0) as x on true
+                  order by c.canonical, c.n) d
+          order by d.n',
+        v_def.key_type, v_def.rev_column, v_def.target, v_def.key_column)
+        using keys;
+end
+$$;
