@@ -1,20 +1,18 @@
-# PostgreSQL 15 with pg_cqrs. The build stage runs what scripts/common.sh's install_extension
-# runs (cargo pgrx, pinned to the version the scripts install); the image is the official one.
-#   docker build -f docker/postgres.Dockerfile -t pg_cqrs/postgres .
-FROM rust:1.95-bookworm AS build
-RUN apt-get update \
- && apt-get install -y --no-install-recommends postgresql-common gnupg \
- && /usr/share/postgresql-common/pgdg/apt.postgresql.org.sh -y \
- && apt-get install -y --no-install-recommends postgresql-server-dev-15 clang libclang-dev \
- && rm -rf /var/lib/apt/lists/*
-RUN cargo install cargo-pgrx --version 0.18.1 --locked \
- && cargo pgrx init --pg15 /usr/lib/postgresql/15/bin/pg_config
-WORKDIR /src
-COPY . .
-RUN cd extension && cargo pgrx package --pg-config /usr/lib/postgresql/15/bin/pg_config --out-dir /pkg
-
-FROM postgres:15-bookworm
-COPY --from=build /pkg/usr/ /usr/
+# PostgreSQL with pg_cqrs, installed from the project's own Debian package — the file a DBA
+# installs (scripts/package.sh writes target/packages/postgresql-<major>-pg-cqrs_<v>_amd64.deb):
+#
+#   scripts/package.sh
+#   docker build -f docker/postgres.Dockerfile --build-arg PG_MAJOR=15 -t pg_cqrs/postgres:15 .
+#   docker build -f docker/postgres.Dockerfile --build-arg PG_MAJOR=18 -t pg_cqrs/postgres:18 .
+#
+# BASE is the official image of that major by default (its entrypoint initialises the data
+# directory and runs docker/initdb/); the tests pass a stand-in made from Debian's packages.
+ARG PG_MAJOR=15
+ARG BASE=postgres:${PG_MAJOR}-bookworm
+FROM ${BASE}
+ARG PG_MAJOR
+COPY target/packages/postgresql-${PG_MAJOR}-pg-cqrs_*_amd64.deb /tmp/
+RUN dpkg -i /tmp/postgresql-${PG_MAJOR}-pg-cqrs_*_amd64.deb && rm -f /tmp/*.deb
 COPY sql/examples/ /opt/pg_cqrs/examples/
 COPY docker/initdb/ /docker-entrypoint-initdb.d/
 # the sidecar streams a logical replication slot

@@ -3,7 +3,7 @@
 # PostgreSQL 15 (server, headers, pgbench), redis-server, clang (bindgen), sudo (cargo pgrx test
 # --runas), prometheus (promtool), openssl (test certificates), plpgsql_check (static checks of the
 # portable edition), python3-psycopg, Node and npm and curl (the first-application guide's
-# clients, docs/first-app.md), cargo-pgrx 0.18.1 and its PostgreSQL 15 configuration, and pg_tle
+# clients, docs/first-app.md), docker.io, docker-compose and debootstrap (the container test), cargo-pgrx 0.18.1 and its PostgreSQL 15 configuration, and pg_tle
 # (for the portable edition's pg_tle test) built from its source when the source is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,9 +13,12 @@ command -v cargo >/dev/null || die "cargo not found: install the Rust toolchain 
 
 packages=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 redis-server redis-tools
           clang libclang-dev sudo prometheus openssl postgresql-15-plpgsql-check flex libkrb5-dev
-          python3-pip python3-psycopg curl)
+          python3-pip python3-psycopg python3-yaml curl debootstrap)
 # Node from Debian unless a node and npm are already there (from NodeSource, say)
 command -v node >/dev/null && command -v npm >/dev/null || packages+=(nodejs npm)
+# a Docker engine and docker-compose for the container test, from Debian unless there are some
+command -v dockerd >/dev/null || packages+=(docker.io)
+command -v docker-compose >/dev/null || packages+=(docker-compose)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")

@@ -1,13 +1,26 @@
 #!/usr/bin/env bash
 # Runs every test: formatting, clippy, unit tests, the extension's #[pg_test]s and the pg_regress
 # suite on PostgreSQL 15, 16, 17 and 18, the end-to-end tests against real PostgreSQL (15 and 18)
-# and Redis processes, and the packages.
+# and Redis processes, the packages, and the container images with the compose stack.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
 
 started=$(date +%s)
 scripts/setup.sh
+
+# The container test needs a Docker engine: started here (as root) when one is installed but
+# not running; without one that test says it is skipped.
+start_docker() {
+    docker info >/dev/null 2>&1 && return 0
+    if command -v dockerd >/dev/null && [ "$(id -u)" -eq 0 ]; then
+        note "starting dockerd (log: /tmp/pg_cqrs-dockerd.log)"
+        (dockerd >/tmp/pg_cqrs-dockerd.log 2>&1 &)
+        for _ in $(seq 60); do docker info >/dev/null 2>&1 && return 0; sleep 0.5; done
+        note "dockerd did not answer within 30 s; the container test will say it is skipped"
+    fi
+    return 0
+}
 
 step "the upgrade scripts are what scripts/upgrade-scripts.sh writes from the sources"
 scripts/upgrade-scripts.sh --check
@@ -44,7 +57,7 @@ while read -r version _; do
 done < <(grep -v '^#' scripts/releases)
 
 step "pg_regress suite (pgrx-tests/) and end-to-end tests (tests/) on PostgreSQL 15"
-cargo test -p cqrs-e2e
+cargo test -p cqrs-e2e --no-fail-fast
 
 for major in 16 17; do
     step "pg_regress suite on PostgreSQL $major"
@@ -52,10 +65,15 @@ for major in 16 17; do
 done
 
 step "pg_regress suite and end-to-end tests on PostgreSQL 18"
-PG_CONFIG=$(pg_config_for 18) cargo test -p cqrs-e2e
+PG_CONFIG=$(pg_config_for 18) cargo test -p cqrs-e2e --no-fail-fast
 
 step "packages (scripts/package.sh) and their tests"
 scripts/package.sh
 cargo test -p cqrs-e2e --test packages -- --ignored
+
+step "container images (from the packages and the release binary) and the compose stack"
+cargo build --release -p cqrs-sidecar
+start_docker
+cargo test -p cqrs-e2e --test containers -- --ignored --nocapture
 
 step "all tests passed in $(( $(date +%s) - started )) s"

@@ -79,6 +79,19 @@ impl std::fmt::Debug for SecretUrl {
     }
 }
 
+/// What else the binary does besides running the sidecar.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Command {
+    /// GET a URL of the admin port and exit 0 on a 200 (a container healthcheck without curl):
+    /// `cqrs-sidecar probe http://127.0.0.1:9188/readyz`.
+    Probe {
+        url: String,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+}
+
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "cqrs-sidecar",
@@ -90,6 +103,9 @@ impl std::fmt::Debug for SecretUrl {
                   others stand by and take over when it dies."
 )]
 pub struct Config {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// PostgreSQL URL of the database where `CREATE EXTENSION pg_cqrs` ran. The role needs the
     /// REPLICATION attribute (or rds_replication) and membership in cqrs_projector. TLS as in
     /// libpq: `?sslmode=disable|prefer|require|verify-ca|verify-full&sslrootcert=<CA file>|system`
@@ -101,6 +117,12 @@ pub struct Config {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     pub database_url: SecretUrl,
+
+    /// File holding the database password (a container secret such as
+    /// /run/secrets/db_password), for a --database-url without one; a trailing newline is not
+    /// part of the password. The same TLS rules apply as to a password in the URL.
+    #[arg(long, env = "CQRS_DATABASE_PASSWORD_FILE")]
+    pub database_password_file: Option<std::path::PathBuf>,
 
     /// Logical replication slot (pgoutput) to stream from; created when missing.
     #[arg(long, env = "CQRS_SLOT", default_value = "cqrs_sidecar")]

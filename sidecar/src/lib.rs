@@ -16,6 +16,7 @@ pub mod log_row;
 pub mod metrics;
 pub mod pgoutput;
 pub mod postgres;
+pub mod probe;
 pub mod read;
 pub mod repair;
 pub mod server;

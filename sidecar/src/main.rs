@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::Parser;
 use cqrs_sidecar::admin::{self, AppState};
 use cqrs_sidecar::cache::{Cache, Ttls};
-use cqrs_sidecar::config::Config;
+use cqrs_sidecar::config::{Command, Config};
 use cqrs_sidecar::health::{Health, Role};
 use cqrs_sidecar::metrics::Metrics;
 use cqrs_sidecar::postgres::ConnectionPurpose;
@@ -102,7 +102,14 @@ struct Wiring {
 impl Wiring {
     /// Parses the URLs and sets up metrics and the cache client (no connection yet).
     fn new(config: &Config) -> Result<Self, ExitCode> {
-        let pg = postgres::Database::parse(config.database_url.expose()).map_err(|err| {
+        let password = match &config.database_password_file {
+            None => None,
+            Some(path) => Some(postgres::read_password_file(path).map_err(|err| {
+                tracing::error!(error = %err, "--database-password-file");
+                ExitCode::from(MISCONFIGURED)
+            })?),
+        };
+        let pg = postgres::Database::parse(config.database_url.expose(), password).map_err(|err| {
             tracing::error!(error = %err, "invalid --database-url");
             ExitCode::from(MISCONFIGURED)
         })?;
@@ -337,6 +344,9 @@ impl Wiring {
 
 fn main() -> ExitCode {
     let config = Config::parse();
+    if let Some(Command::Probe { url, timeout }) = &config.command {
+        return cqrs_sidecar::probe::run(url, *timeout);
+    }
     init_logging(&config);
     // rustls is linked with two crypto providers (ring, which pgwire-replication asks for, and
     // aws-lc-rs through tokio-rustls' defaults); the redis client takes the process default,

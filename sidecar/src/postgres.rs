@@ -180,12 +180,38 @@ pub struct Database {
     connector: MakeRustlsConnect,
 }
 
+/// The password in a file (a container secret), without the trailing newline an editor or
+/// `echo` adds.
+pub fn read_password_file(path: &std::path::Path) -> Result<String, StartupError> {
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        StartupError::BadUrl(format!("reading the password file {}: {err}", path.display()))
+    })?;
+    let password = text.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        return Err(StartupError::BadUrl(format!(
+            "the password file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(password.to_owned())
+}
+
 impl Database {
-    pub fn parse(url: &str) -> Result<Self, StartupError> {
+    /// The database of `url`, with `password` (from --database-password-file) when the URL has
+    /// none.
+    pub fn parse(url: &str, password: Option<String>) -> Result<Self, StartupError> {
         let (url, tls) = TlsSettings::split(url)?;
         let mut config = url
             .parse::<tokio_postgres::Config>()
             .map_err(|err| StartupError::BadUrl(err.to_string()))?;
+        if let Some(password) = password {
+            if config.get_password().is_some() {
+                return Err(StartupError::BadUrl(
+                    "the URL has a password and --database-password-file gives another: keep one".into(),
+                ));
+            }
+            config.password(password);
+        }
         config.ssl_mode(tls.negotiation());
         // Under sslmode=prefer (the default) or an unverified require, an on-path attacker can
         // strip TLS or stand in for the server and ask for the password in cleartext or as md5.
@@ -573,6 +599,7 @@ mod tests {
     fn describes_without_the_password() {
         let db = Database::parse(
             "postgres://app:secret@db.example:6543/shop?sslmode=require&channel_binding=disable",
+            None,
         )
         .expect("valid");
         assert_eq!(db.describe(), "db.example:6543/shop");
@@ -588,36 +615,73 @@ mod tests {
         // a password over an unverified connection: the replication connection cannot bind it
         // to the channel, so it is refused unless the operator accepts the risk
         assert!(matches!(
-            Database::parse("postgres://app:secret@db.example/shop?sslmode=require"),
+            Database::parse("postgres://app:secret@db.example/shop?sslmode=require", None),
             Err(StartupError::ReplicationUnverified)
         ));
         assert!(matches!(
-            Database::parse("postgres://app:secret@db.example/shop"),
+            Database::parse("postgres://app:secret@db.example/shop", None),
             Err(StartupError::ReplicationUnverified)
         ));
-        assert!(Database::parse("postgres://app:secret@%2Frun%2Fpostgresql/shop").is_ok());
-        assert!(Database::parse("host=/run/postgresql user=app password=secret dbname=shop").is_ok());
-        let verified = Database::parse("postgres://app:secret@db/x?sslmode=verify-full&sslrootcert=system")
-            .expect("valid");
+        assert!(Database::parse("postgres://app:secret@%2Frun%2Fpostgresql/shop", None).is_ok());
+        assert!(Database::parse("host=/run/postgresql user=app password=secret dbname=shop", None).is_ok());
+        let verified = Database::parse(
+            "postgres://app:secret@db/x?sslmode=verify-full&sslrootcert=system",
+            None,
+        )
+        .expect("valid");
         assert_eq!(verified.config.get_channel_binding(), ChannelBinding::Prefer);
-        let opted_out = Database::parse("postgres://app:secret@db/x?sslmode=disable&channel_binding=disable")
-            .expect("valid");
+        let opted_out = Database::parse(
+            "postgres://app:secret@db/x?sslmode=disable&channel_binding=disable",
+            None,
+        )
+        .expect("valid");
         assert_eq!(opted_out.config.get_channel_binding(), ChannelBinding::Disable);
-        let no_password = Database::parse("postgres://app@db/x").expect("valid");
+        let no_password = Database::parse("postgres://app@db/x", None).expect("valid");
         assert_eq!(no_password.config.get_channel_binding(), ChannelBinding::Prefer);
         assert!(matches!(
-            Database::parse("not a url ://"),
+            Database::parse("not a url ://", None),
             Err(StartupError::BadUrl(_))
         ));
-        let by_ip =
-            Database::parse("postgres://10.0.0.5/x?sslmode=verify-full&sslrootcert=system").expect("valid");
+        let by_ip = Database::parse(
+            "postgres://10.0.0.5/x?sslmode=verify-full&sslrootcert=system",
+            None,
+        )
+        .expect("valid");
         assert_eq!(
             by_ip.replication_config("s", "p").tls.sni_hostname.as_deref(),
             Some("10.0.0.5")
         );
         assert!(matches!(
-            Database::parse("postgres://db/x?sslmode=verify-full"),
+            Database::parse("postgres://db/x?sslmode=verify-full", None),
             Err(StartupError::Tls(_))
         ));
+        // a password from a file is a password: the same rules
+        assert!(matches!(
+            Database::parse("postgres://app@db.example/shop", Some("secret".into())),
+            Err(StartupError::ReplicationUnverified)
+        ));
+        let from_file = Database::parse("postgres://app@/shop?host=/run/postgresql", Some("secret".into()))
+            .expect("valid");
+        assert_eq!(from_file.config.get_password(), Some(&b"secret"[..]));
+        assert!(matches!(
+            Database::parse(
+                "postgres://app:one@/shop?host=/run/postgresql",
+                Some("two".into())
+            ),
+            Err(StartupError::BadUrl(_))
+        ));
+    }
+
+    #[test]
+    fn a_password_file_loses_its_trailing_newline_and_must_not_be_empty() {
+        let dir = std::env::temp_dir().join(format!("cqrs-password-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("db_password");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        assert_eq!(read_password_file(&file).unwrap(), "s3cret");
+        std::fs::write(&file, "\n").unwrap();
+        assert!(read_password_file(&file).is_err());
+        assert!(read_password_file(&dir.join("missing")).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -105,8 +105,8 @@ fn metric_names_are_found_with_their_histogram_suffixes_removed() {
     );
 }
 
-/// The development stack publishes nothing on every interface: its PostgreSQL has a well-known
-/// password, and the read API and dashboards are for this machine.
+/// The development stack publishes nothing on every interface: its Redis has no password, and
+/// the database, the read API and the dashboards are for this machine.
 #[test]
 fn the_compose_stack_publishes_ports_on_loopback_only() -> Result<()> {
     let compose = std::fs::read_to_string(repo("docker/compose.yaml"))?;

@@ -385,7 +385,7 @@ async fn a_slow_reader_never_replaces_a_newer_projected_row() -> Result<()> {
     let _serial = serial().await;
     let rig = rig_with_orders(&[]).await?;
     let client = rig.client().await?;
-    let pg = cqrs_sidecar::postgres::Database::parse(&rig.pg.url())?;
+    let pg = cqrs_sidecar::postgres::Database::parse(&rig.pg.url(), None)?;
     let ttls = Ttls {
         row: Duration::from_secs(3600),
         tombstone: Duration::from_secs(60),
