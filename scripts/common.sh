@@ -27,35 +27,9 @@ PORTABLE_SQL=(sql/core/command.sql sql/core/projection.sql
               sql/portable/projection_catalog.sql sql/portable/compile.sql sql/portable/owner_rights.sql
               sql/portable/read.sql sql/portable/projector.sql sql/portable/projection_api.sql sql/core/api.sql)
 
-# What the portable edition grants on its helpers (schema cqrs_portable), after every install and
-# upgrade: each helper to pg_cqrs's three roles — except the installer's own (making a read
-# model's functions) and the read models' writers and readers, which cqrs.create_projection
-# grants itself.
-portable_helper_grants() {
-    cat <<'SQL'
-revoke all on schema cqrs_portable from public;
-grant usage on schema cqrs_portable to cqrs_writer, cqrs_reader, cqrs_projector;
-revoke all on all tables in schema cqrs_portable from public;
-grant select on cqrs_portable.settings to cqrs_writer, cqrs_reader, cqrs_projector;
-do $grants$
-declare
-    v_function regprocedure;
-begin
-    for v_function in
-        select p.oid::regprocedure from pg_catalog.pg_proc p
-         where p.pronamespace = 'cqrs_portable'::regnamespace
-           and p.proname !~ '^_(write|read)_[0-9a-f]{32}$'
-           and p.proname not in ('_make_owner_functions', '_drop_owner_functions', 'rebind')
-    loop
-        execute pg_catalog.format('revoke execute on function %s from public', v_function);
-        execute pg_catalog.format('grant execute on function %s to cqrs_writer, cqrs_reader, cqrs_projector', v_function);
-    end loop;
-end
-$grants$;
-revoke execute on function cqrs_portable._make_owner_functions(text, regclass), cqrs_portable._drop_owner_functions(text),
-    cqrs_portable.rebind(text) from public;
-SQL
-}
+# What the portable edition grants on its helpers, appended whole after its functions by
+# portable.sh and upgrade-scripts.sh (a do block, not a list of functions).
+PORTABLE_GRANTS=sql/portable/grants.sql
 
 step() { printf '\n\033[1;34m▶ %s\033[0m\n' "$*"; }
 note() { printf '  %s\n' "$*"; }

@@ -12,7 +12,8 @@
 #
 # Both are: sql/core/command.sql and sql/core/projection.sql (shared with the extension
 # edition), sql/portable/*.sql (the PL/pgSQL twins of what the extension implements in Rust),
-# then sql/core/api.sql (comments and privileges, shared).
+# then sql/core/api.sql (the comments and grants of the functions each edition implements its
+# own way, shared) and sql/portable/grants.sql (its helpers' grants).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
@@ -58,7 +59,7 @@ SQL
         fi | sed "s/@VERSION@/$version/g"
     done
     printf '\n'
-    portable_helper_grants
+    cat "$PORTABLE_GRANTS"
 }
 
 {

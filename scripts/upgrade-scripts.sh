@@ -73,7 +73,7 @@ for dir in sql/upgrades/*--"$version"; do
         optional "$dir/portable.sql"
         functions "${PORTABLE_SQL[@]}"
         printf '\n'
-        portable_helper_grants
+        cat "$PORTABLE_GRANTS"
         optional "$dir/portable-after.sql"
     } > "target/upgrades/portable/pg_cqrs--$from--$version.sql"
 done

@@ -2,8 +2,9 @@
 //!
 //! Where a function is declared: every SQL function of the extension is declared once, in SQL —
 //! the ones written in SQL and PL/pgSQL in `sql/core/` (shared with the portable edition), the
-//! ones implemented here in `sql/extension/functions.sql` (`language c` with their symbols);
-//! `sql/core/api.sql` holds every function's comment and privileges. This crate implements:
+//! ones implemented here in `sql/extension/functions.sql` (`language c` with their symbols),
+//! whose comments and grants, shared with their portable twins, are in `sql/core/api.sql`
+//! (`sql/README.md` states the rule). This crate implements:
 //!
 //! - the command side: [`append`] (`cqrs.append`, one kept statement), [`command_limits`]
 //!   (size and depth limits), [`payload_schema`] (JSON Schema validation, compiled schemas cached

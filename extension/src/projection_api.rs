@@ -346,7 +346,8 @@ pub unsafe extern "C-unwind" fn cqrs_catch_up(fcinfo: pg_sys::FunctionCallInfo) 
 
 fmgr::v1_function!(pg_finfo_cqrs_resume);
 
-/// `cqrs.resume(name text)`: clears a halt and catches the projection up with the log.
+/// `cqrs.resume(name text, skip boolean default false)`: clears a halt and catches the projection
+/// up with the log; with `skip` the event it halted on goes to the dead letters first.
 ///
 /// # Safety
 /// Called by the function manager with the call info of that function.

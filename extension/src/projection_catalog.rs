@@ -55,6 +55,27 @@ pub(crate) struct Definition {
 }
 
 impl Definition {
+    /// A definition compiled from `spec` for `target` (table `relid`, owned by `owner`), with
+    /// no statement prepared yet: at creation and when loaded from the catalog.
+    fn new(
+        name: &str,
+        spec: &Spec,
+        target: Target,
+        relid: pg_sys::Oid,
+        owner: pg_sys::Oid,
+        on_error: OnError,
+    ) -> Self {
+        Self {
+            name: name.to_owned(),
+            program: spec.compile(),
+            target,
+            relid,
+            owner,
+            on_error,
+            statements: RefCell::new(Statements::default()),
+        }
+    }
+
     /// The kept statement `which`, prepared from `sql` with `args` types the first time. The
     /// cache is not borrowed while the caller executes it.
     pub(crate) fn statement(
@@ -203,15 +224,14 @@ fn is_numeric(type_oid: pg_sys::Oid) -> bool {
     .contains(&type_oid)
 }
 
-/// Builds the statement target from the catalog; `check` adds the checks made at creation.
+/// Builds the statement target from the table as the catalog describes it (read once, by
+/// [`read_table`]); [`check_definition`] adds the checks made at creation.
 fn build_target(
-    client: &SpiClient<'_>,
-    target: pg_sys::Oid,
+    table: &CatalogTable,
     key_column: &str,
     rev_column: &str,
     spec: &Spec,
-) -> Result<(Target, pg_sys::Oid), ErrorReport> {
-    let table = read_table(client, target)?;
+) -> Result<Target, ErrorReport> {
     let Some(key) = table.columns.get(key_column) else {
         return Err(error(
             PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
@@ -272,17 +292,14 @@ fn build_target(
         })
         .cloned()
         .collect();
-    Ok((
-        Target {
-            table: table.qualified,
-            key: key_column.to_owned(),
-            key_type: key.sql_type.clone(),
-            rev: rev_column.to_owned(),
-            columns,
-            other_columns,
-        },
-        table.owner,
-    ))
+    Ok(Target {
+        table: table.qualified.clone(),
+        key: key_column.to_owned(),
+        key_type: key.sql_type.clone(),
+        rev: rev_column.to_owned(),
+        columns,
+        other_columns,
+    })
 }
 
 /// Whether `select <probe>` runs without error (a cast that exists and accepts the value). The
@@ -314,8 +331,9 @@ fn check_definition(
     rev_column: &str,
     spec: &Spec,
 ) -> Result<(Target, pg_sys::Oid), ErrorReport> {
-    let (built, owner) = build_target(client, target, key_column, rev_column, spec)?;
     let table = read_table(client, target)?;
+    let built = build_target(&table, key_column, rev_column, spec)?;
+    let owner = table.owner;
     check_function_owners(client, spec, owner)?;
 
     // ON CONFLICT (key) needs a unique, non-partial index on exactly the key column
@@ -564,17 +582,12 @@ fn resolve_functions(client: &SpiClient<'_>, spec: &mut Spec) -> Result<(), Erro
 }
 
 fn check_name(name: &str) -> Result<(), ErrorReport> {
-    let valid = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if valid {
+    if cqrs_projection::name::is_valid(name) {
         Ok(())
     } else {
         Err(error(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("projection name {name:?} must be 1 to 63 characters of A-Z a-z 0-9 _ . -"),
+            format!("projection name {name:?} must be {}", cqrs_projection::name::RULE),
         )
         .set_hint("Names appear in cache keys and metric labels."))
     }
@@ -670,15 +683,14 @@ pub(crate) fn register(new: &NewProjection<'_>) -> Result<(), ErrorReport> {
             remember(
                 version,
                 relation_version,
-                Definition {
-                    name: new.name.to_owned(),
-                    program: spec.compile(),
+                Definition::new(
+                    new.name,
+                    &spec,
                     target,
-                    relid: new.target,
+                    new.target,
                     owner,
-                    on_error: OnError::from_setting(on_error),
-                    statements: RefCell::new(Statements::default()),
-                },
+                    OnError::from_setting(on_error),
+                ),
             );
         }
         Ok(())
@@ -819,18 +831,12 @@ pub(crate) fn load(
     );
     let spec = Spec::parse(&handlers)
         .map_err(|err| internal(format!("stored handlers of {name:?} do not parse: {err}")))?;
-    let (target, owner) = build_target(client, target_oid, &key_column, &rev_column, &spec)?;
+    let table = read_table(client, target_oid)?;
+    let target = build_target(&table, &key_column, &rev_column, &spec)?;
+    let owner = table.owner;
     Ok(remember(
         version,
         relation_version,
-        Definition {
-            name: name.to_owned(),
-            program: spec.compile(),
-            target,
-            relid: target_oid,
-            owner,
-            on_error,
-            statements: RefCell::new(Statements::default()),
-        },
+        Definition::new(name, &spec, target, target_oid, owner, on_error),
     ))
 }

@@ -7,6 +7,7 @@
 //! - [`sequencing`]: per-(projection, stream) sequence validation (apply, skip, park, release);
 //! - [`fold`]: turning a run of events into one write per read-model row;
 //! - [`lsn`]: checkpoint positions in the WAL;
+//! - [`name`]: what a projection may be called;
 //! - [`sql`]: the set-based statements those writes are executed with.
 
 pub mod event;
@@ -19,6 +20,7 @@ pub const FENCED_SQLSTATE: &str = "QC001";
 
 pub mod fold;
 pub mod lsn;
+pub mod name;
 pub mod path;
 pub mod sequencing;
 pub mod spec;

@@ -15,6 +15,15 @@ use std::time::{Instant, SystemTime};
 use crate::log_row::LogColumns;
 use crate::pgoutput::{Change, Decoder};
 
+/// A replication message the sidecar cannot turn into command-log rows.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamDecodeError {
+    #[error("decoding a pgoutput message: {0}")]
+    Message(#[from] crate::pgoutput::DecodeError),
+    #[error("a cqrs.command_log row: {0}")]
+    Row(#[from] crate::log_row::RowError),
+}
+
 /// Command-log rows on their way to `cqrs.project_batch`.
 pub struct Batch {
     /// Batches are numbered in the order they are taken; the flusher reports the numbers done.
@@ -135,7 +144,7 @@ impl Assembler {
         true
     }
 
-    pub fn data(&mut self, data: &bytes::Bytes) -> anyhow::Result<()> {
+    pub fn data(&mut self, data: &bytes::Bytes) -> Result<(), StreamDecodeError> {
         match self.decoder.decode(data)? {
             Change::Relation(relation) => {
                 let columns = if relation.namespace == "cqrs" && relation.name == "command_log" {

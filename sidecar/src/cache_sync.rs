@@ -60,7 +60,7 @@ pub async fn write_to_cache(ctx: &Context, writes: Vec<Write>) {
 /// Marks for a resync every projection whose cache may be behind its read model: its synced
 /// mark is below the projection's revision (the last leader died between a commit and its cache
 /// writes) or missing (a cold or emptied Redis). Unknown when Redis is down: resync then too.
-pub async fn resync_behind(ctx: &Context, sql: &Client) -> anyhow::Result<()> {
+pub async fn resync_behind(ctx: &Context, sql: &Client) -> Result<(), tokio_postgres::Error> {
     let rows = sql
         .query(
             "select name, revision from cqrs.projection_state order by name",

@@ -4,6 +4,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+/// Why a repair could not be done now (it is tried again).
+#[derive(Debug, thiserror::Error)]
+pub enum RepairError {
+    #[error("reading the read model: {0}")]
+    Database(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
+}
+
 /// What a repair pass has to do.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RepairWork {
@@ -171,7 +180,7 @@ pub mod run {
     use tokio::sync::watch;
     use tokio_postgres::Client;
 
-    use super::{RepairWork, Repairs};
+    use super::{RepairError, RepairWork, Repairs};
     use crate::cache::{Cache, Entry, Write};
     use crate::metrics::Metrics;
     use crate::postgres::{ConnectionPurpose, Database};
@@ -192,7 +201,12 @@ pub mod run {
     }
 
     /// Rewrites `keys` of `projection` from the read model.
-    async fn rewrite(pg: &Client, cache: &Cache, projection: &str, keys: &[String]) -> anyhow::Result<()> {
+    async fn rewrite(
+        pg: &Client,
+        cache: &Cache,
+        projection: &str,
+        keys: &[String],
+    ) -> Result<(), RepairError> {
         for chunk in keys.chunks(CHUNK) {
             let rows = pg
                 .query(
@@ -209,7 +223,7 @@ pub mod run {
     /// Resyncs `projection`: rewrites every cached key (stale rows, rows deleted meanwhile),
     /// then writes every row changed after the cache's synced mark, then raises the mark to the
     /// revision read before all that. `None` when the projection is gone.
-    async fn resync(pg: &Client, cache: &Cache, projection: &str) -> anyhow::Result<Option<usize>> {
+    async fn resync(pg: &Client, cache: &Cache, projection: &str) -> Result<Option<usize>, RepairError> {
         let Some(row) = pg
             .query_opt(
                 "select revision from cqrs.projection_state where name = $1",

@@ -39,13 +39,33 @@ pub enum Ending {
     /// A newer leader holds the lease.
     Deposed,
     /// Something failed; lead again after a pause.
-    Failed(anyhow::Error),
+    Failed(StreamError),
+}
+
+/// Why the leader's streaming failed (it leads again after a pause).
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("{0}")]
+    Database(#[from] tokio_postgres::Error),
+    #[error("{0}")]
+    Connect(#[from] crate::postgres::StartupError),
+    #[error("replication: {0}")]
+    Replication(#[from] pgwire_replication::PgWireError),
+    #[error("{0}")]
+    Decode(#[from] crate::assembly::StreamDecodeError),
+    #[error("slot {slot} uses the {plugin} plugin, not pgoutput: drop it or choose another --slot")]
+    ForeignSlot { slot: String, plugin: String },
+    /// The replication stream or the flusher ended without an error of its own.
+    #[error("{0}")]
+    Ended(&'static str),
+    #[error("the flusher failed: {0}")]
+    Flusher(String),
 }
 
 /// Creates the publication and the slot when missing; a slot that is gone or lost is recreated
 /// and the projections catch up from the log (per-stream sequencing makes the overlap with what
 /// the new slot streams harmless).
-async fn prepare_slot(ctx: &Context, sql: &Client) -> anyhow::Result<()> {
+async fn prepare_slot(ctx: &Context, sql: &Client) -> Result<(), StreamError> {
     let config = &ctx.config;
     let created: bool = sql
         .query_one("select cqrs.ensure_publication($1)", &[&config.publication])
@@ -65,10 +85,10 @@ async fn prepare_slot(ctx: &Context, sql: &Client) -> anyhow::Result<()> {
         Some(row) => {
             let (plugin, wal_status): (String, String) = (row.get(0), row.get(1));
             if plugin != "pgoutput" {
-                anyhow::bail!(
-                    "slot {} uses the {plugin} plugin, not pgoutput: drop it or choose another --slot",
-                    config.slot
-                );
+                return Err(StreamError::ForeignSlot {
+                    slot: config.slot.clone(),
+                    plugin,
+                });
             }
             if wal_status == "lost" {
                 tracing::error!(slot = %config.slot, "the replication slot is lost (its WAL was removed); dropping and recreating it");
@@ -169,7 +189,7 @@ struct Streaming {
 impl Streaming {
     /// Slot and publication ready, the cache resynced where it may be behind, the replication
     /// stream open and the flusher running.
-    async fn start(ctx: &Context, token: i64, shutdown: watch::Receiver<bool>) -> anyhow::Result<Self> {
+    async fn start(ctx: &Context, token: i64, shutdown: watch::Receiver<bool>) -> Result<Self, StreamError> {
         let config = &ctx.config;
         let sql = ctx
             .pg
@@ -232,7 +252,7 @@ impl Streaming {
                     Some(batch) => {
                         permit.send(batch);
                     }
-                    None => return Ending::Failed(anyhow::anyhow!("no batch was waiting")),
+                    None => return Ending::Failed(StreamError::Ended("no batch was waiting")),
                 },
                 Step::SendDue(permit) => {
                     let batch = self.take();
@@ -260,7 +280,7 @@ impl Streaming {
                 .lock()
                 .map(|p| p.max_wait())
                 .unwrap_or(Duration::from_millis(20));
-        let gone = || Step::End(Ending::Failed(anyhow::anyhow!("the flusher went away")));
+        let gone = || Step::End(Ending::Failed(StreamError::Ended("the flusher went away")));
         tokio::select! {
             biased;
             _ = lost.wait_for(|lost| *lost) => Step::End(Ending::LostLeadership),
@@ -268,8 +288,8 @@ impl Streaming {
             finished = &mut self.flusher => Step::End(match finished {
                 Ok(Err(FlushError::Deposed)) => Ending::Deposed,
                 Ok(Err(FlushError::Stopped)) => Ending::Shutdown,
-                Ok(Ok(())) => Ending::Failed(anyhow::anyhow!("the flusher stopped")),
-                Err(err) => Ending::Failed(anyhow::anyhow!("the flusher failed: {err}")),
+                Ok(Ok(())) => Ending::Failed(StreamError::Ended("the flusher stopped")),
+                Err(err) => Ending::Failed(StreamError::Flusher(err.to_string())),
             }),
             _ = self.completed.changed() => Step::Completed,
             permit = self.batches.clone().reserve_owned(), if self.waiting.is_some() => {
@@ -286,14 +306,14 @@ impl Streaming {
             }
             event = self.repl.recv(), if self.waiting.is_none() => match event {
                 Ok(Some(event)) => Step::Received(event),
-                Ok(None) => Step::End(Ending::Failed(anyhow::anyhow!("the replication stream ended"))),
-                Err(err) => Step::End(Ending::Failed(anyhow::anyhow!("replication: {err}"))),
+                Ok(None) => Step::End(Ending::Failed(StreamError::Ended("the replication stream ended"))),
+                Err(err) => Step::End(Ending::Failed(StreamError::Replication(err))),
             },
         }
     }
 
     /// One message of the replication stream.
-    fn receive(&mut self, event: ReplicationEvent) -> anyhow::Result<()> {
+    fn receive(&mut self, event: ReplicationEvent) -> Result<(), StreamError> {
         self.ctx.health.streaming.store(true, Ordering::Relaxed);
         match event {
             ReplicationEvent::Begin {

@@ -80,6 +80,8 @@ begin
     end if;
 end
 $$;
+comment on function cqrs._check_name(text, text, integer) is
+    'Raises 22004, 22023 or 22001 unless a stream or command type name is non-null, non-empty and at most max_bytes long.';
 
 create function cqrs.register_command_type(command_type text, json_schema jsonb)
 returns bigint
@@ -131,6 +133,8 @@ as $$
     )
     select exists (select from gone);
 $$;
+comment on function cqrs.unregister_command_type(text) is
+    'Removes the JSON Schema of a command type; true if there was one.';
 
 create function cqrs.append_batch(commands jsonb)
 returns table (index integer, command_id uuid, "position" bigint, seq bigint, duplicate boolean)
@@ -239,9 +243,10 @@ $$;
 comment on function cqrs.append_batch(jsonb) is
     'Appends an array of commands atomically with the rules of cqrs.append(); one row per command, in order.';
 
--- Privileges: applications append through the functions only.
-revoke all on all tables in schema cqrs from public;
-revoke all on all sequences in schema cqrs from public;
+-- Privileges: applications append through the functions only. (Each file revokes what it
+-- creates; sql/README.md.)
+revoke all on cqrs.command_log, cqrs.stream, cqrs.command_type from public;
+revoke all on sequence cqrs.command_log_position_seq, cqrs.command_type_version_seq from public;
 grant usage on schema cqrs to cqrs_writer, cqrs_reader, cqrs_projector;
 revoke execute on function cqrs._check_name(text, text, integer) from public;
 revoke execute on function cqrs.append_batch(jsonb) from public;

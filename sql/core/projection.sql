@@ -4,6 +4,18 @@
 
 create sequence cqrs.projection_definition_seq;
 
+-- What a projection may be called: 1 to 63 characters of A-Z a-z 0-9 _ . - (names end up in
+-- cache keys {prefix}:{projection}:{key}, URLs and metric labels). The one SQL definition (the
+-- table's check, the portable create_projection); the Rust one is projection/src/name.rs, and
+-- tests/tests/names.rs checks that they agree.
+create function cqrs._is_projection_name(name text)
+returns boolean
+language sql immutable parallel safe
+set search_path = pg_catalog, pg_temp
+as $$ select name ~ '^[A-Za-z0-9_.-]{1,63}$' $$;
+comment on function cqrs._is_projection_name(text) is
+    'Whether a text may name a projection: 1 to 63 characters of A-Z a-z 0-9 _ . -.';
+
 -- What a projection is. The user owns the target table; pg_cqrs owns this row.
 create table cqrs.projection (
     name               text        primary key,
@@ -16,8 +28,7 @@ create table cqrs.projection (
     definition_version bigint      not null default pg_catalog.nextval('cqrs.projection_definition_seq'),
     created_at         timestamptz not null default pg_catalog.now(),
     constraint projection_target_key unique (target),
-    -- names end up in cache keys ({prefix}:{projection}:{key}) and metric labels
-    constraint projection_name_check check (name ~ '^[A-Za-z0-9_.-]{1,63}$'),
+    constraint projection_name_check check (cqrs._is_projection_name(name)),
     constraint projection_on_error_check check (on_error in ('halt', 'dead_letter'))
 );
 comment on table cqrs.projection is 'Registered read models: target table, key, handlers per command type.';
@@ -263,6 +274,10 @@ begin
                    from cqrs._project_batch(events, commit_lsn, fencing_token) b;
 end
 $$;
+comment on function cqrs.project_batch(jsonb, pg_lsn, bigint) is
+    'Applies an ordered batch of command-log rows to every projection, exactly once, in one transaction; returns every read-model row it changed. A batch at or below a projection''s checkpoint LSN is skipped; a fencing_token older than the lease is refused.';
+revoke execute on function cqrs.project_batch(jsonb, pg_lsn, bigint) from public;
+grant execute on function cqrs.project_batch(jsonb, pg_lsn, bigint) to cqrs_projector;
 
 -- Creates the publication the sidecar streams (on cqrs.command_log only) if it is missing.
 -- Creating a publication for a table requires owning it, hence SECURITY DEFINER.
@@ -332,6 +347,8 @@ as $$
       left join parked on parked.projection = p.name
       left join dead on dead.projection = p.name;
 $$;
+comment on function cqrs._backlog() is
+    'Per projection, the commands it has still to apply and the age of the oldest, its parked events and their oldest age, its dead letters: numbers only, for cqrs.status().';
 
 -- Security invoker, so that it shows the last error only to those who may read it (its summary,
 -- which carries no command values: readers and projectors).
@@ -413,8 +430,9 @@ comment on function cqrs.progress() is
 
 -- Privileges. Projection functions run with the caller's rights (a user function handler must
 -- never run as the extension owner); cqrs_projector gets what projecting needs.
-revoke all on all tables in schema cqrs from public;
-revoke all on all sequences in schema cqrs from public;
+revoke all on cqrs.projection, cqrs.projection_state, cqrs.projection_stream, cqrs.parked, cqrs.dead_letter,
+    cqrs.projector_lease from public;
+revoke all on sequence cqrs.projection_definition_seq, cqrs.dead_letter_id_seq from public;
 grant select, insert, update, delete on cqrs.projection_state, cqrs.projection_stream, cqrs.parked,
     cqrs.dead_letter to cqrs_projector;
 -- the lease changes only through its functions (try_lead, release_lead, acquire_lease)
@@ -432,6 +450,7 @@ revoke execute on function cqrs.acquire_lease(text), cqrs.ensure_publication(tex
     cqrs.release_lead(text), cqrs.leader() from public;
 grant execute on function cqrs.acquire_lease(text), cqrs.ensure_publication(text), cqrs.try_lead(text, interval),
     cqrs.release_lead(text), cqrs.leader() to cqrs_projector;
+revoke execute on function cqrs._is_projection_name(text) from public;
 revoke execute on function cqrs.status(), cqrs.progress(), cqrs._backlog() from public;
 grant execute on function cqrs.status(), cqrs.progress(), cqrs._backlog()
     to cqrs_reader, cqrs_projector;

@@ -1,6 +1,6 @@
 -- pg_cqrs, extension edition: the functions implemented in Rust (extension/src/), declared here
 -- and nowhere else. The portable edition declares the same signatures in sql/portable/; the
--- comments and privileges of both are in sql/core/api.sql.
+-- comments and grants of both are in sql/core/api.sql (sql/README.md).
 --
 -- The C symbol names ('MODULE_PATHNAME', '<symbol>') are forever: every install script ever
 -- released (sql/releases/pg_cqrs--<version>.sql) names them, CREATE EXTENSION … VERSION '<old>'

@@ -106,6 +106,52 @@ begin
 end
 $$;
 
+-- cqrs.append of a command_id that is in the log: gives back the seq this call took (if it took
+-- one; see GIVE_BACK_SEQ in extension/src/append.rs) and answers the first append's position and
+-- seq when the command is the same (a retry), or raises 23505 naming what differs.
+create function cqrs_portable._replay(command_id uuid, stream text, command_type text, payload jsonb,
+                                      out "position" bigint, out seq bigint)
+returns record
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_existing record;
+    v_differs text[] := '{}'::text[];
+    v_what text[] := '{}'::text[];
+begin
+    -- give back the seq this call took, if it took one (see GIVE_BACK_SEQ in extension/src/append.rs)
+    update cqrs.stream s set last_seq = s.last_seq - 1
+     where s.stream = _replay.stream
+       and s.last_seq > (select coalesce(max(l.seq), 0) from cqrs.command_log l where l.stream = _replay.stream);
+    select l.position, l.seq, l.stream, l.command_type, l.payload = _replay.payload as same_payload
+      into v_existing from cqrs.command_log l where l.command_id = _replay.command_id;
+    if v_existing.stream is distinct from _replay.stream then
+        v_differs := v_differs || format('stream %s (was %s)', cqrs_portable._quoted(_replay.stream), cqrs_portable._quoted(v_existing.stream));
+        v_what := v_what || 'stream'::text;
+    end if;
+    if v_existing.command_type is distinct from _replay.command_type then
+        v_differs := v_differs || format('command_type %s (was %s)', cqrs_portable._quoted(_replay.command_type), cqrs_portable._quoted(v_existing.command_type));
+        v_what := v_what || 'command_type'::text;
+    end if;
+    if not v_existing.same_payload then
+        v_differs := v_differs || 'payload'::text;
+        v_what := v_what || 'payload'::text;
+    end if;
+    if cardinality(v_differs) = 0 then
+        "position" := v_existing.position;
+        seq := v_existing.seq;
+        return;
+    end if;
+    raise exception using errcode = '23505',
+        message = format('command_id %s was already appended with a different %s', _replay.command_id, array_to_string(v_what, ', ')),
+        detail = format('Key (command_id)=(%s) already exists at position %s (stream %s, seq %s); differs in: %s.',
+                        _replay.command_id, v_existing.position, cqrs_portable._quoted(v_existing.stream), v_existing.seq,
+                        array_to_string(v_differs, '; ')),
+        hint = 'Reuse a command_id only to retry the very same command; give a new command a new id (cqrs.uuid_v7()).';
+end
+$$;
+
 create function cqrs.append(
     command_id uuid,
     stream text,
@@ -124,9 +170,6 @@ as $$
 declare
     -- the limits, read once (only the installer may change them)
     v_settings cqrs_portable.settings := (select s from cqrs_portable.settings s);
-    v_existing record;
-    v_differs text[] := '{}'::text[];
-    v_what text[] := '{}'::text[];
     v_version bigint;
     v_schema jsonb;
     v_violations text[];
@@ -168,36 +211,11 @@ begin
         returning l.position, l.seq into "position", seq;
         exit when found;
         if exists (select from cqrs.command_log l where l.command_id = append.command_id) then
-            -- give back the seq this call took, if it took one (see GIVE_BACK_SEQ in append.rs)
-            update cqrs.stream s set last_seq = s.last_seq - 1
-             where s.stream = append.stream
-               and s.last_seq > (select coalesce(max(l.seq), 0) from cqrs.command_log l where l.stream = append.stream);
-            select l.position, l.seq, l.stream, l.command_type, l.payload = append.payload as same_payload
-              into v_existing from cqrs.command_log l where l.command_id = append.command_id;
-            if v_existing.stream is distinct from append.stream then
-                v_differs := v_differs || format('stream %s (was %s)', cqrs_portable._quoted(append.stream), cqrs_portable._quoted(v_existing.stream));
-                v_what := v_what || 'stream'::text;
-            end if;
-            if v_existing.command_type is distinct from append.command_type then
-                v_differs := v_differs || format('command_type %s (was %s)', cqrs_portable._quoted(append.command_type), cqrs_portable._quoted(v_existing.command_type));
-                v_what := v_what || 'command_type'::text;
-            end if;
-            if not v_existing.same_payload then
-                v_differs := v_differs || 'payload'::text;
-                v_what := v_what || 'payload'::text;
-            end if;
-            if cardinality(v_differs) = 0 then
-                "position" := v_existing.position;
-                seq := v_existing.seq;
-                duplicate := true;
-                return;
-            end if;
-            raise exception using errcode = '23505',
-                message = format('command_id %s was already appended with a different %s', command_id, array_to_string(v_what, ', ')),
-                detail = format('Key (command_id)=(%s) already exists at position %s (stream %s, seq %s); differs in: %s.',
-                                command_id, v_existing.position, cqrs_portable._quoted(v_existing.stream), v_existing.seq,
-                                array_to_string(v_differs, '; ')),
-                hint = 'Reuse a command_id only to retry the very same command; give a new command a new id (cqrs.uuid_v7()).';
+            -- a replay of the same command answers as the first time; anything else is 23505
+            select r."position", r.seq into "position", seq
+              from cqrs_portable._replay(append.command_id, append.stream, append.command_type, append.payload) r;
+            duplicate := true;
+            return;
         end if;
         if pass = 2 then
             -- only possible when our snapshot cannot see a stream row created concurrently

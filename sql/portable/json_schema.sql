@@ -91,8 +91,10 @@ begin
 end
 $$;
 
--- Every violation of `schema` by `instance` as 'pointer: message', at most `max_errors` of them.
--- `root` resolves local $refs; `depth` bounds $ref recursion.
+-- Every violation of `schema` by `instance` as 'pointer: message', at most `max_errors` of them,
+-- keyword by keyword in the schema's order: the keywords that apply subschemas
+-- (cqrs_portable._schema_apply) and those that check the instance itself
+-- (cqrs_portable._schema_assert). `root` resolves local $refs; `depth` bounds $ref recursion.
 create function cqrs_portable._schema_walk(schema jsonb, instance jsonb, pointer text, root jsonb, max_errors integer, depth integer)
 returns text[]
 language plpgsql immutable parallel safe
@@ -104,14 +106,6 @@ declare
     v_type text := jsonb_typeof(instance);
     v_number numeric;
     v_text text;
-    v_length integer;
-    v_valid integer;
-    v_key text;
-    v_value jsonb;
-    v_unexpected text[];
-    v_target jsonb;
-    v_options text[];
-    v_count integer;
 begin
     if depth > 64 then
         raise exception using errcode = '54001', message = 'json_schema: $ref nests more than 64 levels deep';
@@ -126,190 +120,263 @@ begin
         v_number := (instance #>> '{}')::numeric;
     elsif v_type = 'string' then
         v_text := instance #>> '{}';
-        v_length := char_length(v_text);
     end if;
     for v_keyword, v_arg in select e.key, e.value from jsonb_each(schema) e loop
         exit when cardinality(v_errors) >= max_errors;
-        case v_keyword
-        when 'type' then
-            if jsonb_typeof(v_arg) = 'string' then
-                if not cqrs_portable._json_type_matches(instance, v_arg #>> '{}') then
-                    v_errors := v_errors || format('%s: value is not of type %s', pointer, v_arg::text);
-                end if;
-            elsif not exists (select from jsonb_array_elements_text(v_arg) t where cqrs_portable._json_type_matches(instance, t)) then
-                -- listed in the Rust validator's order of types, each once
-                v_errors := v_errors || format('%s: value is not of types %s', pointer,
-                    (select string_agg(to_jsonb(t.v)::text, ', '
-                                       order by array_position(array['null', 'boolean', 'integer', 'number', 'string', 'array', 'object'], t.v))
-                       from (select distinct e as v from jsonb_array_elements_text(v_arg) e) t));
-            end if;
-        when 'enum' then
-            if not exists (select from jsonb_array_elements(v_arg) o where o = instance) then
-                select array_agg(cqrs_portable._compact_json(o.v) order by o.n), count(*) into v_options, v_count
-                  from jsonb_array_elements(v_arg) with ordinality o(v, n);
-                v_errors := v_errors || (pointer || ': value is not one of ' ||
-                    case when v_count <= 3 then
-                        case when v_count = 1 then v_options[1]
-                             else array_to_string(v_options[1:v_count - 1], ', ') || ' or ' || v_options[v_count] end
-                    else array_to_string(v_options[1:2], ', ') || format(' or %s other candidates', v_count - 2) end);
-            end if;
-        when 'const' then
-            if instance <> v_arg then
-                v_errors := v_errors || format('%s: %s was expected', pointer, cqrs_portable._compact_json(v_arg));
-            end if;
-        when 'required' then
-            if v_type = 'object' then
-                for v_key in select r from jsonb_array_elements_text(v_arg) r loop
-                    if not instance ? v_key then
-                        v_errors := v_errors || format('%s: %s is a required property', pointer, to_jsonb(v_key)::text);
-                    end if;
-                end loop;
-            end if;
-        when 'properties' then
-            if v_type = 'object' then
-                for v_key, v_value in select e.key, e.value from jsonb_each(instance) e loop
-                    if v_arg ? v_key then
-                        v_errors := v_errors || cqrs_portable._schema_walk(v_arg -> v_key, v_value, cqrs_portable._pointer(pointer, v_key), root,
-                                                                   max_errors - cardinality(v_errors), depth);
-                    end if;
-                end loop;
-            end if;
-        when 'patternProperties' then
-            if v_type = 'object' then
-                for v_key, v_value in select e.key, e.value from jsonb_each(instance) e loop
-                    for v_text, v_target in select p.key, p.value from jsonb_each(v_arg) p where v_key ~ p.key loop
-                        v_errors := v_errors || cqrs_portable._schema_walk(v_target, v_value, cqrs_portable._pointer(pointer, v_key), root,
-                                                                   max_errors - cardinality(v_errors), depth);
-                    end loop;
-                end loop;
-            end if;
-        when 'additionalProperties' then
-            if v_type = 'object' then
-                v_unexpected := array(
-                    select e.key from jsonb_each(instance) e
-                     where not coalesce(schema -> 'properties' ? e.key, false)
-                       and not exists (select from jsonb_object_keys(coalesce(schema -> 'patternProperties', '{}')) p
-                                        where e.key ~ p));
-                if v_arg = 'false'::jsonb then
-                    if cardinality(v_unexpected) > 0 then
-                        v_errors := v_errors || format('%s: Additional properties are not allowed (%s %s unexpected)', pointer,
-                            (select string_agg('''' || u || '''', ', ' order by n) from unnest(v_unexpected) with ordinality x(u, n)),
-                            case when cardinality(v_unexpected) = 1 then 'was' else 'were' end);
-                    end if;
-                else
-                    foreach v_key in array v_unexpected loop
-                        v_errors := v_errors || cqrs_portable._schema_walk(v_arg, instance -> v_key, cqrs_portable._pointer(pointer, v_key), root,
-                                                                   max_errors - cardinality(v_errors), depth);
-                    end loop;
-                end if;
-            end if;
-        when 'prefixItems' then
-            if v_type = 'array' then
-                for v_i in 0 .. least(jsonb_array_length(instance), jsonb_array_length(v_arg)) - 1 loop
-                    v_errors := v_errors || cqrs_portable._schema_walk(v_arg -> v_i, instance -> v_i, cqrs_portable._pointer(pointer, v_i::text), root,
-                                                               max_errors - cardinality(v_errors), depth);
-                end loop;
-            end if;
-        when 'items' then
-            if v_type = 'array' then
-                for v_i in coalesce(jsonb_array_length(schema -> 'prefixItems'), 0) .. jsonb_array_length(instance) - 1 loop
-                    v_errors := v_errors || cqrs_portable._schema_walk(v_arg, instance -> v_i, cqrs_portable._pointer(pointer, v_i::text), root,
-                                                               max_errors - cardinality(v_errors), depth);
-                end loop;
-            end if;
-        when 'minItems' then
-            if v_type = 'array' and jsonb_array_length(instance) < (v_arg #>> '{}')::numeric then
-                v_errors := v_errors || format('%s: value has less than %s item%s', pointer, v_arg::text,
-                                               case when (v_arg #>> '{}')::numeric = 1 then '' else 's' end);
-            end if;
-        when 'maxItems' then
-            if v_type = 'array' and jsonb_array_length(instance) > (v_arg #>> '{}')::numeric then
-                v_errors := v_errors || format('%s: value has more than %s item%s', pointer, v_arg::text,
-                                               case when (v_arg #>> '{}')::numeric = 1 then '' else 's' end);
-            end if;
-        when 'uniqueItems' then
-            if v_type = 'array' and v_arg = 'true'::jsonb
-               and (select count(*) <> count(distinct e) from jsonb_array_elements(instance) e) then
-                v_errors := v_errors || format('%s: value has non-unique elements', pointer);
-            end if;
-        when 'minLength' then
-            if v_type = 'string' and v_length < (v_arg #>> '{}')::numeric then
-                v_errors := v_errors || format('%s: value is shorter than %s character%s', pointer, v_arg::text,
-                                               case when (v_arg #>> '{}')::numeric = 1 then '' else 's' end);
-            end if;
-        when 'maxLength' then
-            if v_type = 'string' and v_length > (v_arg #>> '{}')::numeric then
-                v_errors := v_errors || format('%s: value is longer than %s character%s', pointer, v_arg::text,
-                                               case when (v_arg #>> '{}')::numeric = 1 then '' else 's' end);
-            end if;
-        when 'pattern' then
-            if v_type = 'string' and v_text !~ (v_arg #>> '{}') then
-                v_errors := v_errors || format('%s: value does not match "%s"', pointer, v_arg #>> '{}');
-            end if;
-        when 'format' then
-            if v_type = 'string' and not cqrs_portable._format_matches(v_text, v_arg #>> '{}') then
-                v_errors := v_errors || format('%s: value is not a "%s"', pointer, v_arg #>> '{}');
-            end if;
-        when 'minimum' then
-            if v_type = 'number' and v_number < (v_arg #>> '{}')::numeric then
-                v_errors := v_errors || format('%s: value is less than the minimum of %s', pointer, v_arg::text);
-            end if;
-        when 'maximum' then
-            if v_type = 'number' and v_number > (v_arg #>> '{}')::numeric then
-                v_errors := v_errors || format('%s: value is greater than the maximum of %s', pointer, v_arg::text);
-            end if;
-        when 'exclusiveMinimum' then
-            if v_type = 'number' and v_number <= (v_arg #>> '{}')::numeric then
-                v_errors := v_errors || format('%s: value is less than or equal to the minimum of %s', pointer, v_arg::text);
-            end if;
-        when 'exclusiveMaximum' then
-            if v_type = 'number' and v_number >= (v_arg #>> '{}')::numeric then
-                v_errors := v_errors || format('%s: value is greater than or equal to the maximum of %s', pointer, v_arg::text);
-            end if;
-        when 'multipleOf' then
-            if v_type = 'number' and mod(v_number, (v_arg #>> '{}')::numeric) <> 0 then
-                v_errors := v_errors || format('%s: value is not a multiple of %s', pointer, v_arg::text);
-            end if;
-        when 'minProperties' then
-            if v_type = 'object' and (select count(*) from jsonb_object_keys(instance)) < (v_arg #>> '{}')::numeric then
-                v_errors := v_errors || format('%s: value has less than %s propert%s', pointer, v_arg::text,
-                                               case when (v_arg #>> '{}')::numeric = 1 then 'y' else 'ies' end);
-            end if;
-        when 'maxProperties' then
-            if v_type = 'object' and (select count(*) from jsonb_object_keys(instance)) > (v_arg #>> '{}')::numeric then
-                v_errors := v_errors || format('%s: value has more than %s propert%s', pointer, v_arg::text,
-                                               case when (v_arg #>> '{}')::numeric = 1 then 'y' else 'ies' end);
-            end if;
-        when 'allOf' then
-            for v_target in select s from jsonb_array_elements(v_arg) s loop
-                v_errors := v_errors || cqrs_portable._schema_walk(v_target, instance, pointer, root, max_errors - cardinality(v_errors), depth);
-            end loop;
-        when 'anyOf' then
-            if not exists (select from jsonb_array_elements(v_arg) s
-                            where cardinality(cqrs_portable._schema_walk(s, instance, pointer, root, 1, depth)) = 0) then
-                v_errors := v_errors || format('%s: value is not valid under any of the schemas listed in the ''anyOf'' keyword', pointer);
-            end if;
-        when 'oneOf' then
-            select count(*) into v_valid from jsonb_array_elements(v_arg) s
-             where cardinality(cqrs_portable._schema_walk(s, instance, pointer, root, 1, depth)) = 0;
-            if v_valid = 0 then
-                v_errors := v_errors || format('%s: value is not valid under any of the schemas listed in the ''oneOf'' keyword', pointer);
-            elsif v_valid > 1 then
-                v_errors := v_errors || format('%s: value is valid under more than one of the schemas listed in the ''oneOf'' keyword', pointer);
-            end if;
-        when 'not' then
-            if cardinality(cqrs_portable._schema_walk(v_arg, instance, pointer, root, 1, depth)) = 0 then
-                v_errors := v_errors || format('%s: %s is not allowed for value', pointer, cqrs_portable._compact_json(v_arg));
-            end if;
-        when '$ref' then
-            v_target := cqrs_portable._schema_ref(root, v_arg #>> '{}');
-            v_errors := v_errors || cqrs_portable._schema_walk(v_target, instance, pointer, root, max_errors - cardinality(v_errors), depth + 1);
+        if v_keyword in ('properties', 'patternProperties', 'additionalProperties', 'prefixItems', 'items', 'allOf', 'anyOf', 'oneOf', 'not', '$ref') then
+            v_errors := v_errors || cqrs_portable._schema_apply(v_keyword, v_arg, schema, instance, v_type, pointer, root,
+                                                                max_errors - cardinality(v_errors), depth);
+        elsif v_keyword in ('minLength', 'maxLength', 'pattern', 'format', 'minimum', 'maximum', 'exclusiveMinimum', 'exclusiveMaximum', 'multipleOf') then
+            v_errors := v_errors || cqrs_portable._schema_assert_scalar(v_keyword, v_arg, v_type, v_number, v_text, pointer);
         else
-            -- annotations and $defs / definitions (checked at registration)
-            null;
-        end case;
+            -- annotations and $defs / definitions (checked at registration) find nothing
+            v_errors := v_errors || cqrs_portable._schema_assert(v_keyword, v_arg, instance, v_type, pointer);
+        end if;
     end loop;
     return v_errors[1:max_errors];
+end
+$$;
+
+-- The violations of one keyword that checks the instance itself (type, enum, const, required,
+-- the bounds of objects and arrays, uniqueItems; those of strings and numbers in
+-- cqrs_portable._schema_assert_scalar); none for a keyword it does not know (annotations).
+create function cqrs_portable._schema_assert(keyword text, arg jsonb, instance jsonb, value_type text, pointer text)
+returns text[]
+language plpgsql immutable parallel safe
+as $$
+declare
+    v_errors text[] := '{}'::text[];
+    v_arg jsonb := arg;
+    v_type text := value_type;
+    v_key text;
+    v_options text[];
+    v_count integer;
+begin
+    case keyword
+    when 'type' then
+        if jsonb_typeof(v_arg) = 'string' then
+            if not cqrs_portable._json_type_matches(instance, v_arg #>> '{}') then
+                v_errors := v_errors || format('%s: value is not of type %s', pointer, v_arg::text);
+            end if;
+        elsif not exists (select from jsonb_array_elements_text(v_arg) t where cqrs_portable._json_type_matches(instance, t)) then
+            -- listed in the Rust validator's order of types, each once
+            v_errors := v_errors || format('%s: value is not of types %s', pointer,
+                (select string_agg(to_jsonb(t.v)::text, ', '
+                                   order by array_position(array['null', 'boolean', 'integer', 'number', 'string', 'array', 'object'], t.v))
+                   from (select distinct e as v from jsonb_array_elements_text(v_arg) e) t));
+        end if;
+    when 'enum' then
+        if not exists (select from jsonb_array_elements(v_arg) o where o = instance) then
+            select array_agg(cqrs_portable._compact_json(o.v) order by o.n), count(*) into v_options, v_count
+              from jsonb_array_elements(v_arg) with ordinality o(v, n);
+            v_errors := v_errors || (pointer || ': value is not one of ' ||
+                case when v_count <= 3 then
+                    case when v_count = 1 then v_options[1]
+                         else array_to_string(v_options[1:v_count - 1], ', ') || ' or ' || v_options[v_count] end
+                else array_to_string(v_options[1:2], ', ') || format(' or %s other candidates', v_count - 2) end);
+        end if;
+    when 'const' then
+        if instance <> v_arg then
+            v_errors := v_errors || format('%s: %s was expected', pointer, cqrs_portable._compact_json(v_arg));
+        end if;
+    when 'required' then
+        if v_type = 'object' then
+            for v_key in select r from jsonb_array_elements_text(v_arg) r loop
+                if not instance ? v_key then
+                    v_errors := v_errors || format('%s: %s is a required property', pointer, to_jsonb(v_key)::text);
+                end if;
+            end loop;
+        end if;
+    when 'minItems' then
+        if v_type = 'array' and jsonb_array_length(instance) < (v_arg #>> '{}')::numeric then
+            v_errors := v_errors || format('%s: value has less than %s item%s', pointer, v_arg::text,
+                                           case when (v_arg #>> '{}')::numeric = 1 then '' else 's' end);
+        end if;
+    when 'maxItems' then
+        if v_type = 'array' and jsonb_array_length(instance) > (v_arg #>> '{}')::numeric then
+            v_errors := v_errors || format('%s: value has more than %s item%s', pointer, v_arg::text,
+                                           case when (v_arg #>> '{}')::numeric = 1 then '' else 's' end);
+        end if;
+    when 'uniqueItems' then
+        if v_type = 'array' and v_arg = 'true'::jsonb
+           and (select count(*) <> count(distinct e) from jsonb_array_elements(instance) e) then
+            v_errors := v_errors || format('%s: value has non-unique elements', pointer);
+        end if;
+    when 'minProperties' then
+        if v_type = 'object' and (select count(*) from jsonb_object_keys(instance)) < (v_arg #>> '{}')::numeric then
+            v_errors := v_errors || format('%s: value has less than %s propert%s', pointer, v_arg::text,
+                                           case when (v_arg #>> '{}')::numeric = 1 then 'y' else 'ies' end);
+        end if;
+    when 'maxProperties' then
+        if v_type = 'object' and (select count(*) from jsonb_object_keys(instance)) > (v_arg #>> '{}')::numeric then
+            v_errors := v_errors || format('%s: value has more than %s propert%s', pointer, v_arg::text,
+                                           case when (v_arg #>> '{}')::numeric = 1 then 'y' else 'ies' end);
+        end if;
+    else
+        null;
+    end case;
+    return v_errors;
+end
+$$;
+
+-- The violation of one keyword that bounds a string (minLength, maxLength, pattern, format) or
+-- a number (minimum, maximum, exclusiveMinimum, exclusiveMaximum, multipleOf), if any.
+create function cqrs_portable._schema_assert_scalar(keyword text, arg jsonb, value_type text, number numeric,
+                                                    string text, pointer text)
+returns text[]
+language plpgsql immutable parallel safe
+as $$
+declare
+    v_errors text[] := '{}'::text[];
+    v_arg jsonb := arg;
+    v_type text := value_type;
+    v_number numeric := number;
+    v_text text := string;
+    v_length integer := char_length(string);
+begin
+    case keyword
+    when 'minLength' then
+        if v_type = 'string' and v_length < (v_arg #>> '{}')::numeric then
+            v_errors := v_errors || format('%s: value is shorter than %s character%s', pointer, v_arg::text,
+                                           case when (v_arg #>> '{}')::numeric = 1 then '' else 's' end);
+        end if;
+    when 'maxLength' then
+        if v_type = 'string' and v_length > (v_arg #>> '{}')::numeric then
+            v_errors := v_errors || format('%s: value is longer than %s character%s', pointer, v_arg::text,
+                                           case when (v_arg #>> '{}')::numeric = 1 then '' else 's' end);
+        end if;
+    when 'pattern' then
+        if v_type = 'string' and v_text !~ (v_arg #>> '{}') then
+            v_errors := v_errors || format('%s: value does not match "%s"', pointer, v_arg #>> '{}');
+        end if;
+    when 'format' then
+        if v_type = 'string' and not cqrs_portable._format_matches(v_text, v_arg #>> '{}') then
+            v_errors := v_errors || format('%s: value is not a "%s"', pointer, v_arg #>> '{}');
+        end if;
+    when 'minimum' then
+        if v_type = 'number' and v_number < (v_arg #>> '{}')::numeric then
+            v_errors := v_errors || format('%s: value is less than the minimum of %s', pointer, v_arg::text);
+        end if;
+    when 'maximum' then
+        if v_type = 'number' and v_number > (v_arg #>> '{}')::numeric then
+            v_errors := v_errors || format('%s: value is greater than the maximum of %s', pointer, v_arg::text);
+        end if;
+    when 'exclusiveMinimum' then
+        if v_type = 'number' and v_number <= (v_arg #>> '{}')::numeric then
+            v_errors := v_errors || format('%s: value is less than or equal to the minimum of %s', pointer, v_arg::text);
+        end if;
+    when 'exclusiveMaximum' then
+        if v_type = 'number' and v_number >= (v_arg #>> '{}')::numeric then
+            v_errors := v_errors || format('%s: value is greater than or equal to the maximum of %s', pointer, v_arg::text);
+        end if;
+    when 'multipleOf' then
+        if v_type = 'number' and mod(v_number, (v_arg #>> '{}')::numeric) <> 0 then
+            v_errors := v_errors || format('%s: value is not a multiple of %s', pointer, v_arg::text);
+        end if;
+    end case;
+    return v_errors;
+end
+$$;
+
+-- The violations of one keyword that applies subschemas (properties, patternProperties,
+-- additionalProperties, prefixItems, items, allOf, anyOf, oneOf, not, $ref), at most
+-- `max_errors`; `schema` is the keyword's schema (additionalProperties and items look at its
+-- siblings).
+create function cqrs_portable._schema_apply(keyword text, arg jsonb, schema jsonb, instance jsonb, value_type text, pointer text,
+                                            root jsonb, max_errors integer, depth integer)
+returns text[]
+language plpgsql immutable parallel safe
+as $$
+declare
+    v_errors text[] := '{}'::text[];
+    v_arg jsonb := arg;
+    v_type text := value_type;
+    v_text text;
+    v_key text;
+    v_value jsonb;
+    v_unexpected text[];
+    v_target jsonb;
+    v_valid integer;
+begin
+    case keyword
+    when 'properties' then
+        if v_type = 'object' then
+            for v_key, v_value in select e.key, e.value from jsonb_each(instance) e loop
+                if v_arg ? v_key then
+                    v_errors := v_errors || cqrs_portable._schema_walk(v_arg -> v_key, v_value, cqrs_portable._pointer(pointer, v_key), root,
+                                                               max_errors - cardinality(v_errors), depth);
+                end if;
+            end loop;
+        end if;
+    when 'patternProperties' then
+        if v_type = 'object' then
+            for v_key, v_value in select e.key, e.value from jsonb_each(instance) e loop
+                for v_text, v_target in select p.key, p.value from jsonb_each(v_arg) p where v_key ~ p.key loop
+                    v_errors := v_errors || cqrs_portable._schema_walk(v_target, v_value, cqrs_portable._pointer(pointer, v_key), root,
+                                                               max_errors - cardinality(v_errors), depth);
+                end loop;
+            end loop;
+        end if;
+    when 'additionalProperties' then
+        if v_type = 'object' then
+            v_unexpected := array(
+                select e.key from jsonb_each(instance) e
+                 where not coalesce(schema -> 'properties' ? e.key, false)
+                   and not exists (select from jsonb_object_keys(coalesce(schema -> 'patternProperties', '{}')) p
+                                    where e.key ~ p));
+            if v_arg = 'false'::jsonb then
+                if cardinality(v_unexpected) > 0 then
+                    v_errors := v_errors || format('%s: Additional properties are not allowed (%s %s unexpected)', pointer,
+                        (select string_agg('''' || u || '''', ', ' order by n) from unnest(v_unexpected) with ordinality x(u, n)),
+                        case when cardinality(v_unexpected) = 1 then 'was' else 'were' end);
+                end if;
+            else
+                foreach v_key in array v_unexpected loop
+                    v_errors := v_errors || cqrs_portable._schema_walk(v_arg, instance -> v_key, cqrs_portable._pointer(pointer, v_key), root,
+                                                               max_errors - cardinality(v_errors), depth);
+                end loop;
+            end if;
+        end if;
+    when 'prefixItems' then
+        if v_type = 'array' then
+            for v_i in 0 .. least(jsonb_array_length(instance), jsonb_array_length(v_arg)) - 1 loop
+                v_errors := v_errors || cqrs_portable._schema_walk(v_arg -> v_i, instance -> v_i, cqrs_portable._pointer(pointer, v_i::text), root,
+                                                           max_errors - cardinality(v_errors), depth);
+            end loop;
+        end if;
+    when 'items' then
+        if v_type = 'array' then
+            for v_i in coalesce(jsonb_array_length(schema -> 'prefixItems'), 0) .. jsonb_array_length(instance) - 1 loop
+                v_errors := v_errors || cqrs_portable._schema_walk(v_arg, instance -> v_i, cqrs_portable._pointer(pointer, v_i::text), root,
+                                                           max_errors - cardinality(v_errors), depth);
+            end loop;
+        end if;
+    when 'allOf' then
+        for v_target in select s from jsonb_array_elements(v_arg) s loop
+            v_errors := v_errors || cqrs_portable._schema_walk(v_target, instance, pointer, root, max_errors - cardinality(v_errors), depth);
+        end loop;
+    when 'anyOf' then
+        if not exists (select from jsonb_array_elements(v_arg) s
+                        where cardinality(cqrs_portable._schema_walk(s, instance, pointer, root, 1, depth)) = 0) then
+            v_errors := v_errors || format('%s: value is not valid under any of the schemas listed in the ''anyOf'' keyword', pointer);
+        end if;
+    when 'oneOf' then
+        select count(*) into v_valid from jsonb_array_elements(v_arg) s
+         where cardinality(cqrs_portable._schema_walk(s, instance, pointer, root, 1, depth)) = 0;
+        if v_valid = 0 then
+            v_errors := v_errors || format('%s: value is not valid under any of the schemas listed in the ''oneOf'' keyword', pointer);
+        elsif v_valid > 1 then
+            v_errors := v_errors || format('%s: value is valid under more than one of the schemas listed in the ''oneOf'' keyword', pointer);
+        end if;
+    when 'not' then
+        if cardinality(cqrs_portable._schema_walk(v_arg, instance, pointer, root, 1, depth)) = 0 then
+            v_errors := v_errors || format('%s: %s is not allowed for value', pointer, cqrs_portable._compact_json(v_arg));
+        end if;
+    when '$ref' then
+        v_target := cqrs_portable._schema_ref(root, v_arg #>> '{}');
+        v_errors := v_errors || cqrs_portable._schema_walk(v_target, instance, pointer, root, max_errors - cardinality(v_errors), depth + 1);
+    end case;
+    return v_errors;
 end
 $$;
 

@@ -246,6 +246,22 @@ begin
 end
 $$;
 
+-- The name rule (cqrs._is_projection_name, which PUBLIC may not execute) checked for whoever the
+-- DBA lets call create_projection: as the installer, on a name only.
+create function cqrs_portable._check_projection_name(name text)
+returns void
+language plpgsql immutable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if not cqrs._is_projection_name(name) then
+        raise exception using errcode = '22023',
+            message = format('projection name %s must be 1 to 63 characters of A-Z a-z 0-9 _ . -', cqrs_portable._quoted(name)),
+            hint = 'Names appear in cache keys and metric labels.';
+    end if;
+end
+$$;
+
 create function cqrs.create_projection(
     name text,
     target regclass,
@@ -273,11 +289,7 @@ begin
     if on_error is null then raise exception using errcode = '22004', message = 'on_error must not be null'; end if;
     if rev_column is null then raise exception using errcode = '22004', message = 'rev_column must not be null'; end if;
     if backfill is null then raise exception using errcode = '22004', message = 'backfill must not be null'; end if;
-    if create_projection.name !~ '^[A-Za-z0-9_.-]{1,63}$' then
-        raise exception using errcode = '22023',
-            message = format('projection name %s must be 1 to 63 characters of A-Z a-z 0-9 _ . -', cqrs_portable._quoted(create_projection.name)),
-            hint = 'Names appear in cache keys and metric labels.';
-    end if;
+    perform cqrs_portable._check_projection_name(create_projection.name);
     if on_error not in ('halt', 'dead_letter') then
         raise exception using errcode = '22023', message = format('on_error must be ''halt'' or ''dead_letter'', not %s', cqrs_portable._quoted(on_error));
     end if;

@@ -292,37 +292,18 @@ begin
 end
 $$;
 
--- The checks cqrs.create_projection makes against the catalog, in the extension's order and
--- with its messages; returns the handlers with function names resolved. `functions` maps each
--- handler function's name to its oid, resolved by the caller with its own search_path.
-create function cqrs_portable._check_definition(name text, target regclass, key_column text, rev_column text, spec jsonb,
-                                                functions jsonb)
+-- The handler functions of `spec`, checked (they exist and take jsonb returning setof text) and
+-- resolved: each name → its schema-qualified, quoted name. `functions` maps each name to its
+-- oid, resolved by the caller with its own search_path.
+create function cqrs_portable._resolve_handler_functions(spec jsonb, functions jsonb)
 returns jsonb
 language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_schema text;
-    v_table text;
-    v_kind text;
-    v_owner oid;
-    v_qualified text;
-    v_key record;
-    v_rev record;
-    v_col record;
-    v_type text;
-    v_handler jsonb;
-    v_n integer;
-    v_at text;
-    v_at2 text;
-    v_column text;
-    v_source jsonb;
-    v_part text;
     v_function text;
-    v_resolved jsonb := '{}'::jsonb;
     v_proc record;
-    v_out jsonb := '{}'::jsonb;
-    v_list jsonb;
+    v_resolved jsonb := '{}'::jsonb;
 begin
     -- function handlers exist and take (jsonb) returning setof text
     for v_function in select distinct h ->> 'function' collate "C" from jsonb_each(spec) e, jsonb_array_elements(e.value) h
@@ -343,6 +324,31 @@ begin
             '"' || replace(v_proc.nspname, '"', '""') || '"."' || replace(v_proc.proname, '"', '""') || '"');
     end loop;
 
+    return v_resolved;
+end
+$$;
+
+-- The checks of the read-model table itself, in the extension's order and with its messages:
+-- a table of the caller's own, the key and revision columns, the columns the handlers write,
+-- the owner of every function handler (`resolved`), a unique index on the key, a key that is
+-- not generated.
+create function cqrs_portable._check_table(target regclass, key_column text, rev_column text, spec jsonb, resolved jsonb)
+returns void
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_schema text;
+    v_table text;
+    v_kind text;
+    v_owner oid;
+    v_qualified text;
+    v_key record;
+    v_rev record;
+    v_column text;
+    v_function text;
+    v_source jsonb;
+begin
     select n.nspname, c.relname, c.relkind::text, c.relowner into v_schema, v_table, v_kind, v_owner
       from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace where c.oid = target;
     if not found then
@@ -383,7 +389,7 @@ begin
         end if;
     end loop;
     -- function handlers run with the table owner's code: they must belong to that owner
-    for v_function, v_source in select e.key, e.value from jsonb_each(v_resolved) e loop
+    for v_function, v_source in select e.key, e.value from jsonb_each(resolved) e loop
         if not pg_catalog.pg_has_role(v_owner, (select p.proowner from pg_catalog.pg_proc p
                                                  where p.oid = pg_catalog.to_regprocedure(v_source #>> '{}' || '(jsonb)')), 'MEMBER') then
             raise exception using errcode = '42501',
@@ -407,7 +413,28 @@ begin
         raise exception using errcode = '428C9',
             message = format('the key column %s is generated; pg_cqrs must be able to write it', cqrs_portable._quoted(key_column));
     end if;
-    -- every declarative action against the table, in command-type order
+end
+$$;
+
+-- The checks of every declarative action against the table, in command-type order: what it
+-- writes may be written, and every constant or field it writes casts to its column.
+create function cqrs_portable._check_actions(name text, target regclass, key_column text, rev_column text, spec jsonb)
+returns void
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_col record;
+    v_type text;
+    v_handler jsonb;
+    v_n integer;
+    v_at text;
+    v_at2 text;
+    v_column text;
+    v_source jsonb;
+    v_part text;
+    v_list jsonb;
+begin
     for v_type, v_list in select e.key, e.value from jsonb_each(spec) e order by e.key collate "C" loop
         v_n := jsonb_array_length(v_list);
         for v_i in 0 .. v_n - 1 loop
@@ -442,6 +469,27 @@ begin
             end loop;
         end loop;
     end loop;
+end
+$$;
+
+-- The checks cqrs.create_projection makes against the catalog, in the extension's order and
+-- with its messages; returns the handlers with function names resolved. `functions` maps each
+-- handler function's name to its oid, resolved by the caller with its own search_path.
+create function cqrs_portable._check_definition(name text, target regclass, key_column text, rev_column text, spec jsonb,
+                                                functions jsonb)
+returns jsonb
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_resolved jsonb;
+    v_type text;
+    v_list jsonb;
+    v_out jsonb := '{}'::jsonb;
+begin
+    v_resolved := cqrs_portable._resolve_handler_functions(spec, functions);
+    perform cqrs_portable._check_table(target, key_column, rev_column, spec, v_resolved);
+    perform cqrs_portable._check_actions(name, target, key_column, rev_column, spec);
     -- the handlers with function names resolved (schema-qualified, quoted)
     for v_type, v_list in select e.key, e.value from jsonb_each(spec) e loop
         v_out := v_out || jsonb_build_object(v_type, (

@@ -354,6 +354,10 @@ declare
     v_row record;
     v_any boolean := false;
 begin
+    -- Waiters (cqrs.wait_for) queue behind this lock and wake at this transaction's commit: the
+    -- portable edition's stand-in for the extension's latch. Tried, never waited for: a session
+    -- holding it (any role may take advisory locks) only sends waiters back to their sleeps.
+    perform pg_catalog.pg_try_advisory_xact_lock(1668444787, 1);
     for v_state in
         select s.name, s.halted, s.checkpoint_lsn, s.revision, s.parked, p.on_error
           from cqrs.projection_state s join cqrs.projection p on p.name = s.name

@@ -76,6 +76,11 @@ as $$
 declare
     v_deadline timestamptz;
     v_state record;
+    v_lock_timeout text := pg_catalog.current_setting('lock_timeout');
+    -- seconds slept when no batch is in flight: short first, growing to 8 ms
+    v_pause double precision := 0.0005;
+    v_left double precision;
+    v_asked timestamptz;
 begin
     if seq < 1 then
         raise exception using errcode = '22023', message = pg_catalog.format('seq must be positive, not %s', seq);
@@ -109,11 +114,32 @@ begin
                                             wait_for.stream, wait_for.seq, coalesce(v_state.last_error, '')),
                 hint = 'See cqrs.status(); fix the cause and call cqrs.resume().';
         end if;
-        if pg_catalog.clock_timestamp() >= v_deadline then
+        v_left := extract(epoch from v_deadline - pg_catalog.clock_timestamp());
+        if v_left <= 0 then
             return false;
         end if;
-        -- no latch here: poll (the extension edition sleeps until the projecting commit wakes it)
-        perform pg_catalog.pg_sleep(least(0.01, extract(epoch from v_deadline - pg_catalog.clock_timestamp())));
+        -- The extension sleeps on a latch the projecting commit sets; PL/pgSQL has none. A batch
+        -- in flight holds an advisory lock to its commit (cqrs_portable._project): a shared
+        -- request waits for that commit, and is let go of at once (the next batch only tries the
+        -- lock, so a waiter never holds up projection). With no batch in flight it is granted at
+        -- once; then sleep a little, longer each time, for the next batch.
+        v_asked := pg_catalog.clock_timestamp();
+        begin
+            perform pg_catalog.set_config('lock_timeout', (ceil(least(v_left, 0.1) * 1000))::integer || 'ms', true);
+            perform pg_catalog.pg_advisory_lock_shared(1668444787, 1);
+            perform pg_catalog.pg_advisory_unlock_shared(1668444787, 1);
+            perform pg_catalog.set_config('lock_timeout', v_lock_timeout, true);
+        exception when lock_not_available then
+            -- the lock_timeout set above was undone with the block
+            null;
+        end;
+        if pg_catalog.clock_timestamp() - v_asked > interval '200 microseconds' then
+            -- waited for a batch's commit: look again at once
+            v_pause := 0.0005;
+        else
+            perform pg_catalog.pg_sleep(least(v_pause, greatest(extract(epoch from v_deadline - pg_catalog.clock_timestamp()), 0)));
+            v_pause := least(v_pause * 2, 0.008);
+        end if;
     end loop;
 end
 $$;

@@ -25,6 +25,17 @@ grant select (last_error) on cqrs.projection_state to cqrs_reader;
 -- cqrs.read of the read models it may select, and the catalog those look at (granted with the
 -- functions and tables they concern).
 
+-- The projection-name rule is one function (the Rust twin is projection/src/name.rs); the
+-- table's check calls it. Created here, before the check that needs it (the generated part
+-- replaces it with the same definition).
+create function cqrs._is_projection_name(name text)
+returns boolean
+language sql immutable parallel safe
+set search_path = pg_catalog, pg_temp
+as $$ select name ~ '^[A-Za-z0-9_.-]{1,63}$' $$;
+alter table cqrs.projection drop constraint projection_name_check,
+    add constraint projection_name_check check (cqrs._is_projection_name(name));
+
 -- ---- sql/core/command.sql ----
 comment on table cqrs.command_log is
     'Append-only log of accepted commands. Write it only through cqrs.append()/cqrs.append_batch().';
@@ -51,6 +62,9 @@ begin
     end if;
 end
 $$;
+
+comment on function cqrs._check_name(text, text, integer) is
+    'Raises 22004, 22023 or 22001 unless a stream or command type name is non-null, non-empty and at most max_bytes long.';
 
 create or replace function cqrs.register_command_type(command_type text, json_schema jsonb)
 returns bigint
@@ -103,6 +117,9 @@ as $$
     )
     select exists (select from gone);
 $$;
+
+comment on function cqrs.unregister_command_type(text) is
+    'Removes the JSON Schema of a command type; true if there was one.';
 
 create or replace function cqrs.append_batch(commands jsonb)
 returns table (index integer, command_id uuid, "position" bigint, seq bigint, duplicate boolean)
@@ -212,9 +229,9 @@ $$;
 comment on function cqrs.append_batch(jsonb) is
     'Appends an array of commands atomically with the rules of cqrs.append(); one row per command, in order.';
 
-revoke all on all tables in schema cqrs from public;
+revoke all on cqrs.command_log, cqrs.stream, cqrs.command_type from public;
 
-revoke all on all sequences in schema cqrs from public;
+revoke all on sequence cqrs.command_log_position_seq, cqrs.command_type_version_seq from public;
 
 grant usage on schema cqrs to cqrs_writer, cqrs_reader, cqrs_projector;
 
@@ -236,6 +253,15 @@ grant select on cqrs.command_log to cqrs_projector;
 
 
 -- ---- sql/core/projection.sql ----
+create or replace function cqrs._is_projection_name(name text)
+returns boolean
+language sql immutable parallel safe
+set search_path = pg_catalog, pg_temp
+as $$ select name ~ '^[A-Za-z0-9_.-]{1,63}$' $$;
+
+comment on function cqrs._is_projection_name(text) is
+    'Whether a text may name a projection: 1 to 63 characters of A-Z a-z 0-9 _ . -.';
+
 comment on table cqrs.projection is 'Registered read models: target table, key, handlers per command type.';
 
 create or replace function cqrs.acquire_lease(holder text default null)
@@ -382,6 +408,13 @@ begin
 end
 $$;
 
+comment on function cqrs.project_batch(jsonb, pg_lsn, bigint) is
+    'Applies an ordered batch of command-log rows to every projection, exactly once, in one transaction; returns every read-model row it changed. A batch at or below a projection''s checkpoint LSN is skipped; a fencing_token older than the lease is refused.';
+
+revoke execute on function cqrs.project_batch(jsonb, pg_lsn, bigint) from public;
+
+grant execute on function cqrs.project_batch(jsonb, pg_lsn, bigint) to cqrs_projector;
+
 create or replace function cqrs.ensure_publication(name text)
 returns boolean
 language plpgsql security definer
@@ -447,6 +480,9 @@ as $$
       left join parked on parked.projection = p.name
       left join dead on dead.projection = p.name;
 $$;
+
+comment on function cqrs._backlog() is
+    'Per projection, the commands it has still to apply and the age of the oldest, its parked events and their oldest age, its dead letters: numbers only, for cqrs.status().';
 
 create or replace function cqrs.status()
 returns table (
@@ -521,9 +557,10 @@ $$;
 comment on function cqrs.progress() is
     'Per projection: halted, commands after the checkpoint and the age of the oldest, parked, dead letters — cheap at any number of streams (cqrs.status() is exact per stream).';
 
-revoke all on all tables in schema cqrs from public;
+revoke all on cqrs.projection, cqrs.projection_state, cqrs.projection_stream, cqrs.parked, cqrs.dead_letter,
+    cqrs.projector_lease from public;
 
-revoke all on all sequences in schema cqrs from public;
+revoke all on sequence cqrs.projection_definition_seq, cqrs.dead_letter_id_seq from public;
 
 grant select, insert, update, delete on cqrs.projection_state, cqrs.projection_stream, cqrs.parked,
     cqrs.dead_letter to cqrs_projector;
@@ -543,6 +580,8 @@ revoke execute on function cqrs.acquire_lease(text), cqrs.ensure_publication(tex
 
 grant execute on function cqrs.acquire_lease(text), cqrs.ensure_publication(text), cqrs.try_lead(text, interval),
     cqrs.release_lead(text), cqrs.leader() to cqrs_projector;
+
+revoke execute on function cqrs._is_projection_name(text) from public;
 
 revoke execute on function cqrs.status(), cqrs.progress(), cqrs._backlog() from public;
 
@@ -680,8 +719,11 @@ comment on function cqrs.append(uuid, text, text, jsonb, bigint, jsonb) is
 comment on function cqrs.create_projection(text, regclass, text, jsonb, text, text, boolean) is
     'Registers a read model: your table, its uniquely indexed key column, a bigint revision column, and what each command type does to it.';
 
-comment on function cqrs.project_batch(jsonb, pg_lsn, bigint) is
-    'Applies an ordered batch of command-log rows to every projection, exactly once, in one transaction; returns every read-model row it changed. A batch at or below a projection''s checkpoint LSN is skipped; a fencing_token older than the lease is refused.';
+comment on function cqrs._command_type_changed() is
+    'Trigger function: a change of cqrs.command_type invalidates the compiled schemas of every session.';
+
+comment on function cqrs._check_json_schema(jsonb) is
+    'Raises 22023 (0A000 in the portable edition, for what it cannot check) unless the JSON Schema is valid; used by cqrs.register_command_type.';
 
 comment on function cqrs._project_batch(jsonb, pg_lsn, bigint) is
     'The work of cqrs.project_batch without its fencing check; call cqrs.project_batch.';
@@ -720,7 +762,7 @@ comment on function cqrs.retry_dead_letters(text) is
 revoke execute on function cqrs._command_type_changed(), cqrs._check_json_schema(jsonb),
     cqrs.append(uuid, text, text, jsonb, bigint, jsonb),
     cqrs.create_projection(text, regclass, text, jsonb, text, text, boolean),
-    cqrs.project_batch(jsonb, pg_lsn, bigint), cqrs._project_batch(jsonb, pg_lsn, bigint),
+    cqrs._project_batch(jsonb, pg_lsn, bigint),
     cqrs.catch_up(text, integer), cqrs.resume(text, boolean), cqrs.retry_dead_letters(text), cqrs.rebuild(text, integer), cqrs.read_many(text, text[]), cqrs.read(text, text),
     cqrs.wait_for(text, bigint, text, interval), cqrs.changed_since(text, bigint), cqrs.drop_projection(text),
     cqrs._gap_alert_seconds()
@@ -731,7 +773,7 @@ grant execute on function cqrs.append(uuid, text, text, jsonb, bigint, jsonb) to
 grant execute on function cqrs.wait_for(text, bigint, text, interval), cqrs.read(text, text), cqrs.read_many(text, text[])
     to cqrs_writer;
 
-grant execute on function cqrs.project_batch(jsonb, pg_lsn, bigint), cqrs._project_batch(jsonb, pg_lsn, bigint),
+grant execute on function cqrs._project_batch(jsonb, pg_lsn, bigint),
     cqrs.catch_up(text, integer),
     cqrs.resume(text, boolean), cqrs.retry_dead_letters(text), cqrs.rebuild(text, integer) to cqrs_projector;
 

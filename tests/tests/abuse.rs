@@ -19,6 +19,7 @@ use cqrs_e2e::cache_check;
 use cqrs_e2e::rig::{Rig, PREFIX};
 use cqrs_e2e::{connect, eventually};
 use cqrs_harness::{ClusterOptions, PgCluster};
+use cqrs_sidecar::metrics;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -431,7 +432,7 @@ async fn the_sidecar_keeps_projecting_through_hostile_commands() -> Result<()> {
         "the sidecar is not ready:\n{}",
         rig.logs()
     );
-    let failures = rig.sidecars[0].metric("cqrs_batch_failures_total")?;
+    let failures = rig.sidecars[0].metric(metrics::BATCH_FAILURES_TOTAL)?;
     ensure!(
         failures == 0.0,
         "{failures} batches failed and were retried:\n{}",

@@ -13,7 +13,7 @@ use cqrs_e2e::{connect, eventually};
 use cqrs_harness::read_tokens;
 use cqrs_harness::{ClusterOptions, RedisServer};
 use cqrs_sidecar::cache::{Cache, Entry, Ttls};
-use cqrs_sidecar::metrics::Metrics;
+use cqrs_sidecar::metrics::{self, Metrics};
 use cqrs_sidecar::read::cache_aside::{ReadSettings, Reader};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -287,10 +287,11 @@ async fn hits_misses_negative_entries_and_bad_input() -> Result<()> {
     );
 
     let metrics = rig.sidecars[0].metrics()?;
+    let buckets = format!("{}_bucket", metrics::READ_DURATION_SECONDS);
     for name in [
-        "cqrs_cache_hit_ratio",
-        "cqrs_read_requests_total",
-        "cqrs_read_duration_seconds_bucket",
+        metrics::CACHE_HIT_RATIO,
+        metrics::READ_REQUESTS_TOTAL,
+        buckets.as_str(),
     ] {
         ensure!(metrics.contains(name), "{name} missing");
     }
@@ -322,8 +323,10 @@ async fn eight_hundred_concurrent_cold_reads_make_one_query() -> Result<()> {
     for attempt in 0..3 {
         redis_del(&rig, "order-7")?;
         tokio::time::sleep(Duration::from_millis(1_200)).await; // let statistics settle
-        let (before_metric, before_calls) =
-            (sidecar.metric("cqrs_read_backend_queries_total")?, calls().await?);
+        let (before_metric, before_calls) = (
+            sidecar.metric(metrics::READ_BACKEND_QUERIES_TOTAL)?,
+            calls().await?,
+        );
         let http = reqwest::Client::builder().pool_max_idle_per_host(800).build()?;
         let url = format!("{}/v1/projections/order_summary/order-7", rig.http(0));
         // the read model is locked while the requests arrive, so that they all miss together
@@ -354,7 +357,7 @@ async fn eight_hundred_concurrent_cold_reads_make_one_query() -> Result<()> {
             bodies.insert(reply.body);
         }
         ensure!(bodies.len() == 1, "{} different answers", bodies.len());
-        let queries = sidecar.metric("cqrs_read_backend_queries_total")? - before_metric;
+        let queries = sidecar.metric(metrics::READ_BACKEND_QUERIES_TOTAL)? - before_metric;
         ensure!(
             queries == 1.0,
             "attempt {attempt}: {queries} read-API queries for one cold key"

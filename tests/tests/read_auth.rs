@@ -15,6 +15,7 @@ use cqrs_e2e::orders::{self, seed_commands, Command as OrderCommand};
 use cqrs_e2e::rig::{Rig, PREFIX};
 use cqrs_harness::read_tokens::{self, now, AUDIENCE};
 use cqrs_harness::Certificates;
+use cqrs_sidecar::metrics;
 use cqrs_sidecar::read::auth::keys::{key_line, KEY_PREFIX};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
@@ -589,7 +590,7 @@ async fn a_user_reads_only_their_own_rows_from_the_cache_and_from_postgres() -> 
             .status
             == 404
     );
-    let denied = rig.sidecars[0].metric("cqrs_read_denied_total")?;
+    let denied = rig.sidecars[0].metric(metrics::READ_DENIED_TOTAL)?;
     ensure!(denied >= 3.0, "row refusals not counted: {denied}");
     Ok(())
 }
@@ -712,7 +713,7 @@ async fn past_capacity_requests_are_shed_at_once_with_retry_after() -> Result<()
         slowest_shed < Duration::from_millis(500),
         "shedding took {slowest_shed:?}: requests were queued, not shed"
     );
-    ensure!(rig.sidecars[0].metric("cqrs_read_shed_total")? >= shed.len() as f64);
+    ensure!(rig.sidecars[0].metric(metrics::READ_SHED_TOTAL)? >= shed.len() as f64);
     // and once the load is gone, reads are answered again
     let after = format!("{}/v1/projections/order_summary/order-3", rig.http(0));
     ensure!(http.get(&after).send().await?.status().as_u16() == 200);

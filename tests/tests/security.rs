@@ -11,6 +11,7 @@ use cqrs_e2e::rig::Rig;
 use cqrs_e2e::traffic::Traffic;
 use cqrs_e2e::{connect, eventually};
 use cqrs_harness::sidecar::sidecar_binary;
+use cqrs_sidecar::metrics;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use tokio::sync::{Mutex, MutexGuard};
@@ -128,7 +129,7 @@ async fn readiness_and_a_metric_show_when_no_sidecar_leads() -> Result<()> {
         "the metric says someone leads",
         || async {
             ensure!(
-                rig.sidecars[sidecar].metric("cqrs_leader_present")? == 1.0,
+                rig.sidecars[sidecar].metric(metrics::LEADER_PRESENT)? == 1.0,
                 "not yet"
             );
             Ok(())
@@ -143,7 +144,7 @@ async fn readiness_and_a_metric_show_when_no_sidecar_leads() -> Result<()> {
     eventually(Duration::from_secs(20), "/readyz says nobody leads", || async {
         ensure!(rig.sidecars[sidecar].readiness() == Some(503), "still ready");
         ensure!(
-            rig.sidecars[sidecar].metric("cqrs_leader_present")? == 0.0,
+            rig.sidecars[sidecar].metric(metrics::LEADER_PRESENT)? == 0.0,
             "metric still 1"
         );
         Ok(())
@@ -170,7 +171,7 @@ async fn readiness_and_a_metric_show_when_no_sidecar_leads() -> Result<()> {
         "the metric says someone leads",
         || async {
             ensure!(
-                rig.sidecars[sidecar].metric("cqrs_leader_present")? == 1.0,
+                rig.sidecars[sidecar].metric(metrics::LEADER_PRESENT)? == 1.0,
                 "not yet"
             );
             Ok(())

@@ -16,6 +16,7 @@ use cqrs_e2e::rig::Rig;
 use cqrs_e2e::traffic::Traffic;
 use cqrs_e2e::{eventually, orders};
 use cqrs_harness::{ClusterOptions, RedisServer};
+use cqrs_sidecar::metrics;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -121,12 +122,13 @@ async fn fifty_thousand_commands_become_read_models_and_cache_entries_on(edition
     let metrics = rig.sidecars[leader].metrics()?;
     promtool_check(&metrics)?;
     promtool_check(&rig.sidecars[standby].metrics()?)?;
-    ensure!(rig.sidecars[leader].metric("cqrs_events_projected_total")? >= appended as f64);
-    ensure!(rig.sidecars[standby].metric("cqrs_events_projected_total")? == 0.0);
+    ensure!(rig.sidecars[leader].metric(metrics::EVENTS_PROJECTED_TOTAL)? >= appended as f64);
+    ensure!(rig.sidecars[standby].metric(metrics::EVENTS_PROJECTED_TOTAL)? == 0.0);
+    let flushes = format!("{}_count", metrics::BATCH_FLUSH_DURATION_SECONDS);
     for name in [
-        "cqrs_projection_lag_seconds",
-        "cqrs_batch_flush_duration_seconds_count",
-        "cqrs_slot_retained_bytes",
+        metrics::PROJECTION_LAG_SECONDS,
+        flushes.as_str(),
+        metrics::SLOT_RETAINED_BYTES,
     ] {
         ensure!(metrics.contains(name), "{name} missing from /metrics");
     }
@@ -402,7 +404,7 @@ async fn a_slot_dropped_by_hand_is_recreated_and_caught_up_on(edition: Edition) 
     })
     .await?;
     ensure!(
-        sidecar.metric("cqrs_slot_recreated_total")? == 1.0,
+        sidecar.metric(metrics::SLOT_RECREATED_TOTAL)? == 1.0,
         "cqrs_slot_recreated_total is not 1\n{}",
         rig.logs()
     );

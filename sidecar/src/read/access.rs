@@ -114,8 +114,11 @@ impl Exposure {
                 }
             };
             let name = name.trim();
-            if name.is_empty() || name.len() > 63 {
-                return Err(format!("{entry:?}: a projection name has 1 to 63 bytes"));
+            if !cqrs_projection::name::is_valid(name) {
+                return Err(format!(
+                    "{entry:?}: a projection name has {}",
+                    cqrs_projection::name::RULE
+                ));
             }
             exposure.projections.insert(name.to_owned(), ownership);
         }

@@ -35,8 +35,6 @@ use crate::metrics::label;
 
 /// Longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
-/// PostgreSQL's longest identifier.
-const MAX_NAME_BYTES: usize = 63;
 /// Default and largest read-your-writes wait.
 const DEFAULT_WAIT: Duration = Duration::from_millis(2_000);
 const MAX_WAIT: Duration = Duration::from_secs(30);
@@ -60,8 +58,8 @@ struct Request {
 }
 
 fn validate(projection: String, key: String, query: ReadQuery) -> Result<Request, String> {
-    if projection.is_empty() || projection.len() > MAX_NAME_BYTES {
-        return Err(format!("a projection name has 1 to {MAX_NAME_BYTES} bytes"));
+    if !cqrs_projection::name::is_valid(&projection) {
+        return Err(format!("a projection name has {}", cqrs_projection::name::RULE));
     }
     if key.is_empty() || key.len() > MAX_KEY_BYTES {
         return Err(format!("a key has 1 to {MAX_KEY_BYTES} bytes"));

@@ -18,3 +18,14 @@ grant select (last_error) on cqrs.projection_state to cqrs_reader;
 -- An application (cqrs_writer) reads its own writes: the heads of its streams, cqrs.wait_for and
 -- cqrs.read of the read models it may select, and the catalog those look at (granted with the
 -- functions and tables they concern).
+
+-- The projection-name rule is one function (the Rust twin is projection/src/name.rs); the
+-- table's check calls it. Created here, before the check that needs it (the generated part
+-- replaces it with the same definition).
+create function cqrs._is_projection_name(name text)
+returns boolean
+language sql immutable parallel safe
+set search_path = pg_catalog, pg_temp
+as $$ select name ~ '^[A-Za-z0-9_.-]{1,63}$' $$;
+alter table cqrs.projection drop constraint projection_name_check,
+    add constraint projection_name_check check (cqrs._is_projection_name(name));
