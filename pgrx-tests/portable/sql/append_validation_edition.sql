@@ -1,6 +1,7 @@
 -- The portable edition: settings are placeholders (PL/pgSQL cannot register typed ones), and
--- the JSON Schema validator checks a subset of draft 2020-12 — a schema with anything else is
--- refused at registration with 0A000 naming it, never accepted and then ignored.
+-- the JSON Schema validator reads drafts 2020-12, 2019-09 and 07 — a schema with what it cannot
+-- check as the extension does is refused at registration with 0A000 naming it, never accepted
+-- and then ignored.
 \set ON_ERROR_ROLLBACK on
 \set SHOW_CONTEXT never
 begin;
@@ -12,13 +13,17 @@ select cqrs.register_command_type('BROKEN', '{"type": "no-such-type"}');
 \echo :LAST_ERROR_SQLSTATE
 select cqrs.register_command_type('REMOTE', '{"$ref": "https://example.com/schema.json"}');
 \echo :LAST_ERROR_SQLSTATE
-select cqrs.register_command_type('LIST', '{"type": "object", "properties": {"xs": {"type": "array", "contains": {"const": 1}}}}');
+select cqrs.register_command_type('DYNAMIC', '{"$dynamicRef": "#meta", "$defs": {"m": {"$dynamicAnchor": "meta"}}}');
 \echo :LAST_ERROR_SQLSTATE
-select cqrs.register_command_type('HOST', '{"properties": {"h": {"type": "string", "format": "hostname"}}}');
+select cqrs.register_command_type('URI', '{"properties": {"u": {"type": "string", "format": "uri"}}}');
 \echo :LAST_ERROR_SQLSTATE
-select cqrs.register_command_type('OLD', '{"$schema": "http://json-schema.org/draft-07/schema#", "type": "object"}');
+select cqrs.register_command_type('LETTERS', '{"properties": {"name": {"type": "string", "pattern": "^\\p{Letter}+$"}}}');
 \echo :LAST_ERROR_SQLSTATE
--- the subset at work
+select cqrs.register_command_type('ANCIENT', '{"$schema": "http://json-schema.org/draft-04/schema#", "type": "object"}');
+\echo :LAST_ERROR_SQLSTATE
+select cqrs.register_command_type('EMBEDDED', '{"$defs": {"a": {"$id": "https://example.com/a.json", "type": "string"}}}');
+\echo :LAST_ERROR_SQLSTATE
+-- the validator at work
 select cqrs.register_command_type('ORDER', '{
   "type": "object", "required": ["id", "lines"], "additionalProperties": false,
   "properties": {
@@ -37,4 +42,31 @@ select seq from cqrs.append(cqrs.uuid_v7(), 'p-1', 'ORDER', '{"id": "a0eebc99-9c
 select seq from cqrs.append(cqrs.uuid_v7(), 'p-1', 'ORDER', '{"id": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "kind": "fax", "lines": [{"sku": "ab", "qty": 3}]}');
 select seq from cqrs.append(cqrs.uuid_v7(), 'p-1', 'ORDER', '{"id": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "lines": [{"sku": "A"}, {"sku": "A"}], "note": "long"}');
 select seq from cqrs.append(cqrs.uuid_v7(), 'p-1', 'ORDER', '{"id": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "lines": [], "extra": 1}');
+-- a draft-07 schema as generators write them (issue 21's new user): if/then, contains,
+-- propertyNames, format ipv4, a percent-encoded $ref, and dependentRequired (not a draft-07
+-- keyword: neither edition checks it there)
+select cqrs.register_command_type('DEVICE', '{
+  "$schema": "http://json-schema.org/draft-07/schema#",
+  "type": "object", "required": ["kind"],
+  "propertyNames": {"pattern": "^[a-z_]+$"},
+  "properties": {
+    "kind": {"enum": ["router", "sensor"]},
+    "ip": {"$ref": "#/definitions/ip%20address"},
+    "tags": {"type": "array", "contains": {"const": "prod"}}
+  },
+  "if": {"properties": {"kind": {"const": "router"}}},
+  "then": {"required": ["ip"]},
+  "dependentRequired": {"ip": ["tags"]},
+  "definitions": {"ip address": {"type": "string", "format": "ipv4"}}
+}') > 0 as registered;
+select seq from cqrs.append(cqrs.uuid_v7(), 'd-1', 'DEVICE', '{"kind": "router", "ip": "10.0.0.1", "tags": ["prod"]}');
+select seq from cqrs.append(cqrs.uuid_v7(), 'd-1', 'DEVICE', '{"kind": "sensor", "ip": "10.0.0.1"}');
+select seq from cqrs.append(cqrs.uuid_v7(), 'd-1', 'DEVICE', '{"kind": "router"}');
+\echo :LAST_ERROR_SQLSTATE
+select seq from cqrs.append(cqrs.uuid_v7(), 'd-1', 'DEVICE', '{"kind": "router", "ip": "10.0.0.256"}');
+\echo :LAST_ERROR_SQLSTATE
+select seq from cqrs.append(cqrs.uuid_v7(), 'd-1', 'DEVICE', '{"kind": "sensor", "tags": ["dev"]}');
+\echo :LAST_ERROR_SQLSTATE
+select seq from cqrs.append(cqrs.uuid_v7(), 'd-1', 'DEVICE', '{"kind": "sensor", "Bad-Name": 1}');
+\echo :LAST_ERROR_SQLSTATE
 rollback;

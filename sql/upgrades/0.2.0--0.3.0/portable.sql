@@ -44,3 +44,8 @@ drop function cqrs_portable._check_limits(text, jsonb);
 drop function cqrs_portable._check_source(text, jsonb, regclass, text);
 drop function cqrs_portable._compiled(text);
 drop function cqrs_portable._check_lease(bigint);
+
+-- The validator reads drafts 2020-12, 2019-09 and 07: the format check and the registration
+-- check take the draft.
+drop function cqrs_portable._format_matches(text, text);
+drop function cqrs_portable._check_schema_node(jsonb, text);
