@@ -9,11 +9,16 @@ set search_path = pg_catalog, pg_temp
 as $$ select '@VERSION@'::text, 'portable'::text $$;
 
 -- The extension edition invalidates each backend's cache of compiled schemas here; this
--- edition caches nothing across statements, so there is nothing to do.
+-- edition compiles each registered schema to a function of its own (sql/portable/validator.sql).
 create function cqrs._command_type_changed()
 returns trigger
 language plpgsql
-as $$ begin return null; end $$;
+as $$
+begin
+    perform cqrs_portable._compile_validators();
+    return null;
+end
+$$;
 
 -- Time-ordered UUIDs (RFC 9562 version 7): 48 bits of Unix milliseconds, 12 bits that count up
 -- within a millisecond in this session (so ids made in sequence sort in sequence), then random
@@ -172,6 +177,7 @@ declare
     v_settings cqrs_portable.settings := (select s from cqrs_portable.settings s);
     v_version bigint;
     v_schema jsonb;
+    v_validator name;
     v_violations text[];
 begin
     if command_id is null then
@@ -234,9 +240,17 @@ begin
             message = format('stream %s is at seq %s, expected %s', append.stream, seq - 1, expected_seq),
             hint = 'Reload the stream and retry, or pass expected_seq => null to append unconditionally.';
     end if;
-    select t.version, t.json_schema into v_version, v_schema from cqrs.command_type t where t.command_type = append.command_type;
+    select t.version, t.json_schema, v.function into v_version, v_schema, v_validator
+      from cqrs.command_type t
+      left join cqrs_portable.validator v on v.command_type = t.command_type and v.version = t.version
+     where t.command_type = append.command_type;
     if found then
-        v_violations := cqrs_portable._schema_violations(v_schema, payload, 6);
+        -- the schema's compiled validator (sql/portable/validator.sql), or the interpreter
+        if v_validator is not null then
+            execute format('select cqrs_portable.%I($1, $2, 6)', v_validator) into v_violations using payload, v_schema;
+        else
+            v_violations := cqrs_portable._schema_violations(v_schema, payload, 6);
+        end if;
         if cardinality(v_violations) > 0 then
             raise exception using errcode = '22023',
                 message = format('payload of %s does not match its schema at %s', append.command_type, v_violations[1]),

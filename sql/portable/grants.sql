@@ -14,7 +14,7 @@ begin
     for v_function in
         select p.oid::regprocedure from pg_catalog.pg_proc p
          where p.pronamespace = 'cqrs_portable'::regnamespace
-           and p.proname !~ '^_(write|read)_[0-9a-f]{32}$'
+           and p.proname !~ '^_(write|read|v)_[0-9a-f]{32}$'
            and p.proname not in ('_make_owner_functions', '_drop_owner_functions', 'rebind')
     loop
         execute pg_catalog.format('revoke execute on function %s from public', v_function);

@@ -9,15 +9,16 @@
 --   minLength, maxLength, pattern, minimum, maximum, exclusiveMinimum, exclusiveMaximum,
 --   multipleOf, minProperties, maxProperties, allOf, anyOf, oneOf, not, if/then/else, $ref
 --   (within the document: JSON pointers escaped with ~0, ~1 and %XX, anchors, its own $id);
---   format date-time, date, time, duration, email, hostname, ipv4, ipv6, uuid, json-pointer,
---   relative-json-pointer; annotations ($id, $comment, title, description, default, examples,
---   deprecated, readOnly, writeOnly, $anchor, content* from 2019-09) are accepted and ignored.
+--   format date-time, date, time, duration, email, hostname, ipv4, ipv6, uri, uri-reference,
+--   iri, iri-reference, uri-template, uuid, json-pointer, relative-json-pointer; annotations
+--   ($id, $comment, title, description, default, examples, deprecated, readOnly, writeOnly,
+--   $anchor, content* from 2019-09) are accepted and ignored.
 --
 -- A schema with what it cannot check as the extension does ($dynamicRef, $recursiveRef,
--- $vocabulary, an embedded resource with its own $id, a remote $ref, the formats uri, iri,
--- uri-template, regex, idn-*, a pattern PostgreSQL's regular expressions cannot run such as
--- \p{…}, an unknown keyword, draft 4 or 6) is refused at registration with 0A000 naming it,
--- never silently accepted. A keyword of another draft (dependentRequired in draft-07) is
+-- $vocabulary, an embedded resource with its own $id, a remote $ref, the formats regex and
+-- idn-*, a pattern PostgreSQL's regular expressions cannot run such as \p{…}, an unknown
+-- keyword, draft 4 or 6) is refused at registration with 0A000 naming it, never silently
+-- accepted. A keyword of another draft (dependentRequired in draft-07) is
 -- ignored, as the extension ignores it, with a WARNING. Violations read as the extension
 -- edition's (the jsonschema crate's messages, values masked as "value"), each with the JSON
 -- pointer of the offending field; tests/tests/json_schema.rs (random schemas and payloads) and
@@ -25,6 +26,9 @@
 -- editions give the same verdicts. Numbers are compared exactly (numeric), where the Rust
 -- validator uses floating point for multipleOf with fractions.
 
+-- Each registered schema is also compiled to a function of its own (validator.sql), which calls
+-- the functions below for what it does not write out.
+--
 -- These helpers carry no `set search_path`: they run inside cqrs.append and
 -- cqrs.register_command_type, SECURITY DEFINER functions whose search_path is pinned, and
 -- otherwise with their caller's own rights. A SET clause costs a save and restore of the
@@ -54,12 +58,12 @@ $$;
 -- The JSON pointer of member `key` under `pointer` ("/" is the root).
 create function cqrs_portable._pointer(pointer text, key text)
 returns text
-language sql immutable strict parallel safe
+language sql immutable parallel safe
 as $$ select case when pointer = '/' then '' else pointer end || '/' || replace(replace(key, '~', '~0'), '/', '~1') $$;
 
 create function cqrs_portable._json_type_matches(value jsonb, type_name text)
 returns boolean
-language sql immutable strict parallel safe
+language sql immutable parallel safe
 as $$
     select case type_name
         when 'integer' then jsonb_typeof(value) = 'number' and (value #>> '{}')::numeric = trunc((value #>> '{}')::numeric)
@@ -87,7 +91,7 @@ $$;
 -- lacks one ignores it, in both editions (the extension's validator does so).
 create function cqrs_portable._keyword_in_draft(keyword text, draft text)
 returns boolean
-language sql immutable strict parallel safe
+language sql immutable parallel safe
 as $$
     select case draft
         when '07' then keyword not in ('dependentRequired', 'dependentSchemas', 'minContains', 'maxContains',
@@ -100,13 +104,16 @@ $$;
 -- A URI fragment with its %XX escapes decoded (UTF-8), as a $ref's JSON pointer needs.
 create function cqrs_portable._percent_decode(value text)
 returns text
-language sql immutable strict parallel safe
+language plpgsql immutable strict parallel safe
 as $$
-    select case when strpos(value, '%') = 0 then value else
-        (select string_agg(case when m[1] is not null then convert_from(decode(replace(m[1], '%', ''), 'hex'), 'UTF8') else m[2] end,
-                           '' order by n)
-           from regexp_matches(value, '((?:%[0-9A-Fa-f]{2})+)|([^%]+|%)', 'g') with ordinality x(m, n))
-    end
+begin
+    if strpos(value, '%') = 0 then
+        return value;
+    end if;
+    return (select string_agg(case when m[1] is not null then convert_from(decode(replace(m[1], '%', ''), 'hex'), 'UTF8') else m[2] end,
+                              '' order by n)
+              from regexp_matches(value, '((?:%[0-9A-Fa-f]{2})+)|([^%]+|%)', 'g') with ordinality x(m, n));
+end
 $$;
 
 -- RFC 1123 host names, as the extension reads them: ASCII letters, digits and hyphens, labels of
@@ -115,12 +122,14 @@ $$;
 -- its Punycode is not decoded).
 create function cqrs_portable._hostname_ok(value text)
 returns boolean
-language sql immutable strict parallel safe
+language plpgsql immutable strict parallel safe
 as $$
-    select octet_length(value) between 1 and 253
+begin
+    return octet_length(value) between 1 and 253
        and value ~ '^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$'
-       and not exists (select from unnest(string_to_array(value, '.')) l
-                        where substr(l, 3, 2) = '--' and lower(left(l, 4)) <> 'xn--')
+       -- "--" in a label's third and fourth places only after "xn"
+       and value !~* '(^|\.)(?!xn)[^.]{2}--';
+end
 $$;
 
 create function cqrs_portable._ipv4_ok(value text)
@@ -214,6 +223,65 @@ begin
 end
 $$;
 
+-- RFC 3986 URIs (`absolute`) and URI references as the extension reads them (scheme, authority
+-- with a numeric port, path, query, fragment, each of its characters or %XX); IRIs (`iri`) take
+-- any non-ASCII character too. An IP literal host ([…]) must be an IPv6 address or an IPvFuture.
+create function cqrs_portable._uri_ok(value text, absolute boolean, iri boolean)
+returns boolean
+language plpgsql immutable strict parallel safe
+as $$
+declare
+    v_other text := case when iri then '[^\x00-\x7F]|' else '' end;
+    v_scheme text := substring(value from '^[A-Za-z][A-Za-z0-9+.-]*:');
+    v_rest text := substr(value, coalesce(length(v_scheme), 0) + 1);
+    v_authority text;
+    v_host text;
+    v_literal text[];
+begin
+    if absolute and v_scheme is null then
+        return false;
+    end if;
+    if left(v_rest, 2) = '//' then
+        v_literal := regexp_match(v_rest, '^//((?:' || v_other || '[A-Za-z0-9._~!$&''()*+,;=:-]|%[0-9A-Fa-f]{2})*@)?\[([^]]*)\](:[0-9]*)?');
+        if v_literal is not null then
+            -- an IP literal: IPv6 or IPvFuture
+            if not (cqrs_portable._ipv6_ok(v_literal[2]) or v_literal[2] ~ '^[vV][0-9A-Fa-f]+\.[A-Za-z0-9._~!$&''()*+,;=:-]+$') then
+                return false;
+            end if;
+            v_rest := substr(v_rest, 3 + coalesce(length(v_literal[1]), 0) + length(v_literal[2]) + 2 + coalesce(length(v_literal[3]), 0));
+        else
+            v_authority := substring(v_rest from '^//((?:' || v_other || '[A-Za-z0-9._~!$&''()*+,;=:@-]|%[0-9A-Fa-f]{2})*)');
+            v_rest := substr(v_rest, 3 + length(v_authority));
+            if left(v_rest, 1) in ('%', '[', ']') then
+                return false;
+            end if;
+            -- [userinfo "@"] host [":" port]: the host holds no ':' or '@', the port digits only
+            v_host := case when strpos(v_authority, '@') > 0 then substr(v_authority, strpos(v_authority, '@') + 1) else v_authority end;
+            if v_host !~ '^[^:@]*(:[0-9]*)?$' then
+                return false;
+            end if;
+        end if;
+    elsif v_scheme is null and v_rest ~ '^[^:/?#]*:' then
+        -- a first segment with a colon would read as a scheme
+        return false;
+    end if;
+    return v_rest ~ ('^(?:' || v_other || '[A-Za-z0-9._~!$&''()*+,;=:@/-]|%[0-9A-Fa-f]{2})*'
+                     || '(?:\?(?:' || v_other || '[A-Za-z0-9._~!$&''()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*)?'
+                     || '(?:#(?:' || v_other || '[A-Za-z0-9._~!$&''()*+,;=:@/?-]|%[0-9A-Fa-f]{2})*)?$');
+end
+$$;
+
+-- RFC 6570 URI templates, as the extension reads them: literals (no controls, space, " < > \ ^ `
+-- { | }, or %XX) and expressions {[operator]varname[:n|*],…}.
+create function cqrs_portable._uri_template_ok(value text)
+returns boolean
+language sql immutable strict parallel safe
+as $$
+    select value ~ ('^(?:[^\x01-\x20"<>%\\^`{|}\x7F]|%[0-9A-Fa-f]{2}'
+                    || '|\{[+#./;?&=,!@|]?(?:[A-Za-z0-9_]|%[0-9A-Fa-f]{2})+(?:\.(?:[A-Za-z0-9_]|%[0-9A-Fa-f]{2})+)*(?::[1-9][0-9]{0,3}|\*)?'
+                    || '(?:,(?:[A-Za-z0-9_]|%[0-9A-Fa-f]{2})+(?:\.(?:[A-Za-z0-9_]|%[0-9A-Fa-f]{2})+)*(?::[1-9][0-9]{0,3}|\*)?)*\})*$')
+$$;
+
 -- Whether a string is of a format, as the extension of the same draft checks it; a format it
 -- does not know is an annotation (true). The formats the portable edition cannot check are
 -- refused at registration (cqrs_portable._check_schema_node).
@@ -247,6 +315,16 @@ begin
             return draft = '07'
                 or (value ~ '^P(([0-9]+Y)?([0-9]+M)?([0-9]+D)?(T([0-9]+H)?([0-9]+M)?([0-9]+S)?)?|[0-9]+W)$'
                     and value !~ '^PT?$' and value !~ 'T$');
+        when 'uri' then
+            return cqrs_portable._uri_ok(value, true, false);
+        when 'uri-reference' then
+            return cqrs_portable._uri_ok(value, false, false);
+        when 'iri' then
+            return cqrs_portable._uri_ok(value, true, true);
+        when 'iri-reference' then
+            return cqrs_portable._uri_ok(value, false, true);
+        when 'uri-template' then
+            return cqrs_portable._uri_template_ok(value);
         when 'json-pointer' then
             return value ~ '^(/([^/~]|~[01])*)*$';
         when 'relative-json-pointer' then
@@ -262,16 +340,19 @@ $$;
 -- patterns are returned as they are.
 create function cqrs_portable._ecma_pattern(pattern text)
 returns text
-language sql immutable strict parallel safe
+language plpgsql immutable strict parallel safe
 as $$
-    select case when pattern !~ '\\[sS]' then pattern else
-        (select string_agg(case
+begin
+    if pattern !~ '\\[sS]' then
+        return pattern;
+    end if;
+    return (select string_agg(case
                     when m[1] = '\s' then '[\s\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]'
                     when m[1] = '\S' then '[^\s\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]'
                     when m[2] is not null then replace(m[2], '\s', '\s\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff')
                     else coalesce(m[1], m[3]) end, '' order by n)
-           from regexp_matches(pattern, '(\\.)|(\[\^?\]?(?:\\.|[^]\\])*\])|([^\\[]+|.)', 'g') with ordinality x(m, n))
-    end
+           from regexp_matches(pattern, '(\\.)|(\[\^?\]?(?:\\.|[^]\\])*\])|([^\\[]+|.)', 'g') with ordinality x(m, n));
+end
 $$;
 
 -- Every violation of `schema` by `instance` as 'pointer: message', at most `max_errors` of them,
@@ -309,11 +390,44 @@ begin
     elsif v_type = 'string' then
         v_text := instance #>> '{}';
     end if;
+    -- A scalar under a schema that applies no subschema (most leaves of a payload) is checked
+    -- without a query over the schema's keywords: only those a scalar can break are looked up
+    -- (a query per subschema is most of what validation costs).
+    if v_type not in ('object', 'array') and not schema ?| array['allOf', 'anyOf', 'oneOf', 'not', '$ref', 'if'] then
+        if schema ? 'type' then
+            if jsonb_typeof(schema -> 'type') = 'string' then
+                if not cqrs_portable._json_type_matches(instance, schema ->> 'type') then
+                    v_errors := v_errors || format('%s: value is not of type %s', pointer, (schema -> 'type')::text);
+                end if;
+            else
+                v_errors := v_errors || cqrs_portable._schema_assert('type', schema -> 'type', instance, v_type, pointer);
+            end if;
+        end if;
+        if schema ? 'enum' then
+            v_errors := v_errors || cqrs_portable._schema_assert('enum', schema -> 'enum', instance, v_type, pointer);
+        end if;
+        if schema ? 'const' then
+            v_errors := v_errors || cqrs_portable._schema_assert('const', schema -> 'const', instance, v_type, pointer);
+        end if;
+        if (v_type = 'string' and schema ?| array['minLength', 'maxLength', 'pattern', 'format'])
+           or (v_type = 'number' and schema ?| array['minimum', 'maximum', 'exclusiveMinimum', 'exclusiveMaximum', 'multipleOf']) then
+            foreach v_keyword in array case when v_type = 'string' then array['minLength', 'maxLength', 'pattern', 'format']
+                                            else array['minimum', 'maximum', 'exclusiveMinimum', 'exclusiveMaximum', 'multipleOf'] end loop
+                if schema ? v_keyword then
+                    v_errors := v_errors || cqrs_portable._schema_assert_scalar(v_keyword, schema -> v_keyword, v_type, v_number, v_text, pointer,
+                                                                                case when v_keyword = 'format' then cqrs_portable._schema_draft(root) end);
+                end if;
+            end loop;
+        end if;
+        return v_errors[1:max_errors];
+    end if;
     for v_keyword, v_arg in select e.key, e.value from jsonb_each(schema) e loop
         exit when cardinality(v_errors) >= max_errors;
-        if v_keyword in ('dependentRequired', 'dependentSchemas', 'minContains', 'maxContains', 'unevaluatedProperties',
-                         'unevaluatedItems', 'prefixItems', 'dependencies')
-           and not cqrs_portable._keyword_in_draft(v_keyword, cqrs_portable._schema_draft(root)) then
+        if (v_keyword in ('dependentRequired', 'dependentSchemas', 'minContains', 'maxContains', 'unevaluatedProperties',
+                          'unevaluatedItems', 'prefixItems', 'dependencies')
+            and not cqrs_portable._keyword_in_draft(v_keyword, cqrs_portable._schema_draft(root)))
+           -- decided with properties (cqrs_portable._schema_apply_object)
+           or (v_keyword = 'additionalProperties' and schema ? 'properties' and not schema ? 'patternProperties') then
             continue;
         end if;
         if v_keyword in ('properties', 'patternProperties', 'additionalProperties', 'prefixItems', 'items', 'additionalItems',
@@ -377,7 +491,10 @@ begin
             v_errors := v_errors || format('%s: %s was expected', pointer, cqrs_portable._compact_json(v_arg));
         end if;
     when 'required' then
-        if v_type = 'object' then
+        -- every name present is the common case: one test, no query (for names without escapes
+        -- or brackets, whose JSON array text reads as a PostgreSQL array once its brackets are
+        -- braces)
+        if v_type = 'object' and not (v_arg::text ~ '^\[[^][{}\\]*\]$' and instance ?& translate(v_arg::text, '[]', '{}')::text[]) then
             for v_key in select r from jsonb_array_elements_text(v_arg) r loop
                 if not instance ? v_key then
                     v_errors := v_errors || format('%s: %s is a required property', pointer, to_jsonb(v_key)::text);
@@ -483,13 +600,11 @@ begin
 end
 $$;
 
--- The violations of one keyword that applies subschemas (properties, patternProperties,
--- additionalProperties, prefixItems, items, additionalItems, allOf, anyOf, oneOf, not, $ref, if,
--- contains, dependentSchemas, dependencies, propertyNames, unevaluatedProperties,
--- unevaluatedItems), at most `max_errors`; `schema` is the keyword's schema (several keywords
--- look at their siblings).
-create function cqrs_portable._schema_apply(keyword text, arg jsonb, schema jsonb, instance jsonb, value_type text, pointer text,
-                                            root jsonb, max_errors integer, depth integer)
+-- The violations of one keyword that applies subschemas to an object's members (properties,
+-- patternProperties, additionalProperties, dependentSchemas, dependencies, propertyNames,
+-- unevaluatedProperties).
+create function cqrs_portable._schema_apply_object(keyword text, arg jsonb, schema jsonb, instance jsonb, value_type text, pointer text,
+                                                   root jsonb, max_errors integer, depth integer)
 returns text[]
 language plpgsql immutable parallel safe
 as $$
@@ -502,22 +617,37 @@ declare
     v_value jsonb;
     v_unexpected text[];
     v_target jsonb;
-    v_valid integer;
-    v_start integer;
-    v_min numeric;
-    v_max numeric;
-    v_draft text;
-    v_indexes integer[];
+    v_additional jsonb;
 begin
     case keyword
     when 'properties' then
         if v_type = 'object' then
+            -- additionalProperties beside properties (and no patternProperties) is decided in the
+            -- same pass over the members: cqrs_portable._schema_walk leaves it to this one
+            v_additional := case when not schema ? 'patternProperties' then schema -> 'additionalProperties' end;
+            v_unexpected := '{}'::text[];
             for v_key, v_value in select e.key, e.value from jsonb_each(instance) e loop
-                if v_arg ? v_key then
-                    v_errors := v_errors || cqrs_portable._schema_walk(v_arg -> v_key, v_value, cqrs_portable._pointer(pointer, v_key), root,
+                v_target := v_arg -> v_key;
+                if v_target is null then
+                    if v_additional is not null then
+                        v_unexpected := v_unexpected || v_key;
+                    end if;
+                    continue;
+                elsif jsonb_typeof(v_target) = 'object' and v_target - 'type' = '{}'::jsonb
+                      and jsonb_typeof(v_target -> 'type') = 'string' then
+                    -- a leaf that names one type, the commonest subschema: checked here
+                    if not cqrs_portable._json_type_matches(v_value, v_target ->> 'type') then
+                        v_errors := v_errors || format('%s: value is not of type %s', cqrs_portable._pointer(pointer, v_key), (v_target -> 'type')::text);
+                    end if;
+                else
+                    v_errors := v_errors || cqrs_portable._schema_walk(v_target, v_value, cqrs_portable._pointer(pointer, v_key), root,
                                                                max_errors - cardinality(v_errors), depth);
                 end if;
             end loop;
+            if v_additional is not null then
+                v_errors := v_errors || cqrs_portable._schema_unexpected('Additional properties', v_additional, v_unexpected, instance, pointer,
+                                                                         root, max_errors - cardinality(v_errors), depth);
+            end if;
         end if;
     when 'patternProperties' then
         if v_type = 'object' then
@@ -530,14 +660,74 @@ begin
         end if;
     when 'additionalProperties' then
         if v_type = 'object' then
-            v_unexpected := array(
-                select e.key from jsonb_each(instance) e
-                 where not coalesce(schema -> 'properties' ? e.key, false)
-                   and not exists (select from jsonb_object_keys(coalesce(schema -> 'patternProperties', '{}')) p
-                                    where e.key ~ cqrs_portable._ecma_pattern(p)));
+            if schema ? 'patternProperties' then
+                v_unexpected := array(
+                    select e.key from jsonb_each(instance) e
+                     where not coalesce(schema -> 'properties' ? e.key, false)
+                       and not exists (select from jsonb_object_keys(schema -> 'patternProperties') p
+                                        where e.key ~ cqrs_portable._ecma_pattern(p)));
+            else
+                v_unexpected := array(select k from jsonb_object_keys(instance) k where not coalesce(schema -> 'properties' ? k, false));
+            end if;
             v_errors := v_errors || cqrs_portable._schema_unexpected('Additional properties', v_arg, v_unexpected, instance, pointer,
                                                                      root, max_errors, depth);
         end if;
+    when 'dependentSchemas', 'dependencies' then
+        if v_type = 'object' then
+            for v_key, v_target in select d.key, d.value from jsonb_each(v_arg) d where instance ? d.key loop
+                if jsonb_typeof(v_target) = 'array' then
+                    -- draft-07's dependencies: a list of required properties
+                    v_errors := v_errors || cqrs_portable._schema_assert('required', v_target, instance, v_type, pointer);
+                else
+                    v_errors := v_errors || cqrs_portable._schema_walk(v_target, instance, pointer, root, max_errors - cardinality(v_errors), depth);
+                end if;
+            end loop;
+        end if;
+    when 'propertyNames' then
+        -- each name checked as a string; the message shows the name (not a value), as the
+        -- extension's does
+        if v_type = 'object' then
+            for v_key in select k from jsonb_object_keys(instance) k loop
+                foreach v_text in array cqrs_portable._schema_walk(v_arg, to_jsonb(v_key), pointer, root, max_errors - cardinality(v_errors), depth) loop
+                    v_errors := v_errors || (pointer || ': ' || regexp_replace(substr(v_text, strpos(v_text, ': ') + 2), '\mvalue\M',
+                                                                           replace(replace(to_jsonb(v_key)::text, '\', '\\'), '&', '\&')));
+                end loop;
+            end loop;
+        end if;
+    when 'unevaluatedProperties' then
+        if v_type = 'object' then
+            v_unexpected := array(
+                select k from jsonb_object_keys(instance) k
+                 where k <> all (cqrs_portable._schema_evaluated_properties(schema, instance, root, depth, true)));
+            v_errors := v_errors || cqrs_portable._schema_unexpected('Unevaluated properties', v_arg, v_unexpected, instance, pointer,
+                                                                     root, max_errors, depth);
+        end if;
+    end case;
+    return v_errors;
+end
+$$;
+
+-- The violations of one keyword that applies subschemas to an array's items (prefixItems, items,
+-- additionalItems, contains, unevaluatedItems).
+create function cqrs_portable._schema_apply_array(keyword text, arg jsonb, schema jsonb, instance jsonb, value_type text, pointer text,
+                                                  root jsonb, max_errors integer, depth integer)
+returns text[]
+language plpgsql immutable parallel safe
+as $$
+declare
+    v_errors text[] := '{}'::text[];
+    v_arg jsonb := arg;
+    v_type text := value_type;
+    v_key text;
+    v_unexpected text[];
+    v_valid integer;
+    v_start integer;
+    v_min numeric;
+    v_max numeric;
+    v_draft text;
+    v_indexes integer[];
+begin
+    case keyword
     when 'prefixItems' then
         if v_type = 'array' then
             for v_i in 0 .. least(jsonb_array_length(instance), jsonb_array_length(v_arg)) - 1 loop
@@ -578,6 +768,56 @@ begin
                 end loop;
             end if;
         end if;
+    when 'contains' then
+        if v_type = 'array' then
+            v_draft := cqrs_portable._schema_draft(root);
+            v_min := case when v_draft <> '07' and schema ? 'minContains' then (schema ->> 'minContains')::numeric else 1 end;
+            v_max := case when v_draft <> '07' then (schema ->> 'maxContains')::numeric end;
+            select count(*) into v_valid from jsonb_array_elements(instance) e
+             where cardinality(cqrs_portable._schema_walk(v_arg, e, pointer, root, 1, depth)) = 0;
+            if v_valid < v_min or v_valid > v_max then
+                v_errors := v_errors || format('%s: None of value are valid under the given schema', pointer);
+            end if;
+        end if;
+    when 'unevaluatedItems' then
+        if v_type = 'array' then
+            v_indexes := cqrs_portable._schema_evaluated_items(schema, instance, root, depth, true);
+            v_unexpected := array(select i::text from generate_series(0, jsonb_array_length(instance) - 1) i
+                                   where i <> all (v_indexes) order by i);
+            if v_arg = 'false'::jsonb then
+                if cardinality(v_unexpected) > 0 then
+                    v_errors := v_errors || format('%s: Unevaluated items are not allowed (%s item%s)', pointer, cardinality(v_unexpected),
+                                                   case when cardinality(v_unexpected) = 1 then '' else 's' end);
+                end if;
+            else
+                foreach v_key in array v_unexpected loop
+                    v_errors := v_errors || cqrs_portable._schema_walk(v_arg, instance -> v_key::integer, cqrs_portable._pointer(pointer, v_key), root,
+                                                               max_errors - cardinality(v_errors), depth);
+                end loop;
+            end if;
+        end if;
+    end case;
+    return v_errors;
+end
+$$;
+
+-- The violations of one keyword that applies subschemas, at most `max_errors`: the in-place
+-- applicators (allOf, anyOf, oneOf, not, if/then/else, $ref) here, those of objects in
+-- cqrs_portable._schema_apply_object, those of arrays in cqrs_portable._schema_apply_array;
+-- `schema` is the keyword's schema (several keywords look at their siblings).
+create function cqrs_portable._schema_apply(keyword text, arg jsonb, schema jsonb, instance jsonb, value_type text, pointer text,
+                                            root jsonb, max_errors integer, depth integer)
+returns text[]
+language plpgsql immutable parallel safe
+as $$
+declare
+    v_errors text[] := '{}'::text[];
+    v_arg jsonb := arg;
+    v_type text := value_type;
+    v_target jsonb;
+    v_valid integer;
+begin
+    case keyword
     when 'allOf' then
         for v_target in select s from jsonb_array_elements(v_arg) s loop
             v_errors := v_errors || cqrs_portable._schema_walk(v_target, instance, pointer, root, max_errors - cardinality(v_errors), depth);
@@ -607,67 +847,18 @@ begin
         elsif schema ? 'else' then
             v_errors := v_errors || cqrs_portable._schema_walk(schema -> 'else', instance, pointer, root, max_errors, depth);
         end if;
-    when 'contains' then
-        if v_type = 'array' then
-            v_draft := cqrs_portable._schema_draft(root);
-            v_min := case when v_draft <> '07' and schema ? 'minContains' then (schema ->> 'minContains')::numeric else 1 end;
-            v_max := case when v_draft <> '07' then (schema ->> 'maxContains')::numeric end;
-            select count(*) into v_valid from jsonb_array_elements(instance) e
-             where cardinality(cqrs_portable._schema_walk(v_arg, e, pointer, root, 1, depth)) = 0;
-            if v_valid < v_min or v_valid > v_max then
-                v_errors := v_errors || format('%s: None of value are valid under the given schema', pointer);
-            end if;
-        end if;
-    when 'dependentSchemas', 'dependencies' then
-        if v_type = 'object' then
-            for v_key, v_target in select d.key, d.value from jsonb_each(v_arg) d where instance ? d.key loop
-                if jsonb_typeof(v_target) = 'array' then
-                    -- draft-07's dependencies: a list of required properties
-                    v_errors := v_errors || cqrs_portable._schema_assert('required', v_target, instance, v_type, pointer);
-                else
-                    v_errors := v_errors || cqrs_portable._schema_walk(v_target, instance, pointer, root, max_errors - cardinality(v_errors), depth);
-                end if;
-            end loop;
-        end if;
-    when 'propertyNames' then
-        -- each name checked as a string; the message shows the name (not a value), as the
-        -- extension's does
-        if v_type = 'object' then
-            for v_key in select k from jsonb_object_keys(instance) k loop
-                foreach v_text in array cqrs_portable._schema_walk(v_arg, to_jsonb(v_key), pointer, root, max_errors - cardinality(v_errors), depth) loop
-                    v_errors := v_errors || (pointer || ': ' || regexp_replace(substr(v_text, strpos(v_text, ': ') + 2), '\mvalue\M',
-                                                                           replace(replace(to_jsonb(v_key)::text, '\', '\\'), '&', '\&')));
-                end loop;
-            end loop;
-        end if;
-    when 'unevaluatedProperties' then
-        if v_type = 'object' then
-            v_unexpected := array(
-                select k from jsonb_object_keys(instance) k
-                 where k <> all (cqrs_portable._schema_evaluated_properties(schema, instance, root, depth, true)));
-            v_errors := v_errors || cqrs_portable._schema_unexpected('Unevaluated properties', v_arg, v_unexpected, instance, pointer,
-                                                                     root, max_errors, depth);
-        end if;
-    when 'unevaluatedItems' then
-        if v_type = 'array' then
-            v_indexes := cqrs_portable._schema_evaluated_items(schema, instance, root, depth, true);
-            v_unexpected := array(select i::text from generate_series(0, jsonb_array_length(instance) - 1) i
-                                   where i <> all (v_indexes) order by i);
-            if v_arg = 'false'::jsonb then
-                if cardinality(v_unexpected) > 0 then
-                    v_errors := v_errors || format('%s: Unevaluated items are not allowed (%s item%s)', pointer, cardinality(v_unexpected),
-                                                   case when cardinality(v_unexpected) = 1 then '' else 's' end);
-                end if;
-            else
-                foreach v_key in array v_unexpected loop
-                    v_errors := v_errors || cqrs_portable._schema_walk(v_arg, instance -> v_key::integer, cqrs_portable._pointer(pointer, v_key), root,
-                                                               max_errors - cardinality(v_errors), depth);
-                end loop;
-            end if;
-        end if;
     when '$ref' then
         v_target := cqrs_portable._schema_ref(root, v_arg #>> '{}');
         v_errors := v_errors || cqrs_portable._schema_walk(v_target, instance, pointer, root, max_errors - cardinality(v_errors), depth + 1);
+    when 'properties', 'patternProperties', 'additionalProperties', 'dependentSchemas', 'dependencies', 'propertyNames',
+         'unevaluatedProperties' then
+        if v_type = 'object' then
+            v_errors := cqrs_portable._schema_apply_object(keyword, arg, schema, instance, v_type, pointer, root, max_errors, depth);
+        end if;
+    when 'prefixItems', 'items', 'additionalItems', 'contains', 'unevaluatedItems' then
+        if v_type = 'array' then
+            v_errors := cqrs_portable._schema_apply_array(keyword, arg, schema, instance, v_type, pointer, root, max_errors, depth);
+        end if;
     end case;
     return v_errors;
 end
@@ -896,6 +1087,70 @@ returns text[]
 language sql immutable parallel safe
 as $$ select cqrs_portable._schema_walk(schema, instance, '/', schema, max_errors, 0) $$;
 
+-- Refuses a keyword whose argument is a value, not a subschema (type, the bounds, uniqueItems,
+-- pattern, format, $ref) when it is malformed (22023) or cannot be checked as the extension
+-- checks it (0A000).
+create function cqrs_portable._check_schema_value(keyword text, arg jsonb, at text)
+returns void
+language plpgsql immutable parallel safe
+as $$
+declare
+    v_keyword text := keyword;
+    v_arg jsonb := arg;
+    v_item jsonb;
+begin
+    case v_keyword
+    when 'type' then
+        for v_item in select t from jsonb_array_elements(case when jsonb_typeof(v_arg) = 'array' then v_arg
+                                                              else jsonb_build_array(v_arg) end) t loop
+            if v_item #>> '{}' is null or v_item #>> '{}' not in ('null', 'boolean', 'object', 'array', 'number', 'integer', 'string') then
+                raise exception using errcode = '22023',
+                    message = format('json_schema is not a valid JSON Schema: %s is not a type (at %s)', cqrs_portable._compact_json(v_item), cqrs_portable._pointer(at, 'type'));
+            end if;
+        end loop;
+    when 'minItems', 'maxItems', 'minLength', 'maxLength', 'minProperties', 'maxProperties', 'minContains', 'maxContains' then
+        if jsonb_typeof(v_arg) <> 'number' or (v_arg #>> '{}')::numeric < 0
+           or (v_arg #>> '{}')::numeric <> trunc((v_arg #>> '{}')::numeric) then
+            raise exception using errcode = '22023',
+                message = format('json_schema is not a valid JSON Schema: %s must be a non-negative integer (at %s)', v_keyword, cqrs_portable._pointer(at, v_keyword));
+        end if;
+    when 'minimum', 'maximum', 'exclusiveMinimum', 'exclusiveMaximum', 'multipleOf' then
+        if jsonb_typeof(v_arg) <> 'number' or (v_keyword = 'multipleOf' and (v_arg #>> '{}')::numeric <= 0) then
+            raise exception using errcode = '22023',
+                message = format('json_schema is not a valid JSON Schema: %s must be a number%s (at %s)', v_keyword,
+                                 case when v_keyword = 'multipleOf' then ' above 0' else '' end, cqrs_portable._pointer(at, v_keyword));
+        end if;
+    when 'uniqueItems' then
+        if jsonb_typeof(v_arg) <> 'boolean' then
+            raise exception using errcode = '22023',
+                message = format('json_schema is not a valid JSON Schema: uniqueItems must be a boolean (at %s)', cqrs_portable._pointer(at, v_keyword));
+        end if;
+    when 'pattern' then
+        if jsonb_typeof(v_arg) <> 'string' then
+            raise exception using errcode = '22023',
+                message = format('json_schema is not a valid JSON Schema: pattern must be a string (at %s)', cqrs_portable._pointer(at, v_keyword));
+        end if;
+        perform cqrs_portable._check_pattern(v_arg #>> '{}', cqrs_portable._pointer(at, v_keyword));
+    when 'format' then
+        -- a format the extension enforces must be enforced here too, or refused; any other
+        -- (a format of your own, "isbn") is an annotation in both editions, as the JSON Schema
+        -- specification says, and checked by neither
+        if v_arg #>> '{}' in ('idn-email', 'idn-hostname', 'regex') then
+            raise exception using errcode = '0A000',
+                message = format('json_schema uses format %s, which the portable edition does not check', v_arg::text),
+                hint = 'The portable edition checks date-time, date, time, duration, email, hostname, ipv4, ipv6, uri, uri-reference, iri, iri-reference, uri-template, uuid, json-pointer and relative-json-pointer; use "pattern" for the others.';
+        end if;
+    when '$ref' then
+        if jsonb_typeof(v_arg) <> 'string' then
+            raise exception using errcode = '22023',
+                message = format('json_schema is not a valid JSON Schema: $ref must be a string (at %s)', cqrs_portable._pointer(at, v_keyword));
+        end if;
+    else
+        null;
+    end case;
+end
+$$;
+
 -- Refuses what the portable validator cannot check: a keyword (or format, or draft, or pattern)
 -- it cannot check as the extension does is 0A000 naming it; a malformed one is 22023. `draft` is
 -- the root's (cqrs_portable._schema_draft): some keywords belong to some drafts only.
@@ -939,14 +1194,6 @@ begin
                 raise exception using errcode = '0A000',
                     message = format('json_schema uses keyword %s, which the portable edition does not check in draft-07', cqrs_portable._quoted(v_keyword));
             end if;
-        when 'type' then
-            for v_item in select t from jsonb_array_elements(case when jsonb_typeof(v_arg) = 'array' then v_arg
-                                                                  else jsonb_build_array(v_arg) end) t loop
-                if v_item #>> '{}' is null or v_item #>> '{}' not in ('null', 'boolean', 'object', 'array', 'number', 'integer', 'string') then
-                    raise exception using errcode = '22023',
-                        message = format('json_schema is not a valid JSON Schema: %s is not a type (at %s)', cqrs_portable._compact_json(v_item), cqrs_portable._pointer(at, 'type'));
-                end if;
-            end loop;
         when 'enum', 'required', 'prefixItems', 'allOf', 'anyOf', 'oneOf' then
             if jsonb_typeof(v_arg) <> 'array' then
                 raise exception using errcode = '22023',
@@ -994,43 +1241,10 @@ begin
         when 'additionalProperties', 'additionalItems', 'not', 'if', 'then', 'else', 'contains', 'propertyNames',
              'unevaluatedProperties', 'unevaluatedItems', 'contentSchema' then
             perform cqrs_portable._check_schema_node(v_arg, cqrs_portable._pointer(at, v_keyword), draft);
-        when 'minItems', 'maxItems', 'minLength', 'maxLength', 'minProperties', 'maxProperties', 'minContains', 'maxContains' then
-            if jsonb_typeof(v_arg) <> 'number' or (v_arg #>> '{}')::numeric < 0
-               or (v_arg #>> '{}')::numeric <> trunc((v_arg #>> '{}')::numeric) then
-                raise exception using errcode = '22023',
-                    message = format('json_schema is not a valid JSON Schema: %s must be a non-negative integer (at %s)', v_keyword, cqrs_portable._pointer(at, v_keyword));
-            end if;
-        when 'minimum', 'maximum', 'exclusiveMinimum', 'exclusiveMaximum', 'multipleOf' then
-            if jsonb_typeof(v_arg) <> 'number' or (v_keyword = 'multipleOf' and (v_arg #>> '{}')::numeric <= 0) then
-                raise exception using errcode = '22023',
-                    message = format('json_schema is not a valid JSON Schema: %s must be a number%s (at %s)', v_keyword,
-                                     case when v_keyword = 'multipleOf' then ' above 0' else '' end, cqrs_portable._pointer(at, v_keyword));
-            end if;
-        when 'uniqueItems' then
-            if jsonb_typeof(v_arg) <> 'boolean' then
-                raise exception using errcode = '22023',
-                    message = format('json_schema is not a valid JSON Schema: uniqueItems must be a boolean (at %s)', cqrs_portable._pointer(at, v_keyword));
-            end if;
-        when 'pattern' then
-            if jsonb_typeof(v_arg) <> 'string' then
-                raise exception using errcode = '22023',
-                    message = format('json_schema is not a valid JSON Schema: pattern must be a string (at %s)', cqrs_portable._pointer(at, v_keyword));
-            end if;
-            perform cqrs_portable._check_pattern(v_arg #>> '{}', cqrs_portable._pointer(at, v_keyword));
-        when 'format' then
-            -- a format the extension enforces must be enforced here too, or refused; any other
-            -- (a format of your own, "isbn") is an annotation in both editions, as the JSON Schema
-            -- specification says, and checked by neither
-            if v_arg #>> '{}' in ('idn-email', 'idn-hostname', 'uri', 'uri-reference', 'iri', 'iri-reference', 'uri-template', 'regex') then
-                raise exception using errcode = '0A000',
-                    message = format('json_schema uses format %s, which the portable edition does not check', v_arg::text),
-                    hint = 'The portable edition checks date-time, date, time, duration, email, hostname, ipv4, ipv6, uuid, json-pointer and relative-json-pointer; use "pattern" for the others.';
-            end if;
-        when '$ref' then
-            if jsonb_typeof(v_arg) <> 'string' then
-                raise exception using errcode = '22023',
-                    message = format('json_schema is not a valid JSON Schema: $ref must be a string (at %s)', cqrs_portable._pointer(at, v_keyword));
-            end if;
+        when 'type', 'minItems', 'maxItems', 'minLength', 'maxLength', 'minProperties', 'maxProperties',
+             'minContains', 'maxContains', 'minimum', 'maximum', 'exclusiveMinimum', 'exclusiveMaximum', 'multipleOf',
+             'uniqueItems', 'pattern', 'format', '$ref' then
+            perform cqrs_portable._check_schema_value(v_keyword, v_arg, at);
         else
             raise exception using errcode = '0A000',
                 message = format('json_schema uses keyword %s, which the portable edition does not support', cqrs_portable._quoted(v_keyword)),

@@ -88,6 +88,29 @@ const DURATIONS: &[&str] = &[
     "P1Y2M3DT4H5M6S",
     "P1DT",
 ];
+const URIS: &[&str] = &[
+    "http://example.com/a?b=c#d",
+    "http://[::1]:80/x",
+    "http://[zz]/",
+    "//host/path",
+    "1a:b",
+    "/relative/path",
+    "http://exa mple.com",
+    "http://\u{192}\u{f8}\u{f8}.com/\u{3c0}",
+    "mailto:a@b.c",
+    "http://a%zz",
+    "http://u@h:12a",
+];
+const TEMPLATES: &[&str] = &[
+    "http://example.com/{id}",
+    "{+a,b:3}",
+    "{",
+    "a}",
+    "{a.b*}",
+    "{a b}",
+    "x%41y",
+    "{:1}",
+];
 const FORMATS: &[&str] = &[
     "date-time",
     "date",
@@ -98,6 +121,11 @@ const FORMATS: &[&str] = &[
     "hostname",
     "time",
     "duration",
+    "uri",
+    "uri-reference",
+    "iri",
+    "iri-reference",
+    "uri-template",
 ];
 const PATTERNS: &[&str] = &["^a", "b$", "^[a-c]+$", "^[0-9]*$", "x"];
 const TYPES: &[&str] = &[
@@ -124,6 +152,8 @@ fn format_string(rng: &mut StdRng, format: &str) -> Value {
         "hostname" => HOSTNAMES.to_vec(),
         "time" => TIMES.to_vec(),
         "duration" => DURATIONS.to_vec(),
+        "uri" | "uri-reference" | "iri" | "iri-reference" => URIS.to_vec(),
+        "uri-template" => TEMPLATES.to_vec(),
         _ => UUIDS.to_vec(),
     };
     json!(pool.choose(rng).copied().unwrap_or(""))

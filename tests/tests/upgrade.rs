@@ -256,17 +256,17 @@ async fn an_upgraded_install_equals_a_fresh_one_and_keeps_every_row() -> Result<
 }
 
 /// The portable edition's own helpers (schema cqrs_portable, apart from the read models' writers
-/// and readers) as comparable lines: every function with its attributes, body and grants, and
+/// and readers and the registered schemas' compiled validators) as comparable lines: every function with its attributes, body and grants, and
 /// every table's columns.
 const PORTABLE_HELPERS: &str = "
 select pg_catalog.format('function %s | %s', p.oid::pg_catalog.regprocedure,
            pg_catalog.regexp_replace(pg_catalog.pg_get_functiondef(p.oid), '\\s+', ' ', 'g'))
   from pg_catalog.pg_proc p
- where p.pronamespace = 'cqrs_portable'::pg_catalog.regnamespace and p.proname !~ '^_(write|read)_[0-9a-f]{32}$'
+ where p.pronamespace = 'cqrs_portable'::pg_catalog.regnamespace and p.proname !~ '^_(write|read|v)_[0-9a-f]{32}$'
 union all
 select pg_catalog.format('grant %s | %s | %s', p.oid::pg_catalog.regprocedure, a.grantee::pg_catalog.regrole, a.privilege_type)
   from pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
- where p.pronamespace = 'cqrs_portable'::pg_catalog.regnamespace and p.proname !~ '^_(write|read)_[0-9a-f]{32}$'
+ where p.pronamespace = 'cqrs_portable'::pg_catalog.regnamespace and p.proname !~ '^_(write|read|v)_[0-9a-f]{32}$'
 union all
 select pg_catalog.format('column %s.%s | %s', c.relname, a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod))
   from pg_catalog.pg_class c join pg_catalog.pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
@@ -357,6 +357,25 @@ async fn a_portable_install_upgraded_with_psql_equals_a_fresh_one_and_keeps_ever
         );
     }
     errors_are_summarized(&client).await?;
+    // the schema registered before the upgrade is compiled, and appends go through it
+    let compiled: i64 = scalar(
+        &client,
+        "select count(*) from cqrs.command_type t join cqrs_portable.validator v using (command_type, version)
+           join pg_catalog.pg_proc f on f.proname = v.function and f.pronamespace = 'cqrs_portable'::regnamespace",
+    )
+    .await?;
+    ensure!(
+        compiled == 1,
+        "{compiled} compiled validators for 1 registered schema"
+    );
+    let refused = client
+        .query("select cqrs.append(gen_random_uuid(), 'pay-x', 'PAY', '{}')", &[])
+        .await;
+    ensure!(
+        refused.as_ref().err().and_then(|e| e.code())
+            == Some(&tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE),
+        "a payload without amount was not refused with 22023: {refused:?}"
+    );
     // every read model has its writer and reader, owned by its table's owner
     let writers: i64 = scalar(
         &client,

@@ -15,7 +15,7 @@ select cqrs.register_command_type('REMOTE', '{"$ref": "https://example.com/schem
 \echo :LAST_ERROR_SQLSTATE
 select cqrs.register_command_type('DYNAMIC', '{"$dynamicRef": "#meta", "$defs": {"m": {"$dynamicAnchor": "meta"}}}');
 \echo :LAST_ERROR_SQLSTATE
-select cqrs.register_command_type('URI', '{"properties": {"u": {"type": "string", "format": "uri"}}}');
+select cqrs.register_command_type('REGEX', '{"properties": {"r": {"type": "string", "format": "regex"}}}');
 \echo :LAST_ERROR_SQLSTATE
 select cqrs.register_command_type('LETTERS', '{"properties": {"name": {"type": "string", "pattern": "^\\p{Letter}+$"}}}');
 \echo :LAST_ERROR_SQLSTATE

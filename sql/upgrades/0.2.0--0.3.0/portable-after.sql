@@ -26,3 +26,7 @@ begin
     end loop;
 end
 $owners$;
+
+-- The schemas registered before the upgrade get their compiled validators (the interpreter
+-- validates any that cannot be compiled).
+select cqrs_portable._compile_validators();

@@ -49,3 +49,12 @@ drop function cqrs_portable._check_lease(bigint);
 -- check take the draft.
 drop function cqrs_portable._format_matches(text, text);
 drop function cqrs_portable._check_schema_node(jsonb, text);
+
+-- Each registered schema compiled to a function of its own (sql/portable/validator.sql).
+create table cqrs_portable.validator (
+    command_type text primary key,
+    version      bigint not null,
+    function     name   not null
+);
+comment on table cqrs_portable.validator is
+    'pg_cqrs portable edition: the compiled validator of each registered command type (made by cqrs_portable._compile_validators).';
