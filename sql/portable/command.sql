@@ -245,10 +245,16 @@ begin
       left join cqrs_portable.validator v on v.command_type = t.command_type and v.version = t.version
      where t.command_type = append.command_type;
     if found then
-        -- the schema's compiled validator (sql/portable/validator.sql), or the interpreter
+        -- the schema's compiled validator (sql/portable/validator.sql), or the interpreter: when
+        -- there is none, or when a re-registration committed since dropped the one read here
         if v_validator is not null then
-            execute format('select cqrs_portable.%I($1, $2, 6)', v_validator) into v_violations using payload, v_schema;
-        else
+            begin
+                execute format('select cqrs_portable.%I($1, $2, 6)', v_validator) into v_violations using payload, v_schema;
+            exception when undefined_function then
+                v_validator := null;
+            end;
+        end if;
+        if v_validator is null then
             v_violations := cqrs_portable._schema_violations(v_schema, payload, 6);
         end if;
         if cardinality(v_violations) > 0 then

@@ -69,4 +69,12 @@ select seq from cqrs.append(cqrs.uuid_v7(), 'd-1', 'DEVICE', '{"kind": "sensor",
 \echo :LAST_ERROR_SQLSTATE
 select seq from cqrs.append(cqrs.uuid_v7(), 'd-1', 'DEVICE', '{"kind": "sensor", "Bad-Name": 1}');
 \echo :LAST_ERROR_SQLSTATE
+-- each schema is compiled to a function of its own; one dropped under the appends (a
+-- re-registration committed meanwhile) leaves the interpreter to give the same verdict
+select count(*) as compiled from cqrs_portable.validator v join cqrs.command_type t using (command_type, version) where v.command_type = 'DEVICE';
+select pg_catalog.format('drop function cqrs_portable.%I(jsonb, jsonb, integer)', v.function) as drop_it
+  from cqrs_portable.validator v where v.command_type = 'DEVICE' \gset
+:drop_it;
+select seq from cqrs.append(cqrs.uuid_v7(), 'd-1', 'DEVICE', '{"kind": "router", "ip": "10.0.0.256"}');
+\echo :LAST_ERROR_SQLSTATE
 rollback;
