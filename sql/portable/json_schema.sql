@@ -390,44 +390,11 @@ begin
     elsif v_type = 'string' then
         v_text := instance #>> '{}';
     end if;
-    -- A scalar under a schema that applies no subschema (most leaves of a payload) is checked
-    -- without a query over the schema's keywords: only those a scalar can break are looked up
-    -- (a query per subschema is most of what validation costs).
-    if v_type not in ('object', 'array') and not schema ?| array['allOf', 'anyOf', 'oneOf', 'not', '$ref', 'if'] then
-        if schema ? 'type' then
-            if jsonb_typeof(schema -> 'type') = 'string' then
-                if not cqrs_portable._json_type_matches(instance, schema ->> 'type') then
-                    v_errors := v_errors || format('%s: value is not of type %s', pointer, (schema -> 'type')::text);
-                end if;
-            else
-                v_errors := v_errors || cqrs_portable._schema_assert('type', schema -> 'type', instance, v_type, pointer);
-            end if;
-        end if;
-        if schema ? 'enum' then
-            v_errors := v_errors || cqrs_portable._schema_assert('enum', schema -> 'enum', instance, v_type, pointer);
-        end if;
-        if schema ? 'const' then
-            v_errors := v_errors || cqrs_portable._schema_assert('const', schema -> 'const', instance, v_type, pointer);
-        end if;
-        if (v_type = 'string' and schema ?| array['minLength', 'maxLength', 'pattern', 'format'])
-           or (v_type = 'number' and schema ?| array['minimum', 'maximum', 'exclusiveMinimum', 'exclusiveMaximum', 'multipleOf']) then
-            foreach v_keyword in array case when v_type = 'string' then array['minLength', 'maxLength', 'pattern', 'format']
-                                            else array['minimum', 'maximum', 'exclusiveMinimum', 'exclusiveMaximum', 'multipleOf'] end loop
-                if schema ? v_keyword then
-                    v_errors := v_errors || cqrs_portable._schema_assert_scalar(v_keyword, schema -> v_keyword, v_type, v_number, v_text, pointer,
-                                                                                case when v_keyword = 'format' then cqrs_portable._schema_draft(root) end);
-                end if;
-            end loop;
-        end if;
-        return v_errors[1:max_errors];
-    end if;
     for v_keyword, v_arg in select e.key, e.value from jsonb_each(schema) e loop
         exit when cardinality(v_errors) >= max_errors;
-        if (v_keyword in ('dependentRequired', 'dependentSchemas', 'minContains', 'maxContains', 'unevaluatedProperties',
-                          'unevaluatedItems', 'prefixItems', 'dependencies')
-            and not cqrs_portable._keyword_in_draft(v_keyword, cqrs_portable._schema_draft(root)))
-           -- decided with properties (cqrs_portable._schema_apply_object)
-           or (v_keyword = 'additionalProperties' and schema ? 'properties' and not schema ? 'patternProperties') then
+        if v_keyword in ('dependentRequired', 'dependentSchemas', 'minContains', 'maxContains', 'unevaluatedProperties',
+                         'unevaluatedItems', 'prefixItems', 'dependencies')
+           and not cqrs_portable._keyword_in_draft(v_keyword, cqrs_portable._schema_draft(root)) then
             continue;
         end if;
         if v_keyword in ('properties', 'patternProperties', 'additionalProperties', 'prefixItems', 'items', 'additionalItems',
@@ -617,37 +584,16 @@ declare
     v_value jsonb;
     v_unexpected text[];
     v_target jsonb;
-    v_additional jsonb;
 begin
     case keyword
     when 'properties' then
         if v_type = 'object' then
-            -- additionalProperties beside properties (and no patternProperties) is decided in the
-            -- same pass over the members: cqrs_portable._schema_walk leaves it to this one
-            v_additional := case when not schema ? 'patternProperties' then schema -> 'additionalProperties' end;
-            v_unexpected := '{}'::text[];
             for v_key, v_value in select e.key, e.value from jsonb_each(instance) e loop
-                v_target := v_arg -> v_key;
-                if v_target is null then
-                    if v_additional is not null then
-                        v_unexpected := v_unexpected || v_key;
-                    end if;
-                    continue;
-                elsif jsonb_typeof(v_target) = 'object' and v_target - 'type' = '{}'::jsonb
-                      and jsonb_typeof(v_target -> 'type') = 'string' then
-                    -- a leaf that names one type, the commonest subschema: checked here
-                    if not cqrs_portable._json_type_matches(v_value, v_target ->> 'type') then
-                        v_errors := v_errors || format('%s: value is not of type %s', cqrs_portable._pointer(pointer, v_key), (v_target -> 'type')::text);
-                    end if;
-                else
-                    v_errors := v_errors || cqrs_portable._schema_walk(v_target, v_value, cqrs_portable._pointer(pointer, v_key), root,
+                if v_arg ? v_key then
+                    v_errors := v_errors || cqrs_portable._schema_walk(v_arg -> v_key, v_value, cqrs_portable._pointer(pointer, v_key), root,
                                                                max_errors - cardinality(v_errors), depth);
                 end if;
             end loop;
-            if v_additional is not null then
-                v_errors := v_errors || cqrs_portable._schema_unexpected('Additional properties', v_additional, v_unexpected, instance, pointer,
-                                                                         root, max_errors - cardinality(v_errors), depth);
-            end if;
         end if;
     when 'patternProperties' then
         if v_type = 'object' then

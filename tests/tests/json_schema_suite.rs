@@ -2,10 +2,11 @@
 //! would: each group's schema registered as a command type in both editions, each case whose
 //! data is an object (a command payload) appended. Cases whose data is not an object are tried
 //! too, wrapped: the payload `{"v": data}` under `{"properties": {"v": schema}}` (the schema's
-//! local `$ref`s moved along), for the schemas that can be moved so. Wherever the extension (the jsonschema crate)
-//! gives the suite's verdict and the portable edition accepts the schema, the portable edition
-//! must give that verdict too: 0 disagreements. A schema the portable edition cannot check must
-//! be refused with 0A000 (or 22023 when it is malformed), never with a raw error.
+//! local `$ref`s moved along), for the schemas that can be moved so. Wherever the extension (the
+//! jsonschema crate) gives the suite's verdict and the portable edition accepts the schema, the
+//! portable edition must give that verdict too: 0 disagreements. A schema the portable edition cannot check must
+//! be refused with 0A000 (or 22023 when it is malformed), never with a raw error. And the portable
+//! edition's compiled validator must give what its interpreter gives, violation for violation.
 //!
 //! The suite ships in the `jsonschema` source distribution on PyPI (MIT, see its `json/LICENSE`);
 //! `scripts/setup.sh` unpacks it into `target/json-schema-test-suite` (or set
@@ -13,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use cqrs_e2e::edition::{cluster, Edition};
 use cqrs_e2e::{connect, repo_root};
 use cqrs_harness::ClusterOptions;
@@ -164,6 +165,53 @@ async fn verdicts(client: &Client, schema: &Value, payloads: &[&Value]) -> Resul
     Ok((registered, valid))
 }
 
+/// The portable edition's compiled validator of `schema` against its interpreter, on every
+/// payload: the payloads on which their violations differ (appends run the compiled one; the
+/// interpreter judges what it does not write out, and when it is missing).
+async fn compiled_against_interpreter(
+    client: &Client,
+    schema: &Value,
+    payloads: &[&Value],
+) -> Result<Vec<String>> {
+    client.batch_execute("begin").await?;
+    let mut differences = Vec::new();
+    if client
+        .query("select cqrs.register_command_type('T', $1)", &[schema])
+        .await
+        .is_ok()
+    {
+        let function: String = client
+            .query_one(
+                "select v.function::text from cqrs_portable.validator v where v.command_type = 'T'",
+                &[],
+            )
+            .await
+            .context("no compiled validator")?
+            .get(0);
+        // a name the compiler made ('_v_' and an md5), written into the query
+        ensure!(
+            function.len() == 35
+                && function.starts_with("_v_")
+                && function[3..].bytes().all(|b| b.is_ascii_hexdigit()),
+            "unexpected validator name {function}"
+        );
+        let query = format!(
+            "select cqrs_portable.{function}($1, $2, 6), cqrs_portable._schema_violations($2, $1, 6)"
+        );
+        for payload in payloads {
+            let row = client.query_one(query.as_str(), &[payload, schema]).await?;
+            let (compiled, interpreted): (Vec<String>, Vec<String>) = (row.get(0), row.get(1));
+            if compiled != interpreted {
+                differences.push(format!(
+                    "payload {payload}: compiled {compiled:?}, interpreted {interpreted:?}"
+                ));
+            }
+        }
+    }
+    client.batch_execute("rollback").await?;
+    Ok(differences)
+}
+
 #[derive(Default)]
 struct Tally {
     groups: usize,
@@ -172,6 +220,7 @@ struct Tally {
     cases: usize,
     extension_right: usize,
     compared: usize,
+    interpreted: usize,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,6 +272,14 @@ async fn the_portable_edition_gives_the_suites_verdicts_where_the_extension_does
                     let payloads: Vec<&Value> = cases.iter().map(|(_, p)| p).collect();
                     let (ext_registered, ext_valid) = verdicts(&extension, &schema, &payloads).await?;
                     let (por_registered, por_valid) = verdicts(&portable, &schema, &payloads).await?;
+                    if por_registered.is_ok() {
+                        tally.interpreted += payloads.len();
+                        for difference in compiled_against_interpreter(&portable, &schema, &payloads).await? {
+                            failures.push(format!(
+                                "{what}: the compiled validator and the interpreter differ: {difference}"
+                            ));
+                        }
+                    }
                     if let Err((code, message)) = &por_registered {
                         // a raw error of the validator (one PostgreSQL's jsonb raises for both
                         // editions, such as \u0000 in a string, is not the validator's)
@@ -268,13 +325,15 @@ async fn the_portable_edition_gives_the_suites_verdicts_where_the_extension_does
         ] {
             eprintln!(
                 "{draft}, {kind}: {} groups; schemas accepted: extension {}, portable {}; \
-                 {} cases, the extension right on {}, compared with the portable edition {}",
+                 {} cases, the extension right on {}, compared with the portable edition {}; \
+                 the compiled validator compared with the interpreter on {}",
                 tally.groups,
                 tally.extension_accepts,
                 tally.portable_accepts,
                 tally.cases,
                 tally.extension_right,
-                tally.compared
+                tally.compared,
+                tally.interpreted
             );
         }
     }

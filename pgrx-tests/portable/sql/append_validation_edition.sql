@@ -42,39 +42,13 @@ select seq from cqrs.append(cqrs.uuid_v7(), 'p-1', 'ORDER', '{"id": "a0eebc99-9c
 select seq from cqrs.append(cqrs.uuid_v7(), 'p-1', 'ORDER', '{"id": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "kind": "fax", "lines": [{"sku": "ab", "qty": 3}]}');
 select seq from cqrs.append(cqrs.uuid_v7(), 'p-1', 'ORDER', '{"id": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "lines": [{"sku": "A"}, {"sku": "A"}], "note": "long"}');
 select seq from cqrs.append(cqrs.uuid_v7(), 'p-1', 'ORDER', '{"id": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "lines": [], "extra": 1}');
--- a draft-07 schema as generators write them (issue 21's new user): if/then, contains,
--- propertyNames, format ipv4, a percent-encoded $ref, and dependentRequired (not a draft-07
--- keyword: neither edition checks it there)
-select cqrs.register_command_type('DEVICE', '{
-  "$schema": "http://json-schema.org/draft-07/schema#",
-  "type": "object", "required": ["kind"],
-  "propertyNames": {"pattern": "^[a-z_]+$"},
-  "properties": {
-    "kind": {"enum": ["router", "sensor"]},
-    "ip": {"$ref": "#/definitions/ip%20address"},
-    "tags": {"type": "array", "contains": {"const": "prod"}}
-  },
-  "if": {"properties": {"kind": {"const": "router"}}},
-  "then": {"required": ["ip"]},
-  "dependentRequired": {"ip": ["tags"]},
-  "definitions": {"ip address": {"type": "string", "format": "ipv4"}}
-}') > 0 as registered;
-select seq from cqrs.append(cqrs.uuid_v7(), 'd-1', 'DEVICE', '{"kind": "router", "ip": "10.0.0.1", "tags": ["prod"]}');
-select seq from cqrs.append(cqrs.uuid_v7(), 'd-1', 'DEVICE', '{"kind": "sensor", "ip": "10.0.0.1"}');
-select seq from cqrs.append(cqrs.uuid_v7(), 'd-1', 'DEVICE', '{"kind": "router"}');
-\echo :LAST_ERROR_SQLSTATE
-select seq from cqrs.append(cqrs.uuid_v7(), 'd-1', 'DEVICE', '{"kind": "router", "ip": "10.0.0.256"}');
-\echo :LAST_ERROR_SQLSTATE
-select seq from cqrs.append(cqrs.uuid_v7(), 'd-1', 'DEVICE', '{"kind": "sensor", "tags": ["dev"]}');
-\echo :LAST_ERROR_SQLSTATE
-select seq from cqrs.append(cqrs.uuid_v7(), 'd-1', 'DEVICE', '{"kind": "sensor", "Bad-Name": 1}');
-\echo :LAST_ERROR_SQLSTATE
 -- each schema is compiled to a function of its own; one dropped under the appends (a
 -- re-registration committed meanwhile) leaves the interpreter to give the same verdict
-select count(*) as compiled from cqrs_portable.validator v join cqrs.command_type t using (command_type, version) where v.command_type = 'DEVICE';
+select cqrs.register_command_type('HOSTED', '{"properties": {"ip": {"type": "string", "format": "ipv4"}}}') > 0 as registered;
+select count(*) as compiled from cqrs_portable.validator v join cqrs.command_type t using (command_type, version) where v.command_type = 'HOSTED';
 select pg_catalog.format('drop function cqrs_portable.%I(jsonb, jsonb, integer)', v.function) as drop_it
-  from cqrs_portable.validator v where v.command_type = 'DEVICE' \gset
+  from cqrs_portable.validator v where v.command_type = 'HOSTED' \gset
 :drop_it;
-select seq from cqrs.append(cqrs.uuid_v7(), 'd-1', 'DEVICE', '{"kind": "router", "ip": "10.0.0.256"}');
+select seq from cqrs.append(cqrs.uuid_v7(), 'h-1', 'HOSTED', '{"ip": "10.0.0.256"}');
 \echo :LAST_ERROR_SQLSTATE
 rollback;

@@ -1,0 +1,34 @@
+-- Both editions read a draft-07 schema alike. The portable edition says, in a WARNING, that
+-- dependentRequired is not a draft-07 keyword (its expected output is in portable/expected/).
+\set ON_ERROR_ROLLBACK on
+\set SHOW_CONTEXT never
+begin;
+\ir install.sql
+-- a draft-07 schema as generators write them (issue 21's new user): if/then, contains,
+-- propertyNames, format ipv4, a percent-encoded $ref, and dependentRequired (not a draft-07
+-- keyword: neither edition checks it there)
+select cqrs.register_command_type('DEVICE', '{
+  "$schema": "http://json-schema.org/draft-07/schema#",
+  "type": "object", "required": ["kind"],
+  "propertyNames": {"pattern": "^[a-z_]+$"},
+  "properties": {
+    "kind": {"enum": ["router", "sensor"]},
+    "ip": {"$ref": "#/definitions/ip%20address"},
+    "tags": {"type": "array", "contains": {"const": "prod"}}
+  },
+  "if": {"properties": {"kind": {"const": "router"}}},
+  "then": {"required": ["ip"]},
+  "dependentRequired": {"ip": ["tags"]},
+  "definitions": {"ip address": {"type": "string", "format": "ipv4"}}
+}') > 0 as registered;
+select seq from cqrs.append(cqrs.uuid_v7(), 'd-1', 'DEVICE', '{"kind": "router", "ip": "10.0.0.1", "tags": ["prod"]}');
+select seq from cqrs.append(cqrs.uuid_v7(), 'd-1', 'DEVICE', '{"kind": "sensor", "ip": "10.0.0.1"}');
+select seq from cqrs.append(cqrs.uuid_v7(), 'd-1', 'DEVICE', '{"kind": "router"}');
+\echo :LAST_ERROR_SQLSTATE
+select seq from cqrs.append(cqrs.uuid_v7(), 'd-1', 'DEVICE', '{"kind": "router", "ip": "10.0.0.256"}');
+\echo :LAST_ERROR_SQLSTATE
+select seq from cqrs.append(cqrs.uuid_v7(), 'd-1', 'DEVICE', '{"kind": "sensor", "tags": ["dev"]}');
+\echo :LAST_ERROR_SQLSTATE
+select seq from cqrs.append(cqrs.uuid_v7(), 'd-1', 'DEVICE', '{"kind": "sensor", "Bad-Name": 1}');
+\echo :LAST_ERROR_SQLSTATE
+rollback;
