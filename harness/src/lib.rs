@@ -7,6 +7,7 @@ pub mod postgres;
 pub mod process;
 pub mod read_tokens;
 pub mod redis;
+pub mod redis_cluster;
 pub mod sidecar;
 
 pub use certificates::Certificates;
@@ -14,6 +15,7 @@ pub use edition::Edition;
 pub use postgres::{free_port, ClusterOptions, Durability, PgCluster};
 pub use process::ChildGuard;
 pub use redis::RedisServer;
+pub use redis_cluster::RedisCluster;
 pub use sidecar::{http_get, Sidecar};
 
 /// The repository root (scripts/, sql/, target/, pgrx-tests/ …).

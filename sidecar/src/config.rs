@@ -144,6 +144,13 @@ pub struct Config {
     )]
     pub redis_url: SecretUrl,
 
+    /// A Redis Cluster for the cache instead of one server: comma-separated seed nodes
+    /// (`host:port`; the rest of the cluster is found from them). Each seed takes the scheme
+    /// (redis:// or rediss://), the user and password and `#insecure` of --redis-url; a seed may
+    /// also be a whole URL.
+    #[arg(long, env = "CQRS_REDIS_CLUSTER_NODES")]
+    pub redis_cluster_nodes: Option<String>,
+
     /// PEM file of the CA certificates a rediss:// server is verified against.
     #[arg(long, env = "CQRS_REDIS_CA_FILE")]
     pub redis_ca_file: Option<std::path::PathBuf>,
@@ -298,8 +305,10 @@ pub struct Config {
     #[arg(long, env = "CQRS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
 
-    /// Log filter (tracing's EnvFilter syntax), e.g. info or cqrs_sidecar=debug.
-    #[arg(long, env = "CQRS_LOG", default_value = "info")]
+    /// Log filter (tracing's EnvFilter syntax), e.g. info or cqrs_sidecar=debug. The Redis
+    /// client's own messages are kept to errors by default: during a cluster failover it warns
+    /// on every reconnection attempt, while the sidecar says once what happened.
+    #[arg(long, env = "CQRS_LOG", default_value = "info,redis=error")]
     pub log: String,
 }
 

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use cqrs_sidecar::admin::{self, AppState};
-use cqrs_sidecar::cache::{Cache, Ttls};
+use cqrs_sidecar::cache::{cluster_seed_urls, Cache, Ttls};
 use cqrs_sidecar::config::{Command, Config};
 use cqrs_sidecar::health::{Health, Role};
 use cqrs_sidecar::metrics::Metrics;
@@ -122,15 +122,15 @@ impl Wiring {
             tombstone: config.tombstone_ttl,
             missing: config.negative_ttl,
         };
-        let cache = Cache::with_roots(
-            config.redis_url.expose(),
-            config.redis_ca_file.as_deref(),
-            &config.redis_prefix,
-            ttls,
-        )
+        let ca_file = config.redis_ca_file.as_deref();
+        let cache = match config.redis_cluster_nodes.as_deref() {
+            None => Cache::with_roots(config.redis_url.expose(), ca_file, &config.redis_prefix, ttls),
+            Some(seeds) => cluster_seed_urls(config.redis_url.expose(), seeds)
+                .and_then(|urls| Cache::cluster(&urls, ca_file, &config.redis_prefix, ttls)),
+        }
         .map(Arc::new)
         .map_err(|err| {
-            tracing::error!(error = %err, "invalid --redis-url or --redis-ca-file");
+            tracing::error!(error = %err, "invalid --redis-url, --redis-cluster-nodes or --redis-ca-file");
             ExitCode::from(MISCONFIGURED)
         })?;
         Ok(Self {

@@ -61,6 +61,17 @@ async fn poll(pg: &Client, watch: &Watch, seen: &mut Seen) -> Result<(), tokio_p
             &[],
         )
         .await?;
+    // every sidecar looks, so that one that takes the lead later knows the masters of before
+    {
+        match watch.cache.lost_writes().await {
+            Ok(true) => tracing::warn!(
+                redis = %watch.cache.describe(),
+                "a Redis Cluster master was replaced or restarted and may have lost writes; resyncing every projection's cache"
+            ),
+            Ok(false) => {}
+            Err(err) => tracing::debug!(error = %err, "could not read the Redis Cluster's masters"),
+        }
+    }
     let mut halted_now = Vec::new();
     for row in rows {
         let projection: String = row.get(0);
@@ -89,7 +100,7 @@ async fn poll(pg: &Client, watch: &Watch, seen: &mut Seen) -> Result<(), tokio_p
             if let Ok(None) = watch.cache.synced(&projection).await {
                 if let Ok(mut repairs) = repairs.lock() {
                     if !repairs.is_pending(&projection) {
-                        tracing::warn!(%projection, "the cache lost its data (Redis restarted or was flushed); resyncing it");
+                        tracing::warn!(%projection, "the cache has no synced mark (Redis restarted or was flushed, or a cluster master was replaced); resyncing it");
                         repairs.refresh_all(&projection);
                     }
                 }

@@ -11,16 +11,37 @@ use tokio_postgres::Client;
 /// Cached entry: revision, kind, document.
 type Entry = (i64, String, String);
 
-fn connection(redis_url: &str) -> Result<redis::Connection> {
-    redis::Client::open(redis_url)?
-        .get_connection()
-        .context("connecting to Redis")
+/// A Redis URL, or the nodes of a Redis Cluster as `host:port,host:port,…` after `cluster:`
+/// (see [`cluster_target`]).
+fn connection(redis_url: &str) -> Result<Box<dyn redis::ConnectionLike>> {
+    match redis_url.strip_prefix("cluster:") {
+        None => Ok(Box::new(
+            redis::Client::open(redis_url)?
+                .get_connection()
+                .context("connecting to Redis")?,
+        )),
+        Some(nodes) => {
+            let urls: Vec<String> = nodes.split(',').map(|n| format!("redis://{n}/")).collect();
+            Ok(Box::new(
+                redis::cluster::ClusterClient::new(urls)?
+                    .get_connection()
+                    .context("connecting to the Redis Cluster")?,
+            ))
+        }
+    }
+}
+
+/// What [`check`] takes for a Redis Cluster with these seed nodes (`host:port,…`).
+pub fn cluster_target(seeds: &str) -> String {
+    format!("cluster:{seeds}")
 }
 
 fn cached(redis_url: &str, prefix: &str, projection: &str) -> Result<HashMap<String, Entry>> {
     let mut connection = connection(redis_url)?;
+    let connection = connection.as_mut();
     let pattern = format!("{prefix}:{projection}:*");
-    let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query(&mut connection)?;
+    // on a cluster the client asks every master and joins the answers
+    let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query(connection)?;
     let mut entries = HashMap::new();
     for key in keys {
         let (rev, kind, doc): (Option<i64>, Option<String>, Option<String>) = redis::cmd("HMGET")
@@ -28,7 +49,7 @@ fn cached(redis_url: &str, prefix: &str, projection: &str) -> Result<HashMap<Str
             .arg("r")
             .arg("k")
             .arg("d")
-            .query(&mut connection)?;
+            .query(connection)?;
         let read_model_key = key[pattern.len() - 1..].to_owned();
         entries.insert(
             read_model_key,
@@ -43,6 +64,7 @@ fn cached(redis_url: &str, prefix: &str, projection: &str) -> Result<HashMap<Str
 }
 
 /// Checks every projection's cache against its read model; the first difference is the error.
+/// `redis_url` is a Redis URL or a [`cluster_target`].
 pub async fn check(pg: &Client, redis_url: &str, prefix: &str) -> Result<()> {
     let projections = pg
         .query(
@@ -72,7 +94,7 @@ pub async fn check(pg: &Client, redis_url: &str, prefix: &str) -> Result<()> {
         let synced: Option<i64> = redis::cmd("HGET")
             .arg(format!("{prefix}!synced"))
             .arg(&name)
-            .query(&mut connection(redis_url)?)?;
+            .query(connection(redis_url)?.as_mut())?;
         if synced != Some(revision) {
             bail!("{name}: the cache is marked synced up to {synced:?}, the projection is at revision {revision}");
         }

@@ -16,6 +16,17 @@ use tokio_postgres::Client;
 
 pub use cqrs_harness::{connect, repo_root};
 
+/// The seed of a test's random faults: `$CQRS_FAULT_SEED`, else a random one; printed, so that a
+/// failing run can be repeated.
+pub fn fault_seed() -> u64 {
+    let seed = std::env::var("CQRS_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("CQRS_FAULT_SEED={seed}");
+    seed
+}
+
 /// Retries `check` until it passes or `timeout` passes; the last failure is the error.
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<()>
 where

@@ -4,10 +4,11 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use cqrs_harness::{ClusterOptions, PgCluster, RedisServer, Sidecar};
+use cqrs_harness::{ClusterOptions, PgCluster, RedisCluster, RedisServer, Sidecar};
 use tokio_postgres::Client;
 
-use crate::orders::assert_read_models_match_the_log;
+use crate::orders::{assert_read_models_match_the_log, random_log, seed_commands};
+use crate::traffic::Traffic;
 use crate::{cache_check, caught_up, connect, eventually, repo_root};
 use cqrs_harness::edition::{self, Edition};
 
@@ -17,6 +18,8 @@ pub const PREFIX: &str = "cqrs";
 pub struct Rig {
     pub pg: PgCluster,
     pub redis: RedisServer,
+    /// The Redis Cluster the sidecars cache in instead of `redis`, when one is used.
+    pub redis_cluster: Option<RedisCluster>,
     pub sidecars: Vec<Sidecar>,
     pub edition: Edition,
     /// Where sidecars connect: the superuser with the extension; with the portable edition the
@@ -62,6 +65,7 @@ impl Rig {
         Ok(Self {
             pg,
             redis,
+            redis_cluster: None,
             sidecars: Vec::new(),
             edition,
             sidecar_url,
@@ -72,6 +76,20 @@ impl Rig {
     /// Replaces the rig's Redis (before any sidecar starts).
     pub fn use_redis(&mut self, redis: RedisServer) {
         self.redis = redis;
+    }
+
+    /// Caches in `cluster` instead of the rig's single Redis (before any sidecar starts).
+    pub fn use_redis_cluster(&mut self, cluster: RedisCluster) {
+        self.set("CQRS_REDIS_CLUSTER_NODES", &cluster.seeds());
+        self.redis_cluster = Some(cluster);
+    }
+
+    /// Where the cache is, as `cache_check::check` takes it.
+    pub fn cache_target(&self) -> String {
+        match &self.redis_cluster {
+            Some(cluster) => cache_check::cluster_target(&cluster.seeds()),
+            None => self.redis.url(),
+        }
     }
 
     /// A setting for the sidecars started from now on.
@@ -129,7 +147,7 @@ impl Rig {
             .await
             .with_context(|| self.logs())?;
         assert_read_models_match_the_log(&client).await?;
-        let redis_url = self.redis.url();
+        let redis_url = self.cache_target();
         eventually(timeout, "cache equals the read models", || {
             cache_check::check(&client, &redis_url, PREFIX)
         })
@@ -141,6 +159,21 @@ impl Rig {
     /// Base URL of a sidecar's HTTP server.
     pub fn http(&self, sidecar: usize) -> String {
         self.sidecars[sidecar].base_url()
+    }
+
+    /// Appends the seed commands of 50 users (so every user's stats row exists first), then
+    /// starts `clients` writers appending `commands` random order commands over 1,000 orders
+    /// at about `rate` per second (`None`: as fast as they can).
+    pub async fn start_order_traffic(
+        &self,
+        rng: &mut rand::rngs::StdRng,
+        commands: usize,
+        clients: usize,
+        rate: Option<f64>,
+    ) -> Result<Traffic> {
+        let (seeds, log) = (seed_commands(50), random_log(rng, commands, 1_000, 50));
+        crate::orders::append_all(&self.client().await?, &seeds, 50).await?;
+        Ok(Traffic::start(&self.pg.url(), log, clients, rate))
     }
 
     /// Every sidecar's log, for failure messages.

@@ -29,12 +29,7 @@ async fn serial() -> MutexGuard<'static, ()> {
 }
 
 fn seed() -> u64 {
-    let seed = std::env::var("CQRS_FAULT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("CQRS_FAULT_SEED={seed}");
-    seed
+    cqrs_e2e::fault_seed()
 }
 
 /// Seed commands for every user, then `commands` random order commands over `streams` orders.
@@ -42,7 +37,6 @@ fn workload(rng: &mut StdRng, commands: usize, streams: usize, users: usize) -> 
     (seed_commands(users), random_log(rng, commands, streams, users))
 }
 
-/// Appends the seed commands (so every user's stats row exists first), then starts the rest.
 async fn start_traffic(
     rig: &Rig,
     rng: &mut StdRng,
@@ -50,9 +44,7 @@ async fn start_traffic(
     clients: usize,
     rate: Option<f64>,
 ) -> Result<Traffic> {
-    let (seeds, log) = workload(rng, commands, 1_000, 50);
-    orders::append_all(&rig.client().await?, &seeds, 50).await?;
-    Ok(Traffic::start(&rig.pg.url(), log, clients, rate))
+    rig.start_order_traffic(rng, commands, clients, rate).await
 }
 
 /// `promtool check metrics` on the sidecar's /metrics output.

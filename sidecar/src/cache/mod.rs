@@ -18,10 +18,15 @@
 use std::path::Path;
 use std::time::Duration;
 
+use std::collections::BTreeSet;
+
 use rand::Rng;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
+
+use topology::{Connection, Master, Target};
+
+mod topology;
 
 /// KEYS[1] key; ARGV[1] revision; ARGV[2] kind; ARGV[3] document; ARGV[4] time to live (ms);
 /// ARGV[5] `1` when the row was just read from the read model, which may then replace an entry
@@ -118,6 +123,8 @@ pub enum CacheError {
     CaFile { path: String, reason: String },
     #[error("a Redis CA file is set but the Redis URL is not rediss:// (TLS)")]
     CaWithoutTls,
+    #[error("--redis-cluster-nodes names no node: give comma-separated host:port seeds")]
+    NoSeeds,
     #[error(
         "the Redis prefix {prefix:?} holds the cache of another database ({owner}), not of this one ({ours}): \
          give each database its own --redis-prefix (or its own Redis); if that database is gone for good, \
@@ -146,13 +153,15 @@ pub struct Ttls {
 }
 
 pub struct Cache {
-    client: redis::Client,
+    target: Target,
     /// Which database this cache is of (`system identifier/database oid/name`), once known: the
     /// prefix is claimed for it in Redis (`{prefix}!database`), so that two databases can never
     /// read each other's entries or marks.
     identity: std::sync::Mutex<Option<String>>,
-    manager: Mutex<Option<ConnectionManager>>,
+    connection: Mutex<Option<Connection>>,
     last_attempt: Mutex<Option<Instant>>,
+    /// A cluster's masters when last looked at (see [`Cache::lost_writes`]).
+    masters: Mutex<Option<BTreeSet<Master>>>,
     script: redis::Script,
     synced_script: redis::Script,
     prefix: String,
@@ -183,6 +192,54 @@ fn jittered(ttl: Duration) -> u64 {
 /// How long to wait between attempts to connect while Redis is unreachable.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
+/// The seed nodes of a cluster as URLs: a bare `host:port` takes the scheme (`redis`/`rediss`),
+/// the credentials and the `#insecure` mark of `url`; a seed given as a URL is used as it is.
+pub fn cluster_seed_urls(url: &str, seeds: &str) -> Result<Vec<String>, CacheError> {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("redis", url));
+    let authority = rest.split(['/', '#', '?']).next().unwrap_or_default();
+    let credentials = authority.rsplit_once('@').map(|(userinfo, _)| userinfo);
+    let fragment = rest.split_once('#').map(|(_, fragment)| fragment);
+    let urls: Vec<String> = seeds
+        .split(',')
+        .map(str::trim)
+        .filter(|seed| !seed.is_empty())
+        .map(|seed| {
+            if seed.contains("://") {
+                return seed.to_owned();
+            }
+            let mut url = format!("{scheme}://");
+            if let Some(credentials) = credentials {
+                url.push_str(credentials);
+                url.push('@');
+            }
+            url.push_str(seed);
+            url.push('/');
+            if let Some(fragment) = fragment {
+                url.push('#');
+                url.push_str(fragment);
+            }
+            url
+        })
+        .collect();
+    if urls.is_empty() {
+        return Err(CacheError::NoSeeds);
+    }
+    Ok(urls)
+}
+
+fn read_root_cert(url_is_tls: bool, ca_file: Option<&Path>) -> Result<Option<Vec<u8>>, CacheError> {
+    let Some(path) = ca_file else {
+        return Ok(None);
+    };
+    if !url_is_tls {
+        return Err(CacheError::CaWithoutTls);
+    }
+    std::fs::read(path).map(Some).map_err(|err| CacheError::CaFile {
+        path: path.display().to_string(),
+        reason: err.to_string(),
+    })
+}
+
 impl Cache {
     pub fn new(url: &str, prefix: &str, ttls: Ttls) -> Result<Self, CacheError> {
         Self::with_roots(url, None, prefix, ttls)
@@ -196,40 +253,45 @@ impl Cache {
         prefix: &str,
         ttls: Ttls,
     ) -> Result<Self, CacheError> {
-        let client = match ca_file {
-            None => redis::Client::open(url)?,
-            Some(path) => {
-                if !url.starts_with("rediss://") {
-                    return Err(CacheError::CaWithoutTls);
-                }
-                let root_cert = std::fs::read(path).map_err(|err| CacheError::CaFile {
-                    path: path.display().to_string(),
-                    reason: err.to_string(),
-                })?;
-                redis::Client::build_with_tls(
-                    url,
-                    redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(root_cert),
-                    },
-                )?
-            }
-        };
-        Ok(Self {
-            client,
+        let root_cert = read_root_cert(url.starts_with("rediss://"), ca_file)?;
+        Ok(Self::on(Target::single(url, root_cert)?, prefix, ttls))
+    }
+
+    /// A cache on the Redis Cluster reached through `seed_urls` (see [`cluster_seed_urls`]),
+    /// TLS servers verified as in [`Cache::with_roots`].
+    pub fn cluster(
+        seed_urls: &[String],
+        ca_file: Option<&Path>,
+        prefix: &str,
+        ttls: Ttls,
+    ) -> Result<Self, CacheError> {
+        let tls = seed_urls.iter().all(|url| url.starts_with("rediss://"));
+        let root_cert = read_root_cert(tls, ca_file)?;
+        Ok(Self::on(Target::cluster(seed_urls, root_cert)?, prefix, ttls))
+    }
+
+    fn on(target: Target, prefix: &str, ttls: Ttls) -> Self {
+        Self {
+            target,
             identity: std::sync::Mutex::new(None),
-            manager: Mutex::new(None),
+            connection: Mutex::new(None),
             last_attempt: Mutex::new(None),
+            masters: Mutex::new(None),
             script: redis::Script::new(WRITE_SCRIPT),
             synced_script: redis::Script::new(SYNCED_SCRIPT),
             prefix: prefix.to_owned(),
             ttls,
-        })
+        }
     }
 
-    /// `host:port` of the server, for logs (never the password).
+    /// `host:port` of the server (or the cluster's seeds), for logs (never the password).
     pub fn describe(&self) -> String {
-        self.client.get_connection_info().addr().to_string()
+        self.target.describe()
+    }
+
+    /// Whether the cache is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.target.is_cluster()
     }
 
     pub fn key(&self, projection: &str, key: &str) -> String {
@@ -249,12 +311,11 @@ impl Cache {
         self.ttls
     }
 
-    /// A connection; connects (at most once a second) when there is none. Every command has a
-    /// deadline: a dead Redis answers with an error, never a hang.
-    async fn connection(&self) -> Result<ConnectionManager, CacheError> {
-        let mut manager = self.manager.lock().await;
-        if let Some(manager) = manager.as_ref() {
-            return Ok(manager.clone());
+    /// A connection; connects (at most once a second) when there is none.
+    async fn connection(&self) -> Result<Connection, CacheError> {
+        let mut connection = self.connection.lock().await;
+        if let Some(connection) = connection.as_ref().filter(|c| !c.is_broken()) {
+            return Ok(connection.clone());
         }
         {
             let mut last = self.last_attempt.lock().await;
@@ -263,20 +324,9 @@ impl Cache {
             }
             *last = Some(Instant::now());
         }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let created = tokio::time::timeout(
-            Duration::from_secs(3),
-            ConnectionManager::new_with_config(self.client.clone(), config),
-        )
-        .await
-        .map_err(|_| CacheError::Unreachable("connecting timed out".into()))?
-        .map_err(|err| CacheError::Unreachable(err.to_string()))?;
-        self.claim(&mut created.clone()).await?;
-        *manager = Some(created.clone());
+        let mut created = self.target.connect().await?;
+        self.claim(&mut created).await?;
+        *connection = Some(created.clone());
         Ok(created)
     }
 
@@ -286,22 +336,19 @@ impl Cache {
 
     /// Claims the prefix for this cache's database, or finds it claimed for it already; refuses
     /// a prefix claimed for another. Nothing is claimed until the database is known.
-    async fn claim(&self, connection: &mut ConnectionManager) -> Result<(), CacheError> {
+    async fn claim(&self, connection: &mut Connection) -> Result<(), CacheError> {
         let Some(ours) = self.identity.lock().ok().and_then(|id| id.clone()) else {
             return Ok(());
         };
         let key = self.claim_key();
         for _ in 0..2 {
-            let set: Option<String> = redis::cmd("SET")
-                .arg(&key)
-                .arg(&ours)
-                .arg("NX")
-                .query_async(connection)
+            let set: Option<String> = connection
+                .query(redis::cmd("SET").arg(&key).arg(&ours).arg("NX"))
                 .await?;
             if set.is_some() {
                 return Ok(());
             }
-            let owner: Option<String> = redis::cmd("GET").arg(&key).query_async(connection).await?;
+            let owner: Option<String> = connection.query(redis::cmd("GET").arg(&key)).await?;
             match owner {
                 Some(owner) if owner == ours => return Ok(()),
                 Some(owner) => {
@@ -333,7 +380,7 @@ impl Cache {
         let mut connection = self.connection().await?;
         let claimed = self.claim(&mut connection).await;
         if let Err(CacheError::Foreign { .. }) = &claimed {
-            *self.manager.lock().await = None;
+            *self.connection.lock().await = None;
         }
         claimed
     }
@@ -343,10 +390,7 @@ impl Cache {
         let Ok(mut connection) = self.connection().await else {
             return false;
         };
-        redis::cmd("PING")
-            .query_async::<String>(&mut connection)
-            .await
-            .is_ok()
+        connection.query::<String>(&redis::cmd("PING")).await.is_ok()
     }
 
     fn ttl(&self, entry: &Entry) -> u64 {
@@ -391,14 +435,10 @@ impl Cache {
         }
         let mut connection = self.connection().await?;
         let synced_key = self.synced_key();
-        let pipeline = |load: bool| {
-            let mut pipe = redis::pipe();
-            if load {
-                pipe.cmd("SCRIPT").arg("LOAD").arg(WRITE_SCRIPT).ignore();
-                pipe.cmd("SCRIPT").arg("LOAD").arg(SYNCED_SCRIPT).ignore();
-            }
-            for write in writes {
-                pipe.cmd("EVALSHA")
+        let entry_writes: Vec<redis::Cmd> = writes
+            .iter()
+            .map(|write| {
+                redis::cmd("EVALSHA")
                     .arg(self.script.get_hash())
                     .arg(1)
                     .arg(self.key(&write.projection, &write.key))
@@ -406,40 +446,91 @@ impl Cache {
                     .arg(write.entry.kind())
                     .arg(write.entry.document())
                     .arg(self.ttl(&write.entry))
-                    .arg(if from_read_model { "1" } else { "0" });
-            }
-            for (projection, rev) in synced {
-                pipe.cmd("EVALSHA")
+                    .arg(if from_read_model { "1" } else { "0" })
+                    .clone()
+            })
+            .collect();
+        let marks: Vec<redis::Cmd> = synced
+            .iter()
+            .map(|(projection, rev)| {
+                redis::cmd("EVALSHA")
                     .arg(self.synced_script.get_hash())
                     .arg(1)
                     .arg(&synced_key)
                     .arg(projection)
                     .arg(*rev)
                     .arg(if marking == Marking::Establish { "1" } else { "0" })
-                    .ignore();
-            }
-            pipe
+                    .clone()
+            })
+            .collect();
+        if self.target.is_cluster() {
+            // the entries live on many nodes and the marks on one: a mark may only move once
+            // every write before it was acknowledged, so the marks wait for the writes
+            let applied = self.run(&mut connection, entry_writes).await?;
+            self.run(&mut connection, marks).await?;
+            Ok(applied)
+        } else {
+            // one server runs a connection's commands in order: the marks go in the same
+            // pipeline, after the writes
+            let count = entry_writes.len();
+            let mut all = entry_writes;
+            all.extend(marks);
+            let applied = self.run_answers(&mut connection, all).await?;
+            Ok(applied[..count].iter().filter(|a| **a == 1).count())
+        }
+    }
+
+    /// Runs script calls, returning how many took effect (answered 1).
+    async fn run(&self, connection: &mut Connection, commands: Vec<redis::Cmd>) -> Result<usize, CacheError> {
+        let answers = self.run_answers(connection, commands).await?;
+        Ok(answers.iter().filter(|a| **a == 1).count())
+    }
+
+    /// Runs script calls; a server that has forgotten the scripts (restarted, or a node that
+    /// never ran them: a new master, a slot's new owner) gets them loaded and the calls that
+    /// failed for it run again — writes are idempotent: the revision check makes a repeated one a
+    /// no-op.
+    async fn run_answers(
+        &self,
+        connection: &mut Connection,
+        commands: Vec<redis::Cmd>,
+    ) -> Result<Vec<i64>, CacheError> {
+        if commands.is_empty() {
+            return Ok(Vec::new());
+        }
+        let no_script = |err: &redis::RedisError| {
+            err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
         };
-        let applied: Result<Vec<i64>, redis::RedisError> = pipeline(false).query_async(&mut connection).await;
-        let applied = match applied {
-            // a restarted Redis has forgotten the scripts: load them and write again (writes are
-            // idempotent: the revision check makes a repeated one a no-op)
-            Err(err) if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                pipeline(true).query_async(&mut connection).await?
+        let mut answers = connection.each(&commands).await;
+        if answers.iter().any(|answer| answer.as_ref().is_err_and(no_script)) {
+            // routed to every node of a cluster by the client
+            for script in [WRITE_SCRIPT, SYNCED_SCRIPT] {
+                connection
+                    .query::<redis::Value>(redis::cmd("SCRIPT").arg("LOAD").arg(script))
+                    .await?;
             }
-            other => other?,
-        };
-        Ok(applied.iter().filter(|a| **a == 1).count())
+            let again: Vec<usize> = (0..answers.len())
+                .filter(|i| answers[*i].as_ref().is_err_and(no_script))
+                .collect();
+            let retried = connection
+                .each(&again.iter().map(|i| commands[*i].clone()).collect::<Vec<_>>())
+                .await;
+            for (i, answer) in again.into_iter().zip(retried) {
+                answers[i] = answer;
+            }
+        }
+        answers
+            .into_iter()
+            .map(|answer| answer.map_err(CacheError::from))
+            .collect()
     }
 
     /// The revision up to which the cache has every change of `projection`; `None` when it has
     /// no mark (never synced, or Redis lost its data).
     pub async fn synced(&self, projection: &str) -> Result<Option<i64>, CacheError> {
         let mut connection = self.connection().await?;
-        Ok(redis::cmd("HGET")
-            .arg(self.synced_key())
-            .arg(projection)
-            .query_async(&mut connection)
+        Ok(connection
+            .query(redis::cmd("HGET").arg(self.synced_key()).arg(projection))
             .await?)
     }
 
@@ -451,12 +542,14 @@ impl Cache {
     /// The cached entry of a row, if any.
     pub async fn get(&self, projection: &str, key: &str) -> Result<Option<Cached>, CacheError> {
         let mut connection = self.connection().await?;
-        let (rev, kind, doc): (Option<i64>, Option<String>, Option<String>) = redis::cmd("HMGET")
-            .arg(self.key(projection, key))
-            .arg("r")
-            .arg("k")
-            .arg("d")
-            .query_async(&mut connection)
+        let (rev, kind, doc): (Option<i64>, Option<String>, Option<String>) = connection
+            .query(
+                redis::cmd("HMGET")
+                    .arg(self.key(projection, key))
+                    .arg("r")
+                    .arg("k")
+                    .arg("d"),
+            )
             .await?;
         Ok(match (rev, kind.as_deref()) {
             (Some(rev), Some("v")) => Some(Cached {
@@ -479,28 +572,39 @@ impl Cache {
     pub async fn keys_of(&self, projection: &str) -> Result<Vec<String>, CacheError> {
         let mut connection = self.connection().await?;
         let pattern = format!("{}*", escape_glob(&self.key(projection, "")));
-        let mut cursor: u64 = 0;
-        let mut keys = Vec::new();
-        loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut connection)
-                .await?;
-            keys.extend(
-                batch
-                    .iter()
-                    .filter_map(|k| read_model_key(&self.prefix, projection, k))
-                    .map(str::to_owned),
-            );
-            if next == 0 {
-                return Ok(keys);
-            }
-            cursor = next;
+        let keys = connection.scan(&pattern).await?;
+        Ok(keys
+            .iter()
+            .filter_map(|k| read_model_key(&self.prefix, projection, k))
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// Whether a master of the cluster may have lost acknowledged writes since the last look: a
+    /// replica was promoted (replication is asynchronous: its master's last writes may not have
+    /// reached it) or a master restarted (empty, without persistence). The synced marks are then
+    /// dropped, so that every projection's cache is resynced from the start (see the status
+    /// poller); the first look, and a single server, say nothing (a single server that restarts
+    /// empty loses its marks with everything else).
+    pub async fn lost_writes(&self) -> Result<bool, CacheError> {
+        if !self.target.is_cluster() {
+            return Ok(false);
         }
+        let mut connection = self.connection().await?;
+        let Some(now) = connection.masters().await? else {
+            return Ok(false);
+        };
+        let mut seen = self.masters.lock().await;
+        let lost = seen
+            .as_ref()
+            .is_some_and(|before| topology::gained_a_master(before, &now));
+        if lost {
+            connection
+                .query::<i64>(redis::cmd("DEL").arg(self.synced_key()))
+                .await?;
+        }
+        *seen = Some(now);
+        Ok(lost)
     }
 }
 
@@ -536,6 +640,28 @@ mod tests {
             assert!((90_000..=100_000).contains(&ms), "{ms}");
         }
         assert_eq!(jittered(Duration::ZERO), 1);
+    }
+
+    #[test]
+    fn cluster_seeds_take_the_scheme_and_credentials_of_the_url() {
+        let urls = cluster_seed_urls(
+            "rediss://app:s3cret@ignored:6379/#insecure",
+            "10.0.0.1:7000, 10.0.0.2:7001",
+        )
+        .expect("seeds");
+        assert_eq!(
+            urls,
+            vec![
+                "rediss://app:s3cret@10.0.0.1:7000/#insecure",
+                "rediss://app:s3cret@10.0.0.2:7001/#insecure"
+            ]
+        );
+        let urls = cluster_seed_urls("redis://127.0.0.1:6379/", "a:1,redis://:pw@b:2/").expect("seeds");
+        assert_eq!(urls, vec!["redis://a:1/", "redis://:pw@b:2/"]);
+        assert!(matches!(
+            cluster_seed_urls("redis://x/", " , "),
+            Err(CacheError::NoSeeds)
+        ));
     }
 
     #[test]
