@@ -38,7 +38,7 @@ type Row = (String, Option<i64>, Option<pg_sys::Datum>);
 fn check_reader(client: &mut SpiClient<'_>, def: &Definition) -> Result<(), ErrorReport> {
     let plan = prepared::statement(client, MAY_READ, &[PgBuiltInOids::OIDOID.into()])?;
     let rows = client
-        .update(&*plan, Some(1), &[def.relid.into()])
+        .select(&*plan, Some(1), &[def.relid.into()])
         .map_err(|e| spi_error("checking who may read the read model", e))?;
     let row = rows.first();
     let may_select = column(row.get::<bool>(1), "the select privilege")?.unwrap_or(false);
@@ -84,7 +84,7 @@ fn read_as_owner(
     check_reader(client, def)?;
     let plan = def.statement(client, which, sql, args.0)?;
     owner_rights::as_owner(def.owner, || {
-        let mut table = prepared::index_plans(|| client.update(&*plan, None, &args.1))
+        let mut table = prepared::index_plans(|| client.select(&*plan, None, &args.1))
             .map_err(|e| spi_error("reading rows", e))?;
         let mut rows = Vec::new();
         while table.next().is_some() {

@@ -306,6 +306,53 @@ impl PgCluster {
         Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_owned())
     }
 
+    /// A streaming replica of this cluster (`pg_basebackup -R`: a hot standby that follows the
+    /// primary's WAL), started on a port of its own.
+    pub fn start_replica(&self) -> Result<Self> {
+        let root = tempdir("pg_cqrs-replica")?;
+        let data = root.join("data");
+        let out = as_postgres_user(&self.bindir.join("pg_basebackup"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-X",
+                "stream",
+                "-R",
+                "--no-sync",
+                "--checkpoint=fast",
+            ])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-D")
+            .arg(&data)
+            .stdin(Stdio::null())
+            .output()
+            .context("running pg_basebackup")?;
+        check(out, "pg_basebackup")?;
+        let replica = Self {
+            bindir: self.bindir.clone(),
+            root,
+            data,
+            port: free_port()?,
+            database: self.database.clone(),
+            keep: self.keep,
+        };
+        // postgresql.auto.conf is read after postgresql.conf: the replica's own port and socket
+        let auto = replica.data.join("postgresql.auto.conf");
+        let mut text = fs::read_to_string(&auto).unwrap_or_default();
+        text.push_str(&format!(
+            "port = {}\nunix_socket_directories = '{}'\n",
+            replica.port,
+            replica.root.display()
+        ));
+        fs::write(&auto, text).context("writing the replica's postgresql.auto.conf")?;
+        chown_to_postgres(&auto)?;
+        replica.pg_ctl_start()?;
+        Ok(replica)
+    }
+
     /// Stops the server (fast shutdown) and starts it again on the same port.
     pub fn restart(&self) -> Result<()> {
         self.stop_mode("fast")?;

@@ -210,6 +210,25 @@ pub struct Config {
     #[arg(long, env = "CQRS_READ_POOL_SIZE", default_value_t = 8)]
     pub read_pool_size: usize,
 
+    /// Streaming replicas of the database (comma-separated PostgreSQL URLs, the same rules as
+    /// --database-url; --database-password-file serves a URL without a password) that answer
+    /// the read API's cache misses when they have replayed far enough: a read-your-writes read
+    /// (`?after=`) waits for nothing more than the awaited write, any other for at most
+    /// --read-replica-max-staleness. The primary answers when none qualifies. Each gets a pool of
+    /// --read-pool-size connections.
+    #[arg(
+        long,
+        env = "CQRS_READ_REPLICA_URLS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub read_replica_urls: Vec<SecretUrl>,
+
+    /// How far behind the primary a replica may be to answer a cache miss that is not a
+    /// read-your-writes read.
+    #[arg(long, env = "CQRS_READ_REPLICA_MAX_STALENESS", default_value = "1s", value_parser = parse_duration)]
+    pub read_replica_max_staleness: Duration,
+
     /// Deadline of a Redis call on the read path; past it the read goes to PostgreSQL.
     #[arg(long, env = "CQRS_READ_REDIS_TIMEOUT", default_value = "250ms", value_parser = parse_duration)]
     pub read_redis_timeout: Duration,

@@ -11,6 +11,7 @@ use cqrs_sidecar::metrics::Metrics;
 use cqrs_sidecar::postgres::ConnectionPurpose;
 use cqrs_sidecar::read::access::Exposure;
 use cqrs_sidecar::read::cache_aside::{ReadSettings, Reader};
+use cqrs_sidecar::read::replicas::{self, Replicas};
 use cqrs_sidecar::repair::{run::repairer, Repairs};
 use cqrs_sidecar::server::{self, TlsFiles};
 use cqrs_sidecar::stream::{self, Ending};
@@ -93,6 +94,8 @@ async fn run(config: Config) -> ExitCode {
 /// What the sidecar's parts share: the database, the cache, metrics, health, repairs.
 struct Wiring {
     pg: postgres::Database,
+    /// the read replicas (`--read-replica-urls`)
+    replicas: Vec<postgres::Database>,
     metrics: Arc<Metrics>,
     cache: Arc<Cache>,
     health: Arc<Health>,
@@ -109,10 +112,20 @@ impl Wiring {
                 ExitCode::from(MISCONFIGURED)
             })?),
         };
-        let pg = postgres::Database::parse(config.database_url.expose(), password).map_err(|err| {
-            tracing::error!(error = %err, "invalid --database-url");
-            ExitCode::from(MISCONFIGURED)
-        })?;
+        let pg =
+            postgres::Database::parse(config.database_url.expose(), password.clone()).map_err(|err| {
+                tracing::error!(error = %err, "invalid --database-url");
+                ExitCode::from(MISCONFIGURED)
+            })?;
+        let replicas = config
+            .read_replica_urls
+            .iter()
+            .map(|url| postgres::Database::parse(url.expose(), password.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| {
+                tracing::error!(error = %err, "invalid --read-replica-urls");
+                ExitCode::from(MISCONFIGURED)
+            })?;
         let metrics = Metrics::new().map(Arc::new).map_err(|err| {
             tracing::error!(error = %err, "cannot set up metrics");
             ExitCode::FAILURE
@@ -135,6 +148,7 @@ impl Wiring {
         })?;
         Ok(Self {
             pg,
+            replicas,
             metrics,
             cache,
             health: Arc::new(Health::default()),
@@ -163,12 +177,33 @@ impl Wiring {
                 postgres_timeout: config.read_pg_timeout,
                 postgres_queue_timeout: config.read_pg_queue_timeout,
                 pool_size: config.read_pool_size,
+                replica_max_staleness: config.read_replica_max_staleness,
             },
         )
         .map_err(|err| {
             tracing::error!(error = %err, "cannot set up the read API");
             ExitCode::FAILURE
         })?;
+        if !self.replicas.is_empty() {
+            let replicas = Replicas::new(
+                self.replicas.clone(),
+                config.read_pool_size,
+                config.read_pg_timeout,
+            )
+            .map_err(|err| {
+                tracing::error!(error = %err, "cannot set up the read replicas' pools");
+                ExitCode::FAILURE
+            })?;
+            let names: Vec<String> = self.replicas.iter().map(postgres::Database::describe).collect();
+            tracing::info!(replicas = %names.join(","), "cache misses are read from replicas that have replayed far enough");
+            tokio::spawn(replicas::monitor(
+                Arc::clone(&replicas),
+                self.pg.clone(),
+                Arc::clone(&self.metrics),
+                shutdown.clone(),
+            ));
+            reader.use_replicas(replicas);
+        }
         let reads = read::setup(
             config,
             &self.pg,

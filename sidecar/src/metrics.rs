@@ -40,6 +40,8 @@ pub const READ_DENIED_TOTAL: &str = "cqrs_read_denied_total";
 pub const READ_SHED_TOTAL: &str = "cqrs_read_shed_total";
 pub const READ_PLAINTEXT_CREDENTIALS: &str = "cqrs_read_plaintext_credentials";
 pub const READ_POOL_EXHAUSTED: &str = "cqrs_read_pool_exhausted";
+pub const READ_REPLICA_LAG_SECONDS: &str = "cqrs_read_replica_lag_seconds";
+pub const READ_REPLICA_QUERIES_TOTAL: &str = "cqrs_read_replica_queries_total";
 
 /// Label values, as constants: the code that counts and the tests that read the counts use these.
 pub mod label {
@@ -105,6 +107,8 @@ pub struct Metrics {
     pub read_shed: IntCounter,
     pub read_plaintext_credentials: IntGauge,
     pub read_pool_exhausted: IntGauge,
+    pub read_replica_lag_seconds: GaugeVec,
+    pub read_replica_queries: IntCounterVec,
 }
 
 fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
@@ -155,6 +159,8 @@ impl Metrics {
             read_shed: register(r, IntCounter::new(READ_SHED_TOTAL, "Read API requests answered 503 at once because the API was at capacity.")?),
             read_pool_exhausted: register(r, IntGauge::new(READ_POOL_EXHAUSTED, "1 while every cache miss has been refused for want of a read pool connection for a second or more (the sidecar is then not ready).")?),
             read_plaintext_credentials: register(r, IntGauge::new(READ_PLAINTEXT_CREDENTIALS, "1 when the read API takes credentials over plain HTTP on a non-loopback address (no --read-tls-cert).")?),
+            read_replica_lag_seconds: register(r, GaugeVec::new(Opts::new(READ_REPLICA_LAG_SECONDS, "How far a read replica is behind the primary (the age of the newest primary WAL position it has replayed; -1 while it cannot be asked or is a minute or more behind)."), &["replica"])?),
+            read_replica_queries: register(r, IntCounterVec::new(Opts::new(READ_REPLICA_QUERIES_TOTAL, "Cache misses answered by a read replica (the others by the primary: cqrs_read_backend_queries_total counts both)."), &["replica"])?),
             registry,
         })
     }

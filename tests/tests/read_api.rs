@@ -400,6 +400,7 @@ async fn a_slow_reader_never_replaces_a_newer_projected_row() -> Result<()> {
         postgres_timeout: Duration::from_secs(5),
         postgres_queue_timeout: Duration::from_secs(5),
         pool_size: 2,
+        replica_max_staleness: Duration::from_secs(1),
     };
     let reader = Reader::new(
         pg,

@@ -20,6 +20,7 @@ use tokio_postgres::error::SqlState;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::watch;
 
+use super::replicas::{Need, Replicas};
 use crate::cache::{Cache, Entry, Write};
 use crate::health::Health;
 use crate::metrics::{label, Metrics};
@@ -74,6 +75,8 @@ pub struct ReadSettings {
     /// How long a miss waits for a pooled connection (the misses' own limit).
     pub postgres_queue_timeout: Duration,
     pub pool_size: usize,
+    /// How far behind the primary a replica may be to answer a miss that waits for nothing.
+    pub replica_max_staleness: Duration,
 }
 
 type Flight = watch::Receiver<Option<Result<Found, ReadError>>>;
@@ -81,6 +84,7 @@ type Flight = watch::Receiver<Option<Result<Found, ReadError>>>;
 pub struct Reader {
     cache: Arc<Cache>,
     pool: Pool,
+    replicas: std::sync::OnceLock<Arc<Replicas>>,
     metrics: Arc<Metrics>,
     /// told whether cache misses find a connection (readiness)
     health: Arc<Health>,
@@ -150,6 +154,7 @@ impl Reader {
         Ok(Arc::new(Self {
             cache,
             pool,
+            replicas: std::sync::OnceLock::new(),
             metrics,
             health,
             settings,
@@ -157,6 +162,13 @@ impl Reader {
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }))
+    }
+
+    /// Reads misses from `replicas` where they qualify (see [`Replicas`]); set once, at start.
+    pub fn use_replicas(&self, replicas: Arc<Replicas>) {
+        if !replicas.is_empty() && self.replicas.set(replicas).is_err() {
+            tracing::warn!("the read replicas were set twice; the first ones stay");
+        }
     }
 
     fn count_lookup(&self, hit: bool) {
@@ -260,23 +272,39 @@ impl Reader {
         }
     }
 
-    /// Reads one row from PostgreSQL and fills the cache with it.
+    /// Reads one row from PostgreSQL (or a replica fresh enough) and fills the cache with it.
     async fn load(&self, projection: &str, key: &str, cache_down: bool) -> Result<Found, ReadError> {
-        let fetched = self.fetch(projection, key).await?;
-        let source = if cache_down {
-            Source::PostgresCacheDown
-        } else {
-            self.fill(projection, &fetched).await;
-            Source::Postgres
-        };
-        Ok(Found {
-            doc: fetched.doc,
-            rev: fetched.rev,
-            source,
-        })
+        let need = Need::Staleness(self.settings.replica_max_staleness);
+        let fetched = self.fetch_from(projection, key, need).await?;
+        if cache_down {
+            return Ok(Found {
+                doc: fetched.doc,
+                rev: fetched.rev,
+                source: Source::PostgresCacheDown,
+            });
+        }
+        Ok(self.filled(projection, fetched).await)
     }
 
-    /// One row as PostgreSQL has it now.
+    /// Fills the cache with `fetched` and answers it — unless the cache holds a newer entry (the
+    /// projector wrote meanwhile, or a replica was behind it): that one is the answer then, so
+    /// that no read returns a row older than the cache entry it would replace.
+    async fn filled(&self, projection: &str, fetched: Fetched) -> Found {
+        if !self.fill(projection, &fetched).await {
+            if let Ok(Some(newer)) = self.cached(projection, &fetched.key).await {
+                if newer.rev > fetched.rev {
+                    return newer;
+                }
+            }
+        }
+        Found {
+            doc: fetched.doc,
+            rev: fetched.rev,
+            source: Source::Postgres,
+        }
+    }
+
+    /// One row as the primary has it now.
     pub async fn fetch(&self, projection: &str, key: &str) -> Result<Fetched, ReadError> {
         tokio::time::timeout(self.settings.postgres_timeout, async {
             let client = self.client().await?;
@@ -284,6 +312,38 @@ impl Reader {
         })
         .await
         .map_err(|_| ReadError::Unavailable("PostgreSQL did not answer in time".into()))?
+    }
+
+    /// One row from a replica that satisfies `need`, else (none does, or it fails) the primary.
+    async fn fetch_from(&self, projection: &str, key: &str, need: Need) -> Result<Fetched, ReadError> {
+        if let Some(chosen) = self.replicas.get().and_then(|r| r.choose(need)) {
+            let from_replica = tokio::time::timeout(self.settings.postgres_timeout, async {
+                let client = chosen.pool.get().await.map_err(|err| {
+                    tracing::debug!(replica = chosen.name, error = %err, "no connection to the replica");
+                    ReadError::Unavailable("the replica could not be reached".into())
+                })?;
+                self.fetch_on(&client, projection, key).await
+            })
+            .await;
+            match from_replica {
+                Ok(Ok(fetched)) => {
+                    self.metrics
+                        .read_replica_queries
+                        .with_label_values(&[chosen.name])
+                        .inc();
+                    return Ok(fetched);
+                }
+                // the key or the projection is wrong wherever it is asked
+                Ok(Err(err @ (ReadError::BadRequest(_) | ReadError::UnknownProjection(_)))) => {
+                    return Err(err)
+                }
+                _ => tracing::debug!(
+                    replica = chosen.name,
+                    "a replica failed a read; the primary answers"
+                ),
+            }
+        }
+        self.fetch(projection, key).await
     }
 
     /// One row, read on `client`.
@@ -310,8 +370,9 @@ impl Reader {
         })
     }
 
-    /// Fills the cache with a fetched row (or its absence); never replaces a newer entry.
-    pub async fn fill(&self, projection: &str, fetched: &Fetched) {
+    /// Fills the cache with a fetched row (or its absence); never replaces a newer entry. False
+    /// when the cache kept what it had (or did not answer).
+    pub async fn fill(&self, projection: &str, fetched: &Fetched) -> bool {
         let write = Write {
             projection: projection.to_owned(),
             key: fetched.key.clone(),
@@ -329,25 +390,24 @@ impl Reader {
                     label::CACHE_FILL_STALE
                 };
                 self.metrics.cache_writes.with_label_values(&[result]).inc();
+                applied
             }
-            _ => self
-                .metrics
-                .cache_writes
-                .with_label_values(&[label::CACHE_FAILED])
-                .inc(),
+            _ => {
+                self.metrics
+                    .cache_writes
+                    .with_label_values(&[label::CACHE_FAILED])
+                    .inc();
+                false
+            }
         }
     }
 
-    /// A row as PostgreSQL has it now (read-your-writes: the cache may not have it yet), filled
+    /// A row as of the primary's WAL position `position` or later (read-your-writes: the cache
+    /// may not have it yet), from a replica that has replayed that far or the primary, filled
     /// into the cache.
-    pub async fn get_fresh(&self, projection: &str, key: &str) -> Result<Found, ReadError> {
-        let fetched = self.fetch(projection, key).await?;
-        self.fill(projection, &fetched).await;
-        Ok(Found {
-            doc: fetched.doc,
-            rev: fetched.rev,
-            source: Source::Postgres,
-        })
+    pub async fn get_fresh(&self, projection: &str, key: &str, position: u64) -> Result<Found, ReadError> {
+        let fetched = self.fetch_from(projection, key, Need::Position(position)).await?;
+        Ok(self.filled(projection, fetched).await)
     }
 
     /// How far behind the log `projection` is, in seconds (`cqrs.progress()`), for a

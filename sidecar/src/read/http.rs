@@ -242,7 +242,7 @@ fn wait_failure(
             ),
             label::READ_UNAVAILABLE,
         ),
-        Outcome::TimedOut | Outcome::Applied => {
+        Outcome::TimedOut | Outcome::Applied(_) => {
             let (stream, seq) = request.after.clone().unwrap_or_default();
             // nothing of the stream's progress: the caller may not read every row of it
             let body = json!({
@@ -348,18 +348,19 @@ async fn fetch(
         )
         .await
         .map_err(too_many_waits)?;
-    if outcome != Outcome::Applied {
+    let Outcome::Applied(position) = outcome else {
         let behind = if outcome == Outcome::TimedOut {
             state.reader.seconds_behind(&request.projection).await
         } else {
             None
         };
         return Err(wait_failure(outcome, request, behind));
-    }
-    // applied: read it from PostgreSQL (the cache may not have it yet) and fill the cache
+    };
+    // applied: read it from PostgreSQL — a replica that has replayed as far, or the primary —
+    // (the cache may not have it yet) and fill the cache
     state
         .reader
-        .get_fresh(&request.projection, &request.key)
+        .get_fresh(&request.projection, &request.key, position)
         .await
         .map_err(failure)
 }

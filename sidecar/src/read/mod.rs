@@ -20,6 +20,7 @@ pub mod auth;
 pub mod cache_aside;
 pub mod denials;
 pub mod http;
+pub mod replicas;
 pub mod shedding;
 pub mod waits;
 

@@ -19,7 +19,9 @@ use crate::postgres::{ConnectionPurpose, Database};
 /// How a wait ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    Applied,
+    /// Applied; the primary's WAL position when it was seen so (the projection's commit is at
+    /// or below it: a replica that has replayed it has the row)
+    Applied(u64),
     /// the projection is halted and will not apply the command until resumed
     Halted,
     UnknownProjection,
@@ -169,7 +171,8 @@ impl Waits {
 
 /// Where each wait is: its projection exists, has applied the command, is halted.
 const LOOK: &str = "\
-select w.n::bigint, st.name is not null, coalesce(ps.last_seq, 0) >= w.seq, coalesce(st.halted, false)
+select w.n::bigint, st.name is not null, coalesce(ps.last_seq, 0) >= w.seq, coalesce(st.halted, false),
+       pg_catalog.pg_current_wal_lsn()
   from unnest($1::text[], $2::text[], $3::bigint[]) with ordinality as w(projection, stream, seq, n)
   left join cqrs.projection_state st on st.name = w.projection
   left join cqrs.projection_stream ps on ps.projection = w.projection and ps.stream = w.stream";
@@ -233,10 +236,11 @@ pub async fn watch(waits: Arc<Waits>, pg: Database, mut shutdown: shutdown_watch
         for row in rows {
             let n: i64 = row.get(0);
             let (exists, applied, halted): (bool, bool, bool) = (row.get(1), row.get(2), row.get(3));
+            let position: tokio_postgres::types::PgLsn = row.get(4);
             let outcome = if !exists {
                 Some(Outcome::UnknownProjection)
             } else if applied {
-                Some(Outcome::Applied)
+                Some(Outcome::Applied(u64::from(position)))
             } else if halted {
                 Some(Outcome::Halted)
             } else {
