@@ -9,6 +9,7 @@ mod load;
 mod projection_bench;
 mod read_bench;
 mod report;
+mod scale_bench;
 mod sidecar_bench;
 mod stack;
 mod workload;
@@ -39,6 +40,8 @@ enum Commands {
     Load(load::LoadArgs),
     /// The read API: JWT + row ownership vs no authentication, and load shedding at 2× capacity.
     Read(read_bench::ReadArgs),
+    /// Scaling out: reads and cache writes on a Redis Cluster vs one Redis, misses on a replica.
+    Scale(scale_bench::ScaleArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,6 +54,7 @@ fn main() -> anyhow::Result<()> {
         Commands::Sidecar(args) => runtime.block_on(sidecar_bench::run(args)),
         Commands::Load(args) => runtime.block_on(load::run(args)),
         Commands::Read(args) => runtime.block_on(read_bench::run(args)),
+        Commands::Scale(args) => runtime.block_on(scale_bench::run(args)),
     }
 }
 

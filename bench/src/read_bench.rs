@@ -110,7 +110,7 @@ fn split_cores(sidecar_pid: u32) -> Result<()> {
 
 /// What a run reads.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Reads {
+pub(crate) enum Reads {
     /// a random user's stats, cached, without credentials
     Stats,
     /// a random user's stats with that user's token
@@ -122,20 +122,20 @@ enum Reads {
 
 /// The answers of one run of reads.
 #[derive(Default)]
-struct Outcome {
+pub(crate) struct Outcome {
     ok_ms: Mutex<Vec<f64>>,
-    shed: AtomicU64,
-    other: AtomicU64,
+    pub(crate) shed: AtomicU64,
+    pub(crate) other: AtomicU64,
 }
 
 impl Outcome {
-    fn latencies(&self) -> Vec<f64> {
+    pub(crate) fn latencies(&self) -> Vec<f64> {
         self.ok_ms.lock().map(|v| v.clone()).unwrap_or_default()
     }
 }
 
 /// One read of what `reads` says, of a random user.
-async fn read_one(
+pub(crate) async fn read_one(
     http: &reqwest::Client,
     base: &str,
     users: &[(String, String)],
@@ -182,7 +182,7 @@ async fn read_one(
 
 /// Open-loop reads: `rate` per second for `seconds`, started on schedule whether or not the
 /// earlier ones were answered (at most 4,096 in flight).
-async fn paced(
+pub(crate) async fn paced(
     http: &reqwest::Client,
     base: &str,
     users: &Arc<Vec<(String, String)>>,
@@ -222,7 +222,7 @@ async fn paced(
 }
 
 /// Closed-loop: `tasks` readers as fast as they are answered, for `seconds`; reads per second.
-async fn capacity(
+pub(crate) async fn capacity(
     http: &reqwest::Client,
     base: &str,
     users: &Arc<Vec<(String, String)>>,

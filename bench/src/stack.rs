@@ -119,6 +119,11 @@ impl Stack {
         self.settings.push((key.to_owned(), value.to_owned()));
     }
 
+    /// Drops a `CQRS_*` setting for sidecars started from now on.
+    pub fn unset(&mut self, key: &str) {
+        self.settings.retain(|(k, _)| k != key);
+    }
+
     /// Starts a sidecar; returns its index.
     pub fn add_sidecar(&mut self) -> Result<usize> {
         let name = format!("sidecar-{}", self.sidecars.len() + 1);
