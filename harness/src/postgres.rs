@@ -341,7 +341,19 @@ impl PgCluster {
         };
         // postgresql.auto.conf is read after postgresql.conf: the replica's own port and socket
         let auto = replica.data.join("postgresql.auto.conf");
-        let mut text = fs::read_to_string(&auto).unwrap_or_default();
+        // pg_basebackup -R writes every option its libpq knows (PostgreSQL 17+: sslnegotiation);
+        // a server that loads an older libpq for its WAL receiver refuses the whole string, so
+        // the replica gets only what it needs
+        let mut text: String = fs::read_to_string(&auto)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| !line.trim_start().starts_with("primary_conninfo"))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        text.push_str(&format!(
+            "primary_conninfo = 'host=127.0.0.1 port={} user=postgres'\n",
+            self.port
+        ));
         text.push_str(&format!(
             "port = {}\nunix_socket_directories = '{}'\n",
             replica.port,
