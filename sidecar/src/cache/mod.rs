@@ -435,32 +435,35 @@ impl Cache {
         }
         let mut connection = self.connection().await?;
         let synced_key = self.synced_key();
-        let entry_writes: Vec<redis::Cmd> = writes
+        let entry_writes: Vec<(String, redis::Cmd)> = writes
             .iter()
             .map(|write| {
-                redis::cmd("EVALSHA")
+                let key = self.key(&write.projection, &write.key);
+                let command = redis::cmd("EVALSHA")
                     .arg(self.script.get_hash())
                     .arg(1)
-                    .arg(self.key(&write.projection, &write.key))
+                    .arg(&key)
                     .arg(write.rev)
                     .arg(write.entry.kind())
                     .arg(write.entry.document())
                     .arg(self.ttl(&write.entry))
                     .arg(if from_read_model { "1" } else { "0" })
-                    .clone()
+                    .clone();
+                (key, command)
             })
             .collect();
-        let marks: Vec<redis::Cmd> = synced
+        let marks: Vec<(String, redis::Cmd)> = synced
             .iter()
             .map(|(projection, rev)| {
-                redis::cmd("EVALSHA")
+                let command = redis::cmd("EVALSHA")
                     .arg(self.synced_script.get_hash())
                     .arg(1)
                     .arg(&synced_key)
                     .arg(projection)
                     .arg(*rev)
                     .arg(if marking == Marking::Establish { "1" } else { "0" })
-                    .clone()
+                    .clone();
+                (synced_key.clone(), command)
             })
             .collect();
         if self.target.is_cluster() {
@@ -481,7 +484,11 @@ impl Cache {
     }
 
     /// Runs script calls, returning how many took effect (answered 1).
-    async fn run(&self, connection: &mut Connection, commands: Vec<redis::Cmd>) -> Result<usize, CacheError> {
+    async fn run(
+        &self,
+        connection: &mut Connection,
+        commands: Vec<(String, redis::Cmd)>,
+    ) -> Result<usize, CacheError> {
         let answers = self.run_answers(connection, commands).await?;
         Ok(answers.iter().filter(|a| **a == 1).count())
     }
@@ -493,7 +500,7 @@ impl Cache {
     async fn run_answers(
         &self,
         connection: &mut Connection,
-        commands: Vec<redis::Cmd>,
+        commands: Vec<(String, redis::Cmd)>,
     ) -> Result<Vec<i64>, CacheError> {
         if commands.is_empty() {
             return Ok(Vec::new());
