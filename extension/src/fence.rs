@@ -1,7 +1,7 @@
-//! The fence of a batch: `cqrs._fence(fencing_token, commit_lsn)` (sql/core/projection.sql), the
-//! one SQL function both editions call before a batch is applied. It raises pg_cqrs's own
-//! SQLSTATE QC001 for a caller that does not hold the projector lease, on which alone the
-//! sidecar stops projecting.
+//! The fence of a batch: `cqrs._fence(fencing_token, commit_lsn, projection_group)`
+//! (sql/core/projection.sql), the one SQL function both editions call before a batch is applied.
+//! It raises pg_cqrs's own SQLSTATE QC001 for a caller that does not hold the group's lease, on
+//! which alone the sidecar stops projecting.
 //!
 //! Why the call is made through raw SPI, not pgrx's: pgrx turns every ERROR that crosses Rust
 //! into one of the SQLSTATEs PostgreSQL defines (QC001 would reach the caller as XX000). Called
@@ -27,15 +27,15 @@ unsafe extern "C-unwind" {
     fn SPI_finish() -> c_int;
 }
 
-/// Whether the installed SQL has `cqrs._fence` (0.3.0 on); this library also serves a database
-/// of an earlier release until it is upgraded.
+/// Whether the installed SQL has `cqrs._fence` and projection groups (0.3.0 on); this library
+/// also serves a database of an earlier release until it is upgraded.
 ///
 /// # Safety
 /// Must be called by a C function invoked by PostgreSQL, inside a transaction.
 #[pgrx::pg_guard]
 pub(crate) unsafe extern "C-unwind" fn installed() -> bool {
     pgrx::Spi::get_one::<bool>(
-        "select pg_catalog.to_regprocedure('cqrs._fence(pg_catalog.int8, pg_catalog.pg_lsn)') is not null",
+        "select pg_catalog.to_regprocedure('cqrs._fence(pg_catalog.int8, pg_catalog.pg_lsn, pg_catalog.text)') is not null",
     )
     .ok()
     .flatten()
@@ -52,15 +52,26 @@ pub(crate) struct Unchecked;
 /// Must be called from a C function invoked by PostgreSQL, inside a transaction, while no Rust
 /// value that needs dropping is alive in the calling frames up to PostgreSQL's: an ERROR does not
 /// return from here.
-pub(crate) unsafe fn check(token: Option<i64>, commit_lsn: Option<u64>) -> Result<(), Unchecked> {
-    let mut types = [pg_sys::INT8OID, pg_sys::PG_LSNOID];
-    // int8 and pg_lsn are passed by value (64-bit Datums)
+/// `group` is the text Datum of the call's own argument, passed on as it is.
+pub(crate) unsafe fn check(
+    token: Option<i64>,
+    commit_lsn: Option<u64>,
+    group: Option<Datum>,
+) -> Result<(), Unchecked> {
+    let mut types = [pg_sys::INT8OID, pg_sys::PG_LSNOID, pg_sys::TEXTOID];
+    // int8 and pg_lsn are passed by value (64-bit Datums); text by reference, a pointer into the
+    // caller's arguments, which outlive this call
     let mut values = [
         Datum::from(token.unwrap_or(0)),
         Datum::from(commit_lsn.unwrap_or(0)),
+        group.unwrap_or(Datum::from(0usize)),
     ];
     let null = |absent: bool| if absent { b'n' as c_char } else { b' ' as c_char };
-    let nulls = [null(token.is_none()), null(commit_lsn.is_none())];
+    let nulls = [
+        null(token.is_none()),
+        null(commit_lsn.is_none()),
+        null(group.is_none()),
+    ];
     // SAFETY: the standard SPI sequence with arrays that outlive the call; per the contract an
     // ERROR may longjmp from SPI_execute_with_args over the caller, which holds nothing to drop.
     unsafe {
@@ -68,8 +79,8 @@ pub(crate) unsafe fn check(token: Option<i64>, commit_lsn: Option<u64>) -> Resul
             return Err(Unchecked);
         }
         let done = SPI_execute_with_args(
-            c"select cqrs._fence($1, $2)".as_ptr(),
-            2,
+            c"select cqrs._fence($1, $2, $3)".as_ptr(),
+            3,
             types.as_mut_ptr(),
             values.as_mut_ptr(),
             nulls.as_ptr(),

@@ -19,7 +19,7 @@ use crate::fmgr::{self, arg, raise, text_arg};
 use crate::owner_rights;
 use crate::prepared;
 use crate::projection_catalog::{self, NewProjection};
-use crate::projector::{self, ChangedRow, Changes, Options, Skip};
+use crate::projector::{self, ChangedRow, Changes, Options, Skip, Which};
 use crate::subtransaction;
 use crate::subtransaction::Failure;
 
@@ -120,7 +120,7 @@ pub(crate) fn catch_up_one(
             &events,
             &Options {
                 commit_lsn: None,
-                only: Some(name),
+                which: Which::One(name),
                 with_docs,
                 skip,
             },
@@ -197,7 +197,8 @@ fn chunk_arg(chunk: Option<i64>) -> Result<i64, ErrorReport> {
 
 fmgr::v1_function!(pg_finfo_cqrs_project_batch);
 
-/// `cqrs._project_batch(events jsonb, commit_lsn pg_lsn, fencing_token bigint)`, the work of
+/// `cqrs._project_batch(events jsonb, commit_lsn pg_lsn, fencing_token bigint, projection_group
+/// text)`, the work of
 /// `cqrs.project_batch`: the fence first ([`fence`], so that its QC001 reaches the caller as is),
 /// then the batch.
 ///
@@ -210,12 +211,13 @@ fmgr::v1_function!(pg_finfo_cqrs_project_batch);
 pub unsafe extern "C-unwind" fn cqrs_project_batch(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     // SAFETY: guarded; it only reads the catalog.
     let fence = if unsafe { fence::installed() } {
-        // SAFETY: argument 1 is pg_lsn and argument 2 bigint (64-bit values passed by value);
-        // the fence is called with nothing alive in this frame that needs dropping.
+        // SAFETY: argument 1 is pg_lsn and argument 2 bigint (64-bit values passed by value),
+        // argument 3 text (the fence installed means the function has it); the fence is called
+        // with nothing alive in this frame that needs dropping.
         let checked = unsafe {
             let commit_lsn = arg(fcinfo, 1).map(|d| d.value() as u64);
             let fencing_token = arg(fcinfo, 2).map(|d| d.value() as i64);
-            fence::check(fencing_token, commit_lsn)
+            fence::check(fencing_token, commit_lsn, arg(fcinfo, 3))
         };
         if checked.is_ok() {
             Fence::Checked
@@ -275,8 +277,15 @@ unsafe extern "C-unwind" fn project_batch_work(
     }
     // SAFETY: argument 2 is bigint (passed by value).
     let legacy_token = unsafe { arg(fcinfo, 2).map(|d| d.value() as i64) }.filter(|_| fence == Fence::Legacy);
-    // SAFETY: argument 0 is jsonb and argument 1 pg_lsn (passed by value).
+    // SAFETY: argument 0 is jsonb and argument 1 pg_lsn (passed by value); argument 3 is text
+    // where the fence is checked (a database of a release before projection groups has no
+    // argument 3: every projection is its one group).
     let (events, commit_lsn) = unsafe { (arg(fcinfo, 0), arg(fcinfo, 1).map(|d| d.value() as u64)) };
+    let group = match fence {
+        // SAFETY: see above; the fence refused a null group
+        Fence::Checked => unsafe { text_arg(fcinfo, 3) },
+        Fence::Unchecked | Fence::Legacy => None,
+    };
     let Some(events) = events else {
         raise(null_argument("events"));
     };
@@ -296,7 +305,7 @@ unsafe extern "C-unwind" fn project_batch_work(
             &events,
             &Options {
                 commit_lsn,
-                only: None,
+                which: group.as_deref().map_or(Which::All, Which::Group),
                 with_docs: true,
                 skip: None,
             },
@@ -753,7 +762,7 @@ fn replay_log(
             &events,
             &Options {
                 commit_lsn: None,
-                only: Some(name),
+                which: Which::One(name),
                 with_docs: false,
                 skip: None,
             },

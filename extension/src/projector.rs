@@ -104,12 +104,23 @@ fn take_skipped(plan: &mut Plan<'_>, skip: Option<&Skip>) -> Vec<(Event, Failure
 pub(crate) struct Options<'a> {
     /// The batch's commit LSN: projections whose checkpoint is at or past it skip the batch.
     pub(crate) commit_lsn: Option<u64>,
-    /// Only this projection (catch-up, rebuild, resume); otherwise every projection not halted.
-    pub(crate) only: Option<&'a str>,
+    /// Which projections the batch is for.
+    pub(crate) which: Which<'a>,
     /// Collect the changed rows as jsonb (rebuild does not need them).
     pub(crate) with_docs: bool,
     /// An event to set aside rather than apply.
     pub(crate) skip: Option<&'a Skip>,
+}
+
+/// The projections a batch is applied to (those halted are skipped).
+#[derive(Clone, Copy)]
+pub(crate) enum Which<'a> {
+    /// One projection (catch-up, rebuild, resume); an unknown name is an error.
+    One(&'a str),
+    /// The projections of one group (project_batch).
+    Group(&'a str),
+    /// Every projection (project_batch on a database of a release before projection groups).
+    All,
 }
 
 /// What happened to one projection.
@@ -137,6 +148,15 @@ select s.name, s.halted, s.checkpoint_lsn::text, s.revision, p.definition_versio
   from cqrs.projection_state s
   join cqrs.projection p on p.name = s.name
   join pg_catalog.pg_class c on c.oid = p.target
+ order by s.name
+   for update of s";
+
+const LOCK_GROUP: &str = "\
+select s.name, s.halted, s.checkpoint_lsn::text, s.revision, p.definition_version, c.xmin::text, s.parked
+  from cqrs.projection_state s
+  join cqrs.projection p on p.name = s.name
+  join pg_catalog.pg_class c on c.oid = p.target
+ where p.projection_group = $1
  order by s.name
    for update of s";
 
@@ -237,13 +257,17 @@ fn text_array() -> PgOid {
     PgBuiltInOids::TEXTARRAYOID.into()
 }
 
-fn lock_states(client: &mut SpiClient<'_>, only: Option<&str>) -> Result<Vec<State>, ErrorReport> {
-    let rows = match only {
-        Some(name) => {
+fn lock_states(client: &mut SpiClient<'_>, which: Which<'_>) -> Result<Vec<State>, ErrorReport> {
+    let rows = match which {
+        Which::One(name) => {
             let plan = prepared::statement(client, LOCK_ONE, &[PgBuiltInOids::TEXTOID.into()])?;
             prepared::index_plans(|| client.update(&*plan, None, &[name.into()]))
         }
-        None => {
+        Which::Group(group) => {
+            let plan = prepared::statement(client, LOCK_GROUP, &[PgBuiltInOids::TEXTOID.into()])?;
+            prepared::index_plans(|| client.update(&*plan, None, &[group.into()]))
+        }
+        Which::All => {
             let plan = prepared::statement(client, LOCK_ALL, &[])?;
             prepared::index_plans(|| client.update(&*plan, None, &[]))
         }
@@ -262,7 +286,7 @@ fn lock_states(client: &mut SpiClient<'_>, only: Option<&str>) -> Result<Vec<Sta
             parked: column(row.get::<i64>(7), "parked")?.unwrap_or(0),
         });
     }
-    if let (Some(name), true) = (only, states.is_empty()) {
+    if let (Which::One(name), true) = (which, states.is_empty()) {
         return Err(unknown_projection(name));
     }
     Ok(states)
@@ -778,7 +802,7 @@ pub(crate) fn project(
     options: &Options<'_>,
     changes: &mut Changes,
 ) -> Result<BTreeMap<String, Report>, ErrorReport> {
-    let states = lock_states(client, options.only)?;
+    let states = lock_states(client, options.which)?;
     let mut streams: Vec<String> = events.iter().map(|e| e.stream.clone()).collect();
     streams.sort_unstable();
     streams.dedup();

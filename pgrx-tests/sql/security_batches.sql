@@ -32,7 +32,7 @@ select count(*) from cqrs.project_batch('[]', 'FFFFFFFF/FFFFFFFF');
 -- the lease moves only through its functions
 update cqrs.projector_lease set token = 9223372036854775807;
 \echo :LAST_ERROR_SQLSTATE
-insert into cqrs.projector_lease (id, token) values (true, 9223372036854775807);
+insert into cqrs.projector_lease (projection_group, token) values ('default', 9223372036854775807);
 \echo :LAST_ERROR_SQLSTATE
 
 -- while a sidecar leads, only its token applies a batch
@@ -42,14 +42,14 @@ set role projector_app;
 select cqrs.try_lead('sidecar-a') as token \gset
 select count(*) from cqrs.project_batch((select jsonb_agg(to_jsonb(l)) from cqrs.command_log l where l.seq = 3));
 \echo :LAST_ERROR_SQLSTATE
-select count(*) from cqrs.project_batch((select jsonb_agg(to_jsonb(l)) from cqrs.command_log l where l.seq = 3), null, :token - 1);
+select count(*) from cqrs.project_batch((select jsonb_agg(to_jsonb(l)) from cqrs.command_log l where l.seq = 3), null, :token - 1, 'default');
 \echo :LAST_ERROR_SQLSTATE
 select count(*) from cqrs.project_batch((select jsonb_agg(to_jsonb(l)) from cqrs.command_log l where l.seq = 3), null, :token + 1000);
 \echo :LAST_ERROR_SQLSTATE
 -- the work function itself keeps the same fence, with the same SQLSTATE
-select count(*) from cqrs._project_batch((select jsonb_agg(to_jsonb(l)) from cqrs.command_log l where l.seq = 3), null, :token - 1);
+select count(*) from cqrs._project_batch((select jsonb_agg(to_jsonb(l)) from cqrs.command_log l where l.seq = 3), null, :token - 1, 'default');
 \echo :LAST_ERROR_SQLSTATE
-select count(*) from cqrs._project_batch((select jsonb_agg(to_jsonb(l)) from cqrs.command_log l where l.seq = 3), null, null);
+select count(*) from cqrs._project_batch((select jsonb_agg(to_jsonb(l)) from cqrs.command_log l where l.seq = 3), null, null, 'default');
 \echo :LAST_ERROR_SQLSTATE
 select n as still from counts;
 select key from cqrs.project_batch((select jsonb_agg(to_jsonb(l)) from cqrs.command_log l where l.seq = 3), null, :token);

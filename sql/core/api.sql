@@ -22,7 +22,7 @@ comment on function cqrs._command_type_changed() is
     'Trigger function: a change of cqrs.command_type invalidates the compiled schemas of every session.';
 comment on function cqrs._check_json_schema(jsonb) is
     'Raises 22023 (0A000 in the portable edition, for what it cannot check) unless the JSON Schema is valid; used by cqrs.register_command_type.';
-comment on function cqrs._project_batch(jsonb, pg_lsn, bigint) is
+comment on function cqrs._project_batch(jsonb, pg_lsn, bigint, text) is
     'The work of cqrs.project_batch without its fencing check; call cqrs.project_batch.';
 comment on function cqrs.read_many(text, text[]) is
     'The current rows of a read model: for every key its canonical form, revision and row as json; a missing row has a null doc and the projection''s current revision.';
@@ -49,7 +49,7 @@ comment on function cqrs.retry_dead_letters(text) is
 revoke execute on function cqrs._command_type_changed(), cqrs._check_json_schema(jsonb),
     cqrs.append(uuid, text, text, jsonb, bigint, jsonb),
     cqrs.create_projection(text, regclass, text, jsonb, text, text, boolean),
-    cqrs._project_batch(jsonb, pg_lsn, bigint),
+    cqrs._project_batch(jsonb, pg_lsn, bigint, text),
     cqrs.catch_up(text, integer), cqrs.resume(text, boolean), cqrs.retry_dead_letters(text), cqrs.rebuild(text, integer), cqrs.read_many(text, text[]), cqrs.read(text, text),
     cqrs.wait_for(text, bigint, text, interval), cqrs.changed_since(text, bigint), cqrs.drop_projection(text),
     cqrs._gap_alert_seconds()
@@ -59,7 +59,7 @@ grant execute on function cqrs.append(uuid, text, text, jsonb, bigint, jsonb) to
 grant execute on function cqrs.wait_for(text, bigint, text, interval), cqrs.read(text, text), cqrs.read_many(text, text[])
     to cqrs_writer;
 -- routine operations need no superuser: the projector resumes, rebuilds and retries
-grant execute on function cqrs._project_batch(jsonb, pg_lsn, bigint),
+grant execute on function cqrs._project_batch(jsonb, pg_lsn, bigint, text),
     cqrs.catch_up(text, integer),
     cqrs.resume(text, boolean), cqrs.retry_dead_letters(text), cqrs.rebuild(text, integer) to cqrs_projector;
 grant execute on function cqrs.read_many(text, text[]), cqrs.read(text, text), cqrs.wait_for(text, bigint, text, interval),

@@ -61,7 +61,7 @@ as 'MODULE_PATHNAME', 'create_projection_wrapper';
 
 -- The work of cqrs.project_batch (sql/core/projection.sql checks the fencing token first). The
 -- symbol is the one 0.1.0 declared cqrs.project_batch with.
-create function cqrs._project_batch(events jsonb, commit_lsn pg_lsn, fencing_token bigint)
+create function cqrs._project_batch(events jsonb, commit_lsn pg_lsn, fencing_token bigint, projection_group text)
 returns table (projection text, key text, rev bigint, doc json, deleted boolean)
 language c volatile called on null input
 as 'MODULE_PATHNAME', 'cqrs_project_batch';

@@ -211,7 +211,7 @@ begin
                           from (select * from cqrs.command_log l where l.position > v_cursor order by l.position limit chunk) l) r) c
          where c.n = 1 or c.running <= 64 * 1024 * 1024;
         exit when jsonb_array_length(v_batch) = 0;
-        for v_row in select * from cqrs_portable._project(v_batch, null, rebuild.name, false, null) p where p.kind = 'report' loop
+        for v_row in select * from cqrs_portable._project(v_batch, null, rebuild.name, false, null, null) p where p.kind = 'report' loop
             if v_row.failure is not null then
                 raise exception using errcode = '55000',
                     message = format('rebuild of %s stopped%s: %s', rebuild.name,
@@ -395,7 +395,7 @@ begin
         end if;
         v_reported := false;
         v_progressed := 0;
-        for v_row in select * from cqrs_portable._project(v_batch, null, _catch_up_one.name, with_docs, skip) loop
+        for v_row in select * from cqrs_portable._project(v_batch, null, _catch_up_one.name, with_docs, skip, null) loop
             if v_row.kind = 'row' then
                 projection := v_row.projection; key := v_row.key; rev := v_row.rev; doc := v_row.doc; deleted := v_row.deleted;
                 events := null; halted := null;

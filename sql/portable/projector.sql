@@ -12,7 +12,7 @@
 
 -- The work of cqrs.project_batch: the fence (cqrs._fence, sql/core/projection.sql), the events
 -- as the log holds them, then every projection.
-create function cqrs._project_batch(events jsonb, commit_lsn pg_lsn, fencing_token bigint)
+create function cqrs._project_batch(events jsonb, commit_lsn pg_lsn, fencing_token bigint, projection_group text)
 returns table (projection text, key text, rev bigint, doc json, deleted boolean)
 language plpgsql volatile called on null input
 as $$
@@ -22,11 +22,11 @@ declare
     v_search_path text := pg_catalog.current_setting('search_path');
     v_events jsonb;
 begin
-    perform cqrs._fence(fencing_token, commit_lsn);
+    perform cqrs._fence(fencing_token, commit_lsn, projection_group);
     v_events := cqrs_portable._events(events);
     return query
         select p.projection, p.key, p.rev, p.doc, p.deleted
-          from cqrs_portable._project(v_events, commit_lsn, null, true, null) p where p.kind = 'row';
+          from cqrs_portable._project(v_events, commit_lsn, null, true, null, projection_group) p where p.kind = 'row';
     perform cqrs_portable._restore_search_path(v_search_path);
 end
 $$;
@@ -336,7 +336,7 @@ $$;
 -- (applied, dead-lettered, and the failure's summary and the event it halted on, if it did).
 -- `skip` is [stream, seq, summary, sqlstate, whole error]: that event is set aside into the dead
 -- letters (resume).
-create function cqrs_portable._project(events jsonb, commit_lsn pg_lsn, only_name text, with_docs boolean, skip jsonb,
+create function cqrs_portable._project(events jsonb, commit_lsn pg_lsn, only_name text, with_docs boolean, skip jsonb, in_group text,
     out kind text, out projection text, out key text, out rev bigint, out doc json, out deleted boolean,
     out applied bigint, out dead_lettered bigint, out failure text, out failure_event jsonb)
 returns setof record
@@ -361,7 +361,7 @@ begin
     for v_state in
         select s.name, s.halted, s.checkpoint_lsn, s.revision, s.parked, p.on_error
           from cqrs.projection_state s join cqrs.projection p on p.name = s.name
-         where only_name is null or s.name = only_name
+         where (only_name is null or s.name = only_name) and (in_group is null or p.projection_group = in_group)
          order by s.name
            for update of s
     loop

@@ -36,6 +36,38 @@ as $$ select name ~ '^[A-Za-z0-9_.-]{1,63}$' $$;
 alter table cqrs.projection drop constraint projection_name_check,
     add constraint projection_name_check check (cqrs._is_projection_name(name));
 
+-- Projection groups: each projection belongs to one (default: 'default', today's behaviour), and
+-- each group has its own lease, so that sidecars of different groups project in parallel. The
+-- lease row becomes one row per group; tokens come from one sequence, started past every token
+-- handed out before (a deposed 0.2.0 leader's token stays refused).
+create function cqrs._is_projection_group(name text)
+returns boolean
+language sql immutable parallel safe
+set search_path = pg_catalog, pg_temp
+as $$ select name ~ '^[a-z][a-z0-9_]{0,39}$' $$;
+alter table cqrs.projection add column projection_group text not null default 'default',
+    add constraint projection_group_check check (cqrs._is_projection_group(projection_group));
+create index projection_group_idx on cqrs.projection (projection_group);
+comment on table cqrs.projection is 'Registered read models: target table, key, handlers per command type, projection group.';
+create sequence cqrs.projector_lease_token_seq;
+select pg_catalog.setval('cqrs.projector_lease_token_seq',
+                         coalesce((select max(l.token) from cqrs.projector_lease l), 0) + 1, false);
+alter table cqrs.projector_lease drop constraint projector_lease_pkey;
+alter table cqrs.projector_lease drop column id;
+alter table cqrs.projector_lease add column projection_group text not null default 'default',
+    add constraint projector_lease_pkey primary key (projection_group),
+    add constraint projector_lease_group_check check (cqrs._is_projection_group(projection_group));
+revoke all on sequence cqrs.projector_lease_token_seq from public;
+select pg_catalog.pg_extension_config_dump('cqrs.projector_lease_token_seq', '');
+-- the lease functions and project_batch take the group (a 0.2.0 sidecar's calls, without it,
+-- mean the default group)
+drop function cqrs.acquire_lease(text);
+drop function cqrs.try_lead(text, interval);
+drop function cqrs.release_lead(text);
+drop function cqrs.leader();
+drop function cqrs.project_batch(jsonb, pg_lsn, bigint);
+drop function cqrs._project_batch(jsonb, pg_lsn, bigint);
+
 -- ---- sql/core/command.sql ----
 comment on table cqrs.command_log is
     'Append-only log of accepted commands. Write it only through cqrs.append()/cqrs.append_batch().';
@@ -262,27 +294,62 @@ as $$ select name ~ '^[A-Za-z0-9_.-]{1,63}$' $$;
 comment on function cqrs._is_projection_name(text) is
     'Whether a text may name a projection: 1 to 63 characters of A-Z a-z 0-9 _ . -.';
 
-comment on table cqrs.projection is 'Registered read models: target table, key, handlers per command type.';
+create or replace function cqrs._is_projection_group(name text)
+returns boolean
+language sql immutable parallel safe
+set search_path = pg_catalog, pg_temp
+as $$ select name ~ '^[a-z][a-z0-9_]{0,39}$' $$;
 
-create or replace function cqrs.acquire_lease(holder text default null)
-returns bigint
-language sql security definer
+comment on function cqrs._is_projection_group(text) is
+    'Whether a text may name a projection group: 1 to 40 characters of a-z 0-9 _, starting with a letter.';
+
+comment on table cqrs.projection is 'Registered read models: target table, key, handlers per command type, projection group.';
+
+create or replace function cqrs._check_projection_group(projection_group text)
+returns void
+language plpgsql immutable
 set search_path = pg_catalog, pg_temp
 as $$
-    -- locked for update first: a new token waits for the batches in flight (see cqrs._fence)
-    with locked as (select from cqrs.projector_lease l for update)
-    insert into cqrs.projector_lease as l (id, token, holder, acquired_at)
-    values (true, 1, acquire_lease.holder, pg_catalog.now())
-    on conflict (id) do update
-        set token = l.token + 1, holder = excluded.holder, acquired_at = excluded.acquired_at,
-            holder_pid = null, expires_at = null
-    returning l.token;
+begin
+    if projection_group is null then
+        raise exception using errcode = '22004', message = 'projection_group must not be null';
+    end if;
+    if not cqrs._is_projection_group(projection_group) then
+        raise exception using errcode = '22023',
+            message = format('%L is not a projection group name', projection_group),
+            hint = 'A group name is 1 to 40 characters of a-z 0-9 _, starting with a letter.';
+    end if;
+end
 $$;
 
-comment on function cqrs.acquire_lease(text) is
-    'Takes the projector lease unconditionally: returns a fencing token higher than any before; project_batch refuses older ones. Kept for sidecars of 0.1.0, which elect their leader themselves; use cqrs.try_lead.';
+comment on function cqrs._check_projection_group(text) is
+    'Raises 22004 for a null projection group and 22023 for a text that cannot name one.';
 
-create or replace function cqrs.try_lead(holder text, ttl interval default '2 s')
+create or replace function cqrs.acquire_lease(holder text default null, projection_group text default 'default')
+returns bigint
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_token bigint;
+begin
+    perform cqrs._check_projection_group(projection_group);
+    -- locked for update first: a new token waits for the batches in flight (see cqrs._fence)
+    perform from cqrs.projector_lease l where l.projection_group = acquire_lease.projection_group for update;
+    insert into cqrs.projector_lease as l (projection_group, token, holder, acquired_at)
+    values (acquire_lease.projection_group, pg_catalog.nextval('cqrs.projector_lease_token_seq'), acquire_lease.holder, pg_catalog.now())
+    on conflict on constraint projector_lease_pkey do update
+        set token = excluded.token, holder = excluded.holder, acquired_at = excluded.acquired_at,
+            holder_pid = null, expires_at = null
+    returning l.token into v_token;
+    return v_token;
+end
+$$;
+
+comment on function cqrs.acquire_lease(text, text) is
+    'Takes a projection group''s lease unconditionally: returns a fencing token higher than any before; project_batch refuses older ones. Kept for sidecars of 0.1.0, which elect their leader themselves; use cqrs.try_lead.';
+
+create or replace function cqrs.try_lead(holder text, ttl interval default '2 s', projection_group text default 'default')
 returns bigint
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp
@@ -297,26 +364,35 @@ begin
         raise exception using errcode = '22023',
             message = format('ttl must be between 100 ms and 1 hour, not %s', coalesce(ttl::text, 'null'));
     end if;
-    -- a takeover locks the row for update first, which waits for the batches in flight (they
-    -- hold a key share lock, see cqrs._fence); the holder renewing its lease does not
-    if exists (select from cqrs.projector_lease l
-                where (l.holder is distinct from try_lead.holder or l.holder_pid is distinct from pg_catalog.pg_backend_pid())
-                  and (l.expires_at is null or l.expires_at < pg_catalog.clock_timestamp()
-                       or not exists (select from pg_catalog.pg_stat_activity a where a.pid = l.holder_pid))) then
-        perform from cqrs.projector_lease l for update;
+    perform cqrs._check_projection_group(projection_group);
+    -- a renewal keeps its token; only a new holder draws one
+    update cqrs.projector_lease l set expires_at = pg_catalog.clock_timestamp() + ttl
+     where l.projection_group = try_lead.projection_group
+       and l.holder = try_lead.holder and l.holder_pid = pg_catalog.pg_backend_pid()
+    returning l.token into v_token;
+    if found then
+        return v_token;
     end if;
-    insert into cqrs.projector_lease as l (id, token, holder, acquired_at, holder_pid, expires_at)
-    values (true, 1, try_lead.holder, pg_catalog.now(), pg_catalog.pg_backend_pid(), pg_catalog.clock_timestamp() + ttl)
-    on conflict (id) do update
-        set token = case when l.holder = excluded.holder and l.holder_pid = excluded.holder_pid
-                         then l.token else l.token + 1 end,
-            acquired_at = case when l.holder = excluded.holder and l.holder_pid = excluded.holder_pid
-                               then l.acquired_at else excluded.acquired_at end,
+    -- a live holder keeps it (no token drawn: standbys ask every few hundred milliseconds)
+    if exists (select from cqrs.projector_lease l
+                where l.projection_group = try_lead.projection_group
+                  and l.expires_at >= pg_catalog.clock_timestamp()
+                  and exists (select from pg_catalog.pg_stat_activity a where a.pid = l.holder_pid)) then
+        return null;
+    end if;
+    -- a takeover locks the row for update first, which waits for the batches in flight (they
+    -- hold a key share lock, see cqrs._fence)
+    perform from cqrs.projector_lease l where l.projection_group = try_lead.projection_group for update;
+    insert into cqrs.projector_lease as l (projection_group, token, holder, acquired_at, holder_pid, expires_at)
+    values (try_lead.projection_group, pg_catalog.nextval('cqrs.projector_lease_token_seq'), try_lead.holder, pg_catalog.now(),
+            pg_catalog.pg_backend_pid(), pg_catalog.clock_timestamp() + ttl)
+    on conflict on constraint projector_lease_pkey do update
+        set token = excluded.token,
+            acquired_at = excluded.acquired_at,
             holder = excluded.holder,
             holder_pid = excluded.holder_pid,
             expires_at = excluded.expires_at
-        where (l.holder = excluded.holder and l.holder_pid = excluded.holder_pid)
-           or l.expires_at is null
+        where l.expires_at is null
            or l.expires_at < pg_catalog.clock_timestamp()
            or not exists (select from pg_catalog.pg_stat_activity a where a.pid = l.holder_pid)
     returning l.token into v_token;
@@ -324,25 +400,26 @@ begin
 end
 $$;
 
-comment on function cqrs.try_lead(text, interval) is
-    'Takes or renews the projector lease for holder (on this connection) and returns its fencing token; null while another live holder has it. The lease is free once it expires or its holder''s connection is gone.';
+comment on function cqrs.try_lead(text, interval, text) is
+    'Takes or renews a projection group''s lease for holder (on this connection) and returns its fencing token; null while another live holder has it. The lease is free once it expires or its holder''s connection is gone.';
 
-create or replace function cqrs.release_lead(holder text)
+create or replace function cqrs.release_lead(holder text, projection_group text default 'default')
 returns boolean
 language sql security definer
 set search_path = pg_catalog, pg_temp
 as $$
     with released as (
         update cqrs.projector_lease l set expires_at = null
-         where l.holder = release_lead.holder and l.holder_pid = pg_catalog.pg_backend_pid()
+         where l.projection_group = release_lead.projection_group
+           and l.holder = release_lead.holder and l.holder_pid = pg_catalog.pg_backend_pid()
         returning 1)
     select exists (select from released);
 $$;
 
-comment on function cqrs.release_lead(text) is
-    'Gives the projector lease up at once (a standby takes it on its next try); true if holder held it on this connection.';
+comment on function cqrs.release_lead(text, text) is
+    'Gives a projection group''s lease up at once (a standby takes it on its next try); true if holder held it on this connection.';
 
-create or replace function cqrs.leader(out holder text, out token bigint, out live boolean)
+create or replace function cqrs.leader(projection_group text default 'default', out holder text, out token bigint, out live boolean)
 returns record
 language sql stable security definer
 set search_path = pg_catalog, pg_temp
@@ -350,42 +427,66 @@ as $$
     select l.holder, l.token,
            l.expires_at is not null and l.expires_at >= pg_catalog.clock_timestamp()
            and exists (select from pg_catalog.pg_stat_activity a where a.pid = l.holder_pid)
-      from (select true) one left join cqrs.projector_lease l on true;
+      from (select true) one
+      left join cqrs.projector_lease l on l.projection_group = leader.projection_group;
 $$;
 
-comment on function cqrs.leader() is
-    'The holder of the projector lease, its token, and whether the lease is live (not expired, holder connected).';
+comment on function cqrs.leader(text) is
+    'The holder of a projection group''s lease, its token, and whether the lease is live (not expired, holder connected).';
 
-create or replace function cqrs._fence(fencing_token bigint, commit_lsn pg_lsn)
+create or replace function cqrs.projection_groups()
+returns table (projection_group text, projections text[], holder text, token bigint, live boolean)
+language sql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+    select g.projection_group,
+           coalesce((select pg_catalog.array_agg(p.name order by p.name) from cqrs.projection p
+                      where p.projection_group = g.projection_group), '{}'),
+           l.holder, l.token,
+           coalesce(l.expires_at is not null and l.expires_at >= pg_catalog.clock_timestamp()
+                    and exists (select from pg_catalog.pg_stat_activity a where a.pid = l.holder_pid), false)
+      from (select p.projection_group from cqrs.projection p
+            union select l.projection_group from cqrs.projector_lease l) g
+      left join cqrs.projector_lease l on l.projection_group = g.projection_group
+     order by g.projection_group;
+$$;
+
+comment on function cqrs.projection_groups() is
+    'Every projection group (those with projections, and those a sidecar ever led): its projections, its leader, whether the lease is live.';
+
+create or replace function cqrs._fence(fencing_token bigint, commit_lsn pg_lsn, projection_group text)
 returns void
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
     v_lease record;
+    v_of text := case when projection_group = 'default' then '' else format(' of group %s', projection_group) end;
 begin
+    perform cqrs._check_projection_group(projection_group);
     select l.token, l.holder,
            l.expires_at is not null and l.expires_at >= pg_catalog.clock_timestamp()
            and exists (select from pg_catalog.pg_stat_activity a where a.pid = l.holder_pid) as live
       into v_lease
       from cqrs.projector_lease l
+     where l.projection_group = _fence.projection_group
        for key share;
     if fencing_token is null then
         if v_lease.live then
             raise exception using errcode = 'QC001',
-                message = format('%s leads the projection (lease token %s): a batch without its fencing token is refused',
-                                 coalesce(v_lease.holder, 'a sidecar'), v_lease.token),
+                message = format('%s leads the projection%s (lease token %s): a batch without its fencing token is refused',
+                                 coalesce(v_lease.holder, 'a sidecar'), v_of, v_lease.token),
                 hint = 'Only the leading sidecar projects batches; cqrs.catch_up() projects from the log without one.';
         end if;
     elsif fencing_token < coalesce(v_lease.token, 0) then
         raise exception using errcode = 'QC001',
-            message = format('this projector''s lease (token %s) was taken over by a newer one (token %s)', fencing_token, v_lease.token),
+            message = format('this projector''s lease%s (token %s) was taken over by a newer one (token %s)', v_of, fencing_token, v_lease.token),
             hint = 'Another sidecar leads now; this one must stop projecting.';
     elsif fencing_token <> coalesce(v_lease.token, 0) then
         raise exception using errcode = 'QC001',
-            message = format('fencing token %s is not the projector lease''s (%s)', fencing_token,
+            message = format('fencing token %s is not the projector lease''s%s (%s)', fencing_token, v_of,
                              coalesce('token ' || v_lease.token, 'no lease was ever taken')),
-            hint = 'Take the lease with cqrs.try_lead() and pass the token it returns.';
+            hint = 'Take the lease with cqrs.try_lead() (with the same projection_group) and pass the token it returns.';
     end if;
     if commit_lsn > pg_catalog.pg_current_wal_insert_lsn() then
         raise exception using errcode = '22023',
@@ -395,25 +496,81 @@ begin
 end
 $$;
 
-comment on function cqrs._fence(bigint, pg_lsn) is
-    'The fence of cqrs.project_batch: QC001 unless the fencing token is the projector lease''s (or, without one, unless no sidecar leads); 22023 for a commit LSN past the WAL.';
+comment on function cqrs._fence(bigint, pg_lsn, text) is
+    'The fence of cqrs.project_batch: QC001 unless the fencing token is the projection group''s lease''s (or, without one, unless no sidecar leads the group); 22023 for a commit LSN past the WAL or a bad group name.';
 
-create or replace function cqrs.project_batch(events jsonb, commit_lsn pg_lsn default null, fencing_token bigint default null)
+create or replace function cqrs.project_batch(events jsonb, commit_lsn pg_lsn default null, fencing_token bigint default null,
+                                   projection_group text default 'default')
 returns table (projection text, key text, rev bigint, doc json, deleted boolean)
 language plpgsql volatile called on null input
 as $$
 begin
     return query select b.projection, b.key, b.rev, b.doc, b.deleted
-                   from cqrs._project_batch(events, commit_lsn, fencing_token) b;
+                   from cqrs._project_batch(events, commit_lsn, fencing_token, projection_group) b;
 end
 $$;
 
-comment on function cqrs.project_batch(jsonb, pg_lsn, bigint) is
-    'Applies an ordered batch of command-log rows to every projection, exactly once, in one transaction; returns every read-model row it changed. A batch at or below a projection''s checkpoint LSN is skipped; a fencing_token older than the lease is refused.';
+comment on function cqrs.project_batch(jsonb, pg_lsn, bigint, text) is
+    'Applies an ordered batch of command-log rows to every projection of a projection group, exactly once, in one transaction; returns every read-model row it changed. A batch at or below a projection''s checkpoint LSN is skipped; a fencing_token other than the group''s lease''s is refused.';
 
-revoke execute on function cqrs.project_batch(jsonb, pg_lsn, bigint) from public;
+revoke execute on function cqrs.project_batch(jsonb, pg_lsn, bigint, text) from public;
 
-grant execute on function cqrs.project_batch(jsonb, pg_lsn, bigint) to cqrs_projector;
+grant execute on function cqrs.project_batch(jsonb, pg_lsn, bigint, text) to cqrs_projector;
+
+create or replace function cqrs._assign_group(name text, to_group text)
+returns text
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_from text;
+begin
+    if name is null then
+        raise exception using errcode = '22004', message = 'name must not be null';
+    end if;
+    perform cqrs._check_projection_group(to_group);
+    select p.projection_group into v_from from cqrs.projection p where p.name = _assign_group.name;
+    if not found then
+        raise exception using errcode = '42704', message = format('projection %s does not exist', pg_catalog.quote_ident(name)),
+            hint = 'See select name, projection_group from cqrs.projection.';
+    end if;
+    -- both leases in name order (two moves the other way round do not deadlock)
+    perform from cqrs.projector_lease l where l.projection_group in (v_from, to_group)
+     order by l.projection_group for update;
+    perform from cqrs.projection_state s where s.name = _assign_group.name for update;
+    update cqrs.projection p set projection_group = to_group where p.name = _assign_group.name;
+    update cqrs.projection_state s set generation = s.generation + 1 where s.name = _assign_group.name;
+    return v_from;
+end
+$$;
+
+comment on function cqrs._assign_group(text, text) is
+    'The catalog part of cqrs.move_projection: locks both groups'' leases and the projection''s state, changes its group; returns the group it left.';
+
+revoke execute on function cqrs._assign_group(text, text) from public;
+
+grant execute on function cqrs._assign_group(text, text) to cqrs_projector;
+
+create or replace function cqrs.move_projection(name text, to_group text)
+returns table (projection text, key text, rev bigint, doc json, deleted boolean)
+language plpgsql volatile called on null input
+as $$
+declare
+    v_from text := cqrs._assign_group(name, to_group);
+begin
+    if v_from = to_group then
+        return;
+    end if;
+    return query select c.projection, c.key, c.rev, c.doc, c.deleted from cqrs.catch_up(name) c;
+end
+$$;
+
+comment on function cqrs.move_projection(text, text) is
+    'Moves a projection to another projection group (whose leader projects it from then on) and catches it up from the log, in one transaction: nothing is lost or applied twice. Returns the rows the catch-up changed.';
+
+revoke execute on function cqrs.move_projection(text, text) from public;
+
+grant execute on function cqrs.move_projection(text, text) to cqrs_projector;
 
 create or replace function cqrs.ensure_publication(name text)
 returns boolean
@@ -560,7 +717,7 @@ comment on function cqrs.progress() is
 revoke all on cqrs.projection, cqrs.projection_state, cqrs.projection_stream, cqrs.parked, cqrs.dead_letter,
     cqrs.projector_lease from public;
 
-revoke all on sequence cqrs.projection_definition_seq, cqrs.dead_letter_id_seq from public;
+revoke all on sequence cqrs.projection_definition_seq, cqrs.dead_letter_id_seq, cqrs.projector_lease_token_seq from public;
 
 grant select, insert, update, delete on cqrs.projection_state, cqrs.projection_stream, cqrs.parked,
     cqrs.dead_letter to cqrs_projector;
@@ -575,22 +732,27 @@ grant select (name, halted, last_error, last_error_sqlstate, last_error_at, chec
 
 grant usage on sequence cqrs.dead_letter_id_seq to cqrs_projector;
 
-revoke execute on function cqrs.acquire_lease(text), cqrs.ensure_publication(text), cqrs.try_lead(text, interval),
-    cqrs.release_lead(text), cqrs.leader() from public;
+revoke execute on function cqrs.acquire_lease(text, text), cqrs.ensure_publication(text), cqrs.try_lead(text, interval, text),
+    cqrs.release_lead(text, text), cqrs.leader(text) from public;
 
-grant execute on function cqrs.acquire_lease(text), cqrs.ensure_publication(text), cqrs.try_lead(text, interval),
-    cqrs.release_lead(text), cqrs.leader() to cqrs_projector;
+grant execute on function cqrs.acquire_lease(text, text), cqrs.ensure_publication(text), cqrs.try_lead(text, interval, text),
+    cqrs.release_lead(text, text), cqrs.leader(text) to cqrs_projector;
 
-revoke execute on function cqrs._is_projection_name(text) from public;
+revoke execute on function cqrs._is_projection_name(text), cqrs._is_projection_group(text),
+    cqrs._check_projection_group(text) from public;
+
+revoke execute on function cqrs.projection_groups() from public;
+
+grant execute on function cqrs.projection_groups() to cqrs_reader, cqrs_projector;
 
 revoke execute on function cqrs.status(), cqrs.progress(), cqrs._backlog() from public;
 
 grant execute on function cqrs.status(), cqrs.progress(), cqrs._backlog()
     to cqrs_reader, cqrs_projector;
 
-revoke execute on function cqrs._fence(bigint, pg_lsn) from public;
+revoke execute on function cqrs._fence(bigint, pg_lsn, text) from public;
 
-grant execute on function cqrs._fence(bigint, pg_lsn) to cqrs_projector;
+grant execute on function cqrs._fence(bigint, pg_lsn, text) to cqrs_projector;
 
 
 -- ---- sql/extension/functions.sql ----
@@ -643,7 +805,7 @@ returns void
 language c volatile called on null input
 as 'MODULE_PATHNAME', 'create_projection_wrapper';
 
-create or replace function cqrs._project_batch(events jsonb, commit_lsn pg_lsn, fencing_token bigint)
+create or replace function cqrs._project_batch(events jsonb, commit_lsn pg_lsn, fencing_token bigint, projection_group text)
 returns table (projection text, key text, rev bigint, doc json, deleted boolean)
 language c volatile called on null input
 as 'MODULE_PATHNAME', 'cqrs_project_batch';
@@ -725,7 +887,7 @@ comment on function cqrs._command_type_changed() is
 comment on function cqrs._check_json_schema(jsonb) is
     'Raises 22023 (0A000 in the portable edition, for what it cannot check) unless the JSON Schema is valid; used by cqrs.register_command_type.';
 
-comment on function cqrs._project_batch(jsonb, pg_lsn, bigint) is
+comment on function cqrs._project_batch(jsonb, pg_lsn, bigint, text) is
     'The work of cqrs.project_batch without its fencing check; call cqrs.project_batch.';
 
 comment on function cqrs.read_many(text, text[]) is
@@ -762,7 +924,7 @@ comment on function cqrs.retry_dead_letters(text) is
 revoke execute on function cqrs._command_type_changed(), cqrs._check_json_schema(jsonb),
     cqrs.append(uuid, text, text, jsonb, bigint, jsonb),
     cqrs.create_projection(text, regclass, text, jsonb, text, text, boolean),
-    cqrs._project_batch(jsonb, pg_lsn, bigint),
+    cqrs._project_batch(jsonb, pg_lsn, bigint, text),
     cqrs.catch_up(text, integer), cqrs.resume(text, boolean), cqrs.retry_dead_letters(text), cqrs.rebuild(text, integer), cqrs.read_many(text, text[]), cqrs.read(text, text),
     cqrs.wait_for(text, bigint, text, interval), cqrs.changed_since(text, bigint), cqrs.drop_projection(text),
     cqrs._gap_alert_seconds()
@@ -773,7 +935,7 @@ grant execute on function cqrs.append(uuid, text, text, jsonb, bigint, jsonb) to
 grant execute on function cqrs.wait_for(text, bigint, text, interval), cqrs.read(text, text), cqrs.read_many(text, text[])
     to cqrs_writer;
 
-grant execute on function cqrs._project_batch(jsonb, pg_lsn, bigint),
+grant execute on function cqrs._project_batch(jsonb, pg_lsn, bigint, text),
     cqrs.catch_up(text, integer),
     cqrs.resume(text, boolean), cqrs.retry_dead_letters(text), cqrs.rebuild(text, integer) to cqrs_projector;
 

@@ -1,6 +1,7 @@
 //! The projection-name rule is written once per language — `cqrs._is_projection_name` in SQL
 //! (sql/core/projection.sql), `cqrs_projection::name::is_valid` in Rust — and the two agree on
-//! every name below, edge cases and random ones.
+//! every name below, edge cases and random ones; so do the two projection-group rules
+//! (`cqrs._is_projection_group`, `cqrs_projection::name::group::is_valid`).
 
 use anyhow::{ensure, Result};
 use cqrs_harness::{ClusterOptions, PgCluster};
@@ -49,19 +50,38 @@ async fn sql_and_rust_agree_on_what_a_projection_may_be_called() -> Result<()> {
                 .collect(),
         );
     }
+    names.extend(["default", "Default", "a", "a1", "1a", "_a", "g_2"].map(str::to_owned));
+    names.push("g".repeat(40));
+    names.push("g".repeat(41));
+    let group_alphabet: Vec<char> = "abz09_A".chars().collect();
+    for _ in 0..500 {
+        let len = rng.random_range(0..45);
+        names.push(
+            (0..len)
+                .map(|_| group_alphabet[rng.random_range(0..group_alphabet.len())])
+                .collect(),
+        );
+    }
     let rows = client
         .query(
-            "select n, cqrs._is_projection_name(n) from unnest($1::text[]) as u(n)",
+            "select n, cqrs._is_projection_name(n), cqrs._is_projection_group(n) from unnest($1::text[]) as u(n)",
             &[&names],
         )
         .await?;
     let mut disagreements = Vec::new();
+    let mut groups = 0;
     for row in rows {
-        let (name, sql): (String, bool) = (row.get(0), row.get(1));
+        let (name, sql, group): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
         if sql != cqrs_projection::name::is_valid(&name) {
             disagreements.push(format!("{name:?}: SQL {sql}"));
         }
+        if group != cqrs_projection::name::group::is_valid(&name) {
+            disagreements.push(format!("{name:?} as a group: SQL {group}"));
+        }
+        groups += usize::from(group);
     }
+    // the random names must also hold valid group names, or the group rule is barely tested
+    ensure!(groups > 20, "only {groups} valid group names were tried");
     ensure!(
         disagreements.is_empty(),
         "SQL and Rust disagree: {disagreements:?}"

@@ -139,7 +139,7 @@ async fn readiness_and_a_metric_show_when_no_sidecar_leads() -> Result<()> {
 
     // the lease cannot be taken or renewed any more (an operator's mistake)
     admin
-        .batch_execute("revoke execute on function cqrs.try_lead(text, interval) from cqrs_projector")
+        .batch_execute("revoke execute on function cqrs.try_lead(text, interval, text) from cqrs_projector")
         .await?;
     eventually(Duration::from_secs(20), "/readyz says nobody leads", || async {
         ensure!(rig.sidecars[sidecar].readiness() == Some(503), "still ready");
@@ -162,7 +162,7 @@ async fn readiness_and_a_metric_show_when_no_sidecar_leads() -> Result<()> {
     );
 
     admin
-        .batch_execute("grant execute on function cqrs.try_lead(text, interval) to cqrs_projector")
+        .batch_execute("grant execute on function cqrs.try_lead(text, interval, text) to cqrs_projector")
         .await?;
     rig.wait_for_leader(Duration::from_secs(20))
         .with_context(|| rig.logs())?;

@@ -29,3 +29,35 @@ set search_path = pg_catalog, pg_temp
 as $$ select name ~ '^[A-Za-z0-9_.-]{1,63}$' $$;
 alter table cqrs.projection drop constraint projection_name_check,
     add constraint projection_name_check check (cqrs._is_projection_name(name));
+
+-- Projection groups: each projection belongs to one (default: 'default', today's behaviour), and
+-- each group has its own lease, so that sidecars of different groups project in parallel. The
+-- lease row becomes one row per group; tokens come from one sequence, started past every token
+-- handed out before (a deposed 0.2.0 leader's token stays refused).
+create function cqrs._is_projection_group(name text)
+returns boolean
+language sql immutable parallel safe
+set search_path = pg_catalog, pg_temp
+as $$ select name ~ '^[a-z][a-z0-9_]{0,39}$' $$;
+alter table cqrs.projection add column projection_group text not null default 'default',
+    add constraint projection_group_check check (cqrs._is_projection_group(projection_group));
+create index projection_group_idx on cqrs.projection (projection_group);
+comment on table cqrs.projection is 'Registered read models: target table, key, handlers per command type, projection group.';
+create sequence cqrs.projector_lease_token_seq;
+select pg_catalog.setval('cqrs.projector_lease_token_seq',
+                         coalesce((select max(l.token) from cqrs.projector_lease l), 0) + 1, false);
+alter table cqrs.projector_lease drop constraint projector_lease_pkey;
+alter table cqrs.projector_lease drop column id;
+alter table cqrs.projector_lease add column projection_group text not null default 'default',
+    add constraint projector_lease_pkey primary key (projection_group),
+    add constraint projector_lease_group_check check (cqrs._is_projection_group(projection_group));
+revoke all on sequence cqrs.projector_lease_token_seq from public;
+select pg_catalog.pg_extension_config_dump('cqrs.projector_lease_token_seq', '');
+-- the lease functions and project_batch take the group (a 0.2.0 sidecar's calls, without it,
+-- mean the default group)
+drop function cqrs.acquire_lease(text);
+drop function cqrs.try_lead(text, interval);
+drop function cqrs.release_lead(text);
+drop function cqrs.leader();
+drop function cqrs.project_batch(jsonb, pg_lsn, bigint);
+drop function cqrs._project_batch(jsonb, pg_lsn, bigint);

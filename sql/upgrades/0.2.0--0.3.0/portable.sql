@@ -58,3 +58,6 @@ create table cqrs_portable.validator (
 );
 comment on table cqrs_portable.validator is
     'pg_cqrs portable edition: the compiled validator of each registered command type (made by cqrs_portable._compile_validators).';
+
+-- The engine's batch takes the projection group whose projections it applies.
+drop function cqrs_portable._project(jsonb, pg_lsn, text, boolean, jsonb);
