@@ -63,8 +63,9 @@ pub async fn write_to_cache(ctx: &Context, writes: Vec<Write>) {
 pub async fn resync_behind(ctx: &Context, sql: &Client) -> Result<(), tokio_postgres::Error> {
     let rows = sql
         .query(
-            "select name, revision from cqrs.projection_state order by name",
-            &[],
+            "select s.name, s.revision from cqrs.projection_state s join cqrs.projection p on p.name = s.name
+              where p.projection_group = $1 order by s.name",
+            &[&ctx.config.projection_group],
         )
         .await?;
     for row in rows {

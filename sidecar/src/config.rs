@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
+use cqrs_projection::name;
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -127,6 +128,13 @@ pub struct Config {
     /// Logical replication slot (pgoutput) to stream from; created when missing.
     #[arg(long, env = "CQRS_SLOT", default_value = "cqrs_sidecar")]
     pub slot: String,
+
+    /// The projection group this sidecar projects (cqrs.move_projection assigns projections to
+    /// groups): the sidecars of one group elect one leader (the group's lease), and groups
+    /// project in parallel, each from its own slot — the --slot name, with `_<group>` appended
+    /// for any group but `default`. 1 to 40 characters of a-z 0-9 _, starting with a letter.
+    #[arg(long, env = "CQRS_PROJECTION_GROUP", default_value = name::group::DEFAULT, value_parser = parse_group)]
+    pub projection_group: String,
 
     /// Publication on cqrs.command_log; created when missing.
     #[arg(long, env = "CQRS_PUBLICATION", default_value = "cqrs_command_log")]
@@ -331,9 +339,67 @@ pub struct Config {
     pub log: String,
 }
 
+fn parse_group(text: &str) -> Result<String, String> {
+    if name::group::is_valid(text) {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "{text:?} cannot name a projection group: {}",
+            name::group::RULE
+        ))
+    }
+}
+
+/// PostgreSQL's longest replication slot name, in bytes.
+const MAX_SLOT_BYTES: usize = 63;
+
+impl Config {
+    /// The slot this sidecar streams: --slot for the default group, `<slot>_<group>` for any
+    /// other (each group decodes the log from its own slot); an error when that is no slot name.
+    pub fn group_slot(&self) -> Result<String, String> {
+        let slot = if self.projection_group == name::group::DEFAULT {
+            self.slot.clone()
+        } else {
+            format!("{}_{}", self.slot, self.projection_group)
+        };
+        let valid = !slot.is_empty()
+            && slot.len() <= MAX_SLOT_BYTES
+            && slot
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if valid {
+            Ok(slot)
+        } else {
+            Err(format!(
+                "{slot:?} is not a replication slot name (at most {MAX_SLOT_BYTES} characters of a-z 0-9 _): shorten --slot or --projection-group"
+            ))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_group_streams_its_own_slot() {
+        let parse = |args: &[&str]| {
+            Config::try_parse_from(
+                ["cqrs-sidecar", "--database-url", "postgres://db/x"]
+                    .iter()
+                    .chain(args),
+            )
+        };
+        let config = parse(&[]).expect("the defaults");
+        assert_eq!(config.projection_group, "default");
+        assert_eq!(config.group_slot().as_deref(), Ok("cqrs_sidecar"));
+        let config = parse(&["--projection-group", "billing"]).expect("a group");
+        assert_eq!(config.group_slot().as_deref(), Ok("cqrs_sidecar_billing"));
+        let config = parse(&["--projection-group", "billing", "--slot", &"s".repeat(60)]).expect("a group");
+        assert!(config.group_slot().is_err());
+        assert!(parse(&["--projection-group", "Billing"]).is_err());
+        assert!(parse(&["--projection-group", ""]).is_err());
+    }
 
     #[test]
     fn durations() {

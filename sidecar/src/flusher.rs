@@ -63,7 +63,7 @@ impl From<tokio_postgres::Error> for AttemptError {
 }
 
 const PROJECT: &str = "select projection, key, rev, doc::text, deleted \
-                       from cqrs.project_batch($1::text::jsonb, $2::text::pg_lsn, $3)";
+                       from cqrs.project_batch($1::text::jsonb, $2::text::pg_lsn, $3, $4)";
 
 struct Flusher {
     ctx: Context,
@@ -115,7 +115,8 @@ impl Flusher {
                 Ok(rows) => return Ok(rows),
                 Err(AttemptError::Deposed) => {
                     tracing::error!(
-                        "a newer leader holds the projector lease; this sidecar stops projecting"
+                        projection_group = %self.ctx.config.projection_group,
+                        "a newer leader holds the group's lease; this sidecar stops projecting"
                     );
                     return Err(FlushError::Deposed);
                 }
@@ -159,7 +160,10 @@ impl Flusher {
         };
         Ok(self
             .sql
-            .query(&statement, &[&batch.json, fence, &self.token])
+            .query(
+                &statement,
+                &[&batch.json, fence, &self.token, &self.ctx.config.projection_group],
+            )
             .await?)
     }
 

@@ -1,5 +1,5 @@
-//! Leader election through the projector lease (`cqrs.try_lead`), which only `cqrs_projector`
-//! may take: leadership is not a lock any session could take and sit on (a session advisory
+//! Leader election through the projection group's lease (`cqrs.try_lead`), which only
+//! `cqrs_projector` may take: leadership is not a lock any session could take and sit on (a session advisory
 //! lock was; an idle session holding it left every sidecar standing by forever).
 //!
 //! Every sidecar asks for the lease on a connection of its own; one holds it and renews it on
@@ -29,24 +29,37 @@ const TRY_EVERY: Duration = Duration::from_millis(200);
 /// Longest a lease call may take before the connection counts as gone.
 const CALL_TIMEOUT: Duration = Duration::from_secs(1);
 
-const TRY_LEAD: &str = "select cqrs.try_lead($1, $2::text::interval)";
+const TRY_LEAD: &str = "select cqrs.try_lead($1, $2::text::interval, $3)";
 
-/// This process's name on the lease: host, pid and a random part (a restarted process may
-/// reuse a pid).
-pub fn holder() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    format!(
-        "{}:{}:{:08x}",
-        host.trim(),
-        std::process::id(),
-        rand::random::<u32>()
-    )
+/// Who asks for which lease.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    /// This process's name on the lease: host, pid and a random part (a restarted process may
+    /// reuse a pid).
+    holder: String,
+    /// The projection group whose lease it asks for.
+    group: String,
+}
+
+impl Candidate {
+    pub fn new(group: &str) -> Self {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        Self {
+            holder: format!(
+                "{}:{}:{:08x}",
+                host.trim(),
+                std::process::id(),
+                rand::random::<u32>()
+            ),
+            group: group.to_owned(),
+        }
+    }
 }
 
 /// The lease, held while this value lives.
 pub struct Leadership {
     client: Arc<Client>,
-    holder: String,
+    candidate: Candidate,
     token: i64,
     lost: watch::Receiver<bool>,
     monitor: tokio::task::JoinHandle<()>,
@@ -69,8 +82,10 @@ impl Leadership {
         self.monitor.abort();
         let released = tokio::time::timeout(
             CALL_TIMEOUT,
-            self.client
-                .execute("select cqrs.release_lead($1)", &[&self.holder]),
+            self.client.execute(
+                "select cqrs.release_lead($1, $2)",
+                &[&self.candidate.holder, &self.candidate.group],
+            ),
         )
         .await;
         if !matches!(released, Ok(Ok(_))) {
@@ -128,8 +143,10 @@ enum LeaseError {
 }
 
 /// One `cqrs.try_lead` call: the token when this holder leads, `None` when another does.
-async fn try_lead(client: &Client, holder: &str) -> Result<Option<i64>, LeaseError> {
-    match tokio::time::timeout(CALL_TIMEOUT, client.query_one(TRY_LEAD, &[&holder, &ttl_text()])).await {
+async fn try_lead(client: &Client, candidate: &Candidate) -> Result<Option<i64>, LeaseError> {
+    let ttl = ttl_text();
+    let args: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&candidate.holder, &ttl, &candidate.group];
+    match tokio::time::timeout(CALL_TIMEOUT, client.query_one(TRY_LEAD, &args)).await {
         Ok(Ok(row)) => Ok(row.get(0)),
         Ok(Err(err)) if err.as_db_error().is_some() => Err(LeaseError::Refused(err)),
         Ok(Err(err)) => Err(LeaseError::Connection(err)),
@@ -139,9 +156,9 @@ async fn try_lead(client: &Client, holder: &str) -> Result<Option<i64>, LeaseErr
 
 impl LeaseConnection {
     /// Renews the lease while it is ours; signals `lost` when it may not be.
-    fn lead(self, holder: String, token: i64) -> Leadership {
+    fn lead(self, candidate: Candidate, token: i64) -> Leadership {
         let client = Arc::clone(&self.client);
-        let renewer = holder.clone();
+        let renewer = candidate.clone();
         let lost_tx = self.lost_tx;
         let monitor = tokio::spawn(async move {
             loop {
@@ -163,7 +180,7 @@ impl LeaseConnection {
         });
         Leadership {
             client: self.client,
-            holder,
+            candidate,
             token,
             lost: self.lost,
             monitor,
@@ -174,7 +191,7 @@ impl LeaseConnection {
 /// Waits until this sidecar holds the lease, standing by meanwhile; `None` on shutdown.
 pub async fn acquire(
     db: &Database,
-    holder: &str,
+    candidate: &Candidate,
     shutdown: &mut watch::Receiver<bool>,
     health: &Health,
 ) -> Option<Leadership> {
@@ -198,10 +215,10 @@ pub async fn acquire(
         }
         let mut pause = Duration::from_secs(1);
         if let Some(current) = connection.take() {
-            match try_lead(&current.client, holder).await {
+            match try_lead(&current.client, candidate).await {
                 Ok(Some(token)) => {
                     health.pg_reachable.store(true, Ordering::Relaxed);
-                    return Some(current.lead(holder.to_owned(), token));
+                    return Some(current.lead(candidate.clone(), token));
                 }
                 Ok(None) => {
                     health.pg_reachable.store(true, Ordering::Relaxed);

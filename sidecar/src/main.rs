@@ -271,6 +271,7 @@ impl Wiring {
                 tracing::error!(error = %err, database = %target, "start-up check failed");
                 exit_code(&err)
             })?;
+        warn_empty_group(&client, &config.projection_group).await;
         if let Ok(exposure) = Exposure::parse(&config.expose) {
             read::warn_unknown_exposed(&client, &exposure).await;
         }
@@ -308,6 +309,7 @@ impl Wiring {
             status::Watch {
                 pg: self.pg.clone(),
                 slot: config.slot.clone(),
+                group: config.projection_group.clone(),
                 every: config.status_interval,
                 metrics: Arc::clone(&self.metrics),
                 repairs: Arc::clone(&self.repairs),
@@ -338,16 +340,16 @@ impl Wiring {
         };
         let mut standby_shutdown = shutdown.clone();
         let mut pause = Duration::from_millis(100);
-        let holder = leader::holder();
+        let candidate = leader::Candidate::new(&config.projection_group);
         loop {
             self.health.set_role(Role::Standby);
             self.metrics.leader.set(0);
             let Some(leadership) =
-                leader::acquire(&self.pg, &holder, &mut standby_shutdown, &self.health).await
+                leader::acquire(&self.pg, &candidate, &mut standby_shutdown, &self.health).await
             else {
                 return;
             };
-            tracing::info!(slot = %config.slot, "acquired leadership");
+            tracing::info!(slot = %config.slot, projection_group = %config.projection_group, "acquired leadership");
             match stream::lead(&ctx, &leadership, shutdown.clone()).await {
                 Ending::Shutdown => {
                     leadership.release().await;
@@ -377,12 +379,43 @@ impl Wiring {
     }
 }
 
+/// A group with no projections is not an error (projections may be moved into it later), but a
+/// misspelt --projection-group would otherwise lead an empty group in silence.
+async fn warn_empty_group(client: &tokio_postgres::Client, group: &str) {
+    let counted = client
+        .query_one(
+            "select count(*) filter (where projection_group = $1),
+                    coalesce(pg_catalog.string_agg(distinct projection_group, ', '), '')
+               from cqrs.projection",
+            &[&group],
+        )
+        .await;
+    if let Ok(row) = counted {
+        let (mine, groups): (i64, String) = (row.get(0), row.get(1));
+        if mine == 0 {
+            tracing::warn!(
+                projection_group = %group,
+                groups_with_projections = %groups,
+                "no projection is in this sidecar's group yet: it projects nothing until one is moved into it (select cqrs.move_projection(name, group))"
+            );
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let config = Config::parse();
+    let mut config = Config::parse();
     if let Some(Command::Probe { url, timeout }) = &config.command {
         return cqrs_sidecar::probe::run(url, *timeout);
     }
     init_logging(&config);
+    // from here on the slot is the group's (every use of --slot means the one streamed)
+    match config.group_slot() {
+        Ok(slot) => config.slot = slot,
+        Err(err) => {
+            tracing::error!(error = %err, "the replication slot's settings are not usable");
+            return ExitCode::from(MISCONFIGURED);
+        }
+    }
     // rustls is linked with two crypto providers (ring, which pgwire-replication asks for, and
     // aws-lc-rs through tokio-rustls' defaults); the redis client takes the process default,
     // which must then be chosen: ring, as for every other connection

@@ -129,7 +129,7 @@ impl Metrics {
         let r = &registry;
         Ok(Self {
             leader: register(r, IntGauge::new(LEADER, "1 while this sidecar leads (streams and projects), 0 while it stands by.")?),
-            leader_present: register(r, IntGauge::new(LEADER_PRESENT, "1 while some sidecar holds a live projector lease (from cqrs.leader()), 0 while none leads.")?),
+            leader_present: register(r, IntGauge::new(LEADER_PRESENT, "1 while some sidecar holds a live lease of this sidecar's projection group (from cqrs.leader(group)), 0 while none leads it.")?),
             projection_lag_seconds: register(r, GaugeVec::new(Opts::new(PROJECTION_LAG_SECONDS, "Age of the oldest command a projection has not applied yet (0 when caught up)."), &["projection"])?),
             projection_events_behind: register(r, IntGaugeVec::new(Opts::new(PROJECTION_EVENTS_BEHIND, "Commands in the log a projection has not applied yet."), &["projection"])?),
             projection_halted: register(r, IntGaugeVec::new(Opts::new(PROJECTION_HALTED, "1 while a projection is halted by a failing handler."), &["projection"])?),

@@ -530,7 +530,7 @@ pub async fn check(client: &Client, database: &str, slot: &str) -> Result<Instal
     }
     let may_project: bool = client
         .query_one(
-            "select pg_catalog.has_function_privilege('cqrs.project_batch(jsonb, pg_lsn, bigint)', 'execute')",
+            "select pg_catalog.has_function_privilege('cqrs.project_batch(jsonb, pg_lsn, bigint, text)', 'execute')",
             &[],
         )
         .await?

@@ -38,6 +38,9 @@ fn delta(seen: &mut HashMap<String, i64>, projection: &str, now: i64) -> u64 {
 pub struct Watch {
     pub pg: Database,
     pub slot: String,
+    /// this sidecar's projection group: it repairs the caches of that group's projections only
+    /// (their leader writes them; the other groups' leaders repair theirs)
+    pub group: String,
     pub every: Duration,
     pub metrics: Arc<Metrics>,
     pub repairs: Arc<Mutex<Repairs>>,
@@ -54,11 +57,11 @@ async fn poll(pg: &Client, watch: &Watch, seen: &mut Seen) -> Result<(), tokio_p
             // cqrs.progress(), not cqrs.status(): status compares every stream, and a poll every
             // few seconds of that, with many streams, showed up as projection-lag spikes
             "select s.projection, s.halted, s.seconds_behind, s.events_behind, s.parked, s.dead_letters, s.generation,
-                    s.dead_lettered, s.duplicates, s.revision, c.xmin::text
+                    s.dead_lettered, s.duplicates, s.revision, c.xmin::text, p.projection_group = $1
                from cqrs.progress() s
                join cqrs.projection p on p.name = s.projection
                join pg_catalog.pg_class c on c.oid = p.target",
-            &[],
+            &[&watch.group],
         )
         .await?;
     // every sidecar looks, so that one that takes the lead later knows the masters of before
@@ -95,6 +98,7 @@ async fn poll(pg: &Client, watch: &Watch, seen: &mut Seen) -> Result<(), tokio_p
         metrics.parked_events.with_label_values(&labels).set(row.get(4));
         metrics.dead_letters.with_label_values(&labels).set(row.get(5));
         let revision: i64 = row.get(9);
+        let leading = leading && row.get::<_, bool>(11);
         if leading && revision > 0 {
             // a mark that vanished means Redis restarted empty (or was flushed)
             if let Ok(None) = watch.cache.synced(&projection).await {
@@ -143,7 +147,10 @@ async fn poll(pg: &Client, watch: &Watch, seen: &mut Seen) -> Result<(), tokio_p
         .read_pool_exhausted
         .set(i64::from(watch.health.read_pool_exhausted()));
     slot_state(pg, metrics, slot, seen).await?;
-    let live: Option<bool> = pg.query_one("select live from cqrs.leader()", &[]).await?.get(0);
+    let live: Option<bool> = pg
+        .query_one("select live from cqrs.leader($1)", &[&watch.group])
+        .await?
+        .get(0);
     let live = live.unwrap_or(false);
     metrics.leader_present.set(i64::from(live));
     watch

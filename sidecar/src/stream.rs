@@ -108,18 +108,24 @@ async fn prepare_slot(ctx: &Context, sql: &Client) -> Result<(), StreamError> {
         &[&config.slot],
     )
     .await?;
-    // projections that have a checkpoint were fed by a slot before: this one was lost
+    // projections of the group that have a checkpoint were fed by a slot before: this one was
+    // lost (or the projection moved here from another group, whose slot fed it)
+    let group = &config.projection_group;
     let fed_before: bool = sql
         .query_one(
-            "select exists (select from cqrs.projection_state where checkpoint_lsn is not null)",
-            &[],
+            "select exists (select from cqrs.projection_state s join cqrs.projection p on p.name = s.name
+                             where s.checkpoint_lsn is not null and p.projection_group = $1)",
+            &[group],
         )
         .await?
         .get(0);
+    // the group's projections only: another group's leader feeds the others from its own slot
     let rows = sql
         .query(
-            "select projection, key, rev, doc::text, deleted from cqrs.catch_up()",
-            &[],
+            "select c.projection, c.key, c.rev, c.doc::text, c.deleted
+               from cqrs.projection p cross join lateral cqrs.catch_up(p.name) c
+              where p.projection_group = $1",
+            &[group],
         )
         .await?;
     if fed_before {
@@ -144,7 +150,12 @@ fn cqrs_lsn(lsn: u64) -> String {
 pub async fn lead(ctx: &Context, leadership: &Leadership, shutdown: watch::Receiver<bool>) -> Ending {
     ctx.health.set_role(Role::Leader);
     ctx.metrics.leader.set(1);
-    tracing::info!(token = leadership.token(), slot = %ctx.config.slot, "leading: took the projector lease");
+    tracing::info!(
+        token = leadership.token(),
+        slot = %ctx.config.slot,
+        projection_group = %ctx.config.projection_group,
+        "leading: took the group's lease"
+    );
     let ending = match Streaming::start(ctx, leadership.token(), shutdown.clone()).await {
         Ok(mut streaming) => {
             let ending = streaming.stream(leadership.lost(), shutdown).await;

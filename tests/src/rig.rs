@@ -21,6 +21,8 @@ pub struct Rig {
     /// The Redis Cluster the sidecars cache in instead of `redis`, when one is used.
     pub redis_cluster: Option<RedisCluster>,
     pub sidecars: Vec<Sidecar>,
+    /// The projection group of each sidecar (`default` unless started in another).
+    pub groups: Vec<String>,
     pub edition: Edition,
     /// Where sidecars connect: the superuser with the extension; with the portable edition the
     /// role a managed service gives a sidecar (REPLICATION and cqrs_projector, nothing more).
@@ -67,6 +69,7 @@ impl Rig {
             redis,
             redis_cluster: None,
             sidecars: Vec::new(),
+            groups: Vec::new(),
             edition,
             sidecar_url,
             settings: Vec::new(),
@@ -111,7 +114,45 @@ impl Rig {
         let name = format!("sidecar-{}", self.sidecars.len() + 1);
         let sidecar = Sidecar::start(&name, database_url, &self.redis.url(), &self.settings)?;
         self.sidecars.push(sidecar);
+        self.groups.push("default".to_owned());
         Ok(self.sidecars.len() - 1)
+    }
+
+    /// Starts one more sidecar of projection group `group` (it leads the group if nobody does).
+    pub fn add_sidecar_in_group(&mut self, group: &str) -> Result<usize> {
+        let name = format!("sidecar-{}-{group}", self.sidecars.len() + 1);
+        let mut settings = self.settings.clone();
+        settings.push(("CQRS_PROJECTION_GROUP".to_owned(), group.to_owned()));
+        let sidecar = Sidecar::start(&name, &self.sidecar_url, &self.redis.url(), &settings)?;
+        self.sidecars.push(sidecar);
+        self.groups.push(group.to_owned());
+        Ok(self.sidecars.len() - 1)
+    }
+
+    /// Waits until exactly one sidecar of `group` leads and streams; returns its index.
+    pub fn wait_for_group_leader(&self, group: &str, timeout: Duration) -> Result<usize> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let leaders: Vec<usize> = (0..self.sidecars.len())
+                .filter(|&i| self.groups[i] == group && self.sidecars[i].is_leader())
+                .collect();
+            if let [leader] = leaders[..] {
+                if self.sidecars[leader].readiness() == Some(200) {
+                    return Ok(leader);
+                }
+            }
+            anyhow::ensure!(
+                leaders.len() <= 1,
+                "two leaders of group {group} at once: {leaders:?}"
+            );
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "no streaming leader of group {group} after {timeout:?}:\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Like [`Rig::add_sidecar`], running `binary`, the sidecar of release `version`.
@@ -126,6 +167,7 @@ impl Rig {
             &self.settings,
         )?;
         self.sidecars.push(sidecar);
+        self.groups.push("default".to_owned());
         Ok(self.sidecars.len() - 1)
     }
 
