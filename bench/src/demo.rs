@@ -30,6 +30,9 @@ use crate::workload::{OrderCommand, OrderGenerator};
 use crate::writers::{WriteStats, WriterOptions, Writers};
 use cqrs_harness::edition::{self, Edition};
 
+/// The projection group user_order_stats moves to with --projection-groups.
+const USERS_GROUP: &str = "users";
+
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
     /// Which edition of pg_cqrs to run on: `extension` (CREATE EXTENSION, a superuser) or
@@ -52,6 +55,11 @@ pub struct DemoArgs {
     /// redis-server; half-way through part 2 a master is killed with SIGKILL too.
     #[arg(long)]
     redis_cluster: bool,
+    /// Two projection groups: user_order_stats moves to group `users`, projected by two
+    /// sidecars of its own (one leads) from a slot of its own; half-way through part 2 the leader
+    /// of each group is killed.
+    #[arg(long)]
+    projection_groups: bool,
     /// Do not kill the leading sidecar half-way through part 2.
     #[arg(long)]
     no_failover: bool,
@@ -358,7 +366,7 @@ fn cache_entries(stack: &Stack, cluster: Option<&RedisCluster>) -> u64 {
 }
 
 async fn live(stack: &mut Stack, args: &DemoArgs, mut cluster: Option<&mut RedisCluster>) -> Result<bool> {
-    println!("\n▶ part 2 — live: projections, two sidecars and Redis");
+    println!("\n▶ part 2 — live: projections, sidecars and Redis");
     let started = Instant::now();
     stack.create_projections().await?;
     println!(
@@ -366,10 +374,30 @@ async fn live(stack: &mut Stack, args: &DemoArgs, mut cluster: Option<&mut Redis
          they projected part 1's log in {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    if args.projection_groups {
+        stack
+            .client()
+            .await?
+            .query(
+                "select count(*) from cqrs.move_projection('user_order_stats', $1)",
+                &[&USERS_GROUP],
+            )
+            .await?;
+        println!(
+            "  moved user_order_stats to projection group {USERS_GROUP} (cqrs.move_projection); order_summary stays in default"
+        );
+    }
     let first = stack.add_sidecar()?;
     stack.wait_for_leader(Duration::from_secs(30))?;
     let second = stack.add_sidecar()?;
-    for sidecar in [first, second] {
+    let mut started_sidecars = vec![first, second];
+    if args.projection_groups {
+        let third = stack.add_sidecar_in_group(USERS_GROUP)?;
+        stack.wait_for_group_leader(USERS_GROUP, Duration::from_secs(30))?;
+        started_sidecars.push(third);
+        started_sidecars.push(stack.add_sidecar_in_group(USERS_GROUP)?);
+    }
+    for &sidecar in &started_sidecars {
         stack.sidecars[sidecar].keep_log();
     }
     println!(
@@ -379,6 +407,13 @@ async fn live(stack: &mut Stack, args: &DemoArgs, mut cluster: Option<&mut Redis
         stack.sidecars[first].log_path().display(),
         stack.sidecars[second].log_path().display()
     );
+    if args.projection_groups {
+        println!(
+            "  group {USERS_GROUP}: sidecar-3 leads, sidecar-4 stands by, streaming slot cqrs_sidecar_{USERS_GROUP}; logs: {} and {}",
+            stack.sidecars[2].log_path().display(),
+            stack.sidecars[3].log_path().display()
+        );
+    }
     println!(
         "  the read API wants a JWT (exposed: {}; a user's stats only to that user); this demo reads with\n    {}",
         crate::stack::READ_EXPOSURE,
@@ -391,7 +426,11 @@ async fn live(stack: &mut Stack, args: &DemoArgs, mut cluster: Option<&mut Redis
         if args.no_failover {
             ""
         } else {
-            "; the leader is killed with SIGKILL half-way"
+            if args.projection_groups {
+                "; the leader of each group is killed with SIGKILL half-way"
+            } else {
+                "; the leader is killed with SIGKILL half-way"
+            }
         }
     );
     let url = stack.owner_url.clone();
@@ -429,12 +468,15 @@ async fn live(stack: &mut Stack, args: &DemoArgs, mut cluster: Option<&mut Redis
         }
         let appended = stats.appended.load(Ordering::Relaxed);
         let lags = probe.window();
-        let leader = stack
-            .sidecars
-            .iter()
-            .position(|s| s.is_leader())
+        let leaders: Vec<String> = (0..stack.sidecars.len())
+            .filter(|&i| stack.sidecars[i].is_leader())
             .map(|i| format!("sidecar-{}", i + 1))
-            .unwrap_or_else(|| "none".into());
+            .collect();
+        let leader = if leaders.is_empty() {
+            "none".to_owned()
+        } else {
+            leaders.join(", ")
+        };
         let lag = if lags.is_empty() {
             "lag (no probe finished)    ".to_owned()
         } else {
@@ -453,12 +495,18 @@ async fn live(stack: &mut Stack, args: &DemoArgs, mut cluster: Option<&mut Redis
         last = appended;
         if !failed_over && live_started.elapsed() >= Duration::from_secs(args.seconds / 2) {
             failed_over = true;
-            if let Some(leader) = stack.sidecars.iter().position(|s| s.is_leader()) {
+            let groups: &[&str] = if args.projection_groups {
+                &["default", USERS_GROUP]
+            } else {
+                &["default"]
+            };
+            for &group in groups {
+                let leader = stack.wait_for_group_leader(group, Duration::from_secs(10))?;
                 stack.sidecars[leader].kill();
                 let killed = Instant::now();
-                let next = stack.wait_for_leader(Duration::from_secs(10))?;
+                let next = stack.wait_for_group_leader(group, Duration::from_secs(10))?;
                 println!(
-                    "  ✂ killed sidecar-{} (SIGKILL); sidecar-{} took over in {:.2} s",
+                    "  ✂ killed sidecar-{} (SIGKILL), leader of group {group}; sidecar-{} took over in {:.2} s",
                     leader + 1,
                     next + 1,
                     killed.elapsed().as_secs_f64()

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod append_bench;
 mod demo;
+mod groups_bench;
 mod lag;
 mod load;
 mod projection_bench;
@@ -42,6 +43,8 @@ enum Commands {
     Read(read_bench::ReadArgs),
     /// Scaling out: reads and cache writes on a Redis Cluster vs one Redis, misses on a replica.
     Scale(scale_bench::ScaleArgs),
+    /// Projection groups: catch-up of a backlog with four projections in 1 vs 2 vs 4 groups.
+    Groups(groups_bench::GroupsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         Commands::Load(args) => runtime.block_on(load::run(args)),
         Commands::Read(args) => runtime.block_on(read_bench::run(args)),
         Commands::Scale(args) => runtime.block_on(scale_bench::run(args)),
+        Commands::Groups(args) => runtime.block_on(groups_bench::run(args)),
     }
 }
 

@@ -17,6 +17,8 @@ use cqrs_harness::connect;
 
 pub struct Stack {
     pub sidecars: Vec<Sidecar>,
+    /// The projection group of each sidecar.
+    pub groups: Vec<String>,
     pub redis: RedisServer,
     pub pg: PgCluster,
     pub edition: Edition,
@@ -68,6 +70,7 @@ impl Stack {
         );
         let stack = Self {
             sidecars: Vec::new(),
+            groups: Vec::new(),
             redis,
             owner_url: edition::owner_url(&pg, edition),
             pg,
@@ -124,17 +127,54 @@ impl Stack {
         self.settings.retain(|(k, _)| k != key);
     }
 
-    /// Starts a sidecar; returns its index.
+    /// Starts a sidecar of the default projection group; returns its index.
     pub fn add_sidecar(&mut self) -> Result<usize> {
+        self.add_sidecar_in_group("default")
+    }
+
+    /// Starts a sidecar of projection group `group`; returns its index.
+    pub fn add_sidecar_in_group(&mut self, group: &str) -> Result<usize> {
         let name = format!("sidecar-{}", self.sidecars.len() + 1);
-        let sidecar = Sidecar::start(&name, &self.sidecar_url, &self.redis.url(), &self.settings)?;
+        let mut settings = self.settings.clone();
+        settings.push(("CQRS_PROJECTION_GROUP".to_owned(), group.to_owned()));
+        let sidecar = Sidecar::start(&name, &self.sidecar_url, &self.redis.url(), &settings)?;
         self.sidecars.push(sidecar);
+        self.groups.push(group.to_owned());
         Ok(self.sidecars.len() - 1)
     }
 
-    /// The sidecar that leads and streams, waiting up to `timeout` for one.
+    /// The sidecar that leads the default group and streams, waiting up to `timeout` for one.
     pub fn wait_for_leader(&self, timeout: Duration) -> Result<usize> {
-        cqrs_harness::sidecar::wait_for_leader(&self.sidecars, timeout)
+        self.wait_for_group_leader("default", timeout)
+    }
+
+    /// The sidecar that leads `group` and streams, waiting up to `timeout` for one.
+    pub fn wait_for_group_leader(&self, group: &str, timeout: Duration) -> Result<usize> {
+        let members: Vec<usize> = (0..self.sidecars.len())
+            .filter(|&i| self.groups[i] == group)
+            .collect();
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let leaders: Vec<usize> = members
+                .iter()
+                .copied()
+                .filter(|&i| self.sidecars[i].is_leader())
+                .collect();
+            if let [leader] = leaders[..] {
+                if self.sidecars[leader].readiness() == Some(200) {
+                    return Ok(leader);
+                }
+            }
+            anyhow::ensure!(
+                leaders.len() <= 1,
+                "two leaders of group {group} at once: {leaders:?}"
+            );
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "no streaming leader of group {group} after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The HTTP base URL of a sidecar.
