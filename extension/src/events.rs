@@ -181,7 +181,8 @@ pub(crate) const LOG_AFTER: &str = concat!(
 );
 
 /// Commands projection `$1` has not applied, in log order, at most `$2` of them and about `$3`
-/// bytes: per stream, those after its progress. Exact whatever the order commands committed in.
+/// bytes: per stream, those after its progress, up to position `$4` (all when null). Exact
+/// whatever the order commands committed in.
 pub(crate) const BEHIND: &str = concat!(
     "select c.doc from (
     select ",
@@ -194,6 +195,7 @@ pub(crate) const BEHIND: &str = concat!(
               cross join lateral (
                     select * from cqrs.command_log l
                      where l.stream = s.stream and l.seq > coalesce(ps.last_seq, 0)
+                       and ($4::int8 is null or l.position <= $4::int8)
                      order by l.seq
                      limit $2) l
              where s.last_seq > coalesce(ps.last_seq, 0)

@@ -65,14 +65,15 @@ unsafe fn return_rows(fcinfo: pg_sys::FunctionCallInfo, rows: Vec<ChangedRow>) -
 }
 
 /// The next chunk of the log (at most `chunk` commands and about [`events::CHUNK_BYTES`]):
-/// `query` is [`events::BEHIND`] (after projection `from`'s progress) or [`events::LOG_AFTER`]
-/// (after position `from`).
+/// `query` is [`events::BEHIND`] (after projection `from`'s progress, up to position `upto`) or
+/// [`events::LOG_AFTER`] (after position `from`; `upto` unused).
 fn read_log(
     client: &mut SpiClient<'_>,
     query: &'static str,
     from_type: PgBuiltInOids,
     from: pgrx::datum::DatumWithOid<'_>,
     chunk: i64,
+    upto: Option<i64>,
 ) -> Result<Vec<cqrs_projection::event::Event>, ErrorReport> {
     let plan = prepared::statement(
         client,
@@ -81,10 +82,15 @@ fn read_log(
             from_type.into(),
             PgBuiltInOids::INT8OID.into(),
             PgBuiltInOids::INT8OID.into(),
+            PgBuiltInOids::INT8OID.into(),
         ],
     )?;
     let rows = prepared::index_plans(|| {
-        client.update(&*plan, None, &[from, chunk.into(), events::CHUNK_BYTES.into()])
+        client.update(
+            &*plan,
+            None,
+            &[from, chunk.into(), events::CHUNK_BYTES.into(), upto.into()],
+        )
     })
     .map_err(|e| spi_error("reading the log", e))?;
     events::from_rows(rows, "a command-log row")
@@ -97,18 +103,61 @@ pub(crate) struct CaughtUp {
     pub(crate) halted: Option<String>,
 }
 
-/// Applies every command projection `name` has not applied yet, `chunk` at a time.
+/// How far a catch-up goes.
+#[derive(Clone, Copy)]
+pub(crate) enum Reach {
+    /// Up to the end of the log as it was when the catch-up started (log position at most
+    /// this): under a steady stream of commands it ends, and what commits later is the sidecar's.
+    LogEndAtStart(i64),
+    /// Until nothing is left, commands committed meanwhile included (create_projection's
+    /// backfill, which no lease fences against the sidecar's batches).
+    Everything,
+}
+
+impl Reach {
+    /// The end of the log now.
+    pub(crate) fn log_end(client: &mut SpiClient<'_>) -> Result<Self, ErrorReport> {
+        let end = client
+            .select(
+                "select coalesce(max(position), 0) from cqrs.command_log",
+                None,
+                &[],
+            )
+            .and_then(|rows| rows.first().get_one::<i64>())
+            .map_err(|e| spi_error("reading the end of the log", e))?
+            .unwrap_or(0);
+        Ok(Self::LogEndAtStart(end))
+    }
+
+    fn upto(self) -> Option<i64> {
+        match self {
+            Self::LogEndAtStart(end) => Some(end),
+            Self::Everything => None,
+        }
+    }
+}
+
+/// Applies every command projection `name` has not applied yet (within `reach`), `chunk` at a
+/// time.
 pub(crate) fn catch_up_one(
     client: &mut SpiClient<'_>,
     name: &str,
     chunk: i64,
     with_docs: bool,
     skip: Option<&Skip>,
+    reach: Reach,
     changes: &mut Changes,
 ) -> Result<CaughtUp, ErrorReport> {
     let mut total = 0u64;
     loop {
-        let events = read_log(client, events::BEHIND, PgBuiltInOids::TEXTOID, name.into(), chunk)?;
+        let events = read_log(
+            client,
+            events::BEHIND,
+            PgBuiltInOids::TEXTOID,
+            name.into(),
+            chunk,
+            reach.upto(),
+        )?;
         if events.is_empty() {
             return Ok(CaughtUp {
                 events: total,
@@ -338,8 +387,11 @@ pub unsafe extern "C-unwind" fn cqrs_catch_up(fcinfo: pg_sys::FunctionCallInfo) 
     let rows = chunk_arg(chunk).and_then(|chunk| {
         Spi::connect_mut(|client| {
             let mut changes = Changes::default();
+            // a catch-up under a steady stream of commands would chase the log's end (and hold
+            // the projection's state row, and a move both groups' leases) for as long as it lasts
+            let reach = Reach::log_end(client)?;
             for name in names(client, name.as_deref())? {
-                let caught = catch_up_one(client, &name, chunk, true, None, &mut changes)?;
+                let caught = catch_up_one(client, &name, chunk, true, None, reach, &mut changes)?;
                 if let Some(why) = caught.halted {
                     pgrx::warning!("catch-up of {name} stopped: {why}");
                 }
@@ -387,7 +439,16 @@ pub unsafe extern "C-unwind" fn cqrs_resume(fcinfo: pg_sys::FunctionCallInfo) ->
         };
         clear_halt(client, &name, Counts::Keep)?;
         let mut changes = Changes::default();
-        let caught = catch_up_one(client, &name, DEFAULT_CHUNK, true, skip.as_ref(), &mut changes)?;
+        let reach = Reach::log_end(client)?;
+        let caught = catch_up_one(
+            client,
+            &name,
+            DEFAULT_CHUNK,
+            true,
+            skip.as_ref(),
+            reach,
+            &mut changes,
+        )?;
         if let Some(skipped) = &skip {
             pgrx::notice!(
                 "projection {name}: skipped {}#{} into cqrs.dead_letter; cqrs.retry_dead_letters('{name}') applies it once the cause is fixed",
@@ -581,7 +642,15 @@ fn create_projection(
     Spi::connect_mut(|client| {
         if backfill {
             let mut changes = Changes::default();
-            let caught = catch_up_one(client, name, DEFAULT_CHUNK, false, None, &mut changes)?;
+            let caught = catch_up_one(
+                client,
+                name,
+                DEFAULT_CHUNK,
+                false,
+                None,
+                Reach::Everything,
+                &mut changes,
+            )?;
             if let Some(why) = caught.halted {
                 return Err(error(
                     PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -669,7 +738,7 @@ fn rebuild(
         let replayed = replay_log(client, name, chunk, started)?;
         // commands committed while we ran, below our cursor
         let mut changes = Changes::default();
-        let caught = catch_up_one(client, name, chunk, false, None, &mut changes)?;
+        let caught = catch_up_one(client, name, chunk, false, None, Reach::Everything, &mut changes)?;
         if let Some(why) = caught.halted {
             return Err(error(
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -750,6 +819,7 @@ fn replay_log(
             PgBuiltInOids::INT8OID,
             cursor.into(),
             chunk,
+            None,
         )?;
         let Some(last) = events.last() else {
             return Ok(done);

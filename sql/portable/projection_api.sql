@@ -17,14 +17,18 @@ declare
     v_search_path text := pg_catalog.current_setting('search_path');
     v_name text;
     v_row record;
+    v_upto bigint;
     -- an array, appended in place (a jsonb array would be copied at every append)
     v_rows jsonb[] := '{}'::jsonb[];
 begin
     if chunk is not null and chunk not between 1 and 1000000 then
         raise exception using errcode = '22023', message = format('chunk must be between 1 and 1000000, not %s', chunk);
     end if;
+    -- up to the end of the log as it is now: under a steady stream of commands a catch-up would
+    -- otherwise chase the end (holding the projection's state row, and a move both leases)
+    v_upto := (select coalesce(pg_catalog.max(l.position), 0) from cqrs.command_log l);
     for v_name in select s.name from cqrs.projection_state s where (catch_up.name is null or s.name = catch_up.name) and not s.halted order by s.name loop
-        for v_row in select * from cqrs_portable._catch_up_one(v_name, coalesce(chunk, 10000), true, null) loop
+        for v_row in select * from cqrs_portable._catch_up_one(v_name, coalesce(chunk, 10000), true, null, v_upto) loop
             if v_row.halted is null then
                 v_rows := v_rows || jsonb_build_object('projection', v_row.projection, 'key', v_row.key,
                                                       'rev', v_row.rev, 'doc', v_row.doc, 'deleted', v_row.deleted);
@@ -86,7 +90,10 @@ begin
     if not found then
         raise exception using errcode = '42704', message = format('projection %s does not exist', cqrs_portable._quoted(resume.name));
     end if;
-    for v_row in select * from cqrs_portable._catch_up_one(resume.name, 10000, true, v_skip) loop
+    -- up to the end of the log as it is now (the state row is locked: the batches after it apply
+    -- the projection again)
+    for v_row in select * from cqrs_portable._catch_up_one(resume.name, 10000, true, v_skip,
+                                                           (select coalesce(pg_catalog.max(l.position), 0) from cqrs.command_log l)) loop
         if v_row.halted is null then
             v_rows := v_rows || jsonb_build_object('projection', v_row.projection, 'key', v_row.key,
                                                   'rev', v_row.rev, 'doc', v_row.doc, 'deleted', v_row.deleted);
@@ -229,7 +236,7 @@ begin
         end if;
     end loop;
     -- commands committed while we ran, below our cursor
-    for v_row in select * from cqrs_portable._catch_up_one(rebuild.name, chunk, false, null) where halted is not null loop
+    for v_row in select * from cqrs_portable._catch_up_one(rebuild.name, chunk, false, null, null) where halted is not null loop
         if v_row.halted <> '' then
             raise exception using errcode = '55000', message = format('rebuild of %s stopped: %s', rebuild.name, v_row.halted);
         end if;
@@ -335,7 +342,7 @@ begin
         end loop;
     end if;
     if backfill then
-        for v_row in select * from cqrs_portable._catch_up_one(create_projection.name, 10000, false, null) where halted is not null and halted <> '' loop
+        for v_row in select * from cqrs_portable._catch_up_one(create_projection.name, 10000, false, null, null) where halted is not null and halted <> '' loop
             raise exception using errcode = '55000',
                 message = format('backfilling projection %s failed: %s', cqrs_portable._quoted(create_projection.name), v_row.halted),
                 hint = 'Nothing was registered. Fix the handlers (or use on_error => ''dead_letter'') and try again.';
@@ -357,7 +364,9 @@ $$;
 
 -- Every command projection `name` has not applied yet, in log order, `chunk` at a time (and
 -- about 64 MiB); returns the changed rows, and how it ended in `halted` ('' when caught up).
-create function cqrs_portable._catch_up_one(name text, chunk integer, with_docs boolean, skip jsonb,
+-- upto: the last log position to apply (null: until nothing is left, commands committed meanwhile
+-- included — create_projection's backfill and rebuild)
+create function cqrs_portable._catch_up_one(name text, chunk integer, with_docs boolean, skip jsonb, upto bigint,
     out projection text, out key text, out rev bigint, out doc json, out deleted boolean, out events bigint, out halted text)
 returns setof record
 language plpgsql
@@ -383,6 +392,7 @@ begin
                                   left join cqrs.projection_stream ps on ps.projection = _catch_up_one.name and ps.stream = s.stream
                                   cross join lateral (select * from cqrs.command_log l
                                                        where l.stream = s.stream and l.seq > coalesce(ps.last_seq, 0)
+                                                         and (upto is null or l.position <= upto)
                                                        order by l.seq limit chunk) l
                                  where s.last_seq > coalesce(ps.last_seq, 0)
                                  order by l.position limit chunk) l) r) c

@@ -896,7 +896,7 @@ comment on function cqrs.read_many(text, text[]) is
 comment on function cqrs.read(text, text) is 'One read-model row as jsonb with its revision; no row when there is none.';
 
 comment on function cqrs.catch_up(text, integer) is
-    'Applies every command a projection (or every projection) has not applied yet, read from the log; returns the changed rows.';
+    'Applies every command a projection (or every projection) has not applied yet, read from the log up to its end when the call started; returns the changed rows.';
 
 comment on function cqrs.resume(text, boolean) is
     'Clears a halted projection''s error and catches it up with the log; with skip => true the event it halted on goes to cqrs.dead_letter first (with its error), so that the projection moves past it.';

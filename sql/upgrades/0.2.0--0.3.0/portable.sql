@@ -61,3 +61,6 @@ comment on table cqrs_portable.validator is
 
 -- The engine's batch takes the projection group whose projections it applies.
 drop function cqrs_portable._project(jsonb, pg_lsn, text, boolean, jsonb);
+-- A catch-up takes the last log position it applies (a catch-up under load stops at the end of
+-- the log as it was when it started).
+drop function cqrs_portable._catch_up_one(text, integer, boolean, jsonb);
