@@ -150,31 +150,7 @@ impl Stack {
 
     /// The sidecar that leads `group` and streams, waiting up to `timeout` for one.
     pub fn wait_for_group_leader(&self, group: &str, timeout: Duration) -> Result<usize> {
-        let members: Vec<usize> = (0..self.sidecars.len())
-            .filter(|&i| self.groups[i] == group)
-            .collect();
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let leaders: Vec<usize> = members
-                .iter()
-                .copied()
-                .filter(|&i| self.sidecars[i].is_leader())
-                .collect();
-            if let [leader] = leaders[..] {
-                if self.sidecars[leader].readiness() == Some(200) {
-                    return Ok(leader);
-                }
-            }
-            anyhow::ensure!(
-                leaders.len() <= 1,
-                "two leaders of group {group} at once: {leaders:?}"
-            );
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "no streaming leader of group {group} after {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        cqrs_harness::sidecar::wait_for_leader_among(&self.sidecars, |i| self.groups[i] == group, timeout)
     }
 
     /// The HTTP base URL of a sidecar.

@@ -273,9 +273,19 @@ pub fn leaders(sidecars: &[Sidecar]) -> Vec<usize> {
 /// Waits until exactly one of `sidecars` leads and streams (`/readyz` 200) and returns its
 /// index; two leaders at once is an error, and so is none by `timeout` (with every log).
 pub fn wait_for_leader(sidecars: &[Sidecar], timeout: Duration) -> Result<usize> {
+    wait_for_leader_among(sidecars, |_| true, timeout)
+}
+
+/// Like [`wait_for_leader`], among the sidecars `member` says are in it (those of one
+/// projection group: each group has a leader of its own).
+pub fn wait_for_leader_among(
+    sidecars: &[Sidecar],
+    member: impl Fn(usize) -> bool,
+    timeout: Duration,
+) -> Result<usize> {
     let deadline = Instant::now() + timeout;
     loop {
-        let leaders = leaders(sidecars);
+        let leaders: Vec<usize> = leaders(sidecars).into_iter().filter(|&i| member(i)).collect();
         if let [leader] = leaders[..] {
             if sidecars[leader].readiness() == Some(200) {
                 return Ok(leader);

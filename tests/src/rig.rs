@@ -131,28 +131,7 @@ impl Rig {
 
     /// Waits until exactly one sidecar of `group` leads and streams; returns its index.
     pub fn wait_for_group_leader(&self, group: &str, timeout: Duration) -> Result<usize> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let leaders: Vec<usize> = (0..self.sidecars.len())
-                .filter(|&i| self.groups[i] == group && self.sidecars[i].is_leader())
-                .collect();
-            if let [leader] = leaders[..] {
-                if self.sidecars[leader].readiness() == Some(200) {
-                    return Ok(leader);
-                }
-            }
-            anyhow::ensure!(
-                leaders.len() <= 1,
-                "two leaders of group {group} at once: {leaders:?}"
-            );
-            if std::time::Instant::now() > deadline {
-                anyhow::bail!(
-                    "no streaming leader of group {group} after {timeout:?}:\n{}",
-                    self.logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        cqrs_harness::sidecar::wait_for_leader_among(&self.sidecars, |i| self.groups[i] == group, timeout)
     }
 
     /// Like [`Rig::add_sidecar`], running `binary`, the sidecar of release `version`.
