@@ -17,8 +17,6 @@ use cqrs_harness::connect;
 
 pub struct Stack {
     pub sidecars: Vec<Sidecar>,
-    /// The projection group of each sidecar.
-    pub groups: Vec<String>,
     pub redis: RedisServer,
     pub pg: PgCluster,
     pub edition: Edition,
@@ -70,7 +68,6 @@ impl Stack {
         );
         let stack = Self {
             sidecars: Vec::new(),
-            groups: Vec::new(),
             redis,
             owner_url: edition::owner_url(&pg, edition),
             pg,
@@ -139,7 +136,6 @@ impl Stack {
         settings.push(("CQRS_PROJECTION_GROUP".to_owned(), group.to_owned()));
         let sidecar = Sidecar::start(&name, &self.sidecar_url, &self.redis.url(), &settings)?;
         self.sidecars.push(sidecar);
-        self.groups.push(group.to_owned());
         Ok(self.sidecars.len() - 1)
     }
 
@@ -150,7 +146,7 @@ impl Stack {
 
     /// The sidecar that leads `group` and streams, waiting up to `timeout` for one.
     pub fn wait_for_group_leader(&self, group: &str, timeout: Duration) -> Result<usize> {
-        cqrs_harness::sidecar::wait_for_leader_among(&self.sidecars, |i| self.groups[i] == group, timeout)
+        cqrs_harness::sidecar::wait_for_group_leader(&self.sidecars, group, timeout)
     }
 
     /// The HTTP base URL of a sidecar.

@@ -39,6 +39,8 @@ pub fn sidecar_binary() -> Result<PathBuf> {
 /// A running sidecar.
 pub struct Sidecar {
     child: ChildGuard,
+    /// its projection group
+    group: String,
     /// the read API
     http_port: u16,
     /// /metrics, /healthz, /readyz (the read API's port for sidecars before 0.2.0)
@@ -144,13 +146,24 @@ impl Sidecar {
             command.env(key.as_ref(), value.as_ref());
         }
         let child = command.spawn().context("starting cqrs-sidecar")?;
+        let group = extra
+            .iter()
+            .rev()
+            .find(|(key, _)| key.as_ref() == "CQRS_PROJECTION_GROUP")
+            .map_or_else(|| "default".to_owned(), |(_, value)| value.as_ref().to_owned());
         Ok(Self {
             child: ChildGuard::new(name.to_owned(), child),
+            group,
             http_port,
             admin_port,
             log,
             keep_log: std::env::var_os("CQRS_KEEP_LOGS").is_some(),
         })
+    }
+
+    /// The projection group it projects (`CQRS_PROJECTION_GROUP`, `default` without one).
+    pub fn group(&self) -> &str {
+        &self.group
     }
 
     /// The read API's port.
@@ -276,16 +289,23 @@ pub fn wait_for_leader(sidecars: &[Sidecar], timeout: Duration) -> Result<usize>
     wait_for_leader_among(sidecars, |_| true, timeout)
 }
 
-/// Like [`wait_for_leader`], among the sidecars `member` says are in it (those of one
-/// projection group: each group has a leader of its own).
-pub fn wait_for_leader_among(
+/// Like [`wait_for_leader`], among the sidecars of projection group `group` (each group has a
+/// leader of its own).
+pub fn wait_for_group_leader(sidecars: &[Sidecar], group: &str, timeout: Duration) -> Result<usize> {
+    wait_for_leader_among(sidecars, |s| s.group() == group, timeout)
+}
+
+fn wait_for_leader_among(
     sidecars: &[Sidecar],
-    member: impl Fn(usize) -> bool,
+    member: impl Fn(&Sidecar) -> bool,
     timeout: Duration,
 ) -> Result<usize> {
     let deadline = Instant::now() + timeout;
     loop {
-        let leaders: Vec<usize> = leaders(sidecars).into_iter().filter(|&i| member(i)).collect();
+        let leaders: Vec<usize> = leaders(sidecars)
+            .into_iter()
+            .filter(|&i| member(&sidecars[i]))
+            .collect();
         if let [leader] = leaders[..] {
             if sidecars[leader].readiness() == Some(200) {
                 return Ok(leader);

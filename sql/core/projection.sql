@@ -346,9 +346,11 @@ comment on function cqrs._fence(bigint, pg_lsn, text) is
 -- (PL/pgSQL, not SQL: cqrs._project_batch is the edition's and does not exist yet here. No `set
 -- search_path`, on purpose: the portable edition puts back the caller's search_path when the
 -- owner's code changed it, and must see the caller's, not this function's; the body names only
--- schema-qualified objects.)
-create function cqrs.project_batch(events jsonb, commit_lsn pg_lsn default null, fencing_token bigint default null,
-                                   projection_group text default 'default')
+-- schema-qualified objects.) Two signatures, not one with a defaulted group: the three-argument
+-- one is the default group's and the one sidecars of 0.2.0 look for at start (a sidecar that
+-- restarts between the extension's upgrade and its own must still start); the group is the
+-- fourth argument, without a default, so no call can match both.
+create function cqrs.project_batch(events jsonb, commit_lsn pg_lsn, fencing_token bigint, projection_group text)
 returns table (projection text, key text, rev bigint, doc json, deleted boolean)
 language plpgsql volatile called on null input
 as $$
@@ -361,6 +363,20 @@ comment on function cqrs.project_batch(jsonb, pg_lsn, bigint, text) is
     'Applies an ordered batch of command-log rows to every projection of a projection group, exactly once, in one transaction; returns every read-model row it changed. A batch at or below a projection''s checkpoint LSN is skipped; a fencing_token other than the group''s lease''s is refused.';
 revoke execute on function cqrs.project_batch(jsonb, pg_lsn, bigint, text) from public;
 grant execute on function cqrs.project_batch(jsonb, pg_lsn, bigint, text) to cqrs_projector;
+
+create function cqrs.project_batch(events jsonb, commit_lsn pg_lsn default null, fencing_token bigint default null)
+returns table (projection text, key text, rev bigint, doc json, deleted boolean)
+language plpgsql volatile called on null input
+as $$
+begin
+    return query select b.projection, b.key, b.rev, b.doc, b.deleted
+                   from cqrs._project_batch(events, commit_lsn, fencing_token, 'default') b;
+end
+$$;
+comment on function cqrs.project_batch(jsonb, pg_lsn, bigint) is
+    'cqrs.project_batch of the default projection group (every projection until one is moved).';
+revoke execute on function cqrs.project_batch(jsonb, pg_lsn, bigint) from public;
+grant execute on function cqrs.project_batch(jsonb, pg_lsn, bigint) to cqrs_projector;
 
 -- Moving a projection to another group, with nothing lost or doubled: the leases of both groups
 -- are locked for update (waiting for their batches in flight and holding off new ones until the

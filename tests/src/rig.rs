@@ -21,8 +21,6 @@ pub struct Rig {
     /// The Redis Cluster the sidecars cache in instead of `redis`, when one is used.
     pub redis_cluster: Option<RedisCluster>,
     pub sidecars: Vec<Sidecar>,
-    /// The projection group of each sidecar (`default` unless started in another).
-    pub groups: Vec<String>,
     pub edition: Edition,
     /// Where sidecars connect: the superuser with the extension; with the portable edition the
     /// role a managed service gives a sidecar (REPLICATION and cqrs_projector, nothing more).
@@ -69,7 +67,6 @@ impl Rig {
             redis,
             redis_cluster: None,
             sidecars: Vec::new(),
-            groups: Vec::new(),
             edition,
             sidecar_url,
             settings: Vec::new(),
@@ -114,7 +111,6 @@ impl Rig {
         let name = format!("sidecar-{}", self.sidecars.len() + 1);
         let sidecar = Sidecar::start(&name, database_url, &self.redis.url(), &self.settings)?;
         self.sidecars.push(sidecar);
-        self.groups.push("default".to_owned());
         Ok(self.sidecars.len() - 1)
     }
 
@@ -125,13 +121,12 @@ impl Rig {
         settings.push(("CQRS_PROJECTION_GROUP".to_owned(), group.to_owned()));
         let sidecar = Sidecar::start(&name, &self.sidecar_url, &self.redis.url(), &settings)?;
         self.sidecars.push(sidecar);
-        self.groups.push(group.to_owned());
         Ok(self.sidecars.len() - 1)
     }
 
     /// Waits until exactly one sidecar of `group` leads and streams; returns its index.
     pub fn wait_for_group_leader(&self, group: &str, timeout: Duration) -> Result<usize> {
-        cqrs_harness::sidecar::wait_for_leader_among(&self.sidecars, |i| self.groups[i] == group, timeout)
+        cqrs_harness::sidecar::wait_for_group_leader(&self.sidecars, group, timeout)
     }
 
     /// Like [`Rig::add_sidecar`], running `binary`, the sidecar of release `version`.
@@ -146,7 +141,6 @@ impl Rig {
             &self.settings,
         )?;
         self.sidecars.push(sidecar);
-        self.groups.push("default".to_owned());
         Ok(self.sidecars.len() - 1)
     }
 

@@ -566,6 +566,27 @@ async fn a_sidecar_streaming_through_an_upgrade_loses_and_doubles_nothing() -> R
         rig.logs()
     );
 
+    // an earlier release's sidecar that restarts before it is replaced still starts: the
+    // functions it checks at start and calls keep their signatures
+    let restarted = rig.add_sidecar_binary(&old_sidecar, release)?;
+    eventually(
+        Duration::from_secs(30),
+        "a restarted sidecar of the earlier release stands by",
+        || async {
+            let log = rig.sidecars[restarted].log();
+            ensure!(
+                log.contains("start-up checks passed")
+                    && log.contains("another sidecar holds the projector lease; standing by"),
+                "not yet"
+            );
+            Ok(())
+        },
+    )
+    .await
+    .with_context(|| rig.logs())?;
+    let exit = rig.sidecars[restarted].terminate(Duration::from_secs(15))?;
+    eprintln!("the restarted sidecar of the earlier release stopped with {exit:?}");
+
     // rolling: a current sidecar joins, the old one is stopped, the current one leads
     let current = rig.add_sidecar()?;
     tokio::time::sleep(Duration::from_secs(2)).await;

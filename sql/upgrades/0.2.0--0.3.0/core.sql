@@ -53,11 +53,11 @@ alter table cqrs.projector_lease add column projection_group text not null defau
     add constraint projector_lease_group_check check (cqrs._is_projection_group(projection_group));
 revoke all on sequence cqrs.projector_lease_token_seq from public;
 select pg_catalog.pg_extension_config_dump('cqrs.projector_lease_token_seq', '');
--- the lease functions and project_batch take the group (a 0.2.0 sidecar's calls, without it,
--- mean the default group)
+-- the lease functions take the group (a 0.2.0 sidecar's calls, without it, mean the default
+-- group); project_batch gains a four-argument signature, the three-argument one stays the
+-- default group's (a 0.2.0 sidecar looks for it at start)
 drop function cqrs.acquire_lease(text);
 drop function cqrs.try_lead(text, interval);
 drop function cqrs.release_lead(text);
 drop function cqrs.leader();
-drop function cqrs.project_batch(jsonb, pg_lsn, bigint);
 drop function cqrs._project_batch(jsonb, pg_lsn, bigint);
