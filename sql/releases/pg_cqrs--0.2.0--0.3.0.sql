@@ -59,13 +59,13 @@ alter table cqrs.projector_lease add column projection_group text not null defau
     add constraint projector_lease_group_check check (cqrs._is_projection_group(projection_group));
 revoke all on sequence cqrs.projector_lease_token_seq from public;
 select pg_catalog.pg_extension_config_dump('cqrs.projector_lease_token_seq', '');
--- the lease functions and project_batch take the group (a 0.2.0 sidecar's calls, without it,
--- mean the default group)
+-- the lease functions take the group (a 0.2.0 sidecar's calls, without it, mean the default
+-- group); project_batch gains a four-argument signature, the three-argument one stays the
+-- default group's (a 0.2.0 sidecar looks for it at start)
 drop function cqrs.acquire_lease(text);
 drop function cqrs.try_lead(text, interval);
 drop function cqrs.release_lead(text);
 drop function cqrs.leader();
-drop function cqrs.project_batch(jsonb, pg_lsn, bigint);
 drop function cqrs._project_batch(jsonb, pg_lsn, bigint);
 
 -- ---- sql/core/command.sql ----
@@ -499,8 +499,7 @@ $$;
 comment on function cqrs._fence(bigint, pg_lsn, text) is
     'The fence of cqrs.project_batch: QC001 unless the fencing token is the projection group''s lease''s (or, without one, unless no sidecar leads the group); 22023 for a commit LSN past the WAL or a bad group name.';
 
-create or replace function cqrs.project_batch(events jsonb, commit_lsn pg_lsn default null, fencing_token bigint default null,
-                                   projection_group text default 'default')
+create or replace function cqrs.project_batch(events jsonb, commit_lsn pg_lsn, fencing_token bigint, projection_group text)
 returns table (projection text, key text, rev bigint, doc json, deleted boolean)
 language plpgsql volatile called on null input
 as $$
@@ -516,6 +515,23 @@ comment on function cqrs.project_batch(jsonb, pg_lsn, bigint, text) is
 revoke execute on function cqrs.project_batch(jsonb, pg_lsn, bigint, text) from public;
 
 grant execute on function cqrs.project_batch(jsonb, pg_lsn, bigint, text) to cqrs_projector;
+
+create or replace function cqrs.project_batch(events jsonb, commit_lsn pg_lsn default null, fencing_token bigint default null)
+returns table (projection text, key text, rev bigint, doc json, deleted boolean)
+language plpgsql volatile called on null input
+as $$
+begin
+    return query select b.projection, b.key, b.rev, b.doc, b.deleted
+                   from cqrs._project_batch(events, commit_lsn, fencing_token, 'default') b;
+end
+$$;
+
+comment on function cqrs.project_batch(jsonb, pg_lsn, bigint) is
+    'cqrs.project_batch of the default projection group (every projection until one is moved).';
+
+revoke execute on function cqrs.project_batch(jsonb, pg_lsn, bigint) from public;
+
+grant execute on function cqrs.project_batch(jsonb, pg_lsn, bigint) to cqrs_projector;
 
 create or replace function cqrs._assign_group(name text, to_group text)
 returns text
