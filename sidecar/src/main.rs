@@ -126,10 +126,12 @@ impl Wiring {
                 tracing::error!(error = %err, "invalid --read-replica-urls");
                 ExitCode::from(MISCONFIGURED)
             })?;
-        let metrics = Metrics::new().map(Arc::new).map_err(|err| {
-            tracing::error!(error = %err, "cannot set up metrics");
-            ExitCode::FAILURE
-        })?;
+        let metrics = Metrics::for_group(&config.projection_group)
+            .map(Arc::new)
+            .map_err(|err| {
+                tracing::error!(error = %err, "cannot set up metrics");
+                ExitCode::FAILURE
+            })?;
         let ttls = Ttls {
             row: config.cache_ttl,
             tombstone: config.tombstone_ttl,

@@ -123,13 +123,25 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// The constant label of the leadership gauges: which projection group's leadership they show
+/// (each group has a leader of its own, so alerts count leaders per group).
+pub const PROJECTION_GROUP_LABEL: &str = "projection_group";
+
 impl Metrics {
+    /// The metrics of a sidecar of the default projection group.
     pub fn new() -> Result<Self, prometheus::Error> {
+        Self::for_group(cqrs_projection::name::group::DEFAULT)
+    }
+
+    /// The metrics of a sidecar of projection group `group`.
+    pub fn for_group(group: &str) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let r = &registry;
+        let of_group =
+            |name: &str, help: &str| Opts::new(name, help).const_label(PROJECTION_GROUP_LABEL, group);
         Ok(Self {
-            leader: register(r, IntGauge::new(LEADER, "1 while this sidecar leads (streams and projects), 0 while it stands by.")?),
-            leader_present: register(r, IntGauge::new(LEADER_PRESENT, "1 while some sidecar holds a live lease of this sidecar's projection group (from cqrs.leader(group)), 0 while none leads it.")?),
+            leader: register(r, IntGauge::with_opts(of_group(LEADER, "1 while this sidecar leads its projection group (streams and projects), 0 while it stands by."))?),
+            leader_present: register(r, IntGauge::with_opts(of_group(LEADER_PRESENT, "1 while some sidecar holds a live lease of this sidecar's projection group (from cqrs.leader(group)), 0 while none leads it."))?),
             projection_lag_seconds: register(r, GaugeVec::new(Opts::new(PROJECTION_LAG_SECONDS, "Age of the oldest command a projection has not applied yet (0 when caught up)."), &["projection"])?),
             projection_events_behind: register(r, IntGaugeVec::new(Opts::new(PROJECTION_EVENTS_BEHIND, "Commands in the log a projection has not applied yet."), &["projection"])?),
             projection_halted: register(r, IntGaugeVec::new(Opts::new(PROJECTION_HALTED, "1 while a projection is halted by a failing handler."), &["projection"])?),
@@ -172,5 +184,25 @@ impl Metrics {
             tracing::error!(error = %err, "encoding metrics");
         }
         String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leadership_is_shown_per_projection_group() {
+        let metrics = Metrics::for_group("users").expect("the metrics");
+        metrics.leader.set(1);
+        let text = metrics.render();
+        assert!(
+            text.contains("cqrs_leader{projection_group=\"users\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cqrs_leader_present{projection_group=\"users\"} 0"),
+            "{text}"
+        );
     }
 }
