@@ -14,20 +14,13 @@ use anyhow::{bail, Result};
 use tokio_postgres::Client;
 
 use crate::report::Table;
-use crate::sidecar_bench::{append_backlog, events_behind};
+use crate::sidecar_bench::{append_backlog, events_behind, Backlog};
 use crate::stack::Stack;
 
 #[derive(clap::Args, Debug)]
 pub struct GroupsArgs {
-    /// Which edition of pg_cqrs to run on (`extension` or `portable`).
-    #[arg(long, default_value = "extension", value_parser = crate::stack::parse_edition)]
-    edition: cqrs_harness::edition::Edition,
-    /// Commands in the backlog.
-    #[arg(long, default_value_t = 500_000)]
-    backlog: u64,
-    /// Commands per cqrs.append_batch transaction while writing the backlog.
-    #[arg(long, default_value_t = 50)]
-    per_transaction: usize,
+    #[command(flatten)]
+    backlog: Backlog,
     /// The numbers of groups to compare (the first is the baseline).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     groups: Vec<usize>,
@@ -75,7 +68,7 @@ pub async fn run(args: GroupsArgs) -> Result<()> {
     let base = runs[0].events as f64 / runs[0].seconds;
     println!(
         "\n▶ catch-up of a backlog of {} commands, four projections ({})",
-        args.backlog,
+        args.backlog.backlog,
         PROJECTIONS.join(", ")
     );
     let mut table = Table::new(&["groups (sidecars, slots)", "seconds", "events/s", "ratio"]);
@@ -106,7 +99,7 @@ pub async fn run(args: GroupsArgs) -> Result<()> {
 
 async fn one_configuration(args: &GroupsArgs, n: usize, measure_decode: bool) -> Result<Run> {
     println!("▶ {n} group(s): starting PostgreSQL 15 (fsync on), redis-server, four projections …");
-    let mut stack = Stack::start(args.edition, true).await?;
+    let mut stack = Stack::start(args.backlog.edition, true).await?;
     let client = stack.client().await?;
     copy_projections(&client).await?;
     let groups = group_names(n);
@@ -145,10 +138,15 @@ async fn one_configuration(args: &GroupsArgs, n: usize, measure_decode: bool) ->
     }
     println!(
         "  appending a backlog of {} commands while {} slot(s) retain it …",
-        args.backlog,
+        args.backlog.backlog,
         slots.len()
     );
-    append_backlog(&stack.owner_url, args.backlog, args.per_transaction).await?;
+    append_backlog(
+        &stack.owner_url,
+        args.backlog.backlog,
+        args.backlog.per_transaction,
+    )
+    .await?;
     client.batch_execute("checkpoint").await?;
     let decode_seconds = if measure_decode {
         Some(decode_cost(&client).await?)

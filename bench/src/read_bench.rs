@@ -21,20 +21,27 @@ use crate::sidecar_bench::{append_backlog, events_behind};
 use crate::stack::{Stack, READ_EXPOSURE};
 use cqrs_harness::connect;
 
+/// The shape of a paced read comparison, shared by `cqrs-bench read` and `cqrs-bench scale`.
 #[derive(clap::Args, Debug)]
-pub struct ReadArgs {
-    /// Reads per second of the authentication comparison.
+pub struct PacedReads {
+    /// Reads per second of the comparison.
     #[arg(long, default_value_t = 5_000.0)]
-    rate: f64,
+    pub rate: f64,
     /// Seconds per round and variant.
     #[arg(long, default_value_t = 10)]
-    seconds: u64,
+    pub seconds: u64,
     /// Interleaved rounds (medians of the rounds' percentiles are reported).
     #[arg(long, default_value_t = 3)]
-    rounds: usize,
-    /// Commands appended first, so that there are users to read.
+    pub rounds: usize,
+    /// Commands appended first, so that there are rows to read.
     #[arg(long, default_value_t = 20_000)]
-    preload: u64,
+    pub preload: u64,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ReadArgs {
+    #[command(flatten)]
+    paced: PacedReads,
     /// Seconds of the overload (0 skips the shedding part).
     #[arg(long, default_value_t = 10)]
     overload_seconds: u64,
@@ -270,8 +277,8 @@ pub async fn run(args: ReadArgs) -> Result<()> {
     let secured = stack.add_sidecar()?;
     stack.sidecars[secured].wait_ready(Duration::from_secs(30))?;
 
-    println!("▶ appending {} order commands …", args.preload);
-    append_backlog(&stack.owner_url, args.preload, 50).await?;
+    println!("▶ appending {} order commands …", args.paced.preload);
+    append_backlog(&stack.owner_url, args.paced.preload, 50).await?;
     let client = connect(&stack.owner_url).await?;
     while events_behind(&client).await? > 0 {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -319,16 +326,16 @@ pub async fn run(args: ReadArgs) -> Result<()> {
 
     println!(
         "▶ {} rounds × {} s at {:.0} reads/s of user_order_stats ({} users): no auth vs JWT + row ownership",
-        args.rounds,
-        args.seconds,
-        args.rate,
+        args.paced.rounds,
+        args.paced.seconds,
+        args.paced.rate,
         users.len()
     );
     let mut results: Vec<(&str, Vec<[f64; 3]>, u64)> = vec![
         ("no authentication (--read-auth none)", Vec::new(), 0),
         ("JWT (HS256) + row ownership (user_id = sub)", Vec::new(), 0),
     ];
-    for round in 1..=args.rounds {
+    for round in 1..=args.paced.rounds {
         for (variant, (sidecar, reads)) in [(open, Reads::Stats), (secured, Reads::OwnStats)]
             .into_iter()
             .enumerate()
@@ -338,8 +345,8 @@ pub async fn run(args: ReadArgs) -> Result<()> {
                 &stack.http(sidecar),
                 &users,
                 reads,
-                args.rate,
-                args.seconds,
+                args.paced.rate,
+                args.paced.seconds,
             )
             .await;
             let latencies = outcome.latencies();
@@ -351,7 +358,7 @@ pub async fn run(args: ReadArgs) -> Result<()> {
             let failed = outcome.shed.load(Ordering::Relaxed) + outcome.other.load(Ordering::Relaxed);
             println!(
                 "  round {round}/{}  {:<44} {:>6} ok  p50 {} ms  p95 {} ms  p99 {} ms  {failed} not ok",
-                args.rounds,
+                args.paced.rounds,
                 results[variant].0,
                 latencies.len(),
                 ms(p[0]),
@@ -391,9 +398,9 @@ pub async fn run(args: ReadArgs) -> Result<()> {
     }
     println!(
         "\nread API at {:.0} reads/s, medians of {} rounds × {} s:\n{}",
-        args.rate,
-        args.rounds,
-        args.seconds,
+        args.paced.rate,
+        args.paced.rounds,
+        args.paced.seconds,
         table.render()
     );
 
@@ -456,8 +463,8 @@ async fn overload(
         None
     };
     let base = stack.http(shedding);
-    let calm_rate = args.rate / 5.0;
-    let calm = paced(http, &base, users, reads, calm_rate, args.seconds).await;
+    let calm_rate = args.paced.rate / 5.0;
+    let calm = paced(http, &base, users, reads, calm_rate, args.paced.seconds).await;
     let calm_p99 = percentile(&calm.latencies(), 99.0);
     let capacity = capacity(http, &base, users, reads, 64, 5).await;
     let offered = 2.0 * capacity;
@@ -476,7 +483,7 @@ async fn overload(
         "other",
     ]);
     for (load, outcome, seconds) in [
-        (format!("unloaded ({calm_rate:.0}/s)"), &calm, args.seconds),
+        (format!("unloaded ({calm_rate:.0}/s)"), &calm, args.paced.seconds),
         (
             format!("2× capacity ({offered:.0}/s offered)"),
             &loaded,

@@ -20,25 +20,15 @@ use anyhow::{bail, Result};
 use cqrs_harness::RedisCluster;
 use cqrs_sidecar::cache::{Cache, Entry, Ttls, Write};
 
-use crate::read_bench::{capacity, paced, read_one, Outcome, Reads};
+use crate::read_bench::{capacity, paced, read_one, Outcome, PacedReads, Reads};
 use crate::report::{median, percentile, Table};
 use crate::sidecar_bench::{append_backlog, events_behind};
 use crate::stack::Stack;
 
 #[derive(clap::Args, Debug)]
 pub struct ScaleArgs {
-    /// Cache-hit reads per second of the Redis comparison.
-    #[arg(long, default_value_t = 5_000.0)]
-    rate: f64,
-    /// Seconds per round and variant.
-    #[arg(long, default_value_t = 10)]
-    seconds: u64,
-    /// Interleaved rounds (medians are reported).
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
-    /// Commands appended first, so that there are rows to read.
-    #[arg(long, default_value_t = 20_000)]
-    preload: u64,
+    #[command(flatten)]
+    paced: PacedReads,
     /// Rows written per round of the cache-write comparison.
     #[arg(long, default_value_t = 50_000)]
     write_rows: usize,
@@ -100,8 +90,8 @@ pub async fn run(args: ScaleArgs) -> Result<()> {
         stack.sidecars[sidecar].wait_ready(Duration::from_secs(30))?;
     }
 
-    println!("▶ appending {} order commands …", args.preload);
-    append_backlog(&stack.owner_url, args.preload, 50).await?;
+    println!("▶ appending {} order commands …", args.paced.preload);
+    append_backlog(&stack.owner_url, args.paced.preload, 50).await?;
     let client = stack.client().await?;
     while events_behind(&client).await? > 0 {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -137,21 +127,21 @@ pub async fn run(args: ScaleArgs) -> Result<()> {
 
     println!(
         "▶ {} rounds × {} s at {:.0} cache-hit reads/s: one Redis vs a Redis Cluster",
-        args.rounds, args.seconds, args.rate
+        args.paced.rounds, args.paced.seconds, args.paced.rate
     );
     let mut reads: Vec<(&str, Vec<[f64; 2]>, u64)> = vec![
         ("one redis-server", Vec::new(), 0),
         ("Redis Cluster, 3 masters", Vec::new(), 0),
     ];
-    for round in 1..=args.rounds {
+    for round in 1..=args.paced.rounds {
         for (variant, sidecar) in [single, clustered].into_iter().enumerate() {
             let outcome = paced(
                 &http,
                 &stack.http(sidecar),
                 &users,
                 Reads::Stats,
-                args.rate,
-                args.seconds,
+                args.paced.rate,
+                args.paced.seconds,
             )
             .await;
             let latencies = outcome.latencies();
@@ -160,7 +150,7 @@ pub async fn run(args: ScaleArgs) -> Result<()> {
                 + outcome.other.load(std::sync::atomic::Ordering::Relaxed);
             println!(
                 "  round {round}/{}  {:<26} {:>6} ok  p50 {} ms  p99 {} ms  {failed} not ok",
-                args.rounds,
+                args.paced.rounds,
                 reads[variant].0,
                 latencies.len(),
                 ms(p[0]),
@@ -173,7 +163,7 @@ pub async fn run(args: ScaleArgs) -> Result<()> {
 
     println!(
         "▶ {} rounds: {} cache writes in batches of {} through the sidecar's cache client",
-        args.rounds, args.write_rows, args.write_batch
+        args.paced.rounds, args.write_rows, args.write_batch
     );
     let ttls = Ttls {
         row: Duration::from_secs(600),
@@ -184,14 +174,14 @@ pub async fn run(args: ScaleArgs) -> Result<()> {
     let seeds = cqrs_sidecar::cache::cluster_seed_urls("redis://127.0.0.1/", &cluster.seeds())?;
     let many = Cache::cluster(&seeds, None, "bench", ttls)?;
     let mut writes: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    for round in 0..args.rounds {
+    for round in 0..args.paced.rounds {
         for (variant, cache) in [&one, &many].into_iter().enumerate() {
             let base = (round * args.write_rows) as i64 + 1;
             let rate = write_rate(cache, args.write_rows, args.write_batch, base).await?;
             println!(
                 "  round {}/{}  {:<26} {:>9.0} rows/s",
                 round + 1,
-                args.rounds,
+                args.paced.rounds,
                 reads[variant].0,
                 rate
             );
@@ -201,10 +191,10 @@ pub async fn run(args: ScaleArgs) -> Result<()> {
 
     println!(
         "▶ {} rounds × {} s of {} closed-loop readers whose reads all miss: primary vs replica",
-        args.rounds, args.seconds, args.miss_readers
+        args.paced.rounds, args.paced.seconds, args.miss_readers
     );
     let mut misses: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    for round in 1..=args.rounds {
+    for round in 1..=args.paced.rounds {
         for (variant, sidecar) in [single, replicated].into_iter().enumerate() {
             let rate = capacity(
                 &http,
@@ -212,13 +202,13 @@ pub async fn run(args: ScaleArgs) -> Result<()> {
                 &users,
                 Reads::Absent,
                 args.miss_readers,
-                args.seconds,
+                args.paced.seconds,
             )
             .await;
             let name = ["the primary", "a streaming replica"][variant];
             println!(
                 "  round {round}/{}  misses read from {name:<20} {rate:>8.0} reads/s",
-                args.rounds
+                args.paced.rounds
             );
             misses[variant].push(rate);
         }
@@ -257,7 +247,7 @@ pub async fn run(args: ScaleArgs) -> Result<()> {
             format!("{:.2}x", p[1] / base[1].max(1e-9)),
         ]);
     }
-    println!("\nmedians of {} rounds:\n{}", args.rounds, table.render());
+    println!("\nmedians of {} rounds:\n{}", args.paced.rounds, table.render());
     let mut table = Table::new(&["", "one Redis", "Redis Cluster", "ratio"]);
     let (w1, w2) = (median(&writes[0]), median(&writes[1]));
     table.row(vec![

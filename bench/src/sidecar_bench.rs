@@ -24,18 +24,25 @@ use crate::workload::OrderGenerator;
 use crate::writers::{WriteStats, WriterOptions, Writers};
 use cqrs_harness::connect;
 
+/// The backlog a catch-up benchmark starts from, shared by `cqrs-bench sidecar` and `groups`.
 #[derive(clap::Args, Debug)]
-pub struct SidecarArgs {
+pub struct Backlog {
     /// Which edition of pg_cqrs to run on: `extension` (CREATE EXTENSION, a superuser) or
     /// `portable` (the PL/pgSQL edition installed by the database owner, as on managed PostgreSQL).
     #[arg(long, default_value = "extension", value_parser = crate::stack::parse_edition)]
-    edition: cqrs_harness::edition::Edition,
-    /// Commands in the backlog the sidecar catches up on.
+    pub edition: cqrs_harness::edition::Edition,
+    /// Commands in the backlog caught up on.
     #[arg(long, default_value_t = 500_000)]
-    backlog: u64,
+    pub backlog: u64,
     /// Commands per cqrs.append_batch transaction while writing the backlog.
     #[arg(long, default_value_t = 50)]
-    per_transaction: usize,
+    pub per_transaction: usize,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SidecarArgs {
+    #[command(flatten)]
+    backlog: Backlog,
     /// Live command rates (commands/s) to measure lag at.
     #[arg(long, value_delimiter = ',', default_value = "500,1000,2000")]
     rates: Vec<f64>,
@@ -63,7 +70,7 @@ const PUBLICATION: &str = "cqrs_command_log";
 // A script read top to bottom: backlog, in-database limit, sidecar catch-up, live rates, report.
 pub async fn run(args: SidecarArgs) -> Result<()> {
     println!("▶ starting PostgreSQL 15 (fsync on), redis-server, the example order projections …");
-    let mut stack = Stack::start(args.edition, true).await?;
+    let mut stack = Stack::start(args.backlog.edition, true).await?;
     for (key, value) in &args.sidecar_env {
         stack.set(key, value);
     }
@@ -80,20 +87,25 @@ pub async fn run(args: SidecarArgs) -> Result<()> {
             .await?;
         println!(
             "▶ appending a backlog of {} commands ({} per transaction) while slot {SLOT} retains them …",
-            args.backlog, args.per_transaction
+            args.backlog.backlog, args.backlog.per_transaction
         );
         let started = Instant::now();
-        append_backlog(&stack.owner_url, args.backlog, args.per_transaction).await?;
+        append_backlog(
+            &stack.owner_url,
+            args.backlog.backlog,
+            args.backlog.per_transaction,
+        )
+        .await?;
         println!(
             "  {:.1} s ({:.0} commands/s)",
             started.elapsed().as_secs_f64(),
-            args.backlog as f64 / started.elapsed().as_secs_f64()
+            args.backlog.backlog as f64 / started.elapsed().as_secs_f64()
         );
         client.batch_execute("checkpoint").await?;
     }
 
     let in_db = in_database_limit(&stack).await?;
-    let catch_up = catch_up(&mut stack, args.backlog).await?;
+    let catch_up = catch_up(&mut stack, args.backlog.backlog).await?;
 
     // the catch-up left autovacuum work on the big tables behind it; do it now so that the live
     // runs measure a steady state, not a vacuum that happens to start during one of them
@@ -126,7 +138,7 @@ pub async fn run(args: SidecarArgs) -> Result<()> {
 
     println!(
         "\n▶ catch-up from a backlog of {} commands (order_summary + user_order_stats, Redis on)",
-        args.backlog
+        args.backlog.backlog
     );
     let mut table = Table::new(&["path", "events/s", "ratio", "peak RSS"]);
     table.row(vec![

@@ -10,6 +10,19 @@ use crate::certificates::Certificates;
 use crate::postgres::free_port;
 use crate::process::ChildGuard;
 
+/// What every test redis-server is started with: loopback only, no persistence (a restart comes
+/// back empty, as the tests that kill it expect), no protected mode.
+pub(crate) const EPHEMERAL_ON_LOOPBACK: [&str; 8] = [
+    "--bind",
+    "127.0.0.1",
+    "--save",
+    "",
+    "--appendonly",
+    "no",
+    "--protected-mode",
+    "no",
+];
+
 pub struct RedisServer {
     port: u16,
     tls_port: Option<u16>,
@@ -47,16 +60,7 @@ impl RedisServer {
                 .args(["--tls-auth-clients", "no"]);
         }
         let child = command
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-            ])
+            .args(EPHEMERAL_ON_LOOPBACK)
             .arg("--port")
             .arg(port.to_string())
             .stdin(Stdio::null())

@@ -85,16 +85,7 @@ impl RedisCluster {
         let dir = self.dir.join(port.to_string());
         std::fs::create_dir_all(&dir)?;
         let child = Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-            ])
+            .args(crate::redis::EPHEMERAL_ON_LOOPBACK)
             .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
             // a replica that has not finished its first sync cannot be promoted: start the sync
             // at once (the default waits 5 s for more replicas)
