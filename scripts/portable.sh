@@ -10,7 +10,7 @@
 #                                       sql/portable/upgrades/pg_cqrs--A--B.sql; none yet: 0.2.0
 #                                       is the first portable release)
 #
-# Both are: sql/core/command.sql and sql/core/projection.sql (shared with the extension
+# Both are: sql/core/command.sql, projection.sql and outbox.sql (shared with the extension
 # edition), sql/portable/*.sql (the PL/pgSQL twins of what the extension implements in Rust),
 # then sql/core/api.sql (the comments and grants of the functions each edition implements its
 # own way, shared) and sql/portable/grants.sql (its helpers' grants).

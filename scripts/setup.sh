@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what pg_cqrs needs on Debian 12, skipping whatever is already there:
-# PostgreSQL 15 (server, headers, pgbench), redis-server, clang (bindgen), sudo (cargo pgrx test
+# PostgreSQL 15 (server, headers, pgbench), redis-server, nats-server (the outbox's JetStream
+# broker in the tests and the demo), clang (bindgen), sudo (cargo pgrx test
 # --runas), prometheus (promtool), openssl (test certificates), plpgsql_check (static checks of the
 # portable edition), python3-psycopg, Node and npm and curl (the first-application guide's
 # clients, docs/first-app.md), docker.io, docker-compose and debootstrap (the container test), cargo-pgrx 0.18.1 and its PostgreSQL 15 configuration, and pg_tle
@@ -11,7 +12,7 @@ source scripts/common.sh
 
 command -v cargo >/dev/null || die "cargo not found: install the Rust toolchain (rustup) first"
 
-packages=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 redis-server redis-tools
+packages=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 redis-server redis-tools nats-server
           clang libclang-dev sudo prometheus openssl postgresql-15-plpgsql-check flex libkrb5-dev
           python3-pip python3-psycopg python3-yaml curl debootstrap)
 # Node from Debian unless a node and npm are already there (from NodeSource, say)

@@ -29,6 +29,11 @@ use crate::stack::Stack;
 use crate::workload::{OrderCommand, OrderGenerator};
 use crate::writers::{WriteStats, WriterOptions, Writers};
 use cqrs_harness::edition::{self, Edition};
+use cqrs_harness::outbox_check::{check, received};
+use cqrs_harness::NatsServer;
+
+/// The outbox sink of --nats-sink.
+const NATS_SINK: &str = "orders";
 
 /// The projection group user_order_stats moves to with --projection-groups.
 const USERS_GROUP: &str = "users";
@@ -60,6 +65,10 @@ pub struct DemoArgs {
     /// of each group is killed.
     #[arg(long)]
     projection_groups: bool,
+    /// An outbox sink: a local NATS JetStream (nats-server -js) the leader delivers every command
+    /// to; at the end a subscriber reads them back against what was appended.
+    #[arg(long)]
+    nats_sink: bool,
     /// Do not kill the leading sidecar half-way through part 2.
     #[arg(long)]
     no_failover: bool,
@@ -387,6 +396,18 @@ async fn live(stack: &mut Stack, args: &DemoArgs, mut cluster: Option<&mut Redis
             "  moved user_order_stats to projection group {USERS_GROUP} (cqrs.move_projection); order_summary stays in default"
         );
     }
+    let nats = if args.nats_sink {
+        let nats = tokio::task::spawn_blocking(NatsServer::start).await??;
+        stack.set("CQRS_SINKS", &format!("{NATS_SINK}={}", nats.url()));
+        println!(
+            "  outbox sink {NATS_SINK}: every command to NATS JetStream at {} (stream {}, subjects cqrs.events.<type>)",
+            nats.url(),
+            cqrs_sidecar::outbox::spec::DEFAULT_JS_STREAM
+        );
+        Some(nats)
+    } else {
+        None
+    };
     let first = stack.add_sidecar()?;
     stack.wait_for_leader(Duration::from_secs(30))?;
     let second = stack.add_sidecar()?;
@@ -588,6 +609,30 @@ async fn live(stack: &mut Stack, args: &DemoArgs, mut cluster: Option<&mut Redis
     );
     let sample = verify_cache(stack, leader).await?;
     println!("  all {sample} orders read through the read API equal their order_summary rows");
+    if let Some(nats) = &nats {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let behind: i64 = client
+                .query_one(
+                    "select events_behind from cqrs.sink_status() where sink = $1",
+                    &[&NATS_SINK],
+                )
+                .await?
+                .get(0);
+            if behind == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("the NATS sink is still {behind} events behind");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let messages = received(&nats.url(), cqrs_sidecar::outbox::spec::DEFAULT_JS_STREAM).await?;
+        let count = check(&client, &messages, "").await?;
+        println!(
+            "  a NATS subscriber received {count} events, one per appended command (by command id), each stream's in seq order"
+        );
+    }
     let metrics = &stack.sidecars[leader];
     println!(
         "  leader sidecar-{}: {} events projected, {} batches; /metrics at {}/metrics",

@@ -55,9 +55,14 @@ extension_sql_file!(
     requires = ["command_side"]
 );
 extension_sql_file!(
+    "../../sql/core/outbox.sql",
+    name = "outbox",
+    requires = ["projection_side"]
+);
+extension_sql_file!(
     "../../sql/extension/functions.sql",
     name = "rust_functions",
-    requires = ["projection_side"]
+    requires = ["outbox"]
 );
 extension_sql_file!(
     "../../sql/core/api.sql",

@@ -3,6 +3,8 @@
 
 pub mod certificates;
 pub mod edition;
+pub mod nats;
+pub mod outbox_check;
 pub mod postgres;
 pub mod process;
 pub mod read_tokens;
@@ -12,6 +14,7 @@ pub mod sidecar;
 
 pub use certificates::Certificates;
 pub use edition::Edition;
+pub use nats::NatsServer;
 pub use postgres::{free_port, ClusterOptions, Durability, PgCluster};
 pub use process::ChildGuard;
 pub use redis::RedisServer;

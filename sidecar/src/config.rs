@@ -136,6 +136,15 @@ pub struct Config {
     #[arg(long, env = "CQRS_PROJECTION_GROUP", default_value = name::group::DEFAULT, value_parser = parse_group)]
     pub projection_group: String,
 
+    /// An outbox sink: the command log delivered to a broker, `NAME=nats://host:4222/?…` (NATS
+    /// JetStream; options `subject` (template, `{type}` the command type; default
+    /// cqrs.events.{type}), `stream` (the JetStream stream, created when missing; default
+    /// CQRS_EVENTS), `types` (comma-separated command types; default all), `stream_prefix`).
+    /// Repeatable; in the environment, separated by spaces. Delivered by the leader of this
+    /// sidecar's projection group, in stream order, each event once per command id.
+    #[arg(long = "sink", env = "CQRS_SINKS", value_delimiter = ' ', value_parser = crate::outbox::spec::parse)]
+    pub sinks: Vec<crate::outbox::spec::SinkSpec>,
+
     /// Publication on cqrs.command_log; created when missing.
     #[arg(long, env = "CQRS_PUBLICATION", default_value = "cqrs_command_log")]
     pub publication: String,

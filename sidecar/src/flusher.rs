@@ -19,6 +19,7 @@ use crate::assembly::Batch;
 use crate::batching::BatchPolicy;
 use crate::cache_sync::{write_to_cache, writes_from};
 use crate::leading::{backoff, Context};
+use crate::outbox::Outbox;
 use crate::postgres::{ConnectionPurpose, StartupError};
 
 /// How the flusher stopped before its channel closed.
@@ -75,17 +76,30 @@ struct Flusher {
     shutdown: watch::Receiver<bool>,
 }
 
-/// Projects batches until the channel closes; reports each batch's number on `completed` once
-/// it committed and its rows went to the cache (or were remembered for repair).
+/// What the flusher takes batches from and reports them done to.
+pub(crate) struct Handoff {
+    pub(crate) batches: mpsc::Receiver<Batch>,
+    /// each batch's number once it committed and its rows went to the cache (or were
+    /// remembered for repair)
+    pub(crate) completed: watch::Sender<u64>,
+    /// the sinks that deliver each committed batch
+    pub(crate) outbox: Option<Arc<Outbox>>,
+}
+
+/// Projects batches until the channel closes.
 pub(crate) async fn run(
     ctx: Context,
     sql: Client,
     token: i64,
-    mut batches: mpsc::Receiver<Batch>,
-    completed: watch::Sender<u64>,
+    handoff: Handoff,
     policy: Arc<Mutex<BatchPolicy>>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), FlushError> {
+    let Handoff {
+        mut batches,
+        completed,
+        outbox,
+    } = handoff;
     let statement = sql.prepare(PROJECT).await.ok();
     let mut flusher = Flusher {
         ctx,
@@ -100,6 +114,10 @@ pub(crate) async fn run(
         let rows = flusher.project(&batch, started).await?;
         write_to_cache(&flusher.ctx, writes_from(&rows)).await;
         flusher.record_success(&batch, started.elapsed());
+        // committed: the outbox's sinks deliver it (the slot is confirmed past it once they did)
+        if let Some(outbox) = &outbox {
+            outbox.dispatch(batch.number, batch.fence(), &batch.json);
+        }
         completed.send_replace(batch.number);
     }
     Ok(())

@@ -14,6 +14,7 @@ pub mod leader;
 pub mod leading;
 pub mod log_row;
 pub mod metrics;
+pub mod outbox;
 pub mod pgoutput;
 pub mod postgres;
 pub mod probe;

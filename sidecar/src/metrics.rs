@@ -8,6 +8,13 @@ use prometheus::{
 
 pub const LEADER: &str = "cqrs_leader";
 pub const LEADER_PRESENT: &str = "cqrs_leader_present";
+pub const SINK_DELIVERED_TOTAL: &str = "cqrs_sink_delivered_total";
+pub const SINK_DUPLICATES_TOTAL: &str = "cqrs_sink_duplicates_total";
+pub const SINK_FAILURES_TOTAL: &str = "cqrs_sink_failures_total";
+pub const SINK_HALTED: &str = "cqrs_sink_halted";
+pub const SINK_ATTACHED: &str = "cqrs_sink_attached";
+pub const SINK_EVENTS_BEHIND: &str = "cqrs_sink_events_behind";
+pub const SINK_LAG_SECONDS: &str = "cqrs_sink_lag_seconds";
 pub const PROJECTION_LAG_SECONDS: &str = "cqrs_projection_lag_seconds";
 pub const PROJECTION_EVENTS_BEHIND: &str = "cqrs_projection_events_behind";
 pub const PROJECTION_HALTED: &str = "cqrs_projection_halted";
@@ -78,6 +85,13 @@ pub struct Metrics {
     registry: Registry,
     pub leader: IntGauge,
     pub leader_present: IntGauge,
+    pub sink_delivered: IntCounterVec,
+    pub sink_duplicates: IntCounterVec,
+    pub sink_failures: IntCounterVec,
+    pub sink_halted: IntGaugeVec,
+    pub sink_attached: IntGaugeVec,
+    pub sink_events_behind: IntGaugeVec,
+    pub sink_lag_seconds: GaugeVec,
     pub projection_lag_seconds: GaugeVec,
     pub projection_events_behind: IntGaugeVec,
     pub projection_halted: IntGaugeVec,
@@ -142,6 +156,13 @@ impl Metrics {
         Ok(Self {
             leader: register(r, IntGauge::with_opts(of_group(LEADER, "1 while this sidecar leads its projection group (streams and projects), 0 while it stands by."))?),
             leader_present: register(r, IntGauge::with_opts(of_group(LEADER_PRESENT, "1 while some sidecar holds a live lease of this sidecar's projection group (from cqrs.leader(group)), 0 while none leads it."))?),
+            sink_delivered: register(r, IntCounterVec::new(Opts::new(SINK_DELIVERED_TOTAL, "Events an outbox sink's broker acknowledged (and their delivery was recorded)."), &["sink"])?),
+            sink_duplicates: register(r, IntCounterVec::new(Opts::new(SINK_DUPLICATES_TOTAL, "Events sent again that the broker dropped as duplicates (same message id)."), &["sink"])?),
+            sink_failures: register(r, IntCounterVec::new(Opts::new(SINK_FAILURES_TOTAL, "Deliveries to an outbox sink that failed and were tried again."), &["sink"])?),
+            sink_halted: register(r, IntGaugeVec::new(Opts::new(SINK_HALTED, "1 while an outbox sink is halted on an event its broker refuses (cqrs.resume_sink)."), &["sink"])?),
+            sink_attached: register(r, IntGaugeVec::new(Opts::new(SINK_ATTACHED, "1 while an outbox sink delivers as the projections go, 0 while it catches up from the log (or is not led here)."), &["sink"])?),
+            sink_events_behind: register(r, IntGaugeVec::new(Opts::new(SINK_EVENTS_BEHIND, "Commands after an outbox sink's checkpoint (cqrs.sink_status())."), &["sink"])?),
+            sink_lag_seconds: register(r, GaugeVec::new(Opts::new(SINK_LAG_SECONDS, "Age of the oldest command an outbox sink has not delivered (0 when caught up)."), &["sink"])?),
             projection_lag_seconds: register(r, GaugeVec::new(Opts::new(PROJECTION_LAG_SECONDS, "Age of the oldest command a projection has not applied yet (0 when caught up)."), &["projection"])?),
             projection_events_behind: register(r, IntGaugeVec::new(Opts::new(PROJECTION_EVENTS_BEHIND, "Commands in the log a projection has not applied yet."), &["projection"])?),
             projection_halted: register(r, IntGaugeVec::new(Opts::new(PROJECTION_HALTED, "1 while a projection is halted by a failing handler."), &["projection"])?),

@@ -143,10 +143,12 @@ pub enum ConnectionPurpose {
     Status,
     /// the cache repairer
     Repair,
+    /// an outbox sink's bookkeeping (its progress, catch-up from the log), while leading
+    Sink,
 }
 
 impl ConnectionPurpose {
-    pub const ALL: [ConnectionPurpose; 8] = [
+    pub const ALL: [ConnectionPurpose; 9] = [
         ConnectionPurpose::Checks,
         ConnectionPurpose::Lease,
         ConnectionPurpose::Flush,
@@ -155,6 +157,7 @@ impl ConnectionPurpose {
         ConnectionPurpose::Waits,
         ConnectionPurpose::Status,
         ConnectionPurpose::Repair,
+        ConnectionPurpose::Sink,
     ];
 
     pub fn application_name(self) -> &'static str {
@@ -167,6 +170,7 @@ impl ConnectionPurpose {
             ConnectionPurpose::Waits => "cqrs-sidecar/waits",
             ConnectionPurpose::Status => "cqrs-sidecar/status",
             ConnectionPurpose::Repair => "cqrs-sidecar/repair",
+            ConnectionPurpose::Sink => "cqrs-sidecar/sink",
         }
     }
 }
@@ -558,6 +562,15 @@ pub async fn check(client: &Client, database: &str, slot: &str) -> Result<Instal
         });
     }
     Ok(installed)
+}
+
+/// An error of a PostgreSQL call for a log line: its SQLSTATE, not its message (a message can
+/// quote a command's values).
+pub fn describe_error(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!("SQLSTATE {}", db.code().code()),
+        None => err.to_string(),
+    }
 }
 
 #[cfg(test)]

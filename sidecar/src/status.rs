@@ -138,6 +138,7 @@ async fn poll(pg: &Client, watch: &Watch, seen: &mut Seen) -> Result<(), tokio_p
             .inc_by(duplicates);
     }
     watch.health.set_halted(halted_now);
+    sinks(pg, metrics).await?;
     if let Err(err) = watch.cache.assert_claim().await {
         if err.is_foreign() {
             tracing::error!(error = %err, "the cache is another database's: it is neither read nor written");
@@ -157,6 +158,33 @@ async fn poll(pg: &Client, watch: &Watch, seen: &mut Seen) -> Result<(), tokio_p
         .health
         .leader_live
         .store(live, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// Each outbox sink's lag and halt, from `cqrs.sink_status()` (every sidecar shows every sink).
+async fn sinks(pg: &Client, metrics: &Metrics) -> Result<(), tokio_postgres::Error> {
+    let rows = pg
+        .query(
+            "select sink, events_behind, seconds_behind, halted from cqrs.sink_status()",
+            &[],
+        )
+        .await?;
+    for row in rows {
+        let sink: String = row.get(0);
+        let labels = [sink.as_str()];
+        metrics
+            .sink_events_behind
+            .with_label_values(&labels)
+            .set(row.get(1));
+        metrics
+            .sink_lag_seconds
+            .with_label_values(&labels)
+            .set(row.get::<_, f64>(2));
+        metrics
+            .sink_halted
+            .with_label_values(&labels)
+            .set(i64::from(row.get::<_, bool>(3)));
+    }
     Ok(())
 }
 

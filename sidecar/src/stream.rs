@@ -24,6 +24,7 @@ use crate::flusher::{self, FlushError};
 use crate::health::Role;
 use crate::leader::Leadership;
 use crate::leading::Context;
+use crate::outbox::Outbox;
 use crate::postgres::ConnectionPurpose;
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
@@ -195,6 +196,10 @@ struct Streaming {
     batches: mpsc::Sender<Batch>,
     completed: watch::Receiver<u64>,
     flusher: JoinHandle<Result<(), FlushError>>,
+    /// the sinks of this leadership; the slot is confirmed only past what they delivered
+    outbox: Option<Arc<Outbox>>,
+    /// changes when a sink acknowledged a batch
+    outbox_acked: watch::Receiver<u64>,
 }
 
 impl Streaming {
@@ -223,12 +228,19 @@ impl Streaming {
         )));
         let (batches, batches_rx) = mpsc::channel::<Batch>(1);
         let (completed_tx, completed) = watch::channel(0u64);
+        let outbox = Outbox::start(ctx, token);
+        let outbox_acked = outbox
+            .as_ref()
+            .map_or_else(|| watch::channel(0u64).1, |o| o.acked());
         let flusher = tokio::spawn(flusher::run(
             ctx.clone(),
             sql,
             token,
-            batches_rx,
-            completed_tx,
+            flusher::Handoff {
+                batches: batches_rx,
+                completed: completed_tx,
+                outbox: outbox.clone(),
+            },
             Arc::clone(&policy),
             shutdown,
         ));
@@ -242,6 +254,8 @@ impl Streaming {
             batches,
             completed,
             flusher,
+            outbox,
+            outbox_acked,
         })
     }
 
@@ -257,6 +271,7 @@ impl Streaming {
                 Step::End(ending) => return ending,
                 Step::Completed => {
                     let done = *self.completed.borrow_and_update();
+                    self.outbox_acked.borrow_and_update();
                     self.confirm(done);
                 }
                 Step::SendWaiting(permit) => match self.waiting.take() {
@@ -303,6 +318,7 @@ impl Streaming {
                 Err(err) => Ending::Failed(StreamError::Flusher(err.to_string())),
             }),
             _ = self.completed.changed() => Step::Completed,
+            Ok(()) = self.outbox_acked.changed() => Step::Completed,
             permit = self.batches.clone().reserve_owned(), if self.waiting.is_some() => {
                 permit.map_or_else(|_| gone(), Step::SendWaiting)
             }
@@ -386,8 +402,10 @@ impl Streaming {
         batch
     }
 
-    /// Confirms to the slot what the batches done so far allow.
+    /// Confirms to the slot what the batches done so far allow (projected, and delivered by
+    /// every sink that delivers as the projections go).
     fn confirm(&mut self, done: u64) {
+        let done = self.outbox.as_ref().map_or(done, |o| o.floor(done));
         if let Some(lsn) = self.confirmations.advance(done) {
             self.repl.update_applied_lsn(Lsn::from_u64(lsn));
         }

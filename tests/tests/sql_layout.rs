@@ -69,6 +69,7 @@ fn comments_and_grants_sit_where_the_rule_says() -> Result<()> {
     let mut files = vec![
         "sql/core/command.sql".to_owned(),
         "sql/core/projection.sql".to_owned(),
+        "sql/core/outbox.sql".to_owned(),
         EXTENSION_FUNCTIONS.to_owned(),
         API.to_owned(),
     ];

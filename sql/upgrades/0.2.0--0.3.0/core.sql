@@ -61,3 +61,35 @@ drop function cqrs.try_lead(text, interval);
 drop function cqrs.release_lead(text);
 drop function cqrs.leader();
 drop function cqrs._project_batch(jsonb, pg_lsn, bigint);
+
+-- The outbox: sinks (brokers the sidecar delivers the command log to), their per-stream progress.
+create table cqrs.sink (
+    name                text        primary key,
+    projection_group    text        not null default 'default',
+    halted              boolean     not null default false,
+    -- the summary of the broker's refusal (no command values), and the event it refused, located
+    last_error          text,
+    last_error_at       timestamptz,
+    last_error_position bigint,
+    checkpoint_lsn      pg_lsn,
+    checkpoint_position bigint,
+    checkpoint_at       timestamptz,
+    delivered           bigint      not null default 0,
+    created_at          timestamptz not null default pg_catalog.now(),
+    constraint sink_name_check check (cqrs._is_projection_group(name)),
+    constraint sink_group_check check (cqrs._is_projection_group(projection_group))
+);
+comment on table cqrs.sink is 'Outbox sinks (brokers the sidecar delivers the command log to): checkpoint, halt, counts.';
+
+-- How far each sink has delivered each stream (or passed over it: events a sink's filter does
+-- not send count as delivered).
+create table cqrs.sink_stream (
+    sink     text   not null,
+    stream   text   not null,
+    last_seq bigint not null,
+    primary key (sink, stream)
+) with (fillfactor = 70);
+revoke all on cqrs.sink, cqrs.sink_stream from public;
+grant select on cqrs.sink, cqrs.sink_stream to cqrs_projector;
+select pg_catalog.pg_extension_config_dump('cqrs.sink', '');
+select pg_catalog.pg_extension_config_dump('cqrs.sink_stream', '');

@@ -1,0 +1,416 @@
+//! The outbox: the command log delivered to message brokers (`--sink NAME=nats://…`), by the
+//! leader of a projection group, from the group's slot.
+//!
+//! Each sink is a task of its own while its group is led. It starts by catching up from
+//! `cqrs.command_log` (per stream, after what it delivered: `cqrs._sink_behind`), then asks to be
+//! *attached*: from the next projected batch on, the flusher hands it every batch it committed,
+//! and the slot is confirmed only past batches every attached sink acknowledged. A sink that
+//! falls behind by more than its queue (the broker down or slow) is detached at once — the slot
+//! and the projections go on without it — and catches up from the log again; one that the broker
+//! refuses an event for good (too large) halts on it (`cqrs._sink_halt`) until
+//! `cqrs.resume_sink`. Nothing is lost: what a sink delivered is recorded per stream, fenced by
+//! the group's lease (`cqrs._sink_delivered`), only after the broker acknowledged it, and a
+//! sink skips what that record says it delivered. Duplicates are made harmless: a crash between
+//! the broker's acknowledgement and the record sends an event again with the same message id,
+//! which JetStream drops within its duplicate window.
+
+pub mod delivery;
+pub mod nats;
+pub mod spec;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_postgres::Client;
+
+use crate::leading::{backoff, Context};
+use crate::postgres::ConnectionPurpose;
+use delivery::{waves, Delivery, Event};
+use nats::{NatsSink, PublishFailure};
+use spec::SinkSpec;
+
+/// Projected batches a sink may have waiting before it is detached (and catches up from the log).
+const QUEUE_BATCHES: usize = 256;
+/// Command-log rows per chunk of a catch-up.
+const CATCH_UP_CHUNK: i32 = 2_000;
+/// How often a halted sink looks whether it was resumed, and an idle one catches up.
+const LOOK_AGAIN: Duration = Duration::from_secs(1);
+
+/// What the flusher and the streamer see of one sink.
+struct Shared {
+    /// the flusher hands it batches
+    attached: AtomicBool,
+    /// it caught up and wants batches from the next one on
+    wants_attaching: AtomicBool,
+    /// every batch up to this number is delivered (meaningful while attached)
+    acked: AtomicU64,
+}
+
+struct Handle {
+    name: String,
+    shared: Arc<Shared>,
+    queue: mpsc::Sender<Arc<Delivery>>,
+    task: JoinHandle<()>,
+}
+
+/// The sinks of one leadership.
+pub struct Outbox {
+    sinks: Vec<Handle>,
+    /// bumped whenever a sink acknowledges a batch (the streamer confirms the slot again)
+    acked_tx: watch::Sender<u64>,
+}
+
+impl Outbox {
+    /// Starts a task per configured sink for the leadership of `token`; none configured, none.
+    pub fn start(ctx: &Context, token: i64) -> Option<Arc<Self>> {
+        if ctx.config.sinks.is_empty() {
+            return None;
+        }
+        let (acked_tx, _) = watch::channel(0u64);
+        let sinks = ctx
+            .config
+            .sinks
+            .iter()
+            .map(|spec| {
+                let shared = Arc::new(Shared {
+                    attached: AtomicBool::new(false),
+                    wants_attaching: AtomicBool::new(false),
+                    acked: AtomicU64::new(0),
+                });
+                let (queue, batches) = mpsc::channel(QUEUE_BATCHES);
+                let sink = Sink {
+                    ctx: ctx.clone(),
+                    spec: spec.clone(),
+                    token,
+                    shared: Arc::clone(&shared),
+                    batches,
+                    acked_tx: acked_tx.clone(),
+                };
+                Handle {
+                    name: spec.name.clone(),
+                    shared,
+                    queue,
+                    task: tokio::spawn(sink.run()),
+                }
+            })
+            .collect();
+        Some(Arc::new(Self { sinks, acked_tx }))
+    }
+
+    /// Changes whenever a sink acknowledged a batch.
+    pub fn acked(&self) -> watch::Receiver<u64> {
+        self.acked_tx.subscribe()
+    }
+
+    /// Hands a committed batch to every attached sink (and attaches those that asked); a sink
+    /// whose queue is full is detached.
+    pub fn dispatch(&self, number: u64, commit_lsn: Option<u64>, json: &str) {
+        let mut delivery = None;
+        for sink in &self.sinks {
+            if !sink.shared.attached.load(Ordering::Acquire)
+                && sink.shared.wants_attaching.swap(false, Ordering::AcqRel)
+            {
+                sink.shared
+                    .acked
+                    .store(number.saturating_sub(1), Ordering::Release);
+                sink.shared.attached.store(true, Ordering::Release);
+            }
+            if !sink.shared.attached.load(Ordering::Acquire) {
+                continue;
+            }
+            let batch = match &delivery {
+                Some(batch) => Arc::clone(batch),
+                None => match Delivery::of_batch(number, commit_lsn, json) {
+                    Ok(batch) => Arc::clone(delivery.insert(Arc::new(batch))),
+                    Err(err) => {
+                        // cannot happen for what project_batch took; the sinks catch up instead
+                        tracing::error!(error = %err, "a projected batch could not be split into events; the sinks catch up from the log");
+                        self.detach_all();
+                        return;
+                    }
+                },
+            };
+            if sink.queue.try_send(batch).is_err() {
+                sink.shared.attached.store(false, Ordering::Release);
+                tracing::warn!(sink = %sink.name, queued = QUEUE_BATCHES, "the sink fell behind the projections; it catches up from the log, the slot goes on without it");
+            }
+        }
+    }
+
+    fn detach_all(&self) {
+        for sink in &self.sinks {
+            sink.shared.attached.store(false, Ordering::Release);
+        }
+    }
+
+    /// The highest batch number every attached sink has delivered, at most `done`.
+    pub fn floor(&self, done: u64) -> u64 {
+        self.sinks
+            .iter()
+            .filter(|s| s.shared.attached.load(Ordering::Acquire))
+            .map(|s| s.shared.acked.load(Ordering::Acquire))
+            .fold(done, u64::min)
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        // the leadership ended: a deposed leader's sinks stop with it
+        for sink in &self.sinks {
+            sink.task.abort();
+        }
+    }
+}
+
+/// Why delivering stopped.
+#[derive(Debug, thiserror::Error)]
+enum SinkError {
+    #[error("PostgreSQL: {}", crate::postgres::describe_error(.0))]
+    Database(#[from] tokio_postgres::Error),
+    #[error("connecting to PostgreSQL: {0}")]
+    Connect(#[from] crate::postgres::StartupError),
+    #[error("{0}")]
+    Publish(#[from] PublishFailure),
+    #[error("a command-log row: {0}")]
+    Row(#[from] serde_json::Error),
+    #[error("the group's lease was taken over")]
+    Deposed,
+    #[error("the sink is halted")]
+    Halted,
+    #[error("detached: it fell behind")]
+    Detached,
+}
+
+impl SinkError {
+    fn from_db(err: tokio_postgres::Error) -> Self {
+        match err.as_db_error() {
+            Some(db) if db.code().code() == cqrs_projection::FENCED_SQLSTATE => SinkError::Deposed,
+            _ => SinkError::Database(err),
+        }
+    }
+}
+
+/// One sink's task.
+struct Sink {
+    ctx: Context,
+    spec: SinkSpec,
+    token: i64,
+    shared: Arc<Shared>,
+    batches: mpsc::Receiver<Arc<Delivery>>,
+    acked_tx: watch::Sender<u64>,
+}
+
+impl Sink {
+    async fn run(mut self) {
+        let name = self.spec.name.clone();
+        let mut delays = backoff();
+        loop {
+            match self.deliver().await {
+                Err(SinkError::Deposed) => {
+                    tracing::error!(sink = %name, "the group's lease was taken over; the sink stops with the leadership");
+                    return;
+                }
+                Err(SinkError::Halted) => {
+                    self.metric_halted(true);
+                    tokio::time::sleep(LOOK_AGAIN).await;
+                }
+                Err(SinkError::Detached) => {
+                    delays = backoff();
+                }
+                Err(err) => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                    self.ctx
+                        .metrics
+                        .sink_failures
+                        .with_label_values(&[name.as_str()])
+                        .inc();
+                    tracing::warn!(sink = %name, broker = %self.spec.broker(), error = %err, retry_in = ?delay, "delivering to the sink failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Ok(()) => return,
+            }
+            self.shared.attached.store(false, Ordering::Release);
+            self.shared.wants_attaching.store(false, Ordering::Release);
+            self.metric_attached(false);
+            // what was queued is delivered by the next catch-up
+            while self.batches.try_recv().is_ok() {}
+        }
+    }
+
+    /// Catch up, attach, catch up once more (what was projected before the attachment), then
+    /// deliver the batches handed over, until something stops it.
+    async fn deliver(&mut self) -> Result<(), SinkError> {
+        let sql = self
+            .ctx
+            .pg
+            .connect_for(ConnectionPurpose::Sink, Duration::from_secs(5))
+            .await?;
+        sql.execute(
+            "select cqrs._ensure_sink($1, $2)",
+            &[&self.spec.name, &self.ctx.config.projection_group],
+        )
+        .await
+        .map_err(SinkError::from_db)?;
+        self.check_halted(&sql).await?;
+        self.metric_halted(false);
+        let broker = NatsSink::connect(&self.spec).await?;
+        self.catch_up(&sql, &broker).await?;
+        self.shared.wants_attaching.store(true, Ordering::Release);
+        while !self.shared.attached.load(Ordering::Acquire) {
+            // no batch came to attach it (nothing is written): keep up from the log meanwhile
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if !self.shared.attached.load(Ordering::Acquire) {
+                tokio::time::sleep(LOOK_AGAIN).await;
+                self.catch_up(&sql, &broker).await?;
+            }
+        }
+        self.catch_up(&sql, &broker).await?;
+        self.metric_attached(true);
+        tracing::info!(sink = %self.spec.name, broker = %self.spec.broker(), "the sink caught up with the log and delivers as the projections go");
+        loop {
+            let Some(batch) = self.batches.recv().await else {
+                return Ok(());
+            };
+            if !self.shared.attached.load(Ordering::Acquire) {
+                return Err(SinkError::Detached);
+            }
+            self.send(&sql, &broker, &batch).await?;
+            if let Some(number) = batch.number {
+                self.shared.acked.store(number, Ordering::Release);
+                self.acked_tx.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        }
+    }
+
+    /// Delivers what `cqrs._sink_behind` says is left, chunk after chunk.
+    async fn catch_up(&self, sql: &Client, broker: &NatsSink) -> Result<(), SinkError> {
+        loop {
+            let rows = sql
+                .query(
+                    "select event from cqrs._sink_behind($1, $2)",
+                    &[&self.spec.name, &CATCH_UP_CHUNK],
+                )
+                .await
+                .map_err(SinkError::from_db)?;
+            if rows.is_empty() {
+                return Ok(());
+            }
+            let events = rows
+                .iter()
+                .map(|row| Event::parse(row.get::<_, &str>(0)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let chunk = Delivery {
+                number: None,
+                commit_lsn: None,
+                events,
+            };
+            self.send(sql, broker, &chunk).await?;
+        }
+    }
+
+    /// Publishes what of `delivery` the sink takes and has not delivered yet, then records it.
+    async fn send(&self, sql: &Client, broker: &NatsSink, delivery: &Delivery) -> Result<(), SinkError> {
+        let heads = delivery.heads();
+        let streams: Vec<&str> = heads.keys().copied().collect();
+        let delivered: HashMap<String, i64> = sql
+            .query(
+                "select stream, last_seq from cqrs._sink_progress($1, $2)",
+                &[&self.spec.name, &streams],
+            )
+            .await
+            .map_err(SinkError::from_db)?
+            .iter()
+            .map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1)))
+            .collect();
+        let fresh: Vec<&Event> = delivery
+            .events
+            .iter()
+            .filter(|e| e.seq > delivered.get(&e.stream).copied().unwrap_or(0))
+            .filter(|e| self.spec.takes(&e.stream, &e.command_type))
+            .collect();
+        let mut duplicates = 0;
+        for wave in waves(&fresh) {
+            duplicates += self.publish(sql, broker, &wave).await?;
+        }
+        let seqs: Vec<i64> = heads.values().copied().collect();
+        let lsn = delivery.commit_lsn.map(cqrs_projection::lsn::format);
+        sql.execute(
+            "select cqrs._sink_delivered($1, $2, $3, $4, $5::text::pg_lsn, $6, $7)",
+            &[
+                &self.spec.name,
+                &self.token,
+                &streams,
+                &seqs,
+                &lsn,
+                &delivery.max_position(),
+                &(fresh.len() as i64),
+            ],
+        )
+        .await
+        .map_err(SinkError::from_db)?;
+        let label = [self.spec.name.as_str()];
+        self.ctx
+            .metrics
+            .sink_delivered
+            .with_label_values(&label)
+            .inc_by(fresh.len() as u64);
+        self.ctx
+            .metrics
+            .sink_duplicates
+            .with_label_values(&label)
+            .inc_by(duplicates);
+        Ok(())
+    }
+
+    /// One wave; an event the broker refuses halts the sink. Any other failure ends the
+    /// delivery: the sink is detached (the slot goes on without it), and once the broker answers
+    /// again it catches up from the log, which holds whatever was not recorded as delivered.
+    async fn publish(&self, sql: &Client, broker: &NatsSink, wave: &[&Event]) -> Result<u64, SinkError> {
+        match broker.publish_wave(wave).await {
+            Ok(duplicates) => Ok(duplicates),
+            Err(PublishFailure::Refused { position, reason }) => {
+                tracing::error!(sink = %self.spec.name, position, %reason, "the broker refuses an event for good; the sink halts on it (select cqrs.resume_sink(name) once the cause is fixed)");
+                sql.execute(
+                    "select cqrs._sink_halt($1, $2, $3, $4)",
+                    &[&self.spec.name, &self.token, &reason, &position],
+                )
+                .await
+                .map_err(SinkError::from_db)?;
+                Err(SinkError::Halted)
+            }
+            Err(transient) => Err(SinkError::Publish(transient)),
+        }
+    }
+
+    async fn check_halted(&self, sql: &Client) -> Result<(), SinkError> {
+        let halted: bool = sql
+            .query_one("select halted from cqrs.sink where name = $1", &[&self.spec.name])
+            .await
+            .map_err(SinkError::from_db)?
+            .get(0);
+        if halted {
+            return Err(SinkError::Halted);
+        }
+        Ok(())
+    }
+
+    fn metric_halted(&self, halted: bool) {
+        self.ctx
+            .metrics
+            .sink_halted
+            .with_label_values(&[self.spec.name.as_str()])
+            .set(i64::from(halted));
+    }
+
+    fn metric_attached(&self, attached: bool) {
+        self.ctx
+            .metrics
+            .sink_attached
+            .with_label_values(&[self.spec.name.as_str()])
+            .set(i64::from(attached));
+    }
+}
