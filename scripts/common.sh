@@ -33,7 +33,8 @@ PORTABLE_SQL=(sql/core/command.sql sql/core/projection.sql sql/core/outbox.sql
 # portable.sh and upgrade-scripts.sh (a do block, not a list of functions).
 PORTABLE_GRANTS=sql/portable/grants.sql
 
-step() { printf '\n\033[1;34m▶ %s\033[0m\n' "$*"; }
+# each step says when it started (seconds since the script did), so a run's log shows what took long
+step() { printf '\n\033[1;34m▶ %s\033[0m  (at %ss)\n' "$*" "$SECONDS"; }
 note() { printf '  %s\n' "$*"; }
 die() { printf '\033[1;31m✗ %s\033[0m\n' "$*" >&2; exit 1; }
 

@@ -7,6 +7,7 @@ mod demo;
 mod groups_bench;
 mod lag;
 mod load;
+mod outbox_bench;
 mod projection_bench;
 mod read_bench;
 mod report;
@@ -45,6 +46,9 @@ enum Commands {
     Scale(scale_bench::ScaleArgs),
     /// Projection groups: catch-up of a backlog with four projections in 1 vs 2 vs 4 groups.
     Groups(groups_bench::GroupsArgs),
+    /// The outbox: a backlog delivered to NATS JetStream vs a minimal publisher, and what it
+    /// costs the projections' catch-up.
+    Outbox(outbox_bench::OutboxArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         Commands::Read(args) => runtime.block_on(read_bench::run(args)),
         Commands::Scale(args) => runtime.block_on(scale_bench::run(args)),
         Commands::Groups(args) => runtime.block_on(groups_bench::run(args)),
+        Commands::Outbox(args) => runtime.block_on(outbox_bench::run(args)),
     }
 }
 

@@ -1,0 +1,211 @@
+//! `cqrs-bench outbox`: delivery of a backlog to NATS JetStream by an outbox sink, against the
+//! broker's ceiling on this machine, and what delivery costs the projections.
+//!
+//! 1. A stack with the backlog (PostgreSQL with fsync, Redis, a local nats-server -js): a slot
+//!    retains it while it is appended.
+//! 2. The broker's ceiling: a minimal publisher in this tool sends the same messages (the same
+//!    bodies and headers, `Nats-Msg-Id` included) straight to another stream of the same server,
+//!    256 acknowledgements in flight, as fast as the server takes them.
+//! 3. A sidecar with a sink starts on the backlog: timed until the projections are at the end of
+//!    the log, and until the sink is.
+//! 4. The same backlog on a fresh stack without a sink: the projections' catch-up alone.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use async_nats::jetstream::{self, stream};
+use async_nats::HeaderMap;
+use tokio_postgres::Client;
+
+use crate::report::Table;
+use crate::sidecar_bench::{append_backlog, events_behind, Backlog};
+use crate::stack::Stack;
+use cqrs_harness::NatsServer;
+
+#[derive(clap::Args, Debug)]
+pub struct OutboxArgs {
+    #[command(flatten)]
+    backlog: Backlog,
+}
+
+const SLOT: &str = "cqrs_sidecar";
+const PUBLICATION: &str = "cqrs_command_log";
+const SINK: &str = "bench";
+/// Acknowledgements the minimal publisher keeps in flight.
+const IN_FLIGHT: usize = 256;
+
+pub async fn run(args: OutboxArgs) -> Result<()> {
+    let backlog = &args.backlog;
+    let nats = tokio::task::spawn_blocking(NatsServer::start).await??;
+    println!(
+        "▶ with a sink: PostgreSQL 15 (fsync on), redis-server, nats-server -js at {} …",
+        nats.url()
+    );
+    let mut stack = prepared_stack(backlog).await?;
+    let ceiling = minimal_publisher(&stack.client().await?, &nats.url()).await?;
+    stack.set("CQRS_SINKS", &format!("{SINK}={}", nats.url()));
+    let (projected_with, delivered) = catch_up(&mut stack, true).await?;
+    drop(stack);
+
+    println!("▶ without a sink: a fresh stack with the same backlog …");
+    let mut stack = prepared_stack(backlog).await?;
+    let (projected_without, _) = catch_up(&mut stack, false).await?;
+    drop(stack);
+
+    let events = backlog.backlog as f64;
+    println!(
+        "\n▶ delivery of a backlog of {} commands to NATS JetStream",
+        backlog.backlog
+    );
+    let mut table = Table::new(&["path", "events/s", "ratio"]);
+    table.row(vec![
+        format!("minimal publisher straight to JetStream ({IN_FLIGHT} in flight: the broker's ceiling)"),
+        format!("{:.0}", events / ceiling),
+        "1.00x".into(),
+    ]);
+    let delivered = delivered.context("the sink's time")?;
+    table.row(vec![
+        "cqrs-sidecar sink: log → JetStream, recorded per stream, while projecting".into(),
+        format!("{:.0}", events / delivered),
+        format!("{:.2}x", ceiling / delivered),
+    ]);
+    table.print();
+    println!("\n▶ projection catch-up of the same backlog");
+    let mut table = Table::new(&["sidecar", "seconds", "events/s", "ratio"]);
+    table.row(vec![
+        "without a sink".into(),
+        format!("{projected_without:.1}"),
+        format!("{:.0}", events / projected_without),
+        "1.00x".into(),
+    ]);
+    table.row(vec![
+        "with a sink delivering meanwhile".into(),
+        format!("{projected_with:.1}"),
+        format!("{:.0}", events / projected_with),
+        format!("{:.2}x", projected_without / projected_with),
+    ]);
+    table.print();
+    println!(
+        "PostgreSQL, Redis, nats-server, the sidecar and this tool share the machine's {} cores.",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    Ok(())
+}
+
+/// A stack whose slot retains a backlog appended after it was made.
+async fn prepared_stack(backlog: &Backlog) -> Result<Stack> {
+    let stack = Stack::start(backlog.edition, true).await?;
+    let client = stack.client().await?;
+    client
+        .execute("select cqrs.ensure_publication($1)", &[&PUBLICATION])
+        .await?;
+    client
+        .execute(
+            "select pg_catalog.pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&SLOT],
+        )
+        .await?;
+    println!("  appending a backlog of {} commands …", backlog.backlog);
+    append_backlog(&stack.owner_url, backlog.backlog, backlog.per_transaction).await?;
+    client.batch_execute("checkpoint").await?;
+    Ok(stack)
+}
+
+/// The same messages as the sink's, published straight to stream `BENCH_RAW`: seconds taken.
+async fn minimal_publisher(pg: &Client, url: &str) -> Result<f64> {
+    println!("  the minimal publisher: reading the log, then publishing it …");
+    let rows = pg
+        .query(
+            "select l.command_id::text, l.stream, l.seq, l.command_type, l.position,
+                    pg_catalog.json_build_object('position', l.position, 'command_id', l.command_id, 'stream', l.stream,
+                        'seq', l.seq, 'command_type', l.command_type, 'payload', l.payload,
+                        'metadata', l.metadata, 'created_at', l.created_at::text)::text
+               from cqrs.command_log l order by l.position",
+            &[],
+        )
+        .await?;
+    let client = async_nats::connect(url).await?;
+    let context = jetstream::new(client);
+    context
+        .get_or_create_stream(stream::Config {
+            name: "BENCH_RAW".into(),
+            subjects: vec!["bench.raw.>".into()],
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    let started = Instant::now();
+    let mut pending = std::collections::VecDeque::with_capacity(IN_FLIGHT);
+    for row in &rows {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", row.get::<_, &str>(0));
+        headers.insert("Cqrs-Stream", row.get::<_, &str>(1));
+        headers.insert("Cqrs-Seq", row.get::<_, i64>(2).to_string().as_str());
+        headers.insert("Cqrs-Command-Type", row.get::<_, &str>(3));
+        headers.insert("Cqrs-Position", row.get::<_, i64>(4).to_string().as_str());
+        let subject = format!("bench.raw.{}", row.get::<_, &str>(3));
+        let body: String = row.get(5);
+        pending.push_back(
+            context
+                .publish_with_headers(subject, headers, body.into())
+                .await?,
+        );
+        if pending.len() >= IN_FLIGHT {
+            if let Some(ack) = pending.pop_front() {
+                ack.await?;
+            }
+        }
+    }
+    for ack in pending {
+        ack.await?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!("  {} messages in {seconds:.1} s", rows.len());
+    Ok(seconds)
+}
+
+/// Starts a sidecar on the backlog: seconds until the projections are at the end of the log, and
+/// (with a sink) until the sink is.
+async fn catch_up(stack: &mut Stack, with_sink: bool) -> Result<(f64, Option<f64>)> {
+    let client = stack.client().await?;
+    let started = Instant::now();
+    stack.add_sidecar()?;
+    let mut projected = None;
+    let mut delivered = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if projected.is_none() && events_behind(&client).await? <= 0 {
+            projected = Some(started.elapsed().as_secs_f64());
+        }
+        if with_sink && delivered.is_none() && sink_behind(&client).await? == Some(0) {
+            delivered = Some(started.elapsed().as_secs_f64());
+        }
+        if let Some(projected) = projected {
+            if !with_sink || delivered.is_some() {
+                println!(
+                    "  projected in {projected:.1} s{}",
+                    delivered
+                        .map(|d| format!(", delivered in {d:.1} s"))
+                        .unwrap_or_default()
+                );
+                return Ok((projected, delivered));
+            }
+        }
+        if started.elapsed() > Duration::from_secs(900) {
+            bail!(
+                "not caught up after 15 minutes; log:\n{}",
+                stack.sidecars[0].log()
+            );
+        }
+    }
+}
+
+async fn sink_behind(client: &Client) -> Result<Option<i64>> {
+    Ok(client
+        .query_opt(
+            "select events_behind from cqrs.sink_status() where sink = $1",
+            &[&SINK],
+        )
+        .await?
+        .map(|row| row.get(0)))
+}
