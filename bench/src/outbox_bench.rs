@@ -18,7 +18,7 @@ use async_nats::HeaderMap;
 use tokio_postgres::Client;
 
 use crate::report::Table;
-use crate::sidecar_bench::{append_backlog, events_behind, Backlog};
+use crate::sidecar_bench::{append_backlog, events_behind, retain_slot, Backlog};
 use crate::stack::Stack;
 use cqrs_harness::NatsServer;
 
@@ -28,8 +28,6 @@ pub struct OutboxArgs {
     backlog: Backlog,
 }
 
-const SLOT: &str = "cqrs_sidecar";
-const PUBLICATION: &str = "cqrs_command_log";
 const SINK: &str = "bench";
 /// Acknowledgements the minimal publisher keeps in flight.
 const IN_FLIGHT: usize = 256;
@@ -96,15 +94,7 @@ pub async fn run(args: OutboxArgs) -> Result<()> {
 async fn prepared_stack(backlog: &Backlog) -> Result<Stack> {
     let stack = Stack::start(backlog.edition, true).await?;
     let client = stack.client().await?;
-    client
-        .execute("select cqrs.ensure_publication($1)", &[&PUBLICATION])
-        .await?;
-    client
-        .execute(
-            "select pg_catalog.pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&SLOT],
-        )
-        .await?;
+    retain_slot(&client).await?;
     println!("  appending a backlog of {} commands …", backlog.backlog);
     append_backlog(&stack.owner_url, backlog.backlog, backlog.per_transaction).await?;
     client.batch_execute("checkpoint").await?;

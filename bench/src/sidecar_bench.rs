@@ -76,15 +76,7 @@ pub async fn run(args: SidecarArgs) -> Result<()> {
     }
     {
         let client = stack.client().await?;
-        client
-            .execute("select cqrs.ensure_publication($1)", &[&PUBLICATION])
-            .await?;
-        client
-            .execute(
-                "select pg_catalog.pg_create_logical_replication_slot($1, 'pgoutput')",
-                &[&SLOT],
-            )
-            .await?;
+        retain_slot(&client).await?;
         println!(
             "▶ appending a backlog of {} commands ({} per transaction) while slot {SLOT} retains them …",
             args.backlog.backlog, args.backlog.per_transaction
@@ -193,6 +185,21 @@ pub async fn run(args: SidecarArgs) -> Result<()> {
         live_peak as f64 / 1024.0,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    Ok(())
+}
+
+/// The publication and the sidecar's slot, made before a backlog is appended so that the slot
+/// retains it (the sidecar then streams the backlog rather than catching up from the log).
+pub(crate) async fn retain_slot(client: &Client) -> Result<()> {
+    client
+        .execute("select cqrs.ensure_publication($1)", &[&PUBLICATION])
+        .await?;
+    client
+        .execute(
+            "select pg_catalog.pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&SLOT],
+        )
+        .await?;
     Ok(())
 }
 

@@ -92,6 +92,26 @@ as $$
 $$;
 comment on function cqrs._sink_progress(text, text[]) is 'How far sink has delivered each of streams.';
 
+-- The fence of a sink's bookkeeping: its row locked, QC001 unless fencing_token is the lease of
+-- the sink's group (cqrs._fence), 42704 for an unknown sink.
+create function cqrs._sink_fence(sink text, fencing_token bigint, commit_lsn pg_lsn)
+returns void
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_group text;
+begin
+    select s.projection_group into v_group from cqrs.sink s where s.name = _sink_fence.sink for update;
+    if not found then
+        raise exception using errcode = '42704', message = format('sink %s does not exist', pg_catalog.quote_ident(sink));
+    end if;
+    perform cqrs._fence(fencing_token, commit_lsn, v_group);
+end
+$$;
+comment on function cqrs._sink_fence(text, bigint, pg_lsn) is
+    'Locks sink''s row and checks that fencing_token is the lease of its group (QC001), or raises 42704.';
+
 -- What the broker acknowledged: each stream's progress moves forward (never back), and the
 -- checkpoint too; fenced by the group's lease, so a deposed leader's late acknowledgement is
 -- refused (QC001) and moves nothing. (unnest of two arrays unqualified: the multi-argument form
@@ -102,14 +122,8 @@ returns void
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
-declare
-    v_group text;
 begin
-    select s.projection_group into v_group from cqrs.sink s where s.name = _sink_delivered.sink for update;
-    if not found then
-        raise exception using errcode = '42704', message = format('sink %s does not exist', pg_catalog.quote_ident(sink));
-    end if;
-    perform cqrs._fence(fencing_token, commit_lsn, v_group);
+    perform cqrs._sink_fence(sink, fencing_token, commit_lsn);
     insert into cqrs.sink_stream as ss (sink, stream, last_seq)
     select _sink_delivered.sink, u.stream, u.last_seq from unnest(streams, seqs) as u(stream, last_seq)
     on conflict on constraint sink_stream_pkey do update set last_seq = excluded.last_seq
@@ -131,14 +145,8 @@ returns void
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
-declare
-    v_group text;
 begin
-    select s.projection_group into v_group from cqrs.sink s where s.name = _sink_halt.sink for update;
-    if not found then
-        raise exception using errcode = '42704', message = format('sink %s does not exist', pg_catalog.quote_ident(sink));
-    end if;
-    perform cqrs._fence(fencing_token, null, v_group);
+    perform cqrs._sink_fence(sink, fencing_token, null);
     update cqrs.sink s
        set halted = true, last_error = error, last_error_at = pg_catalog.now(), last_error_position = at_position
      where s.name = _sink_halt.sink;
@@ -196,6 +204,7 @@ comment on function cqrs.sink_status() is
 
 revoke all on cqrs.sink, cqrs.sink_stream from public;
 grant select on cqrs.sink, cqrs.sink_stream to cqrs_projector;
+revoke execute on function cqrs._sink_fence(text, bigint, pg_lsn) from public;
 revoke execute on function cqrs._ensure_sink(text, text), cqrs._sink_behind(text, integer), cqrs._sink_progress(text, text[]),
     cqrs._sink_delivered(text, bigint, text[], bigint[], pg_lsn, bigint, bigint), cqrs._sink_halt(text, bigint, text, bigint),
     cqrs.resume_sink(text), cqrs.sink_status() from public;

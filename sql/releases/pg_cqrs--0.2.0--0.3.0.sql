@@ -861,8 +861,7 @@ $$;
 
 comment on function cqrs._sink_progress(text, text[]) is 'How far sink has delivered each of streams.';
 
-create or replace function cqrs._sink_delivered(sink text, fencing_token bigint, streams text[], seqs bigint[],
-                                     commit_lsn pg_lsn, max_position bigint, delivered bigint)
+create or replace function cqrs._sink_fence(sink text, fencing_token bigint, commit_lsn pg_lsn)
 returns void
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
@@ -870,11 +869,25 @@ as $$
 declare
     v_group text;
 begin
-    select s.projection_group into v_group from cqrs.sink s where s.name = _sink_delivered.sink for update;
+    select s.projection_group into v_group from cqrs.sink s where s.name = _sink_fence.sink for update;
     if not found then
         raise exception using errcode = '42704', message = format('sink %s does not exist', pg_catalog.quote_ident(sink));
     end if;
     perform cqrs._fence(fencing_token, commit_lsn, v_group);
+end
+$$;
+
+comment on function cqrs._sink_fence(text, bigint, pg_lsn) is
+    'Locks sink''s row and checks that fencing_token is the lease of its group (QC001), or raises 42704.';
+
+create or replace function cqrs._sink_delivered(sink text, fencing_token bigint, streams text[], seqs bigint[],
+                                     commit_lsn pg_lsn, max_position bigint, delivered bigint)
+returns void
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    perform cqrs._sink_fence(sink, fencing_token, commit_lsn);
     insert into cqrs.sink_stream as ss (sink, stream, last_seq)
     select _sink_delivered.sink, u.stream, u.last_seq from unnest(streams, seqs) as u(stream, last_seq)
     on conflict on constraint sink_stream_pkey do update set last_seq = excluded.last_seq
@@ -896,14 +909,8 @@ returns void
 language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
-declare
-    v_group text;
 begin
-    select s.projection_group into v_group from cqrs.sink s where s.name = _sink_halt.sink for update;
-    if not found then
-        raise exception using errcode = '42704', message = format('sink %s does not exist', pg_catalog.quote_ident(sink));
-    end if;
-    perform cqrs._fence(fencing_token, null, v_group);
+    perform cqrs._sink_fence(sink, fencing_token, null);
     update cqrs.sink s
        set halted = true, last_error = error, last_error_at = pg_catalog.now(), last_error_position = at_position
      where s.name = _sink_halt.sink;
@@ -960,6 +967,8 @@ comment on function cqrs.sink_status() is
 revoke all on cqrs.sink, cqrs.sink_stream from public;
 
 grant select on cqrs.sink, cqrs.sink_stream to cqrs_projector;
+
+revoke execute on function cqrs._sink_fence(text, bigint, pg_lsn) from public;
 
 revoke execute on function cqrs._ensure_sink(text, text), cqrs._sink_behind(text, integer), cqrs._sink_progress(text, text[]),
     cqrs._sink_delivered(text, bigint, text[], bigint[], pg_lsn, bigint, bigint), cqrs._sink_halt(text, bigint, text, bigint),

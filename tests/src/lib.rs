@@ -3,6 +3,7 @@
 
 pub mod cache_check;
 pub use cqrs_harness::edition;
+pub mod lag;
 pub mod orders;
 pub mod regress;
 pub mod rig;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use cqrs_e2e::rig::Rig;
-use cqrs_e2e::{eventually, fault_seed};
+use cqrs_e2e::{eventually, fault_seed, lag};
 use cqrs_harness::edition::Edition;
 use cqrs_harness::outbox_check::{check, received};
 use cqrs_harness::{ClusterOptions, NatsServer};
@@ -154,32 +154,6 @@ async fn an_event_a_broker_refuses_halts_only_its_sink() -> Result<()> {
     Ok(())
 }
 
-/// Projection lag samples (cqrs.progress()'s seconds_behind of order_summary) every 100 ms for
-/// `span`, sorted.
-async fn lag_samples(client: &Client, span: Duration) -> Result<Vec<f64>> {
-    let until = Instant::now() + span;
-    let mut samples = Vec::new();
-    while Instant::now() < until {
-        let row = client
-            .query_one(
-                "select seconds_behind from cqrs.progress() where projection = 'order_summary'",
-                &[],
-            )
-            .await?;
-        samples.push(row.get::<_, f64>(0));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    samples.sort_by(f64::total_cmp);
-    Ok(samples)
-}
-
-fn p99(sorted: &[f64]) -> f64 {
-    sorted
-        .get((sorted.len() * 99 / 100).min(sorted.len().saturating_sub(1)))
-        .copied()
-        .unwrap_or(0.0)
-}
-
 /// The broker down for 60 s under 250 commands/s: the projections keep their normal lag and
 /// the slot goes on (the sink does not hold it), and once the broker is back the sink catches up
 /// from the log — every command once, in stream order.
@@ -204,12 +178,12 @@ async fn a_broker_down_for_a_minute_holds_back_only_its_sink() -> Result<()> {
     };
     let traffic = rig.start_order_traffic(&mut rng, 20_000, 2, Some(250.0)).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let normal = lag_samples(&client, Duration::from_secs(8)).await?;
+    let normal = lag::samples(&client, "order_summary", Duration::from_secs(8)).await?;
     nats.kill();
     let down = Instant::now();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let slot_before = slot_position().await?;
-    let outage = lag_samples(&client, Duration::from_secs(50)).await?;
+    let outage = lag::samples(&client, "order_summary", Duration::from_secs(50)).await?;
     let slot_after = slot_position().await?;
     let behind: i64 = client
         .query_one(
@@ -226,7 +200,7 @@ async fn a_broker_down_for_a_minute_holds_back_only_its_sink() -> Result<()> {
         .await
         .with_context(|| rig.logs())?;
     let count = check(&client, &received(&nats.url(), JS_STREAM).await?, "").await?;
-    let (normal_p99, outage_p99) = (p99(&normal), p99(&outage));
+    let (normal_p99, outage_p99) = (lag::p99(&normal), lag::p99(&outage));
     eprintln!(
         "{appended} commands; order_summary lag p99 {normal_p99:.3} s normal, {outage_p99:.3} s with the broker down; \
          the sink was {behind} behind after 55 s down; {count} received once each"
@@ -239,7 +213,7 @@ async fn a_broker_down_for_a_minute_holds_back_only_its_sink() -> Result<()> {
         slot_after > slot_before,
         "the slot did not move while the broker was down"
     );
-    let bound = (normal_p99 * 1.5).max(normal_p99 + 0.25);
+    let bound = lag::normal_bound(normal_p99);
     ensure!(
         outage_p99 <= bound,
         "projection lag p99 {outage_p99:.3} s with the broker down (normal {normal_p99:.3} s)"

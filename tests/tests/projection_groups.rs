@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use cqrs_e2e::rig::Rig;
-use cqrs_e2e::{eventually, fault_seed};
+use cqrs_e2e::{eventually, fault_seed, lag};
 use cqrs_harness::edition::Edition;
 use cqrs_harness::ClusterOptions;
 use rand::rngs::StdRng;
@@ -114,32 +114,6 @@ async fn two_groups_survive_their_leaders_being_killed() -> Result<()> {
     Ok(())
 }
 
-/// Samples a projection's lag (cqrs.progress()'s seconds_behind) every 100 ms for `span`; the
-/// samples sorted.
-async fn lag_samples(client: &tokio_postgres::Client, projection: &str, span: Duration) -> Result<Vec<f64>> {
-    let until = Instant::now() + span;
-    let mut samples = Vec::new();
-    while Instant::now() < until {
-        let row = client
-            .query_one(
-                "select seconds_behind from cqrs.progress() where projection = $1",
-                &[&projection],
-            )
-            .await?;
-        samples.push(row.get::<_, f64>(0));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    samples.sort_by(f64::total_cmp);
-    Ok(samples)
-}
-
-fn p99(sorted: &[f64]) -> f64 {
-    sorted
-        .get((sorted.len() * 99 / 100).min(sorted.len().saturating_sub(1)))
-        .copied()
-        .unwrap_or(0.0)
-}
-
 /// Group `default`'s projection is made slow (its table's trigger sleeps 20 ms a row), then
 /// halted (the trigger raises); group `users`' lag stays within its normal p99 throughout,
 /// while the slow projection's own lag grows — the part a single group would share.
@@ -152,7 +126,7 @@ async fn a_slow_or_halted_projection_stalls_only_its_group() -> Result<()> {
     let watcher = rig.client().await?;
     let traffic = rig.start_order_traffic(&mut rng, 9_000, 2, Some(250.0)).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let normal = lag_samples(&watcher, STATS, Duration::from_secs(8)).await?;
+    let normal = lag::samples(&watcher, STATS, Duration::from_secs(8)).await?;
 
     owner
         .batch_execute(
@@ -162,8 +136,8 @@ async fn a_slow_or_halted_projection_stalls_only_its_group() -> Result<()> {
                  for each row execute function shop.slowly();",
         )
         .await?;
-    let slow = lag_samples(&watcher, STATS, Duration::from_secs(8)).await?;
-    let summary_behind = lag_samples(&watcher, SUMMARY, Duration::from_millis(300)).await?;
+    let slow = lag::samples(&watcher, STATS, Duration::from_secs(8)).await?;
+    let summary_behind = lag::samples(&watcher, SUMMARY, Duration::from_millis(300)).await?;
 
     owner
         .batch_execute(
@@ -185,23 +159,22 @@ async fn a_slow_or_halted_projection_stalls_only_its_group() -> Result<()> {
         Ok(())
     })
     .await?;
-    let halted = lag_samples(&watcher, STATS, Duration::from_secs(6)).await?;
+    let halted = lag::samples(&watcher, STATS, Duration::from_secs(6)).await?;
     let appended = traffic.finish().await?;
 
-    let (normal_p99, slow_p99, halted_p99) = (p99(&normal), p99(&slow), p99(&halted));
+    let (normal_p99, slow_p99, halted_p99) = (lag::p99(&normal), lag::p99(&slow), lag::p99(&halted));
     eprintln!(
         "{appended} commands; users' lag p99: normal {normal_p99:.3} s, default slow {slow_p99:.3} s, default halted {halted_p99:.3} s; \
          order_summary's own lag after 8 s slow {:.3} s",
-        p99(&summary_behind)
+        lag::p99(&summary_behind)
     );
     // the slowness took effect where it was put
     ensure!(
-        p99(&summary_behind) > 1.0,
+        lag::p99(&summary_behind) > 1.0,
         "order_summary did not fall behind ({:.3} s): the test proves nothing",
-        p99(&summary_behind)
+        lag::p99(&summary_behind)
     );
-    // noise on two shared cores: within its normal p99, give or take half of it and 250 ms
-    let bound = (normal_p99 * 1.5).max(normal_p99 + 0.25);
+    let bound = lag::normal_bound(normal_p99);
     ensure!(
         slow_p99 <= bound,
         "users' lag p99 {slow_p99:.3} s while default was slow (normal {normal_p99:.3} s)"
