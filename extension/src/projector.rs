@@ -143,30 +143,27 @@ struct State {
     parked: i64,
 }
 
-const LOCK_ALL: &str = "\
-select s.name, s.halted, s.checkpoint_lsn::text, s.revision, p.definition_version, c.xmin::text, s.parked
+/// The state rows a batch locks (what [`State`] holds), before the clause choosing them.
+macro_rules! lock_states_of {
+    ($choice:literal) => {
+        concat!(
+            "select s.name, s.halted, s.checkpoint_lsn::text, s.revision, p.definition_version, c.xmin::text, s.parked
   from cqrs.projection_state s
   join cqrs.projection p on p.name = s.name
   join pg_catalog.pg_class c on c.oid = p.target
- order by s.name
-   for update of s";
+",
+            $choice,
+            "
+   for update of s"
+        )
+    };
+}
 
-const LOCK_GROUP: &str = "\
-select s.name, s.halted, s.checkpoint_lsn::text, s.revision, p.definition_version, c.xmin::text, s.parked
-  from cqrs.projection_state s
-  join cqrs.projection p on p.name = s.name
-  join pg_catalog.pg_class c on c.oid = p.target
- where p.projection_group = $1
- order by s.name
-   for update of s";
+const LOCK_ALL: &str = lock_states_of!(" order by s.name");
 
-const LOCK_ONE: &str = "\
-select s.name, s.halted, s.checkpoint_lsn::text, s.revision, p.definition_version, c.xmin::text, s.parked
-  from cqrs.projection_state s
-  join cqrs.projection p on p.name = s.name
-  join pg_catalog.pg_class c on c.oid = p.target
- where s.name = $1
-   for update of s";
+const LOCK_GROUP: &str = lock_states_of!(" where p.projection_group = $1\n order by s.name");
+
+const LOCK_ONE: &str = lock_states_of!(" where s.name = $1");
 
 // Per-key lookups through `lateral (… offset 0)`: plans are kept for the backend's life and the
 // first ones are made while these tables are empty; the fence keeps each key an index probe
