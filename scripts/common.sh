@@ -34,7 +34,12 @@ PORTABLE_SQL=(sql/core/command.sql sql/core/projection.sql sql/core/outbox.sql
 PORTABLE_GRANTS=sql/portable/grants.sql
 
 # each step says when it started (seconds since the script did), so a run's log shows what took long
-step() { printf '\n\033[1;34m▶ %s\033[0m  (at %ss)\n' "$*" "$SECONDS"; }
+# Each step says when it started and how much disk is left: a clean clone's build and images
+# take tens of GB, and a CI machine that runs out says so here first.
+step() {
+    printf '\n\033[1;34m▶ %s\033[0m  (at %ss, %s free)\n' "$*" "$SECONDS" \
+        "$(df -h --output=avail . 2>/dev/null | tail -1 | tr -d ' ')"
+}
 note() { printf '  %s\n' "$*"; }
 die() { printf '\033[1;31m✗ %s\033[0m\n' "$*" >&2; exit 1; }
 

@@ -22,7 +22,10 @@ rm -rf "$out/src"
 mkdir -p "$out/src"
 git archive "$commit" | tar -x -C "$out/src"
 # its own target directory: the release's workspace must not overwrite this one's binaries
-cargo build --locked -p cqrs-sidecar --manifest-path "$out/src/Cargo.toml" --target-dir target/releases/target
+# No debug info and no incremental cache: only the binary is kept, and the build directory
+# (about 2 GB) is removed once it is copied.
+CARGO_PROFILE_DEV_DEBUG=0 CARGO_INCREMENTAL=0 \
+    cargo build --locked -p cqrs-sidecar --manifest-path "$out/src/Cargo.toml" --target-dir target/releases/target
 cp target/releases/target/debug/cqrs-sidecar "$out/cqrs-sidecar"
 echo "$commit" > "$out/commit"
-rm -rf "$out/src"
+rm -rf "$out/src" target/releases/target

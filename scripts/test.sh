@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 source scripts/common.sh
 
 started=$(date +%s)
+# A test run builds from clean in CI: the incremental cache would only double target/'s size.
+export CARGO_INCREMENTAL=0
 scripts/setup.sh
 
 # The container test needs a Docker engine: started here (as root) when one is installed but
