@@ -1,6 +1,7 @@
 # cqrs-sidecar, from its release binary, on the smallest runtime that works: the binary, the C
-# libraries it links (glibc, libgcc_s; TLS is rustls with built-in roots, so no OpenSSL and no CA
-# bundle), a passwd entry for its non-root user, and nothing else — no shell, no package manager.
+# libraries it links (glibc, libgcc_s, zlib for librdkafka; TLS is rustls with built-in roots, so
+# no OpenSSL and no CA bundle), a passwd entry for its non-root user, and nothing else — no
+# shell, no package manager.
 # Configured entirely by CQRS_* environment variables (cqrs-sidecar --help).
 #
 #   cargo build --release -p cqrs-sidecar

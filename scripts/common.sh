@@ -1,5 +1,8 @@
 # Shared by the scripts in this directory.
 PGRX_VERSION=0.18.1
+# tansu: the Kafka-protocol broker of the Kafka sink's tests (Apache Kafka needs a JVM and a
+# Maven repository); libsql gives it a log on disk that survives a kill, dynostore an in-memory one
+TANSU_VERSION=0.6.0
 export PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 
 # The PostgreSQL majors pg_cqrs is built, tested and packaged for. 15 comes from Debian; 16, 17

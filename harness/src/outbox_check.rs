@@ -3,7 +3,7 @@
 //! the log exactly once (by its message id), and each stream's commands in seq order. For the
 //! tests and the demo.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -113,4 +113,58 @@ pub async fn check(pg: &Client, received: &[Received], prefix: &str) -> Result<u
         logged.len()
     );
     Ok(seen.len())
+}
+
+/// The verdict for an at-least-once sink (Kafka): a consumer that skips what it has seen of a
+/// stream (a seq not above the stream's last) reads every logged command of the streams starting
+/// with `prefix` exactly once, each stream from seq 1 without a gap; every message it skips
+/// repeats the command id of the message with that seq. Returns (commands, resent messages).
+pub async fn check_at_least_once(pg: &Client, received: &[Received], prefix: &str) -> Result<(usize, usize)> {
+    let mut ids: HashMap<(&str, i64), &str> = HashMap::new();
+    let mut last: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut resent = 0;
+    for message in received {
+        let key = (message.stream.as_str(), message.seq);
+        let before = last.get(message.stream.as_str()).copied().unwrap_or(0);
+        if message.seq <= before {
+            resent += 1;
+            ensure!(
+                ids.get(&key) == Some(&message.id.as_str()),
+                "{}#{} came again with another command id ({} then {:?})",
+                message.stream,
+                message.seq,
+                message.id,
+                ids.get(&key)
+            );
+            continue;
+        }
+        ensure!(
+            message.seq == before + 1,
+            "{}#{} follows #{before}: a gap",
+            message.stream,
+            message.seq
+        );
+        ids.insert(key, message.id.as_str());
+        last.insert(message.stream.as_str(), message.seq);
+    }
+    let logged: Vec<(String, i64)> = pg
+        .query(
+            "select stream, seq from cqrs.command_log where starts_with(stream, $1)",
+            &[&prefix],
+        )
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let missing = logged
+        .iter()
+        .filter(|(stream, seq)| !ids.contains_key(&(stream.as_str(), *seq)))
+        .count();
+    ensure!(
+        missing == 0 && ids.len() == logged.len(),
+        "{missing} of {} logged commands never arrived; {} distinct received",
+        logged.len(),
+        ids.len()
+    );
+    Ok((ids.len(), resent))
 }

@@ -1,5 +1,5 @@
-//! The outbox: the command log delivered to message brokers (`--sink NAME=nats://…`), by the
-//! leader of a projection group, from the group's slot.
+//! The outbox: the command log delivered to message brokers (`--sink NAME=nats://…` or
+//! `kafka://…`), by the leader of a projection group, from the group's slot.
 //!
 //! Each sink is a task of its own while its group is led. It starts by catching up from
 //! `cqrs.command_log` (per stream, after what it delivered: `cqrs._sink_behind`), then asks to be
@@ -12,10 +12,13 @@
 //! the group's lease (`cqrs._sink_delivered`), only after the broker acknowledged it, and a
 //! sink skips what that record says it delivered. Duplicates are made harmless: a crash between
 //! the broker's acknowledgement and the record sends an event again with the same message id,
-//! which JetStream drops within its duplicate window.
+//! which JetStream drops within its duplicate window; a Kafka consumer skips a stream's seq it
+//! has seen (the headers carry both).
 
+mod broker;
 pub mod delivery;
-pub mod nats;
+mod kafka;
+mod nats;
 pub mod spec;
 
 use std::collections::HashMap;
@@ -29,8 +32,8 @@ use tokio_postgres::Client;
 
 use crate::leading::{backoff, Context};
 use crate::postgres::ConnectionPurpose;
-use delivery::{waves, Delivery, Event};
-use nats::{NatsSink, PublishFailure};
+use broker::{Broker, PublishFailure};
+use delivery::{Delivery, Event};
 use spec::SinkSpec;
 
 /// Projected batches a sink may have waiting before it is detached (and catches up from the log).
@@ -257,7 +260,7 @@ impl Sink {
         .map_err(SinkError::from_db)?;
         self.check_halted(&sql).await?;
         self.metric_halted(false);
-        let broker = NatsSink::connect(&self.spec).await?;
+        let broker = Broker::connect(&self.spec).await?;
         self.catch_up(&sql, &broker).await?;
         self.shared.wants_attaching.store(true, Ordering::Release);
         while !self.shared.attached.load(Ordering::Acquire) {
@@ -287,7 +290,7 @@ impl Sink {
     }
 
     /// Delivers what `cqrs._sink_behind` says is left, chunk after chunk.
-    async fn catch_up(&self, sql: &Client, broker: &NatsSink) -> Result<(), SinkError> {
+    async fn catch_up(&self, sql: &Client, broker: &Broker) -> Result<(), SinkError> {
         loop {
             let rows = sql
                 .query(
@@ -313,7 +316,7 @@ impl Sink {
     }
 
     /// Publishes what of `delivery` the sink takes and has not delivered yet, then records it.
-    async fn send(&self, sql: &Client, broker: &NatsSink, delivery: &Delivery) -> Result<(), SinkError> {
+    async fn send(&self, sql: &Client, broker: &Broker, delivery: &Delivery) -> Result<(), SinkError> {
         let heads = delivery.heads();
         let streams: Vec<&str> = heads.keys().copied().collect();
         let delivered: HashMap<String, i64> = sql
@@ -332,10 +335,7 @@ impl Sink {
             .filter(|e| e.seq > delivered.get(&e.stream).copied().unwrap_or(0))
             .filter(|e| self.spec.takes(&e.stream, &e.command_type))
             .collect();
-        let mut duplicates = 0;
-        for wave in waves(&fresh) {
-            duplicates += self.publish(sql, broker, &wave).await?;
-        }
+        let duplicates = self.publish(sql, broker, &fresh).await?;
         let seqs: Vec<i64> = heads.values().copied().collect();
         let lsn = delivery.commit_lsn.map(cqrs_projection::lsn::format);
         sql.execute(
@@ -366,11 +366,11 @@ impl Sink {
         Ok(())
     }
 
-    /// One wave; an event the broker refuses halts the sink. Any other failure ends the
+    /// Publishes `events`; an event the broker refuses halts the sink. Any other failure ends the
     /// delivery: the sink is detached (the slot goes on without it), and once the broker answers
     /// again it catches up from the log, which holds whatever was not recorded as delivered.
-    async fn publish(&self, sql: &Client, broker: &NatsSink, wave: &[&Event]) -> Result<u64, SinkError> {
-        match broker.publish_wave(wave).await {
+    async fn publish(&self, sql: &Client, broker: &Broker, events: &[&Event]) -> Result<u64, SinkError> {
+        match broker.publish(events).await {
             Ok(duplicates) => Ok(duplicates),
             Err(PublishFailure::Refused { position, reason }) => {
                 tracing::error!(sink = %self.spec.name, position, %reason, "the broker refuses an event for good; the sink halts on it (select cqrs.resume_sink(name) once the cause is fixed)");

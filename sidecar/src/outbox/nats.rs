@@ -8,22 +8,12 @@ use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
 
-use super::delivery::Event;
-use super::spec::SinkSpec;
+use super::broker::PublishFailure;
+use super::delivery::{waves, Event};
+use super::spec::{BrokerKind, SinkSpec};
 
 /// How long a publish may wait for JetStream's acknowledgement.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Why a publish failed.
-#[derive(Debug, thiserror::Error)]
-pub enum PublishFailure {
-    /// The broker will never take this event as it is (too large): the sink halts on it.
-    #[error("the broker refuses the event at position {position}: {reason}")]
-    Refused { position: i64, reason: String },
-    /// Anything else (the broker down, a timeout): tried again.
-    #[error("{0}")]
-    Transient(String),
-}
 
 pub struct NatsSink {
     context: jetstream::Context,
@@ -42,26 +32,43 @@ impl NatsSink {
             .map_err(|e| PublishFailure::Transient(format!("connecting to {}: {e}", spec.broker())))?;
         let mut context = jetstream::new(client);
         context.set_timeout(ACK_TIMEOUT);
+        let js_stream = match &spec.kind {
+            BrokerKind::Nats { js_stream } => js_stream.clone(),
+            BrokerKind::Kafka { .. } => {
+                return Err(PublishFailure::Transient(format!(
+                    "sink {} is not a NATS sink",
+                    spec.name
+                )))
+            }
+        };
         context
             .get_or_create_stream(stream::Config {
-                name: spec.js_stream.clone(),
+                name: js_stream.clone(),
                 subjects: vec![spec.js_subjects()],
                 storage: stream::StorageType::File,
                 ..Default::default()
             })
             .await
-            .map_err(|e| {
-                PublishFailure::Transient(format!("the JetStream stream {}: {e}", spec.js_stream))
-            })?;
+            .map_err(|e| PublishFailure::Transient(format!("the JetStream stream {js_stream}: {e}")))?;
         Ok(Self {
             context,
             spec: spec.clone(),
         })
     }
 
-    /// Publishes one wave (at most one event per stream) pipelined, and waits for every
-    /// acknowledgement; returns how many JetStream dropped as duplicates.
-    pub async fn publish_wave(&self, wave: &[&Event]) -> Result<u64, PublishFailure> {
+    /// Publishes `events` wave after wave (see `waves`): JetStream acknowledges each publish on
+    /// its own, so a stream's next event waits for its previous one's acknowledgement; returns
+    /// how many JetStream dropped as duplicates.
+    pub async fn publish(&self, events: &[&Event]) -> Result<u64, PublishFailure> {
+        let mut duplicates = 0;
+        for wave in waves(events) {
+            duplicates += self.publish_wave(&wave).await?;
+        }
+        Ok(duplicates)
+    }
+
+    /// One wave (at most one event per stream) pipelined, every acknowledgement awaited.
+    async fn publish_wave(&self, wave: &[&Event]) -> Result<u64, PublishFailure> {
         let mut pending = Vec::with_capacity(wave.len());
         for event in wave {
             let mut headers = HeaderMap::new();
@@ -73,7 +80,7 @@ impl NatsSink {
             let ack = self
                 .context
                 .publish_with_headers(
-                    self.spec.subject_of(&event.command_type),
+                    self.spec.destination_of(&event.command_type),
                     headers,
                     event.json.clone().into(),
                 )
