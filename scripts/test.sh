@@ -9,7 +9,7 @@ source scripts/common.sh
 started=$(date +%s)
 # A test run builds from clean in CI: the incremental cache would only double target/'s size.
 export CARGO_INCREMENTAL=0
-scripts/setup.sh
+scripts/setup.sh --kafka-broker
 
 # The container test needs a Docker engine: started here (as root) when one is installed but
 # not running; without one that test says it is skipped.
@@ -66,8 +66,16 @@ for major in 16 17; do
     PG_CONFIG=$(pg_config_for "$major") cargo test -p cqrs-e2e --test regress
 done
 
-step "pg_regress suite and end-to-end tests on PostgreSQL 18"
-PG_CONFIG=$(pg_config_for 18) cargo test -p cqrs-e2e --no-fail-fast
+step "pg_regress suite and end-to-end tests on PostgreSQL 18 (all but the broker suites)"
+# The broker suites (Redis Cluster, NATS, Kafka) test the sidecar against other servers, not a
+# PostgreSQL feature: they run on 15 only, which keeps a clean clone's run under an hour.
+broker_suites=" redis_cluster outbox outbox_kafka "
+pg18_suites=()
+for suite in tests/tests/*.rs; do
+    suite=$(basename "$suite" .rs)
+    [[ "$broker_suites" == *" $suite "* ]] || pg18_suites+=(--test "$suite")
+done
+PG_CONFIG=$(pg_config_for 18) cargo test -p cqrs-e2e --no-fail-fast "${pg18_suites[@]}"
 
 step "packages (scripts/package.sh) and their tests"
 scripts/package.sh
