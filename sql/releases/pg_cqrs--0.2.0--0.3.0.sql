@@ -827,27 +827,39 @@ $$;
 comment on function cqrs._ensure_sink(text, text) is
     'Registers sink name as delivered by projection_group''s leader (the sidecar calls it when it leads).';
 
-create or replace function cqrs._sink_behind(sink text, chunk integer)
-returns table (event text)
+create or replace function cqrs._sink_behind_start(sink text)
+returns bigint
 language sql stable security definer
 set search_path = pg_catalog, pg_temp
 as $$
-    select pg_catalog.json_build_object('position', l.position, 'command_id', l.command_id, 'stream', l.stream,
-                                        'seq', l.seq, 'command_type', l.command_type, 'payload', l.payload,
-                                        'metadata', l.metadata, 'created_at', l.created_at::text)::text
-      from (select l.*
-              from cqrs.stream s
-              left join cqrs.sink_stream ss on ss.sink = _sink_behind.sink and ss.stream = s.stream
-              cross join lateral (select * from cqrs.command_log l
-                                   where l.stream = s.stream and l.seq > coalesce(ss.last_seq, 0)
-                                   order by l.seq limit chunk) l
-             where s.last_seq > coalesce(ss.last_seq, 0)
-             order by l.position limit chunk) l
-     order by l.position;
+    select min(l.position)
+      from cqrs.stream s
+      left join cqrs.sink_stream ss on ss.sink = _sink_behind_start.sink and ss.stream = s.stream
+      join cqrs.command_log l on l.stream = s.stream and l.seq = coalesce(ss.last_seq, 0) + 1
+     where s.last_seq > coalesce(ss.last_seq, 0);
 $$;
 
-comment on function cqrs._sink_behind(text, integer) is
-    'The command-log rows sink has not delivered yet, in log order, at most chunk: a sink''s catch-up from the log.';
+comment on function cqrs._sink_behind_start(text) is
+    'The position of the oldest command sink has not delivered (null: none): where its catch-up from the log starts.';
+
+create or replace function cqrs._sink_behind(sink text, after bigint, chunk integer)
+returns table (event_position bigint, event text)
+language sql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+    select l.position,
+           pg_catalog.json_build_object('position', l.position, 'command_id', l.command_id, 'stream', l.stream,
+                                        'seq', l.seq, 'command_type', l.command_type, 'payload', l.payload,
+                                        'metadata', l.metadata, 'created_at', l.created_at::text)::text
+      from cqrs.command_log l
+      left join cqrs.sink_stream ss on ss.sink = _sink_behind.sink and ss.stream = l.stream
+     where l.position > after and l.seq > coalesce(ss.last_seq, 0)
+     order by l.position
+     limit chunk;
+$$;
+
+comment on function cqrs._sink_behind(text, bigint, integer) is
+    'The command-log rows after position after that sink has not delivered, in log order, at most chunk: a sink''s catch-up walks the log with it from cqrs._sink_behind_start.';
 
 create or replace function cqrs._sink_progress(sink text, streams text[])
 returns table (stream text, last_seq bigint)
@@ -970,11 +982,11 @@ grant select on cqrs.sink, cqrs.sink_stream to cqrs_projector;
 
 revoke execute on function cqrs._sink_fence(text, bigint, pg_lsn) from public;
 
-revoke execute on function cqrs._ensure_sink(text, text), cqrs._sink_behind(text, integer), cqrs._sink_progress(text, text[]),
+revoke execute on function cqrs._ensure_sink(text, text), cqrs._sink_behind_start(text), cqrs._sink_behind(text, bigint, integer), cqrs._sink_progress(text, text[]),
     cqrs._sink_delivered(text, bigint, text[], bigint[], pg_lsn, bigint, bigint), cqrs._sink_halt(text, bigint, text, bigint),
     cqrs.resume_sink(text), cqrs.sink_status() from public;
 
-grant execute on function cqrs._ensure_sink(text, text), cqrs._sink_behind(text, integer), cqrs._sink_progress(text, text[]),
+grant execute on function cqrs._ensure_sink(text, text), cqrs._sink_behind_start(text), cqrs._sink_behind(text, bigint, integer), cqrs._sink_progress(text, text[]),
     cqrs._sink_delivered(text, bigint, text[], bigint[], pg_lsn, bigint, bigint), cqrs._sink_halt(text, bigint, text, bigint),
     cqrs.resume_sink(text), cqrs.sink_status() to cqrs_projector;
 

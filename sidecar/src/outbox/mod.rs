@@ -21,7 +21,7 @@ mod kafka;
 mod nats;
 pub mod spec;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -186,6 +186,8 @@ enum SinkError {
     Halted,
     #[error("detached: it fell behind")]
     Detached,
+    #[error("a projected batch holds a stream's command whose predecessor the sink has not delivered")]
+    Gap,
 }
 
 impl SinkError {
@@ -222,6 +224,10 @@ impl Sink {
                     tokio::time::sleep(LOOK_AGAIN).await;
                 }
                 Err(SinkError::Detached) => {
+                    delays = backoff();
+                }
+                Err(SinkError::Gap) => {
+                    tracing::warn!(sink = %name, "a projected batch skips a command the sink has not delivered; it catches up from the log");
                     delays = backoff();
                 }
                 Err(err) => {
@@ -289,37 +295,66 @@ impl Sink {
         }
     }
 
-    /// Delivers what `cqrs._sink_behind` says is left, chunk after chunk.
+    /// Delivers what the sink has not delivered, walking the log by position from the oldest
+    /// such command (`cqrs._sink_behind_start`) chunk after chunk (`cqrs._sink_behind`). A walk
+    /// that left something behind (a command that committed after the walk passed its position)
+    /// is followed by another from there; what commits ahead of the walk once it ended is the
+    /// next catch-up's or, attached, the projected batches'.
     async fn catch_up(&self, sql: &Client, broker: &Broker) -> Result<(), SinkError> {
+        let mut walked_to: Option<i64> = None;
         loop {
-            let rows = sql
-                .query(
-                    "select event from cqrs._sink_behind($1, $2)",
-                    &[&self.spec.name, &CATCH_UP_CHUNK],
-                )
+            let start: Option<i64> = sql
+                .query_one("select cqrs._sink_behind_start($1)", &[&self.spec.name])
                 .await
-                .map_err(SinkError::from_db)?;
-            if rows.is_empty() {
+                .map_err(SinkError::from_db)?
+                .get(0);
+            let Some(start) = start else {
+                return Ok(());
+            };
+            if walked_to.is_some_and(|end| start > end) {
                 return Ok(());
             }
-            let events = rows
-                .iter()
-                .map(|row| Event::parse(row.get::<_, &str>(0)))
-                .collect::<Result<Vec<_>, _>>()?;
-            let chunk = Delivery {
-                number: None,
-                commit_lsn: None,
-                events,
-            };
-            self.send(sql, broker, &chunk).await?;
+            let mut after = start - 1;
+            let walk_began = after;
+            loop {
+                let rows = sql
+                    .query(
+                        "select event_position, event from cqrs._sink_behind($1, $2, $3)",
+                        &[&self.spec.name, &after, &CATCH_UP_CHUNK],
+                    )
+                    .await
+                    .map_err(SinkError::from_db)?;
+                let Some(last) = rows.last() else {
+                    break;
+                };
+                after = last.get(0);
+                walked_to = Some(after);
+                let events = rows
+                    .iter()
+                    .map(|row| Event::parse(row.get::<_, &str>(1)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let chunk = Delivery {
+                    number: None,
+                    commit_lsn: None,
+                    events,
+                };
+                self.send(sql, broker, &chunk).await?;
+            }
+            if after == walk_began {
+                // nothing after the start: only another writer of this sink's progress could
+                // have done it; the next catch-up looks again
+                return Ok(());
+            }
         }
     }
 
     /// Publishes what of `delivery` the sink takes and has not delivered yet, then records it.
+    /// Each stream's events are taken only as a run from its next seq on: an event after a gap
+    /// (its predecessor committed after a catch-up walked past it) is left to the next walk, and
+    /// a projected batch with a gap detaches the sink to catch up from the log.
     async fn send(&self, sql: &Client, broker: &Broker, delivery: &Delivery) -> Result<(), SinkError> {
-        let heads = delivery.heads();
-        let streams: Vec<&str> = heads.keys().copied().collect();
-        let delivered: HashMap<String, i64> = sql
+        let streams: Vec<&str> = delivery.heads().into_keys().collect();
+        let mut next: HashMap<String, i64> = sql
             .query(
                 "select stream, last_seq from cqrs._sink_progress($1, $2)",
                 &[&self.spec.name, &streams],
@@ -327,17 +362,36 @@ impl Sink {
             .await
             .map_err(SinkError::from_db)?
             .iter()
-            .map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1)))
+            .map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1) + 1))
             .collect();
-        let fresh: Vec<&Event> = delivery
-            .events
-            .iter()
-            .filter(|e| e.seq > delivered.get(&e.stream).copied().unwrap_or(0))
-            .filter(|e| self.spec.takes(&e.stream, &e.command_type))
-            .collect();
+        let mut heads: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut gap = false;
+        let mut fresh: Vec<&Event> = Vec::with_capacity(delivery.events.len());
+        for event in &delivery.events {
+            let Some(expected) = next.get_mut(event.stream.as_str()) else {
+                continue;
+            };
+            if event.seq < *expected {
+                continue;
+            }
+            if event.seq > *expected {
+                gap = true;
+                continue;
+            }
+            *expected += 1;
+            heads.insert(event.stream.as_str(), event.seq);
+            if self.spec.takes(&event.stream, &event.command_type) {
+                fresh.push(event);
+            }
+        }
+        if gap && delivery.number.is_some() {
+            return Err(SinkError::Gap);
+        }
         let duplicates = self.publish(sql, broker, &fresh).await?;
-        let seqs: Vec<i64> = heads.values().copied().collect();
+        let (streams, seqs): (Vec<&str>, Vec<i64>) = heads.into_iter().unzip();
         let lsn = delivery.commit_lsn.map(cqrs_projection::lsn::format);
+        // the checkpoint position stays where it is while a gap is behind it
+        let max_position = if gap { None } else { delivery.max_position() };
         sql.execute(
             "select cqrs._sink_delivered($1, $2, $3, $4, $5::text::pg_lsn, $6, $7)",
             &[
@@ -346,7 +400,7 @@ impl Sink {
                 &streams,
                 &seqs,
                 &lsn,
-                &delivery.max_position(),
+                &max_position,
                 &(fresh.len() as i64),
             ],
         )
