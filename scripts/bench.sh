@@ -11,6 +11,7 @@ case "${1:-}" in
   *) echo "usage: scripts/bench.sh append|project|sidecar|load|read|scale|groups|outbox [options]" >&2; exit 2 ;;
 esac
 
-prepare_release_tools
+# the outbox benchmark's Kafka broker (tansu) is installed only for it
+if [ "$1" = outbox ]; then prepare_release_tools --kafka-broker; else prepare_release_tools; fi
 step "cqrs-bench $*"
 exec target/release/cqrs-bench "$@"

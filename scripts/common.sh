@@ -77,7 +77,7 @@ install_release_scripts() {
 # Set-up, the extension installed, and release builds of cqrs-bench and cqrs-sidecar (the
 # harness starts that sidecar): what the demo and the benchmarks need first.
 prepare_release_tools() {
-    scripts/setup.sh
+    scripts/setup.sh "$@"
     install_extension
     step "building cqrs-bench and cqrs-sidecar (release)"
     cargo build --release -p cqrs-bench -p cqrs-sidecar

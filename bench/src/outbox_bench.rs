@@ -1,14 +1,17 @@
-//! `cqrs-bench outbox`: delivery of a backlog to NATS JetStream by an outbox sink, against the
-//! broker's ceiling on this machine, and what delivery costs the projections.
+//! `cqrs-bench outbox`: delivery of a backlog to NATS JetStream and to Kafka (tansu) by an outbox
+//! sink, against each broker's ceiling on this machine, and what delivery costs the projections.
 //!
-//! 1. A stack with the backlog (PostgreSQL with fsync, Redis, a local nats-server -js): a slot
+//! Per broker:
+//! 1. A stack with the backlog (PostgreSQL with fsync, Redis, the broker on loopback): a slot
 //!    retains it while it is appended.
 //! 2. The broker's ceiling: a minimal publisher in this tool sends the same messages (the same
-//!    bodies and headers, `Nats-Msg-Id` included) straight to another stream of the same server,
-//!    256 acknowledgements in flight, as fast as the server takes them.
+//!    bodies, keys and headers) straight to the same broker (another stream or topic), as fast
+//!    as it takes them: JetStream with 256 acknowledgements in flight, Kafka through the same
+//!    idempotent producer settings as the sink with everything in flight.
 //! 3. A sidecar with a sink starts on the backlog: timed until the projections are at the end of
 //!    the log, and until the sink is.
-//! 4. The same backlog on a fresh stack without a sink: the projections' catch-up alone.
+//!
+//! Then the same backlog on a fresh stack without a sink: the projections' catch-up alone.
 
 use std::time::{Duration, Instant};
 
@@ -20,12 +23,30 @@ use tokio_postgres::Client;
 use crate::report::Table;
 use crate::sidecar_bench::{append_backlog, events_behind, retain_slot, Backlog};
 use crate::stack::Stack;
-use cqrs_harness::NatsServer;
+use cqrs_harness::{KafkaBroker, NatsServer};
 
 #[derive(clap::Args, Debug)]
 pub struct OutboxArgs {
     #[command(flatten)]
     backlog: Backlog,
+    /// Which brokers to deliver to.
+    #[arg(long, value_enum, default_value = "both")]
+    broker: Which,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Which {
+    Nats,
+    Kafka,
+    Both,
+}
+
+/// One broker's figures.
+struct Measured {
+    name: &'static str,
+    ceiling: f64,
+    delivered: f64,
+    projected: f64,
 }
 
 const SINK: &str = "bench";
@@ -34,16 +55,41 @@ const IN_FLIGHT: usize = 256;
 
 pub async fn run(args: OutboxArgs) -> Result<()> {
     let backlog = &args.backlog;
-    let nats = tokio::task::spawn_blocking(NatsServer::start).await??;
-    println!(
-        "▶ with a sink: PostgreSQL 15 (fsync on), redis-server, nats-server -js at {} …",
-        nats.url()
-    );
-    let mut stack = prepared_stack(backlog).await?;
-    let ceiling = minimal_publisher(&stack.client().await?, &nats.url()).await?;
-    stack.set("CQRS_SINKS", &format!("{SINK}={}", nats.url()));
-    let (projected_with, delivered) = catch_up(&mut stack, true).await?;
-    drop(stack);
+    let mut measured = Vec::new();
+    if args.broker != Which::Kafka {
+        let nats = tokio::task::spawn_blocking(NatsServer::start).await??;
+        println!(
+            "▶ with a NATS sink: PostgreSQL 15 (fsync on), redis-server, nats-server -js at {} …",
+            nats.url()
+        );
+        let mut stack = prepared_stack(backlog).await?;
+        let ceiling = minimal_publisher(&stack.client().await?, &nats.url()).await?;
+        stack.set("CQRS_SINKS", &format!("{SINK}={}", nats.url()));
+        let (projected, delivered) = catch_up(&mut stack, true).await?;
+        measured.push(Measured {
+            name: "NATS JetStream",
+            ceiling,
+            delivered: delivered.context("the sink's time")?,
+            projected,
+        });
+    }
+    if args.broker != Which::Nats {
+        let kafka = tokio::task::spawn_blocking(KafkaBroker::start).await??;
+        println!(
+            "▶ with a Kafka sink: PostgreSQL 15 (fsync on), redis-server, tansu at {} …",
+            kafka.bootstrap()
+        );
+        let mut stack = prepared_stack(backlog).await?;
+        let ceiling = minimal_kafka_producer(&stack.client().await?, &kafka.bootstrap()).await?;
+        stack.set("CQRS_SINKS", &format!("{SINK}={}", kafka.url()));
+        let (projected, delivered) = catch_up(&mut stack, true).await?;
+        measured.push(Measured {
+            name: "Kafka (tansu)",
+            ceiling,
+            delivered: delivered.context("the sink's time")?,
+            projected,
+        });
+    }
 
     println!("▶ without a sink: a fresh stack with the same backlog …");
     let mut stack = prepared_stack(backlog).await?;
@@ -51,23 +97,24 @@ pub async fn run(args: OutboxArgs) -> Result<()> {
     drop(stack);
 
     let events = backlog.backlog as f64;
-    println!(
-        "\n▶ delivery of a backlog of {} commands to NATS JetStream",
-        backlog.backlog
-    );
-    let mut table = Table::new(&["path", "events/s", "ratio"]);
-    table.row(vec![
-        format!("minimal publisher straight to JetStream ({IN_FLIGHT} in flight: the broker's ceiling)"),
-        format!("{:.0}", events / ceiling),
-        "1.00x".into(),
-    ]);
-    let delivered = delivered.context("the sink's time")?;
-    table.row(vec![
-        "cqrs-sidecar sink: log → JetStream, recorded per stream, while projecting".into(),
-        format!("{:.0}", events / delivered),
-        format!("{:.2}x", ceiling / delivered),
-    ]);
-    table.print();
+    for m in &measured {
+        println!(
+            "\n▶ delivery of a backlog of {} commands to {}",
+            backlog.backlog, m.name
+        );
+        let mut table = Table::new(&["path", "events/s", "ratio"]);
+        table.row(vec![
+            "minimal publisher straight to the broker (the broker's ceiling)".into(),
+            format!("{:.0}", events / m.ceiling),
+            "1.00x".into(),
+        ]);
+        table.row(vec![
+            "cqrs-sidecar sink: log → broker, recorded per stream, while projecting".into(),
+            format!("{:.0}", events / m.delivered),
+            format!("{:.2}x", m.ceiling / m.delivered),
+        ]);
+        table.print();
+    }
     println!("\n▶ projection catch-up of the same backlog");
     let mut table = Table::new(&["sidecar", "seconds", "events/s", "ratio"]);
     table.row(vec![
@@ -76,15 +123,17 @@ pub async fn run(args: OutboxArgs) -> Result<()> {
         format!("{:.0}", events / projected_without),
         "1.00x".into(),
     ]);
-    table.row(vec![
-        "with a sink delivering meanwhile".into(),
-        format!("{projected_with:.1}"),
-        format!("{:.0}", events / projected_with),
-        format!("{:.2}x", projected_without / projected_with),
-    ]);
+    for m in &measured {
+        table.row(vec![
+            format!("with a {} sink delivering meanwhile", m.name),
+            format!("{:.1}", m.projected),
+            format!("{:.0}", events / m.projected),
+            format!("{:.2}x", projected_without / m.projected),
+        ]);
+    }
     table.print();
     println!(
-        "PostgreSQL, Redis, nats-server, the sidecar and this tool share the machine's {} cores.",
+        "PostgreSQL, Redis, the broker, the sidecar and this tool share the machine's {} cores.",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     Ok(())
@@ -101,10 +150,9 @@ async fn prepared_stack(backlog: &Backlog) -> Result<Stack> {
     Ok(stack)
 }
 
-/// The same messages as the sink's, published straight to stream `BENCH_RAW`: seconds taken.
-async fn minimal_publisher(pg: &Client, url: &str) -> Result<f64> {
-    println!("  the minimal publisher: reading the log, then publishing it …");
-    let rows = pg
+/// The log as the sinks send it: command id, stream, seq, type, position, body.
+async fn log_rows(pg: &Client) -> Result<Vec<tokio_postgres::Row>> {
+    Ok(pg
         .query(
             "select l.command_id::text, l.stream, l.seq, l.command_type, l.position,
                     pg_catalog.json_build_object('position', l.position, 'command_id', l.command_id, 'stream', l.stream,
@@ -113,7 +161,94 @@ async fn minimal_publisher(pg: &Client, url: &str) -> Result<f64> {
                from cqrs.command_log l order by l.position",
             &[],
         )
+        .await?)
+}
+
+/// The same messages as the Kafka sink's (key, headers, body), produced straight to topic
+/// `bench.raw` by an idempotent producer, everything in flight: seconds taken.
+async fn minimal_kafka_producer(pg: &Client, bootstrap: &str) -> Result<f64> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    println!("  the minimal producer: reading the log, then producing it …");
+    let rows = log_rows(pg).await?;
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
+    admin
+        .create_topics(
+            &[NewTopic::new("bench.raw", 6, TopicReplication::Fixed(-1))],
+            &AdminOptions::new(),
+        )
         .await?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .create()?;
+    let started = Instant::now();
+    let mut pending = std::collections::VecDeque::with_capacity(rows.len());
+    for row in &rows {
+        let (seq, position) = (row.get::<_, i64>(2).to_string(), row.get::<_, i64>(4).to_string());
+        let headers = OwnedHeaders::new_with_capacity(5)
+            .insert(Header {
+                key: "Cqrs-Command-Id",
+                value: Some(row.get::<_, &str>(0)),
+            })
+            .insert(Header {
+                key: "Cqrs-Stream",
+                value: Some(row.get::<_, &str>(1)),
+            })
+            .insert(Header {
+                key: "Cqrs-Seq",
+                value: Some(seq.as_str()),
+            })
+            .insert(Header {
+                key: "Cqrs-Command-Type",
+                value: Some(row.get::<_, &str>(3)),
+            })
+            .insert(Header {
+                key: "Cqrs-Position",
+                value: Some(position.as_str()),
+            });
+        let key: &str = row.get(1);
+        let body: &str = row.get(5);
+        let mut record = FutureRecord::to("bench.raw")
+            .key(key)
+            .payload(body)
+            .headers(headers);
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    pending.push_back(delivery);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    if let Some(oldest) = pending.pop_front() {
+                        oldest.await?.map_err(|(e, _)| e)?;
+                    }
+                }
+                Err((err, _)) => return Err(err.into()),
+            }
+        }
+    }
+    for delivery in pending {
+        delivery.await?.map_err(|(e, _)| e)?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!("  {} messages in {seconds:.1} s", rows.len());
+    Ok(seconds)
+}
+
+/// The same messages as the sink's, published straight to stream `BENCH_RAW`: seconds taken.
+async fn minimal_publisher(pg: &Client, url: &str) -> Result<f64> {
+    println!("  the minimal publisher: reading the log, then publishing it …");
+    let rows = log_rows(pg).await?;
     let client = async_nats::connect(url).await?;
     let context = jetstream::new(client);
     context
