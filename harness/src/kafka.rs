@@ -1,7 +1,7 @@
-//! A private Kafka-protocol broker — tansu (`cargo install tansu --locked --features
-//! dynostore,libsql`; Apache Kafka needs a JVM and a Maven repository this project cannot reach)
-//! on a free loopback port, its log in an SQLite file of its own (so a restart keeps the topics),
-//! killed when dropped; and what a consumer reads back from it.
+//! A private Kafka-protocol broker — tansu (`scripts/kafka-broker.sh` installs it; Apache Kafka
+//! needs a JVM and a Maven repository this project cannot reach) on a free loopback port, its
+//! log in an SQLite file of its own (so a restart keeps the topics), killed when dropped; and
+//! what a consumer reads back from it.
 
 use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
@@ -93,7 +93,7 @@ impl KafkaBroker {
             // its own process group, so that Ctrl-C reaches only the program that started it
             .process_group(0)
             .spawn()
-            .context("starting tansu (cargo install tansu --locked --features dynostore,libsql)")?;
+            .context("starting tansu (scripts/kafka-broker.sh installs it)")?;
         self.child = Some(ChildGuard::new("tansu", child));
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
