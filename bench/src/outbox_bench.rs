@@ -62,16 +62,13 @@ pub async fn run(args: OutboxArgs) -> Result<()> {
             "▶ with a NATS sink: PostgreSQL 15 (fsync on), redis-server, nats-server -js at {} …",
             nats.url()
         );
-        let mut stack = prepared_stack(backlog).await?;
-        let ceiling = minimal_publisher(&stack.client().await?, &nats.url()).await?;
-        stack.set("CQRS_SINKS", &format!("{SINK}={}", nats.url()));
-        let (projected, delivered) = catch_up(&mut stack, true).await?;
-        measured.push(Measured {
-            name: "NATS JetStream",
-            ceiling,
-            delivered: delivered.context("the sink's time")?,
-            projected,
-        });
+        let url = nats.url();
+        measured.push(
+            with_sink(backlog, "NATS JetStream", &nats.url(), |pg| async move {
+                minimal_publisher(&pg, &url).await
+            })
+            .await?,
+        );
     }
     if args.broker != Which::Nats {
         let kafka = tokio::task::spawn_blocking(KafkaBroker::start).await??;
@@ -79,16 +76,13 @@ pub async fn run(args: OutboxArgs) -> Result<()> {
             "▶ with a Kafka sink: PostgreSQL 15 (fsync on), redis-server, tansu at {} …",
             kafka.bootstrap()
         );
-        let mut stack = prepared_stack(backlog).await?;
-        let ceiling = minimal_kafka_producer(&stack.client().await?, &kafka.bootstrap()).await?;
-        stack.set("CQRS_SINKS", &format!("{SINK}={}", kafka.url()));
-        let (projected, delivered) = catch_up(&mut stack, true).await?;
-        measured.push(Measured {
-            name: "Kafka (tansu)",
-            ceiling,
-            delivered: delivered.context("the sink's time")?,
-            projected,
-        });
+        let bootstrap = kafka.bootstrap();
+        measured.push(
+            with_sink(backlog, "Kafka (tansu)", &kafka.url(), |pg| async move {
+                minimal_kafka_producer(&pg, &bootstrap).await
+            })
+            .await?,
+        );
     }
 
     println!("▶ without a sink: a fresh stack with the same backlog …");
@@ -137,6 +131,30 @@ pub async fn run(args: OutboxArgs) -> Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     Ok(())
+}
+
+/// On a stack with the backlog: the broker's ceiling (`ceiling`, given a connection to read the
+/// log with), then a sidecar with a sink to `sink_url` catching up on it.
+async fn with_sink<F, Fut>(
+    backlog: &Backlog,
+    name: &'static str,
+    sink_url: &str,
+    ceiling: F,
+) -> Result<Measured>
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<f64>>,
+{
+    let mut stack = prepared_stack(backlog).await?;
+    let ceiling = ceiling(stack.client().await?).await?;
+    stack.set("CQRS_SINKS", &format!("{SINK}={sink_url}"));
+    let (projected, delivered) = catch_up(&mut stack, true).await?;
+    Ok(Measured {
+        name,
+        ceiling,
+        delivered: delivered.context("the sink's time")?,
+        projected,
+    })
 }
 
 /// A stack whose slot retains a backlog appended after it was made.

@@ -16,7 +16,7 @@ use rdkafka::message::{Headers, Message};
 
 use crate::outbox_check::Received;
 use crate::postgres::free_port;
-use crate::process::ChildGuard;
+use crate::process::{wait_for_port, ChildGuard};
 
 /// The broker program: `$TANSU`, else `tansu` on the PATH, else cargo's bin directory.
 fn program() -> PathBuf {
@@ -95,14 +95,7 @@ impl KafkaBroker {
             .spawn()
             .context("starting tansu (scripts/kafka-broker.sh installs it)")?;
         self.child = Some(ChildGuard::new("tansu", child));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if Instant::now() > deadline {
-                bail!("tansu on port {} not ready after 20 s: {}", self.port, self.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(())
+        wait_for_port("tansu", self.port, Duration::from_secs(20), || self.log())
     }
 
     /// `host:port`, what `kafka://` and `bootstrap.servers` take.

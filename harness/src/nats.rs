@@ -4,12 +4,12 @@
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use crate::postgres::free_port;
-use crate::process::ChildGuard;
+use crate::process::{wait_for_port, ChildGuard};
 
 pub struct NatsServer {
     port: u16,
@@ -67,22 +67,7 @@ impl NatsServer {
             .spawn()
             .context("starting nats-server (apt-get install nats-server)")?;
         self.child = Some(ChildGuard::new("nats-server", child));
-        self.wait_ready(Duration::from_secs(10))
-    }
-
-    fn wait_ready(&self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if Instant::now() > deadline {
-                bail!(
-                    "nats-server on port {} not ready after {timeout:?}: {}",
-                    self.port,
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(())
+        wait_for_port("nats-server", self.port, Duration::from_secs(10), || self.log())
     }
 
     /// The `max_payload` of its next start (`None`: the server's default).

@@ -148,3 +148,21 @@ pub fn success_and_output(out: &std::process::Output) -> (bool, String) {
         ),
     )
 }
+
+/// Waits until `program` accepts connections on loopback `port`; `log` (its log so far) goes
+/// into the error when it does not within `timeout`.
+pub fn wait_for_port(
+    program: &str,
+    port: u16,
+    timeout: std::time::Duration,
+    log: impl Fn() -> String,
+) -> Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if std::time::Instant::now() > deadline {
+            bail!("{program} on port {port} not ready after {timeout:?}: {}", log());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(())
+}

@@ -7,6 +7,7 @@ pub mod lag;
 pub mod orders;
 pub mod regress;
 pub mod rig;
+pub mod sinks;
 pub mod traffic;
 
 use std::future::Future;

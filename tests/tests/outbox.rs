@@ -7,14 +7,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use cqrs_e2e::rig::Rig;
-use cqrs_e2e::{eventually, fault_seed, lag};
+use cqrs_e2e::sinks::{delivered, halted_at};
+use cqrs_e2e::{fault_seed, lag};
 use cqrs_harness::edition::Edition;
 use cqrs_harness::outbox_check::{check, received};
 use cqrs_harness::{ClusterOptions, NatsServer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::{Mutex, MutexGuard};
-use tokio_postgres::Client;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
@@ -24,23 +24,6 @@ async fn serial() -> MutexGuard<'static, ()> {
 
 /// The JetStream stream the sinks of these tests publish to (the sidecar's default).
 const JS_STREAM: &str = "CQRS_EVENTS";
-
-/// Waits until sink `name` has delivered everything up to the end of the log.
-async fn delivered(client: &Client, name: &str, timeout: Duration) -> Result<()> {
-    eventually(timeout, "the sink delivered the whole log", || async {
-        let row = client
-            .query_one(
-                "select events_behind, halted from cqrs.sink_status() where sink = $1",
-                &[&name],
-            )
-            .await?;
-        let (behind, halted): (i64, bool) = (row.get(0), row.get(1));
-        ensure!(!halted, "sink {name} is halted");
-        ensure!(behind == 0, "{behind} behind");
-        Ok(())
-    })
-    .await
-}
 
 /// 50,000 commands from four writers while the leader is killed three times and nats-server
 /// once (SIGKILL, restarted on its store): every command reaches JetStream once, in stream order.
@@ -119,21 +102,7 @@ async fn an_event_a_broker_refuses_halts_only_its_sink() -> Result<()> {
     delivered(&client, "all", Duration::from_secs(60))
         .await
         .with_context(|| rig.logs())?;
-    eventually(Duration::from_secs(30), "sink small halted", || async {
-        let row = client
-            .query_one(
-                "select halted, last_error_position, last_error from cqrs.sink_status() where sink = 'small'",
-                &[],
-            )
-            .await?;
-        let (halted, at): (bool, Option<i64>) = (row.get(0), row.get(1));
-        ensure!(
-            halted && at == Some(poison),
-            "halted {halted} at {at:?} (the poison is at {poison})"
-        );
-        Ok(())
-    })
-    .await?;
+    halted_at(&client, "small", poison, Duration::from_secs(30)).await?;
     let metric = rig.sidecars[0].metric("cqrs_sink_halted")?;
     ensure!(metric == 1.0, "cqrs_sink_halted is {metric}");
     check(&client, &received(&big.url(), JS_STREAM).await?, "").await?;

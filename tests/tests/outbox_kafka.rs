@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use cqrs_e2e::rig::Rig;
+use cqrs_e2e::sinks::{delivered, halted_at};
 use cqrs_e2e::{eventually, fault_seed};
 use cqrs_harness::edition::Edition;
 use cqrs_harness::kafka::received;
@@ -27,23 +28,6 @@ async fn serial() -> MutexGuard<'static, ()> {
 
 /// The topic the sinks of these tests produce to (the sidecar's default).
 const TOPIC: &str = "cqrs.events";
-
-/// Waits until sink `name` has delivered everything up to the end of the log.
-async fn delivered(client: &Client, name: &str, timeout: Duration) -> Result<()> {
-    eventually(timeout, "the sink delivered the whole log", || async {
-        let row = client
-            .query_one(
-                "select events_behind, halted from cqrs.sink_status() where sink = $1",
-                &[&name],
-            )
-            .await?;
-        let (behind, halted): (i64, bool) = (row.get(0), row.get(1));
-        ensure!(!halted, "sink {name} is halted");
-        ensure!(behind == 0, "{behind} behind");
-        Ok(())
-    })
-    .await
-}
 
 /// 50,000 commands from four writers while the leader is killed twice and the broker once
 /// (SIGKILL, restarted on its log): every command reaches Kafka, each stream in order. Then an
@@ -171,25 +155,7 @@ async fn poison_halts_the_sink(rig: &Rig, client: &Client) -> Result<()> {
         )
         .await?
         .get(0);
-    eventually(
-        Duration::from_secs(30),
-        "the Kafka sink halted on the large event",
-        || async {
-            let row = client
-                .query_one(
-                    "select halted, last_error_position from cqrs.sink_status() where sink = 'events'",
-                    &[],
-                )
-                .await?;
-            let (halted, at): (bool, Option<i64>) = (row.get(0), row.get(1));
-            ensure!(
-                halted && at == Some(poison),
-                "halted {halted} at {at:?} (the large event is at {poison})"
-            );
-            Ok(())
-        },
-    )
-    .await?;
+    halted_at(client, "events", poison, Duration::from_secs(30)).await?;
     client
         .execute(
             r#"select cqrs.append(cqrs.uuid_v7(), 'order-after-poison', 'CREATE_ORDER', '{"user_id": "user-0", "currency": "EUR"}')"#,
