@@ -136,14 +136,23 @@ pub struct Config {
     #[arg(long, env = "CQRS_PROJECTION_GROUP", default_value = name::group::DEFAULT, value_parser = parse_group)]
     pub projection_group: String,
 
-    /// An outbox sink: the command log delivered to a broker, `NAME=nats://host:4222/?…` (NATS
+    /// An outbox sink: the command log delivered to a broker. `NAME=nats://host:4222/?…` (NATS
     /// JetStream; options `subject` (template, `{type}` the command type; default
     /// cqrs.events.{type}), `stream` (the JetStream stream, created when missing; default
-    /// CQRS_EVENTS), `types` (comma-separated command types; default all), `stream_prefix`).
-    /// Repeatable; in the environment, separated by spaces. Delivered by the leader of this
-    /// sidecar's projection group, in stream order, each event once per command id.
+    /// CQRS_EVENTS)) or `NAME=kafka://host:9092,host2:9092/?…` (options `topic` (template;
+    /// default cqrs.events), `partitions` (of a topic created when missing; default 6),
+    /// `transactional`); both take `types` (comma-separated command types; default all) and
+    /// `stream_prefix`. Repeatable; in the environment, separated by spaces. Delivered by the
+    /// leader of this sidecar's projection group, in stream order, each event once per command id.
     #[arg(long = "sink", env = "CQRS_SINKS", value_delimiter = ' ', value_parser = crate::outbox::spec::parse)]
     pub sinks: Vec<crate::outbox::spec::SinkSpec>,
+
+    /// Longest a sink that is behind waits for the projections of its group, while they are
+    /// catching up on the slot (more than 2 s behind its commits), before it catches up from
+    /// the log itself; 0 never waits. Read models come first where the cores are few: a sink
+    /// catching up beside them reads the log again and takes the cores they need.
+    #[arg(long, env = "CQRS_SINK_YIELD", default_value = "5m", value_parser = parse_duration)]
+    pub sink_yield: Duration,
 
     /// Publication on cqrs.command_log; created when missing.
     #[arg(long, env = "CQRS_PUBLICATION", default_value = "cqrs_command_log")]

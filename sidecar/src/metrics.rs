@@ -13,6 +13,7 @@ pub const SINK_DUPLICATES_TOTAL: &str = "cqrs_sink_duplicates_total";
 pub const SINK_FAILURES_TOTAL: &str = "cqrs_sink_failures_total";
 pub const SINK_HALTED: &str = "cqrs_sink_halted";
 pub const SINK_ATTACHED: &str = "cqrs_sink_attached";
+pub const SINK_YIELDING: &str = "cqrs_sink_yielding";
 pub const SINK_EVENTS_BEHIND: &str = "cqrs_sink_events_behind";
 pub const SINK_LAG_SECONDS: &str = "cqrs_sink_lag_seconds";
 pub const PROJECTION_LAG_SECONDS: &str = "cqrs_projection_lag_seconds";
@@ -90,6 +91,7 @@ pub struct Metrics {
     pub sink_failures: IntCounterVec,
     pub sink_halted: IntGaugeVec,
     pub sink_attached: IntGaugeVec,
+    pub sink_yielding: IntGaugeVec,
     pub sink_events_behind: IntGaugeVec,
     pub sink_lag_seconds: GaugeVec,
     pub projection_lag_seconds: GaugeVec,
@@ -161,6 +163,7 @@ impl Metrics {
             sink_failures: register(r, IntCounterVec::new(Opts::new(SINK_FAILURES_TOTAL, "Deliveries to an outbox sink that failed and were tried again."), &["sink"])?),
             sink_halted: register(r, IntGaugeVec::new(Opts::new(SINK_HALTED, "1 while an outbox sink is halted on an event its broker refuses (cqrs.resume_sink)."), &["sink"])?),
             sink_attached: register(r, IntGaugeVec::new(Opts::new(SINK_ATTACHED, "1 while an outbox sink delivers as the projections go, 0 while it catches up from the log (or is not led here)."), &["sink"])?),
+            sink_yielding: register(r, IntGaugeVec::new(Opts::new(SINK_YIELDING, "1 while an outbox sink that is behind waits for its group's projections to catch up on the slot (--sink-yield)."), &["sink"])?),
             sink_events_behind: register(r, IntGaugeVec::new(Opts::new(SINK_EVENTS_BEHIND, "Commands after an outbox sink's checkpoint (cqrs.sink_status())."), &["sink"])?),
             sink_lag_seconds: register(r, GaugeVec::new(Opts::new(SINK_LAG_SECONDS, "Age of the oldest command an outbox sink has not delivered (0 when caught up)."), &["sink"])?),
             projection_lag_seconds: register(r, GaugeVec::new(Opts::new(PROJECTION_LAG_SECONDS, "Age of the oldest command a projection has not applied yet (0 when caught up)."), &["projection"])?),

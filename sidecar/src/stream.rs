@@ -29,6 +29,9 @@ use crate::postgres::ConnectionPurpose;
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+/// Transactions read this long after they committed: the projections are catching up on the
+/// slot (the sinks that are behind wait for them: see `outbox`).
+const CATCHING_UP_MICROS: i64 = 2_000_000;
 
 /// How the leader's work ended.
 #[derive(Debug)]
@@ -200,6 +203,13 @@ struct Streaming {
     outbox: Option<Arc<Outbox>>,
     /// changes when a sink acknowledged a batch
     outbox_acked: watch::Receiver<u64>,
+    /// the commit time of the transaction being read (server clock, µs since 2000)
+    commit_time_micros: i64,
+    /// the server's WAL flush position when streaming began
+    wal_end_at_start: u64,
+    /// caught up with the stream while the projections were catching up: they are at the end
+    /// once this batch (the last one taken then) is done
+    end_in_batch: Option<u64>,
 }
 
 impl Streaming {
@@ -213,6 +223,15 @@ impl Streaming {
             .await?;
         prepare_slot(ctx, &sql).await?;
         resync_behind(ctx, &sql).await?;
+        // where the server's WAL ended as this leadership began: until the stream has passed
+        // it, a keepalive with nothing to read does not mean the projections are at the end
+        let wal_end_at_start = sql
+            .query_one("select pg_catalog.pg_current_wal_flush_lsn()::text", &[])
+            .await?
+            .get::<_, &str>(0)
+            .parse::<Lsn>()
+            .map(|lsn| lsn.as_u64())
+            .unwrap_or(u64::MAX);
         let repl = ReplicationClient::connect(
             ctx.pg
                 .replication_config(&config.slot, &config.publication)
@@ -256,6 +275,9 @@ impl Streaming {
             flusher,
             outbox,
             outbox_acked,
+            commit_time_micros: 0,
+            wal_end_at_start,
+            end_in_batch: None,
         })
     }
 
@@ -273,6 +295,7 @@ impl Streaming {
                     let done = *self.completed.borrow_and_update();
                     self.outbox_acked.borrow_and_update();
                     self.confirm(done);
+                    self.settle_end(done);
                 }
                 Step::SendWaiting(permit) => match self.waiting.take() {
                     Some(batch) => {
@@ -348,8 +371,22 @@ impl Streaming {
             } => {
                 let unix = commit_time_micros.saturating_add(PG_EPOCH_OFFSET_MICROS).max(0) as u64;
                 self.assembler.begin(UNIX_EPOCH + Duration::from_micros(unix));
+                self.commit_time_micros = commit_time_micros;
             }
-            ReplicationEvent::XLogData { data, .. } => {
+            ReplicationEvent::XLogData {
+                data,
+                server_time_micros,
+                ..
+            } => {
+                if let Some(outbox) = &self.outbox {
+                    // both times are the server's clock: no skew between hosts
+                    if server_time_micros.saturating_sub(self.commit_time_micros) > CATCHING_UP_MICROS {
+                        self.end_in_batch = None;
+                        outbox.projections_behind(true);
+                    } else {
+                        self.reached_end();
+                    }
+                }
                 self.assembler.data(&data)?;
                 // a transaction too large for one batch is cut; the part carries no fence
                 let (events, bytes) = self.assembler.filling().size();
@@ -383,6 +420,9 @@ impl Streaming {
             ReplicationEvent::KeepAlive { wal_end, .. } => {
                 // nothing open: everything up to wal_end is done once the batches taken are
                 if !self.assembler.in_transaction() && self.assembler.filling().is_empty() {
+                    if wal_end.as_u64() >= self.wal_end_at_start {
+                        self.reached_end();
+                    }
                     self.confirmations.defer(self.assembler.taken(), wal_end.as_u64());
                     let done = *self.completed.borrow();
                     self.confirm(done);
@@ -391,6 +431,28 @@ impl Streaming {
             ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
         }
         Ok(())
+    }
+
+    /// The stream is read up to (nearly) the server's end: once what was taken so far is
+    /// projected, the projections are not catching up (what the sinks wait for).
+    fn reached_end(&mut self) {
+        let Some(outbox) = &self.outbox else {
+            return;
+        };
+        if outbox.projections_catching_up() != Some(false) && self.end_in_batch.is_none() {
+            self.end_in_batch = Some(self.assembler.taken());
+            let done = *self.completed.borrow();
+            self.settle_end(done);
+        }
+    }
+
+    fn settle_end(&mut self, done: u64) {
+        if let (Some(outbox), Some(last)) = (&self.outbox, self.end_in_batch) {
+            if done >= last {
+                self.end_in_batch = None;
+                outbox.projections_behind(false);
+            }
+        }
     }
 
     /// Takes the batch being filled; its last complete commit may be confirmed once it is done.

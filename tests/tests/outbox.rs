@@ -189,3 +189,92 @@ async fn a_broker_down_for_a_minute_holds_back_only_its_sink() -> Result<()> {
     );
     Ok(())
 }
+
+/// A sink that starts behind while the projections catch up on the slot waits for them (they
+/// come first where the cores are few: `--sink-yield`), then delivers everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_behind_waits_while_the_projections_catch_up() -> Result<()> {
+    let _serial = serial().await;
+    let mut rng = StdRng::seed_from_u64(fault_seed());
+    let nats = NatsServer::start()?;
+    let mut rig = Rig::start_edition(Edition::Extension, ClusterOptions::default()).await?;
+    rig.set("CQRS_SINKS", &format!("events={}", nats.url()));
+    rig.add_sidecar()?;
+    let first = rig.wait_for_leader(Duration::from_secs(30))?;
+    let client = rig.client().await?;
+    delivered(&client, "events", Duration::from_secs(30)).await?;
+    let before: i64 = client
+        .query_one("select delivered from cqrs.sink where name = 'events'", &[])
+        .await?
+        .get(0);
+    // the slot and the sink exist; with nobody leading, a backlog builds up in the slot, and
+    // the projections take a while over it (a trigger sleeping 2 ms a row)
+    rig.sidecars[first].kill();
+    let owner = cqrs_e2e::connect(&cqrs_harness::edition::owner_url(&rig.pg, rig.edition)).await?;
+    owner
+        .batch_execute(
+            "create function shop.slowly() returns trigger language plpgsql as
+                 $$ begin perform pg_catalog.pg_sleep(0.002); return new; end $$;
+             create trigger slowly before insert or update on shop.order_summary
+                 for each row execute function shop.slowly();",
+        )
+        .await?;
+    let appended = rig
+        .start_order_traffic(&mut rng, 4_000, 2, None)
+        .await?
+        .finish()
+        .await?;
+    // older than the 2 s that make the projections catching up when the new leader reads them
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let second = rig.add_sidecar()?;
+    let started = Instant::now();
+    let (mut samples, mut early, mut yielding_seen) = (0, Vec::new(), false);
+    loop {
+        let row = client
+            .query_one(
+                "select (select max(position) from cqrs.command_log)
+                        - (select checkpoint_position from cqrs.projection_state where name = 'order_summary'),
+                        (select delivered from cqrs.sink where name = 'events')",
+                &[],
+            )
+            .await?;
+        let (projections_behind, sink_delivered): (Option<i64>, i64) = (row.get(0), row.get(1));
+        let projections_behind = projections_behind.unwrap_or(i64::MAX);
+        if projections_behind == 0 {
+            break;
+        }
+        samples += 1;
+        if sink_delivered > before {
+            early.push((projections_behind, sink_delivered));
+        }
+        yielding_seen |= rig.sidecars[second].metric("cqrs_sink_yielding").unwrap_or(0.0) == 1.0;
+        ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "the projections did not catch up in 2 minutes:\n{}",
+            rig.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let projected = started.elapsed();
+    delivered(&client, "events", Duration::from_secs(60))
+        .await
+        .with_context(|| rig.logs())?;
+    let count = check(&client, &received(&nats.url(), JS_STREAM).await?, "").await?;
+    eprintln!(
+        "{appended} commands appended; projections caught up in {projected:.1?} ({samples} samples), \
+         the sink delivered {count} after them ({:.1?})",
+        started.elapsed()
+    );
+    ensure!(
+        samples >= 10,
+        "the projections caught up in {samples} samples: too fast to show the sink waiting"
+    );
+    ensure!(
+        early.is_empty(),
+        "the sink delivered while the projections were catching up (behind, delivered): {early:?}\n{}",
+        rig.logs()
+    );
+    ensure!(yielding_seen, "cqrs_sink_yielding never read 1");
+    Ok(())
+}

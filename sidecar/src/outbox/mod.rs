@@ -8,7 +8,10 @@
 //! falls behind by more than its queue (the broker down or slow) is detached at once — the slot
 //! and the projections go on without it — and catches up from the log again; one that the broker
 //! refuses an event for good (too large) halts on it (`cqrs._sink_halt`) until
-//! `cqrs.resume_sink`. Nothing is lost: what a sink delivered is recorded per stream, fenced by
+//! `cqrs.resume_sink`. A sink that must catch up from the log while the group's projections are
+//! catching up on the slot waits for them first (at most `--sink-yield`): both at once read the
+//! same backlog twice on the same cores, and the read models are what users wait for. Nothing is
+//! lost: what a sink delivered is recorded per stream, fenced by
 //! the group's lease (`cqrs._sink_delivered`), only after the broker acknowledged it, and a
 //! sink skips what that record says it delivered. Duplicates are made harmless: a crash between
 //! the broker's acknowledgement and the record sends an event again with the same message id,
@@ -24,7 +27,7 @@ pub mod spec;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -42,6 +45,8 @@ const QUEUE_BATCHES: usize = 256;
 const CATCH_UP_CHUNK: i32 = 2_000;
 /// How often a halted sink looks whether it was resumed, and an idle one catches up.
 const LOOK_AGAIN: Duration = Duration::from_secs(1);
+/// How long a sink's first catch-up waits to hear whether the projections are catching up.
+const FIRST_WORD: Duration = Duration::from_secs(5);
 
 /// What the flusher and the streamer see of one sink.
 struct Shared {
@@ -65,6 +70,9 @@ pub struct Outbox {
     sinks: Vec<Handle>,
     /// bumped whenever a sink acknowledges a batch (the streamer confirms the slot again)
     acked_tx: watch::Sender<u64>,
+    /// true while the group's projections are catching up on the slot, false once they are not;
+    /// none until the streamer has read its first transaction or been told it is at the end
+    projections_behind: watch::Sender<Option<bool>>,
 }
 
 impl Outbox {
@@ -74,6 +82,7 @@ impl Outbox {
             return None;
         }
         let (acked_tx, _) = watch::channel(0u64);
+        let (projections_behind, _) = watch::channel(None);
         let sinks = ctx
             .config
             .sinks
@@ -92,6 +101,7 @@ impl Outbox {
                     shared: Arc::clone(&shared),
                     batches,
                     acked_tx: acked_tx.clone(),
+                    projections_behind: projections_behind.subscribe(),
                 };
                 Handle {
                     name: spec.name.clone(),
@@ -101,7 +111,25 @@ impl Outbox {
                 }
             })
             .collect();
-        Some(Arc::new(Self { sinks, acked_tx }))
+        Some(Arc::new(Self {
+            sinks,
+            acked_tx,
+            projections_behind,
+        }))
+    }
+
+    /// What the streamer last said: whether the projections are catching up on the slot.
+    pub fn projections_catching_up(&self) -> Option<bool> {
+        *self.projections_behind.borrow()
+    }
+
+    /// The streamer's word on whether the projections are catching up on the slot.
+    pub fn projections_behind(&self, behind: bool) {
+        self.projections_behind.send_if_modified(|was| {
+            let changed = *was != Some(behind);
+            *was = Some(behind);
+            changed
+        });
     }
 
     /// Changes whenever a sink acknowledged a batch.
@@ -207,6 +235,7 @@ struct Sink {
     shared: Arc<Shared>,
     batches: mpsc::Receiver<Arc<Delivery>>,
     acked_tx: watch::Sender<u64>,
+    projections_behind: watch::Receiver<Option<bool>>,
 }
 
 impl Sink {
@@ -300,9 +329,11 @@ impl Sink {
     /// that left something behind (a command that committed after the walk passed its position)
     /// is followed by another from there; what commits ahead of the walk once it ended is the
     /// next catch-up's or, attached, the projected batches'.
-    async fn catch_up(&self, sql: &Client, broker: &Broker) -> Result<(), SinkError> {
+    async fn catch_up(&mut self, sql: &Client, broker: &Broker) -> Result<(), SinkError> {
         let mut walked_to: Option<i64> = None;
+        let mut yield_until = None;
         loop {
+            self.yield_to_projections(&mut yield_until).await;
             let start: Option<i64> = sql
                 .query_one("select cqrs._sink_behind_start($1)", &[&self.spec.name])
                 .await
@@ -317,6 +348,7 @@ impl Sink {
             let mut after = start - 1;
             let walk_began = after;
             loop {
+                self.yield_to_projections(&mut yield_until).await;
                 let rows = sql
                     .query(
                         "select event_position, event from cqrs._sink_behind($1, $2, $3)",
@@ -344,6 +376,48 @@ impl Sink {
                 // nothing after the start: only another writer of this sink's progress could
                 // have done it; the next catch-up looks again
                 return Ok(());
+            }
+        }
+    }
+
+    /// Waits while the group's projections are catching up on the slot, until `--sink-yield`
+    /// after the first wait of this catch-up (`until`); past that the sink goes on beside them.
+    async fn yield_to_projections(&mut self, until: &mut Option<Instant>) {
+        let limit = self.ctx.config.sink_yield;
+        if limit.is_zero() {
+            return;
+        }
+        if self.projections_behind.borrow().is_none() {
+            // a leadership's first moments: the streamer has not read anything yet
+            let _ = tokio::time::timeout(FIRST_WORD, self.projections_behind.wait_for(Option::is_some)).await;
+        }
+        if *self.projections_behind.borrow() != Some(true) {
+            return;
+        }
+        let until = *until.get_or_insert_with(|| Instant::now() + limit);
+        let Some(left) = until.checked_duration_since(Instant::now()) else {
+            return;
+        };
+        tracing::info!(sink = %self.spec.name, at_most = ?left, "the projections are catching up on the slot; the sink waits for them before it catches up from the log");
+        let yielding = self
+            .ctx
+            .metrics
+            .sink_yielding
+            .with_label_values(&[self.spec.name.as_str()]);
+        yielding.set(1);
+        let waited = Instant::now();
+        let caught_up = tokio::time::timeout(
+            left,
+            self.projections_behind.wait_for(|behind| *behind != Some(true)),
+        )
+        .await;
+        yielding.set(0);
+        match caught_up {
+            Ok(_) => {
+                tracing::info!(sink = %self.spec.name, waited = ?waited.elapsed(), "the projections caught up; the sink catches up from the log")
+            }
+            Err(_) => {
+                tracing::warn!(sink = %self.spec.name, waited = ?waited.elapsed(), "the projections are still catching up; the sink catches up beside them (--sink-yield)")
             }
         }
     }
