@@ -278,3 +278,53 @@ async fn a_sink_behind_waits_while_the_projections_catch_up() -> Result<()> {
     ensure!(yielding_seen, "cqrs_sink_yielding never read 1");
     Ok(())
 }
+
+/// A catch-up that finds nothing left to deliver moves the sink's checkpoint to the log's end.
+/// A walk whose last chunk stopped at a gap (a command that committed behind the walk) leaves
+/// the checkpoint below the end, and with no more writes nothing else moves it: the sink would
+/// look behind for good (`cqrs.sink_status()`, `cqrs_sink_events_behind`, the lag alert). Staged
+/// by lowering the checkpoint as such a walk leaves it, then a new leader with nothing to write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_with_nothing_left_moves_the_checkpoint_to_the_end() -> Result<()> {
+    let _serial = serial().await;
+    let mut rng = StdRng::seed_from_u64(fault_seed());
+    let nats = NatsServer::start()?;
+    let mut rig = Rig::start_edition(Edition::Extension, ClusterOptions::default()).await?;
+    rig.set("CQRS_SINKS", &format!("events={}", nats.url()));
+    rig.add_sidecar()?;
+    let first = rig.wait_for_leader(Duration::from_secs(30))?;
+    let client = rig.client().await?;
+    rig.start_order_traffic(&mut rng, 1_000, 2, None)
+        .await?
+        .finish()
+        .await?;
+    delivered(&client, "events", Duration::from_secs(60))
+        .await
+        .with_context(|| rig.logs())?;
+    // the slot confirmed past everything, so the next leader streams nothing again (a batch it
+    // streamed would move the checkpoint itself)
+    cqrs_e2e::eventually(Duration::from_secs(30), "the slot confirmed the end of the WAL", || async {
+        let row = client
+            .query_one(
+                "select confirmed_flush_lsn >= pg_catalog.pg_current_wal_lsn() from pg_catalog.pg_replication_slots where slot_name = 'cqrs_sidecar'",
+                &[],
+            )
+            .await?;
+        ensure!(row.get::<_, bool>(0), "not yet");
+        Ok(())
+    })
+    .await?;
+    rig.sidecars[first].kill();
+    client
+        .batch_execute(
+            "update cqrs.sink set checkpoint_position = checkpoint_position - 100 where name = 'events'",
+        )
+        .await?;
+    rig.add_sidecar()?;
+    rig.wait_for_leader(Duration::from_secs(30))?;
+    delivered(&client, "events", Duration::from_secs(30))
+        .await
+        .with_context(|| rig.logs())?;
+    check(&client, &received(&nats.url(), JS_STREAM).await?, "").await?;
+    Ok(())
+}

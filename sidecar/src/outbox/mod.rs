@@ -334,12 +334,24 @@ impl Sink {
         let mut yield_until = None;
         loop {
             self.yield_to_projections(&mut yield_until).await;
-            let start: Option<i64> = sql
-                .query_one("select cqrs._sink_behind_start($1)", &[&self.spec.name])
+            // one statement, one snapshot: where to start, and where the log ends in it
+            let row = sql
+                .query_one(
+                    "select cqrs._sink_behind_start($1), (select max(l.position) from cqrs.command_log l),
+                            (select s.checkpoint_position from cqrs.sink s where s.name = $1)",
+                    &[&self.spec.name],
+                )
                 .await
-                .map_err(SinkError::from_db)?
-                .get(0);
+                .map_err(SinkError::from_db)?;
+            let (start, log_end, checkpoint): (Option<i64>, Option<i64>, Option<i64>) =
+                (row.get(0), row.get(1), row.get(2));
             let Some(start) = start else {
+                // Everything this snapshot holds is delivered. A walk whose last chunk had a gap
+                // left the checkpoint below the log's end, and nothing else would move it there
+                // before the next write: say it, or the sink looks behind for good.
+                if let Some(end) = log_end.filter(|end| checkpoint.is_none_or(|c| c < *end)) {
+                    self.delivered_to(sql, end).await?;
+                }
                 return Ok(());
             };
             if walked_to.is_some_and(|end| start > end) {
@@ -378,6 +390,19 @@ impl Sink {
                 return Ok(());
             }
         }
+    }
+
+    /// Moves the checkpoint position to `end` (never back): everything up to it is delivered.
+    async fn delivered_to(&self, sql: &Client, end: i64) -> Result<(), SinkError> {
+        let none: [&str; 0] = [];
+        let no_seqs: [i64; 0] = [];
+        sql.execute(
+            "select cqrs._sink_delivered($1, $2, $3, $4, null, $5, 0)",
+            &[&self.spec.name, &self.token, &&none[..], &&no_seqs[..], &end],
+        )
+        .await
+        .map_err(SinkError::from_db)?;
+        Ok(())
     }
 
     /// Waits while the group's projections are catching up on the slot, until `--sink-yield`
