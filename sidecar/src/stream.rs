@@ -382,7 +382,7 @@ impl Streaming {
                     // both times are the server's clock: no skew between hosts
                     if server_time_micros.saturating_sub(self.commit_time_micros) > CATCHING_UP_MICROS {
                         self.end_in_batch = None;
-                        outbox.projections_behind(true);
+                        outbox.set_projections_catching_up(true);
                     } else {
                         self.reached_end();
                     }
@@ -450,7 +450,7 @@ impl Streaming {
         if let (Some(outbox), Some(last)) = (&self.outbox, self.end_in_batch) {
             if done >= last {
                 self.end_in_batch = None;
-                outbox.projections_behind(false);
+                outbox.set_projections_catching_up(false);
             }
         }
     }

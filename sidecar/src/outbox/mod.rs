@@ -124,7 +124,7 @@ impl Outbox {
     }
 
     /// The streamer's word on whether the projections are catching up on the slot.
-    pub fn projections_behind(&self, behind: bool) {
+    pub fn set_projections_catching_up(&self, behind: bool) {
         self.projections_behind.send_if_modified(|was| {
             let changed = *was != Some(behind);
             *was = Some(behind);
