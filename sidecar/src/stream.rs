@@ -210,6 +210,8 @@ struct Streaming {
     /// caught up with the stream while the projections were catching up: they are at the end
     /// once this batch (the last one taken then) is done
     end_in_batch: Option<u64>,
+    /// what the sinks were last told (only a change is sent: this is checked per message)
+    catching_up: Option<bool>,
 }
 
 impl Streaming {
@@ -225,13 +227,14 @@ impl Streaming {
         resync_behind(ctx, &sql).await?;
         // where the server's WAL ended as this leadership began: until the stream has passed
         // it, a keepalive with nothing to read does not mean the projections are at the end
-        let wal_end_at_start = sql
-            .query_one("select pg_catalog.pg_current_wal_flush_lsn()::text", &[])
+        let wal_end_at_start: i64 = sql
+            .query_one(
+                "select pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_flush_lsn(), '0/0')::bigint",
+                &[],
+            )
             .await?
-            .get::<_, &str>(0)
-            .parse::<Lsn>()
-            .map(|lsn| lsn.as_u64())
-            .unwrap_or(u64::MAX);
+            .get(0);
+        let wal_end_at_start = u64::try_from(wal_end_at_start).unwrap_or(0);
         let repl = ReplicationClient::connect(
             ctx.pg
                 .replication_config(&config.slot, &config.publication)
@@ -278,6 +281,7 @@ impl Streaming {
             commit_time_micros: 0,
             wal_end_at_start,
             end_in_batch: None,
+            catching_up: None,
         })
     }
 
@@ -378,14 +382,12 @@ impl Streaming {
                 server_time_micros,
                 ..
             } => {
-                if let Some(outbox) = &self.outbox {
-                    // both times are the server's clock: no skew between hosts
-                    if server_time_micros.saturating_sub(self.commit_time_micros) > CATCHING_UP_MICROS {
-                        self.end_in_batch = None;
-                        outbox.set_projections_catching_up(true);
-                    } else {
-                        self.reached_end();
-                    }
+                // both times are the server's clock: no skew between hosts
+                if server_time_micros.saturating_sub(self.commit_time_micros) > CATCHING_UP_MICROS {
+                    self.end_in_batch = None;
+                    self.tell_sinks(true);
+                } else {
+                    self.reached_end();
                 }
                 self.assembler.data(&data)?;
                 // a transaction too large for one batch is cut; the part carries no fence
@@ -436,10 +438,7 @@ impl Streaming {
     /// The stream is read up to (nearly) the server's end: once what was taken so far is
     /// projected, the projections are not catching up (what the sinks wait for).
     fn reached_end(&mut self) {
-        let Some(outbox) = &self.outbox else {
-            return;
-        };
-        if outbox.projections_catching_up() != Some(false) && self.end_in_batch.is_none() {
+        if self.outbox.is_some() && self.catching_up != Some(false) && self.end_in_batch.is_none() {
             self.end_in_batch = Some(self.assembler.taken());
             let done = *self.completed.borrow();
             self.settle_end(done);
@@ -447,11 +446,20 @@ impl Streaming {
     }
 
     fn settle_end(&mut self, done: u64) {
-        if let (Some(outbox), Some(last)) = (&self.outbox, self.end_in_batch) {
-            if done >= last {
-                self.end_in_batch = None;
-                outbox.set_projections_catching_up(false);
-            }
+        if self.end_in_batch.is_some_and(|last| done >= last) {
+            self.end_in_batch = None;
+            self.tell_sinks(false);
+        }
+    }
+
+    /// Tells the sinks whether the projections are catching up, when that changed.
+    fn tell_sinks(&mut self, catching_up: bool) {
+        if self.catching_up == Some(catching_up) {
+            return;
+        }
+        self.catching_up = Some(catching_up);
+        if let Some(outbox) = &self.outbox {
+            outbox.set_projections_catching_up(catching_up);
         }
     }
 

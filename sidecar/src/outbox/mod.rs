@@ -118,18 +118,10 @@ impl Outbox {
         }))
     }
 
-    /// What the streamer last said: whether the projections are catching up on the slot.
-    pub fn projections_catching_up(&self) -> Option<bool> {
-        *self.projections_behind.borrow()
-    }
-
-    /// The streamer's word on whether the projections are catching up on the slot.
-    pub fn set_projections_catching_up(&self, behind: bool) {
-        self.projections_behind.send_if_modified(|was| {
-            let changed = *was != Some(behind);
-            *was = Some(behind);
-            changed
-        });
+    /// The streamer's word on whether the projections are catching up on the slot (it says
+    /// only what changed).
+    pub fn set_projections_catching_up(&self, catching_up: bool) {
+        self.projections_behind.send_replace(Some(catching_up));
     }
 
     /// Changes whenever a sink acknowledged a batch.
