@@ -250,3 +250,17 @@ pub async fn assert_read_models_match_the_log(client: &Client) -> anyhow::Result
     }
     Ok(())
 }
+
+/// Makes every write to `shop.order_summary` sleep `seconds` (a trigger of the table's owner, so
+/// `owner` must be that owner's connection): a projection that falls behind on purpose.
+pub async fn slow_down_order_summary(owner: &Client, seconds: f64) -> anyhow::Result<()> {
+    owner
+        .batch_execute(&format!(
+            "create function shop.slowly() returns trigger language plpgsql as
+                 $$ begin perform pg_catalog.pg_sleep({seconds}); return new; end $$;
+             create trigger slowly before insert or update on shop.order_summary
+                 for each row execute function shop.slowly();"
+        ))
+        .await?;
+    Ok(())
+}

@@ -25,6 +25,15 @@ async fn serial() -> MutexGuard<'static, ()> {
 /// The JetStream stream the sinks of these tests publish to (the sidecar's default).
 const JS_STREAM: &str = "CQRS_EVENTS";
 
+/// A rig whose sidecars deliver to sink `events` on `nats`, with one sidecar leading: its index.
+async fn rig_with_sink(nats: &NatsServer, edition: Edition) -> Result<(Rig, usize)> {
+    let mut rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
+    rig.set("CQRS_SINKS", &format!("events={}", nats.url()));
+    rig.add_sidecar()?;
+    let leader = rig.wait_for_leader(Duration::from_secs(30))?;
+    Ok((rig, leader))
+}
+
 /// 50,000 commands from four writers while the leader is killed three times and nats-server
 /// once (SIGKILL, restarted on its store): every command reaches JetStream once, in stream order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -41,11 +50,8 @@ async fn commands_reach_nats_on(edition: Edition, commands: usize) -> Result<()>
     let _serial = serial().await;
     let mut rng = StdRng::seed_from_u64(fault_seed());
     let mut nats = NatsServer::start()?;
-    let mut rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
-    rig.set("CQRS_SINKS", &format!("events={}", nats.url()));
+    let (mut rig, _) = rig_with_sink(&nats, edition).await?;
     rig.add_sidecar()?;
-    rig.add_sidecar()?;
-    rig.wait_for_leader(Duration::from_secs(30))?;
     let started = Instant::now();
     let traffic = rig.start_order_traffic(&mut rng, commands, 4, None).await?;
     for kill in 0..4 {
@@ -131,10 +137,7 @@ async fn a_broker_down_for_a_minute_holds_back_only_its_sink() -> Result<()> {
     let _serial = serial().await;
     let mut rng = StdRng::seed_from_u64(fault_seed());
     let mut nats = NatsServer::start()?;
-    let mut rig = Rig::start_edition(Edition::Extension, ClusterOptions::default()).await?;
-    rig.set("CQRS_SINKS", &format!("events={}", nats.url()));
-    rig.add_sidecar()?;
-    rig.wait_for_leader(Duration::from_secs(30))?;
+    let (rig, _) = rig_with_sink(&nats, Edition::Extension).await?;
     let client = rig.client().await?;
     let slot_position = || async {
         let row = client
@@ -197,10 +200,7 @@ async fn a_sink_behind_waits_while_the_projections_catch_up() -> Result<()> {
     let _serial = serial().await;
     let mut rng = StdRng::seed_from_u64(fault_seed());
     let nats = NatsServer::start()?;
-    let mut rig = Rig::start_edition(Edition::Extension, ClusterOptions::default()).await?;
-    rig.set("CQRS_SINKS", &format!("events={}", nats.url()));
-    rig.add_sidecar()?;
-    let first = rig.wait_for_leader(Duration::from_secs(30))?;
+    let (mut rig, first) = rig_with_sink(&nats, Edition::Extension).await?;
     let client = rig.client().await?;
     delivered(&client, "events", Duration::from_secs(30)).await?;
     let before: i64 = client
@@ -211,14 +211,7 @@ async fn a_sink_behind_waits_while_the_projections_catch_up() -> Result<()> {
     // the projections take a while over it (a trigger sleeping 2 ms a row)
     rig.sidecars[first].kill();
     let owner = cqrs_e2e::connect(&cqrs_harness::edition::owner_url(&rig.pg, rig.edition)).await?;
-    owner
-        .batch_execute(
-            "create function shop.slowly() returns trigger language plpgsql as
-                 $$ begin perform pg_catalog.pg_sleep(0.002); return new; end $$;
-             create trigger slowly before insert or update on shop.order_summary
-                 for each row execute function shop.slowly();",
-        )
-        .await?;
+    cqrs_e2e::orders::slow_down_order_summary(&owner, 0.002).await?;
     let appended = rig
         .start_order_traffic(&mut rng, 4_000, 2, None)
         .await?
@@ -289,10 +282,7 @@ async fn a_catch_up_with_nothing_left_moves_the_checkpoint_to_the_end() -> Resul
     let _serial = serial().await;
     let mut rng = StdRng::seed_from_u64(fault_seed());
     let nats = NatsServer::start()?;
-    let mut rig = Rig::start_edition(Edition::Extension, ClusterOptions::default()).await?;
-    rig.set("CQRS_SINKS", &format!("events={}", nats.url()));
-    rig.add_sidecar()?;
-    let first = rig.wait_for_leader(Duration::from_secs(30))?;
+    let (mut rig, first) = rig_with_sink(&nats, Edition::Extension).await?;
     let client = rig.client().await?;
     rig.start_order_traffic(&mut rng, 1_000, 2, None)
         .await?

@@ -128,14 +128,7 @@ async fn a_slow_or_halted_projection_stalls_only_its_group() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let normal = lag::samples(&watcher, STATS, Duration::from_secs(8)).await?;
 
-    owner
-        .batch_execute(
-            "create function shop.slowly() returns trigger language plpgsql as
-                 $$ begin perform pg_catalog.pg_sleep(0.02); return new; end $$;
-             create trigger slowly before insert or update on shop.order_summary
-                 for each row execute function shop.slowly();",
-        )
-        .await?;
+    cqrs_e2e::orders::slow_down_order_summary(&owner, 0.02).await?;
     let slow = lag::samples(&watcher, STATS, Duration::from_secs(8)).await?;
     let summary_behind = lag::samples(&watcher, SUMMARY, Duration::from_millis(300)).await?;
 
