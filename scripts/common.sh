@@ -26,8 +26,8 @@ pg_config_for() {
 
 # The files of each edition's SQL, in the order they are installed. The extension's are included by
 # extension/src/lib.rs in this order; the portable edition's are concatenated by portable.sh.
-EXTENSION_SQL=(sql/core/command.sql sql/core/projection.sql sql/core/outbox.sql sql/extension/functions.sql sql/core/api.sql)
-PORTABLE_SQL=(sql/core/command.sql sql/core/projection.sql sql/core/outbox.sql
+EXTENSION_SQL=(sql/core/command.sql sql/core/projection.sql sql/core/outbox.sql sql/core/retention.sql sql/extension/functions.sql sql/core/api.sql)
+PORTABLE_SQL=(sql/core/command.sql sql/core/projection.sql sql/core/outbox.sql sql/core/retention.sql
               sql/portable/settings.sql sql/portable/command.sql sql/portable/json_schema.sql sql/portable/validator.sql
               sql/portable/projection_catalog.sql sql/portable/compile.sql sql/portable/owner_rights.sql
               sql/portable/read.sql sql/portable/projector.sql sql/portable/projection_api.sql sql/core/api.sql)

@@ -2,6 +2,7 @@
 # Writes the upgrade scripts of the release being made (the step whose target is the version in
 # Cargo.toml), for both editions, from
 #   sql/upgrades/<from>--<to>/core.sql          schema changes both editions share (by hand)
+#   sql/upgrades/<from>--<to>/core-after.sql    …and what needs the functions (by hand; optional)
 #   sql/upgrades/<from>--<to>/extension.sql     the extension's own (by hand; optional)
 #   sql/upgrades/<from>--<to>/portable.sql      the portable edition's own, before the functions
 #   sql/upgrades/<from>--<to>/portable-after.sql  …and after them (by hand; optional)
@@ -57,6 +58,7 @@ for dir in sql/upgrades/*--"$version"; do
         cat "$dir/core.sql"
         optional "$dir/extension.sql"
         functions "${EXTENSION_SQL[@]}"
+        optional "$dir/core-after.sql"
     } > "$extension"
     target=sql/releases/pg_cqrs--$from--$version.sql
     if $check; then
@@ -74,6 +76,7 @@ for dir in sql/upgrades/*--"$version"; do
         functions "${PORTABLE_SQL[@]}"
         printf '\n'
         cat "$PORTABLE_GRANTS"
+        optional "$dir/core-after.sql"
         optional "$dir/portable-after.sql"
     } > "target/upgrades/portable/pg_cqrs--$from--$version.sql"
 done

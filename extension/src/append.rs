@@ -3,7 +3,7 @@
 //! This is the hottest path of the product, so it is a C-language function over one kept SPI
 //! plan rather than PL/pgSQL: the happy path is a single statement that bumps the stream's
 //! `last_seq` (taking its row lock) and inserts the command with
-//! `on conflict (command_id) do nothing`. Arguments stay raw Datums (the payload is never
+//! `on conflict do nothing`. Arguments stay raw Datums (the payload is never
 //! converted to a Rust value unless its type has a schema to check).
 //!
 //! Idempotency without a lookup first: when the insert reports a conflict, another transaction
@@ -17,10 +17,13 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 
+use cqrs_projection::command_time;
+
 use crate::command_limits::{self, Document};
 use crate::command_registry;
 use crate::errors::{column, error, null_argument, spi_error};
 use crate::fmgr;
+use crate::log_shape;
 use crate::payload_schema;
 use crate::settings;
 
@@ -30,8 +33,37 @@ pub(crate) const MAX_STREAM_BYTES: usize = 256;
 pub(crate) const MAX_COMMAND_TYPE_BYTES: usize = 128;
 
 // One statement on the happy path. It returns no row when the stream has no row yet (nothing
-// was bumped) or when command_id already exists (the bump happened, the insert did not).
+// was bumped) or when command_id already exists (the bump happened, the insert did not). The
+// conflict has no target: every unique index of the command's partition arbitrates, and only
+// command_id's can conflict (position comes from the identity, seq from the stream's row lock);
+// in a log partitioned by an upgrade, the first partition has its own command_id index.
 const BUMP_AND_INSERT: &str = "\
+with bumped as (
+    update cqrs.stream s
+       set last_seq = s.last_seq + 1
+     where s.stream = $2
+    returning s.last_seq
+)
+insert into cqrs.command_log (command_id, stream, seq, command_type, payload, metadata, id_time)
+select $1, $2, b.last_seq, $3, $4, $5, cqrs.command_time($1) from bumped b
+on conflict do nothing
+returning position, seq";
+
+// Every lookup by command_id names its partition (id_time), so it reads one partition's index;
+// -infinity is the id_time of the rows a log partitioned by the 0.3.0 upgrade already held.
+const COMMAND_EXISTS: &str = "\
+select exists (select from cqrs.command_log l
+                where l.command_id = $1 and l.id_time in (cqrs.command_time($1), '-infinity'))";
+
+const EXISTING: &str = "\
+select l.position, l.seq, l.stream, l.command_type, l.payload = $2
+  from cqrs.command_log l
+ where l.command_id = $1 and l.id_time in (cqrs.command_time($1), '-infinity')";
+
+/// The same three statements for the unpartitioned log of an install not updated to 0.3.0 yet
+/// (log_shape.rs).
+mod unpartitioned {
+    pub(super) const BUMP_AND_INSERT: &str = "\
 with bumped as (
     update cqrs.stream s
        set last_seq = s.last_seq + 1
@@ -43,7 +75,23 @@ select $1, $2, b.last_seq, $3, $4, $5 from bumped b
 on conflict on constraint command_log_command_id_key do nothing
 returning position, seq";
 
-const COMMAND_EXISTS: &str = "select exists (select from cqrs.command_log l where l.command_id = $1)";
+    pub(super) const COMMAND_EXISTS: &str =
+        "select exists (select from cqrs.command_log l where l.command_id = $1)";
+
+    pub(super) const EXISTING: &str = "\
+select l.position, l.seq, l.stream, l.command_type, l.payload = $2
+  from cqrs.command_log l
+ where l.command_id = $1";
+}
+
+/// The lookups by command id for the installed log: (COMMAND_EXISTS, EXISTING).
+fn lookups() -> (&'static str, &'static str) {
+    if log_shape::partitioned() {
+        (COMMAND_EXISTS, EXISTING)
+    } else {
+        (unpartitioned::COMMAND_EXISTS, unpartitioned::EXISTING)
+    }
+}
 
 const CREATE_STREAM: &str = "\
 insert into cqrs.stream (stream, last_seq) values ($1, 0)
@@ -58,13 +106,10 @@ update cqrs.stream s set last_seq = s.last_seq - 1
  where s.stream = $1
    and s.last_seq > (select coalesce(max(l.seq), 0) from cqrs.command_log l where l.stream = $1)";
 
-const EXISTING: &str = "\
-select l.position, l.seq, l.stream, l.command_type, l.payload = $2
-  from cqrs.command_log l
- where l.command_id = $1";
-
 thread_local! {
-    static BUMP_PLAN: RefCell<Option<OwnedPreparedStatement>> = const { RefCell::new(None) };
+    /// The kept plan of the happy path, and the log table it was prepared for: prepared again
+    /// when an upgrade replaced the table (log_shape.rs).
+    static BUMP_PLAN: RefCell<Option<(pg_sys::Oid, OwnedPreparedStatement)>> = const { RefCell::new(None) };
 }
 
 /// A `text` argument: the Datum handed to SPI and its bytes for the checks.
@@ -237,11 +282,16 @@ fn bump_and_insert(
     client: &mut SpiClient<'_>,
     command: &Command<'_>,
 ) -> Result<Option<(i64, i64)>, ErrorReport> {
+    let log = log_shape::current();
     BUMP_PLAN.with_borrow_mut(|plan| {
-        if plan.is_none() {
+        if plan.as_ref().map(|(table, _)| *table) != log.map(|(table, _)| table) {
+            let text = match log {
+                Some((_, false)) => unpartitioned::BUMP_AND_INSERT,
+                _ => BUMP_AND_INSERT,
+            };
             let prepared = client
                 .prepare_mut(
-                    BUMP_AND_INSERT,
+                    text,
                     &[
                         PgBuiltInOids::UUIDOID.into(),
                         PgBuiltInOids::TEXTOID.into(),
@@ -251,9 +301,9 @@ fn bump_and_insert(
                     ],
                 )
                 .map_err(|err| spi_error("preparing the append statement", err))?;
-            *plan = Some(prepared.keep());
+            *plan = log.map(|(table, _)| (table, prepared.keep()));
         }
-        let Some(plan) = plan.as_ref() else {
+        let Some((_, plan)) = plan.as_ref() else {
             return Err(error(
                 PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
                 "append plan missing",
@@ -301,7 +351,7 @@ fn give_back_and_replay(client: &mut SpiClient<'_>, command: &Command<'_>) -> Re
 fn replay(client: &mut SpiClient<'_>, command: &Command<'_>) -> Result<Appended, ErrorReport> {
     let rows = client
         .select(
-            EXISTING,
+            lookups().1,
             Some(1),
             &[
                 datum_arg(command.command_id, pg_sys::UUIDOID),
@@ -396,7 +446,7 @@ fn validate(command: &Command<'_>, seq: i64) -> Result<(), ErrorReport> {
 fn command_exists(client: &mut SpiClient<'_>, command: &Command<'_>) -> Result<bool, ErrorReport> {
     client
         .select(
-            COMMAND_EXISTS,
+            lookups().0,
             Some(1),
             &[datum_arg(command.command_id, pg_sys::UUIDOID)],
         )
@@ -455,6 +505,47 @@ pub(crate) fn append(command: &Command<'_>) -> Result<Appended, ErrorReport> {
     })
 }
 
+/// [`append`], with the log's refusal put in words: the insert fails with 23514 ("no partition of
+/// relation found for row") when the command id's time (cqrs.command_time) is before the log's
+/// oldest partition — older than the idempotency horizon — or after its newest. Catching costs
+/// nothing on the happy path, and the error is raised again at once (no subtransaction needed).
+pub(crate) fn append_within_log(command: &Command<'_>) -> Result<Appended, ErrorReport> {
+    PgTryBuilder::new(std::panic::AssertUnwindSafe(|| append(command)))
+        .catch_when(PgSqlErrorCode::ERRCODE_CHECK_VIOLATION, |_| {
+            Err(outside_log(command))
+        })
+        .execute()
+}
+
+/// Why no partition of the log can hold `command`: the same three messages as the portable
+/// edition's (sql/portable/command.sql).
+fn outside_log(command: &Command<'_>) -> ErrorReport {
+    // SAFETY: command_id is a non-null uuid Datum of the current call.
+    let id = unsafe { pgrx::Uuid::from_datum(command.command_id, false) }
+        .map(|uuid| *uuid.as_bytes())
+        .unwrap_or_default();
+    let text = uuid::Uuid::from_bytes(id).to_string();
+    // SAFETY: reads the current transaction's start time, which every transaction has.
+    let now_us = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    match command_time::unix_millis(id) {
+        None => error(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("command_id {text} is not a UUIDv7, and retention removed the partition of cqrs.command_log that holds such ids"),
+        )
+        .set_hint("Only the time in a UUIDv7 tells a retry older than the idempotency horizon from a new command: give commands UUIDv7 ids (cqrs.uuid_v7())."),
+        Some(millis) if millis < command_time::unix_millis_of_timestamptz(now_us) => error(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("command_id {text} is older than the idempotency horizon: cqrs.command_log no longer keeps commands that old"),
+        )
+        .set_hint("A retry of a command older than cqrs.idempotency_horizon() is refused rather than appended twice; a new command needs a new id (cqrs.uuid_v7())."),
+        Some(_) => error(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("command_id {text} is later than the newest partition of cqrs.command_log"),
+        )
+        .set_hint("cqrs.maintain() (the sidecar runs it) makes partitions ahead (cqrs.retention.premake); check the clock of whoever made this id."),
+    }
+}
+
 fmgr::v1_function!(pg_finfo_cqrs_append);
 
 /// The C entry point of `cqrs.append()`.
@@ -466,7 +557,7 @@ fmgr::v1_function!(pg_finfo_cqrs_append);
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn cqrs_append(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     // SAFETY: fcinfo is the call info of cqrs.append (see the function's contract).
-    let appended = unsafe { Command::from_fcinfo(fcinfo) }.and_then(|command| append(&command));
+    let appended = unsafe { Command::from_fcinfo(fcinfo) }.and_then(|command| append_within_log(&command));
     let appended = fmgr::or_raise(appended);
     // SAFETY: same fcinfo; cqrs.append is declared with three OUT parameters of these types.
     unsafe {

@@ -91,8 +91,19 @@ pub(crate) fn from_log(
         return Ok(Vec::new());
     }
     let positions: Vec<i64> = batch.iter().map(|e| e.position).collect();
+    // the partition of each row (an id that is no UUID finds none, and the batch is refused below)
+    let ids: Vec<pgrx::Uuid> = batch
+        .iter()
+        .map(|e| {
+            pgrx::Uuid::from_bytes(
+                *uuid::Uuid::parse_str(&e.command_id)
+                    .unwrap_or_default()
+                    .as_bytes(),
+            )
+        })
+        .collect();
     let limits = limits();
-    let mut logged = at_positions(client, &positions, limits)?;
+    let mut logged = at_positions(client, &positions, &ids, limits)?;
     // A commit reaches the WAL, and so the slot, a moment before other sessions' snapshots see
     // it (PostgreSQL flushes the commit record first, then marks the transaction finished): a
     // batch streamed at once may name rows this snapshot does not see yet. Look again, each
@@ -103,7 +114,7 @@ pub(crate) fn from_log(
         unsafe { pg_sys::pg_usleep(pause_us as std::ffi::c_long) };
         pgrx::check_for_interrupts!();
         pause_us *= 2;
-        logged = at_positions(client, &positions, limits)?;
+        logged = at_positions(client, &positions, &ids, limits)?;
     }
     let mut events = Vec::with_capacity(batch.len());
     for (i, (logged, sent)) in logged.into_iter().zip(batch).enumerate() {
@@ -130,15 +141,32 @@ pub(crate) fn from_log(
     Ok(events)
 }
 
-/// The log's rows at `positions`, in that order; `None` where this snapshot sees none.
+/// The log's rows at `positions` with command ids `ids`, in that order; `None` where this
+/// snapshot sees none.
 fn at_positions(
     client: &mut pgrx::spi::SpiClient<'_>,
     positions: &[i64],
+    ids: &[pgrx::Uuid],
     limits: Limits,
 ) -> Result<Vec<Option<Event>>, ErrorReport> {
-    let plan = prepared::statement(client, AT_POSITIONS, &[PgBuiltInOids::INT8ARRAYOID.into()])?;
-    let rows = prepared::index_plans(|| client.update(&*plan, None, &[positions.to_vec().into()]))
-        .map_err(|e| spi_error("reading the batch's commands from the log", e))?;
+    // an install not updated to 0.3.0 has no id_time to name the partition with (log_shape.rs)
+    let query = if crate::log_shape::partitioned() {
+        AT_POSITIONS
+    } else {
+        AT_POSITIONS_UNPARTITIONED
+    };
+    let plan = prepared::statement(
+        client,
+        query,
+        &[
+            PgBuiltInOids::INT8ARRAYOID.into(),
+            PgBuiltInOids::UUIDARRAYOID.into(),
+        ],
+    )?;
+    let rows = prepared::index_plans(|| {
+        client.update(&*plan, None, &[positions.to_vec().into(), ids.to_vec().into()])
+    })
+    .map_err(|e| spi_error("reading the batch's commands from the log", e))?;
     let mut logged = Vec::with_capacity(positions.len());
     for (i, row) in rows.enumerate() {
         logged.push(match column(row.get::<&str>(1), "a command-log row")? {
@@ -158,12 +186,23 @@ macro_rules! log_row_json {
     };
 }
 
-/// The command-log rows at positions `$1`, in that order; null where there is none.
+/// The command-log rows at positions `$1` with command ids `$2`, in that order; null where there
+/// is none. The id names the row's partition (id_time), so each lookup reads one partition.
 const AT_POSITIONS: &str = concat!(
     "select (select ",
     log_row_json!(),
-    " from cqrs.command_log l where l.position = u.position)
-  from unnest($1::bigint[]) with ordinality as u(position, n)
+    " from cqrs.command_log l
+          where l.position = u.position and l.id_time in (cqrs.command_time(u.command_id), '-infinity') and l.command_id = u.command_id)
+  from unnest($1::bigint[], $2::uuid[]) with ordinality as u(position, command_id, n)
+ order by u.n"
+);
+
+/// [`AT_POSITIONS`] in a log that is not partitioned (`$2` is not used).
+const AT_POSITIONS_UNPARTITIONED: &str = concat!(
+    "select (select ",
+    log_row_json!(),
+    " from cqrs.command_log l where l.position = u.position and l.command_id = u.command_id)
+  from unnest($1::bigint[], $2::uuid[]) with ordinality as u(position, command_id, n)
  order by u.n"
 );
 

@@ -31,6 +31,7 @@ mod events;
 mod fence;
 mod fmgr;
 mod installed_schema;
+mod log_shape;
 mod owner_rights;
 mod payload_schema;
 mod prepared;
@@ -60,9 +61,14 @@ extension_sql_file!(
     requires = ["projection_side"]
 );
 extension_sql_file!(
+    "../../sql/core/retention.sql",
+    name = "retention",
+    requires = ["outbox"]
+);
+extension_sql_file!(
     "../../sql/extension/functions.sql",
     name = "rust_functions",
-    requires = ["outbox"]
+    requires = ["retention"]
 );
 extension_sql_file!(
     "../../sql/core/api.sql",

@@ -734,6 +734,17 @@ fn rebuild(
     let chunk = chunk_arg(Some(i64::from(chunk)))?;
     let started = Instant::now();
     let events = Spi::connect_mut(|client| {
+        // a log that retention cut no longer holds the first commands: refused, not half rebuilt
+        // (a log not partitioned yet, of an install not updated to 0.3.0, is always whole)
+        if crate::log_shape::partitioned() {
+            client
+                .select(
+                    "select cqrs._check_log_whole('a rebuild of ' || $1)",
+                    None,
+                    &[name.into()],
+                )
+                .map_err(|err| spi_error("checking that the log is whole", err))?;
+        }
         start_over(client, name)?;
         let replayed = replay_log(client, name, chunk, started)?;
         // commands committed while we ran, below our cursor

@@ -1,6 +1,7 @@
 //! The logic of pg_cqrs projections that needs no database, so that it can be tested with
 //! `cargo test` and property tests; the extension is a thin SPI layer over it.
 //!
+//! - [`command_time`]: the time in a command id, which places it in the log's partitions;
 //! - [`event`]: command-log rows as delivered to `cqrs.project_batch`;
 //! - [`path`]: the `$.a.b[0]` JSON paths handlers use;
 //! - [`spec`]: the handlers of a projection, parsed and checked;
@@ -10,6 +11,7 @@
 //! - [`name`]: what a projection may be called;
 //! - [`sql`]: the set-based statements those writes are executed with.
 
+pub mod command_time;
 pub mod event;
 
 /// The SQLSTATE `cqrs.project_batch` refuses a fencing token older than the projector lease

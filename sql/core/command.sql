@@ -19,8 +19,11 @@ begin
 end
 $roles$;
 
+-- Partitioned by the time in the command id (id_time = cqrs.command_time(command_id)), so that
+-- old commands leave a partition at a time; sql/core/retention.sql says why, and makes the
+-- partitions, each with its unique indexes on position, command_id and (stream, seq).
 create table cqrs.command_log (
-    position     bigint generated always as identity primary key,
+    position     bigint      generated always as identity,
     command_id   uuid        not null,
     stream       text        not null,
     seq          bigint      not null,
@@ -28,10 +31,9 @@ create table cqrs.command_log (
     payload      jsonb       not null,
     metadata     jsonb       not null default '{}',
     created_at   timestamptz not null default pg_catalog.now(),
-    constraint command_log_command_id_key unique (command_id),
-    constraint command_log_stream_seq_key unique (stream, seq),
+    id_time      timestamptz not null,
     constraint command_log_seq_check check (seq > 0)
-);
+) partition by range (id_time);
 comment on table cqrs.command_log is
     'Append-only log of accepted commands. Write it only through cqrs.append()/cqrs.append_batch().';
 

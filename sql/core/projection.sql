@@ -450,16 +450,20 @@ begin
             message = format('publication name %L must be a lowercase SQL identifier', name);
     end if;
     if exists (select from pg_catalog.pg_publication p where p.pubname = ensure_publication.name) then
+        -- the log is partitioned (sql/core/retention.sql): its rows must be published as the
+        -- partitioned table's, which the sidecar decodes, not as each partition's
         if not exists (select from pg_catalog.pg_publication_tables t
                         where t.pubname = ensure_publication.name
-                          and t.schemaname = 'cqrs' and t.tablename = 'command_log') then
+                          and t.schemaname = 'cqrs' and t.tablename = 'command_log')
+           or not (select p.pubviaroot from pg_catalog.pg_publication p where p.pubname = ensure_publication.name) then
             raise exception using errcode = '55000',
-                message = format('publication %s exists but does not publish cqrs.command_log', name),
-                hint = format('alter publication %I add table cqrs.command_log;', name);
+                message = format('publication %s exists but does not publish cqrs.command_log through its partitioned table', name),
+                hint = format('alter publication %I add table cqrs.command_log; alter publication %I set (publish_via_partition_root = true);',
+                              name, name);
         end if;
         return false;
     end if;
-    execute format('create publication %I for table cqrs.command_log with (publish = ''insert'')', name);
+    execute format('create publication %I for table cqrs.command_log with (publish = ''insert'', publish_via_partition_root = true)', name);
     return true;
 end
 $$;

@@ -130,7 +130,8 @@ begin
      where s.stream = _replay.stream
        and s.last_seq > (select coalesce(max(l.seq), 0) from cqrs.command_log l where l.stream = _replay.stream);
     select l.position, l.seq, l.stream, l.command_type, l.payload = _replay.payload as same_payload
-      into v_existing from cqrs.command_log l where l.command_id = _replay.command_id;
+      into v_existing from cqrs.command_log l
+     where l.command_id = _replay.command_id and l.id_time in (cqrs.command_time(_replay.command_id), '-infinity');
     if v_existing.stream is distinct from _replay.stream then
         v_differs := v_differs || format('stream %s (was %s)', cqrs_portable._quoted(_replay.stream), cqrs_portable._quoted(v_existing.stream));
         v_what := v_what || 'stream'::text;
@@ -175,6 +176,8 @@ as $$
 declare
     -- the limits, read once (only the installer may change them)
     v_settings cqrs_portable.settings := (select s from cqrs_portable.settings s);
+    v_id_time timestamptz;
+    v_log record;
     v_version bigint;
     v_schema jsonb;
     v_validator name;
@@ -204,19 +207,38 @@ begin
     end if;
     perform cqrs_portable._check_limits('metadata', metadata, v_settings.max_metadata_bytes, v_settings.max_json_depth);
 
+    -- The partition the command id's time names must exist (sql/core/retention.sql): the same
+    -- refusals, in the same words, as the extension's (extension/src/append.rs, outside_log).
+    v_id_time := cqrs.command_time(command_id);
+    select r.log_from, r.log_to into v_log from cqrs.retention r;
+    if v_id_time < v_log.log_from and v_id_time = '-infinity' then
+        raise exception using errcode = '55000',
+            message = format('command_id %s is not a UUIDv7, and retention removed the partition of cqrs.command_log that holds such ids', command_id),
+            hint = 'Only the time in a UUIDv7 tells a retry older than the idempotency horizon from a new command: give commands UUIDv7 ids (cqrs.uuid_v7()).';
+    elsif v_id_time < v_log.log_from then
+        raise exception using errcode = '55000',
+            message = format('command_id %s is older than the idempotency horizon: cqrs.command_log no longer keeps commands that old', command_id),
+            hint = 'A retry of a command older than cqrs.idempotency_horizon() is refused rather than appended twice; a new command needs a new id (cqrs.uuid_v7()).';
+    elsif v_id_time >= v_log.log_to then
+        raise exception using errcode = '55000',
+            message = format('command_id %s is later than the newest partition of cqrs.command_log', command_id),
+            hint = 'cqrs.maintain() (the sidecar runs it) makes partitions ahead (cqrs.retention.premake); check the clock of whoever made this id.';
+    end if;
+
     -- One statement on the happy path, as in the extension: bump the stream's seq under its row
-    -- lock and insert the command; no row means a new stream or a command_id that exists.
+    -- lock and insert the command; no row means a new stream or a command_id that exists (the
+    -- conflict has no target: see BUMP_AND_INSERT in extension/src/append.rs).
     for pass in 1..2 loop
         with bumped as (
             update cqrs.stream s set last_seq = s.last_seq + 1 where s.stream = append.stream returning s.last_seq
         )
-        insert into cqrs.command_log as l (command_id, stream, seq, command_type, payload, metadata)
-        select append.command_id, append.stream, b.last_seq, append.command_type, append.payload, append.metadata
+        insert into cqrs.command_log as l (command_id, stream, seq, command_type, payload, metadata, id_time)
+        select append.command_id, append.stream, b.last_seq, append.command_type, append.payload, append.metadata, v_id_time
           from bumped b
-        on conflict on constraint command_log_command_id_key do nothing
+        on conflict do nothing
         returning l.position, l.seq into "position", seq;
         exit when found;
-        if exists (select from cqrs.command_log l where l.command_id = append.command_id) then
+        if exists (select from cqrs.command_log l where l.command_id = append.command_id and l.id_time in (v_id_time, '-infinity')) then
             -- a replay of the same command answers as the first time; anything else is 23505
             select r."position", r.seq into "position", seq
               from cqrs_portable._replay(append.command_id, append.stream, append.command_type, append.payload) r;

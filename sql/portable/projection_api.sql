@@ -189,6 +189,8 @@ begin
     if chunk not between 1 and 1000000 then
         raise exception using errcode = '22023', message = format('chunk must be between 1 and 1000000, not %s', chunk);
     end if;
+    -- a log that retention cut no longer holds the first commands: refused, not half rebuilt
+    perform cqrs._check_log_whole('a rebuild of ' || rebuild.name);
     update cqrs.projection_state s
        set halted = false, last_error = null, last_error_sqlstate = null, last_error_at = null, last_error_event = null,
            last_error_detail = null, applied = 0, duplicates = 0, dead_lettered = 0

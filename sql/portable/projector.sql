@@ -40,6 +40,16 @@ $$;
 -- function call plus a save and restore of the settings). They name only built-ins, which
 -- PostgreSQL finds in pg_catalog before any schema of the caller's search_path.
 
+-- The log partition of a batch's command id (its id_time, sql/core/retention.sql); null, which
+-- matches no row, for text that is not a UUID in canonical form.
+create function cqrs_portable._id_time(command_id text)
+returns timestamptz
+language sql immutable parallel safe
+as $$
+    select case when command_id ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                then cqrs.command_time(command_id::uuid) end
+$$;
+
 -- The event rows a batch carries, checked as the extension checks them (the first bad element
 -- and field named, 22023), then each replaced by the log's row at its position.
 create function cqrs_portable._events(events jsonb)
@@ -86,7 +96,9 @@ begin
     -- new snapshot each time (volatile), for about a second before calling the batch forged.
     while v_pause < 0.5 and exists (
         select from jsonb_array_elements(events) x(e)
-         where not exists (select from cqrs.command_log l where l.position = (x.e ->> 'position')::bigint)) loop
+         where not exists (select from cqrs.command_log l
+                            where l.position = (x.e ->> 'position')::bigint
+                              and l.id_time in (cqrs_portable._id_time(x.e ->> 'command_id'), '-infinity'))) loop
         perform pg_catalog.pg_sleep(v_pause);
         v_pause := v_pause * 2;
     end loop;
@@ -97,6 +109,7 @@ begin
       into v_bad
       from jsonb_array_elements(events) with ordinality x(e, n)
       left join cqrs.command_log l on l.position = (x.e ->> 'position')::bigint
+                                   and l.id_time in (cqrs_portable._id_time(x.e ->> 'command_id'), '-infinity')
      where l.position is null or l.command_id::text <> lower(x.e ->> 'command_id') or l.stream <> x.e ->> 'stream'
         or l.seq <> (x.e ->> 'seq')::bigint
      order by x.n limit 1;
@@ -110,7 +123,8 @@ begin
                'created_at', l.created_at) order by x.n), '[]')
       into v_out
       from jsonb_array_elements(events) with ordinality x(e, n)
-      join cqrs.command_log l on l.position = (x.e ->> 'position')::bigint;
+      join cqrs.command_log l on l.position = (x.e ->> 'position')::bigint
+                              and l.id_time in (cqrs_portable._id_time(x.e ->> 'command_id'), '-infinity');
     return v_out;
 end
 $$;

@@ -104,4 +104,9 @@ with ns as (
       from acl a
      where a.grantee = 0 or a.grantee::regrole::text in ('cqrs_writer', 'cqrs_reader', 'cqrs_projector')
 )
-select object, what, coalesce(value, '') as value from facts order by 1, 2, 3;
+-- The log's partitions are named by the day they start (sql/core/retention.sql), which differs
+-- between installs made on different days and between a fresh install and an upgraded one (whose
+-- first partition reaches further): each is listed once, as command_log_<day>.
+select distinct pg_catalog.regexp_replace(object, 'command_log_[0-9]{8}(_[0-9]{2})?', 'command_log_<day>', 'g') as object, what,
+       pg_catalog.regexp_replace(coalesce(value, ''), 'command_log_[0-9]{8}(_[0-9]{2})?', 'command_log_<day>', 'g') as value
+  from facts order by 1, 2, 3;

@@ -53,7 +53,9 @@ async fn extension_facts(client: &Client) -> Result<(Vec<String>, Vec<String>)> 
         .collect();
     let dumped = client
         .query(
-            "select c.oid::regclass::text from pg_catalog.pg_extension e, unnest(e.extconfig) as c(oid)
+            // the log's partitions once each, named as tests/sql/catalog.sql names them
+            "select distinct pg_catalog.regexp_replace(c.oid::regclass::text, 'command_log_[0-9]{8}(_[0-9]{2})?', 'command_log_<day>')
+               from pg_catalog.pg_extension e, unnest(e.extconfig) as c(oid)
               where e.extname = 'pg_cqrs' order by 1",
             &[],
         )
@@ -81,6 +83,9 @@ select count(*) from (
       from generate_series(1, 200) s, generate_series(1, 3) k
      order by s, k) appended;
 select cqrs.append('00000000-0000-4000-8000-ffffffffffff', 'poison', 'PAY', '{"amount": "lots"}');
+-- a time-ordered id (of today): after 0.3.0 partitions the log by the time in the ids, its retry
+-- must still find it, in the partition the old table became
+select cqrs.append(cqrs.uuid_v7(), 'v7-1', 'PAY', '{"amount": 5}');
 select cqrs.acquire_lease('sidecar of the earlier release');
 -- every command but the first of s-7 and of s-8: their later commands park behind the gap
 select count(*) from cqrs.project_batch(
@@ -417,6 +422,20 @@ async fn still_behaves(client: &Client) -> Result<()> {
     ensure!(
         duplicate && position == original && seq == 1,
         "replay answered ({position}, {seq}, {duplicate})"
+    );
+    // so is a replayed command whose id is a UUIDv7 (0.3.0 files it under its id's time)
+    let row = client
+        .query_one(
+            "select a.position, a.duplicate, l.position
+               from cqrs.command_log l, cqrs.append(l.command_id, l.stream, l.command_type, l.payload) a
+              where l.stream = 'v7-1'",
+            &[],
+        )
+        .await?;
+    let (position, duplicate, original): (i64, bool, i64) = (row.get(0), row.get(1), row.get(2));
+    ensure!(
+        duplicate && position == original,
+        "the replay of a UUIDv7 command answered ({position}, {duplicate}), not its position {original}"
     );
     // sequences go on without a gap, and the schema still validates
     let seq: i64 = scalar(

@@ -35,8 +35,8 @@ reset role;
 create table rm_halt (stream text primary key, n integer not null default 0, rev bigint not null default 0);
 select cqrs.create_projection('halts', 'rm_halt', 'stream', '{"ANY": {"action": "upsert", "add": {"n": {"const": 1}}}}', backfill => false);
 insert into cqrs.stream values ('deep', 1);
-insert into cqrs.command_log (command_id, stream, seq, command_type, payload, metadata)
-values ('00000000-0000-0000-0000-00000000dee9', 'deep', 1, 'ANY', '{}', (repeat('{"a":', 200) || '1' || repeat('}', 200))::jsonb);
+insert into cqrs.command_log (command_id, stream, seq, command_type, payload, metadata, id_time)
+values ('00000000-0000-0000-0000-00000000dee9', 'deep', 1, 'ANY', '{}', (repeat('{"a":', 200) || '1' || repeat('}', 200))::jsonb, '-infinity');
 select projection, key from cqrs.project_batch(
     (select jsonb_agg(to_jsonb(l) order by l.position) from cqrs.command_log l where l.stream = 'deep'), '0/10');
 select projection, halted, applied from cqrs.status();

@@ -93,3 +93,97 @@ revoke all on cqrs.sink, cqrs.sink_stream from public;
 grant select on cqrs.sink, cqrs.sink_stream to cqrs_projector;
 select pg_catalog.pg_extension_config_dump('cqrs.sink', '');
 select pg_catalog.pg_extension_config_dump('cqrs.sink_stream', '');
+
+-- The command log becomes partitioned by the time in its command ids (sql/core/retention.sql),
+-- without a rewrite: the 0.2.0 table becomes the first partition, command_log_start, holding
+-- every earlier time and every id without a time. Its rows get id_time -infinity as a default
+-- (no rewrite); a retry of one of its UUIDv7 commands computes the id's time instead, which the
+-- partition's bound also covers (it ends after the newest such time), so the retry lands in this
+-- partition, whose own unique index on command_id finds the first append. The locks: the
+-- renames take ACCESS EXCLUSIVE on the table, held to the end of the upgrade; the bound's check
+-- reads the table once and the position identity moves to the new parent (README, Retention,
+-- measures how long appends wait).
+alter table cqrs.command_log rename to command_log_start;
+comment on table cqrs.command_log_start is null;
+alter table cqrs.command_log_start rename constraint command_log_pkey to command_log_start_pkey;
+alter table cqrs.command_log_start rename constraint command_log_command_id_key to command_log_start_command_id_key;
+alter table cqrs.command_log_start rename constraint command_log_stream_seq_key to command_log_start_stream_seq_key;
+alter table cqrs.command_log_start add column id_time timestamptz not null default '-infinity';
+alter table cqrs.command_log_start alter column id_time drop default;
+create table cqrs.retention (
+    singleton          boolean     primary key default true,
+    keep               interval,
+    partition_interval interval    not null default '1 day',
+    premake            integer     not null default 14,
+    archive_schema     name,
+    log_from           timestamptz not null default '-infinity',
+    log_to             timestamptz not null default '-infinity',
+    removed_through    bigint,
+    constraint retention_singleton_check check (singleton),
+    constraint retention_interval_check check (
+        partition_interval between interval '1 hour' and interval '31 days'
+        and pg_catalog.date_part('month', partition_interval) = 0
+        and pg_catalog.date_part('epoch', partition_interval)::bigint % 3600 = 0),
+    constraint retention_premake_check check (premake between 1 and 1000),
+    constraint retention_keep_check check (keep is null or keep >= partition_interval)
+);
+comment on table cqrs.retention is
+    'How cqrs.command_log is partitioned (partition_interval, premake) and kept (keep, archive_schema); its horizon (log_from).';
+insert into cqrs.retention default values;
+select pg_catalog.pg_extension_config_dump('cqrs.retention', '');
+do $log$
+declare
+    v_last bigint;
+    v_called boolean;
+    v_newest timestamptz;
+    v_bound timestamptz;
+begin
+    select s.last_value, s.is_called into v_last, v_called from cqrs.command_log_position_seq s;
+    -- the newest UUIDv7 time among the ids (found from the top of the command_id index, below
+    -- the ids of the next ten years; ids without a time say nothing)
+    select pg_catalog.to_timestamp(pg_catalog.int8(pg_catalog.textcat('x',
+               pg_catalog.substr(pg_catalog.replace(l.command_id::text, '-', ''), 1, 12))::bit(48)) / 1000.0::float8)
+      into v_newest
+      from cqrs.command_log_start l
+     where l.command_id < pg_catalog.rpad(pg_catalog.lpad(pg_catalog.to_hex(
+               (pg_catalog.date_part('epoch', pg_catalog.now() + interval '10 years') * 1000)::bigint), 12, '0'), 32, '0')::uuid
+       and pg_catalog.substr(l.command_id::text, 15, 1) = '7'
+       and pg_catalog.substr(l.command_id::text, 20, 1) in ('8', '9', 'a', 'b')
+     order by l.command_id desc
+     limit 1;
+    v_bound := pg_catalog.date_bin(interval '1 day', greatest(pg_catalog.now(), v_newest),
+                                   timestamptz '2000-01-01 00:00:00+00') + interval '1 day';
+    -- the identity (and its sequence) moves to the partitioned table, which goes on from there;
+    -- the old sequence leaves the extension first, and with it pg_dump's list (an install by
+    -- psql has no extension)
+    if exists (select from pg_catalog.pg_extension e where e.extname = 'pg_cqrs') then
+        alter extension pg_cqrs drop sequence cqrs.command_log_position_seq;
+    end if;
+    alter table cqrs.command_log_start alter column position drop identity;
+    create table cqrs.command_log (
+        position     bigint      generated always as identity,
+        command_id   uuid        not null,
+        stream       text        not null,
+        seq          bigint      not null,
+        command_type text        not null,
+        payload      jsonb       not null,
+        metadata     jsonb       not null default '{}',
+        created_at   timestamptz not null default pg_catalog.now(),
+        id_time      timestamptz not null,
+        constraint command_log_seq_check check (seq > 0)
+    ) partition by range (id_time);
+    perform pg_catalog.setval('cqrs.command_log_position_seq', v_last, v_called);
+    -- a checked bound makes the attach skip its own scan
+    execute pg_catalog.format('alter table cqrs.command_log_start add constraint command_log_start_bound check (id_time < %L)', v_bound);
+    execute pg_catalog.format('alter table cqrs.command_log attach partition cqrs.command_log_start for values from (minvalue) to (%L)', v_bound);
+    alter table cqrs.command_log_start drop constraint command_log_start_bound;
+end
+$log$;
+comment on table cqrs.command_log is
+    'Append-only log of accepted commands. Write it only through cqrs.append()/cqrs.append_batch().';
+revoke all on cqrs.command_log from public;
+revoke all on sequence cqrs.command_log_position_seq from public;
+grant select on cqrs.command_log to cqrs_projector;
+revoke all on cqrs.command_log_start from cqrs_projector;
+select pg_catalog.pg_extension_config_dump('cqrs.command_log', '');
+select pg_catalog.pg_extension_config_dump('cqrs.command_log_position_seq', '');

@@ -1,0 +1,31 @@
+//! Which command log is installed: the partitioned one of 0.3.0 and later (sql/core/retention.sql:
+//! every row has an id_time, lookups by command id name its partition) or the plain table of an
+//! install not updated yet. One library serves every release's install until `ALTER EXTENSION
+//! pg_cqrs UPDATE` runs (see installed_schema.rs), and the update replaces the table by another,
+//! so the hot path asks the catalog caches — two lookups, no query — on every call.
+
+use pgrx::prelude::*;
+
+/// The log's table and whether it is the partitioned log; `None` when there is no cqrs.command_log.
+pub(crate) fn current() -> Option<(pg_sys::Oid, bool)> {
+    // SAFETY: syscache lookups by name; both return InvalidOid when nothing has the name (the
+    // namespace lookup is told not to raise), and get_rel_relkind of a valid relation OID is a
+    // plain cache read.
+    unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"cqrs".as_ptr(), true);
+        if namespace == pg_sys::InvalidOid {
+            return None;
+        }
+        let relation = pg_sys::get_relname_relid(c"command_log".as_ptr(), namespace);
+        if relation == pg_sys::InvalidOid {
+            return None;
+        }
+        let partitioned = pg_sys::get_rel_relkind(relation) as u8 == pg_sys::RELKIND_PARTITIONED_TABLE;
+        Some((relation, partitioned))
+    }
+}
+
+/// Whether the installed log is the partitioned one.
+pub(crate) fn partitioned() -> bool {
+    current().is_some_and(|(_, partitioned)| partitioned)
+}

@@ -1,0 +1,354 @@
+-- pg_cqrs retention: the command log in time partitions, made ahead and removed whole by age.
+--
+-- Why partitions by the time in the command id: idempotency needs command_id to be unique across
+-- the whole log, and PostgreSQL enforces uniqueness on a partitioned table only within a
+-- partition. A command's partition is a function of its id alone (cqrs.command_time: the time in
+-- a UUIDv7, -infinity for any other id), so a retry always lands in the partition of its first
+-- append, and each partition's unique index on command_id is as good as a global one. The same
+-- function says how old a retried id is once its partition has left: older than the idempotency
+-- horizon, refused, never appended again. Commit time could not do either.
+--
+-- A lookup by command id reads the partition of its id_time and the first partition (whose rows,
+-- when an upgrade partitioned an existing log, have id_time -infinity whatever their id):
+-- `id_time in (cqrs.command_time(id), '-infinity')`.
+--
+-- Ids without a time (UUIDv4 and the like) all go to the first partition, which holds everything
+-- before the log was partitioned; retention can remove it only when nothing newer is in it, and
+-- after that such ids are refused (README, Retention).
+
+-- The time in a UUIDv7 command id (RFC 9562: 48 bits of Unix milliseconds, version 7, variant
+-- 10), -infinity for every other id. One SQL expression, so that the planner inlines it; no
+-- SET clause (that would stop the inlining), and every name in it is qualified.
+create function cqrs.command_time(command_id uuid)
+returns timestamptz
+language sql immutable strict parallel safe
+as $$
+    select case when pg_catalog.substr(command_id::text, 15, 1) = '7'
+                     and pg_catalog.substr(command_id::text, 20, 1) in ('8', '9', 'a', 'b')
+                then pg_catalog.to_timestamp(pg_catalog.int8(pg_catalog.textcat('x',
+                         pg_catalog.substr(pg_catalog.replace(command_id::text, '-', ''), 1, 12))::bit(48)) / 1000.0::float8)
+                else '-infinity'::timestamptz end
+$$;
+comment on function cqrs.command_time(uuid) is
+    'The time in a UUIDv7 command id (-infinity for other ids): which partition of cqrs.command_log holds it.';
+grant execute on function cqrs.command_time(uuid) to public;
+
+-- One row: how the log is partitioned and how long it is kept. Only the installer changes it.
+create table cqrs.retention (
+    singleton          boolean     primary key default true,
+    -- keep at least this long (by the time in the command ids); null keeps everything
+    keep               interval,
+    -- the width of one partition, a whole number of hours between 1 hour and 31 days
+    partition_interval interval    not null default '1 day',
+    -- how many partitions cqrs.maintain() keeps ready after the current one
+    premake            integer     not null default 14,
+    -- where removed partitions go: null drops them, a schema name keeps them there, detached
+    archive_schema     name,
+    -- the lower bound of the oldest partition left (the idempotency horizon) and the upper bound
+    -- of the newest: kept by cqrs.maintain() and cqrs.archive_before()
+    log_from           timestamptz not null default '-infinity',
+    log_to             timestamptz not null default '-infinity',
+    -- the highest position removed so far: null while the log still starts at its first command
+    removed_through    bigint,
+    constraint retention_singleton_check check (singleton),
+    constraint retention_interval_check check (
+        partition_interval between interval '1 hour' and interval '31 days'
+        and pg_catalog.date_part('month', partition_interval) = 0
+        and pg_catalog.date_part('epoch', partition_interval)::bigint % 3600 = 0),
+    constraint retention_premake_check check (premake between 1 and 1000),
+    constraint retention_keep_check check (keep is null or keep >= partition_interval)
+);
+comment on table cqrs.retention is
+    'How cqrs.command_log is partitioned (partition_interval, premake) and kept (keep, archive_schema); its horizon (log_from).';
+insert into cqrs.retention default values;
+
+-- The partitions of the log with their bounds (-infinity for MINVALUE, infinity for MAXVALUE).
+create function cqrs.log_partitions()
+returns table (partition regclass, lower_bound timestamptz, upper_bound timestamptz)
+language sql stable security definer
+set search_path = pg_catalog, pg_temp
+-- the bounds are printed and read back as ISO text whatever the caller's settings
+set datestyle = 'ISO, YMD'
+as $$
+    select b.partition, b.lower_bound, b.upper_bound
+      from (select i.inhrelid::regclass as partition,
+                   case when m[1] = 'MINVALUE' then '-infinity' else pg_catalog.btrim(m[1], '''') end::timestamptz as lower_bound,
+                   case when m[2] = 'MAXVALUE' then 'infinity' else pg_catalog.btrim(m[2], '''') end::timestamptz as upper_bound
+              from pg_catalog.pg_inherits i
+              join pg_catalog.pg_class c on c.oid = i.inhrelid
+              cross join lateral pg_catalog.regexp_match(pg_catalog.pg_get_expr(c.relpartbound, c.oid),
+                                                         '^FOR VALUES FROM \((.*)\) TO \((.*)\)$') m
+             where i.inhparent = 'cqrs.command_log'::regclass) b
+     order by b.lower_bound;
+$$;
+comment on function cqrs.log_partitions() is
+    'The partitions of cqrs.command_log and the command-id times each holds, oldest first.';
+
+-- Creates one partition with the keys every partition has: position (its primary key), command_id
+-- (the idempotency key) and (stream, seq), each unique within the partition (position and seq are
+-- unique across the log by construction; command_id by the partitioning, see above).
+create function cqrs._create_log_partition(name text, lower_bound timestamptz, upper_bound timestamptz)
+returns void
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+set datestyle = 'ISO, YMD'
+as $$
+begin
+    execute format('create table cqrs.%I partition of cqrs.command_log for values from (%s) to (%L)',
+                   name, case when lower_bound = '-infinity' then 'minvalue' else quote_literal(lower_bound::text) end,
+                   upper_bound::text);
+    execute format('alter table cqrs.%I add constraint %I primary key ("position")', name, name || '_pkey');
+    execute format('alter table cqrs.%I add constraint %I unique (command_id)', name, name || '_command_id_key');
+    execute format('alter table cqrs.%I add constraint %I unique (stream, seq)', name, name || '_stream_seq_key');
+end
+$$;
+
+-- The name of the partition starting at lower_bound: command_log_YYYYMMDD, with _HH24 when
+-- partitions are narrower than a day.
+create function cqrs._log_partition_name(lower_bound timestamptz)
+returns text
+language sql stable
+set search_path = pg_catalog, pg_temp
+as $$
+    select 'command_log_' || to_char(lower_bound at time zone 'UTC',
+                                      case when (select r.partition_interval from cqrs.retention r) < interval '1 day'
+                                           then 'YYYYMMDD"_"HH24' else 'YYYYMMDD' end);
+$$;
+
+-- Makes the partitions from the newest one's end up to premake partitions after the current
+-- one; records the log's bounds. Returns what it created.
+create function cqrs._make_log_partitions()
+returns setof text
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_retention cqrs.retention;
+    v_from timestamptz;
+    v_until timestamptz;
+    v_name text;
+begin
+    -- one maker at a time (the sidecars of several groups call cqrs.maintain())
+    perform pg_advisory_xact_lock('cqrs.retention'::regclass::oid::bigint);
+    select * into v_retention from cqrs.retention;
+    v_from := (select max(p.upper_bound) from cqrs.log_partitions() p);
+    v_until := date_bin(v_retention.partition_interval, now(), timestamptz '2000-01-01 00:00:00+00')
+               + v_retention.partition_interval * (v_retention.premake + 1);
+    if v_from is null then
+        -- an empty log: the first partition takes every earlier time and every id without one
+        v_from := date_bin(v_retention.partition_interval, now(), timestamptz '2000-01-01 00:00:00+00');
+        perform cqrs._create_log_partition('command_log_start', '-infinity', v_from);
+        return next 'command_log_start';
+    end if;
+    while v_from < v_until loop
+        v_name := cqrs._log_partition_name(v_from);
+        perform cqrs._create_log_partition(v_name, v_from, v_from + v_retention.partition_interval);
+        return next v_name;
+        v_from := v_from + v_retention.partition_interval;
+    end loop;
+    update cqrs.retention r
+       set log_from = coalesce((select min(p.lower_bound) from cqrs.log_partitions() p), '-infinity'),
+           log_to = coalesce((select max(p.upper_bound) from cqrs.log_partitions() p), '-infinity');
+end
+$$;
+
+-- A partition made while the extension was being created or updated is one of its members, which
+-- the extension would refuse to let go: it leaves the extension first (dropped from pg_dump's
+-- list with it). Nothing to do in an install without an extension (psql).
+create function cqrs._disown_log_partition(partition regclass)
+returns void
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_extension name;
+begin
+    select e.extname into v_extension
+      from pg_catalog.pg_depend d join pg_catalog.pg_extension e on e.oid = d.refobjid
+     where d.classid = 'pg_catalog.pg_class'::regclass and d.objid = partition
+       and d.refclassid = 'pg_catalog.pg_extension'::regclass and d.deptype = 'e';
+    if v_extension is not null then
+        execute format('alter extension %I drop table %s', v_extension, partition);
+    end if;
+end
+$$;
+
+-- Removes the partitions whose every command id is older than `before`, oldest first, and stops
+-- at the first one it must keep: one that holds a command (by its position) that a projection
+-- or a sink has not checkpointed past, or a command appended at or after `before` (an id
+-- without a time in the first partition). Detached into retention.archive_schema when that is
+-- set, dropped otherwise. Waits at most lock_wait for the lock on the log (appends wait behind
+-- a waiting detach, so it must not wait long).
+create function cqrs.archive_before(before timestamptz, lock_wait interval default '5 seconds')
+returns table (partition text, action text, commands bigint, newest_position bigint, reason text)
+language plpgsql volatile strict security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_retention cqrs.retention;
+    v_part record;
+    v_newest record;
+    v_untimed timestamptz;
+    v_checkpoint bigint;
+    v_holder text;
+    v_removed bigint;
+begin
+    perform pg_advisory_xact_lock('cqrs.retention'::regclass::oid::bigint);
+    select * into v_retention from cqrs.retention;
+    if before > now() then
+        raise exception using errcode = '22023',
+            message = 'archive_before was given a time to come: it would remove commands not yet appended',
+            hint = 'Pass a time in the past: now() - interval ''7 days'' keeps a week.';
+    end if;
+    -- where archived partitions go must be there, and ours to create in, before anything moves
+    if v_retention.archive_schema is not null then
+        if not exists (select from pg_catalog.pg_namespace n where n.nspname = v_retention.archive_schema) then
+            raise exception using errcode = '3F000',
+                message = format('schema %s (cqrs.retention.archive_schema) does not exist', v_retention.archive_schema),
+                hint = 'Create it, or set archive_schema to null to drop old partitions.';
+        end if;
+        if not has_schema_privilege(v_retention.archive_schema, 'CREATE') then
+            raise exception using errcode = '42501',
+                message = format('pg_cqrs may not create tables in schema %s (cqrs.retention.archive_schema)', v_retention.archive_schema),
+                hint = 'Grant CREATE on it to the role that installed pg_cqrs.';
+        end if;
+    end if;
+    perform set_config('lock_timeout', (extract(epoch from lock_wait) * 1000)::bigint::text, true);
+    v_removed := v_retention.removed_through;
+    for v_part in select p.partition, p.lower_bound, p.upper_bound from cqrs.log_partitions() p
+                   where p.upper_bound <= before order by p.lower_bound loop
+        partition := v_part.partition::text;
+        execute format('select max(l.position) as position, count(*) as commands from %s l', v_part.partition)
+           into v_newest;
+        newest_position := v_newest.position;
+        commands := v_newest.commands;
+        reason := null;
+        -- the first partition also holds the commands whose ids have no time: their age is when
+        -- they were appended
+        if v_part.lower_bound = '-infinity' then
+            execute format('select l.created_at from %s l where l.id_time = ''-infinity'' order by l.position desc limit 1',
+                           v_part.partition)
+               into v_untimed;
+        end if;
+        if v_untimed >= before then
+            reason := format('it holds a command appended at %s (an id without a time)', v_untimed);
+        else
+            -- the least checkpoint of every projection and every sink: what all have passed
+            select c.name, c.checkpoint into v_holder, v_checkpoint
+              from (select 'projection ' || s.name as name, coalesce(s.checkpoint_position, 0) as checkpoint
+                      from cqrs.projection_state s
+                    union all
+                    select 'sink ' || k.name, coalesce(k.checkpoint_position, 0) from cqrs.sink k) c
+             order by c.checkpoint limit 1;
+            if v_newest.position is not null and v_checkpoint < v_newest.position then
+                reason := format('%s has not checkpointed past position %s (it is at %s)',
+                                 v_holder, v_newest.position, v_checkpoint);
+            end if;
+        end if;
+        if reason is not null then
+            action := 'kept';
+            return next;
+            exit;
+        end if;
+        perform cqrs._disown_log_partition(v_part.partition);
+        execute format('alter table cqrs.command_log detach partition %s', v_part.partition);
+        if v_retention.archive_schema is null then
+            execute format('drop table %s', v_part.partition);
+            action := 'dropped';
+        else
+            execute format('alter table %s set schema %I', v_part.partition, v_retention.archive_schema);
+            partition := format('%I.%I', v_retention.archive_schema, split_part(partition, '.', 2));
+            action := 'archived';
+        end if;
+        v_removed := greatest(v_removed, v_newest.position, 0);
+        return next;
+    end loop;
+    update cqrs.retention r
+       set log_from = coalesce((select min(p.lower_bound) from cqrs.log_partitions() p), r.log_to),
+           removed_through = v_removed;
+end
+$$;
+comment on function cqrs.archive_before(timestamptz, interval) is
+    'Removes (drops, or detaches into retention.archive_schema) the log partitions older than before that every projection and sink has passed; returns what it did.';
+
+-- What the sidecar's maintenance runs: partitions ahead, and retention.keep applied.
+create function cqrs.maintain()
+returns table (partition text, action text, commands bigint, newest_position bigint, reason text)
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_keep interval := (select r.keep from cqrs.retention r);
+begin
+    return query select m, 'created', 0::bigint, null::bigint, null::text from cqrs._make_log_partitions() m;
+    if v_keep is not null then
+        return query select * from cqrs.archive_before(now() - v_keep);
+    end if;
+end
+$$;
+comment on function cqrs.maintain() is
+    'Creates the log partitions ahead (retention.premake) and removes those older than retention.keep; returns what it did. The sidecar calls it.';
+
+-- The oldest command-id time the log still holds: a retry of an older command is refused.
+create function cqrs.idempotency_horizon()
+returns timestamptz
+language sql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$ select r.log_from from cqrs.retention r $$;
+comment on function cqrs.idempotency_horizon() is
+    'The oldest command-id time cqrs.command_log still holds (-infinity: all); a retry of an older command is refused.';
+
+-- Raises 55000 when the log no longer starts at its first command: what reads all of it from
+-- the beginning (a rebuild, a new projection's backfill) cannot be exact.
+create function cqrs._check_log_whole(what text)
+returns void
+language plpgsql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_retention cqrs.retention := (select r from cqrs.retention r);
+begin
+    if v_retention.removed_through is not null then
+        raise exception using errcode = '55000',
+            message = format('%s needs the whole command log, and it starts after position %s since cqrs.archive_before removed older commands',
+                             what, v_retention.removed_through),
+            hint = case when v_retention.archive_schema is null
+                        then 'The removed partitions were dropped: restore them from a backup into cqrs.command_log to rebuild from the beginning.'
+                        else format('Attach the archived partitions in schema %s back to cqrs.command_log (alter table cqrs.command_log attach partition …), then set cqrs.retention.removed_through to null.',
+                                    v_retention.archive_schema) end;
+    end if;
+end
+$$;
+
+revoke all on cqrs.retention from public;
+grant select on cqrs.retention to cqrs_reader, cqrs_projector, cqrs_writer;
+revoke execute on function cqrs.log_partitions() from public;
+revoke execute on function cqrs._create_log_partition(text, timestamptz, timestamptz) from public;
+revoke execute on function cqrs._log_partition_name(timestamptz) from public;
+revoke execute on function cqrs._make_log_partitions() from public;
+revoke execute on function cqrs._disown_log_partition(regclass) from public;
+revoke execute on function cqrs.archive_before(timestamptz, interval) from public;
+revoke execute on function cqrs.maintain() from public;
+revoke execute on function cqrs.idempotency_horizon() from public;
+revoke execute on function cqrs._check_log_whole(text) from public;
+grant execute on function cqrs.log_partitions() to cqrs_reader, cqrs_projector;
+grant execute on function cqrs.maintain() to cqrs_projector;
+grant execute on function cqrs.idempotency_horizon() to cqrs_writer, cqrs_reader, cqrs_projector;
+grant execute on function cqrs._check_log_whole(text) to cqrs_projector;
+
+select pg_catalog.pg_extension_config_dump('cqrs.retention', '');
+
+-- A new log's partitions, and pg_dump told to keep their rows (partitions made later by
+-- cqrs.maintain() are not members of the extension: README, Retention).
+do $$ begin perform cqrs._make_log_partitions(); end $$;
+-- one call a statement: each updates the extension's row (the edition without extensions
+-- drops the call's line, leaving the loop empty)
+do $$
+declare
+    p regclass;
+begin
+    for p in select l.partition from cqrs.log_partitions() l loop
+        perform pg_catalog.pg_extension_config_dump(p, '');
+    end loop;
+end
+$$;
