@@ -346,6 +346,12 @@ pub struct Config {
     #[arg(long, env = "CQRS_STATUS_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub status_interval: Duration,
 
+    /// How often cqrs.maintain() runs: it makes the command log's partitions ahead and removes
+    /// those older than cqrs.retention.keep (README, Retention); 0 never (then run it yourself,
+    /// e.g. from pg_cron, at least daily).
+    #[arg(long, env = "CQRS_MAINTAIN_INTERVAL", default_value = "1h", value_parser = parse_duration)]
+    pub maintain_interval: Duration,
+
     /// Log format: text or json.
     #[arg(long, env = "CQRS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,

@@ -13,6 +13,7 @@ pub mod health;
 pub mod leader;
 pub mod leading;
 pub mod log_row;
+mod maintenance;
 pub mod metrics;
 pub mod outbox;
 pub mod pgoutput;

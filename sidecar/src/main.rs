@@ -305,7 +305,8 @@ impl Wiring {
         Ok(())
     }
 
-    /// The status poller (metrics, health) and the cache repairer, on every sidecar.
+    /// The status poller (metrics, health, the command log's upkeep) and the cache repairer, on
+    /// every sidecar.
     fn spawn_background(&self, config: &Config, shutdown: &watch::Receiver<bool>) {
         tokio::spawn(status::poller(
             status::Watch {
@@ -313,6 +314,7 @@ impl Wiring {
                 slot: config.slot.clone(),
                 group: config.projection_group.clone(),
                 every: config.status_interval,
+                maintain_every: config.maintain_interval,
                 metrics: Arc::clone(&self.metrics),
                 repairs: Arc::clone(&self.repairs),
                 cache: Arc::clone(&self.cache),

@@ -14,6 +14,10 @@ pub const SINK_FAILURES_TOTAL: &str = "cqrs_sink_failures_total";
 pub const SINK_HALTED: &str = "cqrs_sink_halted";
 pub const SINK_ATTACHED: &str = "cqrs_sink_attached";
 pub const SINK_YIELDING: &str = "cqrs_sink_yielding";
+pub const LOG_PARTITIONS_AHEAD_SECONDS: &str = "cqrs_log_partitions_ahead_seconds";
+pub const LOG_HORIZON_SECONDS: &str = "cqrs_log_horizon_seconds";
+pub const LOG_MAINTENANCE_TOTAL: &str = "cqrs_log_maintenance_total";
+pub const LOG_MAINTENANCE_FAILURES_TOTAL: &str = "cqrs_log_maintenance_failures_total";
 pub const SINK_EVENTS_BEHIND: &str = "cqrs_sink_events_behind";
 pub const SINK_LAG_SECONDS: &str = "cqrs_sink_lag_seconds";
 pub const PROJECTION_LAG_SECONDS: &str = "cqrs_projection_lag_seconds";
@@ -92,6 +96,10 @@ pub struct Metrics {
     pub sink_halted: IntGaugeVec,
     pub sink_attached: IntGaugeVec,
     pub sink_yielding: IntGaugeVec,
+    pub log_partitions_ahead_seconds: Gauge,
+    pub log_horizon_seconds: Gauge,
+    pub log_maintenance: IntCounterVec,
+    pub log_maintenance_failures: IntCounter,
     pub sink_events_behind: IntGaugeVec,
     pub sink_lag_seconds: GaugeVec,
     pub projection_lag_seconds: GaugeVec,
@@ -164,6 +172,10 @@ impl Metrics {
             sink_halted: register(r, IntGaugeVec::new(Opts::new(SINK_HALTED, "1 while an outbox sink is halted on an event its broker refuses (cqrs.resume_sink)."), &["sink"])?),
             sink_attached: register(r, IntGaugeVec::new(Opts::new(SINK_ATTACHED, "1 while an outbox sink delivers as the projections go, 0 while it catches up from the log (or is not led here)."), &["sink"])?),
             sink_yielding: register(r, IntGaugeVec::new(Opts::new(SINK_YIELDING, "1 while an outbox sink that is behind waits for its group's projections to catch up on the slot (--sink-yield)."), &["sink"])?),
+            log_partitions_ahead_seconds: register(r, Gauge::new(LOG_PARTITIONS_AHEAD_SECONDS, "Seconds until the newest partition of cqrs.command_log ends: appends of ids past it are refused (cqrs.maintain() makes more).")?),
+            log_horizon_seconds: register(r, Gauge::new(LOG_HORIZON_SECONDS, "Age of the oldest command-id time cqrs.command_log keeps (the idempotency horizon); 0 while it keeps everything.")?),
+            log_maintenance: register(r, IntCounterVec::new(Opts::new(LOG_MAINTENANCE_TOTAL, "Partitions of cqrs.command_log handled by cqrs.maintain(), by what was done (created, dropped, archived, kept)."), &["action"])?),
+            log_maintenance_failures: register(r, IntCounter::new(LOG_MAINTENANCE_FAILURES_TOTAL, "Calls of cqrs.maintain() that failed.")?),
             sink_events_behind: register(r, IntGaugeVec::new(Opts::new(SINK_EVENTS_BEHIND, "Commands after an outbox sink's checkpoint (cqrs.sink_status())."), &["sink"])?),
             sink_lag_seconds: register(r, GaugeVec::new(Opts::new(SINK_LAG_SECONDS, "Age of the oldest command an outbox sink has not delivered (0 when caught up)."), &["sink"])?),
             projection_lag_seconds: register(r, GaugeVec::new(Opts::new(PROJECTION_LAG_SECONDS, "Age of the oldest command a projection has not applied yet (0 when caught up)."), &["projection"])?),

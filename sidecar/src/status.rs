@@ -13,6 +13,7 @@ use tokio_postgres::Client;
 
 use crate::cache::Cache;
 use crate::health::{Health, Role};
+use crate::maintenance::Upkeep;
 use crate::metrics::{label, Metrics, WAL_STATUSES};
 use crate::postgres::{ConnectionPurpose, Database};
 use crate::repair::Repairs;
@@ -42,6 +43,8 @@ pub struct Watch {
     /// (their leader writes them; the other groups' leaders repair theirs)
     pub group: String,
     pub every: Duration,
+    /// how often cqrs.maintain() runs (maintenance.rs)
+    pub maintain_every: Duration,
     pub metrics: Arc<Metrics>,
     pub repairs: Arc<Mutex<Repairs>>,
     pub cache: Arc<Cache>,
@@ -239,6 +242,7 @@ async fn slot_state(
 pub async fn poller(watch: Watch, mut shutdown: watch::Receiver<bool>) {
     let mut pg: Option<Client> = None;
     let mut seen = Seen::default();
+    let mut upkeep = Upkeep::new(watch.maintain_every);
     loop {
         if pg.as_ref().is_none_or(|c| c.is_closed()) {
             pg = watch
@@ -251,6 +255,7 @@ pub async fn poller(watch: Watch, mut shutdown: watch::Receiver<bool>) {
             if let Err(err) = poll(client, &watch, &mut seen).await {
                 tracing::warn!(error = %err, "polling cqrs.progress() failed");
             }
+            upkeep.tick(client, &watch.metrics).await;
         }
         tokio::select! {
             _ = tokio::time::sleep(watch.every) => {}
