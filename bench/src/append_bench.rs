@@ -4,6 +4,9 @@
 //! (command_id) do nothing`, which keeps no per-stream sequence, and the cheapest correct
 //! sequenced append — the stream row's update and the insert, one statement, one round trip —
 //! which any gap-free per-stream sequence needs.
+//! The partitioned log of 0.3.0 (retention) is measured against 0.2.0's unpartitioned one, in a
+//! third database made with `create extension pg_cqrs version '0.2.0'` (the same library serves
+//! both), with random (v4) and time-ordered (v7) command ids.
 //! Rounds are interleaved so that drift of this (shared, noisy) machine hits every variant alike;
 //! the medians and their ratios are printed.
 
@@ -35,8 +38,18 @@ pub struct AppendArgs {
 struct Variant {
     name: &'static str,
     script: String,
-    /// the portable edition's database, or the extension's
-    portable: bool,
+    database: Database,
+}
+
+/// Where a variant runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Database {
+    /// the extension, 0.3.0 (the cluster's own database)
+    Extension,
+    /// the portable edition
+    Portable,
+    /// the extension, installed as 0.2.0 (an unpartitioned log)
+    Unpartitioned,
 }
 
 /// The second baseline: the statement pair any gap-free per-stream sequence needs.
@@ -44,6 +57,15 @@ const SEQUENCED_PAIR: &str = "baseline: stream update + insert";
 
 /// The database of the same cluster that holds the portable edition.
 const PORTABLE_DB: &str = "portable";
+
+/// The database of the same cluster that holds the extension as release 0.2.0.
+const UNPARTITIONED_DB: &str = "unpartitioned";
+
+/// The variants compared for the cost of the partitioned log.
+const APPEND: &str = "cqrs.append";
+const APPEND_UNPARTITIONED: &str = "cqrs.append, 0.2.0's unpartitioned log";
+const APPEND_V7: &str = "cqrs.append, UUIDv7 ids";
+const APPEND_V7_UNPARTITIONED: &str = "cqrs.append, UUIDv7 ids, 0.2.0's log";
 
 const PAYLOAD: &str = r#"{"user_id": "u-42", "currency": "EUR", "note": "benchmark order"}"#;
 
@@ -82,7 +104,7 @@ fn variants(streams: u32) -> Vec<Variant> {
                  values (gen_random_uuid(), 'order-' || :sid, nextval('bench.seq'), 'CREATE_ORDER', '{PAYLOAD}', '{{}}') \
                  on conflict (command_id) do nothing;\n"
             ),
-            portable: false,
+            database: Database::Extension,
         },
         Variant {
             name: SEQUENCED_PAIR,
@@ -92,49 +114,70 @@ fn variants(streams: u32) -> Vec<Variant> {
                  select gen_random_uuid(), s.stream, s.last_seq, 'CREATE_ORDER', '{PAYLOAD}', '{{}}' from s \
                  on conflict (command_id) do nothing;\n"
             ),
-            portable: false,
+            database: Database::Extension,
         },
         Variant {
-            name: "cqrs.append",
+            name: APPEND,
             script: format!(
                 "{header}select * from cqrs.append(gen_random_uuid(), 'order-' || :sid, 'CREATE_ORDER', '{PAYLOAD}');\n"
             ),
-            portable: false,
+            database: Database::Extension,
+        },
+        Variant {
+            name: APPEND_UNPARTITIONED,
+            script: format!(
+                "{header}select * from cqrs.append(gen_random_uuid(), 'order-' || :sid, 'CREATE_ORDER', '{PAYLOAD}');\n"
+            ),
+            database: Database::Unpartitioned,
+        },
+        Variant {
+            name: APPEND_V7,
+            script: format!(
+                "{header}select * from cqrs.append(cqrs.uuid_v7(), 'order-' || :sid, 'CREATE_ORDER', '{PAYLOAD}');\n"
+            ),
+            database: Database::Extension,
+        },
+        Variant {
+            name: APPEND_V7_UNPARTITIONED,
+            script: format!(
+                "{header}select * from cqrs.append(cqrs.uuid_v7(), 'order-' || :sid, 'CREATE_ORDER', '{PAYLOAD}');\n"
+            ),
+            database: Database::Unpartitioned,
         },
         Variant {
             name: "cqrs.append + schema",
             script: format!(
                 "{header}select * from cqrs.append(gen_random_uuid(), 'order-' || :sid, 'CREATE_ORDER_V', '{PAYLOAD}');\n"
             ),
-            portable: false,
+            database: Database::Extension,
         },
         Variant {
             name: "portable append",
             script: format!(
                 "{header}select * from cqrs.append(gen_random_uuid(), 'order-' || :sid, 'CREATE_ORDER', '{PAYLOAD}');\n"
             ),
-            portable: true,
+            database: Database::Portable,
         },
         Variant {
             name: "portable append + schema",
             script: format!(
                 "{header}select * from cqrs.append(gen_random_uuid(), 'order-' || :sid, 'CREATE_ORDER_V', '{PAYLOAD}');\n"
             ),
-            portable: true,
+            database: Database::Portable,
         },
         Variant {
             name: "portable append, rich payload",
             script: format!(
                 "{header}select * from cqrs.append(gen_random_uuid(), 'order-' || :sid, 'CREATE_ORDER', '{RICH_PAYLOAD}');\n"
             ),
-            portable: true,
+            database: Database::Portable,
         },
         Variant {
             name: "portable append, rich payload + rich schema",
             script: format!(
                 "{header}select * from cqrs.append(gen_random_uuid(), 'order-' || :sid, 'CREATE_ORDER_R', '{RICH_PAYLOAD}');\n"
             ),
-            portable: true,
+            database: Database::Portable,
         },
     ]
 }
@@ -150,13 +193,31 @@ fn setup(cluster: &PgCluster, streams: u32) -> Result<()> {
              select cqrs.append(gen_random_uuid(), 'order-' || g, 'WARMUP', '{{}}') from generate_series(1, {streams}) g;"
         ),
     )?;
+    cluster.psql_in("postgres", &format!("create database {UNPARTITIONED_DB}"))?;
+    cluster.psql_in(
+        UNPARTITIONED_DB,
+        &format!(
+            "create extension pg_cqrs version '0.2.0';
+             select cqrs.append(gen_random_uuid(), 'order-' || g, 'WARMUP', '{{}}') from generate_series(1, {streams}) g;"
+        ),
+    )?;
     cluster.psql(&format!(
         "create schema bench;
-         -- the same columns, defaults, constraints and indexes as cqrs.command_log
-         create table bench.command_log (like cqrs.command_log including all);
+         -- the columns, defaults, constraints and indexes of an unpartitioned command log (0.2.0's)
+         create table bench.command_log (
+             position     bigint      generated always as identity primary key,
+             command_id   uuid        not null unique,
+             stream       text        not null,
+             seq          bigint      not null,
+             command_type text        not null,
+             payload      jsonb       not null,
+             metadata     jsonb       not null default '{{}}',
+             created_at   timestamptz not null default now(),
+             unique (stream, seq),
+             check (seq > 0));
          create sequence bench.seq;
          -- the sequenced baseline's own log: its (stream, seq) must not meet the plain one's
-         create table bench.sequenced_log (like cqrs.command_log including all);
+         create table bench.sequenced_log (like bench.command_log including all);
          create table bench.stream (like cqrs.stream including all) with (fillfactor = 70);
          insert into bench.stream select 'order-' || g, 0 from generate_series(1, {streams}) g;
          select cqrs.register_command_type('CREATE_ORDER_V', '{SCHEMA}');
@@ -216,10 +277,10 @@ pub fn run(args: AppendArgs) -> Result<()> {
     for round in 1..=args.rounds {
         for (ci, &clients) in args.clients.iter().enumerate() {
             for (vi, variant) in variants.iter().enumerate() {
-                let database = if variant.portable {
-                    PORTABLE_DB
-                } else {
-                    cluster.database()
+                let database = match variant.database {
+                    Database::Extension => cluster.database(),
+                    Database::Portable => PORTABLE_DB,
+                    Database::Unpartitioned => UNPARTITIONED_DB,
                 };
                 let tps = pgbench(&cluster, database, &scripts[vi], clients, args.seconds)?;
                 println!(
@@ -276,6 +337,20 @@ pub fn run(args: AppendArgs) -> Result<()> {
                 "{clients} client(s): portable append with the rich schema at {:.2}x of the same append without a schema",
                 median(&results[ci][rich]) / median(&results[ci][plain])
             );
+        }
+    }
+    // issue 24's target: the partitioned log's append within 5 % of the unpartitioned one's
+    for (partitioned, unpartitioned) in [
+        (APPEND, APPEND_UNPARTITIONED),
+        (APPEND_V7, APPEND_V7_UNPARTITIONED),
+    ] {
+        if let (Some(new), Some(old)) = (position(partitioned), position(unpartitioned)) {
+            for (ci, &clients) in args.clients.iter().enumerate() {
+                println!(
+                    "{clients} client(s): {partitioned} on the partitioned log at {:.2}x of the same append on 0.2.0's unpartitioned log",
+                    median(&results[ci][new]) / median(&results[ci][old])
+                );
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&dir);

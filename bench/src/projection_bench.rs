@@ -115,8 +115,11 @@ pub async fn load_log(client: &Client, count: u64, seed: u64, first_order: u64) 
              select s.command_id, s.stream, s.seq, s.command_type, s.payload, cqrs.command_time(s.command_id)
                from log_staging s;
              truncate log_staging;
-             insert into cqrs.stream (stream, last_seq) select stream, max(seq) from cqrs.command_log group by stream
-               on conflict (stream) do update set last_seq = excluded.last_seq;
+             insert into cqrs.stream (stream, last_seq, min_id_time, max_id_time)
+             select stream, max(seq), min(id_time), max(id_time) from cqrs.command_log group by stream
+               on conflict (stream) do update set last_seq = excluded.last_seq,
+                   min_id_time = least(cqrs.stream.min_id_time, excluded.min_id_time),
+                   max_id_time = greatest(cqrs.stream.max_id_time, excluded.max_id_time);
              analyze cqrs.command_log; analyze cqrs.stream;",
         )
         .await?;

@@ -33,19 +33,23 @@ pub(crate) const MAX_STREAM_BYTES: usize = 256;
 pub(crate) const MAX_COMMAND_TYPE_BYTES: usize = 128;
 
 // One statement on the happy path. It returns no row when the stream has no row yet (nothing
-// was bumped) or when command_id already exists (the bump happened, the insert did not). The
+// was bumped) or when command_id already exists (the bump happened, the insert did not). $6 is
+// cqrs.command_time($1), computed here (cqrs_projection::command_time): in SQL it cost more
+// than the partitioning itself (measured). The
 // conflict has no target: every unique index of the command's partition arbitrates, and only
 // command_id's can conflict (position comes from the identity, seq from the stream's row lock);
 // in a log partitioned by an upgrade, the first partition has its own command_id index.
 const BUMP_AND_INSERT: &str = "\
 with bumped as (
     update cqrs.stream s
-       set last_seq = s.last_seq + 1
+       set last_seq = s.last_seq + 1,
+           min_id_time = least(s.min_id_time, $6),
+           max_id_time = greatest(s.max_id_time, $6)
      where s.stream = $2
     returning s.last_seq
 )
 insert into cqrs.command_log (command_id, stream, seq, command_type, payload, metadata, id_time)
-select $1, $2, b.last_seq, $3, $4, $5, cqrs.command_time($1) from bumped b
+select $1, $2, b.last_seq, $3, $4, $5, $6 from bumped b
 on conflict do nothing
 returning position, seq";
 
@@ -285,21 +289,22 @@ fn bump_and_insert(
     let log = log_shape::current();
     BUMP_PLAN.with_borrow_mut(|plan| {
         if plan.as_ref().map(|(table, _)| *table) != log.map(|(table, _)| table) {
+            let mut types: Vec<PgOid> = vec![
+                PgBuiltInOids::UUIDOID.into(),
+                PgBuiltInOids::TEXTOID.into(),
+                PgBuiltInOids::TEXTOID.into(),
+                PgBuiltInOids::JSONBOID.into(),
+                PgBuiltInOids::JSONBOID.into(),
+            ];
             let text = match log {
                 Some((_, false)) => unpartitioned::BUMP_AND_INSERT,
-                _ => BUMP_AND_INSERT,
+                _ => {
+                    types.push(PgBuiltInOids::TIMESTAMPTZOID.into());
+                    BUMP_AND_INSERT
+                }
             };
             let prepared = client
-                .prepare_mut(
-                    text,
-                    &[
-                        PgBuiltInOids::UUIDOID.into(),
-                        PgBuiltInOids::TEXTOID.into(),
-                        PgBuiltInOids::TEXTOID.into(),
-                        PgBuiltInOids::JSONBOID.into(),
-                        PgBuiltInOids::JSONBOID.into(),
-                    ],
-                )
+                .prepare_mut(text, &types)
                 .map_err(|err| spi_error("preparing the append statement", err))?;
             *plan = log.map(|(table, _)| (table, prepared.keep()));
         }
@@ -309,13 +314,23 @@ fn bump_and_insert(
                 "append plan missing",
             ));
         };
-        let args = [
+        let mut args = vec![
             datum_arg(command.command_id, pg_sys::UUIDOID),
             datum_arg(command.stream.datum, pg_sys::TEXTOID),
             datum_arg(command.command_type.datum, pg_sys::TEXTOID),
             datum_arg(command.payload, pg_sys::JSONBOID),
             datum_arg(command.metadata, pg_sys::JSONBOID),
         ];
+        if log.is_some_and(|(_, partitioned)| partitioned) {
+            // SAFETY: command_id is a non-null uuid Datum of the current call.
+            let id = unsafe { pgrx::Uuid::from_datum(command.command_id, false) }
+                .map(|uuid| *uuid.as_bytes())
+                .unwrap_or_default();
+            args.push(datum_arg(
+                pg_sys::Datum::from(command_time::timestamptz(id)),
+                pg_sys::TIMESTAMPTZOID,
+            ));
+        }
         let rows = client
             .update(plan, None, &args)
             .map_err(|err| spi_error("appending the command", err))?;
@@ -508,12 +523,30 @@ pub(crate) fn append(command: &Command<'_>) -> Result<Appended, ErrorReport> {
 /// [`append`], with the log's refusal put in words: the insert fails with 23514 ("no partition of
 /// relation found for row") when the command id's time (cqrs.command_time) is before the log's
 /// oldest partition — older than the idempotency horizon — or after its newest. Catching costs
-/// nothing on the happy path, and the error is raised again at once (no subtransaction needed).
+/// nothing on the happy path, and an error is raised again at once (no subtransaction needed).
+///
+/// An append that began on an unpartitioned log (0.2.0's) and waited for the upgrade that
+/// partitioned it meets the new table with the old statement (no id_time, no such constraint):
+/// that is a retryable 40001, not an error in the command.
 pub(crate) fn append_within_log(command: &Command<'_>) -> Result<Appended, ErrorReport> {
-    PgTryBuilder::new(std::panic::AssertUnwindSafe(|| append(command)))
-        .catch_when(PgSqlErrorCode::ERRCODE_CHECK_VIOLATION, |_| {
-            Err(outside_log(command))
-        })
+    let try_append = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| append(command)));
+    if log_shape::partitioned() {
+        return try_append
+            .catch_when(PgSqlErrorCode::ERRCODE_CHECK_VIOLATION, |_| {
+                Err(outside_log(command))
+            })
+            .execute();
+    }
+    let partitioned_meanwhile = |_| {
+        Err(error(
+            PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+            "cqrs.command_log was partitioned (ALTER EXTENSION pg_cqrs UPDATE) while this command was appended; retry the transaction",
+        ))
+    };
+    try_append
+        .catch_when(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, partitioned_meanwhile)
+        .catch_when(PgSqlErrorCode::ERRCODE_CHECK_VIOLATION, partitioned_meanwhile)
+        .catch_when(PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION, partitioned_meanwhile)
         .execute()
 }
 

@@ -221,19 +221,24 @@ pub(crate) const LOG_AFTER: &str = concat!(
 
 /// Commands projection `$1` has not applied, in log order, at most `$2` of them and about `$3`
 /// bytes: per stream, those after its progress, up to position `$4` (all when null). Exact
-/// whatever the order commands committed in.
-pub(crate) const BEHIND: &str = concat!(
-    "select c.doc from (
+/// whatever the order commands committed in. `$in_range` narrows each stream's lookup to the
+/// log partitions its commands can be in (cqrs.stream's id-time range).
+macro_rules! behind {
+    ($in_range:literal) => {
+        concat!(
+            "select c.doc from (
     select ",
-    log_row_json!(),
-    " as doc, pg_catalog.row_number() over w as n,
+            log_row_json!(),
+            " as doc, pg_catalog.row_number() over w as n,
            pg_catalog.sum(pg_catalog.pg_column_size(l.payload) + pg_catalog.pg_column_size(l.metadata)) over w as bytes
       from (select l.*
               from cqrs.stream s
               left join cqrs.projection_stream ps on ps.projection = $1 and ps.stream = s.stream
               cross join lateral (
                     select * from cqrs.command_log l
-                     where l.stream = s.stream and l.seq > coalesce(ps.last_seq, 0)
+                     where l.stream = s.stream and l.seq > coalesce(ps.last_seq, 0)",
+            $in_range,
+            "
                        and ($4::int8 is null or l.position <= $4::int8)
                      order by l.seq
                      limit $2) l
@@ -243,4 +248,24 @@ pub(crate) const BEHIND: &str = concat!(
     window w as (order by l.position rows unbounded preceding)) c
  where c.n = 1 or c.bytes <= $3
  order by c.n"
+        )
+    };
+}
+
+/// [`behind!`] in the partitioned log.
+const BEHIND: &str = behind!(
+    "
+                       and l.id_time between s.min_id_time and s.max_id_time"
 );
+
+/// [`behind!`] in the unpartitioned log of an install not updated to 0.3.0 (log_shape.rs).
+const BEHIND_UNPARTITIONED: &str = behind!("");
+
+/// The query of what a projection has not applied, for the installed log.
+pub(crate) fn behind() -> &'static str {
+    if crate::log_shape::partitioned() {
+        BEHIND
+    } else {
+        BEHIND_UNPARTITIONED
+    }
+}

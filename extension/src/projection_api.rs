@@ -65,7 +65,7 @@ unsafe fn return_rows(fcinfo: pg_sys::FunctionCallInfo, rows: Vec<ChangedRow>) -
 }
 
 /// The next chunk of the log (at most `chunk` commands and about [`events::CHUNK_BYTES`]):
-/// `query` is [`events::BEHIND`] (after projection `from`'s progress, up to position `upto`) or
+/// `query` is [`events::behind`] (after projection `from`'s progress, up to position `upto`) or
 /// [`events::LOG_AFTER`] (after position `from`; `upto` unused).
 fn read_log(
     client: &mut SpiClient<'_>,
@@ -152,7 +152,7 @@ pub(crate) fn catch_up_one(
     loop {
         let events = read_log(
             client,
-            events::BEHIND,
+            events::behind(),
             PgBuiltInOids::TEXTOID,
             name.into(),
             chunk,

@@ -144,11 +144,21 @@ select action, count(*) as partitions, sum(commands) as commands from cqrs.maint
 select count(*) as kept, max((payload ->> 'day')::int) as oldest_day from cqrs.command_log;
 select count(*) as archived_tables from pg_tables where schemaname = 'cqrs_archive';
 
--- settings are checked
-update cqrs.retention set partition_interval = interval '1 month';
-\echo :LAST_ERROR_SQLSTATE
-update cqrs.retention set partition_interval = interval '90 minutes';
-\echo :LAST_ERROR_SQLSTATE
-update cqrs.retention set keep = interval '1 hour';
-\echo :LAST_ERROR_SQLSTATE
+-- settings are checked (the row's values are left out: they hold today's date)
+do $$
+declare
+    v_change text;
+    v_constraint text;
+begin
+    foreach v_change in array array['partition_interval = interval ''1 month''', 'partition_interval = interval ''90 minutes''',
+                                    'keep = interval ''1 hour''', 'premake = 0'] loop
+        begin
+            execute 'update cqrs.retention set ' || v_change;
+            raise notice '%: accepted', v_change;
+        exception when check_violation then
+            get stacked diagnostics v_constraint = constraint_name;
+            raise notice '%: % (%)', v_change, sqlstate, v_constraint;
+        end;
+    end loop;
+end $$;
 rollback;

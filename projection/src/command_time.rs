@@ -16,6 +16,20 @@ pub fn unix_millis(id: [u8; 16]) -> Option<i64> {
     )
 }
 
+/// PostgreSQL's `-infinity` timestamptz (`DT_NOBEGIN`): the id time of an id without a time.
+pub const MINUS_INFINITY: i64 = i64::MIN;
+
+/// The id time of a command as a timestamptz (microseconds since 2000-01-01): exactly what
+/// `cqrs.command_time(id)` returns (its `to_timestamp(ms / 1000.0)` is exact to the
+/// microsecond for whole milliseconds), so that the extension can pass it instead of having
+/// the SQL computed on every append.
+pub fn timestamptz(id: [u8; 16]) -> i64 {
+    match unix_millis(id) {
+        Some(millis) => millis * 1000 - POSTGRES_EPOCH_UNIX_MICROS,
+        None => MINUS_INFINITY,
+    }
+}
+
 /// A timestamptz (microseconds since 2000-01-01) as Unix milliseconds.
 pub fn unix_millis_of_timestamptz(micros: i64) -> i64 {
     (micros + POSTGRES_EPOCH_UNIX_MICROS).div_euclid(1000)
@@ -54,6 +68,20 @@ mod tests {
         assert_eq!(
             super::unix_millis(id("0193a0b4-1c2d-7e3f-4a4b-5c6d7e8f9a0b")),
             None
+        );
+    }
+
+    #[test]
+    fn gives_the_timestamptz_cqrs_command_time_gives() {
+        // select cqrs.command_time('0193a0b4-1c2d-7e3f-8a4b-5c6d7e8f9a0b') is
+        // 2024-12-07 10:39:38.541+00 (pgrx-tests/expected/retention.out)
+        assert_eq!(
+            super::timestamptz(id("0193a0b4-1c2d-7e3f-8a4b-5c6d7e8f9a0b")),
+            786_883_178_541_000
+        );
+        assert_eq!(
+            super::timestamptz(id("0193a0b4-1c2d-4e3f-8a4b-5c6d7e8f9a0b")),
+            super::MINUS_INFINITY
         );
     }
 

@@ -42,11 +42,18 @@ comment on table cqrs.command_log is
 -- room on each page so the constant last_seq updates stay HOT (no index writes). The table is
 -- deliberately minimal (no timestamps, no CHECK): it is updated by every append, and each CHECK
 -- is re-compiled on every statement execution.
+--
+-- min_id_time and max_id_time bound the id times (cqrs.command_time) of the stream's commands:
+-- what reads a stream's commands from the log reads only the partitions between them (the log
+-- is partitioned by id time, sql/core/retention.sql), not every day of a year. A new stream's
+-- range is empty (infinity, -infinity); each append widens it under the same row lock.
 create table cqrs.stream (
-    stream   text   primary key,
-    last_seq bigint not null
+    stream      text        primary key,
+    last_seq    bigint      not null,
+    min_id_time timestamptz not null default 'infinity',
+    max_id_time timestamptz not null default '-infinity'
 ) with (fillfactor = 70);
-comment on table cqrs.stream is 'Last sequence number of every stream in cqrs.command_log.';
+comment on table cqrs.stream is 'Last sequence number of every stream in cqrs.command_log, and the id times of its commands.';
 
 create sequence cqrs.command_type_version_seq;
 

@@ -68,6 +68,7 @@ as $$
       from cqrs.stream s
       left join cqrs.sink_stream ss on ss.sink = _sink_behind_start.sink and ss.stream = s.stream
       join cqrs.command_log l on l.stream = s.stream and l.seq = coalesce(ss.last_seq, 0) + 1
+                             and l.id_time between s.min_id_time and s.max_id_time
      where s.last_seq > coalesce(ss.last_seq, 0);
 $$;
 comment on function cqrs._sink_behind_start(text) is

@@ -485,7 +485,8 @@ set search_path = pg_catalog, pg_temp
 as $$
     with behind as (
         -- commands of each stream the projection has not applied yet
-        select p.name, s.stream, s.last_seq - coalesce(ps.last_seq, 0) as missing, coalesce(ps.last_seq, 0) + 1 as next_seq
+        select p.name, s.stream, s.last_seq - coalesce(ps.last_seq, 0) as missing, coalesce(ps.last_seq, 0) + 1 as next_seq,
+               s.min_id_time, s.max_id_time
           from cqrs.projection p
           cross join cqrs.stream s
           left join cqrs.projection_stream ps on ps.projection = p.name and ps.stream = s.stream
@@ -495,6 +496,7 @@ as $$
                extract(epoch from pg_catalog.clock_timestamp() - min(l.created_at))::double precision as seconds
           from behind b
           join cqrs.command_log l on l.stream = b.stream and l.seq = b.next_seq
+                                 and l.id_time between b.min_id_time and b.max_id_time
          group by b.name
     ), parked as (
         select pk.projection, count(*) as n, extract(epoch from pg_catalog.clock_timestamp() - min(pk.parked_at))::double precision as oldest

@@ -230,7 +230,11 @@ begin
     -- conflict has no target: see BUMP_AND_INSERT in extension/src/append.rs).
     for pass in 1..2 loop
         with bumped as (
-            update cqrs.stream s set last_seq = s.last_seq + 1 where s.stream = append.stream returning s.last_seq
+            update cqrs.stream s
+               set last_seq = s.last_seq + 1, min_id_time = least(s.min_id_time, v_id_time),
+                   max_id_time = greatest(s.max_id_time, v_id_time)
+             where s.stream = append.stream
+            returning s.last_seq
         )
         insert into cqrs.command_log as l (command_id, stream, seq, command_type, payload, metadata, id_time)
         select append.command_id, append.stream, b.last_seq, append.command_type, append.payload, append.metadata, v_id_time

@@ -394,6 +394,7 @@ begin
                                   left join cqrs.projection_stream ps on ps.projection = _catch_up_one.name and ps.stream = s.stream
                                   cross join lateral (select * from cqrs.command_log l
                                                        where l.stream = s.stream and l.seq > coalesce(ps.last_seq, 0)
+                                                         and l.id_time between s.min_id_time and s.max_id_time
                                                          and (upto is null or l.position <= upto)
                                                        order by l.seq limit chunk) l
                                  where s.last_seq > coalesce(ps.last_seq, 0)

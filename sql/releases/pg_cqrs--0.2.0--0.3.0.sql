@@ -116,6 +116,13 @@ alter table cqrs.command_log_start rename constraint command_log_command_id_key 
 alter table cqrs.command_log_start rename constraint command_log_stream_seq_key to command_log_start_stream_seq_key;
 alter table cqrs.command_log_start add column id_time timestamptz not null default '-infinity';
 alter table cqrs.command_log_start alter column id_time drop default;
+-- Each stream's id-time range (sql/core/command.sql): its commands so far are all in the first
+-- partition, at -infinity, which the range says without a rewrite; a new stream's range starts
+-- empty.
+alter table cqrs.stream add column min_id_time timestamptz not null default '-infinity',
+    add column max_id_time timestamptz not null default '-infinity';
+alter table cqrs.stream alter column min_id_time set default 'infinity';
+comment on table cqrs.stream is 'Last sequence number of every stream in cqrs.command_log, and the id times of its commands.';
 create table cqrs.retention (
     singleton          boolean     primary key default true,
     keep               interval,
@@ -198,7 +205,7 @@ select pg_catalog.pg_extension_config_dump('cqrs.command_log_position_seq', '');
 comment on table cqrs.command_log is
     'Append-only log of accepted commands. Write it only through cqrs.append()/cqrs.append_batch().';
 
-comment on table cqrs.stream is 'Last sequence number of every stream in cqrs.command_log.';
+comment on table cqrs.stream is 'Last sequence number of every stream in cqrs.command_log, and the id times of its commands.';
 
 comment on table cqrs.command_type is 'JSON Schemas that payloads of each command type must satisfy.';
 
@@ -759,7 +766,8 @@ set search_path = pg_catalog, pg_temp
 as $$
     with behind as (
         -- commands of each stream the projection has not applied yet
-        select p.name, s.stream, s.last_seq - coalesce(ps.last_seq, 0) as missing, coalesce(ps.last_seq, 0) + 1 as next_seq
+        select p.name, s.stream, s.last_seq - coalesce(ps.last_seq, 0) as missing, coalesce(ps.last_seq, 0) + 1 as next_seq,
+               s.min_id_time, s.max_id_time
           from cqrs.projection p
           cross join cqrs.stream s
           left join cqrs.projection_stream ps on ps.projection = p.name and ps.stream = s.stream
@@ -769,6 +777,7 @@ as $$
                extract(epoch from pg_catalog.clock_timestamp() - min(l.created_at))::double precision as seconds
           from behind b
           join cqrs.command_log l on l.stream = b.stream and l.seq = b.next_seq
+                                 and l.id_time between b.min_id_time and b.max_id_time
          group by b.name
     ), parked as (
         select pk.projection, count(*) as n, extract(epoch from pg_catalog.clock_timestamp() - min(pk.parked_at))::double precision as oldest
@@ -934,6 +943,7 @@ as $$
       from cqrs.stream s
       left join cqrs.sink_stream ss on ss.sink = _sink_behind_start.sink and ss.stream = s.stream
       join cqrs.command_log l on l.stream = s.stream and l.seq = coalesce(ss.last_seq, 0) + 1
+                             and l.id_time between s.min_id_time and s.max_id_time
      where s.last_seq > coalesce(ss.last_seq, 0);
 $$;
 
@@ -1094,7 +1104,7 @@ grant execute on function cqrs.sink_status() to cqrs_reader;
 -- ---- sql/core/retention.sql ----
 create or replace function cqrs.command_time(command_id uuid)
 returns timestamptz
-language sql immutable strict parallel safe
+language sql immutable parallel safe
 as $$
     select case when pg_catalog.substr(command_id::text, 15, 1) = '7'
                      and pg_catalog.substr(command_id::text, 20, 1) in ('8', '9', 'a', 'b')
@@ -1140,12 +1150,13 @@ set search_path = pg_catalog, pg_temp
 set datestyle = 'ISO, YMD'
 as $$
 begin
-    execute format('create table cqrs.%I partition of cqrs.command_log for values from (%s) to (%L)',
+    execute format('create table cqrs.%I (like cqrs.command_log including defaults including constraints)', name);
+    execute format('alter table cqrs.%I add constraint %I primary key ("position"), add constraint %I unique (command_id),
+                        add constraint %I unique (stream, seq)',
+                   name, name || '_pkey', name || '_command_id_key', name || '_stream_seq_key');
+    execute format('alter table cqrs.command_log attach partition cqrs.%I for values from (%s) to (%L)',
                    name, case when lower_bound = '-infinity' then 'minvalue' else quote_literal(lower_bound::text) end,
                    upper_bound::text);
-    execute format('alter table cqrs.%I add constraint %I primary key ("position")', name, name || '_pkey');
-    execute format('alter table cqrs.%I add constraint %I unique (command_id)', name, name || '_command_id_key');
-    execute format('alter table cqrs.%I add constraint %I unique (stream, seq)', name, name || '_stream_seq_key');
 end
 $$;
 
@@ -1212,7 +1223,7 @@ begin
 end
 $$;
 
-create or replace function cqrs.archive_before(before timestamptz, lock_wait interval default '5 seconds')
+create or replace function cqrs.archive_before(before timestamptz, lock_wait interval default '2 seconds')
 returns table (partition text, action text, commands bigint, newest_position bigint, reason text)
 language plpgsql volatile strict security definer
 set search_path = pg_catalog, pg_temp
@@ -1220,7 +1231,6 @@ as $$
 declare
     v_retention cqrs.retention;
     v_part record;
-    v_newest record;
     v_untimed timestamptz;
     v_checkpoint bigint;
     v_holder text;
@@ -1251,11 +1261,10 @@ begin
     for v_part in select p.partition, p.lower_bound, p.upper_bound from cqrs.log_partitions() p
                    where p.upper_bound <= before order by p.lower_bound loop
         partition := v_part.partition::text;
-        execute format('select max(l.position) as position, count(*) as commands from %s l', v_part.partition)
-           into v_newest;
-        newest_position := v_newest.position;
-        commands := v_newest.commands;
+        execute format('select max(l.position), count(*) from %s l', v_part.partition)
+           into newest_position, commands;
         reason := null;
+        v_untimed := null;
         -- the first partition also holds the commands whose ids have no time: their age is when
         -- they were appended
         if v_part.lower_bound = '-infinity' then
@@ -1273,9 +1282,9 @@ begin
                     union all
                     select 'sink ' || k.name, coalesce(k.checkpoint_position, 0) from cqrs.sink k) c
              order by c.checkpoint limit 1;
-            if v_newest.position is not null and v_checkpoint < v_newest.position then
+            if newest_position is not null and v_checkpoint < newest_position then
                 reason := format('%s has not checkpointed past position %s (it is at %s)',
-                                 v_holder, v_newest.position, v_checkpoint);
+                                 v_holder, newest_position, v_checkpoint);
             end if;
         end if;
         if reason is not null then
@@ -1293,7 +1302,7 @@ begin
             partition := format('%I.%I', v_retention.archive_schema, split_part(partition, '.', 2));
             action := 'archived';
         end if;
-        v_removed := greatest(v_removed, v_newest.position, 0);
+        v_removed := greatest(v_removed, newest_position, 0);
         return next;
     end loop;
     update cqrs.retention r

@@ -626,3 +626,132 @@ async fn a_sidecar_streaming_through_an_upgrade_loses_and_doubles_nothing() -> R
     eprintln!("{appended} commands through an upgrade from {release} and a rolling sidecar replacement");
     Ok(())
 }
+
+/// What a writer saw while the log was partitioned under it: appends made, the longest one,
+/// retries asked for (40001), and anything else.
+#[derive(Default)]
+struct WriterLog {
+    appended: u64,
+    longest: Duration,
+    retries: u64,
+    errors: Vec<String>,
+}
+
+/// Appends one command at a time until `stop`, timing each.
+async fn write_until(client: Client, writer: usize, stop: tokio::sync::watch::Receiver<bool>) -> WriterLog {
+    let mut log = WriterLog::default();
+    let mut n = 0_u64;
+    while !*stop.borrow() {
+        n += 1;
+        let started = Instant::now();
+        let result = client
+            .query(
+                "select cqrs.append(cqrs.uuid_v7(), $1, 'LIVE', '{}')",
+                &[&format!("live-{writer}-{}", n % 100)],
+            )
+            .await;
+        log.longest = log.longest.max(started.elapsed());
+        match result {
+            Ok(_) => log.appended += 1,
+            Err(err) if err.code().is_some_and(|c| c.code() == "40001") => log.retries += 1,
+            Err(err) => log.errors.push(err.to_string()),
+        }
+    }
+    log
+}
+
+/// 0.2.0 → current on a log of 1,000,000 commands (half with UUIDv4 ids, half UUIDv7) while two
+/// writers append: the old table becomes the first partition as it is (same file: no rewrite),
+/// every command is still there and still a duplicate when retried, and the appends wait for the
+/// upgrade — how long is printed (README, Retention) — and then go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_million_command_log_is_partitioned_in_place_while_appends_wait() -> Result<()> {
+    let _serial = serial().await;
+    let pg = PgCluster::start(ClusterOptions {
+        extension_version: Some("0.2.0".to_owned()),
+        ..ClusterOptions::default()
+    })?;
+    let client = connect(&pg.url()).await?;
+    let started = Instant::now();
+    client
+        .batch_execute(
+            "insert into cqrs.command_log (command_id, stream, seq, command_type, payload)
+             select case when g % 2 = 0 then gen_random_uuid() else cqrs.uuid_v7() end,
+                    's-' || (g % 10000), g / 10000 + 1, 'T', jsonb_build_object('n', g)
+               from generate_series(0, 999999) g;
+             insert into cqrs.stream (stream, last_seq) select 's-' || g, 100 from generate_series(0, 9999) g;
+             checkpoint;",
+        )
+        .await?;
+    eprintln!("filled 1,000,000 commands in {:?}", started.elapsed());
+    let file_before: i64 = scalar(&client, "select pg_relation_filenode('cqrs.command_log')::bigint").await?;
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut writers = Vec::new();
+    for writer in 0..2 {
+        let connection = connect(&pg.url()).await?;
+        writers.push(tokio::spawn(write_until(connection, writer, stopped.clone())));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    connect(&pg.url())
+        .await?
+        .batch_execute("alter extension pg_cqrs update")
+        .await?;
+    let took = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _ = stop.send(true);
+    let mut longest = Duration::ZERO;
+    let (mut appended, mut retries) = (0, 0);
+    for writer in writers {
+        let log = writer.await?;
+        ensure!(log.errors.is_empty(), "a writer failed: {:?}", log.errors);
+        longest = longest.max(log.longest);
+        appended += log.appended;
+        retries += log.retries;
+    }
+    eprintln!(
+        "0.2.0 → current with 1,000,000 commands: ALTER EXTENSION took {took:?}; two writers appended \
+         {appended} commands around it, the longest append took {longest:?}, {retries} asked for a retry (40001)"
+    );
+    ensure!(appended > 0, "the writers appended nothing");
+
+    // the same file: the table was attached, not rewritten
+    let file_after: i64 = scalar(
+        &client,
+        "select pg_relation_filenode('cqrs.command_log_start')::bigint",
+    )
+    .await?;
+    ensure!(
+        file_before == file_after,
+        "the log was rewritten (file {file_before} → {file_after})"
+    );
+    let old: i64 = scalar(
+        &client,
+        "select count(*) from cqrs.command_log where stream like 's-%'",
+    )
+    .await?;
+    ensure!(old == 1_000_000, "{old} of the 1,000,000 commands are left");
+    let live: i64 = scalar(
+        &client,
+        "select count(*) from cqrs.command_log where stream like 'live-%'",
+    )
+    .await?;
+    ensure!(
+        live as u64 == appended,
+        "{live} live commands in the log, {appended} appended"
+    );
+    // retries of old commands of both kinds of id are duplicates
+    let duplicates: i64 = scalar(
+        &client,
+        "select count(*) filter (where a.duplicate)
+           from (select * from cqrs.command_log where stream like 's-%' order by position desc limit 500) l,
+                cqrs.append(l.command_id, l.stream, l.command_type, l.payload) a",
+    )
+    .await?;
+    ensure!(
+        duplicates == 500,
+        "{duplicates} of 500 retried old commands were duplicates"
+    );
+    Ok(())
+}

@@ -31,7 +31,7 @@ create table rm_other (stream text primary key, n integer not null default 0, re
 select cqrs.create_projection('halts', 'rm_halt', 'stream', '{"ANY": {"action": "upsert", "add": {"n": {"const": 1}}}}', backfill => false);
 select cqrs.create_projection('dead_letters', 'rm_dead', 'stream', '{"ANY": {"action": "upsert", "add": {"n": {"const": 1}}}}', on_error => 'dead_letter', backfill => false);
 select cqrs.create_projection('ignores', 'rm_other', 'stream', '{"OTHER": {"action": "upsert", "add": {"n": {"const": 1}}}}', backfill => false);
-insert into cqrs.stream values ('deep', 1);
+insert into cqrs.stream values ('deep', 1, '-infinity', '-infinity');
 insert into cqrs.command_log (command_id, stream, seq, command_type, payload, metadata, id_time)
 values ('00000000-0000-0000-0000-00000000dee9', 'deep', 1, 'ANY', '{}', (repeat('{"a":', 200) || '1' || repeat('}', 200))::jsonb, '-infinity');
 select seq from cqrs.append(cqrs.uuid_v7(), 'fine', 'ANY', '{}');

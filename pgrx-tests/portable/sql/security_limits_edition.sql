@@ -34,7 +34,7 @@ select seq from cqrs.append(cqrs.uuid_v7(), 's-1', 'ANY', (repeat('{"a":', 70) |
 reset role;
 create table rm_halt (stream text primary key, n integer not null default 0, rev bigint not null default 0);
 select cqrs.create_projection('halts', 'rm_halt', 'stream', '{"ANY": {"action": "upsert", "add": {"n": {"const": 1}}}}', backfill => false);
-insert into cqrs.stream values ('deep', 1);
+insert into cqrs.stream values ('deep', 1, '-infinity', '-infinity');
 insert into cqrs.command_log (command_id, stream, seq, command_type, payload, metadata, id_time)
 values ('00000000-0000-0000-0000-00000000dee9', 'deep', 1, 'ANY', '{}', (repeat('{"a":', 200) || '1' || repeat('}', 200))::jsonb, '-infinity');
 select projection, key from cqrs.project_batch(

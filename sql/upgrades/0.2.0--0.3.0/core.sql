@@ -110,6 +110,13 @@ alter table cqrs.command_log_start rename constraint command_log_command_id_key 
 alter table cqrs.command_log_start rename constraint command_log_stream_seq_key to command_log_start_stream_seq_key;
 alter table cqrs.command_log_start add column id_time timestamptz not null default '-infinity';
 alter table cqrs.command_log_start alter column id_time drop default;
+-- Each stream's id-time range (sql/core/command.sql): its commands so far are all in the first
+-- partition, at -infinity, which the range says without a rewrite; a new stream's range starts
+-- empty.
+alter table cqrs.stream add column min_id_time timestamptz not null default '-infinity',
+    add column max_id_time timestamptz not null default '-infinity';
+alter table cqrs.stream alter column min_id_time set default 'infinity';
+comment on table cqrs.stream is 'Last sequence number of every stream in cqrs.command_log, and the id times of its commands.';
 create table cqrs.retention (
     singleton          boolean     primary key default true,
     keep               interval,
