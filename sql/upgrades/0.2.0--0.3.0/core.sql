@@ -144,6 +144,7 @@ declare
     v_called boolean;
     v_newest timestamptz;
     v_bound timestamptz;
+    v_constraint name;
 begin
     select s.last_value, s.is_called into v_last, v_called from cqrs.command_log_position_seq s;
     -- the newest UUIDv7 time among the ids (found from the top of the command_id index, below
@@ -167,6 +168,14 @@ begin
         alter extension pg_cqrs drop sequence cqrs.command_log_position_seq;
     end if;
     alter table cqrs.command_log_start alter column position drop identity;
+    -- PostgreSQL 18 names NOT NULL constraints, choosing names no table of the schema uses: out
+    -- of the way for a moment, so that the new table's are named as in a fresh install (none
+    -- before 18)
+    for v_constraint in select c.conname from pg_catalog.pg_constraint c
+                         where c.conrelid = 'cqrs.command_log_start'::regclass and c.contype = 'n' loop
+        execute pg_catalog.format('alter table cqrs.command_log_start rename constraint %I to %I',
+                                  v_constraint, v_constraint || '_of_0_2_0');
+    end loop;
     create table cqrs.command_log (
         position     bigint      generated always as identity,
         command_id   uuid        not null,
@@ -180,6 +189,18 @@ begin
         constraint command_log_seq_check check (seq > 0)
     ) partition by range (id_time);
     perform pg_catalog.setval('cqrs.command_log_position_seq', v_last, v_called);
+    -- back to their names before the attach (an inherited constraint cannot be renamed)
+    for v_constraint in select c.conname from pg_catalog.pg_constraint c
+                         where c.conrelid = 'cqrs.command_log_start'::regclass and c.contype = 'n'
+                           and c.conname like '%\_of\_0\_2\_0' loop
+        execute pg_catalog.format('alter table cqrs.command_log_start rename constraint %I to %I',
+                                  v_constraint, pg_catalog.left(v_constraint, -pg_catalog.length('_of_0_2_0')));
+    end loop;
+    -- (and the one of the column added above, named after this table, as a fresh install names it)
+    if exists (select from pg_catalog.pg_constraint c where c.conrelid = 'cqrs.command_log_start'::regclass
+                  and c.conname = 'command_log_start_id_time_not_null') then
+        alter table cqrs.command_log_start rename constraint command_log_start_id_time_not_null to command_log_id_time_not_null;
+    end if;
     -- a checked bound makes the attach skip its own scan
     execute pg_catalog.format('alter table cqrs.command_log_start add constraint command_log_start_bound check (id_time < %L)', v_bound);
     execute pg_catalog.format('alter table cqrs.command_log attach partition cqrs.command_log_start for values from (minvalue) to (%L)', v_bound);
