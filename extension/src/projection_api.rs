@@ -610,6 +610,26 @@ pub unsafe extern "C-unwind" fn cqrs_retry_dead_letters(fcinfo: pg_sys::Function
 
 // ---- create_projection, rebuild ----
 
+/// Refuses (`55000`, from `cqrs._check_log_whole`) what must read the log from its first command
+/// once retention removed some; it also takes the log's lock first, so that no removal can
+/// commit while the caller reads. A log not partitioned yet (an install not updated to 0.3.0)
+/// is always whole.
+fn check_log_whole(what: &str, backfill: bool) -> Result<(), ErrorReport> {
+    if !crate::log_shape::partitioned() {
+        return Ok(());
+    }
+    Spi::connect_mut(|client| {
+        client
+            .update(
+                "select cqrs._check_log_whole($1, $2)",
+                None,
+                &[what.into(), backfill.into()],
+            )
+            .map(|_| ())
+            .map_err(|err| spi_error("checking that the log is whole", err))
+    })
+}
+
 /// Registers a read model: `target` is your table, keyed by a uniquely indexed `key_column`,
 /// with a bigint `rev_column`; `handlers` says what each command type does to it. With
 /// `backfill` (the default) the commands already in the log are projected at once; without,
@@ -639,6 +659,11 @@ fn create_projection(
         on_error,
         rev_column,
     })?;
+    // (after the registration's checks of who may make the table a read model; its error
+    // undoes the registration)
+    if backfill {
+        check_log_whole(&format!("the backfill of projection {name}"), true)?;
+    }
     Spi::connect_mut(|client| {
         if backfill {
             let mut changes = Changes::default();
@@ -733,18 +758,9 @@ fn rebuild(
 > {
     let chunk = chunk_arg(Some(i64::from(chunk)))?;
     let started = Instant::now();
+    // a log that retention cut no longer holds the first commands: refused, not half rebuilt
+    check_log_whole(&format!("a rebuild of {name}"), false)?;
     let events = Spi::connect_mut(|client| {
-        // a log that retention cut no longer holds the first commands: refused, not half rebuilt
-        // (a log not partitioned yet, of an install not updated to 0.3.0, is always whole)
-        if crate::log_shape::partitioned() {
-            client
-                .select(
-                    "select cqrs._check_log_whole('a rebuild of ' || $1)",
-                    None,
-                    &[name.into()],
-                )
-                .map_err(|err| spi_error("checking that the log is whole", err))?;
-        }
         start_over(client, name)?;
         let replayed = replay_log(client, name, chunk, started)?;
         // commands committed while we ran, below our cursor

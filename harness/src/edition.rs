@@ -79,6 +79,32 @@ pub fn psql_file(pg: &PgCluster, user: &str, database: &str, file: &str) -> Resu
     Ok(crate::process::success_and_output(&out))
 }
 
+/// A psql script (its backslash commands included: `\gexec`) run as `user` from standard input,
+/// each statement on its own as psql runs them, stopping at the first error; (success, stdout +
+/// stderr).
+pub fn psql_script(pg: &PgCluster, user: &str, script: &str) -> Result<(bool, String)> {
+    use std::io::Write;
+    let mut child = Command::new(pg.bindir().join("psql"))
+        .args(["-X", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", user])
+        .arg("-p")
+        .arg(pg.port().to_string())
+        .arg("-d")
+        .arg(pg.database())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running psql")?;
+    child
+        .stdin
+        .take()
+        .context("psql's standard input")?
+        .write_all(script.as_bytes())
+        .context("writing psql's script")?;
+    let out = child.wait_with_output().context("waiting for psql")?;
+    Ok(crate::process::success_and_output(&out))
+}
+
 /// Installs the portable edition into `database` as `user`, with `psql -1 -f` as its users do.
 pub fn install_portable(pg: &PgCluster, user: &str, database: &str) -> Result<()> {
     build_portable()?;

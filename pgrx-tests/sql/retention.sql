@@ -70,6 +70,36 @@ rollback to savepoint untimed;
 -- not delivered stays and says why
 select action, commands, reason from cqrs.archive_before(now() - interval '7 days');
 update cqrs.sink set checkpoint_position = (select max(position) from cqrs.command_log) where name = 'audit';
+-- so does a reader of the log of its own (cqrs.hold_log), until it reads on or is released
+select cqrs.hold_log('cdc', 0);
+select action, commands, reason from cqrs.archive_before(now() - interval '7 days');
+-- the same removal planned for DETACH … CONCURRENTLY, as statements for psql's \gexec (which
+-- cannot run in this test's transaction): nothing while cdc holds, then a detach and a finish
+-- for each partition that may go
+-- (its notice, which names the partition it keeps, is left out: it holds a date)
+set local client_min_messages = warning;
+select count(*) as statements from cqrs.archive_before_concurrently(now() - interval '7 days');
+reset client_min_messages;
+select cqrs.hold_log('cdc', (select max(position) from cqrs.command_log));
+select count(*) as statements,
+       count(*) filter (where statement ~ '^alter table cqrs\.command_log detach partition cqrs\.command_log_[0-9]{8} concurrently$') as detaches,
+       count(*) filter (where statement ~ '^select \* from cqrs\.archive_detached\(''cqrs\.command_log_[0-9]{8}'', ') as finishes
+  from cqrs.archive_before_concurrently(now() - interval '7 days');
+-- the finish refuses a partition the detach has not taken off the log
+do $$ begin
+    perform cqrs.archive_detached(p.partition, p.lower_bound, p.upper_bound, now() - interval '7 days')
+       from cqrs.log_partitions() p order by p.lower_bound limit 1;
+exception when others then
+    declare v_hint text; begin
+        get stacked diagnostics v_hint = pg_exception_hint;
+        raise notice '% % / %', sqlstate, regexp_replace(sqlerrm, '[0-9]{8}', 'YYYYMMDD'), regexp_replace(v_hint, '[0-9]{8}', 'YYYYMMDD');
+    end;
+end $$;
+select cqrs.release_log('cdc') as released, cqrs.release_log('cdc') as released_again;
+select cqrs.hold_log('', 0);
+\echo :LAST_ERROR_SQLSTATE
+select cqrs.hold_log('cdc', -1);
+\echo :LAST_ERROR_SQLSTATE
 
 -- refused: a time to come
 select * from cqrs.archive_before(now() + interval '1 day');
@@ -96,6 +126,17 @@ select cqrs.idempotency_horizon() = date_bin('1 day', now() - interval '7 days',
        removed_through = :expect_removed_through as removed_through_recorded
   from cqrs.retention;
 select count(*) as kept, min((payload ->> 'day')::int) as newest_day, max((payload ->> 'day')::int) as oldest_day from cqrs.command_log;
+
+-- a reader of the log cannot start before what is left, nor a new projection backfill from it
+select cqrs.hold_log('late', 0);
+\echo :LAST_ERROR_SQLSTATE
+create table public.late_days (stream text primary key, days integer not null default 0, rev bigint not null default 0);
+select cqrs.create_projection('late_days', 'public.late_days', 'stream',
+    '{"PLACED": {"action": "upsert", "add": {"days": {"const": 1}}}}');
+\echo :LAST_ERROR_SQLSTATE
+select cqrs.create_projection('late_days', 'public.late_days', 'stream',
+    '{"PLACED": {"action": "upsert", "add": {"days": {"const": 1}}}}', backfill => false);
+select count(*) as late_rows from public.late_days;
 
 -- a stream's sequence goes on, and expected_seq checks against it
 select seq from cqrs.append(cqrs.uuid_v7(), 'order-1', 'PLACED', '{"day": -1}', expected_seq => 30);

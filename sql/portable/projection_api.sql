@@ -344,6 +344,9 @@ begin
         end loop;
     end if;
     if backfill then
+        -- a log that retention cut no longer holds the first commands: refused, not half
+        -- backfilled (after the checks of who may make the table a read model)
+        perform cqrs._check_log_whole(format('the backfill of projection %s', create_projection.name), true);
         for v_row in select * from cqrs_portable._catch_up_one(create_projection.name, 10000, false, null, null) where halted is not null and halted <> '' loop
             raise exception using errcode = '55000',
                 message = format('backfilling projection %s failed: %s', cqrs_portable._quoted(create_projection.name), v_row.halted),

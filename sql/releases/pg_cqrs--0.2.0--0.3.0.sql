@@ -144,6 +144,13 @@ comment on table cqrs.retention is
     'How cqrs.command_log is partitioned (partition_interval, premake) and kept (keep, archive_schema); its horizon (log_from).';
 insert into cqrs.retention default values;
 select pg_catalog.pg_extension_config_dump('cqrs.retention', '');
+create table cqrs.log_consumer (
+    name                text        primary key,
+    checkpoint_position bigint      not null,
+    updated_at          timestamptz not null default now(),
+    constraint log_consumer_checkpoint_check check (checkpoint_position >= 0)
+);
+select pg_catalog.pg_extension_config_dump('cqrs.log_consumer', '');
 do $log$
 declare
     v_last bigint;
@@ -1244,18 +1251,97 @@ begin
 end
 $$;
 
-create or replace function cqrs.archive_before(before timestamptz, lock_wait interval default '2 seconds')
-returns table (partition text, action text, commands bigint, newest_position bigint, reason text)
+comment on table cqrs.log_consumer is
+    'Readers of cqrs.command_log other than projections and sinks: retention keeps every command after their checkpoints (cqrs.hold_log).';
+
+create or replace function cqrs.hold_log(consumer text, checkpoint_position bigint)
+returns void
 language plpgsql volatile strict security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_retention cqrs.retention;
-    v_part record;
-    v_untimed timestamptz;
-    v_checkpoint bigint;
-    v_holder text;
     v_removed bigint;
+begin
+    if length(consumer) not between 1 and 63 then
+        raise exception using errcode = '22023',
+            message = format('a log consumer''s name has 1 to 63 characters, not %s', length(consumer));
+    end if;
+    if checkpoint_position < 0 then
+        raise exception using errcode = '22023',
+            message = format('checkpoint_position is a position in cqrs.command_log (0 for the beginning), not %s', checkpoint_position);
+    end if;
+    perform pg_advisory_xact_lock_shared('cqrs.retention'::regclass::oid::bigint);
+    v_removed := (select r.removed_through from cqrs.retention r);
+    if checkpoint_position < v_removed then
+        raise exception using errcode = '55000',
+            message = format('log consumer %s would read on from position %s, but the log''s commands through position %s were removed',
+                             consumer, checkpoint_position, v_removed),
+            hint = 'Start it at cqrs.retention.removed_through or later; the older commands were dropped or archived (cqrs.retention.archive_schema).';
+    end if;
+    insert into cqrs.log_consumer as c (name, checkpoint_position) values (consumer, hold_log.checkpoint_position)
+        on conflict (name) do update set checkpoint_position = excluded.checkpoint_position, updated_at = now();
+end
+$$;
+
+comment on function cqrs.hold_log(text, bigint) is
+    'Registers a reader of cqrs.command_log (or moves its checkpoint): retention keeps every command after checkpoint_position.';
+
+create or replace function cqrs.release_log(consumer text)
+returns boolean
+language sql volatile strict security definer
+set search_path = pg_catalog, pg_temp
+as $$
+    with gone as (delete from cqrs.log_consumer c where c.name = consumer returning 1)
+    select exists (select from gone)
+$$;
+
+comment on function cqrs.release_log(text) is
+    'Forgets a reader of cqrs.command_log registered by cqrs.hold_log: retention no longer waits for it.';
+
+create or replace function cqrs._log_partition_hold(partition regclass, lower_bound timestamptz, before timestamptz,
+                                         out newest_position bigint, out reason text)
+language plpgsql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_untimed timestamptz;
+    v_holder text;
+    v_checkpoint bigint;
+begin
+    execute format('select max(l.position) from %s l', partition) into newest_position;
+    -- the first partition also holds the commands whose ids have no time: their age is when
+    -- they were appended
+    if lower_bound = '-infinity' then
+        execute format('select l.created_at from %s l where l.id_time = ''-infinity'' order by l.position desc limit 1',
+                       partition)
+           into v_untimed;
+        if v_untimed >= before then
+            reason := format('it holds a command appended at %s (an id without a time)', v_untimed);
+            return;
+        end if;
+    end if;
+    -- the least checkpoint of every reader: what all have passed
+    select c.name, c.checkpoint into v_holder, v_checkpoint
+      from (select 'projection ' || s.name as name, coalesce(s.checkpoint_position, 0) as checkpoint
+              from cqrs.projection_state s
+            union all
+            select 'sink ' || k.name, coalesce(k.checkpoint_position, 0) from cqrs.sink k
+            union all
+            select 'log consumer ' || c.name, c.checkpoint_position from cqrs.log_consumer c) c
+     order by c.checkpoint limit 1;
+    if newest_position is not null and v_checkpoint < newest_position then
+        reason := format('%s has not checkpointed past position %s (it is at %s)', v_holder, newest_position, v_checkpoint);
+    end if;
+end
+$$;
+
+create or replace function cqrs._archive_check(before timestamptz)
+returns cqrs.retention
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_retention cqrs.retention;
 begin
     perform pg_advisory_xact_lock('cqrs.retention'::regclass::oid::bigint);
     select * into v_retention from cqrs.retention;
@@ -1277,63 +1363,161 @@ begin
                 hint = 'Grant CREATE on it to the role that installed pg_cqrs.';
         end if;
     end if;
+    return v_retention;
+end
+$$;
+
+create or replace function cqrs._archive_detached_table(partition regclass, newest_position bigint,
+                                             out action text, out archived_as text)
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_retention cqrs.retention := (select r from cqrs.retention r);
+begin
+    perform cqrs._disown_log_partition(partition);
+    if v_retention.archive_schema is null then
+        archived_as := partition::text;
+        execute format('drop table %s', partition);
+        action := 'dropped';
+    else
+        execute format('alter table %s set schema %I', partition, v_retention.archive_schema);
+        archived_as := partition::text;
+        action := 'archived';
+    end if;
+    update cqrs.retention r
+       set log_from = coalesce((select min(p.lower_bound) from cqrs.log_partitions() p), r.log_to),
+           removed_through = greatest(r.removed_through, _archive_detached_table.newest_position);
+end
+$$;
+
+create or replace function cqrs.archive_before(before timestamptz, lock_wait interval default '2 seconds')
+returns table (partition text, action text, commands bigint, newest_position bigint, reason text)
+language plpgsql volatile strict security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_part record;
+    v_newest bigint;
+begin
+    perform cqrs._archive_check(before);
     perform set_config('lock_timeout', (extract(epoch from lock_wait) * 1000)::bigint::text, true);
-    v_removed := v_retention.removed_through;
     for v_part in select p.partition, p.lower_bound, p.upper_bound from cqrs.log_partitions() p
                    where p.upper_bound <= before order by p.lower_bound loop
         partition := v_part.partition::text;
-        execute format('select max(l.position), count(*) from %s l', v_part.partition)
-           into newest_position, commands;
-        reason := null;
-        v_untimed := null;
-        -- the first partition also holds the commands whose ids have no time: their age is when
-        -- they were appended
-        if v_part.lower_bound = '-infinity' then
-            execute format('select l.created_at from %s l where l.id_time = ''-infinity'' order by l.position desc limit 1',
-                           v_part.partition)
-               into v_untimed;
-        end if;
-        if v_untimed >= before then
-            reason := format('it holds a command appended at %s (an id without a time)', v_untimed);
-        else
-            -- the least checkpoint of every projection and every sink: what all have passed
-            select c.name, c.checkpoint into v_holder, v_checkpoint
-              from (select 'projection ' || s.name as name, coalesce(s.checkpoint_position, 0) as checkpoint
-                      from cqrs.projection_state s
-                    union all
-                    select 'sink ' || k.name, coalesce(k.checkpoint_position, 0) from cqrs.sink k) c
-             order by c.checkpoint limit 1;
-            if newest_position is not null and v_checkpoint < newest_position then
-                reason := format('%s has not checkpointed past position %s (it is at %s)',
-                                 v_holder, newest_position, v_checkpoint);
-            end if;
+        execute format('select count(*) from %s l', v_part.partition) into commands;
+        select h.newest_position, h.reason into newest_position, reason
+          from cqrs._log_partition_hold(v_part.partition, v_part.lower_bound, before) h;
+        if reason is null then
+            begin
+                execute format('alter table cqrs.command_log detach partition %s', v_part.partition);
+                -- under the lock now: a command may have come in since the look above (a late
+                -- retry of an old id), so the partition is looked at again and, if it must stay
+                -- after all, the detach undone
+                select h.newest_position, h.reason into v_newest, reason
+                  from cqrs._log_partition_hold(v_part.partition, v_part.lower_bound, before) h;
+                if reason is not null then
+                    -- (a code of our own, caught just below: nothing else raises it)
+                    raise exception using errcode = 'CQR01', message = reason;
+                end if;
+                if v_newest is distinct from newest_position then
+                    newest_position := v_newest;
+                    execute format('select count(*) from %s l', v_part.partition) into commands;
+                end if;
+            exception
+                when lock_not_available then
+                    reason := format('cqrs.command_log was in use longer than lock_wait (%s), by a long reader such as a rebuild: left for the next call',
+                                     lock_wait);
+                when sqlstate 'CQR01' then
+                    null;
+            end;
         end if;
         if reason is not null then
             action := 'kept';
             return next;
             exit;
         end if;
-        perform cqrs._disown_log_partition(v_part.partition);
-        execute format('alter table cqrs.command_log detach partition %s', v_part.partition);
-        if v_retention.archive_schema is null then
-            execute format('drop table %s', v_part.partition);
-            action := 'dropped';
-        else
-            execute format('alter table %s set schema %I', v_part.partition, v_retention.archive_schema);
-            partition := format('%I.%I', v_retention.archive_schema, split_part(partition, '.', 2));
-            action := 'archived';
-        end if;
-        v_removed := greatest(v_removed, newest_position, 0);
+        select d.action, d.archived_as into action, partition
+          from cqrs._archive_detached_table(v_part.partition, newest_position) d;
         return next;
     end loop;
-    update cqrs.retention r
-       set log_from = coalesce((select min(p.lower_bound) from cqrs.log_partitions() p), r.log_to),
-           removed_through = v_removed;
 end
 $$;
 
 comment on function cqrs.archive_before(timestamptz, interval) is
-    'Removes (drops, or detaches into retention.archive_schema) the log partitions older than before that every projection and sink has passed; returns what it did.';
+    'Removes (drops, or detaches into retention.archive_schema) the log partitions older than before that every projection, sink and log consumer has passed; returns what it did.';
+
+create or replace function cqrs.archive_before_concurrently(before timestamptz)
+returns table (statement text)
+language plpgsql volatile strict security definer
+set search_path = pg_catalog, pg_temp
+set datestyle = 'ISO, YMD'
+as $$
+declare
+    v_part record;
+    v_reason text;
+begin
+    perform cqrs._archive_check(before);
+    for v_part in select p.partition, p.lower_bound, p.upper_bound from cqrs.log_partitions() p
+                   where p.upper_bound <= before order by p.lower_bound loop
+        select h.reason into v_reason from cqrs._log_partition_hold(v_part.partition, v_part.lower_bound, before) h;
+        if v_reason is not null then
+            raise notice '%', format('%s is kept: %s', v_part.partition, v_reason);
+            exit;
+        end if;
+        statement := format('alter table cqrs.command_log detach partition %s concurrently', v_part.partition);
+        return next;
+        statement := format('select * from cqrs.archive_detached(%L, %L, %L, %L)',
+                            v_part.partition, v_part.lower_bound, v_part.upper_bound, before);
+        return next;
+    end loop;
+end
+$$;
+
+comment on function cqrs.archive_before_concurrently(timestamptz) is
+    'The statements (for psql''s \gexec, by the log''s owner) that remove what archive_before would, with DETACH PARTITION … CONCURRENTLY: appends never wait.';
+
+create or replace function cqrs.archive_detached(detached regclass, lower_bound timestamptz, upper_bound timestamptz,
+                                      before timestamptz)
+returns table (partition text, action text, commands bigint, newest_position bigint, reason text)
+language plpgsql volatile strict security definer
+set search_path = pg_catalog, pg_temp
+set datestyle = 'ISO, YMD'
+as $$
+declare
+    v_table regclass := detached;
+    v_pending boolean;
+begin
+    perform cqrs._archive_check(before);
+    partition := v_table::text;
+    select i.inhdetachpending into v_pending from pg_catalog.pg_inherits i where i.inhrelid = v_table;
+    if found then
+        raise exception using errcode = '55000',
+            message = format('%s is still a partition of cqrs.command_log: its detach %s', v_table,
+                             case when v_pending then 'was interrupted' else 'did not happen' end),
+            hint = case when v_pending then format('Finish it (alter table cqrs.command_log detach partition %s finalize), then call this again.', v_table)
+                        else 'Run the statements of cqrs.archive_before_concurrently again, each on its own (psql''s \gexec), by the owner of cqrs.command_log.' end;
+    end if;
+    execute format('select count(*) from %s l', v_table) into commands;
+    select h.newest_position, h.reason into newest_position, reason
+      from cqrs._log_partition_hold(v_table, lower_bound, before) h;
+    if reason is not null then
+        -- the CHECK constraint the concurrent detach left on it spares the attach its scan
+        execute format('alter table cqrs.command_log attach partition %s for values from (%s) to (%L)',
+                       v_table, case when lower_bound = '-infinity' then 'minvalue' else quote_literal(lower_bound::text) end,
+                       upper_bound::text);
+        action := 'kept';
+        return next;
+        return;
+    end if;
+    select d.action, d.archived_as into action, partition
+      from cqrs._archive_detached_table(v_table, newest_position) d;
+    return next;
+end
+$$;
+
+comment on function cqrs.archive_detached(regclass, timestamptz, timestamptz, timestamptz) is
+    'Drops or archives a log partition that cqrs.archive_before_concurrently''s detach took off the log (or attaches it again if it must stay).';
 
 create or replace function cqrs.maintain()
 returns table (partition text, action text, commands bigint, newest_position bigint, reason text)
@@ -1362,29 +1546,36 @@ as $$ select r.log_from from cqrs.retention r $$;
 comment on function cqrs.idempotency_horizon() is
     'The oldest command-id time cqrs.command_log still holds (-infinity: all); a retry of an older command is refused.';
 
-create or replace function cqrs._check_log_whole(what text)
+create or replace function cqrs._check_log_whole(what text, backfill boolean default false)
 returns void
-language plpgsql stable security definer
+language plpgsql volatile security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    v_retention cqrs.retention := (select r from cqrs.retention r);
+    v_retention cqrs.retention;
 begin
+    -- the log first: a removal that had not committed by then waits for the caller's
+    -- transaction (its detach needs ACCESS EXCLUSIVE), one that had is seen just below
+    lock table cqrs.command_log in access share mode;
+    v_retention := (select r from cqrs.retention r);
     if v_retention.removed_through is not null then
         raise exception using errcode = '55000',
             message = format('%s needs the whole command log, and it starts after position %s since cqrs.archive_before removed older commands',
                              what, v_retention.removed_through),
             hint = case when v_retention.archive_schema is null
-                        then 'The removed partitions were dropped: restore them from a backup into cqrs.command_log to rebuild from the beginning.'
+                        then 'The removed partitions were dropped: restore them from a backup into cqrs.command_log to read from the beginning.'
                         else format('Attach the archived partitions in schema %s back to cqrs.command_log (alter table cqrs.command_log attach partition …), then set cqrs.retention.removed_through to null.',
-                                    v_retention.archive_schema) end;
+                                    v_retention.archive_schema) end
+                   || case when backfill then ' Or start the projection at the end of the log: create_projection(…, backfill => false).' else '' end;
     end if;
 end
 $$;
 
-revoke all on cqrs.retention from public;
+revoke all on cqrs.retention, cqrs.log_consumer from public;
 
 grant select on cqrs.retention to cqrs_reader, cqrs_projector, cqrs_writer;
+
+grant select on cqrs.log_consumer to cqrs_reader, cqrs_projector;
 
 revoke execute on function cqrs.log_partitions() from public;
 
@@ -1396,21 +1587,37 @@ revoke execute on function cqrs._make_log_partitions() from public;
 
 revoke execute on function cqrs._disown_log_partition(regclass) from public;
 
+revoke execute on function cqrs.hold_log(text, bigint) from public;
+
+revoke execute on function cqrs.release_log(text) from public;
+
+revoke execute on function cqrs._log_partition_hold(regclass, timestamptz, timestamptz) from public;
+
+revoke execute on function cqrs._archive_check(timestamptz) from public;
+
+revoke execute on function cqrs._archive_detached_table(regclass, bigint) from public;
+
 revoke execute on function cqrs.archive_before(timestamptz, interval) from public;
+
+revoke execute on function cqrs.archive_before_concurrently(timestamptz) from public;
+
+revoke execute on function cqrs.archive_detached(regclass, timestamptz, timestamptz, timestamptz) from public;
 
 revoke execute on function cqrs.maintain() from public;
 
 revoke execute on function cqrs.idempotency_horizon() from public;
 
-revoke execute on function cqrs._check_log_whole(text) from public;
+revoke execute on function cqrs._check_log_whole(text, boolean) from public;
 
 grant execute on function cqrs.log_partitions() to cqrs_reader, cqrs_projector;
 
 grant execute on function cqrs.maintain() to cqrs_projector;
 
+grant execute on function cqrs.hold_log(text, bigint), cqrs.release_log(text) to cqrs_projector;
+
 grant execute on function cqrs.idempotency_horizon() to cqrs_writer, cqrs_reader, cqrs_projector;
 
-grant execute on function cqrs._check_log_whole(text) to cqrs_projector;
+grant execute on function cqrs._check_log_whole(text, boolean) to cqrs_projector;
 
 
 -- ---- sql/extension/functions.sql ----

@@ -4,6 +4,8 @@
 //! or doubled, the read models and the cache equal the fold of every command ever appended,
 //! a retry inside the horizon is a duplicate and one outside it is refused.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
@@ -68,11 +70,8 @@ async fn append_history(client: &Client, now: u64, commands: &[(u64, Command)]) 
     Ok(())
 }
 
-async fn retention_under_load(edition: Edition) -> Result<()> {
-    let mut rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
-    let owner = connect(&edition::owner_url(&rig.pg, edition)).await?;
-    let client = rig.client().await?;
-    // a month of daily partitions: the first ends 30 days ago (what a month of maintain() made)
+/// A month of daily partitions: the first ends 30 days ago (what a month of maintain() made).
+async fn month_of_partitions(owner: &Client) -> Result<()> {
     owner
         .batch_execute(
             "do $$ declare p regclass; begin
@@ -86,6 +85,15 @@ async fn retention_under_load(edition: Edition) -> Result<()> {
              select count(*) from cqrs.maintain();",
         )
         .await?;
+    Ok(())
+}
+
+async fn retention_under_load(edition: Edition) -> Result<()> {
+    let mut rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
+    let owner = connect(&edition::owner_url(&rig.pg, edition)).await?;
+    let client = rig.client().await?;
+    // a month of daily partitions: the first ends 30 days ago (what a month of maintain() made)
+    month_of_partitions(&owner).await?;
 
     // the history: every user's first order 30 days ago, then 3,000 commands spread over the month
     let now = std::time::SystemTime::now()
@@ -279,4 +287,340 @@ async fn retention_under_load_with_the_extension() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn retention_under_load_with_the_portable_edition() -> Result<()> {
     retention_under_load(Edition::Portable).await
+}
+
+/// The next partition boundary after now: the start of tomorrow (UTC), in Unix milliseconds.
+fn next_midnight_ms(now_ms: u64) -> u64 {
+    (now_ms / (DAY * 1_000) + 1) * DAY * 1_000
+}
+
+/// Writers whose command ids cross a partition boundary under load (their clocks pass midnight
+/// while they append), the sidecar projecting; meanwhile the log's owner removes a week-old
+/// history with `cqrs.archive_before_concurrently` through psql's `\gexec`, first held back by a
+/// log consumer and then let go. Every command lands in the partition of its id's time, each
+/// stream's sequence runs on across the boundary, nothing is lost or doubled, and the read
+/// models and the cache equal the fold of everything ever appended.
+async fn boundary_and_concurrent_archive(edition: Edition) -> Result<()> {
+    let mut rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
+    let owner = connect(&edition::owner_url(&rig.pg, edition)).await?;
+    let owner_role = match edition {
+        Edition::Extension => "postgres",
+        Edition::Portable => edition::ADMIN,
+    };
+    let client = rig.client().await?;
+    month_of_partitions(&owner).await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let mut rng = StdRng::seed_from_u64(2424);
+    let mut history: Vec<(u64, Command)> = seed_commands(50)
+        .into_iter()
+        .map(|c| (HISTORY_DAYS * DAY - 3_600, c))
+        .collect();
+    let spread = random_log(&mut rng, 1_000, 300, 50);
+    let count = spread.len() as u64;
+    history.extend(
+        spread
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| ((HISTORY_DAYS * DAY - 7_200) * (count - i as u64) / count + 60, c)),
+    );
+    append_history(&client, now, &history).await?;
+    let history_log = log(&client).await?;
+    // a reader of the log of its own, which has read nothing yet
+    owner.batch_execute("select cqrs.hold_log('cdc', 0)").await?;
+
+    rig.add_sidecar()?;
+    rig.wait_for_leader(Duration::from_secs(30))?;
+    // four writers append 2,000 commands whose ids' times run from a second before midnight to a
+    // second after it (the partitions of today and tomorrow), one command a transaction
+    let planned = Arc::new(random_log(&mut rng, 2_000, 300, 50));
+    let boundary = next_midnight_ms(now * 1_000);
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut writers = Vec::new();
+    for _ in 0..4 {
+        let (planned, next) = (Arc::clone(&planned), Arc::clone(&next));
+        let writer = connect(&rig.pg.url()).await?;
+        writers.push(tokio::spawn(async move {
+            loop {
+                let at = next.fetch_add(1, Ordering::Relaxed);
+                let Some(c) = planned.get(at) else {
+                    return anyhow::Ok(());
+                };
+                let ms = boundary - 1_000 + at as u64 * 2_000 / planned.len() as u64;
+                let id = Uuid::new_v7(Timestamp::from_unix(
+                    NoContext,
+                    ms / 1_000,
+                    (ms % 1_000) as u32 * 1_000_000,
+                ));
+                writer
+                    .query_one(
+                        "select position from cqrs.append($1, $2, $3, $4)",
+                        &[&id, &c.stream, &c.command_type, &c.payload],
+                    )
+                    .await?;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }));
+    }
+
+    // the owner removes what is older than a week while they append: held back by the consumer
+    // first (the statements stop before the first partition it holds), then let go
+    let archive = format!(
+        "select * from cqrs.archive_before_concurrently(now() - interval '{KEEP_DAYS} days') \\gexec\n"
+    );
+    // (psql runs while the writers go on: block_in_place leaves them the other workers)
+    let (ok, held) = tokio::task::block_in_place(|| edition::psql_script(&rig.pg, owner_role, &archive))?;
+    ensure!(ok, "archive_before_concurrently failed:\n{held}");
+    ensure!(
+        held.contains("log consumer cdc has not checkpointed past position"),
+        "the log consumer did not hold retention back:\n{held}"
+    );
+    owner
+        .batch_execute("select cqrs.hold_log('cdc', (select max(position) from cqrs.command_log))")
+        .await?;
+    let (ok, removed_output) =
+        tokio::task::block_in_place(|| edition::psql_script(&rig.pg, owner_role, &archive))?;
+    ensure!(ok, "archive_before_concurrently failed:\n{removed_output}");
+    ensure!(
+        removed_output.contains("| dropped |"),
+        "archive_before_concurrently removed nothing:\n{removed_output}"
+    );
+    let writing = next.load(Ordering::Relaxed);
+    for writer in writers {
+        writer.await??;
+    }
+    ensure!(
+        writing < planned.len(),
+        "the writers had finished before the removal was done"
+    );
+
+    // every command in the partition of its id's time, on both sides of the boundary
+    let row = client
+        .query_one(
+            "select count(*) filter (where l.id_time <> cqrs.command_time(l.command_id)
+                                        or not l.id_time >= p.lower_bound or not l.id_time < p.upper_bound),
+                    count(*) filter (where l.id_time < to_timestamp($1::float8 / 1000)),
+                    count(*) filter (where l.id_time >= to_timestamp($1::float8 / 1000))
+               from cqrs.command_log l join cqrs.log_partitions() p on p.partition = l.tableoid",
+            &[&(boundary as f64)],
+        )
+        .await?;
+    let (misplaced, before_midnight, after_midnight): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    ensure!(misplaced == 0, "{misplaced} commands outside their partition");
+    ensure!(
+        after_midnight == 1_000 && before_midnight > 1_000,
+        "{before_midnight} commands before midnight, {after_midnight} after"
+    );
+    // each stream's sequence runs on without a gap from its first kept command
+    let gaps: i64 = client
+        .query_one(
+            "select count(*) from (select l.seq - lag(l.seq) over (partition by l.stream order by l.seq) as step
+                                     from cqrs.command_log l) s
+              where s.step <> 1",
+            &[],
+        )
+        .await?
+        .get(0);
+    ensure!(gaps == 0, "{gaps} gaps in streams' sequences");
+
+    // nothing lost or doubled; the read models and the cache are the fold of everything
+    eventually(Duration::from_secs(120), "projections caught up", || {
+        caught_up(&client)
+    })
+    .await
+    .with_context(|| rig.logs())?;
+    let kept = log(&client).await?;
+    let first_kept = kept.first().map(|row| row.0).unwrap_or(i64::MAX);
+    let removed: Vec<_> = history_log.iter().filter(|row| row.0 < first_kept).collect();
+    ensure!(!removed.is_empty(), "retention removed nothing");
+    ensure!(
+        kept.len() + removed.len() == history.len() + planned.len(),
+        "{} kept + {} removed, but {} + {} appended",
+        kept.len(),
+        removed.len(),
+        history.len(),
+        planned.len()
+    );
+    let whole: Vec<(String, &'static str, Value)> = removed
+        .iter()
+        .map(|row| (*row).clone())
+        .chain(kept.iter().cloned())
+        .map(|(_, _, stream, command_type, payload)| (stream, static_type(&command_type), payload))
+        .collect();
+    let expected = fold(&whole);
+    let actual = read_models(&client).await?;
+    ensure!(
+        actual == expected,
+        "the read models differ from the fold of everything appended"
+    );
+    let redis_url = rig.cache_target();
+    eventually(Duration::from_secs(60), "cache equals the read models", || {
+        cache_check::check(&client, &redis_url, PREFIX)
+    })
+    .await
+    .with_context(|| rig.logs())?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_boundary_crossed_under_load_and_a_concurrent_archive_with_the_extension() -> Result<()> {
+    boundary_and_concurrent_archive(Edition::Extension).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_boundary_crossed_under_load_and_a_concurrent_archive_with_the_portable_edition() -> Result<()> {
+    boundary_and_concurrent_archive(Edition::Portable).await
+}
+
+/// A removal never interleaves with what reads the whole log. A long reader (a rebuild) makes a
+/// removal give way after `lock_wait` and say so; a removal waiting for a rebuild's lock, or
+/// committed before it, makes the rebuild refuse (`55000`), never read a cut log; a command
+/// that a late retry put into a partition while its removal waited is seen under the lock and
+/// the partition kept.
+async fn removal_meets_readers_and_late_retries(edition: Edition) -> Result<()> {
+    let rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
+    let owner_url = edition::owner_url(&rig.pg, edition);
+    let owner = connect(&owner_url).await?;
+    let client = rig.client().await?;
+    month_of_partitions(&owner).await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let history: Vec<(u64, Command)> = seed_commands(20)
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| ((HISTORY_DAYS - 1 - i as u64) * DAY, c))
+        .collect();
+    append_history(&client, now, &history).await?;
+    owner
+        .batch_execute(
+            "select cqrs.catch_up(p.name) from cqrs.projection_state p;
+             select cqrs.hold_log('cdc', (select max(position) from cqrs.command_log))",
+        )
+        .await?;
+    let removal = |lock_wait: &'static str| {
+        let url = owner_url.clone();
+        tokio::spawn(async move {
+            let owner = connect(&url).await?;
+            let rows = owner
+                .query(
+                    &format!(
+                        "select action, coalesce(reason, '') from cqrs.archive_before(now() - interval '{KEEP_DAYS} days', '{lock_wait}')"
+                    ),
+                    &[],
+                )
+                .await?;
+            anyhow::Ok(
+                rows.iter()
+                    .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                    .collect::<Vec<_>>(),
+            )
+        })
+    };
+
+    // a late retry of a command older than the month, appended while a removal waits for its
+    // lock: the first partition, looked at before, is looked at again under the lock and kept
+    let mut late = connect(&rig.pg.url()).await?;
+    let late_tx = late.transaction().await?;
+    late_tx
+        .query_one(
+            "select position from cqrs.append($1, 'order-late', 'CREATE_ORDER', '{\"user_id\": \"user-1\", \"currency\": \"EUR\"}')",
+            &[&v7_ago(now, (HISTORY_DAYS + 2) * DAY)],
+        )
+        .await?;
+    let waiting = removal("30 seconds");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ensure!(
+        !waiting.is_finished(),
+        "the removal did not wait for the late append"
+    );
+    late_tx.commit().await?;
+    let report = waiting.await??;
+    ensure!(
+        report.len() == 1
+            && report[0].0 == "kept"
+            && report[0].1.contains("has not checkpointed past position"),
+        "a partition with a late command was not kept: {report:?}"
+    );
+    let late_count: i64 = client
+        .query_one(
+            "select count(*) from cqrs.command_log where stream = 'order-late'",
+            &[],
+        )
+        .await?
+        .get(0);
+    ensure!(
+        late_count == 1,
+        "the late command is not in the log ({late_count})"
+    );
+    owner
+        .batch_execute(
+            "select cqrs.catch_up(p.name) from cqrs.projection_state p;
+             select cqrs.hold_log('cdc', (select max(position) from cqrs.command_log))",
+        )
+        .await?;
+
+    // a rebuild under way: the removal gives way after lock_wait and says why
+    let mut rebuilder = connect(&owner_url).await?;
+    let rebuild = rebuilder.transaction().await?;
+    rebuild
+        .query("select * from cqrs.rebuild('order_summary')", &[])
+        .await?;
+    let report = removal("300 milliseconds").await??;
+    ensure!(
+        report.len() == 1 && report[0].0 == "kept" && report[0].1.contains("in use longer than lock_wait"),
+        "a removal during a rebuild: {report:?}"
+    );
+    rebuild.commit().await?;
+
+    // a removal under way: a rebuild waits for it, then refuses (the log is cut)
+    let mut remover = connect(&owner_url).await?;
+    let removing = remover.transaction().await?;
+    let removed = removing
+        .query(
+            &format!("select action from cqrs.archive_before(now() - interval '{KEEP_DAYS} days') where action <> 'kept'"),
+            &[],
+        )
+        .await?;
+    ensure!(!removed.is_empty(), "nothing was removed");
+    let url = owner_url.clone();
+    let rebuild = tokio::spawn(async move {
+        let owner = connect(&url).await?;
+        let refused = owner
+            .query("select * from cqrs.rebuild('order_summary')", &[])
+            .await
+            .err()
+            .and_then(|e| e.code().map(|c| c.code().to_owned()));
+        anyhow::Ok(refused)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ensure!(!rebuild.is_finished(), "the rebuild did not wait for the removal");
+    removing.commit().await?;
+    let refused = rebuild.await??;
+    ensure!(
+        refused.as_deref() == Some("55000"),
+        "a rebuild after a removal: {refused:?}"
+    );
+    // and the read model is still whole: the refused rebuild changed nothing
+    assert_read_models_after(&client).await
+}
+
+/// The read models equal a fresh projection of what the log holds plus what was removed: here
+/// simply that every projection is caught up and not halted.
+async fn assert_read_models_after(client: &Client) -> Result<()> {
+    eventually(Duration::from_secs(30), "projections caught up", || {
+        caught_up(client)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn removal_meets_readers_and_late_retries_with_the_extension() -> Result<()> {
+    removal_meets_readers_and_late_retries(Edition::Extension).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn removal_meets_readers_and_late_retries_with_the_portable_edition() -> Result<()> {
+    removal_meets_readers_and_late_retries(Edition::Portable).await
 }

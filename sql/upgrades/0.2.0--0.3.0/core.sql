@@ -138,6 +138,13 @@ comment on table cqrs.retention is
     'How cqrs.command_log is partitioned (partition_interval, premake) and kept (keep, archive_schema); its horizon (log_from).';
 insert into cqrs.retention default values;
 select pg_catalog.pg_extension_config_dump('cqrs.retention', '');
+create table cqrs.log_consumer (
+    name                text        primary key,
+    checkpoint_position bigint      not null,
+    updated_at          timestamptz not null default now(),
+    constraint log_consumer_checkpoint_check check (checkpoint_position >= 0)
+);
+select pg_catalog.pg_extension_config_dump('cqrs.log_consumer', '');
 do $log$
 declare
     v_last bigint;
