@@ -372,8 +372,8 @@ begin
                 select h.newest_position, h.reason into v_newest, reason
                   from cqrs._log_partition_hold(v_part.partition, v_part.lower_bound, before) h;
                 if reason is not null then
-                    -- (a code of our own, caught just below: nothing else raises it)
-                    raise exception using errcode = 'CQR01', message = reason;
+                    -- (pg_cqrs's own class QC, caught just below: it never leaves this function)
+                    raise exception using errcode = 'QC900', message = reason;
                 end if;
                 if v_newest is distinct from newest_position then
                     newest_position := v_newest;
@@ -383,7 +383,7 @@ begin
                 when lock_not_available then
                     reason := format('cqrs.command_log was in use longer than lock_wait (%s), by a long reader such as a rebuild: left for the next call',
                                      lock_wait);
-                when sqlstate 'CQR01' then
+                when sqlstate 'QC900' then
                     null;
             end;
         end if;
