@@ -65,6 +65,27 @@ comment on table cqrs.retention is
     'How cqrs.command_log is partitioned (partition_interval, premake) and kept (keep, archive_schema); its horizon (log_from).';
 insert into cqrs.retention default values;
 
+-- A restore from pg_dump copies the dumped row into the table where CREATE EXTENSION already put
+-- the default one: the dumped row replaces it (the one row stays one).
+create function cqrs._retention_restored()
+returns trigger
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if exists (select from cqrs.retention r where r.singleton) then
+        update cqrs.retention r
+           set keep = new.keep, partition_interval = new.partition_interval, premake = new.premake,
+               archive_schema = new.archive_schema, log_from = new.log_from, log_to = new.log_to,
+               removed_through = new.removed_through
+         where r.singleton;
+        return null;
+    end if;
+    return new;
+end
+$$;
+revoke execute on function cqrs._retention_restored() from public;
+
 -- The partitions of the log with their bounds (-infinity for MINVALUE, infinity for MAXVALUE).
 create function cqrs.log_partitions()
 returns table (partition regclass, lower_bound timestamptz, upper_bound timestamptz)
@@ -158,9 +179,10 @@ begin
 end
 $$;
 
--- A partition made while the extension was being created or updated is one of its members, which
--- the extension would refuse to let go: it leaves the extension first (dropped from pg_dump's
--- list with it). Nothing to do in an install without an extension (psql).
+-- A partition made while the extension is being created or updated becomes one of its members;
+-- no partition stays one (pg_dump must dump each whole: see the end of this file), so it leaves
+-- the extension (and pg_dump's list of tables whose rows it keeps, if it was on it). Nothing to
+-- do in an install without an extension (psql).
 create function cqrs._disown_log_partition(partition regclass)
 returns void
 language plpgsql volatile security definer
@@ -560,20 +582,29 @@ grant execute on function cqrs.hold_log(text, bigint), cqrs.release_log(text) to
 grant execute on function cqrs.idempotency_horizon() to cqrs_writer, cqrs_reader, cqrs_projector;
 grant execute on function cqrs._check_log_whole(text, boolean) to cqrs_projector;
 
+create trigger retention_restored before insert on cqrs.retention
+    for each row execute function cqrs._retention_restored();
 select pg_catalog.pg_extension_config_dump('cqrs.retention', '');
 select pg_catalog.pg_extension_config_dump('cqrs.log_consumer', '');
 
--- A new log's partitions, and pg_dump told to keep their rows (partitions made later by
--- cqrs.maintain() are not members of the extension: README, Retention).
-do $$ begin perform cqrs._make_log_partitions(); end $$;
--- one call a statement: each updates the extension's row (the edition without extensions
--- drops the call's line, leaving the loop empty)
+-- A new log's partitions — unless this is a restore from pg_dump, which brings the dumped log's
+-- own partitions, rows and bounds: made now as well, they would collide with them. A restore is
+-- told by row_security, which every script pg_dump and pg_restore write turns off first (unless
+-- --enable-row-security), and which CREATE EXTENSION, unlike check_function_bodies, leaves as
+-- the session set it. Either way no partition is a member of the extension, so that pg_dump
+-- dumps each one whole, like those cqrs.maintain() makes later (README, Retention).
 do $$
 declare
     p regclass;
 begin
+    if pg_catalog.current_setting('row_security')::boolean then
+        perform cqrs._make_log_partitions();
+    else
+        raise warning 'pg_cqrs: row_security is off, as in a restore from pg_dump, so the command log''s partitions are left to the dump'
+            using hint = 'If this is not a restore, run select cqrs.maintain() before the first append.';
+    end if;
     for p in select l.partition from cqrs.log_partitions() l loop
-        perform pg_catalog.pg_extension_config_dump(p, '');
+        perform cqrs._disown_log_partition(p);
     end loop;
 end
 $$;

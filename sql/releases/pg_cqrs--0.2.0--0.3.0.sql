@@ -1149,6 +1149,26 @@ grant execute on function cqrs.command_time(uuid) to public;
 comment on table cqrs.retention is
     'How cqrs.command_log is partitioned (partition_interval, premake) and kept (keep, archive_schema); its horizon (log_from).';
 
+create or replace function cqrs._retention_restored()
+returns trigger
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if exists (select from cqrs.retention r where r.singleton) then
+        update cqrs.retention r
+           set keep = new.keep, partition_interval = new.partition_interval, premake = new.premake,
+               archive_schema = new.archive_schema, log_from = new.log_from, log_to = new.log_to,
+               removed_through = new.removed_through
+         where r.singleton;
+        return null;
+    end if;
+    return new;
+end
+$$;
+
+revoke execute on function cqrs._retention_restored() from public;
+
 create or replace function cqrs.log_partitions()
 returns table (partition regclass, lower_bound timestamptz, upper_bound timestamptz)
 language sql stable security definer
@@ -1809,21 +1829,23 @@ grant execute on function cqrs.read_many(text, text[]), cqrs.read(text, text), c
     to cqrs_reader, cqrs_projector;
 
 
--- The log's partitions ahead, its bounds recorded, pg_dump told to keep their rows, and every
--- publication of the 0.2.0 table moved to the partitioned one, published through it (the
--- sidecar decodes cqrs.command_log by name, and the slot goes on).
-do $$ begin perform cqrs._make_log_partitions(); end $$;
--- one call a statement: each updates the extension's row (the edition without extensions
--- drops the call's line, leaving the loop empty)
+-- The log's partitions ahead and its bounds recorded; no partition a member of the extension (the
+-- 0.2.0 table, now the first one, leaves it, and pg_dump's list of tables whose rows it keeps),
+-- so that pg_dump dumps each whole, as in a fresh install; and every publication of the 0.2.0
+-- table moved to the partitioned one, published through it (the sidecar decodes
+-- cqrs.command_log by name, and the slot goes on).
 do $$
 declare
     p regclass;
 begin
-    for p in select l.partition from cqrs.log_partitions() l where l.partition <> 'cqrs.command_log_start'::regclass loop
-        perform pg_catalog.pg_extension_config_dump(p, '');
+    perform cqrs._make_log_partitions();
+    for p in select l.partition from cqrs.log_partitions() l loop
+        perform cqrs._disown_log_partition(p);
     end loop;
 end
 $$;
+create trigger retention_restored before insert on cqrs.retention
+    for each row execute function cqrs._retention_restored();
 do $publications$
 declare
     v_name name;

@@ -624,3 +624,183 @@ async fn removal_meets_readers_and_late_retries_with_the_extension() -> Result<(
 async fn removal_meets_readers_and_late_retries_with_the_portable_edition() -> Result<()> {
     removal_meets_readers_and_late_retries(Edition::Portable).await
 }
+
+/// Everything a dump must carry, as one text: the log's rows, its partitions and their bounds,
+/// the retention settings and readers, the streams' heads and the projections' checkpoints.
+async fn log_fingerprint(client: &Client) -> Result<String> {
+    Ok(client
+        .query_one(
+            "select concat_ws(' / ',
+                 (select count(*) || ' ' || md5(string_agg(l::text, ',' order by l.position)) from cqrs.command_log l),
+                 (select string_agg(p.partition::text || ' ' || p.lower_bound || ' ' || p.upper_bound, ', ' order by p.lower_bound)
+                    from cqrs.log_partitions() p),
+                 (select r::text from cqrs.retention r),
+                 (select string_agg(c.name || ' ' || c.checkpoint_position, ', ' order by c.name) from cqrs.log_consumer c),
+                 (select md5(string_agg(s::text, ',' order by s.stream)) from cqrs.stream s),
+                 (select string_agg(p.name || ' ' || p.checkpoint_position, ', ' order by p.name) from cqrs.projection_state p))",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+/// `pg_dump` of a database whose log retention has cut, restored with `psql -v ON_ERROR_STOP=1`
+/// into a new database (the whole restore without one error): the same log, partitions, bounds,
+/// settings, readers and heads; appends go on after it, a retry of a kept command is a
+/// duplicate and one of a removed command refused.
+async fn dump_and_restore(edition: Edition) -> Result<()> {
+    let rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
+    let owner = connect(&edition::owner_url(&rig.pg, edition)).await?;
+    let client = rig.client().await?;
+    month_of_partitions(&owner).await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let mut rng = StdRng::seed_from_u64(2425);
+    let mut history: Vec<(u64, Command)> = seed_commands(20)
+        .into_iter()
+        .map(|c| (HISTORY_DAYS * DAY - 3_600, c))
+        .collect();
+    let spread = random_log(&mut rng, 600, 100, 20);
+    let count = spread.len() as u64;
+    history.extend(
+        spread
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| ((HISTORY_DAYS * DAY - 7_200) * (count - i as u64) / count + 60, c)),
+    );
+    append_history(&client, now, &history).await?;
+    let before = log(&client).await?;
+    owner
+        .batch_execute(&format!(
+            "select cqrs.catch_up(p.name) from cqrs.projection_state p;
+             select cqrs.hold_log('cdc', (select max(position) from cqrs.command_log));
+             update cqrs.retention set keep = interval '{KEEP_DAYS} days', premake = 20;
+             select count(*) from cqrs.maintain();"
+        ))
+        .await?;
+    let removed: Vec<_> = {
+        let kept = log(&client).await?;
+        let first_kept = kept.first().map(|row| row.0).unwrap_or(i64::MAX);
+        before.into_iter().filter(|row| row.0 < first_kept).collect()
+    };
+    ensure!(!removed.is_empty(), "retention removed nothing before the dump");
+    let dumped = log_fingerprint(&client).await?;
+
+    let dir = cqrs_harness::postgres::tempdir("pg_cqrs-dump")?;
+    let file = dir.join("dump.sql");
+    let out = std::process::Command::new(rig.pg.bindir().join("pg_dump"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-p",
+            &rig.pg.port().to_string(),
+            "-d",
+            rig.pg.database(),
+            "-f",
+        ])
+        .arg(&file)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    rig.pg.psql("create database restored")?;
+    let out = std::process::Command::new(rig.pg.bindir().join("psql"))
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-p",
+            &rig.pg.port().to_string(),
+            "-d",
+            "restored",
+            "-f",
+        ])
+        .arg(&file)
+        .output()?;
+    let _ = std::fs::remove_dir_all(&dir);
+    ensure!(
+        out.status.success(),
+        "restoring the dump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let restored = connect(&rig.pg.url_for("restored")).await?;
+    let again = log_fingerprint(&restored).await?;
+    ensure!(
+        again == dumped,
+        "the restored database differs:\n{again}\nwas\n{dumped}"
+    );
+    let members: i64 = restored
+        .query_one(
+            "select count(*) from cqrs.log_partitions() p join pg_depend d on d.objid = p.partition and d.deptype = 'e'",
+            &[],
+        )
+        .await?
+        .get(0);
+    ensure!(members == 0, "{members} partitions are members of the extension");
+
+    // appends go on: the position after the dumped one, a kept command's retry a duplicate, a
+    // removed one's refused
+    let newest: i64 = restored
+        .query_one("select max(position) from cqrs.command_log", &[])
+        .await?
+        .get(0);
+    let position: i64 = restored
+        .query_one(
+            "select position from cqrs.append(cqrs.uuid_v7(), 'order-after', 'CREATE_ORDER', '{\"user_id\": \"u\", \"currency\": \"EUR\"}')",
+            &[],
+        )
+        .await?
+        .get(0);
+    ensure!(
+        position == newest + 1,
+        "the first append after the restore got position {position}, after {newest}"
+    );
+    let (kept_position, id, stream, command_type, payload) = log(&restored).await?[0].clone();
+    let row = restored
+        .query_one(
+            "select position, duplicate from cqrs.append($1, $2, $3, $4)",
+            &[&id, &stream, &command_type, &payload],
+        )
+        .await?;
+    ensure!(
+        row.get::<_, bool>(1) && row.get::<_, i64>(0) == kept_position,
+        "a retry after the restore was not a duplicate"
+    );
+    let (_, old_id, old_stream, old_type, old_payload) = removed[0].clone();
+    let refused = restored
+        .query(
+            "select position from cqrs.append($1, $2, $3, $4)",
+            &[&old_id, &old_stream, &old_type, &old_payload],
+        )
+        .await
+        .err()
+        .and_then(|e| e.code().map(|c| c.code().to_owned()));
+    ensure!(
+        refused.as_deref() == Some("55000"),
+        "a retry of a removed command after the restore: {refused:?}"
+    );
+    restored
+        .batch_execute("select count(*) from cqrs.maintain()")
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dump_restores_the_whole_log_with_the_extension() -> Result<()> {
+    dump_and_restore(Edition::Extension).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dump_restores_the_whole_log_with_the_portable_edition() -> Result<()> {
+    dump_and_restore(Edition::Portable).await
+}

@@ -38,6 +38,9 @@ async fn extension_facts(client: &Client) -> Result<(Vec<String>, Vec<String>)> 
                from (select 'pg_catalog.pg_class'::regclass as classid, c.oid as objid
                        from pg_catalog.pg_class c
                       where c.relnamespace = 'cqrs'::regnamespace and c.relkind in ('r', 'S', 'v', 'm')
+                        -- the log's partitions are no members, by design: pg_dump dumps them whole
+                        and not exists (select from pg_catalog.pg_inherits i
+                                         where i.inhrelid = c.oid and i.inhparent = 'cqrs.command_log'::regclass)
                      union all
                      select 'pg_catalog.pg_proc'::regclass, p.oid
                        from pg_catalog.pg_proc p where p.pronamespace = 'cqrs'::regnamespace) o
