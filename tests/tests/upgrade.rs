@@ -758,3 +758,143 @@ async fn a_million_command_log_is_partitioned_in_place_while_appends_wait() -> R
     );
     Ok(())
 }
+
+/// Appends one command at a time until `stop`; an append that fails is remembered (its id and
+/// stream, and its SQLSTATE) to be retried with the same id after the upgrade, as a retry layer
+/// would.
+async fn write_remembering(
+    client: Client,
+    writer: usize,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> (u64, Vec<(uuid::Uuid, String, String)>) {
+    let (mut appended, mut failed) = (0, Vec::new());
+    let mut n = 0_u64;
+    while !*stop.borrow() {
+        n += 1;
+        let id = uuid::Uuid::now_v7();
+        let stream = format!("live-{writer}-{}", n % 100);
+        match client
+            .query("select cqrs.append($1, $2, 'LIVE', '{}')", &[&id, &stream])
+            .await
+        {
+            Ok(_) => appended += 1,
+            Err(err) => failed.push((
+                id,
+                stream,
+                err.code()
+                    .map(|c| c.code().to_owned())
+                    .unwrap_or_else(|| err.to_string()),
+            )),
+        }
+    }
+    (appended, failed)
+}
+
+/// The portable edition's upgrade script from 0.2.0 (`psql -1 -f`, as its users run it) while two
+/// writers append to a log of 200,000 commands: every append that returned is in the log once;
+/// one that failed while it waited for the upgrade fails with an error (printed, with its
+/// SQLSTATE: README, Retention) and, retried with the same id afterwards, is appended once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_portable_upgrade_under_appends_loses_and_doubles_nothing() -> Result<()> {
+    use cqrs_e2e::edition::{build_portable, psql_file, ADMIN};
+    let _serial = serial().await;
+    build_portable()?;
+    let release = "0.2.0";
+    let pg = PgCluster::start(ClusterOptions {
+        with_extension: false,
+        ..ClusterOptions::default()
+    })?;
+    pg.psql_in("postgres", &format!("create role {ADMIN} login createrole"))?;
+    pg.psql_in("postgres", &format!("create database live owner {ADMIN}"))?;
+    let url = format!("postgres://{ADMIN}@127.0.0.1:{}/live", pg.port());
+    let frozen = format!("sql/portable/releases/pg_cqrs--{release}.sql");
+    let (ok, output) = psql_file(&pg, ADMIN, "live", &frozen)?;
+    ensure!(ok, "installing {frozen} failed:\n{output}");
+    let client = connect(&url).await?;
+    client
+        .batch_execute(
+            "insert into cqrs.command_log (command_id, stream, seq, command_type, payload)
+             select gen_random_uuid(), 's-' || (g % 2000), g / 2000 + 1, 'T', jsonb_build_object('n', g)
+               from generate_series(0, 199999) g;
+             insert into cqrs.stream (stream, last_seq) select 's-' || g, 100 from generate_series(0, 1999) g;",
+        )
+        .await?;
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut writers = Vec::new();
+    for writer in 0..2 {
+        let connection = connect(&url).await?;
+        writers.push(tokio::spawn(write_remembering(
+            connection,
+            writer,
+            stopped.clone(),
+        )));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let upgrade = format!(
+        "target/portable/pg_cqrs--{release}--{}.sql",
+        env!("CARGO_PKG_VERSION")
+    );
+    let started = Instant::now();
+    let (ok, output) = psql_file(&pg, ADMIN, "live", &upgrade)?;
+    ensure!(ok, "{upgrade} failed:\n{output}");
+    let took = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _ = stop.send(true);
+    let (mut appended, mut failed) = (0, Vec::new());
+    for writer in writers {
+        let (made, missed) = writer.await?;
+        appended += made;
+        failed.extend(missed);
+    }
+    let mut codes: Vec<&str> = failed.iter().map(|f| f.2.as_str()).collect();
+    codes.sort_unstable();
+    codes.dedup();
+    eprintln!(
+        "portable {release} → {} under two writers: the upgrade script took {took:?}; {appended} appends \
+         returned, {} failed around it (SQLSTATE {codes:?})",
+        env!("CARGO_PKG_VERSION"),
+        failed.len()
+    );
+    ensure!(appended > 0, "the writers appended nothing");
+    // retried with the same ids, the failed ones are appended once
+    for (id, stream, _) in &failed {
+        let row = client
+            .query_one(
+                "select duplicate from cqrs.append($1, $2, 'LIVE', '{}')",
+                &[id, stream],
+            )
+            .await
+            .with_context(|| format!("retrying {id} after the upgrade"))?;
+        ensure!(
+            !row.get::<_, bool>(0),
+            "a failed append of {id} had been appended after all"
+        );
+    }
+    let live: i64 = scalar(
+        &client,
+        "select count(*) from cqrs.command_log where stream like 'live-%'",
+    )
+    .await?;
+    ensure!(
+        live as u64 == appended + failed.len() as u64,
+        "{live} live commands in the log, {appended} appended and {} retried",
+        failed.len()
+    );
+    let old: i64 = scalar(
+        &client,
+        "select count(*) from cqrs.command_log where stream like 's-%'",
+    )
+    .await?;
+    ensure!(old == 200_000, "{old} of the 200,000 commands are left");
+    // each live stream's sequence has no gap and no double
+    let gaps: i64 = scalar(
+        &client,
+        "select count(*) from (select l.seq - lag(l.seq) over (partition by l.stream order by l.seq) as step
+                                 from cqrs.command_log l where l.stream like 'live-%') s
+          where s.step <> 1",
+    )
+    .await?;
+    ensure!(gaps == 0, "{gaps} gaps in the live streams");
+    Ok(())
+}
