@@ -804,3 +804,128 @@ async fn a_dump_restores_the_whole_log_with_the_extension() -> Result<()> {
 async fn a_dump_restores_the_whole_log_with_the_portable_edition() -> Result<()> {
     dump_and_restore(Edition::Portable).await
 }
+
+/// A `DETACH … CONCURRENTLY` of `cqrs.archive_before_concurrently`'s statements that is
+/// cancelled while it waits for an older reader leaves the partition "detach pending":
+/// `cqrs.archive_detached` refuses it (`55000`) and names the `finalize` to run; after that it
+/// drops the partition, and nothing else of the log moves.
+async fn interrupted_concurrent_detach(edition: Edition) -> Result<()> {
+    let rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
+    let owner_url = edition::owner_url(&rig.pg, edition);
+    let owner = connect(&owner_url).await?;
+    let client = rig.client().await?;
+    month_of_partitions(&owner).await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let history: Vec<(u64, Command)> = seed_commands(20)
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| ((HISTORY_DAYS - 1 - i as u64) * DAY, c))
+        .collect();
+    append_history(&client, now, &history).await?;
+    owner
+        .batch_execute(
+            "select cqrs.catch_up(p.name) from cqrs.projection_state p;
+             select cqrs.hold_log('cdc', (select max(position) from cqrs.command_log))",
+        )
+        .await?;
+    let statements: Vec<String> = owner
+        .query(
+            &format!(
+                "select statement from cqrs.archive_before_concurrently(now() - interval '{KEEP_DAYS} days')"
+            ),
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    ensure!(statements.len() >= 4, "statements: {statements:?}");
+    // the second partition's (the first, command_log_start, is empty and goes whole)
+    let (detach, finish) = (&statements[2], &statements[3]);
+    let partition = detach
+        .split_whitespace()
+        .nth(5)
+        .context("the detach statement names no partition")?
+        .to_owned();
+    let commands_before: i64 = client
+        .query_one("select count(*) from cqrs.command_log", &[])
+        .await?
+        .get(0);
+
+    // an older reader holds the second phase of the detach; the detach is cancelled meanwhile
+    let mut reader = connect(&rig.pg.url()).await?;
+    let reading = reader.transaction().await?;
+    reading
+        .query("select count(*) from cqrs.command_log", &[])
+        .await?;
+    let detacher = connect(&owner_url).await?;
+    let cancel = detacher.cancel_token();
+    let statement = detach.clone();
+    let detaching = tokio::spawn(async move { detacher.batch_execute(&statement).await });
+    eventually(Duration::from_secs(10), "the detach is pending", || async {
+        let pending: Option<bool> = client
+            .query_opt(
+                "select i.inhdetachpending from pg_inherits i where i.inhrelid = $1::text::regclass",
+                &[&partition],
+            )
+            .await?
+            .map(|r| r.get(0));
+        ensure!(pending == Some(true), "detach pending: {pending:?}");
+        Ok(())
+    })
+    .await?;
+    ensure!(
+        !detaching.is_finished(),
+        "the detach did not wait for the older reader"
+    );
+    cancel.cancel_query(tokio_postgres::NoTls).await?;
+    let cancelled = detaching.await?;
+    ensure!(cancelled.is_err(), "the detach was not cancelled");
+    reading.commit().await?;
+
+    // the finish refuses it and says how to finish it; after the finalize it drops it
+    let refused = owner
+        .query(finish.as_str(), &[])
+        .await
+        .err()
+        .context("the finish accepted a pending detach")?;
+    let db_error = refused.as_db_error().context("not a database error")?;
+    ensure!(
+        db_error.code().code() == "55000"
+            && db_error.message().contains("was interrupted")
+            && db_error
+                .hint()
+                .is_some_and(|h| h.contains(&format!("detach partition {partition} finalize"))),
+        "the finish of a pending detach: {db_error:?}"
+    );
+    owner
+        .batch_execute(&format!(
+            "alter table cqrs.command_log detach partition {partition} finalize"
+        ))
+        .await?;
+    let rows = owner.query(finish.as_str(), &[]).await?;
+    let action: String = rows.first().context("the finish said nothing")?.get("action");
+    let commands: i64 = rows[0].get("commands");
+    ensure!(action == "dropped", "the finish after the finalize: {action}");
+    let commands_after: i64 = client
+        .query_one("select count(*) from cqrs.command_log", &[])
+        .await?
+        .get(0);
+    ensure!(
+        commands_after == commands_before - commands,
+        "{commands_after} commands left of {commands_before}, {commands} dropped"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_concurrent_detach_is_finished_by_hand_with_the_extension() -> Result<()> {
+    interrupted_concurrent_detach(Edition::Extension).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_concurrent_detach_is_finished_by_hand_with_the_portable_edition() -> Result<()> {
+    interrupted_concurrent_detach(Edition::Portable).await
+}
