@@ -30,8 +30,11 @@ fn v7_ago(now: u64, seconds_ago: u64) -> Uuid {
     Uuid::new_v7(Timestamp::from_unix(NoContext, now - seconds_ago, 0))
 }
 
-/// The log as (position, command_id, stream, command_type, payload), in log order.
-async fn log(client: &Client) -> Result<Vec<(i64, Uuid, String, String, Value)>> {
+/// A command of the log: (position, command_id, stream, command_type, payload).
+type LogRow = (i64, Uuid, String, String, Value);
+
+/// The log, in log order.
+async fn log(client: &Client) -> Result<Vec<LogRow>> {
     Ok(client
         .query(
             "select position, command_id, stream, command_type, payload from cqrs.command_log order by position",
@@ -88,6 +91,117 @@ async fn month_of_partitions(owner: &Client) -> Result<()> {
     Ok(())
 }
 
+/// Now, in Unix seconds.
+fn unix_now() -> Result<u64> {
+    Ok(std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs())
+}
+
+/// A month of history: every one of `users` users' first order 30 days ago, then `commands`
+/// random commands on `orders` orders spread evenly over the month, each with its age in seconds.
+fn month_history(rng: &mut StdRng, commands: usize, orders: usize, users: usize) -> Vec<(u64, Command)> {
+    let mut history: Vec<(u64, Command)> = seed_commands(users)
+        .into_iter()
+        .map(|c| (HISTORY_DAYS * DAY - 3_600, c))
+        .collect();
+    let spread = random_log(rng, commands, orders, users);
+    let count = spread.len() as u64;
+    history.extend(
+        spread
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| ((HISTORY_DAYS * DAY - 7_200) * (count - i as u64) / count + 60, c)),
+    );
+    history
+}
+
+/// One seed command a day through the month (the newest a day ago), every projection caught up
+/// with them, and a log consumer `cdc` that has read them all.
+async fn a_command_a_day(owner: &Client, client: &Client, now: u64) -> Result<()> {
+    let history: Vec<(u64, Command)> = seed_commands(20)
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| ((HISTORY_DAYS - 1 - i as u64) * DAY, c))
+        .collect();
+    append_history(client, now, &history).await?;
+    owner
+        .batch_execute(
+            "select cqrs.catch_up(p.name) from cqrs.projection_state p;
+             select cqrs.hold_log('cdc', (select max(position) from cqrs.command_log))",
+        )
+        .await?;
+    Ok(())
+}
+
+/// The rows of `before` that are no longer in the log `kept` (retention removes a prefix).
+fn removed_from(before: &[LogRow], kept: &[LogRow]) -> Vec<LogRow> {
+    let first_kept = kept.first().map(|row| row.0).unwrap_or(i64::MAX);
+    before.iter().filter(|row| row.0 < first_kept).cloned().collect()
+}
+
+/// The read models equal the fold of every command ever appended (`removed`, then `kept`), and
+/// the cache equals the read models.
+async fn assert_fold_of_everything(
+    rig: &Rig,
+    client: &Client,
+    removed: &[LogRow],
+    kept: &[LogRow],
+) -> Result<()> {
+    let whole: Vec<(String, &'static str, Value)> = removed
+        .iter()
+        .chain(kept)
+        .cloned()
+        .map(|(_, _, stream, command_type, payload)| (stream, static_type(&command_type), payload))
+        .collect();
+    let expected = fold(&whole);
+    let actual = read_models(client).await?;
+    ensure!(
+        actual.0 == expected.0,
+        "order_summary differs from the fold of everything appended"
+    );
+    ensure!(
+        actual.1 == expected.1,
+        "user_order_stats differs from the fold of everything appended"
+    );
+    let redis_url = rig.cache_target();
+    eventually(Duration::from_secs(60), "cache equals the read models", || {
+        cache_check::check(client, &redis_url, PREFIX)
+    })
+    .await
+    .with_context(|| rig.logs())
+}
+
+/// A retry of `kept` is the duplicate it is; one of `removed` (older than the horizon) is
+/// refused with 55000. `when` says when, for the messages.
+async fn assert_retries(client: &Client, kept: &LogRow, removed: &LogRow, when: &str) -> Result<()> {
+    let (position, id, stream, command_type, payload) = kept;
+    let row = client
+        .query_one(
+            "select position, duplicate from cqrs.append($1, $2, $3, $4)",
+            &[id, stream, command_type, payload],
+        )
+        .await?;
+    ensure!(
+        row.get::<_, bool>(1) && row.get::<_, i64>(0) == *position,
+        "a retry of a kept command {when} was not answered as the duplicate it is"
+    );
+    let (_, id, stream, command_type, payload) = removed;
+    let refused = client
+        .query(
+            "select position from cqrs.append($1, $2, $3, $4)",
+            &[id, stream, command_type, payload],
+        )
+        .await
+        .err()
+        .and_then(|e| e.code().map(|c| c.code().to_owned()));
+    ensure!(
+        refused.as_deref() == Some("55000"),
+        "a retry of a removed command {when}: {refused:?}"
+    );
+    Ok(())
+}
+
 async fn retention_under_load(edition: Edition) -> Result<()> {
     let mut rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
     let owner = connect(&edition::owner_url(&rig.pg, edition)).await?;
@@ -96,22 +210,9 @@ async fn retention_under_load(edition: Edition) -> Result<()> {
     month_of_partitions(&owner).await?;
 
     // the history: every user's first order 30 days ago, then 3,000 commands spread over the month
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
+    let now = unix_now()?;
     let mut rng = StdRng::seed_from_u64(24);
-    let mut history: Vec<(u64, Command)> = seed_commands(50)
-        .into_iter()
-        .map(|c| (HISTORY_DAYS * DAY - 3_600, c))
-        .collect();
-    let spread = random_log(&mut rng, 3_000, 1_000, 50);
-    let count = spread.len() as u64;
-    history.extend(
-        spread
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| ((HISTORY_DAYS * DAY - 7_200) * (count - i as u64) / count + 60, c)),
-    );
+    let history = month_history(&mut rng, 3_000, 1_000, 50);
     append_history(&client, now, &history).await?;
     let history_log = log(&client).await?;
     ensure!(
@@ -187,8 +288,7 @@ async fn retention_under_load(edition: Edition) -> Result<()> {
     .await
     .with_context(|| rig.logs())?;
     let kept = log(&client).await?;
-    let first_kept = kept.first().map(|row| row.0).unwrap_or(i64::MAX);
-    let removed: Vec<_> = history_log.iter().filter(|row| row.0 < first_kept).collect();
+    let removed = removed_from(&history_log, &kept);
     ensure!(!removed.is_empty(), "retention removed nothing");
     ensure!(
         kept.len() as u64 + removed.len() as u64 == history.len() as u64 + appended,
@@ -207,54 +307,11 @@ async fn retention_under_load(edition: Edition) -> Result<()> {
     }
 
     // the read models and the cache equal the fold of every command ever appended
-    let whole: Vec<(String, &'static str, Value)> = removed
-        .iter()
-        .map(|row| (*row).clone())
-        .chain(kept.iter().cloned())
-        .map(|(_, _, stream, command_type, payload)| (stream, static_type(&command_type), payload))
-        .collect();
-    let expected = fold(&whole);
-    let actual = read_models(&client).await?;
-    ensure!(
-        actual.0 == expected.0,
-        "order_summary differs from the fold of everything appended"
-    );
-    ensure!(
-        actual.1 == expected.1,
-        "user_order_stats differs from the fold of everything appended"
-    );
-    let redis_url = rig.cache_target();
-    eventually(Duration::from_secs(60), "cache equals the read models", || {
-        cache_check::check(&client, &redis_url, PREFIX)
-    })
-    .await
-    .with_context(|| rig.logs())?;
+    assert_fold_of_everything(&rig, &client, &removed, &kept).await?;
 
     // a retry inside the horizon is a duplicate; one from before it is refused, not appended
-    let (position, id, stream, command_type, payload) = kept[0].clone();
-    let row = client
-        .query_one(
-            "select position, duplicate from cqrs.append($1, $2, $3, $4)",
-            &[&id, &stream, &command_type, &payload],
-        )
-        .await?;
-    ensure!(
-        row.get::<_, bool>(1) && row.get::<_, i64>(0) == position,
-        "a retry inside the horizon was not answered as the duplicate it is"
-    );
-    let (_, old_id, old_stream, old_type, old_payload) = removed[0].clone();
-    let refused = client
-        .query(
-            "select position from cqrs.append($1, $2, $3, $4)",
-            &[&old_id, &old_stream, &old_type, &old_payload],
-        )
-        .await
-        .err()
-        .and_then(|e| e.code().map(|c| c.code().to_owned()));
-    ensure!(
-        refused.as_deref() == Some("55000"),
-        "a retry from before the horizon: {refused:?}"
-    );
+    assert_retries(&client, &kept[0], &removed[0], "under load").await?;
+    let old_id = removed[0].1;
     let again: i64 = client
         .query_one(
             "select count(*) from cqrs.command_log where command_id = $1",
@@ -309,22 +366,9 @@ async fn boundary_and_concurrent_archive(edition: Edition) -> Result<()> {
     };
     let client = rig.client().await?;
     month_of_partitions(&owner).await?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
+    let now = unix_now()?;
     let mut rng = StdRng::seed_from_u64(2424);
-    let mut history: Vec<(u64, Command)> = seed_commands(50)
-        .into_iter()
-        .map(|c| (HISTORY_DAYS * DAY - 3_600, c))
-        .collect();
-    let spread = random_log(&mut rng, 1_000, 300, 50);
-    let count = spread.len() as u64;
-    history.extend(
-        spread
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| ((HISTORY_DAYS * DAY - 7_200) * (count - i as u64) / count + 60, c)),
-    );
+    let history = month_history(&mut rng, 1_000, 300, 50);
     append_history(&client, now, &history).await?;
     let history_log = log(&client).await?;
     // a reader of the log of its own, which has read nothing yet
@@ -431,8 +475,7 @@ async fn boundary_and_concurrent_archive(edition: Edition) -> Result<()> {
     .await
     .with_context(|| rig.logs())?;
     let kept = log(&client).await?;
-    let first_kept = kept.first().map(|row| row.0).unwrap_or(i64::MAX);
-    let removed: Vec<_> = history_log.iter().filter(|row| row.0 < first_kept).collect();
+    let removed = removed_from(&history_log, &kept);
     ensure!(!removed.is_empty(), "retention removed nothing");
     ensure!(
         kept.len() + removed.len() == history.len() + planned.len(),
@@ -442,25 +485,7 @@ async fn boundary_and_concurrent_archive(edition: Edition) -> Result<()> {
         history.len(),
         planned.len()
     );
-    let whole: Vec<(String, &'static str, Value)> = removed
-        .iter()
-        .map(|row| (*row).clone())
-        .chain(kept.iter().cloned())
-        .map(|(_, _, stream, command_type, payload)| (stream, static_type(&command_type), payload))
-        .collect();
-    let expected = fold(&whole);
-    let actual = read_models(&client).await?;
-    ensure!(
-        actual == expected,
-        "the read models differ from the fold of everything appended"
-    );
-    let redis_url = rig.cache_target();
-    eventually(Duration::from_secs(60), "cache equals the read models", || {
-        cache_check::check(&client, &redis_url, PREFIX)
-    })
-    .await
-    .with_context(|| rig.logs())?;
-    Ok(())
+    assert_fold_of_everything(&rig, &client, &removed, &kept).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -484,21 +509,8 @@ async fn removal_meets_readers_and_late_retries(edition: Edition) -> Result<()> 
     let owner = connect(&owner_url).await?;
     let client = rig.client().await?;
     month_of_partitions(&owner).await?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
-    let history: Vec<(u64, Command)> = seed_commands(20)
-        .into_iter()
-        .enumerate()
-        .map(|(i, c)| ((HISTORY_DAYS - 1 - i as u64) * DAY, c))
-        .collect();
-    append_history(&client, now, &history).await?;
-    owner
-        .batch_execute(
-            "select cqrs.catch_up(p.name) from cqrs.projection_state p;
-             select cqrs.hold_log('cdc', (select max(position) from cqrs.command_log))",
-        )
-        .await?;
+    let now = unix_now()?;
+    a_command_a_day(&owner, &client, now).await?;
     let removal = |lock_wait: &'static str| {
         let url = owner_url.clone();
         tokio::spawn(async move {
@@ -602,15 +614,9 @@ async fn removal_meets_readers_and_late_retries(edition: Edition) -> Result<()> 
         refused.as_deref() == Some("55000"),
         "a rebuild after a removal: {refused:?}"
     );
-    // and the read model is still whole: the refused rebuild changed nothing
-    assert_read_models_after(&client).await
-}
-
-/// The read models equal a fresh projection of what the log holds plus what was removed: here
-/// simply that every projection is caught up and not halted.
-async fn assert_read_models_after(client: &Client) -> Result<()> {
+    // and every projection is still caught up and not halted after the refused rebuild
     eventually(Duration::from_secs(30), "projections caught up", || {
-        caught_up(client)
+        caught_up(&client)
     })
     .await
 }
@@ -644,7 +650,7 @@ async fn log_fingerprint(client: &Client) -> Result<String> {
         .get(0))
 }
 
-/// `pg_dump` of a database whose log retention has cut, restored with `psql -v ON_ERROR_STOP=1`
+/// `pg_dump` of a database whose log retention has cut, restored with `psql -1 -v ON_ERROR_STOP=1`
 /// into a new database (the whole restore without one error): the same log, partitions, bounds,
 /// settings, readers and heads; appends go on after it, a retry of a kept command is a
 /// duplicate and one of a removed command refused.
@@ -653,22 +659,9 @@ async fn dump_and_restore(edition: Edition) -> Result<()> {
     let owner = connect(&edition::owner_url(&rig.pg, edition)).await?;
     let client = rig.client().await?;
     month_of_partitions(&owner).await?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
+    let now = unix_now()?;
     let mut rng = StdRng::seed_from_u64(2425);
-    let mut history: Vec<(u64, Command)> = seed_commands(20)
-        .into_iter()
-        .map(|c| (HISTORY_DAYS * DAY - 3_600, c))
-        .collect();
-    let spread = random_log(&mut rng, 600, 100, 20);
-    let count = spread.len() as u64;
-    history.extend(
-        spread
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| ((HISTORY_DAYS * DAY - 7_200) * (count - i as u64) / count + 60, c)),
-    );
+    let history = month_history(&mut rng, 600, 100, 20);
     append_history(&client, now, &history).await?;
     let before = log(&client).await?;
     owner
@@ -679,11 +672,7 @@ async fn dump_and_restore(edition: Edition) -> Result<()> {
              select count(*) from cqrs.maintain();"
         ))
         .await?;
-    let removed: Vec<_> = {
-        let kept = log(&client).await?;
-        let first_kept = kept.first().map(|row| row.0).unwrap_or(i64::MAX);
-        before.into_iter().filter(|row| row.0 < first_kept).collect()
-    };
+    let removed = removed_from(&before, &log(&client).await?);
     ensure!(!removed.is_empty(), "retention removed nothing before the dump");
     let dumped = log_fingerprint(&client).await?;
 
@@ -709,30 +698,10 @@ async fn dump_and_restore(edition: Edition) -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     rig.pg.psql("create database restored")?;
-    let out = std::process::Command::new(rig.pg.bindir().join("psql"))
-        .args([
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-p",
-            &rig.pg.port().to_string(),
-            "-d",
-            "restored",
-            "-f",
-        ])
-        .arg(&file)
-        .output()?;
+    let restore = file.to_str().context("the dump's path is not UTF-8")?.to_owned();
+    let (ok, output) = edition::psql_file(&rig.pg, "postgres", "restored", &restore)?;
     let _ = std::fs::remove_dir_all(&dir);
-    ensure!(
-        out.status.success(),
-        "restoring the dump failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ensure!(ok, "restoring the dump failed: {output}");
     let restored = connect(&rig.pg.url_for("restored")).await?;
     let again = log_fingerprint(&restored).await?;
     ensure!(
@@ -765,30 +734,13 @@ async fn dump_and_restore(edition: Edition) -> Result<()> {
         position == newest + 1,
         "the first append after the restore got position {position}, after {newest}"
     );
-    let (kept_position, id, stream, command_type, payload) = log(&restored).await?[0].clone();
-    let row = restored
-        .query_one(
-            "select position, duplicate from cqrs.append($1, $2, $3, $4)",
-            &[&id, &stream, &command_type, &payload],
-        )
-        .await?;
-    ensure!(
-        row.get::<_, bool>(1) && row.get::<_, i64>(0) == kept_position,
-        "a retry after the restore was not a duplicate"
-    );
-    let (_, old_id, old_stream, old_type, old_payload) = removed[0].clone();
-    let refused = restored
-        .query(
-            "select position from cqrs.append($1, $2, $3, $4)",
-            &[&old_id, &old_stream, &old_type, &old_payload],
-        )
-        .await
-        .err()
-        .and_then(|e| e.code().map(|c| c.code().to_owned()));
-    ensure!(
-        refused.as_deref() == Some("55000"),
-        "a retry of a removed command after the restore: {refused:?}"
-    );
+    assert_retries(
+        &restored,
+        &log(&restored).await?[0],
+        &removed[0],
+        "after the restore",
+    )
+    .await?;
     restored
         .batch_execute("select count(*) from cqrs.maintain()")
         .await?;
@@ -815,21 +767,8 @@ async fn interrupted_concurrent_detach(edition: Edition) -> Result<()> {
     let owner = connect(&owner_url).await?;
     let client = rig.client().await?;
     month_of_partitions(&owner).await?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
-    let history: Vec<(u64, Command)> = seed_commands(20)
-        .into_iter()
-        .enumerate()
-        .map(|(i, c)| ((HISTORY_DAYS - 1 - i as u64) * DAY, c))
-        .collect();
-    append_history(&client, now, &history).await?;
-    owner
-        .batch_execute(
-            "select cqrs.catch_up(p.name) from cqrs.projection_state p;
-             select cqrs.hold_log('cdc', (select max(position) from cqrs.command_log))",
-        )
-        .await?;
+    let now = unix_now()?;
+    a_command_a_day(&owner, &client, now).await?;
     let statements: Vec<String> = owner
         .query(
             &format!(

@@ -290,30 +290,57 @@ async fn portable_helpers(client: &Client) -> Result<std::collections::BTreeSet<
         .collect())
 }
 
+/// A cluster without the extension, the portable edition built, and `databases` owned by
+/// [`ADMIN`](cqrs_e2e::edition::ADMIN) (a non-superuser, as on a managed service).
+fn portable_cluster(databases: &[&str]) -> Result<PgCluster> {
+    use cqrs_e2e::edition::{build_portable, ADMIN};
+    build_portable()?;
+    let pg = PgCluster::start(ClusterOptions {
+        with_extension: false,
+        ..ClusterOptions::default()
+    })?;
+    pg.psql_in("postgres", &format!("create role {ADMIN} login createrole"))?;
+    for db in databases {
+        pg.psql_in("postgres", &format!("create database {db} owner {ADMIN}"))?;
+    }
+    Ok(pg)
+}
+
+/// Installs the portable edition's frozen `release` into `database` as its owner.
+fn install_portable_release(pg: &PgCluster, release: &str, database: &str) -> Result<()> {
+    let frozen = format!("sql/portable/releases/pg_cqrs--{release}.sql");
+    let (ok, output) = cqrs_e2e::edition::psql_file(pg, cqrs_e2e::edition::ADMIN, database, &frozen)?;
+    ensure!(ok, "installing {frozen} failed:\n{output}");
+    Ok(())
+}
+
+/// Runs this release's portable upgrade script from `release` on `database` as its owner
+/// (`psql -1 -f`, as its users do); its output, and how long it took.
+fn upgrade_portable(pg: &PgCluster, release: &str, database: &str) -> Result<(String, Duration)> {
+    let upgrade = format!(
+        "target/portable/pg_cqrs--{release}--{}.sql",
+        env!("CARGO_PKG_VERSION")
+    );
+    let started = Instant::now();
+    let (ok, output) = cqrs_e2e::edition::psql_file(pg, cqrs_e2e::edition::ADMIN, database, &upgrade)?;
+    ensure!(ok, "{upgrade} failed:\n{output}");
+    Ok((output, started.elapsed()))
+}
+
 /// A portable install of 0.2.0 (its frozen psql script, by the non-superuser database owner)
 /// upgraded with this release's psql upgrade script equals a fresh install — schema cqrs and its
 /// own helpers, bodies included — keeps every row, and each of its read models now has a writer
 /// and a reader owned by the table's owner, the projecting role no longer writing them itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_portable_install_upgraded_with_psql_equals_a_fresh_one_and_keeps_every_row() -> Result<()> {
-    use cqrs_e2e::edition::{build_portable, psql_file, ADMIN};
+    use cqrs_e2e::edition::{psql_file, ADMIN};
     let _serial = serial().await;
-    build_portable()?;
     let release = "0.2.0";
-    let pg = PgCluster::start(ClusterOptions {
-        with_extension: false,
-        ..ClusterOptions::default()
-    })?;
-    pg.psql_in("postgres", &format!("create role {ADMIN} login createrole"))?;
+    let pg = portable_cluster(&["fresh", "upgraded"])?;
     let admin_url = |db: &str| format!("postgres://{ADMIN}@127.0.0.1:{}/{db}", pg.port());
-    for db in ["fresh", "upgraded"] {
-        pg.psql_in("postgres", &format!("create database {db} owner {ADMIN}"))?;
-    }
     let (ok, output) = psql_file(&pg, ADMIN, "fresh", "target/portable/pg_cqrs.sql")?;
     ensure!(ok, "a fresh install failed:\n{output}");
-    let frozen = format!("sql/portable/releases/pg_cqrs--{release}.sql");
-    let (ok, output) = psql_file(&pg, ADMIN, "upgraded", &frozen)?;
-    ensure!(ok, "installing {frozen} failed:\n{output}");
+    install_portable_release(&pg, release, "upgraded")?;
     let fresh = connect(&admin_url("fresh")).await?;
     let client = connect(&admin_url("upgraded")).await?;
     client
@@ -322,17 +349,10 @@ async fn a_portable_install_upgraded_with_psql_equals_a_fresh_one_and_keeps_ever
         .context("filling the earlier release")?;
     let before = snapshot(&client).await?;
 
-    let upgrade = format!(
-        "target/portable/pg_cqrs--{release}--{}.sql",
-        env!("CARGO_PKG_VERSION")
-    );
-    let started = Instant::now();
-    let (ok, output) = psql_file(&pg, ADMIN, "upgraded", &upgrade)?;
-    ensure!(ok, "{upgrade} failed:\n{output}");
+    let (output, took) = upgrade_portable(&pg, release, "upgraded")?;
     eprintln!(
-        "portable {release} → {}: the upgrade script took {:?}",
-        env!("CARGO_PKG_VERSION"),
-        started.elapsed()
+        "portable {release} → {}: the upgrade script took {took:?}",
+        env!("CARGO_PKG_VERSION")
     );
     ensure!(!output.contains("WARNING"), "the upgrade warned:\n{output}");
 
@@ -796,20 +816,12 @@ async fn write_remembering(
 /// SQLSTATE: README, Retention) and, retried with the same id afterwards, is appended once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_portable_upgrade_under_appends_loses_and_doubles_nothing() -> Result<()> {
-    use cqrs_e2e::edition::{build_portable, psql_file, ADMIN};
+    use cqrs_e2e::edition::ADMIN;
     let _serial = serial().await;
-    build_portable()?;
     let release = "0.2.0";
-    let pg = PgCluster::start(ClusterOptions {
-        with_extension: false,
-        ..ClusterOptions::default()
-    })?;
-    pg.psql_in("postgres", &format!("create role {ADMIN} login createrole"))?;
-    pg.psql_in("postgres", &format!("create database live owner {ADMIN}"))?;
+    let pg = portable_cluster(&["live"])?;
     let url = format!("postgres://{ADMIN}@127.0.0.1:{}/live", pg.port());
-    let frozen = format!("sql/portable/releases/pg_cqrs--{release}.sql");
-    let (ok, output) = psql_file(&pg, ADMIN, "live", &frozen)?;
-    ensure!(ok, "installing {frozen} failed:\n{output}");
+    install_portable_release(&pg, release, "live")?;
     let client = connect(&url).await?;
     client
         .batch_execute(
@@ -831,14 +843,7 @@ async fn a_portable_upgrade_under_appends_loses_and_doubles_nothing() -> Result<
         )));
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let upgrade = format!(
-        "target/portable/pg_cqrs--{release}--{}.sql",
-        env!("CARGO_PKG_VERSION")
-    );
-    let started = Instant::now();
-    let (ok, output) = psql_file(&pg, ADMIN, "live", &upgrade)?;
-    ensure!(ok, "{upgrade} failed:\n{output}");
-    let took = started.elapsed();
+    let (_, took) = upgrade_portable(&pg, release, "live")?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let _ = stop.send(true);
     let (mut appended, mut failed) = (0, Vec::new());
