@@ -124,8 +124,22 @@ begin
     execute format('alter table cqrs.%I add constraint %I primary key ("position"), add constraint %I unique (command_id),
                         add constraint %I unique (stream, seq)',
                    name, name || '_pkey', name || '_command_id_key', name || '_stream_seq_key');
-    execute format('alter table cqrs.command_log attach partition cqrs.%I for values from (%s) to (%L)',
-                   name, case when lower_bound = '-infinity' then 'minvalue' else quote_literal(lower_bound::text) end,
+    perform cqrs._attach_log_partition(format('cqrs.%I', name)::regclass, lower_bound, upper_bound);
+end
+$$;
+
+-- Attaches a table of the log's shape as the partition of the id times [lower_bound,
+-- upper_bound) (-infinity: MINVALUE): SHARE UPDATE EXCLUSIVE on the log, and a scan of the table
+-- unless a CHECK constraint of it implies the bound.
+create function cqrs._attach_log_partition(partition regclass, lower_bound timestamptz, upper_bound timestamptz)
+returns void
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+set datestyle = 'ISO, YMD'
+as $$
+begin
+    execute format('alter table cqrs.command_log attach partition %s for values from (%s) to (%L)',
+                   partition, case when lower_bound = '-infinity' then 'minvalue' else quote_literal(lower_bound::text) end,
                    upper_bound::text);
 end
 $$;
@@ -488,9 +502,7 @@ begin
       from cqrs._log_partition_hold(v_table, lower_bound, before) h;
     if reason is not null then
         -- the CHECK constraint the concurrent detach left on it spares the attach its scan
-        execute format('alter table cqrs.command_log attach partition %s for values from (%s) to (%L)',
-                       v_table, case when lower_bound = '-infinity' then 'minvalue' else quote_literal(lower_bound::text) end,
-                       upper_bound::text);
+        perform cqrs._attach_log_partition(v_table, lower_bound, upper_bound);
         action := 'kept';
         return next;
         return;
@@ -562,6 +574,7 @@ grant select on cqrs.retention to cqrs_reader, cqrs_projector, cqrs_writer;
 grant select on cqrs.log_consumer to cqrs_reader, cqrs_projector;
 revoke execute on function cqrs.log_partitions() from public;
 revoke execute on function cqrs._create_log_partition(text, timestamptz, timestamptz) from public;
+revoke execute on function cqrs._attach_log_partition(regclass, timestamptz, timestamptz) from public;
 revoke execute on function cqrs._log_partition_name(timestamptz) from public;
 revoke execute on function cqrs._make_log_partitions() from public;
 revoke execute on function cqrs._disown_log_partition(regclass) from public;

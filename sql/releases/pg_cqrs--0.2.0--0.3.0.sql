@@ -1202,8 +1202,19 @@ begin
     execute format('alter table cqrs.%I add constraint %I primary key ("position"), add constraint %I unique (command_id),
                         add constraint %I unique (stream, seq)',
                    name, name || '_pkey', name || '_command_id_key', name || '_stream_seq_key');
-    execute format('alter table cqrs.command_log attach partition cqrs.%I for values from (%s) to (%L)',
-                   name, case when lower_bound = '-infinity' then 'minvalue' else quote_literal(lower_bound::text) end,
+    perform cqrs._attach_log_partition(format('cqrs.%I', name)::regclass, lower_bound, upper_bound);
+end
+$$;
+
+create or replace function cqrs._attach_log_partition(partition regclass, lower_bound timestamptz, upper_bound timestamptz)
+returns void
+language plpgsql volatile
+set search_path = pg_catalog, pg_temp
+set datestyle = 'ISO, YMD'
+as $$
+begin
+    execute format('alter table cqrs.command_log attach partition %s for values from (%s) to (%L)',
+                   partition, case when lower_bound = '-infinity' then 'minvalue' else quote_literal(lower_bound::text) end,
                    upper_bound::text);
 end
 $$;
@@ -1523,9 +1534,7 @@ begin
       from cqrs._log_partition_hold(v_table, lower_bound, before) h;
     if reason is not null then
         -- the CHECK constraint the concurrent detach left on it spares the attach its scan
-        execute format('alter table cqrs.command_log attach partition %s for values from (%s) to (%L)',
-                       v_table, case when lower_bound = '-infinity' then 'minvalue' else quote_literal(lower_bound::text) end,
-                       upper_bound::text);
+        perform cqrs._attach_log_partition(v_table, lower_bound, upper_bound);
         action := 'kept';
         return next;
         return;
@@ -1600,6 +1609,8 @@ grant select on cqrs.log_consumer to cqrs_reader, cqrs_projector;
 revoke execute on function cqrs.log_partitions() from public;
 
 revoke execute on function cqrs._create_log_partition(text, timestamptz, timestamptz) from public;
+
+revoke execute on function cqrs._attach_log_partition(regclass, timestamptz, timestamptz) from public;
 
 revoke execute on function cqrs._log_partition_name(timestamptz) from public;
 
