@@ -11,6 +11,7 @@ mod outbox_bench;
 mod projection_bench;
 mod read_bench;
 mod report;
+mod retention_bench;
 mod scale_bench;
 mod sidecar_bench;
 mod stack;
@@ -49,6 +50,8 @@ enum Commands {
     /// The outbox: a backlog delivered to NATS JetStream vs a minimal publisher, and what it
     /// costs the projections' catch-up.
     Outbox(outbox_bench::OutboxArgs),
+    /// Retention: appends and catch-up on a year of daily log partitions vs one partition.
+    Retention(retention_bench::RetentionArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,6 +67,7 @@ fn main() -> anyhow::Result<()> {
         Commands::Scale(args) => runtime.block_on(scale_bench::run(args)),
         Commands::Groups(args) => runtime.block_on(groups_bench::run(args)),
         Commands::Outbox(args) => runtime.block_on(outbox_bench::run(args)),
+        Commands::Retention(args) => retention_bench::run(args),
     }
 }
 

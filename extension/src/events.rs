@@ -252,6 +252,30 @@ macro_rules! behind {
     };
 }
 
+/// Commands projection `$1` has not applied after position `$5`, in log order, at most `$2` of
+/// them and about `$3` bytes, up to position `$4` (all when null): a catch-up's walk of the log
+/// (cqrs._catch_up_from says when it reads less than [`behind`]). Each stream's commands come in
+/// seq order (a stream's positions grow with its seq), those it has applied are passed over —
+/// its progress looked up per command (a join would read all of the projection's progress per
+/// chunk, and once per command when the plan was made with little of it: measured).
+pub(crate) const WALK: &str = concat!(
+    "select c.doc from (
+    select ",
+    log_row_json!(),
+    " as doc, pg_catalog.row_number() over w as n,
+           pg_catalog.sum(pg_catalog.pg_column_size(l.payload) + pg_catalog.pg_column_size(l.metadata)) over w as bytes
+      from (select l.*
+              from cqrs.command_log l
+             where l.position > $5 and ($4::int8 is null or l.position <= $4::int8)
+               and l.seq > coalesce((select ps.last_seq from cqrs.projection_stream ps
+                                      where ps.projection = $1 and ps.stream = l.stream), 0)
+             order by l.position
+             limit $2) l
+    window w as (order by l.position rows unbounded preceding)) c
+ where c.n = 1 or c.bytes <= $3
+ order by c.n"
+);
+
 /// [`behind!`] in the partitioned log.
 const BEHIND: &str = behind!(
     "

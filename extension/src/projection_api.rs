@@ -65,8 +65,9 @@ unsafe fn return_rows(fcinfo: pg_sys::FunctionCallInfo, rows: Vec<ChangedRow>) -
 }
 
 /// The next chunk of the log (at most `chunk` commands and about [`events::CHUNK_BYTES`]):
-/// `query` is [`events::behind`] (after projection `from`'s progress, up to position `upto`) or
-/// [`events::LOG_AFTER`] (after position `from`; `upto` unused).
+/// `query` is [`events::behind`] (after projection `from`'s progress, up to position `upto`),
+/// [`events::WALK`] (the same, after position `after`) or [`events::LOG_AFTER`] (after position
+/// `from`; `upto` unused).
 fn read_log(
     client: &mut SpiClient<'_>,
     query: &'static str,
@@ -74,26 +75,45 @@ fn read_log(
     from: pgrx::datum::DatumWithOid<'_>,
     chunk: i64,
     upto: Option<i64>,
+    after: Option<i64>,
 ) -> Result<Vec<cqrs_projection::event::Event>, ErrorReport> {
-    let plan = prepared::statement(
-        client,
-        query,
-        &[
-            from_type.into(),
-            PgBuiltInOids::INT8OID.into(),
-            PgBuiltInOids::INT8OID.into(),
-            PgBuiltInOids::INT8OID.into(),
-        ],
-    )?;
-    let rows = prepared::index_plans(|| {
-        client.update(
-            &*plan,
-            None,
-            &[from, chunk.into(), events::CHUNK_BYTES.into(), upto.into()],
-        )
-    })
-    .map_err(|e| spi_error("reading the log", e))?;
+    let mut types = vec![
+        from_type.into(),
+        PgBuiltInOids::INT8OID.into(),
+        PgBuiltInOids::INT8OID.into(),
+        PgBuiltInOids::INT8OID.into(),
+    ];
+    let mut args = vec![from, chunk.into(), events::CHUNK_BYTES.into(), upto.into()];
+    if let Some(after) = after {
+        types.push(PgBuiltInOids::INT8OID.into());
+        args.push(after.into());
+    }
+    let plan = prepared::statement(client, query, &types)?;
+    let rows = prepared::index_plans(|| client.update(&*plan, None, &args))
+        .map_err(|e| spi_error("reading the log", e))?;
     events::from_rows(rows, "a command-log row")
+}
+
+/// Where a catch-up of projection `name` walks the log from in position order, or `None` to read
+/// it stream by stream: whichever reads less (cqrs._catch_up_from). An install not updated to
+/// 0.3.0 has no such function, and reads stream by stream.
+fn walk_from(
+    client: &mut SpiClient<'_>,
+    name: &str,
+    chunk: i64,
+    reach: Reach,
+) -> Result<Option<i64>, ErrorReport> {
+    if !crate::log_shape::partitioned() {
+        return Ok(None);
+    }
+    client
+        .select(
+            "select cqrs._catch_up_from($1, $2, $3::integer)",
+            None,
+            &[name.into(), reach.upto().into(), chunk.into()],
+        )
+        .and_then(|rows| rows.first().get_one::<i64>())
+        .map_err(|e| spi_error("choosing how to read the log", e))
 }
 
 /// How a catch-up ended.
@@ -149,20 +169,42 @@ pub(crate) fn catch_up_one(
     changes: &mut Changes,
 ) -> Result<CaughtUp, ErrorReport> {
     let mut total = 0u64;
+    // Some(after): walking the log in position order after it; None: stream by stream
+    let mut walk = walk_from(client, name, chunk, reach)?;
+    let mut looked_again = false;
     loop {
+        // the walk's query ($5: where it is) or the stream-by-stream one
+        let query = if walk.is_some() {
+            events::WALK
+        } else {
+            events::behind()
+        };
         let events = read_log(
             client,
-            events::behind(),
+            query,
             PgBuiltInOids::TEXTOID,
             name.into(),
             chunk,
             reach.upto(),
+            walk,
         )?;
         if events.is_empty() {
+            // A walk passes a command that commits after it went by (its position was taken
+            // earlier). Up to the log's end at the start, that is the next call's, as stream by
+            // stream; a catch-up of everything looks once more.
+            if walk.is_some() && !looked_again && matches!(reach, Reach::Everything) {
+                looked_again = true;
+                walk = walk_from(client, name, chunk, reach)?;
+                continue;
+            }
             return Ok(CaughtUp {
                 events: total,
                 halted: None,
             });
+        }
+        looked_again = false;
+        if let (Some(_), Some(last)) = (walk, events.last()) {
+            walk = Some(last.position);
         }
         let reports = projector::project(
             client,
@@ -846,6 +888,7 @@ fn replay_log(
             PgBuiltInOids::INT8OID,
             cursor.into(),
             chunk,
+            None,
             None,
         )?;
         let Some(last) = events.last() else {

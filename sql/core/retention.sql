@@ -569,6 +569,65 @@ begin
 end
 $$;
 
+-- Where a projection's catch-up reads the log from: stream by stream (null), or walking it in
+-- log order after the position returned. Stream by stream, each chunk looks up every behind
+-- stream's next commands in each partition its id times span (cqrs.stream's range): cheap while
+-- streams are short-lived, a year of index lookups per stream per chunk when each lives all year
+-- (0.11x of one partition, measured). A walk looks into each partition once per chunk but reads
+-- every command after its start, applied or not. Both are counted without reading the log —
+-- lookups: the partitions each behind stream spans; a walk: the positions it passes — with one
+-- lookup weighed as 4 commands walked (measured: ≈10 µs against 2.3–5 µs). Where the walk
+-- starts is each behind stream's next command, looked up once, and only where that can skip
+-- more than it costs: the commands before it were all applied, so it skips at most the log's
+-- commands less those not applied (none when a new projection starts from the beginning).
+create function cqrs._catch_up_from(projection text, upto bigint, chunk integer)
+returns bigint
+language plpgsql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_width double precision;
+    v_partitions bigint;
+    v_lookups numeric;
+    v_missing numeric;
+    v_first bigint;
+    v_end bigint;
+    v_by_stream numeric;
+    v_start bigint;
+begin
+    select extract(epoch from r.partition_interval), coalesce(r.removed_through, 0) into v_width, v_first
+      from cqrs.retention r;
+    select count(*) into v_partitions from pg_catalog.pg_inherits i where i.inhparent = 'cqrs.command_log'::pg_catalog.regclass;
+    select sum(least(v_partitions,
+                     case when s.min_id_time = '-infinity' and s.max_id_time = '-infinity' then 1
+                          when s.min_id_time = '-infinity' or s.max_id_time = 'infinity' or s.min_id_time > s.max_id_time
+                          then v_partitions
+                          else floor(extract(epoch from s.max_id_time - s.min_id_time) / v_width) + 1 end)),
+           sum(s.last_seq - coalesce(ps.last_seq, 0))
+      into v_lookups, v_missing
+      from cqrs.stream s
+      left join cqrs.projection_stream ps on ps.projection = _catch_up_from.projection and ps.stream = s.stream
+     where s.last_seq > coalesce(ps.last_seq, 0);
+    if v_missing is null then
+        return null;
+    end if;
+    v_end := coalesce(upto, (select max(l.position) from cqrs.command_log l), 0);
+    v_by_stream := ceil(v_missing / chunk) * v_lookups * 4;
+    if v_end - v_first - v_missing <= v_lookups * 4 then
+        return case when v_end - v_first < v_by_stream then v_first end;
+    end if;
+    select min(l.position) into v_start
+      from cqrs.stream s
+      left join cqrs.projection_stream ps on ps.projection = _catch_up_from.projection and ps.stream = s.stream
+      join cqrs.command_log l on l.stream = s.stream and l.seq = coalesce(ps.last_seq, 0) + 1
+                             and l.id_time between s.min_id_time and s.max_id_time
+     where s.last_seq > coalesce(ps.last_seq, 0);
+    return case when v_start is not null and v_end - v_start < v_by_stream then v_start - 1 end;
+end
+$$;
+comment on function cqrs._catch_up_from(text, bigint, integer) is
+    'Where projection''s catch-up (up to position upto, chunk commands at a time) walks the log from in log order, or null to read it stream by stream: whichever reads less.';
+
 revoke all on cqrs.retention, cqrs.log_consumer from public;
 grant select on cqrs.retention to cqrs_reader, cqrs_projector, cqrs_writer;
 grant select on cqrs.log_consumer to cqrs_reader, cqrs_projector;
@@ -589,11 +648,13 @@ revoke execute on function cqrs.archive_detached(regclass, timestamptz, timestam
 revoke execute on function cqrs.maintain() from public;
 revoke execute on function cqrs.idempotency_horizon() from public;
 revoke execute on function cqrs._check_log_whole(text, boolean) from public;
+revoke execute on function cqrs._catch_up_from(text, bigint, integer) from public;
 grant execute on function cqrs.log_partitions() to cqrs_reader, cqrs_projector;
 grant execute on function cqrs.maintain() to cqrs_projector;
 grant execute on function cqrs.hold_log(text, bigint), cqrs.release_log(text) to cqrs_projector;
 grant execute on function cqrs.idempotency_horizon() to cqrs_writer, cqrs_reader, cqrs_projector;
 grant execute on function cqrs._check_log_whole(text, boolean) to cqrs_projector;
+grant execute on function cqrs._catch_up_from(text, bigint, integer) to cqrs_projector;
 
 create trigger retention_restored before insert on cqrs.retention
     for each row execute function cqrs._retention_restored();

@@ -1600,6 +1600,55 @@ begin
 end
 $$;
 
+create or replace function cqrs._catch_up_from(projection text, upto bigint, chunk integer)
+returns bigint
+language plpgsql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_width double precision;
+    v_partitions bigint;
+    v_lookups numeric;
+    v_missing numeric;
+    v_first bigint;
+    v_end bigint;
+    v_by_stream numeric;
+    v_start bigint;
+begin
+    select extract(epoch from r.partition_interval), coalesce(r.removed_through, 0) into v_width, v_first
+      from cqrs.retention r;
+    select count(*) into v_partitions from pg_catalog.pg_inherits i where i.inhparent = 'cqrs.command_log'::pg_catalog.regclass;
+    select sum(least(v_partitions,
+                     case when s.min_id_time = '-infinity' and s.max_id_time = '-infinity' then 1
+                          when s.min_id_time = '-infinity' or s.max_id_time = 'infinity' or s.min_id_time > s.max_id_time
+                          then v_partitions
+                          else floor(extract(epoch from s.max_id_time - s.min_id_time) / v_width) + 1 end)),
+           sum(s.last_seq - coalesce(ps.last_seq, 0))
+      into v_lookups, v_missing
+      from cqrs.stream s
+      left join cqrs.projection_stream ps on ps.projection = _catch_up_from.projection and ps.stream = s.stream
+     where s.last_seq > coalesce(ps.last_seq, 0);
+    if v_missing is null then
+        return null;
+    end if;
+    v_end := coalesce(upto, (select max(l.position) from cqrs.command_log l), 0);
+    v_by_stream := ceil(v_missing / chunk) * v_lookups * 4;
+    if v_end - v_first - v_missing <= v_lookups * 4 then
+        return case when v_end - v_first < v_by_stream then v_first end;
+    end if;
+    select min(l.position) into v_start
+      from cqrs.stream s
+      left join cqrs.projection_stream ps on ps.projection = _catch_up_from.projection and ps.stream = s.stream
+      join cqrs.command_log l on l.stream = s.stream and l.seq = coalesce(ps.last_seq, 0) + 1
+                             and l.id_time between s.min_id_time and s.max_id_time
+     where s.last_seq > coalesce(ps.last_seq, 0);
+    return case when v_start is not null and v_end - v_start < v_by_stream then v_start - 1 end;
+end
+$$;
+
+comment on function cqrs._catch_up_from(text, bigint, integer) is
+    'Where projection''s catch-up (up to position upto, chunk commands at a time) walks the log from in log order, or null to read it stream by stream: whichever reads less.';
+
 revoke all on cqrs.retention, cqrs.log_consumer from public;
 
 grant select on cqrs.retention to cqrs_reader, cqrs_projector, cqrs_writer;
@@ -1640,6 +1689,8 @@ revoke execute on function cqrs.idempotency_horizon() from public;
 
 revoke execute on function cqrs._check_log_whole(text, boolean) from public;
 
+revoke execute on function cqrs._catch_up_from(text, bigint, integer) from public;
+
 grant execute on function cqrs.log_partitions() to cqrs_reader, cqrs_projector;
 
 grant execute on function cqrs.maintain() to cqrs_projector;
@@ -1649,6 +1700,8 @@ grant execute on function cqrs.hold_log(text, bigint), cqrs.release_log(text) to
 grant execute on function cqrs.idempotency_horizon() to cqrs_writer, cqrs_reader, cqrs_projector;
 
 grant execute on function cqrs._check_log_whole(text, boolean) to cqrs_projector;
+
+grant execute on function cqrs._catch_up_from(text, bigint, integer) to cqrs_projector;
 
 
 -- ---- sql/extension/functions.sql ----

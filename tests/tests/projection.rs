@@ -290,3 +290,111 @@ async fn rebuild_loses_nothing(edition: Edition) -> anyhow::Result<()> {
     assert_eq!(actual.1, expected.1, "user_order_stats after rebuild + catch-up");
     Ok(())
 }
+
+/// A catch-up that walks the log in position order (cqrs._catch_up_from chose it: nothing was
+/// applied yet) while three writers append applies each command once and each stream in order:
+/// what commits behind the walk is the next call's, and after it the read models are the fold
+/// of the whole log with nothing left parked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_walking_the_log_under_appends_applies_each_command_once() -> anyhow::Result<()> {
+    walk_under_appends(Edition::Extension).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_walking_the_log_under_appends_applies_each_command_once_portable() -> anyhow::Result<()> {
+    walk_under_appends(Edition::Portable).await
+}
+
+async fn walk_under_appends(edition: Edition) -> anyhow::Result<()> {
+    let (cluster, client) = with_examples(edition).await?;
+    let mut rng = StdRng::seed_from_u64(11);
+    let log = random_log(&mut rng, 4000, 300, 40);
+    let append = client.prepare("select cqrs.append($1, $2, $3, $4)").await?;
+    for command in &log[..2000] {
+        client
+            .execute(
+                &append,
+                &[
+                    &Uuid::now_v7(),
+                    &command.stream,
+                    &command.command_type,
+                    &command.payload,
+                ],
+            )
+            .await?;
+    }
+    let walk_after: Option<i64> = client
+        .query_one("select cqrs._catch_up_from('order_summary', null, 50)", &[])
+        .await?
+        .get(0);
+    assert_eq!(
+        walk_after,
+        Some(0),
+        "a projection that applied nothing walks the log from its start"
+    );
+
+    // three writers, each with its own streams' commands (a stream's order is its writer's)
+    let mut shares: Vec<Vec<Command>> = vec![Vec::new(); 3];
+    for command in &log[2000..] {
+        let writer = command.stream.bytes().map(usize::from).sum::<usize>() % 3;
+        shares[writer].push(command.clone());
+    }
+    let mut writers = Vec::new();
+    for share in shares {
+        let writer = connect(&cluster.url()).await?;
+        writers.push(tokio::spawn(async move {
+            let append = writer.prepare("select cqrs.append($1, $2, $3, $4)").await?;
+            for command in &share {
+                writer
+                    .execute(
+                        &append,
+                        &[
+                            &Uuid::now_v7(),
+                            &command.stream,
+                            &command.command_type,
+                            &command.payload,
+                        ],
+                    )
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    let projector = connect(&cluster.url()).await?;
+    let mut logged_at_start = Vec::new();
+    while !writers.iter().all(|w| w.is_finished()) {
+        let logged: i64 = projector
+            .query_one("select count(*) from cqrs.command_log", &[])
+            .await?
+            .get(0);
+        logged_at_start.push(logged);
+        // small chunks: each call walks for a while beside the writers
+        projector
+            .query("select * from cqrs.catch_up(null, 50)", &[])
+            .await?;
+    }
+    for writer in writers {
+        writer.await??;
+    }
+    client.query("select * from cqrs.catch_up()", &[]).await?;
+    assert!(
+        logged_at_start.first().is_some_and(|&n| n < 4000),
+        "the catch-ups ran beside the writers (the log at each start: {logged_at_start:?})"
+    );
+
+    let ordered = cqrs_e2e::orders::log_from_db(&client).await?;
+    assert_eq!(ordered.len(), 4000);
+    let expected = fold(&ordered);
+    let actual = read_models(&client).await?;
+    assert_eq!(actual.0, expected.0, "order_summary after walking catch-ups");
+    assert_eq!(actual.1, expected.1, "user_order_stats after walking catch-ups");
+    let left: i64 = client
+        .query_one(
+            "select coalesce(sum(events_behind + parked + dead_letters), 0)::bigint from cqrs.status()",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(left, 0, "nothing behind, parked or dead-lettered");
+    Ok(())
+}
