@@ -8,6 +8,7 @@
 //! Memory outside PostgreSQL's accounting stays bounded: each document is decoded only up to
 //! [`limits`], and the log is read in chunks bounded in bytes as well as in rows.
 
+use cqrs_projection::command_time;
 use cqrs_projection::event::{Event, Limits};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
@@ -150,24 +151,56 @@ fn at_positions(
     limits: Limits,
 ) -> Result<Vec<Option<Event>>, ErrorReport> {
     // an install not updated to 0.3.0 has no id_time to name the partition with (log_shape.rs)
-    let query = if crate::log_shape::partitioned() {
-        AT_POSITIONS
-    } else {
-        AT_POSITIONS_UNPARTITIONED
-    };
+    if !crate::log_shape::partitioned() {
+        let plan = prepared::statement(
+            client,
+            AT_POSITIONS_UNPARTITIONED,
+            &[
+                PgBuiltInOids::INT8ARRAYOID.into(),
+                PgBuiltInOids::UUIDARRAYOID.into(),
+            ],
+        )?;
+        let rows = prepared::index_plans(|| {
+            client.update(&*plan, None, &[positions.to_vec().into(), ids.to_vec().into()])
+        })
+        .map_err(|e| spi_error("reading the batch's commands from the log", e))?;
+        return logged_rows(rows, limits);
+    }
+    // each id's time computed here, as append does: cqrs.command_time in SQL cost more than
+    // the lookup itself (1.99 s against 0.91 s for 120,000 ids, measured)
+    let times: Vec<pgrx::datum::TimestampWithTimeZone> = ids
+        .iter()
+        .map(|id| {
+            pgrx::datum::TimestampWithTimeZone::try_from(command_time::timestamptz(*id.as_bytes()))
+                .unwrap_or_else(|_| pgrx::datum::TimestampWithTimeZone::negative_infinity())
+        })
+        .collect();
     let plan = prepared::statement(
         client,
-        query,
+        AT_POSITIONS,
         &[
             PgBuiltInOids::INT8ARRAYOID.into(),
             PgBuiltInOids::UUIDARRAYOID.into(),
+            PgBuiltInOids::TIMESTAMPTZARRAYOID.into(),
         ],
     )?;
     let rows = prepared::index_plans(|| {
-        client.update(&*plan, None, &[positions.to_vec().into(), ids.to_vec().into()])
+        client.update(
+            &*plan,
+            None,
+            &[positions.to_vec().into(), ids.to_vec().into(), times.into()],
+        )
     })
     .map_err(|e| spi_error("reading the batch's commands from the log", e))?;
-    let mut logged = Vec::with_capacity(positions.len());
+    logged_rows(rows, limits)
+}
+
+/// The rows of [`AT_POSITIONS`], `None` where there is no command.
+fn logged_rows(
+    rows: pgrx::spi::SpiTupleTable<'_>,
+    limits: Limits,
+) -> Result<Vec<Option<Event>>, ErrorReport> {
+    let mut logged = Vec::with_capacity(rows.len());
     for (i, row) in rows.enumerate() {
         logged.push(match column(row.get::<&str>(1), "a command-log row")? {
             Some(text) => Some(stored(i, text, "a command-log row", limits)?),
@@ -187,13 +220,14 @@ macro_rules! log_row_json {
 }
 
 /// The command-log rows at positions `$1` with command ids `$2`, in that order; null where there
-/// is none. The id names the row's partition (id_time), so each lookup reads one partition.
+/// is none. The id's time (`$3`, cqrs.command_time of each) names the row's partition, so each
+/// lookup reads one partition (and the first, where the 0.3.0 upgrade's rows are).
 const AT_POSITIONS: &str = concat!(
     "select (select ",
     log_row_json!(),
     " from cqrs.command_log l
-          where l.position = u.position and l.id_time in (cqrs.command_time(u.command_id), '-infinity') and l.command_id = u.command_id)
-  from unnest($1::bigint[], $2::uuid[]) with ordinality as u(position, command_id, n)
+          where l.position = u.position and l.id_time in (u.id_time, '-infinity') and l.command_id = u.command_id)
+  from unnest($1::bigint[], $2::uuid[], $3::timestamptz[]) with ordinality as u(position, command_id, id_time, n)
  order by u.n"
 );
 
