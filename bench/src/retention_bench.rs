@@ -9,8 +9,9 @@
 //! pg_cqrs version '0.2.0'`, or the portable edition's frozen 0.2.0 script), one partition
 //! (everything before today) or 365 daily ones. A projection counts each stream's commands;
 //! `cqrs.catch_up` is timed from nothing applied (a new projection) and from each stream's last
-//! five commands not applied (a sidecar that was down), `--rounds` times, interleaved; the fold
-//! is checked after every catch-up.
+//! five commands not applied (a sidecar that was down), and the sidecar's `cqrs._project_batch`
+//! of the whole log in batches of 10,000 (each event looked up in the log by id and position),
+//! `--rounds` times, interleaved; the fold is checked after each.
 
 use std::time::Instant;
 
@@ -91,6 +92,7 @@ struct Log {
     append_seconds: f64,
     fresh: Vec<f64>,
     behind: Vec<f64>,
+    batches: Vec<f64>,
 }
 
 /// The projection every database catches up.
@@ -208,6 +210,47 @@ fn catch_up(cluster: &PgCluster, log: &Log, commands: u32) -> Result<f64> {
     Ok(seconds)
 }
 
+/// Times the sidecar's `cqrs._project_batch` of the whole log, 10,000 events a batch, from
+/// nothing applied (the batches made beforehand, not timed); checks the fold after it.
+fn project_batches(cluster: &PgCluster, log: &Log, commands: u32) -> Result<f64> {
+    forget_all(cluster, log)?;
+    // 0.2.0's has no projection group
+    let call = if log.layout == Layout::Unpartitioned {
+        "cqrs._project_batch(b.events, null, null)"
+    } else {
+        "cqrs._project_batch(b.events, null, null, 'default')"
+    };
+    let out = cluster.psql_in(
+        &log.database,
+        &format!(
+            "create temp table batches as
+                 select (l.position - 1) / 10000 as n,
+                        jsonb_agg(jsonb_build_object('position', l.position, 'command_id', l.command_id, 'stream', l.stream,
+                                                     'seq', l.seq, 'command_type', l.command_type, 'payload', l.payload,
+                                                     'metadata', l.metadata, 'created_at', l.created_at) order by l.position) as events
+                   from cqrs.command_log l group by 1;
+             create temp table started as select clock_timestamp() as at;
+             select count(*) from batches b, lateral {call} x;
+             select extract(epoch from clock_timestamp() - s.at) from started s;"
+        ),
+    )?;
+    let seconds: f64 = out
+        .lines()
+        .last()
+        .and_then(|line| line.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("{}: no time in {out:?}", log.database))?;
+    let folded = cluster.psql_in(
+        &log.database,
+        &format!("select coalesce(sum(n), 0) from public.{PROJECTION}"),
+    )?;
+    ensure!(
+        folded == commands.to_string(),
+        "{}: the read model counts {folded} commands after project_batch, not {commands}",
+        log.database
+    );
+    Ok(seconds)
+}
+
 /// Forgets everything the projection applied.
 fn forget_all(cluster: &PgCluster, log: &Log) -> Result<()> {
     cluster.psql_in(
@@ -252,6 +295,7 @@ pub fn run(args: RetentionArgs) -> Result<()> {
                     append_seconds: 0.0,
                     fresh: Vec::new(),
                     behind: Vec::new(),
+                    batches: Vec::new(),
                 });
             }
         }
@@ -265,8 +309,9 @@ pub fn run(args: RetentionArgs) -> Result<()> {
             let fresh = catch_up(&cluster, log, args.commands)?;
             forget_last(&cluster, log)?;
             let behind = catch_up(&cluster, log, args.commands)?;
+            let batches = project_batches(&cluster, log, args.commands)?;
             println!(
-                "  round {round}/{}  {:<9} {:<24} {:<21} new projection {fresh:>6.2} s, last {LEFT_BEHIND} of each stream {behind:>6.2} s",
+                "  round {round}/{}  {:<9} {:<24} {:<21} new projection {fresh:>6.2} s, last {LEFT_BEHIND} of each stream {behind:>6.2} s, project_batch {batches:>6.2} s",
                 args.rounds,
                 log.edition.name(),
                 log.streams.name(),
@@ -274,6 +319,7 @@ pub fn run(args: RetentionArgs) -> Result<()> {
             );
             log.fresh.push(fresh);
             log.behind.push(behind);
+            log.batches.push(batches);
         }
     }
 
@@ -292,7 +338,7 @@ pub fn run(args: RetentionArgs) -> Result<()> {
         let [old, one, daily] = group else {
             continue;
         };
-        let rows: [(&str, [f64; 3]); 3] = [
+        let rows: [(&str, [f64; 3]); 4] = [
             (
                 "append (one session)",
                 [old.append_seconds, one.append_seconds, daily.append_seconds],
@@ -304,6 +350,10 @@ pub fn run(args: RetentionArgs) -> Result<()> {
             (
                 "catch-up, last 5 of each stream",
                 [median(&old.behind), median(&one.behind), median(&daily.behind)],
+            ),
+            (
+                "project_batch, batches of 10,000",
+                [median(&old.batches), median(&one.batches), median(&daily.batches)],
             ),
         ];
         for (what, [old_s, one_s, daily_s]) in rows {
