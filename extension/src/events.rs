@@ -175,6 +175,12 @@ fn at_positions(
                 .unwrap_or_else(|_| pgrx::datum::TimestampWithTimeZone::negative_infinity())
         })
         .collect();
+    // the batch's range of id times, for AT_POSITIONS's partition pruning (-infinity when no id
+    // has a time)
+    let finite = times.iter().filter(|t| !t.is_neg_infinity());
+    let earliest = finite.clone().min().copied();
+    let latest = finite.max().copied();
+    let none = pgrx::datum::TimestampWithTimeZone::negative_infinity();
     let plan = prepared::statement(
         client,
         AT_POSITIONS,
@@ -182,13 +188,21 @@ fn at_positions(
             PgBuiltInOids::INT8ARRAYOID.into(),
             PgBuiltInOids::UUIDARRAYOID.into(),
             PgBuiltInOids::TIMESTAMPTZARRAYOID.into(),
+            PgBuiltInOids::TIMESTAMPTZOID.into(),
+            PgBuiltInOids::TIMESTAMPTZOID.into(),
         ],
     )?;
     let rows = prepared::index_plans(|| {
         client.update(
             &*plan,
             None,
-            &[positions.to_vec().into(), ids.to_vec().into(), times.into()],
+            &[
+                positions.to_vec().into(),
+                ids.to_vec().into(),
+                times.into(),
+                earliest.unwrap_or(none).into(),
+                latest.unwrap_or(none).into(),
+            ],
         )
     })
     .map_err(|e| spi_error("reading the batch's commands from the log", e))?;
@@ -221,12 +235,17 @@ macro_rules! log_row_json {
 
 /// The command-log rows at positions `$1` with command ids `$2`, in that order; null where there
 /// is none. The id's time (`$3`, cqrs.command_time of each) names the row's partition, so each
-/// lookup reads one partition (and the first, where the 0.3.0 upgrade's rows are).
+/// lookup reads one partition (and the first, where the 0.3.0 upgrade's rows are). The batch's
+/// range of id times (`$4`, `$5`) prunes the other partitions once, when the statement starts:
+/// PostgreSQL re-arms every partition left in the plan for each lookup, and a year of daily
+/// partitions made project_batch 0.51x of 0.2.0's log (measured; one lookup in 365 partitions
+/// took twice as long without the range).
 const AT_POSITIONS: &str = concat!(
     "select (select ",
     log_row_json!(),
     " from cqrs.command_log l
-          where l.position = u.position and l.id_time in (u.id_time, '-infinity') and l.command_id = u.command_id)
+          where l.position = u.position and l.id_time in (u.id_time, '-infinity')
+            and (l.id_time = '-infinity' or l.id_time between $4 and $5) and l.command_id = u.command_id)
   from unnest($1::bigint[], $2::uuid[], $3::timestamptz[]) with ordinality as u(position, command_id, id_time, n)
  order by u.n"
 );
