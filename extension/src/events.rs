@@ -259,18 +259,29 @@ const AT_POSITIONS_UNPARTITIONED: &str = concat!(
  order by u.n"
 );
 
-/// Commands after `$1` in log order, at most `$2` of them and about `$3` bytes (at least one).
-pub(crate) const LOG_AFTER: &str = concat!(
-    "select c.doc from (
+/// The rows `$rows` (a query of command-log rows, in log order, at most `$2`) as events, cut at
+/// about `$3` bytes (at least one): the chunk every read of the log returns.
+macro_rules! chunk_of {
+    ($($rows:expr),+ $(,)?) => {
+        concat!(
+            "select c.doc from (
     select ",
-    log_row_json!(),
-    " as doc, pg_catalog.row_number() over w as n,
+            log_row_json!(),
+            " as doc, pg_catalog.row_number() over w as n,
            pg_catalog.sum(pg_catalog.pg_column_size(l.payload) + pg_catalog.pg_column_size(l.metadata)) over w as bytes
-      from (select * from cqrs.command_log l where l.position > $1 order by l.position limit $2) l
+      from (",
+            $($rows),+,
+            ") l
     window w as (order by l.position rows unbounded preceding)) c
  where c.n = 1 or c.bytes <= $3
  order by c.n"
-);
+        )
+    };
+}
+
+/// Commands after `$1` in log order, at most `$2` of them and about `$3` bytes (at least one).
+pub(crate) const LOG_AFTER: &str =
+    chunk_of!("select * from cqrs.command_log l where l.position > $1 order by l.position limit $2");
 
 /// Commands projection `$1` has not applied, in log order, at most `$2` of them and about `$3`
 /// bytes: per stream, those after its progress, up to position `$4` (all when null). Exact
@@ -278,13 +289,8 @@ pub(crate) const LOG_AFTER: &str = concat!(
 /// log partitions its commands can be in (cqrs.stream's id-time range).
 macro_rules! behind {
     ($in_range:literal) => {
-        concat!(
-            "select c.doc from (
-    select ",
-            log_row_json!(),
-            " as doc, pg_catalog.row_number() over w as n,
-           pg_catalog.sum(pg_catalog.pg_column_size(l.payload) + pg_catalog.pg_column_size(l.metadata)) over w as bytes
-      from (select l.*
+        chunk_of!(
+            "select l.*
               from cqrs.stream s
               left join cqrs.projection_stream ps on ps.projection = $1 and ps.stream = s.stream
               cross join lateral (
@@ -297,10 +303,7 @@ macro_rules! behind {
                      limit $2) l
              where s.last_seq > coalesce(ps.last_seq, 0)
              order by l.position
-             limit $2) l
-    window w as (order by l.position rows unbounded preceding)) c
- where c.n = 1 or c.bytes <= $3
- order by c.n"
+             limit $2"
         )
     };
 }
@@ -311,22 +314,14 @@ macro_rules! behind {
 /// seq order (a stream's positions grow with its seq), those it has applied are passed over —
 /// its progress looked up per command (a join would read all of the projection's progress per
 /// chunk, and once per command when the plan was made with little of it: measured).
-pub(crate) const WALK: &str = concat!(
-    "select c.doc from (
-    select ",
-    log_row_json!(),
-    " as doc, pg_catalog.row_number() over w as n,
-           pg_catalog.sum(pg_catalog.pg_column_size(l.payload) + pg_catalog.pg_column_size(l.metadata)) over w as bytes
-      from (select l.*
+pub(crate) const WALK: &str = chunk_of!(
+    "select l.*
               from cqrs.command_log l
              where l.position > $5 and ($4::int8 is null or l.position <= $4::int8)
                and l.seq > coalesce((select ps.last_seq from cqrs.projection_stream ps
                                       where ps.projection = $1 and ps.stream = l.stream), 0)
              order by l.position
-             limit $2) l
-    window w as (order by l.position rows unbounded preceding)) c
- where c.n = 1 or c.bytes <= $3
- order by c.n"
+             limit $2"
 );
 
 /// [`behind!`] in the partitioned log.

@@ -69,20 +69,7 @@ async fn folds_equal(edition: Edition) -> anyhow::Result<()> {
         let (orders, users) = (rng.random_range(1..40), rng.random_range(1..10));
         let mut log: Vec<Command> = seed_commands(users);
         log.extend(random_log(&mut rng, commands, orders, users));
-        let append = client.prepare("select cqrs.append($1, $2, $3, $4)").await?;
-        for command in &log {
-            client
-                .execute(
-                    &append,
-                    &[
-                        &Uuid::now_v7(),
-                        &command.stream,
-                        &command.command_type,
-                        &command.payload,
-                    ],
-                )
-                .await?;
-        }
+        append_all(&client, &log).await?;
         let rows: Vec<Value> = client
             .query(
                 "select to_jsonb(l) from cqrs.command_log l order by l.position",
@@ -238,37 +225,11 @@ async fn rebuild_loses_nothing(edition: Edition) -> anyhow::Result<()> {
     let (cluster, client) = with_examples(edition).await?;
     let mut rng = StdRng::seed_from_u64(7);
     let log = random_log(&mut rng, 3000, 300, 40);
-    let append = client.prepare("select cqrs.append($1, $2, $3, $4)").await?;
-    for command in &log[..2000] {
-        client
-            .execute(
-                &append,
-                &[
-                    &Uuid::now_v7(),
-                    &command.stream,
-                    &command.command_type,
-                    &command.payload,
-                ],
-            )
-            .await?;
-    }
+    append_all(&client, &log[..2000]).await?;
     let writer = connect(&cluster.url()).await?;
     let late = log[2000..].to_vec();
     let appending = tokio::spawn(async move {
-        let append = writer.prepare("select cqrs.append($1, $2, $3, $4)").await?;
-        for command in &late {
-            writer
-                .execute(
-                    &append,
-                    &[
-                        &Uuid::now_v7(),
-                        &command.stream,
-                        &command.command_type,
-                        &command.payload,
-                    ],
-                )
-                .await?;
-        }
+        append_all(&writer, &late).await?;
         anyhow::Ok(())
     });
     let rebuilder = connect(&cluster.url()).await?;
@@ -309,20 +270,7 @@ async fn walk_under_appends(edition: Edition) -> anyhow::Result<()> {
     let (cluster, client) = with_examples(edition).await?;
     let mut rng = StdRng::seed_from_u64(11);
     let log = random_log(&mut rng, 4000, 300, 40);
-    let append = client.prepare("select cqrs.append($1, $2, $3, $4)").await?;
-    for command in &log[..2000] {
-        client
-            .execute(
-                &append,
-                &[
-                    &Uuid::now_v7(),
-                    &command.stream,
-                    &command.command_type,
-                    &command.payload,
-                ],
-            )
-            .await?;
-    }
+    append_all(&client, &log[..2000]).await?;
     let walk_after: Option<i64> = client
         .query_one("select cqrs._catch_up_from('order_summary', null, 50)", &[])
         .await?
@@ -343,20 +291,7 @@ async fn walk_under_appends(edition: Edition) -> anyhow::Result<()> {
     for share in shares {
         let writer = connect(&cluster.url()).await?;
         writers.push(tokio::spawn(async move {
-            let append = writer.prepare("select cqrs.append($1, $2, $3, $4)").await?;
-            for command in &share {
-                writer
-                    .execute(
-                        &append,
-                        &[
-                            &Uuid::now_v7(),
-                            &command.stream,
-                            &command.command_type,
-                            &command.payload,
-                        ],
-                    )
-                    .await?;
-            }
+            append_all(&writer, &share).await?;
             anyhow::Ok(())
         }));
     }
@@ -396,5 +331,24 @@ async fn walk_under_appends(edition: Edition) -> anyhow::Result<()> {
         .await?
         .get(0);
     assert_eq!(left, 0, "nothing behind, parked or dead-lettered");
+    Ok(())
+}
+
+/// Appends `commands` in order, each with a new UUIDv7 id.
+async fn append_all(client: &Client, commands: &[Command]) -> anyhow::Result<()> {
+    let append = client.prepare("select cqrs.append($1, $2, $3, $4)").await?;
+    for command in commands {
+        client
+            .execute(
+                &append,
+                &[
+                    &Uuid::now_v7(),
+                    &command.stream,
+                    &command.command_type,
+                    &command.payload,
+                ],
+            )
+            .await?;
+    }
     Ok(())
 }
