@@ -21,6 +21,7 @@ use cqrs_projection::command_time;
 
 use crate::command_limits::{self, Document};
 use crate::command_registry;
+use crate::command_trace;
 use crate::errors::{column, error, null_argument, spi_error};
 use crate::fmgr;
 use crate::log_shape;
@@ -263,6 +264,7 @@ impl Command<'_> {
             }
             let metadata = check_object("metadata", arg(5), Some("Omit metadata or pass '{}'."))?;
             command_limits::check(Document::Metadata, metadata)?;
+            command_trace::check(metadata)?;
             Ok(Self {
                 command_id,
                 stream,

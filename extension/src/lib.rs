@@ -26,6 +26,7 @@ use pgrx::prelude::*;
 mod append;
 mod command_limits;
 mod command_registry;
+mod command_trace;
 mod errors;
 mod events;
 mod fence;

@@ -9,7 +9,8 @@
 //! - [`fold`]: turning a run of events into one write per read-model row;
 //! - [`lsn`]: checkpoint positions in the WAL;
 //! - [`name`]: what a projection may be called;
-//! - [`sql`]: the set-based statements those writes are executed with.
+//! - [`sql`]: the set-based statements those writes are executed with;
+//! - [`trace_context`]: the W3C trace context a command carries in its metadata.
 
 pub mod command_time;
 pub mod event;
@@ -27,6 +28,7 @@ pub mod path;
 pub mod sequencing;
 pub mod spec;
 pub mod sql;
+pub mod trace_context;
 
 #[cfg(test)]
 mod tests {

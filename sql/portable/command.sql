@@ -111,6 +111,49 @@ begin
 end
 $$;
 
+-- The W3C trace context a command may carry in its metadata: a malformed traceparent or
+-- tracestate is refused with 22023, by the rules and in the words of the extension's
+-- (projection/src/trace_context.rs): lowercase hex version-trace_id-parent_id-flags, version not
+-- ff, ids not all zero, version 00 exactly 55 characters; tracestate printable ASCII, <= 512 bytes.
+create function cqrs_portable._check_trace_context(metadata jsonb)
+returns void
+language plpgsql immutable
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_parent jsonb := metadata -> 'traceparent';
+    v_state jsonb := metadata -> 'tracestate';
+    v_text text;
+    v_rule text;
+begin
+    if v_parent is not null then
+        if jsonb_typeof(v_parent) <> 'string' then
+            v_rule := 'metadata.traceparent must be a string';
+        else
+            v_text := v_parent #>> '{}';
+            if v_text !~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-.*)?$' collate "C" then
+                v_rule := 'metadata.traceparent is not a W3C traceparent (version-trace_id-parent_id-flags in lowercase hex, e.g. 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01)';
+            elsif left(v_text, 2) = 'ff' then
+                v_rule := 'metadata.traceparent has version ff, which W3C Trace Context forbids';
+            elsif left(v_text, 2) = '00' and length(v_text) <> 55 then
+                v_rule := 'metadata.traceparent is not a W3C traceparent (version-trace_id-parent_id-flags in lowercase hex, e.g. 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01)';
+            elsif substr(v_text, 4, 32) = repeat('0', 32) or substr(v_text, 37, 16) = repeat('0', 16) then
+                v_rule := 'metadata.traceparent has an all-zero trace id or parent id, which W3C Trace Context forbids';
+            end if;
+        end if;
+    end if;
+    if v_rule is null and v_state is not null
+       and (jsonb_typeof(v_state) <> 'string' or octet_length(v_state #>> '{}') > 512
+            or (v_state #>> '{}') !~ '^[\x20-\x7e]*$' collate "C") then
+        v_rule := 'metadata.tracestate must be a string of printable ASCII of at most 512 bytes';
+    end if;
+    if v_rule is not null then
+        raise exception using errcode = '22023', message = v_rule,
+            hint = 'Pass the traceparent of the application''s current span as OpenTelemetry''s propagator writes it, or leave the key out (README, Observability).';
+    end if;
+end
+$$;
+
 -- cqrs.append of a command_id that is in the log: gives back the seq this call took (if it took
 -- one; see GIVE_BACK_SEQ in extension/src/append.rs) and answers the first append's position and
 -- seq when the command is the same (a retry), or raises 23505 naming what differs.
@@ -206,6 +249,9 @@ begin
         raise exception using errcode = '22023', message = format('metadata must be a JSON object, not %s', jsonb_typeof(metadata));
     end if;
     perform cqrs_portable._check_limits('metadata', metadata, v_settings.max_metadata_bytes, v_settings.max_json_depth);
+    if metadata ? 'traceparent' or metadata ? 'tracestate' then
+        perform cqrs_portable._check_trace_context(metadata);
+    end if;
 
     -- The partition the command id's time names must exist (sql/core/retention.sql): the same
     -- refusals, in the same words, as the extension's (extension/src/append.rs, outside_log).
