@@ -16,4 +16,4 @@ RUN dpkg -i /tmp/postgresql-${PG_MAJOR}-pg-cqrs_*_amd64.deb && rm -f /tmp/*.deb
 COPY sql/examples/ /opt/pg_cqrs/examples/
 COPY docker/initdb/ /docker-entrypoint-initdb.d/
 # the sidecar streams a logical replication slot
-CMD ["postgres", "-c", "wal_level=logical", "-c", "max_replication_slots=10", "-c", "max_wal_senders=10"]
+CMD ["postgres", "-c", "wal_level=logical", "-c", "max_replication_slots=10", "-c", "max_wal_senders=10", "-c", "shared_preload_libraries=pg_cqrs"]

@@ -85,7 +85,7 @@ suites() {
 }
 late_suites=(--test outbox --test projection_groups --test outbox_kafka)
 mapfile -t pg15_suites < <(suites outbox outbox_kafka projection_groups)
-mapfile -t pg18_suites < <(suites redis_cluster outbox outbox_kafka read_api read_auth shared_redis projection_groups)
+mapfile -t pg18_suites < <(suites redis_cluster outbox outbox_kafka read_api read_auth shared_redis projection_groups traces)
 
 step "pg_regress suite (pgrx-tests/) and end-to-end tests (tests/) on PostgreSQL 15 (all but the last three)"
 cargo test -p cqrs-e2e --no-fail-fast "${pg15_suites[@]}"

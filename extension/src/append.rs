@@ -11,14 +11,18 @@
 //! lock, so no one has taken a later one) and compare the stored command with ours.
 
 use std::cell::RefCell;
+use std::panic::AssertUnwindSafe;
+use std::time::Instant;
 
 use pgrx::datum::DatumWithOid;
-use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::pg_sys::panic::{CaughtError, ErrorReport};
+use pgrx::pg_sys::PgTryBuilder;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 
 use cqrs_projection::command_time;
 
+use crate::append_stats;
 use crate::command_limits::{self, Document};
 use crate::command_registry;
 use crate::command_trace;
@@ -591,9 +595,37 @@ fmgr::v1_function!(pg_finfo_cqrs_append);
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn cqrs_append(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    // SAFETY: fcinfo is the call info of cqrs.append (see the function's contract).
-    let appended = unsafe { Command::from_fcinfo(fcinfo) }.and_then(|command| append_within_log(&command));
-    let appended = fmgr::or_raise(appended);
+    let call = || {
+        // SAFETY: fcinfo is the call info of cqrs.append (see the function's contract).
+        let appended =
+            unsafe { Command::from_fcinfo(fcinfo) }.and_then(|command| append_within_log(&command));
+        fmgr::or_raise(appended)
+    };
+    let appended = if append_stats::counting() {
+        // SAFETY: argument 2 of cqrs.append is its command_type text, read when not null.
+        let command_type = unsafe { fmgr::arg(fcinfo, 2) }.map(|datum| unsafe { text_arg(datum) });
+        let command_type = command_type.map(|text| text.bytes);
+        let started = Instant::now();
+        let appended = PgTryBuilder::new(AssertUnwindSafe(call))
+            .catch_others(|caught| {
+                let (CaughtError::PostgresError(report)
+                | CaughtError::ErrorReport(report)
+                | CaughtError::RustPanic { ereport: report, .. }) = &caught;
+                let outcome = append_stats::Outcome::of_error(report.sql_error_code());
+                append_stats::record(command_type, outcome, started.elapsed());
+                caught.rethrow()
+            })
+            .execute();
+        let outcome = if appended.duplicate {
+            append_stats::Outcome::Duplicate
+        } else {
+            append_stats::Outcome::Accepted
+        };
+        append_stats::record(command_type, outcome, started.elapsed());
+        appended
+    } else {
+        call()
+    };
     // SAFETY: same fcinfo; cqrs.append is declared with three OUT parameters of these types.
     unsafe {
         fmgr::return_record(

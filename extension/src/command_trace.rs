@@ -56,8 +56,12 @@ unsafe fn member<'a>(datum: pg_sys::Datum, key: &str) -> Member<'a> {
 /// As [`member`].
 pub(crate) unsafe fn check(metadata: pg_sys::Datum) -> Result<(), ErrorReport> {
     // SAFETY: per the contract.
-    let (traceparent, tracestate) =
-        unsafe { (member(metadata, TRACEPARENT_KEY), member(metadata, TRACESTATE_KEY)) };
+    let (traceparent, tracestate) = unsafe {
+        (
+            member(metadata, TRACEPARENT_KEY),
+            member(metadata, TRACESTATE_KEY),
+        )
+    };
     let refused = |rule: TraceContextError| {
         error(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, rule.to_string()).set_hint(
             "Pass the traceparent of the application's current span as OpenTelemetry's propagator writes it, or leave the key out (README, Observability).",

@@ -24,6 +24,7 @@
 use pgrx::prelude::*;
 
 mod append;
+mod append_stats;
 mod command_limits;
 mod command_registry;
 mod command_trace;
@@ -83,6 +84,7 @@ pub extern "C-unwind" fn _PG_init() {
     settings::register();
     command_registry::register_invalidation_callback();
     waiters::register_commit_hook();
+    append_stats::init();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

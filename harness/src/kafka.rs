@@ -191,6 +191,8 @@ fn read_all(bootstrap: &str, topic: &str, read_committed: bool, at_least: usize)
                         .context("a body that is not UTF-8")?
                         .unwrap_or_default()
                         .to_owned(),
+                    traceparent: header("traceparent").ok(),
+                    tracestate: header("tracestate").ok(),
                 };
                 let key = message.key().map(|k| String::from_utf8_lossy(k).into_owned());
                 if key.as_deref() != Some(received.stream.as_str()) {

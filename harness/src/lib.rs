@@ -5,6 +5,7 @@ pub mod certificates;
 pub mod edition;
 pub mod kafka;
 pub mod nats;
+pub mod otlp;
 pub mod outbox_check;
 pub mod postgres;
 pub mod process;

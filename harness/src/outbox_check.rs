@@ -18,6 +18,9 @@ pub struct Received {
     pub stream: String,
     pub seq: i64,
     pub body: String,
+    /// the W3C trace context headers, when the command carried them
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
 }
 
 /// Every message of JetStream stream `js_stream` on the server at `url`, in stored order.
@@ -56,6 +59,8 @@ pub async fn received(url: &str, js_stream: &str) -> Result<Vec<Received>> {
             stream: header("Cqrs-Stream")?,
             seq: header("Cqrs-Seq")?.parse()?,
             body: String::from_utf8(message.payload.to_vec())?,
+            traceparent: header("traceparent").ok(),
+            tracestate: header("tracestate").ok(),
         });
     }
     Ok(out)

@@ -141,7 +141,10 @@ mod tests {
             (&GOOD.replacen("00-", "ff-", 1), ForbiddenVersion),
             ("00-00000000000000000000000000000000-00f067aa0ba902b7-01", ZeroId),
             ("00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", ZeroId),
-            ("00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01", Malformed),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+                Malformed,
+            ),
             (&format!(" {}", &GOOD[1..]), Malformed),
         ];
         for (text, rule) in cases {

@@ -14,6 +14,7 @@ use std::time::{Instant, SystemTime};
 
 use crate::log_row::LogColumns;
 use crate::pgoutput::{Change, Decoder};
+use crate::traces::CommandTrace;
 
 /// A replication message the sidecar cannot turn into command-log rows.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,11 @@ pub struct Batch {
     /// Commit time of the oldest event, for the delay metric.
     pub oldest_commit: Option<SystemTime>,
     pub started: Instant,
+    /// The batch's commands that carry their application's trace (only while traces are
+    /// exported).
+    pub traced: Vec<CommandTrace>,
+    /// commands per command type (a batch holds few types: a short list beats a map)
+    pub types: Vec<(String, u64)>,
 }
 
 impl Batch {
@@ -49,6 +55,8 @@ impl Batch {
             cut: false,
             oldest_commit: None,
             started: Instant::now(),
+            traced: Vec::new(),
+            types: Vec::new(),
         }
     }
 
@@ -84,6 +92,8 @@ pub struct Assembler {
     /// the batch being filled holds events of the open transaction
     holds_open: bool,
     transaction_commit: Option<SystemTime>,
+    /// traces are exported: note each command's trace context
+    traces: bool,
 }
 
 impl Default for Assembler {
@@ -96,6 +106,7 @@ impl Default for Assembler {
             in_transaction: false,
             holds_open: false,
             transaction_commit: None,
+            traces: crate::traces::enabled(),
         }
     }
 }
@@ -164,6 +175,15 @@ impl Assembler {
                         self.batch.started = Instant::now();
                     }
                     columns.append_json(&values, &mut self.batch.json)?;
+                    if self.traces {
+                        self.batch.traced.extend(columns.command_trace(&values));
+                    }
+                    if let Some(command_type) = columns.command_type(&values) {
+                        match self.batch.types.iter_mut().find(|(t, _)| t == command_type) {
+                            Some((_, n)) => *n += 1,
+                            None => self.batch.types.push((command_type.to_owned(), 1)),
+                        }
+                    }
                     self.batch.events += 1;
                     self.holds_open = self.in_transaction;
                     if self.batch.oldest_commit.is_none() {

@@ -352,6 +352,18 @@ pub struct Config {
     #[arg(long, env = "CQRS_MAINTAIN_INTERVAL", default_value = "1h", value_parser = parse_duration)]
     pub maintain_interval: Duration,
 
+    /// Where traces go: a collector's OTLP/HTTP base URL (e.g. http://otel-collector:4318; the
+    /// traces are sent to its /v1/traces). Off unless this or OTEL_EXPORTER_OTLP_ENDPOINT /
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set (README, Observability).
+    #[arg(long, env = "CQRS_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// Share (0 to 1) of the sidecar's own traces sampled: batches without a traced command and
+    /// reads without a traceparent; a command's or request's own sampling decision is followed.
+    /// Unset: OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (default parentbased_always_on).
+    #[arg(long, env = "CQRS_TRACE_SAMPLE_RATIO", value_parser = parse_ratio)]
+    pub trace_sample_ratio: Option<f64>,
+
     /// Log format: text or json.
     #[arg(long, env = "CQRS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -361,6 +373,15 @@ pub struct Config {
     /// on every reconnection attempt, while the sidecar says once what happened.
     #[arg(long, env = "CQRS_LOG", default_value = "info,redis=error")]
     pub log: String,
+}
+
+fn parse_ratio(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(ratio) if (0.0..=1.0).contains(&ratio) => Ok(ratio),
+        _ => Err(format!(
+            "{text:?} is not a share between 0 and 1 (e.g. 0.01 for 1 %)"
+        )),
+    }
 }
 
 fn parse_group(text: &str) -> Result<String, String> {

@@ -7,6 +7,7 @@
 //! deposed leader (SQLSTATE [`FENCED_SQLSTATE`]) stops at once, anything else is retried with
 //! backoff, on a new connection when the old one broke.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -21,6 +22,8 @@ use crate::cache_sync::{write_to_cache, writes_from};
 use crate::leading::{backoff, Context};
 use crate::outbox::Outbox;
 use crate::postgres::{ConnectionPurpose, StartupError};
+use crate::traces::{self, BatchSpans};
+use tracing::Instrument;
 
 /// How the flusher stopped before its channel closed.
 #[derive(Debug)]
@@ -29,6 +32,15 @@ pub(crate) enum FlushError {
     Deposed,
     /// Asked to stop while a batch was being retried; it did not commit.
     Stopped,
+}
+
+impl FlushError {
+    fn as_str(&self) -> &'static str {
+        match self {
+            FlushError::Deposed => "deposed: a newer leader holds the lease",
+            FlushError::Stopped => "stopped before the batch committed",
+        }
+    }
 }
 
 /// Why one attempt at a batch did not commit.
@@ -74,7 +86,13 @@ struct Flusher {
     token: i64,
     policy: Arc<Mutex<BatchPolicy>>,
     shutdown: watch::Receiver<bool>,
+    /// command types with a label of their own in `cqrs_commands_total`
+    type_labels: Mutex<HashSet<String>>,
 }
+
+/// Command types counted apart in `cqrs_commands_total`; the rest as [`OTHER_TYPES`].
+const MAX_TYPE_LABELS: usize = 256;
+const OTHER_TYPES: &str = "(other)";
 
 /// What the flusher takes batches from and reports them done to.
 pub(crate) struct Handoff {
@@ -108,15 +126,35 @@ pub(crate) async fn run(
         token,
         policy,
         shutdown,
+        type_labels: Mutex::new(HashSet::new()),
     };
     while let Some(batch) = batches.recv().await {
+        let spans = BatchSpans::open(
+            batch.number,
+            batch.events,
+            &flusher.ctx.config.projection_group,
+            &batch.traced,
+        );
         let started = Instant::now();
-        let rows = flusher.project(&batch, started).await?;
-        write_to_cache(&flusher.ctx, writes_from(&rows)).await;
+        let rows = match flusher
+            .project(&batch, started)
+            .instrument(tracing::info_span!(parent: &spans.batch, traces::PROJECT_BATCH, otel.kind = "client", db.system.name = "postgresql"))
+            .await
+        {
+            Ok(rows) => rows,
+            Err(err) => {
+                spans.failed(err.as_str());
+                return Err(err);
+            }
+        };
+        write_to_cache(&flusher.ctx, writes_from(&rows))
+            .instrument(tracing::info_span!(parent: &spans.batch, traces::CACHE_WRITE, rows = rows.len()))
+            .await;
         flusher.record_success(&batch, started.elapsed());
         // committed: the outbox's sinks deliver it (the slot is confirmed past it once they did)
         if let Some(outbox) = &outbox {
-            outbox.dispatch(batch.number, batch.fence(), &batch.json);
+            let _dispatch = tracing::info_span!(parent: &spans.batch, traces::OUTBOX_DISPATCH).entered();
+            outbox.dispatch(batch.number, batch.fence(), &batch.json, spans.context.as_ref());
         }
         completed.send_replace(batch.number);
     }
@@ -185,12 +223,35 @@ impl Flusher {
             .await?)
     }
 
+    /// The label of `command_type` in `cqrs_commands_total`: itself among the first
+    /// [`MAX_TYPE_LABELS`] types seen, else [`OTHER_TYPES`] (a label per type without bound
+    /// would grow the metrics without bound).
+    fn type_label<'t>(&self, command_type: &'t str) -> &'t str {
+        let Ok(mut seen) = self.type_labels.lock() else {
+            return OTHER_TYPES;
+        };
+        if seen.contains(command_type) {
+            return command_type;
+        }
+        if seen.len() < MAX_TYPE_LABELS {
+            seen.insert(command_type.to_owned());
+            return command_type;
+        }
+        OTHER_TYPES
+    }
+
     fn record_success(&self, batch: &Batch, took: Duration) {
         let metrics = &self.ctx.metrics;
         self.ctx.health.streaming.store(true, Ordering::Relaxed);
         metrics.flush_duration.observe(took.as_secs_f64());
         metrics.batch_events.observe(batch.events as f64);
         metrics.events_projected.inc_by(batch.events as u64);
+        for (command_type, count) in &batch.types {
+            metrics
+                .commands
+                .with_label_values(&[self.type_label(command_type)])
+                .inc_by(*count);
+        }
         if let Some(oldest) = batch.oldest_commit {
             if let Ok(delay) = SystemTime::now().duration_since(oldest) {
                 metrics.event_delay.observe(delay.as_secs_f64());

@@ -3,6 +3,7 @@
 //! PostgreSQL.
 
 pub mod admin;
+pub mod append_stats;
 mod assembly;
 pub mod batching;
 pub mod cache;
@@ -25,3 +26,4 @@ pub mod server;
 pub mod status;
 pub mod stream;
 pub mod tls;
+pub mod traces;

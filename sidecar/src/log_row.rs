@@ -3,6 +3,7 @@
 //! metadata are jsonb output, already valid JSON, and are spliced in as they are.
 
 use crate::pgoutput::{Relation, Value};
+use crate::traces::{remote_context, CommandTrace};
 
 /// Where each needed column is in the relation (columns are matched by name, so a column added
 /// to the table later does not disturb decoding).
@@ -55,41 +56,6 @@ impl LogColumns {
 
     /// Appends the row as a JSON object to `out` (nothing is appended when a value is bad).
     pub fn append_json(&self, values: &[Value], out: &mut String) -> Result<(), RowError> {
-        fn text<'v>(values: &'v [Value], at: usize, column: &'static str) -> Result<&'v str, RowError> {
-            match values.get(at) {
-                Some(Value::Text(bytes)) => std::str::from_utf8(bytes).map_err(|_| RowError::BadValue {
-                    column,
-                    problem: "not UTF-8",
-                }),
-                Some(Value::Null) => Err(RowError::BadValue {
-                    column,
-                    problem: "null",
-                }),
-                Some(Value::Binary(_)) => Err(RowError::BadValue {
-                    column,
-                    problem: "in binary format",
-                }),
-                Some(Value::Unchanged) => Err(RowError::BadValue {
-                    column,
-                    problem: "an unchanged TOAST value",
-                }),
-                None => Err(RowError::BadValue {
-                    column,
-                    problem: "missing from the tuple",
-                }),
-            }
-        }
-        fn integer<'v>(values: &'v [Value], at: usize, column: &'static str) -> Result<&'v str, RowError> {
-            let digits = text(values, at, column)?;
-            let body = digits.strip_prefix('-').unwrap_or(digits);
-            if body.is_empty() || !body.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(RowError::BadValue {
-                    column,
-                    problem: "not an integer",
-                });
-            }
-            Ok(digits)
-        }
         let start = out.len();
         let result = (|| {
             out.push_str("{\"position\":");
@@ -115,6 +81,73 @@ impl LogColumns {
             out.truncate(start);
         }
         result
+    }
+}
+
+fn text<'v>(values: &'v [Value], at: usize, column: &'static str) -> Result<&'v str, RowError> {
+    match values.get(at) {
+        Some(Value::Text(bytes)) => std::str::from_utf8(bytes).map_err(|_| RowError::BadValue {
+            column,
+            problem: "not UTF-8",
+        }),
+        Some(Value::Null) => Err(RowError::BadValue {
+            column,
+            problem: "null",
+        }),
+        Some(Value::Binary(_)) => Err(RowError::BadValue {
+            column,
+            problem: "in binary format",
+        }),
+        Some(Value::Unchanged) => Err(RowError::BadValue {
+            column,
+            problem: "an unchanged TOAST value",
+        }),
+        None => Err(RowError::BadValue {
+            column,
+            problem: "missing from the tuple",
+        }),
+    }
+}
+fn integer<'v>(values: &'v [Value], at: usize, column: &'static str) -> Result<&'v str, RowError> {
+    let digits = text(values, at, column)?;
+    let body = digits.strip_prefix('-').unwrap_or(digits);
+    if body.is_empty() || !body.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(RowError::BadValue {
+            column,
+            problem: "not an integer",
+        });
+    }
+    Ok(digits)
+}
+
+impl LogColumns {
+    /// The row's command type (`None` when the value is bad: append_json says why).
+    pub fn command_type<'v>(&self, values: &'v [Value]) -> Option<&'v str> {
+        text(values, self.command_type, "command_type").ok()
+    }
+
+    /// The command's trace, when its metadata carries a `traceparent` (which `cqrs.append`
+    /// checked). Only asked when traces are exported: it reads the metadata a second time.
+    pub fn command_trace(&self, values: &[Value]) -> Option<CommandTrace> {
+        /// The trace context keys of a command's metadata (the rest is skipped unread).
+        #[derive(serde::Deserialize)]
+        struct Carried {
+            traceparent: Option<String>,
+            tracestate: Option<String>,
+        }
+        let metadata = text(values, self.metadata, "metadata").ok()?;
+        if !metadata.contains("\"traceparent\"") {
+            return None;
+        }
+        let carried: Carried = serde_json::from_str(metadata).ok()?;
+        let context = remote_context(carried.traceparent.as_deref()?, carried.tracestate.as_deref())?;
+        Some(CommandTrace {
+            context,
+            command_id: text(values, self.command_id, "command_id").ok()?.to_owned(),
+            stream: text(values, self.stream, "stream").ok()?.to_owned(),
+            seq: integer(values, self.seq, "seq").ok()?.parse().ok()?,
+            command_type: text(values, self.command_type, "command_type").ok()?.to_owned(),
+        })
     }
 }
 

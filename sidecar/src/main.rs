@@ -15,7 +15,7 @@ use cqrs_sidecar::read::replicas::{self, Replicas};
 use cqrs_sidecar::repair::{run::repairer, Repairs};
 use cqrs_sidecar::server::{self, TlsFiles};
 use cqrs_sidecar::stream::{self, Ending};
-use cqrs_sidecar::{leader, leading, postgres, read, status};
+use cqrs_sidecar::{leader, leading, postgres, read, status, traces};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing_subscriber::EnvFilter;
@@ -25,16 +25,38 @@ const MISCONFIGURED: u8 = 2;
 /// How long PostgreSQL may take to accept connections at start (e.g. started together).
 const CONNECT_AT_START_FOR: Duration = Duration::from_secs(30);
 
-fn init_logging(config: &Config) {
+/// Logs to stderr, and spans to the OTLP endpoint when one is configured (then the exporter is
+/// returned, to be flushed at exit). Runs inside the runtime: the exporter is a task on it.
+fn init_logging(config: &Config) -> Result<Option<traces::Exporting>, traces::TraceSetupError> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
     let filter = EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    if config.log_format == "json" {
-        builder.json().init();
+    let fmt = tracing_subscriber::fmt::layer().with_target(false);
+    let fmt = if config.log_format == "json" {
+        fmt.json().boxed()
     } else {
-        builder.init();
-    }
+        fmt.boxed()
+    };
+    let exporting = traces::start(&traces::TraceSettings {
+        endpoint: config.otlp_endpoint.clone(),
+        sample_ratio: config.trace_sample_ratio,
+    });
+    let (exporting, otel) = match exporting {
+        Ok(Some((exporting, tracer))) => (
+            Ok(Some(exporting)),
+            Some(tracing_opentelemetry::layer().with_tracer(tracer)),
+        ),
+        Ok(None) => (Ok(None), None),
+        Err(err) => (Err(err), None),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .init();
+    exporting
 }
 
 async fn signals(shutdown: watch::Sender<bool>) {
@@ -411,15 +433,6 @@ fn main() -> ExitCode {
     if let Some(Command::Probe { url, timeout }) = &config.command {
         return cqrs_sidecar::probe::run(url, *timeout);
     }
-    init_logging(&config);
-    // from here on the slot is the group's (every use of --slot means the one streamed)
-    match config.group_slot() {
-        Ok(slot) => config.slot = slot,
-        Err(err) => {
-            tracing::error!(error = %err, "the replication slot's settings are not usable");
-            return ExitCode::from(MISCONFIGURED);
-        }
-    }
     // rustls is linked with two crypto providers (ring, which pgwire-replication asks for, and
     // aws-lc-rs through tokio-rustls' defaults); the redis client takes the process default,
     // which must then be chosen: ring, as for every other connection
@@ -431,9 +444,33 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(err) => {
-            tracing::error!(error = %err, "cannot start the async runtime");
+            eprintln!("cannot start the async runtime: {err}");
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(config))
+    let exporting = {
+        let _inside = runtime.enter();
+        init_logging(&config)
+    };
+    let exporting = match exporting {
+        Ok(exporting) => exporting,
+        Err(err) => {
+            tracing::error!(error = %err, "--otlp-endpoint or the OTEL_EXPORTER_OTLP_* variables are not usable");
+            return ExitCode::from(MISCONFIGURED);
+        }
+    };
+    // from here on the slot is the group's (every use of --slot means the one streamed)
+    match config.group_slot() {
+        Ok(slot) => config.slot = slot,
+        Err(err) => {
+            tracing::error!(error = %err, "the replication slot's settings are not usable");
+            return ExitCode::from(MISCONFIGURED);
+        }
+    }
+    let code = runtime.block_on(run(config));
+    // the last batches' spans: flushed from this thread while the runtime still runs the exporter
+    if let Some(exporting) = exporting {
+        exporting.shutdown();
+    }
+    code
 }

@@ -28,6 +28,11 @@ pub const EVENTS_PROJECTED_TOTAL: &str = "cqrs_events_projected_total";
 pub const DUPLICATE_EVENTS_TOTAL: &str = "cqrs_duplicate_events_total";
 pub const PARKED_EVENTS: &str = "cqrs_parked_events";
 pub const DEAD_LETTERS: &str = "cqrs_dead_letters";
+pub const COMMANDS_TOTAL: &str = "cqrs_commands_total";
+/// `cqrs_appends_total{command_type, outcome}` and `cqrs_append_duration_seconds{command_type}`:
+/// the database's own counts (append_stats.rs)
+pub const APPENDS_TOTAL: &str = "cqrs_appends_total";
+pub const APPEND_DURATION_SECONDS: &str = "cqrs_append_duration_seconds";
 pub const BATCH_FLUSH_DURATION_SECONDS: &str = "cqrs_batch_flush_duration_seconds";
 pub const BATCH_EVENTS: &str = "cqrs_batch_events";
 pub const BATCH_TARGET_EVENTS: &str = "cqrs_batch_target_events";
@@ -133,6 +138,10 @@ pub struct Metrics {
     pub read_pool_exhausted: IntGauge,
     pub read_replica_lag_seconds: GaugeVec,
     pub read_replica_queries: IntCounterVec,
+    /// committed commands by type, as the slot delivers them (both editions)
+    pub commands: IntCounterVec,
+    /// what `cqrs.append` answered and how long it took, as the database counts them
+    pub append_stats: std::sync::Arc<crate::append_stats::AppendStats>,
 }
 
 fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
@@ -209,6 +218,12 @@ impl Metrics {
             read_plaintext_credentials: register(r, IntGauge::new(READ_PLAINTEXT_CREDENTIALS, "1 when the read API takes credentials over plain HTTP on a non-loopback address (no --read-tls-cert).")?),
             read_replica_lag_seconds: register(r, GaugeVec::new(Opts::new(READ_REPLICA_LAG_SECONDS, "How far a read replica is behind the primary (the age of the newest primary WAL position it has replayed; -1 while it cannot be asked or is a minute or more behind)."), &["replica"])?),
             read_replica_queries: register(r, IntCounterVec::new(Opts::new(READ_REPLICA_QUERIES_TOTAL, "Cache misses answered by a read replica (the others by the primary: cqrs_read_backend_queries_total counts both)."), &["replica"])?),
+            commands: register(r, IntCounterVec::new(Opts::new(COMMANDS_TOTAL, "Committed commands by type, as the replication slot delivered them to this sidecar (counted once per batch that committed; at most 256 types, the rest as (other))."), &[crate::append_stats::COMMAND_TYPE_LABEL])?),
+            append_stats: {
+                let stats = std::sync::Arc::new(crate::append_stats::AppendStats::new()?);
+                registry.register(Box::new(crate::append_stats::Registered(std::sync::Arc::clone(&stats))))?;
+                stats
+            },
             registry,
         })
     }

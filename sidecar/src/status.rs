@@ -142,6 +142,7 @@ async fn poll(pg: &Client, watch: &Watch, seen: &mut Seen) -> Result<(), tokio_p
     }
     watch.health.set_halted(halted_now);
     sinks(pg, metrics).await?;
+    metrics.append_stats.poll(pg).await?;
     if let Err(err) = watch.cache.assert_claim().await {
         if err.is_foreign() {
             tracing::error!(error = %err, "the cache is another database's: it is neither read nor written");

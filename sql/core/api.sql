@@ -42,6 +42,10 @@ comment on function cqrs.drop_projection(text) is
     'Unregisters a projection (its progress, parked events and dead letters too); the read-model table stays.';
 comment on function cqrs._gap_alert_seconds() is
     'Seconds a gap may stay unfilled before cqrs.status() flags it (cqrs.gap_alert_after).';
+comment on function cqrs.stats() is
+    'What cqrs.append answered since the server started, per command type: accepted, duplicate (a replay), expected_seq_conflict (40001), invalid (the command is wrong: class 22, 54000, 42704), error (anything else), calls and their total time. Extension edition with pg_cqrs in shared_preload_libraries (else 55000); portable edition: 0A000.';
+comment on function cqrs.append_latency() is
+    'The time cqrs.append took, per command type, as a cumulative histogram: calls that took at most le seconds (the last le is infinity). As cqrs.stats().';
 comment on function cqrs.retry_dead_letters(text) is
     'Applies a projection''s dead letters again; those that succeed are removed.';
 
@@ -52,7 +56,7 @@ revoke execute on function cqrs._command_type_changed(), cqrs._check_json_schema
     cqrs._project_batch(jsonb, pg_lsn, bigint, text),
     cqrs.catch_up(text, integer), cqrs.resume(text, boolean), cqrs.retry_dead_letters(text), cqrs.rebuild(text, integer), cqrs.read_many(text, text[]), cqrs.read(text, text),
     cqrs.wait_for(text, bigint, text, interval), cqrs.changed_since(text, bigint), cqrs.drop_projection(text),
-    cqrs._gap_alert_seconds()
+    cqrs._gap_alert_seconds(), cqrs.stats(), cqrs.append_latency()
     from public;
 grant execute on function cqrs.append(uuid, text, text, jsonb, bigint, jsonb) to cqrs_writer;
 -- an application reads its own writes: it waits for them, then reads the read models it may select
@@ -65,4 +69,6 @@ grant execute on function cqrs._project_batch(jsonb, pg_lsn, bigint, text),
 grant execute on function cqrs.read_many(text, text[]), cqrs.read(text, text), cqrs.wait_for(text, bigint, text, interval),
     cqrs.changed_since(text, bigint), cqrs._gap_alert_seconds()
     to cqrs_reader, cqrs_projector;
+-- command-side statistics: operators and the sidecar (command types and counts, no command data)
+grant execute on function cqrs.stats(), cqrs.append_latency() to cqrs_reader, cqrs_projector;
 -- cqrs.version() and cqrs.uuid_v7() stay callable by everyone: they reveal and change nothing.

@@ -101,6 +101,19 @@ returns table (key text, rev bigint, doc json)
 language c stable called on null input
 as 'MODULE_PATHNAME', 'cqrs_changed_since';
 
+-- What cqrs.append answered, per command type, since the server started (shared memory: needs
+-- pg_cqrs in shared_preload_libraries; extension/src/append_stats.rs).
+create function cqrs.stats()
+returns table (command_type text, accepted bigint, duplicate bigint, expected_seq_conflict bigint,
+               invalid bigint, error bigint, calls bigint, total_seconds double precision)
+language c volatile strict
+as 'MODULE_PATHNAME', 'stats_wrapper';
+
+create function cqrs.append_latency()
+returns table (command_type text, le double precision, calls bigint)
+language c volatile strict
+as 'MODULE_PATHNAME', 'append_latency_wrapper';
+
 -- Seconds a gap may stay unfilled before status() flags it: the setting cqrs.gap_alert_after.
 create function cqrs._gap_alert_seconds()
 returns double precision

@@ -345,3 +345,31 @@ begin
     duplicate := false;
 end
 $$;
+
+-- The extension counts what cqrs.append answered in shared memory (cqrs.stats()). PL/pgSQL has
+-- no memory outside transactions: a refused append rolls back whatever it would have counted,
+-- so the portable edition cannot count refusals, and an accepted append is already in the log.
+-- Same names and shapes as the extension's, refusing with 0A000 and saying what to use instead
+-- (no search_path: the bodies look nothing up).
+create function cqrs.stats()
+returns table (command_type text, accepted bigint, duplicate bigint, expected_seq_conflict bigint,
+               invalid bigint, error bigint, calls bigint, total_seconds double precision)
+language plpgsql volatile strict
+as $$
+begin
+    raise exception using errcode = '0A000',
+        message = 'the portable edition cannot count appends: a refused append rolls back whatever it would have counted',
+        hint = 'Accepted commands are in cqrs.command_log (and the sidecar counts them by type: cqrs_commands_total); refusals are counted by the application''s own metrics, or by the extension edition''s cqrs.stats().';
+end
+$$;
+
+create function cqrs.append_latency()
+returns table (command_type text, le double precision, calls bigint)
+language plpgsql volatile strict
+as $$
+begin
+    raise exception using errcode = '0A000',
+        message = 'the portable edition cannot time appends: PL/pgSQL keeps nothing outside a transaction',
+        hint = 'Time cqrs.append in the application (its client''s metrics), or use the extension edition''s cqrs.append_latency().';
+end
+$$;

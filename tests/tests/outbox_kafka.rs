@@ -91,6 +91,9 @@ async fn a_transactional_sink_records_nothing_its_broker_did_not_commit() -> Res
     Ok(())
 }
 
+/// The `traceparent` of an application span that appended a command.
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
 async fn reach_kafka(edition: Edition, commands: usize, transactional: bool) -> Result<()> {
     let _serial = serial().await;
     let mut rng = StdRng::seed_from_u64(fault_seed());
@@ -121,9 +124,21 @@ async fn reach_kafka(edition: Edition, commands: usize, transactional: bool) -> 
         rig.wait_for_leader(Duration::from_secs(10))?;
         rig.add_sidecar()?;
     }
-    let appended = traffic.finish().await?;
-    rig.assert_consistent(Duration::from_secs(120)).await?;
+    // one command appended in an application's span: its message carries the trace context
     let client = rig.client().await?;
+    let traced = uuid::Uuid::now_v7();
+    client
+        .execute(
+            "select cqrs.append($1, 'order-traced', 'CREATE_ORDER', $2, metadata => $3)",
+            &[
+                &traced,
+                &serde_json::json!({"user_id": "user-1", "currency": "EUR"}),
+                &serde_json::json!({"traceparent": TRACEPARENT, "tracestate": "app=1"}),
+            ],
+        )
+        .await?;
+    let appended = traffic.finish().await? + 1;
+    rig.assert_consistent(Duration::from_secs(120)).await?;
     delivered(&client, "events", Duration::from_secs(180))
         .await
         .with_context(|| format!("{}\n--- tansu ---\n{}", rig.logs(), broker.log()))?;
@@ -137,6 +152,16 @@ async fn reach_kafka(edition: Edition, commands: usize, transactional: bool) -> 
     .await
     .with_context(|| format!("--- tansu ---\n{}", broker.log()))?;
     let (count, resent) = check_at_least_once(&client, &messages, "").await?;
+    let traced = traced.to_string();
+    for message in &messages {
+        let expected = (message.id == traced).then_some((TRACEPARENT, "app=1"));
+        let carried = message.traceparent.as_deref().zip(message.tracestate.as_deref());
+        ensure!(
+            carried == expected,
+            "message {}: trace context {carried:?}, expected {expected:?}",
+            message.id
+        );
+    }
     eprintln!(
         "{appended} commands appended, {count} received in stream order ({resent} sent again), {took:.1?} after the first append"
     );

@@ -7,6 +7,11 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+/// The W3C Trace Context header names a message carries the application's trace under (the
+/// names OpenTelemetry's Kafka and NATS instrumentations read).
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+pub const TRACESTATE_HEADER: &str = "tracestate";
+
 /// One command-log row.
 #[derive(Debug, Clone)]
 pub struct Event {
@@ -15,6 +20,11 @@ pub struct Event {
     pub stream: String,
     pub seq: i64,
     pub command_type: String,
+    /// the application's W3C trace context from the command's metadata (checked by
+    /// `cqrs.append`), passed on as the message's `traceparent` / `tracestate` headers so that a
+    /// consumer continues the application's trace
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
     /// the object as JSON: the message's body
     pub json: String,
 }
@@ -26,6 +36,15 @@ struct Fields {
     stream: String,
     seq: i64,
     command_type: String,
+    #[serde(default)]
+    metadata: TraceKeys,
+}
+
+/// The trace context keys of the metadata; the rest of it is skipped.
+#[derive(Deserialize, Default)]
+struct TraceKeys {
+    traceparent: Option<String>,
+    tracestate: Option<String>,
 }
 
 impl Event {
@@ -37,6 +56,8 @@ impl Event {
             stream: fields.stream,
             seq: fields.seq,
             command_type: fields.command_type,
+            traceparent: fields.metadata.traceparent,
+            tracestate: fields.metadata.tracestate,
             json: json.to_owned(),
         })
     }
@@ -50,6 +71,8 @@ pub struct Delivery {
     /// the LSN the batch ends at, when it ends a transaction
     pub commit_lsn: Option<u64>,
     pub events: Vec<Event>,
+    /// the projected batch's span, when traces are exported: the sink's publish links to it
+    pub batch_span: Option<opentelemetry::trace::SpanContext>,
 }
 
 impl Delivery {
@@ -64,6 +87,7 @@ impl Delivery {
             number: Some(number),
             commit_lsn,
             events,
+            batch_span: None,
         })
     }
 

@@ -17,7 +17,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use super::broker::PublishFailure;
-use super::delivery::Event;
+use super::delivery::{Event, TRACEPARENT_HEADER, TRACESTATE_HEADER};
 use super::spec::{BrokerKind, SinkSpec};
 
 /// How long a produced event may wait for the broker before the delivery fails and is tried
@@ -131,12 +131,18 @@ impl KafkaSink {
         for (event, topic) in events.iter().zip(destinations) {
             let seq = event.seq.to_string();
             let position = event.position.to_string();
-            let headers = OwnedHeaders::new_with_capacity(5)
+            let mut headers = OwnedHeaders::new_with_capacity(7)
                 .insert(header("Cqrs-Command-Id", &event.command_id))
                 .insert(header("Cqrs-Stream", &event.stream))
                 .insert(header("Cqrs-Seq", &seq))
                 .insert(header("Cqrs-Command-Type", &event.command_type))
                 .insert(header("Cqrs-Position", &position));
+            if let Some(traceparent) = &event.traceparent {
+                headers = headers.insert(header(TRACEPARENT_HEADER, traceparent));
+                if let Some(tracestate) = &event.tracestate {
+                    headers = headers.insert(header(TRACESTATE_HEADER, tracestate));
+                }
+            }
             let mut record = FutureRecord::to(topic)
                 .key(event.stream.as_str())
                 .payload(event.json.as_str())

@@ -35,9 +35,11 @@ use tokio_postgres::Client;
 
 use crate::leading::{backoff, Context};
 use crate::postgres::ConnectionPurpose;
+use crate::traces;
 use broker::{Broker, PublishFailure};
 use delivery::{Delivery, Event};
 use spec::SinkSpec;
+use tracing::Instrument;
 
 /// Projected batches a sink may have waiting before it is detached (and catches up from the log).
 const QUEUE_BATCHES: usize = 256;
@@ -131,7 +133,13 @@ impl Outbox {
 
     /// Hands a committed batch to every attached sink (and attaches those that asked); a sink
     /// whose queue is full is detached.
-    pub fn dispatch(&self, number: u64, commit_lsn: Option<u64>, json: &str) {
+    pub fn dispatch(
+        &self,
+        number: u64,
+        commit_lsn: Option<u64>,
+        json: &str,
+        batch_span: Option<&opentelemetry::trace::SpanContext>,
+    ) {
         let mut delivery = None;
         for sink in &self.sinks {
             if !sink.shared.attached.load(Ordering::Acquire)
@@ -148,7 +156,10 @@ impl Outbox {
             let batch = match &delivery {
                 Some(batch) => Arc::clone(batch),
                 None => match Delivery::of_batch(number, commit_lsn, json) {
-                    Ok(batch) => Arc::clone(delivery.insert(Arc::new(batch))),
+                    Ok(mut batch) => {
+                        batch.batch_span = batch_span.cloned();
+                        Arc::clone(delivery.insert(Arc::new(batch)))
+                    }
                     Err(err) => {
                         // cannot happen for what project_batch took; the sinks catch up instead
                         tracing::error!(error = %err, "a projected batch could not be split into events; the sinks catch up from the log");
@@ -373,6 +384,7 @@ impl Sink {
                     number: None,
                     commit_lsn: None,
                     events,
+                    batch_span: None,
                 };
                 self.send(sql, broker, &chunk).await?;
             }
@@ -478,7 +490,15 @@ impl Sink {
         if gap && delivery.number.is_some() {
             return Err(SinkError::Gap);
         }
-        let duplicates = self.publish(sql, broker, &fresh).await?;
+        let duplicates = self
+            .publish(sql, broker, &fresh)
+            .instrument(traces::sink_publish_span(
+                &self.spec.name,
+                self.spec.messaging_system(),
+                fresh.len(),
+                delivery.batch_span.as_ref(),
+            ))
+            .await?;
         let (streams, seqs): (Vec<&str>, Vec<i64>) = heads.into_iter().unzip();
         let lsn = delivery.commit_lsn.map(cqrs_projection::lsn::format);
         // the checkpoint position stays where it is while a gap is behind it

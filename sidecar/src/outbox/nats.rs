@@ -9,7 +9,7 @@ use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
 
 use super::broker::PublishFailure;
-use super::delivery::{waves, Event};
+use super::delivery::{waves, Event, TRACEPARENT_HEADER, TRACESTATE_HEADER};
 use super::spec::{BrokerKind, SinkSpec};
 
 /// How long a publish may wait for JetStream's acknowledgement.
@@ -77,6 +77,12 @@ impl NatsSink {
             headers.insert("Cqrs-Seq", event.seq.to_string().as_str());
             headers.insert("Cqrs-Command-Type", event.command_type.as_str());
             headers.insert("Cqrs-Position", event.position.to_string().as_str());
+            if let Some(traceparent) = &event.traceparent {
+                headers.insert(TRACEPARENT_HEADER, traceparent.as_str());
+                if let Some(tracestate) = &event.tracestate {
+                    headers.insert(TRACESTATE_HEADER, tracestate.as_str());
+                }
+            }
             let ack = self
                 .context
                 .publish_with_headers(

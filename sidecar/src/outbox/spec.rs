@@ -67,6 +67,14 @@ impl SinkSpec {
         host.trim_end_matches('/').to_owned()
     }
 
+    /// The broker as OpenTelemetry's `messaging.system` names it.
+    pub fn messaging_system(&self) -> &'static str {
+        match self.kind {
+            BrokerKind::Nats { .. } => "nats",
+            BrokerKind::Kafka { .. } => "kafka",
+        }
+    }
+
     /// Whether the sink takes an event of `stream` and `command_type`.
     pub fn takes(&self, stream: &str, command_type: &str) -> bool {
         (self.types.is_empty() || self.types.iter().any(|t| t == command_type))

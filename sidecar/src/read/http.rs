@@ -32,6 +32,10 @@ use super::shedding::{self, Shedding};
 use super::waits::{Outcome, Refused};
 use super::ReadState;
 use crate::metrics::label;
+use crate::traces;
+use opentelemetry::trace::TraceContextExt;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// Longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -337,6 +341,11 @@ async fn fetch(
             .await
             .map_err(failure);
     };
+    let traced_wait = if traces::enabled() {
+        tracing::info_span!(traces::READ_WAIT, seq = *seq)
+    } else {
+        tracing::Span::none()
+    };
     let outcome = state
         .waits
         .wait(
@@ -346,6 +355,7 @@ async fn fetch(
             *seq,
             request.timeout,
         )
+        .instrument(traced_wait)
         .await
         .map_err(too_many_waits)?;
     let Outcome::Applied(position) = outcome else {
@@ -365,8 +375,37 @@ async fn fetch(
         .map_err(failure)
 }
 
-/// Serves one read (see the module's documentation).
+/// Serves one read (see the module's documentation), in a span that continues the caller's
+/// `traceparent` when traces are exported.
 async fn get_row(
+    state: State<ReadState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<ReadQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    if !traces::enabled() {
+        return serve(state, path, query, headers).await;
+    }
+    let span = tracing::info_span!(
+        traces::READ,
+        otel.kind = "server",
+        http.request.method = "GET",
+        http.route = ROUTE,
+        http.response.status_code = tracing::field::Empty,
+        cqrs.read.outcome = tracing::field::Empty,
+        cqrs.read.source = tracing::field::Empty,
+    );
+    let traceparent = headers.get(TRACEPARENT).and_then(|value| value.to_str().ok());
+    let tracestate = headers.get(TRACESTATE).and_then(|value| value.to_str().ok());
+    if let Some(caller) = traceparent.and_then(|parent| traces::remote_context(parent, tracestate)) {
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(caller));
+    }
+    let response = serve(state, path, query, headers).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
+}
+
+async fn serve(
     State(state): State<ReadState>,
     path: Result<Path<(String, String)>, PathRejection>,
     query: Result<Query<ReadQuery>, QueryRejection>,
@@ -414,6 +453,9 @@ async fn get_row(
             }
         },
     };
+    let span = tracing::Span::current();
+    span.record("cqrs.read.outcome", outcome);
+    span.record("cqrs.read.source", source);
     state
         .metrics
         .read_requests
@@ -427,10 +469,16 @@ async fn get_row(
     response
 }
 
+/// The read API's one route.
+const ROUTE: &str = "/v1/projections/{name}/{key}";
+/// W3C Trace Context's request headers.
+const TRACEPARENT: &str = "traceparent";
+const TRACESTATE: &str = "tracestate";
+
 /// The read API: `GET /v1/projections/{name}/{key}`, behind `shedding`.
 pub fn router(state: ReadState, shedding: Arc<Shedding>) -> Router {
     Router::new()
-        .route("/v1/projections/{name}/{key}", get(get_row))
+        .route(ROUTE, get(get_row))
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(shedding, shedding::shed))
 }
