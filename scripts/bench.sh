@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Runs one benchmark of cqrs-bench against private servers it starts itself:
-#   scripts/bench.sh append|project|sidecar|load|read|scale|groups|outbox|retention [options]   (see `--help` after the name)
+#   scripts/bench.sh append|project|sidecar|load|read|scale|groups|outbox|retention|traces [options]   (see `--help` after the name)
 # Installs what is missing, builds and installs the extension and the release binaries first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
 
 case "${1:-}" in
-  append|project|sidecar|load|read|scale|groups|outbox|retention) ;;
-  *) echo "usage: scripts/bench.sh append|project|sidecar|load|read|scale|groups|outbox|retention [options]" >&2; exit 2 ;;
+  append|project|sidecar|load|read|scale|groups|outbox|retention|traces) ;;
+  *) echo "usage: scripts/bench.sh append|project|sidecar|load|read|scale|groups|outbox|retention|traces [options]" >&2; exit 2 ;;
 esac
 
 # the outbox benchmark's Kafka broker (tansu) is installed only for it

@@ -29,6 +29,7 @@ use crate::stack::Stack;
 use crate::workload::{OrderCommand, OrderGenerator};
 use crate::writers::{WriteStats, WriterOptions, Writers};
 use cqrs_harness::edition::{self, Edition};
+use cqrs_harness::otlp::{OtlpReceiver, ReceivedSpan};
 use cqrs_harness::outbox_check::{check, received};
 use cqrs_harness::NatsServer;
 
@@ -69,6 +70,11 @@ pub struct DemoArgs {
     /// to; at the end a subscriber reads them back against what was appended.
     #[arg(long)]
     nats_sink: bool,
+    /// Traces: the sidecars send spans over OTLP/HTTP to a receiver the demo runs (sampling 1 %
+    /// of their own); at the end a few orders are placed in an application span and read back
+    /// in another, and each order's trace from append to cache and read is printed.
+    #[arg(long)]
+    traces: bool,
     /// Do not kill the leading sidecar half-way through part 2.
     #[arg(long)]
     no_failover: bool,
@@ -255,7 +261,19 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     } else {
         None
     };
+    let receiver = if args.traces {
+        let receiver = OtlpReceiver::start().await?;
+        stack.set("CQRS_OTLP_ENDPOINT", &receiver.endpoint());
+        stack.set("CQRS_TRACE_SAMPLE_RATIO", "0.01");
+        stack.set("OTEL_BSP_SCHEDULE_DELAY", "200");
+        Some(receiver)
+    } else {
+        None
+    };
     let interrupted = live(&mut stack, &args, cluster.as_mut()).await?;
+    if let (Some(receiver), false) = (&receiver, interrupted) {
+        traced_orders(&stack, receiver).await?;
+    }
     drop(cluster);
     if args.keep && !interrupted {
         let leader = stack.wait_for_leader(Duration::from_secs(10)).unwrap_or(0);
@@ -354,6 +372,66 @@ async fn command_side(stack: &Stack, args: &DemoArgs) -> Result<()> {
             "the log holds {rows} commands but {} were accepted",
             tally.accepted
         );
+    }
+    command_side_counts(&admin, &tally).await
+}
+
+/// What `cqrs.stats()` counted (the extension, preloaded, counts every call of cqrs.append in
+/// shared memory) against what the sessions saw, outcome by outcome.
+async fn command_side_counts(admin: &tokio_postgres::Client, tally: &Tally) -> Result<()> {
+    let counted = match admin
+        .query_one(
+            "select coalesce(sum(accepted), 0)::bigint, coalesce(sum(duplicate), 0)::bigint,
+                    coalesce(sum(expected_seq_conflict), 0)::bigint, coalesce(sum(invalid), 0)::bigint,
+                    coalesce(sum(error), 0)::bigint
+               from cqrs.stats()",
+            &[],
+        )
+        .await
+    {
+        Ok(row) => [0, 1, 2, 3, 4].map(|i| row.get::<_, i64>(i) as u64),
+        Err(err) if err.code().is_some() => {
+            // the portable edition (0A000) or an extension not preloaded (55000) cannot count
+            println!(
+                "  cqrs.stats(): not available here ({})",
+                err.code().map_or("", |c| c.code())
+            );
+            return Ok(());
+        }
+        Err(err) => return Err(err.into()),
+    };
+    let by_class = |wanted: &dyn Fn(&str) -> bool| -> u64 {
+        tally
+            .rejected
+            .iter()
+            .filter(|(code, _)| wanted(code))
+            .map(|(_, (count, _))| count)
+            .sum()
+    };
+    let invalid = |code: &str| code.starts_with("22") || code == "54000" || code == "42704";
+    let seen = [
+        tally.accepted,
+        tally.duplicates,
+        by_class(&|code| code == "40001"),
+        by_class(&invalid),
+        by_class(&|code| code != "40001" && !invalid(code)),
+    ];
+    println!(
+        "  cqrs.stats() (counted inside the database, shared by every session): {} accepted, {} duplicates, \
+         {} expected-seq conflicts, {} invalid, {} other errors — {}",
+        counted[0],
+        counted[1],
+        counted[2],
+        counted[3],
+        counted[4],
+        if counted == seen {
+            "the same as the sessions saw"
+        } else {
+            "NOT what the sessions saw"
+        }
+    );
+    if counted != seen {
+        anyhow::bail!("cqrs.stats() counted {counted:?}, the sessions saw {seen:?}");
     }
     Ok(())
 }
@@ -679,4 +757,116 @@ async fn verify_cache(stack: &Stack, sidecar: usize) -> Result<usize> {
         }
     }
     Ok(rows.len())
+}
+
+/// The orders the demo places in an application span with `--traces`.
+const TRACED_ORDERS: usize = 3;
+
+/// Places [`TRACED_ORDERS`] orders, each appended in an application span (its `traceparent` in
+/// the metadata) and read back with `?after=` in another span of the same trace, then prints
+/// each order's trace as the OTLP receiver got it: the sidecar's span of the command in the
+/// application's trace, the batch it was projected in (one link away), and the read.
+async fn traced_orders(stack: &Stack, receiver: &OtlpReceiver) -> Result<()> {
+    println!("\n▶ traces — {TRACED_ORDERS} orders placed in an application span, read back in another (OTLP receiver at {})", receiver.endpoint());
+    let client = cqrs_harness::connect(&stack.owner_url).await?;
+    let leader = stack.wait_for_leader(Duration::from_secs(10))?;
+    let http = stack.read_client(reqwest::Client::builder())?;
+    let mut orders = Vec::new();
+    for n in 0..TRACED_ORDERS {
+        let trace_id = hex::encode(rand::random::<[u8; 16]>().map(|b| b | 1));
+        let (append_span, read_span) = (
+            hex::encode(rand::random::<[u8; 8]>().map(|b| b | 1)),
+            hex::encode(rand::random::<[u8; 8]>().map(|b| b | 1)),
+        );
+        let stream = format!("order-traced-{n}-{}", &trace_id[..8]);
+        let started = Instant::now();
+        let seq: i64 = client
+            .query_one(
+                "select seq from cqrs.append(cqrs.uuid_v7(), $1, 'CREATE_ORDER', $2, metadata => $3)",
+                &[
+                    &stream,
+                    &serde_json::json!({"user_id": "user-1", "currency": "EUR"}),
+                    &serde_json::json!({"traceparent": format!("00-{trace_id}-{append_span}-01")}),
+                ],
+            )
+            .await?
+            .get(0);
+        let append_ms = started.elapsed().as_secs_f64() * 1e3;
+        let response = http
+            .get(format!(
+                "{}/v1/projections/order_summary/{stream}?after={stream}:{seq}&timeout_ms=5000",
+                stack.http(leader)
+            ))
+            .header("traceparent", format!("00-{trace_id}-{read_span}-01"))
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        orders.push((stream, trace_id, append_ms, status));
+    }
+    // the sidecars export every 200 ms
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let spans = loop {
+        let spans = receiver.spans();
+        let complete = orders.iter().all(|(_, trace, _, _)| {
+            ["cqrs.project_command", "cqrs.read"]
+                .iter()
+                .all(|name| spans.iter().any(|s| &s.trace_id == trace && s.name == *name))
+        });
+        if complete || Instant::now() > deadline {
+            break spans;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for (stream, trace_id, append_ms, status) in &orders {
+        println!("  {stream}  trace {trace_id}");
+        println!(
+            "    {:<34} {append_ms:>7.1} ms  (the application's span, timed by the demo)",
+            "cqrs.append"
+        );
+        let mut own: Vec<&ReceivedSpan> = spans.iter().filter(|s| &s.trace_id == trace_id).collect();
+        own.sort_by_key(|s| s.start_unix_nano);
+        if own.is_empty() {
+            println!("    (no spans received for this trace)");
+        }
+        for span in own {
+            let depth = if span.name == "cqrs.read_wait" { "  " } else { "" };
+            let detail = match span.name.as_str() {
+                "cqrs.project_command" => format!(
+                    "batch {}, seq {}",
+                    span.attribute("cqrs.batch.number").unwrap_or("?"),
+                    span.attribute("cqrs.seq").unwrap_or("?")
+                ),
+                "cqrs.read" => format!(
+                    "HTTP {status}, {}, source {}",
+                    span.attribute("cqrs.read.outcome").unwrap_or("?"),
+                    span.attribute("cqrs.read.source").unwrap_or("?")
+                ),
+                _ => String::new(),
+            };
+            println!("    {depth}{:<34} {:>7.1} ms  {detail}", span.name, span.millis());
+            // the batch the command was projected in, one link away
+            for (batch_trace, batch_span, _) in &span.links {
+                let Some(batch) = spans
+                    .iter()
+                    .find(|s| &s.trace_id == batch_trace && &s.span_id == batch_span)
+                else {
+                    continue;
+                };
+                println!(
+                    "      ↳ {:<30} {:>7.1} ms  (its own trace, {} events)",
+                    batch.name,
+                    batch.millis(),
+                    batch.attribute("events").unwrap_or("?")
+                );
+                for step in spans.iter().filter(|s| s.parent_span_id == batch.span_id) {
+                    println!("        {:<30} {:>7.1} ms", step.name, step.millis());
+                }
+            }
+        }
+    }
+    println!(
+        "  {} spans received in all (the sidecars sample 1 % of their own traces; the orders' are sampled by the application)",
+        receiver.spans().len()
+    );
+    Ok(())
 }

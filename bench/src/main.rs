@@ -15,6 +15,7 @@ mod retention_bench;
 mod scale_bench;
 mod sidecar_bench;
 mod stack;
+mod traces_bench;
 mod workload;
 mod writers;
 
@@ -52,6 +53,8 @@ enum Commands {
     Outbox(outbox_bench::OutboxArgs),
     /// Retention: appends and catch-up on a year of daily log partitions vs one partition.
     Retention(retention_bench::RetentionArgs),
+    /// Tracing: append and sidecar catch-up with traces off, on at 1 % and at 100 %.
+    Traces(traces_bench::TracesArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -68,6 +71,7 @@ fn main() -> anyhow::Result<()> {
         Commands::Groups(args) => runtime.block_on(groups_bench::run(args)),
         Commands::Outbox(args) => runtime.block_on(outbox_bench::run(args)),
         Commands::Retention(args) => retention_bench::run(args),
+        Commands::Traces(args) => runtime.block_on(traces_bench::run(args)),
     }
 }
 

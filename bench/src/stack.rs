@@ -41,6 +41,11 @@ impl Stack {
                 edition,
                 ClusterOptions {
                     durability: Durability::Fsync,
+                    // as the README installs the extension: counting appends (cqrs.stats())
+                    settings: match edition {
+                        Edition::Extension => vec!["shared_preload_libraries = 'pg_cqrs'".to_owned()],
+                        Edition::Portable => Vec::new(),
+                    },
                     ..Default::default()
                 },
             )?;
