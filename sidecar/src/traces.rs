@@ -20,10 +20,14 @@ use std::time::Duration;
 
 use cqrs_projection::trace_context::{check_tracestate, parse_traceparent};
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+use opentelemetry::trace::{
+    Link, SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState,
+};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
-use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{
+    Sampler, SamplingDecision, SamplingResult, SdkTracer, SdkTracerProvider, ShouldSample,
+};
 use opentelemetry_sdk::Resource;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -141,16 +145,50 @@ pub fn start(settings: &TraceSettings) -> Result<Option<(Exporting, SdkTracer)>,
         opentelemetry_sdk::runtime::Tokio,
     )
     .build();
-    let mut provider = SdkTracerProvider::builder()
+    let inner: Box<dyn ShouldSample> = match settings.sample_ratio {
+        Some(ratio) => Box::new(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio)))),
+        // OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG, as the SDK reads them
+        None => opentelemetry_sdk::trace::Config::default().sampler,
+    };
+    let provider = SdkTracerProvider::builder()
         .with_span_processor(processor)
-        .with_resource(Resource::builder().with_service_name(service_name()).build());
-    if let Some(ratio) = settings.sample_ratio {
-        provider = provider.with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))));
-    }
-    let provider = provider.build();
+        .with_resource(Resource::builder().with_service_name(service_name()).build())
+        .with_sampler(FollowLinks { inner })
+        .build();
     let tracer = provider.tracer(SERVICE_NAME);
     ON.store(true, Ordering::Relaxed);
     Ok(Some((Exporting { provider }, tracer)))
+}
+
+/// The configured sampler, except that a root span linked to a sampled span is sampled: a
+/// batch that carries a command its application sampled is kept, so that the command's span
+/// never links to a batch nobody can see.
+#[derive(Debug, Clone)]
+struct FollowLinks {
+    inner: Box<dyn ShouldSample>,
+}
+
+impl ShouldSample for FollowLinks {
+    fn should_sample(
+        &self,
+        parent_context: Option<&Context>,
+        trace_id: TraceId,
+        name: &str,
+        span_kind: &SpanKind,
+        attributes: &[KeyValue],
+        links: &[Link],
+    ) -> SamplingResult {
+        let has_parent = parent_context.is_some_and(|cx| cx.span().span_context().is_valid());
+        if !has_parent && links.iter().any(|link| link.span_context.is_sampled()) {
+            return SamplingResult {
+                decision: SamplingDecision::RecordAndSample,
+                attributes: Vec::new(),
+                trace_state: TraceState::default(),
+            };
+        }
+        self.inner
+            .should_sample(parent_context, trace_id, name, span_kind, attributes, links)
+    }
 }
 
 fn service_name() -> String {
@@ -226,6 +264,10 @@ impl BatchSpans {
         }
         batch.set_attribute(attribute::BATCH_NUMBER, number as i64);
         batch.set_attribute(attribute::PROJECTION_GROUP, group.to_owned());
+        // the links go in before the span starts (context() starts it): the sampler sees them
+        for command in traced {
+            batch.add_link_with_attributes(command.context.clone(), command.attributes(number));
+        }
         let batch_context = batch.context().span().span_context().clone();
         if batch_context.is_valid() {
             batch.record("trace_id", tracing::field::display(batch_context.trace_id()));
@@ -233,7 +275,6 @@ impl BatchSpans {
         let commands = traced
             .iter()
             .map(|command| {
-                batch.add_link_with_attributes(command.context.clone(), command.attributes(number));
                 // a root of its own (not inside the batch span): its parent is the application's
                 let span = tracing::info_span!(parent: None, PROJECT_COMMAND, otel.kind = "consumer");
                 let _ = span.set_parent(Context::new().with_remote_span_context(command.context.clone()));

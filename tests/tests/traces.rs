@@ -72,7 +72,9 @@ async fn one_trace_from_append_to_read(edition: Edition) -> Result<()> {
     let mut rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
     rig.set("CQRS_SINKS", &format!("events={}", nats.url()));
     rig.set("CQRS_OTLP_ENDPOINT", &receiver.endpoint());
-    rig.set("CQRS_TRACE_SAMPLE_RATIO", "1");
+    // the sidecar samples none of its own traces: what is exported is what the application
+    // sampled, and the batches that carry it
+    rig.set("CQRS_TRACE_SAMPLE_RATIO", "0");
     // export every 100 ms, not every 5 s
     rig.set("OTEL_BSP_SCHEDULE_DELAY", "100");
     rig.add_sidecar()?;
@@ -308,6 +310,14 @@ async fn one_trace_from_append_to_read(edition: Edition) -> Result<()> {
         ensure!(
             (message.traceparent.clone(), message.tracestate.clone()) == expected,
             "{message:#?}"
+        );
+    }
+
+    // a batch is exported only for the sampled commands it carries (the warm-up's are not)
+    for exported in spans.iter().filter(|s| s.name == traces::BATCH) {
+        ensure!(
+            !exported.links.is_empty(),
+            "a batch without a traced command was exported: {exported:#?}"
         );
     }
 
