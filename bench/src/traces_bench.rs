@@ -7,13 +7,13 @@
 //! - **Append**: one session appends `--appends` commands with `metadata = '{}'` and the same
 //!   number carrying a `traceparent` (which `cqrs.append` checks), rounds interleaved, with
 //!   `synchronous_commit = off` so that the check's cost is not lost in the WAL flush.
-//! - **Catch-up**: every command of the backlog carries a sampled `traceparent`, as an
-//!   application tracing every request would write it. Per run, `--backlog` new commands are
-//!   appended while the sidecar is stopped (its slot retains them), then a release sidecar is
-//!   started and timed until every projection has applied them: traces off; on, sending to a
-//!   real OTLP/HTTP receiver in this process, with the sidecar sampling 1 %
-//!   (`OTEL_TRACES_SAMPLER=traceidratio`, 0.01: one command in a hundred gets its span, one batch
-//!   in a hundred); and on at 100 % (`always_on`). Modes interleaved (each round starting with
+//! - **Catch-up**: every command of the backlog carries a `traceparent`, as an application
+//!   tracing its requests writes it. Per run, `--backlog` new commands are appended while the
+//!   sidecar is stopped (its slot retains them), then a release sidecar is started and timed
+//!   until every projection has applied them: traces off; on at 1 % (the application sampled one
+//!   command in a hundred, the sidecar samples 1 % of its own traces: `--trace-sample-ratio
+//!   0.01`; a batch carrying a sampled command is kept); and on at 100 % (every command sampled,
+//!   ratio 1), sending to a real OTLP/HTTP receiver in this process. Modes interleaved (each round starting with
 //!   another), after one uncounted catch-up; `--rounds` rounds, medians.
 
 use std::time::{Duration, Instant};
@@ -65,31 +65,39 @@ impl Mode {
             Mode::Off => Vec::new(),
             Mode::OnePercent => vec![
                 ("CQRS_OTLP_ENDPOINT", endpoint.to_owned()),
-                ("OTEL_TRACES_SAMPLER", "traceidratio".to_owned()),
-                ("OTEL_TRACES_SAMPLER_ARG", "0.01".to_owned()),
+                ("CQRS_TRACE_SAMPLE_RATIO", "0.01".to_owned()),
             ],
             Mode::Everything => vec![
                 ("CQRS_OTLP_ENDPOINT", endpoint.to_owned()),
-                ("OTEL_TRACES_SAMPLER", "always_on".to_owned()),
+                ("CQRS_TRACE_SAMPLE_RATIO", "1".to_owned()),
             ],
+        }
+    }
+
+    /// The share of the backlog's commands the application sampled (their traceparent's flag).
+    fn sampled(self) -> f64 {
+        match self {
+            Mode::OnePercent => 0.01,
+            Mode::Off | Mode::Everything => 1.0,
         }
     }
 }
 
-fn traceparent() -> String {
+fn traceparent(sampled: bool) -> String {
     let trace: [u8; 16] = rand::random();
     let span: [u8; 8] = rand::random();
     // never all zero: W3C forbids it and cqrs.append refuses it
     format!(
-        "00-{}-{}-01",
+        "00-{}-{}-{}",
         hex::encode(trace.map(|b| b | 1)),
-        hex::encode(span.map(|b| b | 1))
+        hex::encode(span.map(|b| b | 1)),
+        if sampled { "01" } else { "00" }
     )
 }
 
 /// Appends `count` order commands in transactions of 50 through `cqrs.append_batch`, each with
 /// a `traceparent` in its metadata.
-async fn append_traced(url: &str, generator: &mut OrderGenerator, count: u64) -> Result<()> {
+async fn append_traced(url: &str, generator: &mut OrderGenerator, count: u64, sampled: f64) -> Result<()> {
     let client = connect(url).await?;
     let statement = client
         .prepare("select count(*) from cqrs.append_batch($1)")
@@ -102,7 +110,7 @@ async fn append_traced(url: &str, generator: &mut OrderGenerator, count: u64) ->
                 let c = generator.next_command();
                 json!({"command_id": uuid::Uuid::now_v7().to_string(), "stream": c.stream,
                        "command_type": c.command_type, "payload": c.payload,
-                       "metadata": {"traceparent": traceparent()}})
+                       "metadata": {"traceparent": traceparent(rand::random::<f64>() < sampled)}})
             })
             .collect();
         client.query_one(&statement, &[&Value::Array(batch)]).await?;
@@ -124,7 +132,7 @@ async fn append_seconds(url: &str, count: u64, traced: bool, stream_base: u64) -
     let metadata: Vec<Value> = (0..count)
         .map(|_| {
             if traced {
-                json!({"traceparent": traceparent()})
+                json!({"traceparent": traceparent(true)})
             } else {
                 json!({})
             }
@@ -193,7 +201,7 @@ pub async fn run(args: TracesArgs) -> Result<()> {
     let mut received = vec![0usize; Mode::ALL.len()];
     let mut stream_base = 0;
     // a first catch-up, not counted: the first sidecar run warms the caches and plans
-    append_traced(&stack.owner_url, &mut generator, args.backlog / 5).await?;
+    append_traced(&stack.owner_url, &mut generator, args.backlog / 5, 1.0).await?;
     catch_up_seconds(&mut stack, Mode::Off, &endpoint).await?;
     for round in 1..=args.rounds {
         println!("▶ round {round} of {}", args.rounds);
@@ -209,11 +217,18 @@ pub async fn run(args: TracesArgs) -> Result<()> {
             );
             if traced { &mut append_on } else { &mut append_off }.push(seconds);
         }
+        // the appends above went into the stack's log too: projected now, uncounted, so that
+        // every counted catch-up applies its own backlog only; and the vacuum and checkpoint
+        // work they left behind is done now, not during the first catch-up of the round
+        catch_up_seconds(&mut stack, Mode::Off, &endpoint).await?;
+        let client = stack.client().await?;
+        client.batch_execute("vacuum analyze").await?;
+        client.batch_execute("checkpoint").await?;
         // each round starts with another mode, so that none is always first after the appends
         for k in 0..Mode::ALL.len() {
             let i = (k + round as usize) % Mode::ALL.len();
             let mode = &Mode::ALL[i];
-            append_traced(&stack.owner_url, &mut generator, args.backlog).await?;
+            append_traced(&stack.owner_url, &mut generator, args.backlog, mode.sampled()).await?;
             stack.client().await?.batch_execute("checkpoint").await?;
             let before = receiver.spans().len();
             let seconds = catch_up_seconds(&mut stack, *mode, &endpoint)
