@@ -84,7 +84,15 @@ async fn workload(url: &str, sessions: usize) -> Result<Expected> {
                     ],
                 )
                 .await;
-            ensure!(conflict.is_err(), "an expected_seq conflict was accepted");
+            // counting does not change what the caller gets: the same SQLSTATE and message
+            let conflict = conflict.err().context("an expected_seq conflict was accepted")?;
+            ensure!(
+                conflict.code().map(|c| c.code()) == Some("40001")
+                    && conflict
+                        .as_db_error()
+                        .is_some_and(|e| e.message().contains("expected 1")),
+                "{conflict:?}"
+            );
             for _ in 0..3 {
                 let invalid = client
                     .query_one(
@@ -106,7 +114,8 @@ async fn workload(url: &str, sessions: usize) -> Result<Expected> {
                     &[&ids[0].0, &stream, &"STATS_A", &json!({"n": 99}), &None::<i64>],
                 )
                 .await;
-            ensure!(reused.is_err(), "a reused id was accepted");
+            let reused = reused.err().context("a reused id was accepted")?;
+            ensure!(reused.code().map(|c| c.code()) == Some("23505"), "{reused:?}");
             let other = format!("{stream}-b");
             for n in 0..3i64 {
                 client
