@@ -20,6 +20,19 @@ select seq, duplicate from cqrs.append('00000000-0000-4000-8000-000000000001', '
     metadata => '{"traceparent": "00-11111111111111111111111111111111-2222222222222222-01"}');
 select metadata ->> 'traceparent' as traceparent from cqrs.command_log
  where command_id = '00000000-0000-4000-8000-000000000001';
+-- which the replaying application can look up, to link its span to the original's
+select * from cqrs.trace_context('00000000-0000-4000-8000-000000000001');
+select count(*) from cqrs.trace_context('00000000-0000-4000-8000-0000000000ff');
+-- a writer may (it sees the two keys only), a role granted nothing may not
+create role trace_writer in role cqrs_writer;
+create role trace_nobody;
+set role trace_writer;
+select traceparent from cqrs.trace_context('00000000-0000-4000-8000-000000000001');
+reset role;
+set role trace_nobody;
+select * from cqrs.trace_context('00000000-0000-4000-8000-000000000001');
+\echo :LAST_ERROR_SQLSTATE
+reset role;
 
 -- malformed: each rule, never echoing the value
 select * from cqrs.append(cqrs.uuid_v7(), 'order-2', 'Placed', '{}', metadata => '{"traceparent": 42}');

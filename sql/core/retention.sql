@@ -36,6 +36,26 @@ comment on function cqrs.command_time(uuid) is
     'The time in a UUIDv7 command id (-infinity for other ids): which partition of cqrs.command_log holds it.';
 grant execute on function cqrs.command_time(uuid) to public;
 
+-- The W3C trace context a command was appended with (README, Observability): what an
+-- application whose retry was answered as a duplicate links its own span to. Only the two
+-- trace keys of the metadata, nothing else of the command; no row when the id is not in the log
+-- (or its partition is gone). It reads the command's partition only (id_time, as append's
+-- lookups do).
+create function cqrs.trace_context(command_id uuid, out traceparent text, out tracestate text)
+returns setof record
+language sql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+    select l.metadata ->> 'traceparent', l.metadata ->> 'tracestate'
+      from cqrs.command_log l
+     where l.command_id = trace_context.command_id
+       and l.id_time in (cqrs.command_time(trace_context.command_id), '-infinity'::timestamptz)
+$$;
+comment on function cqrs.trace_context(uuid) is
+    'The traceparent and tracestate a command was appended with (null when it had none); no row when the command is not in the log. For linking a replay''s span to the original.';
+revoke execute on function cqrs.trace_context(uuid) from public;
+grant execute on function cqrs.trace_context(uuid) to cqrs_writer, cqrs_reader, cqrs_projector;
+
 -- One row: how the log is partitioned and how long it is kept. Only the installer changes it.
 create table cqrs.retention (
     singleton          boolean     primary key default true,

@@ -1146,6 +1146,24 @@ comment on function cqrs.command_time(uuid) is
 
 grant execute on function cqrs.command_time(uuid) to public;
 
+create or replace function cqrs.trace_context(command_id uuid, out traceparent text, out tracestate text)
+returns setof record
+language sql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+    select l.metadata ->> 'traceparent', l.metadata ->> 'tracestate'
+      from cqrs.command_log l
+     where l.command_id = trace_context.command_id
+       and l.id_time in (cqrs.command_time(trace_context.command_id), '-infinity'::timestamptz)
+$$;
+
+comment on function cqrs.trace_context(uuid) is
+    'The traceparent and tracestate a command was appended with (null when it had none); no row when the command is not in the log. For linking a replay''s span to the original.';
+
+revoke execute on function cqrs.trace_context(uuid) from public;
+
+grant execute on function cqrs.trace_context(uuid) to cqrs_writer, cqrs_reader, cqrs_projector;
+
 comment on table cqrs.retention is
     'How cqrs.command_log is partitioned (partition_interval, premake) and kept (keep, archive_schema); its horizon (log_from).';
 
