@@ -26,6 +26,8 @@ use crate::leader::Leadership;
 use crate::leading::Context;
 use crate::outbox::Outbox;
 use crate::postgres::ConnectionPurpose;
+use crate::traces;
+use tracing::Instrument;
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -124,6 +126,7 @@ async fn prepare_slot(ctx: &Context, sql: &Client) -> Result<(), StreamError> {
         .await?
         .get(0);
     // the group's projections only: another group's leader feeds the others from its own slot
+    let span = traces::catch_up_span(group);
     let rows = sql
         .query(
             "select c.projection, c.key, c.rev, c.doc::text, c.deleted
@@ -131,7 +134,9 @@ async fn prepare_slot(ctx: &Context, sql: &Client) -> Result<(), StreamError> {
               where p.projection_group = $1",
             &[group],
         )
+        .instrument(span.clone())
         .await?;
+    span.record("changed_rows", rows.len());
     if fed_before {
         ctx.metrics.slot_recreated.inc();
         tracing::error!(
@@ -142,7 +147,9 @@ async fn prepare_slot(ctx: &Context, sql: &Client) -> Result<(), StreamError> {
     } else {
         tracing::info!(slot = %config.slot, changed_rows = rows.len(), "created the replication slot");
     }
-    write_to_cache(ctx, writes_from(&rows)).await;
+    write_to_cache(ctx, writes_from(&rows))
+        .instrument(tracing::info_span!(parent: &span, traces::CACHE_WRITE, rows = rows.len()))
+        .await;
     Ok(())
 }
 

@@ -37,6 +37,7 @@ pub const PROJECT_BATCH: &str = "cqrs.project_batch";
 pub const CACHE_WRITE: &str = "cqrs.cache_write";
 pub const OUTBOX_DISPATCH: &str = "cqrs.outbox_dispatch";
 pub const SINK_PUBLISH: &str = "cqrs.sink_publish";
+pub const CATCH_UP: &str = "cqrs.catch_up_from_log";
 pub const PROJECT_COMMAND: &str = "cqrs.project_command";
 pub const READ: &str = "cqrs.read";
 pub const READ_WAIT: &str = "cqrs.read_wait";
@@ -307,6 +308,18 @@ impl BatchSpans {
             span.set_status(status.clone());
         }
     }
+}
+
+/// The span of the projections' catch-up from the log when the slot is (re)created (none while
+/// traces are off): a root of its own; `cqrs.catch_up` reads commands inside the database, so
+/// it cannot link their traces.
+pub fn catch_up_span(group: &str) -> tracing::Span {
+    if !enabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(parent: None, CATCH_UP, changed_rows = tracing::field::Empty);
+    span.set_attribute(attribute::PROJECTION_GROUP, group.to_owned());
+    span
 }
 
 /// The span of one sink's publish of a delivery (none while traces are off): a root of its

@@ -66,15 +66,15 @@ async fn append(
     Ok((id, row.get(0)))
 }
 
-async fn one_trace_from_append_to_read(edition: Edition) -> Result<()> {
+/// `own_ratio`: the share of the sidecar's own traces it samples (`0`: only what the
+/// application sampled, and the batches carrying it, are exported).
+async fn one_trace_from_append_to_read(edition: Edition, own_ratio: &str) -> Result<()> {
     let receiver = OtlpReceiver::start().await?;
     let nats = NatsServer::start()?;
     let mut rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
     rig.set("CQRS_SINKS", &format!("events={}", nats.url()));
     rig.set("CQRS_OTLP_ENDPOINT", &receiver.endpoint());
-    // the sidecar samples none of its own traces: what is exported is what the application
-    // sampled, and the batches that carry it
-    rig.set("CQRS_TRACE_SAMPLE_RATIO", "0");
+    rig.set("CQRS_TRACE_SAMPLE_RATIO", own_ratio);
     // export every 100 ms, not every 5 s
     rig.set("OTEL_BSP_SCHEDULE_DELAY", "100");
     rig.add_sidecar()?;
@@ -313,11 +313,31 @@ async fn one_trace_from_append_to_read(edition: Edition) -> Result<()> {
         );
     }
 
-    // a batch is exported only for the sampled commands it carries (the warm-up's are not)
-    for exported in spans.iter().filter(|s| s.name == traces::BATCH) {
+    if own_ratio == "0" {
+        // a batch is exported only for the sampled commands it carries (the warm-up's are not)
+        for exported in spans.iter().filter(|s| s.name == traces::BATCH) {
+            ensure!(
+                !exported.links.is_empty(),
+                "a batch without a traced command was exported: {exported:#?}"
+            );
+        }
+    } else {
+        // the catch-up from the log when the sidecar made its slot, with its cache write
+        let catch_up = spans
+            .iter()
+            .find(|s| s.name == traces::CATCH_UP)
+            .with_context(|| format!("no catch-up span: {}", describe()))?;
         ensure!(
-            !exported.links.is_empty(),
-            "a batch without a traced command was exported: {exported:#?}"
+            catch_up.attribute(attribute::PROJECTION_GROUP) == Some("default"),
+            "{catch_up:#?}"
+        );
+        ensure!(catch_up.attribute("changed_rows").is_some(), "{catch_up:#?}");
+        ensure!(
+            spans
+                .iter()
+                .any(|s| s.name == traces::CACHE_WRITE && s.parent_span_id == catch_up.span_id),
+            "no cache write under the catch-up: {}",
+            describe()
         );
     }
 
@@ -332,10 +352,12 @@ async fn one_trace_from_append_to_read(edition: Edition) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_is_one_trace_from_the_application_through_the_sidecar_to_a_read() -> Result<()> {
-    one_trace_from_append_to_read(Edition::Extension).await
+    // the sidecar samples none of its own traces
+    one_trace_from_append_to_read(Edition::Extension, "0").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_is_one_trace_from_the_application_through_the_sidecar_to_a_read_portable() -> Result<()> {
-    one_trace_from_append_to_read(Edition::Portable).await
+    // the sidecar samples all of its own traces
+    one_trace_from_append_to_read(Edition::Portable, "1").await
 }
