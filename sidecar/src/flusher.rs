@@ -7,7 +7,6 @@
 //! deposed leader (SQLSTATE [`FENCED_SQLSTATE`]) stops at once, anything else is retried with
 //! backoff, on a new connection when the old one broke.
 
-use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -86,13 +85,7 @@ struct Flusher {
     token: i64,
     policy: Arc<Mutex<BatchPolicy>>,
     shutdown: watch::Receiver<bool>,
-    /// command types with a label of their own in `cqrs_commands_total`
-    type_labels: Mutex<HashSet<String>>,
 }
-
-/// Command types counted apart in `cqrs_commands_total`; the rest as [`OTHER_TYPES`].
-const MAX_TYPE_LABELS: usize = 256;
-const OTHER_TYPES: &str = "(other)";
 
 /// What the flusher takes batches from and reports them done to.
 pub(crate) struct Handoff {
@@ -126,7 +119,6 @@ pub(crate) async fn run(
         token,
         policy,
         shutdown,
-        type_labels: Mutex::new(HashSet::new()),
     };
     while let Some(batch) = batches.recv().await {
         let spans = BatchSpans::open(
@@ -223,23 +215,6 @@ impl Flusher {
             .await?)
     }
 
-    /// The label of `command_type` in `cqrs_commands_total`: itself among the first
-    /// [`MAX_TYPE_LABELS`] types seen, else [`OTHER_TYPES`] (a label per type without bound
-    /// would grow the metrics without bound).
-    fn type_label<'t>(&self, command_type: &'t str) -> &'t str {
-        let Ok(mut seen) = self.type_labels.lock() else {
-            return OTHER_TYPES;
-        };
-        if seen.contains(command_type) {
-            return command_type;
-        }
-        if seen.len() < MAX_TYPE_LABELS {
-            seen.insert(command_type.to_owned());
-            return command_type;
-        }
-        OTHER_TYPES
-    }
-
     fn record_success(&self, batch: &Batch, took: Duration) {
         let metrics = &self.ctx.metrics;
         self.ctx.health.streaming.store(true, Ordering::Relaxed);
@@ -247,10 +222,7 @@ impl Flusher {
         metrics.batch_events.observe(batch.events as f64);
         metrics.events_projected.inc_by(batch.events as u64);
         for (command_type, count) in &batch.types {
-            metrics
-                .commands
-                .with_label_values(&[self.type_label(command_type)])
-                .inc_by(*count);
+            metrics.count_commands(command_type, *count);
         }
         if let Some(oldest) = batch.oldest_commit {
             if let Ok(delay) = SystemTime::now().duration_since(oldest) {

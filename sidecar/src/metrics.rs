@@ -138,8 +138,12 @@ pub struct Metrics {
     pub read_pool_exhausted: IntGauge,
     pub read_replica_lag_seconds: GaugeVec,
     pub read_replica_queries: IntCounterVec,
-    /// committed commands by type, as the slot delivers them (both editions)
-    pub commands: IntCounterVec,
+    /// committed commands by type, as the slot delivers them (both editions): see
+    /// [`Metrics::count_commands`]
+    commands: IntCounterVec,
+    /// command types with a label of their own in `cqrs_commands_total` (for the process's
+    /// life, as the counter's series are)
+    command_type_labels: std::sync::Mutex<std::collections::HashSet<String>>,
     /// what `cqrs.append` answered and how long it took, as the database counts them
     pub append_stats: std::sync::Arc<crate::append_stats::AppendStats>,
 }
@@ -155,6 +159,10 @@ fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registr
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+/// Command types counted apart in `cqrs_commands_total`; the rest as [`OTHER_COMMAND_TYPES`].
+const MAX_COMMAND_TYPE_LABELS: usize = 256;
+const OTHER_COMMAND_TYPES: &str = "(other)";
 
 /// The constant label of the leadership gauges: which projection group's leadership they show
 /// (each group has a leader of its own, so alerts count leaders per group).
@@ -219,6 +227,7 @@ impl Metrics {
             read_replica_lag_seconds: register(r, GaugeVec::new(Opts::new(READ_REPLICA_LAG_SECONDS, "How far a read replica is behind the primary (the age of the newest primary WAL position it has replayed; -1 while it cannot be asked or is a minute or more behind)."), &["replica"])?),
             read_replica_queries: register(r, IntCounterVec::new(Opts::new(READ_REPLICA_QUERIES_TOTAL, "Cache misses answered by a read replica (the others by the primary: cqrs_read_backend_queries_total counts both)."), &["replica"])?),
             commands: register(r, IntCounterVec::new(Opts::new(COMMANDS_TOTAL, "Committed commands by type, as the replication slot delivered them to this sidecar (counted once per batch that committed; at most 256 types, the rest as (other))."), &[crate::append_stats::COMMAND_TYPE_LABEL])?),
+            command_type_labels: Default::default(),
             append_stats: {
                 let stats = std::sync::Arc::new(crate::append_stats::AppendStats::new()?);
                 registry.register(Box::new(crate::append_stats::Registered(std::sync::Arc::clone(&stats))))?;
@@ -229,6 +238,19 @@ impl Metrics {
     }
 
     /// The metrics in Prometheus text format.
+    /// Counts `count` committed commands of `command_type` in `cqrs_commands_total`: under its
+    /// own label among the first [`MAX_COMMAND_TYPE_LABELS`] types seen, else under
+    /// [`OTHER_COMMAND_TYPES`] (a label per type without bound would grow the metrics without
+    /// bound).
+    pub fn count_commands(&self, command_type: &str, count: u64) {
+        let own = self.command_type_labels.lock().is_ok_and(|mut seen| {
+            seen.contains(command_type)
+                || (seen.len() < MAX_COMMAND_TYPE_LABELS && seen.insert(command_type.to_owned()))
+        });
+        let label = if own { command_type } else { OTHER_COMMAND_TYPES };
+        self.commands.with_label_values(&[label]).inc_by(count);
+    }
+
     pub fn render(&self) -> String {
         let mut out = Vec::new();
         if let Err(err) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
@@ -253,6 +275,30 @@ mod tests {
         );
         assert!(
             text.contains("cqrs_leader_present{projection_group=\"users\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn command_types_past_the_cap_share_one_label() {
+        let metrics = Metrics::new().expect("the metrics");
+        for n in 0..MAX_COMMAND_TYPE_LABELS + 10 {
+            metrics.count_commands(&format!("T{n}"), 2);
+        }
+        // a type already labelled keeps its label past the cap
+        metrics.count_commands("T0", 1);
+        let text = metrics.render();
+        let labelled = text
+            .lines()
+            .filter(|l| l.starts_with("cqrs_commands_total{command_type=\"T"))
+            .count();
+        assert_eq!(labelled, MAX_COMMAND_TYPE_LABELS, "{text}");
+        assert!(
+            text.contains("cqrs_commands_total{command_type=\"(other)\"} 20"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cqrs_commands_total{command_type=\"T0\"} 3"),
             "{text}"
         );
     }
