@@ -320,6 +320,12 @@ pub struct Config {
     #[arg(long, env = "CQRS_READ_TLS_KEY", requires = "read_tls_cert")]
     pub read_tls_key: Option<std::path::PathBuf>,
 
+    /// Connections to the read API open at once at most (HTTP/1.1 keep-alive and HTTP/2 both);
+    /// past it a new connection is answered 503 with Retry-After before any HTTP is parsed
+    /// (over TLS: closed), which keeps the CPU for the admitted requests under overload.
+    #[arg(long, env = "CQRS_READ_MAX_CONNECTIONS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub read_max_connections: u32,
+
     /// Read requests in flight at most; past it requests wait at most --read-queue-timeout.
     #[arg(long, env = "CQRS_READ_MAX_CONCURRENCY", default_value_t = 256)]
     pub read_max_concurrency: usize,
@@ -367,6 +373,13 @@ pub struct Config {
     /// Log format: text or json.
     #[arg(long, env = "CQRS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+
+    /// Threads of the async runtime that runs everything (streaming, projection, the cache, both
+    /// HTTP servers). Two by default; one where the sidecar is given a fraction of a core (a
+    /// container CPU limit below 1): two threads time-sharing one quota spend it switching
+    /// between each other.
+    #[arg(long, env = "CQRS_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub worker_threads: u16,
 
     /// Log filter (tracing's EnvFilter syntax), e.g. info or cqrs_sidecar=debug. The Redis
     /// client's own messages are kept to errors by default: during a cluster failover it warns

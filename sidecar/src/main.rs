@@ -13,7 +13,7 @@ use cqrs_sidecar::read::access::Exposure;
 use cqrs_sidecar::read::cache_aside::{ReadSettings, Reader};
 use cqrs_sidecar::read::replicas::{self, Replicas};
 use cqrs_sidecar::repair::{run::repairer, Repairs};
-use cqrs_sidecar::server::{self, TlsFiles};
+use cqrs_sidecar::server::{self, ConnectionMetrics, Listening, TlsFiles};
 use cqrs_sidecar::stream::{self, Ending};
 use cqrs_sidecar::{leader, leading, postgres, read, status, traces};
 use tokio::sync::watch;
@@ -24,6 +24,8 @@ use tracing_subscriber::EnvFilter;
 const MISCONFIGURED: u8 = 2;
 /// How long PostgreSQL may take to accept connections at start (e.g. started together).
 const CONNECT_AT_START_FOR: Duration = Duration::from_secs(30);
+/// Connections to the admin server at once at most (Prometheus, probes and an operator's curl).
+const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// Logs to stderr, and spans to the OTLP endpoint when one is configured (then the exporter is
 /// returned, to be flushed at exit). Runs inside the runtime: the exporter is a task on it.
@@ -246,17 +248,28 @@ impl Wiring {
             .map(|(cert, key)| TlsFiles { cert, key });
         Ok(vec![
             tokio::spawn(server::serve(
-                "admin server (/metrics, /healthz, /readyz)",
-                config.admin_addr,
+                Listening {
+                    what: "admin server (/metrics, /healthz, /readyz)",
+                    addr: config.admin_addr,
+                    tls: None,
+                    max_connections: ADMIN_MAX_CONNECTIONS,
+                    metrics: None,
+                },
                 admin,
-                None,
                 shutdown.clone(),
             )),
             tokio::spawn(server::serve(
-                "read API (/v1/projections/{name}/{key})",
-                config.http_addr,
+                Listening {
+                    what: "read API (/v1/projections/{name}/{key})",
+                    addr: config.http_addr,
+                    tls,
+                    max_connections: config.read_max_connections as usize,
+                    metrics: Some(ConnectionMetrics {
+                        open: self.metrics.read_connections.clone(),
+                        refused: self.metrics.read_connections_refused.clone(),
+                    }),
+                },
                 reads,
-                tls,
                 shutdown,
             )),
         ])
@@ -438,7 +451,7 @@ fn main() -> ExitCode {
     // which must then be chosen: ring, as for every other connection
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(usize::from(config.worker_threads))
         .enable_all()
         .build()
     {

@@ -55,6 +55,8 @@ pub const READ_DURATION_SECONDS: &str = "cqrs_read_duration_seconds";
 pub const READ_BACKEND_QUERIES_TOTAL: &str = "cqrs_read_backend_queries_total";
 pub const READ_DENIED_TOTAL: &str = "cqrs_read_denied_total";
 pub const READ_SHED_TOTAL: &str = "cqrs_read_shed_total";
+pub const READ_CONNECTIONS: &str = "cqrs_read_connections";
+pub const READ_CONNECTIONS_REFUSED_TOTAL: &str = "cqrs_read_connections_refused_total";
 pub const READ_PLAINTEXT_CREDENTIALS: &str = "cqrs_read_plaintext_credentials";
 pub const READ_POOL_EXHAUSTED: &str = "cqrs_read_pool_exhausted";
 pub const READ_REPLICA_LAG_SECONDS: &str = "cqrs_read_replica_lag_seconds";
@@ -134,6 +136,8 @@ pub struct Metrics {
     pub read_backend_queries: IntCounter,
     pub read_denied: IntCounterVec,
     pub read_shed: IntCounter,
+    pub read_connections: IntGauge,
+    pub read_connections_refused: IntCounter,
     pub read_plaintext_credentials: IntGauge,
     pub read_pool_exhausted: IntGauge,
     pub read_replica_lag_seconds: GaugeVec,
@@ -222,6 +226,8 @@ impl Metrics {
             read_backend_queries: register(r, IntCounter::new(READ_BACKEND_QUERIES_TOTAL, "PostgreSQL queries made by the read API (after singleflight).")?),
             read_denied: register(r, IntCounterVec::new(Opts::new(READ_DENIED_TOTAL, "Read API requests refused, by reason (credentials, a projection not exposed or not the caller's, a row another subject owns)."), &["reason"])?),
             read_shed: register(r, IntCounter::new(READ_SHED_TOTAL, "Read API requests answered 503 at once because the API was at capacity.")?),
+            read_connections: register(r, IntGauge::new(READ_CONNECTIONS, "Connections to the read API open now (at most --read-max-connections).")?),
+            read_connections_refused: register(r, IntCounter::new(READ_CONNECTIONS_REFUSED_TOTAL, "Connections to the read API refused at accept (a 503 without parsing, or a close over TLS) because --read-max-connections were open.")?),
             read_pool_exhausted: register(r, IntGauge::new(READ_POOL_EXHAUSTED, "1 while every cache miss has been refused for want of a read pool connection for a second or more (the sidecar is then not ready).")?),
             read_plaintext_credentials: register(r, IntGauge::new(READ_PLAINTEXT_CREDENTIALS, "1 when the read API takes credentials over plain HTTP on a non-loopback address (no --read-tls-cert).")?),
             read_replica_lag_seconds: register(r, GaugeVec::new(Opts::new(READ_REPLICA_LAG_SECONDS, "How far a read replica is behind the primary (the age of the newest primary WAL position it has replayed; -1 while it cannot be asked or is a minute or more behind)."), &["replica"])?),

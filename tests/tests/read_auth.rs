@@ -637,6 +637,24 @@ async fn the_read_api_serves_https_and_picks_up_a_new_certificate() -> Result<()
 
     let (ok, output) = curl(&https, &first.ca())?;
     ensure!(ok && output.ends_with("200"), "HTTPS with the right CA: {output}");
+    // HTTP/2 over TLS, chosen by ALPN
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--http2",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code}",
+            "--cacert",
+        ])
+        .arg(first.ca())
+        .arg(&https)
+        .output()?;
+    let (ok, output) = cqrs_harness::process::success_and_output(&out);
+    ensure!(ok && output.trim() == "2 200", "HTTP/2 over TLS: {output}");
     let (ok, output) = curl(&https, &second.ca())?;
     ensure!(!ok, "a client trusting another CA connected: {output}");
     let (ok, output) = curl(&https.replace("https://", "http://"), &first.ca())?;
@@ -722,5 +740,109 @@ async fn past_capacity_requests_are_shed_at_once_with_retry_after() -> Result<()
         shed.len(),
         started.elapsed()
     );
+    Ok(())
+}
+
+/// The read API speaks HTTP/2 beside HTTP/1.1 on one port, and past `--read-max-connections`
+/// a new connection is answered 503 with `Retry-After` before a byte of HTTP is read from it —
+/// a connection that has sent nothing at all gets it — while the admin server stays reachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_api_speaks_http2_and_refuses_connections_past_its_limit_before_any_http() -> Result<()> {
+    use tokio::io::AsyncReadExt;
+    let _serial = serial().await;
+    let settings: Vec<(String, String)> = [
+        ("CQRS_EXPOSE", "order_summary"),
+        ("CQRS_READ_AUTH", "none"),
+        ("CQRS_READ_MAX_CONNECTIONS", "2"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let rig = rig(&settings).await?;
+    let url = format!("{}/v1/projections/order_summary/order-3", rig.http(0));
+
+    // HTTP/2 (prior knowledge, as a service mesh or gRPC-era client speaks it) and HTTP/1.1
+    // answer the same row; each client's connection is closed when the client is dropped
+    let mut bodies = Vec::new();
+    for http2 in [true, false] {
+        let builder = reqwest::Client::builder().pool_max_idle_per_host(0);
+        let http = if http2 {
+            builder.http2_prior_knowledge()
+        } else {
+            builder
+        }
+        .build()?;
+        let response = http.get(&url).send().await?;
+        let expected = if http2 {
+            reqwest::Version::HTTP_2
+        } else {
+            reqwest::Version::HTTP_11
+        };
+        ensure!(
+            response.version() == expected,
+            "answered over {:?}",
+            response.version()
+        );
+        ensure!(response.status().as_u16() == 200, "status {}", response.status());
+        bodies.push(response.text().await?);
+    }
+    ensure!(
+        bodies[0] == bodies[1],
+        "HTTP/2 and HTTP/1.1 answer differently: {bodies:?}"
+    );
+
+    // two connections that say nothing take both slots …
+    let addr = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .context("the read API's address")?
+        .to_owned();
+    let held = [
+        tokio::net::TcpStream::connect(&addr).await?,
+        tokio::net::TcpStream::connect(&addr).await?,
+    ];
+    eventually(
+        Duration::from_secs(10),
+        "both connections are counted",
+        || async {
+            let open = rig.sidecars[0].metric(metrics::READ_CONNECTIONS)?;
+            ensure!(open == 2.0, "{open} connections open");
+            Ok(())
+        },
+    )
+    .await?;
+    // … so a third that has sent nothing either is answered at once and closed
+    let mut third = tokio::net::TcpStream::connect(&addr).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut answer))
+        .await
+        .context("a connection past the limit was not answered within 5 s")??;
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    ensure!(
+        answer.starts_with("http/1.1 503 ")
+            && answer.contains("\r\nretry-after: 1\r\n")
+            && answer.contains("\r\nconnection: close\r\n")
+            && answer.contains(r#""error":"overloaded""#),
+        "past the limit: {answer}"
+    );
+    // and an HTTP client's request on a new connection gets the 503 it can act on
+    let http = reqwest::Client::new();
+    let response = http.get(&url).send().await?;
+    ensure!(
+        response.status().as_u16() == 503 && response.headers().get("retry-after").is_some(),
+        "a request past the connection limit: {}",
+        response.status()
+    );
+    ensure!(rig.sidecars[0].metric(metrics::READ_CONNECTIONS_REFUSED_TOTAL)? >= 2.0);
+
+    // a slot freed is a connection served again
+    drop(held);
+    eventually(Duration::from_secs(10), "reads are answered again", || async {
+        let status = reqwest::Client::new().get(&url).send().await?.status().as_u16();
+        ensure!(status == 200, "status {status}");
+        Ok(())
+    })
+    .await?;
     Ok(())
 }

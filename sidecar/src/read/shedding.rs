@@ -34,12 +34,17 @@ impl Shedding {
     }
 }
 
+/// The body of every 503 for want of capacity: a shed request's, and a connection's refused at
+/// accept (`crate::server`).
+pub const OVERLOADED_BODY: &str =
+    r#"{"error":"overloaded","message":"the read API is at capacity; retry shortly"}"#;
+
 /// The 503 of a shed request.
 pub fn overloaded() -> Response {
     let mut response = (
         StatusCode::SERVICE_UNAVAILABLE,
         [(header::CONTENT_TYPE, "application/json")],
-        r#"{"error":"overloaded","message":"the read API is at capacity; retry shortly"}"#,
+        OVERLOADED_BODY,
     )
         .into_response();
     response
@@ -50,19 +55,28 @@ pub fn overloaded() -> Response {
 
 /// The middleware: lets the request in, or sheds it at once.
 pub async fn shed(State(shedding): State<Arc<Shedding>>, request: Request, next: Next) -> Response {
-    let waiting = tokio::time::timeout(
-        shedding.queue_timeout,
-        Arc::clone(&shedding.permits).acquire_owned(),
-    );
-    match waiting.await {
-        Ok(Ok(permit)) => {
-            let response = next.run(request).await;
-            drop(permit);
-            response
+    // a free slot is taken without arming a timer: under load the deadline is only paid by the
+    // requests that have to wait
+    let permit = match Arc::clone(&shedding.permits).try_acquire_owned() {
+        Ok(permit) => permit,
+        Err(_) if shedding.queue_timeout.is_zero() => return shed_one(&shedding),
+        Err(_) => {
+            let waiting = tokio::time::timeout(
+                shedding.queue_timeout,
+                Arc::clone(&shedding.permits).acquire_owned(),
+            );
+            match waiting.await {
+                Ok(Ok(permit)) => permit,
+                _ => return shed_one(&shedding),
+            }
         }
-        _ => {
-            shedding.metrics.read_shed.inc();
-            overloaded()
-        }
-    }
+    };
+    let response = next.run(request).await;
+    drop(permit);
+    response
+}
+
+fn shed_one(shedding: &Shedding) -> Response {
+    shedding.metrics.read_shed.inc();
+    overloaded()
 }
