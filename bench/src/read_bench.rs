@@ -51,6 +51,16 @@ pub struct ReadArgs {
     /// `--read-queue-timeout` of the sidecar that is overloaded.
     #[arg(long, default_value = "2ms")]
     shed_queue_timeout: String,
+    /// Which overloads to run: misses, hits, or both.
+    #[arg(long, value_enum, default_value_t = Overloads::Both)]
+    overload: Overloads,
+    /// Overload over HTTP/2 (one connection, prior knowledge) instead of HTTP/1.1 keep-alive
+    /// connections.
+    #[arg(long)]
+    http2: bool,
+    /// `--read-max-connections` of the sidecar that is overloaded.
+    #[arg(long, default_value_t = 64)]
+    shed_connections: usize,
     /// `--read-pool-size` (PostgreSQL connections) of the sidecar that is overloaded.
     #[arg(long, default_value_t = 3)]
     shed_pg_pool: usize,
@@ -324,6 +334,45 @@ pub async fn run(args: ReadArgs) -> Result<()> {
         }
     }
 
+    if args.paced.rounds > 0 {
+        compare_auth(&stack, &http, &users, &args, open, secured).await;
+    }
+    if args.overload_seconds > 0 {
+        stack.set("CQRS_EXPOSE", "*");
+        stack.set("CQRS_READ_AUTH", "none");
+        stack.set("CQRS_READ_MAX_CONCURRENCY", &args.shed_concurrency.to_string());
+        stack.set("CQRS_READ_MAX_CONNECTIONS", &args.shed_connections.to_string());
+        stack.set("CQRS_READ_QUEUE_TIMEOUT", &args.shed_queue_timeout);
+        stack.set("CQRS_READ_PG_QUEUE_TIMEOUT", &args.shed_queue_timeout);
+        stack.set("CQRS_READ_POOL_SIZE", &args.shed_pg_pool.to_string());
+        let http = if args.http2 {
+            reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .http2_prior_knowledge()
+                .build()?
+        } else {
+            http
+        };
+        if args.overload != Overloads::Hits {
+            overload(&mut stack, &http, &users, &args, Overload::Misses).await?;
+        }
+        if args.overload != Overloads::Misses {
+            overload(&mut stack, &http, &users, &args, Overload::CpuBoundHits).await?;
+        }
+    }
+    stack.stop_sidecars();
+    Ok(())
+}
+
+/// No authentication against JWT + row ownership: paced reads, the two variants interleaved.
+async fn compare_auth(
+    stack: &Stack,
+    http: &reqwest::Client,
+    users: &Arc<Vec<(String, String)>>,
+    args: &ReadArgs,
+    open: usize,
+    secured: usize,
+) {
     println!(
         "▶ {} rounds × {} s at {:.0} reads/s of user_order_stats ({} users): no auth vs JWT + row ownership",
         args.paced.rounds,
@@ -341,9 +390,9 @@ pub async fn run(args: ReadArgs) -> Result<()> {
             .enumerate()
         {
             let outcome = paced(
-                &http,
+                http,
                 &stack.http(sidecar),
-                &users,
+                users,
                 reads,
                 args.paced.rate,
                 args.paced.seconds,
@@ -403,19 +452,14 @@ pub async fn run(args: ReadArgs) -> Result<()> {
         args.paced.seconds,
         table.render()
     );
+}
 
-    if args.overload_seconds > 0 {
-        stack.set("CQRS_EXPOSE", "*");
-        stack.set("CQRS_READ_AUTH", "none");
-        stack.set("CQRS_READ_MAX_CONCURRENCY", &args.shed_concurrency.to_string());
-        stack.set("CQRS_READ_QUEUE_TIMEOUT", &args.shed_queue_timeout);
-        stack.set("CQRS_READ_PG_QUEUE_TIMEOUT", &args.shed_queue_timeout);
-        stack.set("CQRS_READ_POOL_SIZE", &args.shed_pg_pool.to_string());
-        overload(&mut stack, &http, &users, &args, Overload::Misses).await?;
-        overload(&mut stack, &http, &users, &args, Overload::CpuBoundHits).await?;
-    }
-    stack.stop_sidecars();
-    Ok(())
+/// `--overload`: which of the overload runs to make.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+enum Overloads {
+    Misses,
+    Hits,
+    Both,
 }
 
 /// What is overloaded, and by what.
@@ -436,6 +480,11 @@ async fn overload(
     args: &ReadArgs,
     what: Overload,
 ) -> Result<()> {
+    // a sidecar held to a fraction of a core runs one runtime thread, as it should be configured
+    stack.set(
+        "CQRS_WORKER_THREADS",
+        if what == Overload::CpuBoundHits { "1" } else { "2" },
+    );
     let shedding = stack.add_sidecar()?;
     stack.sidecars[shedding].wait_ready(Duration::from_secs(30))?;
     let (reads, answered, title) = match what {
@@ -466,11 +515,39 @@ async fn overload(
     let calm_rate = args.paced.rate / 5.0;
     let calm = paced(http, &base, users, reads, calm_rate, args.paced.seconds).await;
     let calm_p99 = percentile(&calm.latencies(), 99.0);
-    let capacity = capacity(http, &base, users, reads, 64, 5).await;
+    // as many closed-loop readers as the sidecar admits at once: more would be shed, and the
+    // 503s would take the CPU whose capacity this measures
+    let capacity = capacity(http, &base, users, reads, args.shed_concurrency, 5).await;
     let offered = 2.0 * capacity;
+    {
+        // what a 503 costs against an answer: closed-loop readers, four per slot, on keep-alive
+        // connections, so that most are shed
+        let probe = Arc::new(Outcome::default());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let tasks: Vec<_> = (0..4 * args.shed_concurrency)
+            .map(|_| {
+                let (http, base, users, probe) =
+                    (http.clone(), base.clone(), Arc::clone(users), Arc::clone(&probe));
+                tokio::spawn(async move {
+                    while Instant::now() < deadline {
+                        read_one(&http, &base, &users, reads, &probe).await;
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            let _ = task.await;
+        }
+        println!(
+            "▶ {} closed-loop readers: {:.0} answered/s + {:.0} shed/s",
+            4 * args.shed_concurrency,
+            probe.latencies().len() as f64 / 5.0,
+            probe.shed.load(Ordering::Relaxed) as f64 / 5.0
+        );
+    }
     println!(
-        "▶ {title}: capacity (64 closed-loop readers) {capacity:.0} reads/s; offering {offered:.0} reads/s for {} s …",
-        args.overload_seconds
+        "▶ {title}: capacity ({} closed-loop readers) {capacity:.0} reads/s; offering {offered:.0} reads/s for {} s …",
+        args.shed_concurrency, args.overload_seconds
     );
     let loaded = paced(http, &base, users, reads, offered, args.overload_seconds).await;
     let mut table = Table::new(&[
@@ -502,7 +579,8 @@ async fn overload(
         ]);
     }
     println!(
-        "\nload shedding, {title} (--read-max-concurrency {}, --read-pool-size {}, --read-queue-timeout and --read-pg-queue-timeout {}):\n{}",
+        "\nload shedding, {title} (--read-max-connections {}, --read-max-concurrency {}, --read-pool-size {}, --read-queue-timeout and --read-pg-queue-timeout {}):\n{}",
+        args.shed_connections,
         args.shed_concurrency,
         args.shed_pg_pool,
         args.shed_queue_timeout,
