@@ -301,9 +301,10 @@ async fn hits_misses_negative_entries_and_bad_input() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_hundred_concurrent_cold_reads_make_one_query() -> Result<()> {
     let _serial = serial().await;
-    // with authentication on, and room for 800 requests in flight
+    // with authentication on, and room for 800 requests in flight on 800 connections
     let (mut settings, authorization) = jwt_auth()?;
     settings.push(("CQRS_READ_MAX_CONCURRENCY".to_owned(), "1000".to_owned()));
+    settings.push(("CQRS_READ_MAX_CONNECTIONS".to_owned(), "1000".to_owned()));
     let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let rig = rig_with_orders(&settings).await?;
     let client = rig.client().await?;
