@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod append_bench;
+mod cpu;
 mod demo;
 mod groups_bench;
 mod lag;

@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 
+use crate::cpu;
 use crate::lag::LagProbe;
 use crate::report::{percentile, Table};
 use crate::stack::{memory_kib, Stack};
@@ -179,6 +180,20 @@ pub async fn run(args: SidecarArgs) -> Result<()> {
         ]);
     }
     table.print();
+    println!("\n▶ CPU per 1,000 commands (ms; user + system, every thread; a core is 1,000 ms per second)");
+    let mut header = vec!["phase"];
+    header.extend(cpu::PROCESSES);
+    let mut table = Table::new(&header);
+    let mut row = |phase: String, cpu: &[Option<f64>; 4]| {
+        let mut cells = vec![phase];
+        cells.extend(cpu.iter().map(|value| cpu::cell(*value)));
+        table.row(cells);
+    };
+    row("catch-up".into(), &catch_up.cpu);
+    for run in &live {
+        row(format!("live {:.0} cmd/s", run.target), &run.cpu);
+    }
+    table.print();
     println!(
         "sidecar peak RSS over the whole run: {:.1} MiB. PostgreSQL, Redis, the sidecar and this \
          load generator share the machine's {} cores.",
@@ -311,6 +326,8 @@ pub(crate) async fn events_behind(client: &Client) -> Result<i64> {
 struct CatchUp {
     events_per_second: f64,
     peak_kib: u64,
+    /// CPU ms per 1,000 commands of each of [`cpu::PROCESSES`], from the first batch on
+    cpu: [Option<f64>; 4],
 }
 
 /// Starts a sidecar on the backlog and times it until the projections reach the end of the log.
@@ -324,6 +341,8 @@ async fn catch_up(stack: &mut Stack, backlog: u64) -> Result<CatchUp> {
     let started = Instant::now();
     let sidecar = stack.add_sidecar()?;
     let pid = stack.sidecars[sidecar].pid().context("the sidecar has no pid")?;
+    // metered from its first batch: the walsender and the projecting backend exist from then
+    let mut meter = None;
     let mut peak = 0u64;
     let mut last_report = Instant::now();
     loop {
@@ -332,6 +351,12 @@ async fn catch_up(stack: &mut Stack, backlog: u64) -> Result<CatchUp> {
             peak = peak.max(hwm);
         }
         let behind = events_behind(&client).await?;
+        if meter.is_none() && behind < before {
+            meter = Some((
+                cpu::Meter::start(&client, Some(pid), stack.redis.pid()).await?,
+                behind,
+            ));
+        }
         if behind <= 0 {
             break;
         }
@@ -369,6 +394,9 @@ async fn catch_up(stack: &mut Stack, backlog: u64) -> Result<CatchUp> {
     Ok(CatchUp {
         events_per_second: before as f64 / elapsed,
         peak_kib: peak,
+        cpu: meter.map_or([None; 4], |(meter, behind)| {
+            meter.per_thousand(behind.max(1) as u64)
+        }),
     })
 }
 
@@ -378,6 +406,15 @@ struct LiveRun {
     append_p50: f64,
     lags: Vec<f64>,
     timeouts: u64,
+    /// CPU ms per 1,000 commands of each of [`cpu::PROCESSES`]
+    cpu: [Option<f64>; 4],
+}
+
+/// A CPU meter of the leading sidecar, its walsender and projecting backend, and redis-server.
+async fn meter(stack: &Stack) -> Result<cpu::Meter> {
+    let leader = stack.wait_for_leader(Duration::from_secs(10))?;
+    let client = stack.client().await?;
+    cpu::Meter::start(&client, stack.sidecars[leader].pid(), stack.redis.pid()).await
 }
 
 /// Paced writers at `rate` for `seconds`, with lag probes (40 per second) alongside.
@@ -385,6 +422,7 @@ async fn live_lag(stack: &Stack, rate: f64, seconds: u64) -> Result<LiveRun> {
     println!("▶ live: {rate:.0} commands/s for {seconds} s …");
     let url = stack.owner_url.clone();
     let stats = Arc::new(WriteStats::default());
+    let meter = meter(stack).await?;
     // an append takes ~1–4 ms with fsync: enough sessions that pacing, not latency, sets the rate
     let sessions = ((rate / 150.0).ceil() as usize).clamp(2, 32);
     let writers = Writers::start(
@@ -425,6 +463,7 @@ async fn live_lag(stack: &Stack, rate: f64, seconds: u64) -> Result<LiveRun> {
         append_p50: percentile(&stats.latencies(), 50.0),
         lags,
         timeouts,
+        cpu: meter.per_thousand(stats.appended.load(Ordering::Relaxed)),
     };
     println!(
         "  {:.0} commands/s achieved; lag p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",

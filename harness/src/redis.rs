@@ -30,6 +30,11 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
+    /// The redis-server process (for its CPU time in the benchmarks).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.pid()
+    }
+
     pub fn start() -> Result<Self> {
         Self::start_on(free_port()?)
     }
