@@ -247,6 +247,19 @@ pub(crate) async fn capacity(
     tasks: usize,
     seconds: u64,
 ) -> f64 {
+    let outcome = closed_loop(http, base, users, reads, tasks, seconds).await;
+    outcome.latencies().len() as f64 / seconds as f64
+}
+
+/// `tasks` readers, each sending its next read when its last is answered, for `seconds`.
+async fn closed_loop(
+    http: &reqwest::Client,
+    base: &str,
+    users: &Arc<Vec<(String, String)>>,
+    reads: Reads,
+    tasks: usize,
+    seconds: u64,
+) -> Arc<Outcome> {
     let outcome = Arc::new(Outcome::default());
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let handles: Vec<_> = (0..tasks)
@@ -267,7 +280,7 @@ pub(crate) async fn capacity(
     for handle in handles {
         let _ = handle.await;
     }
-    outcome.latencies().len() as f64 / seconds as f64
+    outcome
 }
 
 fn ms(value: f64) -> String {
@@ -522,22 +535,7 @@ async fn overload(
     {
         // what a 503 costs against an answer: closed-loop readers, four per slot, on keep-alive
         // connections, so that most are shed
-        let probe = Arc::new(Outcome::default());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let tasks: Vec<_> = (0..4 * args.shed_concurrency)
-            .map(|_| {
-                let (http, base, users, probe) =
-                    (http.clone(), base.clone(), Arc::clone(users), Arc::clone(&probe));
-                tokio::spawn(async move {
-                    while Instant::now() < deadline {
-                        read_one(&http, &base, &users, reads, &probe).await;
-                    }
-                })
-            })
-            .collect();
-        for task in tasks {
-            let _ = task.await;
-        }
+        let probe = closed_loop(http, &base, users, reads, 4 * args.shed_concurrency, 5).await;
         println!(
             "▶ {} closed-loop readers: {:.0} answered/s + {:.0} shed/s",
             4 * args.shed_concurrency,
