@@ -16,6 +16,10 @@ use crate::log_row::LogColumns;
 use crate::pgoutput::{Change, Decoder};
 use crate::traces::CommandTrace;
 
+/// The schema and name of the relation the slot publishes the log's inserts as.
+const LOG_SCHEMA: &str = "cqrs";
+const LOG_TABLE: &str = "command_log";
+
 /// A replication message the sidecar cannot turn into command-log rows.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamDecodeError {
@@ -158,8 +162,14 @@ impl Assembler {
     pub fn data(&mut self, data: &bytes::Bytes) -> Result<(), StreamDecodeError> {
         match self.decoder.decode(data)? {
             Change::Relation(relation) => {
-                let columns = if relation.namespace == "cqrs" && relation.name == "command_log" {
+                let columns = if relation.namespace == LOG_SCHEMA && relation.name == LOG_TABLE {
                     Some(LogColumns::resolve(&relation)?)
+                } else if relation.namespace == LOG_SCHEMA {
+                    // pgoutput describes the leaf partition an insert went to after the root it
+                    // publishes the insert as (publish_via_partition_root): expected, and its
+                    // inserts arrive under the root's relation id.
+                    tracing::debug!(relation = %format!("{}.{}", relation.namespace, relation.name), "a relation of the cqrs schema described by the slot; its changes are not the log's");
+                    None
                 } else {
                     tracing::warn!(relation = %format!("{}.{}", relation.namespace, relation.name), "ignoring a table that is not the command log");
                     None
@@ -306,6 +316,21 @@ mod tests {
         assert_eq!(batch.number, 1);
         let parsed: serde_json::Value = serde_json::from_str(&batch.json).unwrap();
         assert_eq!(parsed[0]["position"], 1);
+    }
+
+    #[test]
+    fn a_partition_described_after_the_log_leaves_its_inserts_to_the_log() {
+        let mut a = assembler();
+        // what pgoutput sends before the first insert into a new partition: the root (again),
+        // then the leaf, then the insert under the root's id
+        a.data(&relation_message(7, "cqrs", "command_log", COLUMNS))
+            .unwrap();
+        a.data(&relation_message(8, "cqrs", "command_log_20261206", COLUMNS))
+            .unwrap();
+        a.begin(SystemTime::now());
+        event(&mut a, 1);
+        assert!(a.commit(100));
+        assert_eq!(a.take().events, 1);
     }
 
     #[test]
