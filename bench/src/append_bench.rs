@@ -3,7 +3,8 @@
 //! same cluster) with two baselines on equivalent tables: the plain `insert … on conflict
 //! (command_id) do nothing`, which keeps no per-stream sequence, and the cheapest correct
 //! sequenced append — the stream row's update and the insert, one statement, one round trip —
-//! which any gap-free per-stream sequence needs.
+//! which any gap-free per-stream sequence needs — on a plain table and on a table partitioned as
+//! the log is (the cheapest correct sequenced append on a log that retention can shorten).
 //! The partitioned log of 0.3.0 (retention) is measured against 0.2.0's unpartitioned one, in a
 //! third database made with `create extension pg_cqrs version '0.2.0'` (the same library serves
 //! both), with random (v4) and time-ordered (v7) command ids.
@@ -54,6 +55,9 @@ enum Database {
 
 /// The second baseline: the statement pair any gap-free per-stream sequence needs.
 const SEQUENCED_PAIR: &str = "baseline: stream update + insert";
+/// The third: the same pair into a table partitioned as cqrs.command_log is (same bounds, same
+/// keys in each partition, the same `on conflict do nothing`).
+const SEQUENCED_PAIR_PARTITIONED: &str = "baseline: the pair, partitioned log";
 
 /// The database of the same cluster that holds the portable edition.
 const PORTABLE_DB: &str = "portable";
@@ -113,6 +117,16 @@ fn variants(streams: u32) -> Vec<Variant> {
                  insert into bench.sequenced_log (command_id, stream, seq, command_type, payload, metadata) \
                  select gen_random_uuid(), s.stream, s.last_seq, 'CREATE_ORDER', '{PAYLOAD}', '{{}}' from s \
                  on conflict (command_id) do nothing;\n"
+            ),
+            database: Database::Extension,
+        },
+        Variant {
+            name: SEQUENCED_PAIR_PARTITIONED,
+            script: format!(
+                "{header}with s as (update bench.partitioned_stream set last_seq = last_seq + 1 where stream = 'order-' || :sid returning stream, last_seq) \
+                 insert into bench.partitioned_log (command_id, stream, seq, command_type, payload, metadata, id_time) \
+                 select gen_random_uuid(), s.stream, s.last_seq, 'CREATE_ORDER', '{PAYLOAD}', '{{}}', '-infinity' from s \
+                 on conflict do nothing;\n"
             ),
             database: Database::Extension,
         },
@@ -220,6 +234,26 @@ fn setup(cluster: &PgCluster, streams: u32) -> Result<()> {
          create table bench.sequenced_log (like bench.command_log including all);
          create table bench.stream (like cqrs.stream including all) with (fillfactor = 70);
          insert into bench.stream select 'order-' || g, 0 from generate_series(1, {streams}) g;
+         -- the log's partitioning: its bounds, and in each partition the keys cqrs's have
+         create table bench.partitioned_log (like cqrs.command_log including defaults including constraints including identity)
+             partition by range (id_time);
+         do $do$
+         declare
+             p record;
+             n int := 0;
+         begin
+             for p in select * from cqrs.log_partitions() loop
+                 n := n + 1;
+                 execute format('create table bench.partitioned_log_%s (like bench.partitioned_log including defaults including constraints)', n);
+                 execute format('alter table bench.partitioned_log_%s add primary key (position), add unique (command_id), add unique (stream, seq)', n);
+                 execute format('alter table bench.partitioned_log attach partition bench.partitioned_log_%s for values from (%s) to (%s)', n,
+                                case when p.lower_bound = '-infinity' then 'minvalue' else quote_literal(p.lower_bound::text) end,
+                                case when p.upper_bound = 'infinity' then 'maxvalue' else quote_literal(p.upper_bound::text) end);
+             end loop;
+         end
+         $do$;
+         create table bench.partitioned_stream (like cqrs.stream including all) with (fillfactor = 70);
+         insert into bench.partitioned_stream select 'order-' || g, 0 from generate_series(1, {streams}) g;
          select cqrs.register_command_type('CREATE_ORDER_V', '{SCHEMA}');
          -- every stream exists already, as in a running system (first appends create them)
          select cqrs.append(gen_random_uuid(), 'order-' || g, 'WARMUP', '{{}}') from generate_series(1, {streams}) g;
@@ -296,16 +330,22 @@ pub fn run(args: AppendArgs) -> Result<()> {
         .iter()
         .position(|v| v.name == SEQUENCED_PAIR)
         .context("the sequenced baseline")?;
+    let partitioned_pair = variants
+        .iter()
+        .position(|v| v.name == SEQUENCED_PAIR_PARTITIONED)
+        .context("the partitioned sequenced baseline")?;
     let mut table = Table::new(&[
         "clients",
         "variant",
         "median tps",
         "vs plain insert",
         "vs stream update + insert",
+        "vs the pair, partitioned",
     ]);
     for (ci, &clients) in args.clients.iter().enumerate() {
         let baseline = median(&results[ci][0]);
         let sequenced = median(&results[ci][pair]);
+        let partitioned = median(&results[ci][partitioned_pair]);
         for (vi, variant) in variants.iter().enumerate() {
             let tps = median(&results[ci][vi]);
             table.row(vec![
@@ -314,13 +354,14 @@ pub fn run(args: AppendArgs) -> Result<()> {
                 format!("{tps:.0}"),
                 format!("{:.2}x", tps / baseline),
                 format!("{:.2}x", tps / sequenced),
+                format!("{:.2}x", tps / partitioned),
             ]);
         }
     }
     let mut summary = String::new();
     let _ = writeln!(
         summary,
-        "\ncqrs.append (extension and portable editions) vs plain insert … on conflict do nothing, and vs the stream row's update + that insert in one statement — {} rounds × {} s, {} streams, fsync on",
+        "\ncqrs.append (extension and portable editions) vs plain insert … on conflict do nothing, vs the stream row's update + that insert in one statement, and vs that pair into a table partitioned as the log is — {} rounds × {} s, {} streams, fsync on",
         args.rounds, args.seconds, args.streams
     );
     print!("{summary}");

@@ -287,12 +287,13 @@ fn datum_arg(datum: pg_sys::Datum, oid: pg_sys::Oid) -> DatumWithOid<'static> {
     unsafe { DatumWithOid::new(datum, oid) }
 }
 
-/// `(position, seq)` of the inserted command, or `None` (see BUMP_AND_INSERT).
+/// `(position, seq)` of the inserted command, or `None` (see BUMP_AND_INSERT). `log` is
+/// [`log_shape::current`], read once per call.
 fn bump_and_insert(
     client: &mut SpiClient<'_>,
     command: &Command<'_>,
+    log: Option<(pg_sys::Oid, bool)>,
 ) -> Result<Option<(i64, i64)>, ErrorReport> {
-    let log = log_shape::current();
     BUMP_PLAN.with_borrow_mut(|plan| {
         if plan.as_ref().map(|(table, _)| *table) != log.map(|(table, _)| table) {
             let mut types: Vec<PgOid> = vec![
@@ -450,7 +451,8 @@ fn validate(command: &Command<'_>, seq: i64) -> Result<(), ErrorReport> {
             ));
         }
     }
-    let command_type = command.command_type.lossy();
+    // borrowed, not copied, whenever the bytes are UTF-8 (always, in a UTF-8 database)
+    let command_type = String::from_utf8_lossy(command.command_type.bytes);
     match command_registry::version_of(&command_type)? {
         Some(version) => payload_schema::validate_datum(&command_type, version, command.payload),
         None if settings::REQUIRE_REGISTERED_TYPES.get() => Err(error(
@@ -476,10 +478,10 @@ fn command_exists(client: &mut SpiClient<'_>, command: &Command<'_>) -> Result<b
         .map_err(|err| spi_error("looking up the command id", err))
 }
 
-/// Appends `command` in the current transaction.
-pub(crate) fn append(command: &Command<'_>) -> Result<Appended, ErrorReport> {
+/// Appends `command` in the current transaction to `log` ([`log_shape::current`]).
+fn append(command: &Command<'_>, log: Option<(pg_sys::Oid, bool)>) -> Result<Appended, ErrorReport> {
     Spi::connect_mut(|client| {
-        let mut inserted = bump_and_insert(client, command)?;
+        let mut inserted = bump_and_insert(client, command, log)?;
         if inserted.is_none() {
             if command_exists(client, command)? {
                 return give_back_and_replay(client, command);
@@ -492,7 +494,7 @@ pub(crate) fn append(command: &Command<'_>) -> Result<Appended, ErrorReport> {
                     &[datum_arg(command.stream.datum, pg_sys::TEXTOID)],
                 )
                 .map_err(|err| spi_error("creating the stream", err))?;
-            inserted = bump_and_insert(client, command)?;
+            inserted = bump_and_insert(client, command, log)?;
             if inserted.is_none() {
                 if !command_exists(client, command)? {
                     // only possible when our snapshot cannot see a stream row created concurrently
@@ -535,8 +537,9 @@ pub(crate) fn append(command: &Command<'_>) -> Result<Appended, ErrorReport> {
 /// partitioned it meets the new table with the old statement (no id_time, no such constraint):
 /// that is a retryable 40001, not an error in the command.
 pub(crate) fn append_within_log(command: &Command<'_>) -> Result<Appended, ErrorReport> {
-    let try_append = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| append(command)));
-    if log_shape::partitioned() {
+    let log = log_shape::current();
+    let try_append = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| append(command, log)));
+    if log.is_some_and(|(_, partitioned)| partitioned) {
         return try_append
             .catch_when(PgSqlErrorCode::ERRCODE_CHECK_VIOLATION, |_| {
                 Err(outside_log(command))

@@ -55,8 +55,12 @@ pub(crate) unsafe fn check(document: Document, datum: pg_sys::Datum) -> Result<(
         )));
     }
     let max_depth = settings::MAX_JSON_DEPTH.get();
+    let limit = usize::try_from(max_depth).unwrap_or(0);
+    if !could_be_deeper_than(bytes, limit) {
+        return Ok(());
+    }
     // SAFETY: per the contract.
-    if unsafe { deeper_than(datum, usize::try_from(max_depth).unwrap_or(0)) } {
+    if unsafe { deeper_than(datum, limit) } {
         return Err(error(
             PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             format!(
@@ -67,6 +71,16 @@ pub(crate) unsafe fn check(document: Document, datum: pg_sys::Datum) -> Result<(
         .set_hint("Flatten the document; projections read at most cqrs.max_json_depth levels."));
     }
     Ok(())
+}
+
+/// Whether a jsonb of `bytes` bytes (varlena header included) is big enough for a value below
+/// level `limit`. That takes `limit + 1` containers one inside the other, and in jsonb's binary
+/// form each container costs a 4-byte header, each but the root a 4-byte entry in its parent, and
+/// the innermost a 4-byte entry for its value: at least `8 * (limit + 1)` bytes with the 4-byte
+/// varlena header. Smaller documents — nearly every command at the default limit of 64, where the
+/// bound is 520 bytes — skip the walk token by token, about 1 % of an append's time (perf).
+fn could_be_deeper_than(bytes: usize, limit: usize) -> bool {
+    bytes >= limit.saturating_add(1).saturating_mul(8)
 }
 
 /// Whether any value of the jsonb `datum` sits below level `limit` (the root is level 0).
@@ -115,6 +129,23 @@ mod tests {
         // SAFETY: `detoasted` is the jsonb just detoasted above, valid for this memory context.
         let deeper = unsafe { super::deeper_than(pg_sys::Datum::from(detoasted), limit) };
         !deeper
+    }
+
+    #[pg_test]
+    fn a_document_too_small_to_nest_too_deep_never_does() {
+        // the smallest documents with a value below each level: arrays of arrays around a null
+        for limit in 0..8usize {
+            let doc = format!("{}null{}", "[".repeat(limit + 1), "]".repeat(limit + 1));
+            assert!(!deepest_allowed(&doc, limit), "{doc} is too deep at {limit}");
+            let bytes = Spi::get_one::<i32>(&format!("select pg_column_size('{doc}'::jsonb)"))
+                .expect("spi")
+                .expect("a size");
+            let bytes = usize::try_from(bytes).expect("a size");
+            assert!(
+                super::could_be_deeper_than(bytes, limit),
+                "{doc} ({bytes} bytes) is too deep at {limit} but the size bound says it cannot be"
+            );
+        }
     }
 
     #[pg_test]
