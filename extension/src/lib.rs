@@ -36,6 +36,7 @@ mod installed_schema;
 mod log_shape;
 mod owner_rights;
 mod payload_schema;
+mod payload_value;
 mod prepared;
 mod projection_api;
 mod projection_catalog;

@@ -13,6 +13,8 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
+use crate::payload_value;
+
 /// Compiled schemas kept per backend. Command types are few; the bound only stops a pathological
 /// workload that registers thousands of types from growing a backend without limit.
 const CACHE_CAPACITY: usize = 1024;
@@ -185,8 +187,15 @@ pub(crate) fn validate_datum(
     version: i64,
     payload: pg_sys::Datum,
 ) -> Result<(), ErrorReport> {
-    // SAFETY: payload is a non-null jsonb Datum of the current call.
-    let Some(payload) = (unsafe { JsonB::from_datum(payload, false) }) else {
+    // SAFETY: payload is a non-null jsonb Datum of the current call; detoasting returns it (or a
+    // copy in the call's context) with a 4-byte header.
+    let detoasted = pg_sys::Datum::from(unsafe { pg_sys::pg_detoast_datum(payload.cast_mut_ptr()) });
+    // SAFETY: as above.
+    if let Some(value) = unsafe { payload_value::from_jsonb(detoasted) } {
+        return validate(command_type, version, &value);
+    }
+    // SAFETY: as above.
+    let Some(payload) = (unsafe { JsonB::from_datum(detoasted, false) }) else {
         return Ok(());
     };
     validate(command_type, version, &payload.0)
@@ -196,6 +205,11 @@ fn validate(command_type: &str, version: i64, payload: &serde_json::Value) -> Re
     let Some(validator) = validator(command_type, version)? else {
         return Ok(());
     };
+    // the happy path stops at the first failing keyword and builds no error; only an invalid
+    // payload pays for collecting its violations
+    if validator.is_valid(payload) {
+        return Ok(());
+    }
     let violations: Vec<(String, String)> = validator
         .iter_errors(payload)
         .take(MAX_REPORTED_VIOLATIONS + 1)
