@@ -1,9 +1,10 @@
 //! Command-log rows as the projector reads them — from a batch argument, from the log, from
-//! `cqrs.parked` and `cqrs.dead_letter` — always as JSON text split by
-//! [`cqrs_projection::event::Event::parse`], never as a whole `serde_json::Value`: an event whose
-//! payload no parser here can read (nested too deep, too large) then makes only itself
-//! unreadable, a poison event for the projections that handle it, instead of failing every
-//! batch that holds it.
+//! `cqrs.parked` and `cqrs.dead_letter`. JSON text is split by
+//! [`cqrs_projection::event::Event::parse`], never decoded as a whole `serde_json::Value`; rows
+//! read from the log come as columns and each document is decoded from its jsonb
+//! ([`from_log_rows`]). Either way an event whose payload no parser here can read (nested too
+//! deep, too large) makes only itself unreadable, a poison event for the projections that handle
+//! it, instead of failing every batch that holds it.
 //!
 //! Memory outside PostgreSQL's accounting stays bounded: each document is decoded only up to
 //! [`limits`], and the log is read in chunks bounded in bytes as well as in rows.
@@ -12,8 +13,10 @@ use cqrs_projection::command_time;
 use cqrs_projection::event::{Event, Limits};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
+use pgrx::PgMemoryContexts;
 
 use crate::errors::{column, error, spi_error};
+use crate::payload_value;
 use crate::prepared;
 use crate::settings;
 
@@ -78,6 +81,136 @@ pub(crate) fn from_rows(rows: pgrx::spi::SpiTupleTable<'_>, what: &str) -> Resul
         }
     }
     Ok(events)
+}
+
+/// The events of rows of the log's columns (position, command_id, stream, seq, command_type,
+/// payload, metadata, created_at: what [`chunk_of!`] returns), each document decoded from its
+/// jsonb without printing it (payload_value.rs). A row that does not fit that way (a document
+/// past the projector's [`limits`], too deep, not UTF-8) is printed as the JSON text of the row and
+/// read by [`stored`] like any stored event, so what becomes unreadable, and why, is unchanged.
+pub(crate) fn from_log_rows(mut rows: pgrx::spi::SpiTupleTable<'_>) -> Result<Vec<Event>, ErrorReport> {
+    const WHAT: &str = "a command-log row";
+    let limits = limits();
+    let budget = payload_value::Budget {
+        max_text_bytes: limits.max_document_bytes,
+        max_depth: payload_value::Budget::UNBOUNDED.max_depth,
+    };
+    let mut events = Vec::with_capacity(rows.len());
+    // detoasted documents and printed times go into a context freed after each row: a rebuild
+    // reads millions of rows inside one SPI connection
+    let mut scratch = PgMemoryContexts::new("pg_cqrs log rows");
+    let mut index = 0usize;
+    while rows.next().is_some() {
+        let position = column(rows.get::<i64>(1), "position")?;
+        let command_id = column(rows.get::<pgrx::Uuid>(2), "command_id")?;
+        let stream = column(rows.get::<String>(3), "stream")?;
+        let seq = column(rows.get::<i64>(4), "seq")?;
+        let command_type = column(rows.get::<String>(5), "command_type")?;
+        let payload = rows.get_datum_by_ordinal(6).map_err(|e| spi_error("reading the payload", e))?;
+        let metadata = rows.get_datum_by_ordinal(7).map_err(|e| spi_error("reading the metadata", e))?;
+        let created_at = rows.get_datum_by_ordinal(8).map_err(|e| spi_error("reading created_at", e))?;
+        let (Some(position), Some(command_id), Some(stream), Some(seq), Some(command_type), Some(payload), Some(metadata), Some(created_at)) =
+            (position, command_id, stream, seq, command_type, payload, metadata, created_at)
+        else {
+            return Err(error(
+                PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+                format!("{WHAT} has a null column"),
+            ));
+        };
+        let command_id = uuid::Uuid::from_bytes(*command_id.as_bytes()).to_string();
+        // SAFETY: the datums are non-null jsonb, jsonb and timestamptz columns of the current row,
+        // valid while the SPI tuple table is; everything allocated here lives in `scratch`, reset
+        // below after the strings and values were copied out.
+        let decoded = unsafe {
+            scratch.switch_to(|_| {
+                let payload = pg_sys::Datum::from(pg_sys::pg_detoast_datum(payload.cast_mut_ptr()));
+                let metadata = pg_sys::Datum::from(pg_sys::pg_detoast_datum(metadata.cast_mut_ptr()));
+                let created_at = json_time(created_at);
+                let documents = match (
+                    payload_value::from_jsonb(payload, budget),
+                    payload_value::from_jsonb(metadata, budget),
+                ) {
+                    (Some(payload @ serde_json::Value::Object(_)), Some(metadata @ serde_json::Value::Object(_))) => {
+                        Ok((payload, metadata))
+                    }
+                    _ => Err(row_text(position, &command_id, &stream, seq, &command_type, payload, metadata, &created_at)),
+                };
+                (documents, created_at)
+            })
+        };
+        // SAFETY: nothing allocated in scratch is used after this: the values above are Rust's.
+        unsafe { scratch.reset() };
+        let event = match decoded {
+            (Ok((payload, metadata)), created_at) => {
+                if seq < 1 || stream.is_empty() || command_type.is_empty() {
+                    return Err(error(
+                        PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+                        format!("{WHAT} at position {position} is malformed"),
+                    ));
+                }
+                let mut event = Event::default();
+                event.position = position;
+                event.command_id = command_id;
+                event.stream = stream;
+                event.seq = seq;
+                event.command_type = command_type;
+                event.payload = payload;
+                event.metadata = metadata;
+                event.created_at = created_at;
+                event
+            }
+            (Err(text), _) => stored(index, &text, WHAT, limits)?,
+        };
+        events.push(event);
+        index += 1;
+    }
+    Ok(events)
+}
+
+/// A timestamptz as `json_build_object` writes it (ISO 8601, the session's time zone).
+///
+/// # Safety
+/// `datum` must be a non-null timestamptz Datum.
+unsafe fn json_time(datum: pg_sys::Datum) -> String {
+    // SAFETY: JsonEncodeDateTime with no buffer pallocs its answer, a C string, in the current
+    // memory context; a timestamptz needs no time zone offset argument.
+    unsafe {
+        let text = pg_sys::JsonEncodeDateTime(std::ptr::null_mut(), datum, pg_sys::TIMESTAMPTZOID, std::ptr::null());
+        std::ffi::CStr::from_ptr(text).to_string_lossy().into_owned()
+    }
+}
+
+/// The JSON text of a log row, as [`log_row_json!`] makes it, for [`stored`] to read.
+///
+/// # Safety
+/// `payload` and `metadata` must be detoasted, non-null jsonb Datums.
+#[allow(clippy::too_many_arguments)]
+unsafe fn row_text(
+    position: i64,
+    command_id: &str,
+    stream: &str,
+    seq: i64,
+    command_type: &str,
+    payload: pg_sys::Datum,
+    metadata: pg_sys::Datum,
+    created_at: &str,
+) -> String {
+    // SAFETY: jsonb_out of a non-null jsonb returns a palloc'd C string.
+    let print = |datum: pg_sys::Datum| unsafe {
+        pgrx::direct_function_call_as_datum(pg_sys::jsonb_out, &[Some(datum)])
+            .map(|text| std::ffi::CStr::from_ptr(text.cast_mut_ptr::<std::ffi::c_char>()).to_string_lossy().into_owned())
+            .unwrap_or_else(|| "null".to_owned())
+    };
+    let quoted = |text: &str| serde_json::Value::from(text).to_string();
+    format!(
+        "{{\"position\" : {position}, \"command_id\" : {}, \"stream\" : {}, \"seq\" : {seq}, \"command_type\" : {}, \"payload\" : {}, \"metadata\" : {}, \"created_at\" : {}}}",
+        quoted(command_id),
+        quoted(stream),
+        quoted(command_type),
+        print(payload),
+        print(metadata),
+        quoted(created_at),
+    )
 }
 
 /// The events of a batch as the log holds them: each event is looked up by its position and must
@@ -259,15 +392,15 @@ const AT_POSITIONS_UNPARTITIONED: &str = concat!(
  order by u.n"
 );
 
-/// The rows `$rows` (a query of command-log rows, in log order, at most `$2`) as events, cut at
-/// about `$3` bytes (at least one): the chunk every read of the log returns.
+/// The rows `$rows` (a query of command-log rows, in log order, at most `$2`), cut at about `$3`
+/// bytes (at least one): the chunk every read of the log returns, as the columns
+/// [`from_log_rows`] reads.
 macro_rules! chunk_of {
     ($($rows:expr),+ $(,)?) => {
         concat!(
-            "select c.doc from (
-    select ",
-            log_row_json!(),
-            " as doc, pg_catalog.row_number() over w as n,
+            "select c.position, c.command_id, c.stream, c.seq, c.command_type, c.payload, c.metadata, c.created_at from (
+    select l.position, l.command_id, l.stream, l.seq, l.command_type, l.payload, l.metadata, l.created_at,
+           pg_catalog.row_number() over w as n,
            pg_catalog.sum(pg_catalog.pg_column_size(l.payload) + pg_catalog.pg_column_size(l.metadata)) over w as bytes
       from (",
             $($rows),+,
@@ -339,5 +472,59 @@ pub(crate) fn behind() -> &'static str {
         BEHIND
     } else {
         BEHIND_UNPARTITIONED
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    /// The log's rows after position 0 as the JSON text every read of the log returned before
+    /// rows came as columns.
+    const AS_TEXT: &str = concat!(
+        "select ",
+        log_row_json!(),
+        " from cqrs.command_log l where l.position > $1 order by l.position"
+    );
+
+    #[pg_test]
+    fn rows_read_as_columns_are_the_events_their_json_text_gives() {
+        Spi::run(
+            "set timezone = 'America/New_York';
+             set cqrs.max_payload_bytes = 1024;
+             set cqrs.max_metadata_bytes = 1024;
+             select cqrs.append(cqrs.uuid_v7(), 'ev-1', 'T', '{\"a\": 1, \"n\": [0, -0, 1.50, 1e21, 12345678901234567890, 0.1], \"s\": \"é ☃ 😀 \\u0001 \\\"q\\\"\"}');
+             select cqrs.append(cqrs.uuid_v7(), 'ev-1', 'T', '{}', metadata => '{\"trace\": {\"id\": \"x\"}}');
+             select cqrs.append(gen_random_uuid(), 'ev-2', 'U', '{\"z\": null, \"a\": [[], {}], \"aa\": true}');
+             -- past what append accepts, as a superuser's insert (or an older release) can leave:
+             -- nested past serde's 128 levels, and larger than the projector reads (8 x 1,024)
+             insert into cqrs.command_log (command_id, stream, seq, command_type, payload, id_time)
+             select id, 'ev-3', n, 'V', doc::jsonb, cqrs.command_time(id)
+               from (select n, doc, cqrs.uuid_v7() as id
+                       from (values (1, '{\"d\": ' || repeat('[', 150) || '1' || repeat(']', 150) || '}'),
+                                    (2, '{\"big\": \"' || repeat('x', 9000) || '\"}')) d(n, doc)) i;",
+        )
+        .expect("spi");
+        let (columns, text) = Spi::connect_mut(|client| {
+            let rows = client
+                .update(
+                    super::LOG_AFTER,
+                    None,
+                    &[0i64.into(), 100i64.into(), super::CHUNK_BYTES.into()],
+                )
+                .expect("the log as columns");
+            let columns = super::from_log_rows(rows).expect("events from columns");
+            let rows = client.select(AS_TEXT, None, &[0i64.into()]).expect("the log as text");
+            let text = super::from_rows(rows, "a command-log row").expect("events from text");
+            (columns, text)
+        });
+        assert_eq!(columns.len(), 5);
+        assert_eq!(columns, text);
+        assert!(columns[0].created_at.ends_with("-05:00"), "{}", columns[0].created_at);
+        assert_eq!(
+            columns.iter().map(|e| e.unreadable.is_some()).collect::<Vec<_>>(),
+            [false, false, false, true, true]
+        );
     }
 }

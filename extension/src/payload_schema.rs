@@ -191,7 +191,7 @@ pub(crate) fn validate_datum(
     // copy in the call's context) with a 4-byte header.
     let detoasted = pg_sys::Datum::from(unsafe { pg_sys::pg_detoast_datum(payload.cast_mut_ptr()) });
     // SAFETY: as above.
-    if let Some(value) = unsafe { payload_value::from_jsonb(detoasted) } {
+    if let Some(value) = unsafe { payload_value::from_jsonb(detoasted, payload_value::Budget::UNBOUNDED) } {
         return validate(command_type, version, &value);
     }
     // SAFETY: as above.

@@ -1,11 +1,12 @@
-//! A command payload as the value JSON Schema validation reads, built from jsonb's binary form.
+//! A jsonb document (a command's payload or metadata) as the `serde_json` value the validator and
+//! the projector read, built from jsonb's binary form.
 //!
-//! The payload arrives as jsonb; the validator (the `jsonschema` crate) reads `serde_json`
-//! values. Printing the jsonb as text and parsing that text again cost more than the validation
-//! itself for a typical payload (perf: `jsonb_out` and serde's parser, ≈ 40 % of the schema
-//! check). Walking the jsonb's tokens builds the same value directly: strings are copied as they
-//! are, numbers go through `numeric_out` and serde's number parser exactly as they would inside
-//! the printed document, so the validator sees the value the text round trip gave.
+//! Printing the jsonb as text and parsing that text again cost more than the validation itself
+//! for a typical payload (perf: `jsonb_out` and serde's parser, ≈ 40 % of the schema check), and
+//! a third of a rebuild's time. Walking the jsonb's tokens builds the same value directly:
+//! strings are copied as they are, numbers go through `numeric_out` and serde's number parser
+//! exactly as they would inside the printed document, keys come in jsonb's order, so the value is
+//! the one the text round trip gave (a pg_test holds them equal).
 
 use std::ffi::CStr;
 
@@ -38,13 +39,32 @@ impl Open {
     }
 }
 
+/// How far [`from_jsonb`] goes before it gives the document back to the text round trip, whose
+/// rules (and error messages) then apply unchanged.
+#[derive(Clone, Copy)]
+pub(crate) struct Budget {
+    /// The most bytes the document's JSON text may take: past an upper bound of that length
+    /// (every string character counted as an escape), the caller prints it and measures.
+    pub(crate) max_text_bytes: usize,
+    /// The deepest nesting: serde's parser refuses more than 128 levels.
+    pub(crate) max_depth: usize,
+}
+
+impl Budget {
+    /// No bound but serde's own nesting limit (what the validator's text round trip had).
+    pub(crate) const UNBOUNDED: Budget = Budget {
+        max_text_bytes: usize::MAX,
+        max_depth: 120,
+    };
+}
+
 /// The value of the jsonb `datum`; `None` when a string is not UTF-8 (a database in another
-/// encoding) or a number does not fit what serde parses, for which the caller keeps the text
-/// round trip.
+/// encoding), a number does not fit what serde parses, or the document may be past `budget`:
+/// the caller then takes the text round trip.
 ///
 /// # Safety
 /// `datum` must be a detoasted, non-null jsonb Datum valid for this call.
-pub(crate) unsafe fn from_jsonb(datum: pg_sys::Datum) -> Option<Value> {
+pub(crate) unsafe fn from_jsonb(datum: pg_sys::Datum, budget: Budget) -> Option<Value> {
     use pg_sys::JsonbIteratorToken::*;
     // SAFETY: per the contract datum is a detoasted jsonb; the iterator reads only its root
     // container, and each JsonbValue it fills is read as the type its type_ tag says.
@@ -56,8 +76,14 @@ pub(crate) unsafe fn from_jsonb(datum: pg_sys::Datum) -> Option<Value> {
         // a scalar document is stored as a one-element "raw scalar" array
         let mut raw_scalar = false;
         let mut root = None;
+        // an upper bound of the JSON text's length so far: brackets, ", " and ": " between items
+        let mut text_bytes = 0usize;
         loop {
             let token = pg_sys::JsonbIteratorNext(&mut iterator, &mut token_value, false);
+            text_bytes = text_bytes.saturating_add(4);
+            if text_bytes > budget.max_text_bytes || open.len() > budget.max_depth {
+                return None;
+            }
             match token {
                 WJB_DONE => break,
                 WJB_BEGIN_ARRAY => {
@@ -70,12 +96,18 @@ pub(crate) unsafe fn from_jsonb(datum: pg_sys::Datum) -> Option<Value> {
                 WJB_BEGIN_OBJECT => open.push(Open::Object(Map::new(), None)),
                 WJB_KEY => {
                     let key = string(&token_value)?;
+                    text_bytes = text_bytes.saturating_add(escaped_len(&key));
                     if let Some(Open::Object(_, pending)) = open.last_mut() {
                         *pending = Some(key);
                     }
                 }
                 WJB_VALUE | WJB_ELEM => {
                     let value = scalar(&token_value)?;
+                    text_bytes = text_bytes.saturating_add(match &value {
+                        Value::String(text) => escaped_len(text),
+                        Value::Number(number) => number.to_string().len(),
+                        _ => 5,
+                    });
                     open.last_mut()?.push(value);
                 }
                 WJB_END_ARRAY | WJB_END_OBJECT => {
@@ -93,6 +125,11 @@ pub(crate) unsafe fn from_jsonb(datum: pg_sys::Datum) -> Option<Value> {
             value => Some(value),
         }
     }
+}
+
+/// The most bytes `text` takes as a JSON string: quotes, and every byte escaped as `\u00XX`.
+fn escaped_len(text: &str) -> usize {
+    text.len().saturating_mul(6).saturating_add(2)
 }
 
 /// # Safety
@@ -159,7 +196,7 @@ mod tests {
             // SAFETY: a jsonb made just now in this context, detoasted here.
             let detoasted = unsafe { pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) };
             // SAFETY: as above.
-            let direct = unsafe { super::from_jsonb(pg_sys::Datum::from(detoasted)) };
+            let direct = unsafe { super::from_jsonb(pg_sys::Datum::from(detoasted), super::Budget::UNBOUNDED) };
             // SAFETY: as above.
             let round_trip = unsafe { pgrx::JsonB::from_datum(pg_sys::Datum::from(detoasted), false) }
                 .expect("a value")

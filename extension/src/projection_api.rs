@@ -91,7 +91,7 @@ fn read_log(
     let plan = prepared::statement(client, query, &types)?;
     let rows = prepared::index_plans(|| client.update(&*plan, None, &args))
         .map_err(|e| spi_error("reading the log", e))?;
-    events::from_rows(rows, "a command-log row")
+    events::from_log_rows(rows)
 }
 
 /// Where a catch-up of projection `name` walks the log from in position order, or `None` to read
