@@ -196,7 +196,8 @@ mod tests {
             // SAFETY: a jsonb made just now in this context, detoasted here.
             let detoasted = unsafe { pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) };
             // SAFETY: as above.
-            let direct = unsafe { super::from_jsonb(pg_sys::Datum::from(detoasted), super::Budget::UNBOUNDED) };
+            let direct =
+                unsafe { super::from_jsonb(pg_sys::Datum::from(detoasted), super::Budget::UNBOUNDED) };
             // SAFETY: as above.
             let round_trip = unsafe { pgrx::JsonB::from_datum(pg_sys::Datum::from(detoasted), false) }
                 .expect("a value")

@@ -355,6 +355,9 @@ fn keep_doc(datum: Option<pg_sys::Datum>) -> Option<pg_sys::Datum> {
 
 /// The writes of one projection's read model for one batch: its definition, the revision the
 /// rows it changes get, and whether to return their documents.
+/// A statement of a read model's writes, made from its target.
+type WriteSql = fn(&Target) -> String;
+
 struct ReadModelWrite<'a> {
     def: &'a Definition,
     projection: Rc<str>,
@@ -471,11 +474,22 @@ impl ReadModelWrite<'_> {
                 });
             }
         }
+        // without docs, statements that return the keys alone (kept under their own names)
+        let (update, update_sql, insert, insert_sql): (&str, WriteSql, &str, WriteSql) = if self.with_docs {
+            ("update", Target::update_sql, "insert", Target::insert_sql)
+        } else {
+            (
+                "update keys",
+                Target::update_keys_sql,
+                "insert keys",
+                Target::insert_keys_sql,
+            )
+        };
         if updates.len() > 2 {
             self.rows_changed(
                 client,
-                "update",
-                Target::update_sql,
+                update,
+                update_sql,
                 (text_rev, vec![updates.into(), self.rev.into()]),
                 out,
             )?;
@@ -483,8 +497,8 @@ impl ReadModelWrite<'_> {
         if inserts.len() > 2 {
             self.rows_changed(
                 client,
-                "insert",
-                Target::insert_sql,
+                insert,
+                insert_sql,
                 (text_rev, vec![inserts.into(), self.rev.into()]),
                 out,
             )?;

@@ -154,6 +154,19 @@ impl Target {
 
     /// `$1`: a JSON array of writes (text), `$2`: the revision. Returns key text and the new row.
     pub fn update_sql(&self) -> String {
+        self.update_returning(&format!(
+            "t.{}::text, pg_catalog.row_to_json(t.*)",
+            self.key_ident()
+        ))
+    }
+
+    /// [`Target::update_sql`] returning the key text alone: a write whose rows nobody reads
+    /// (a rebuild) does not turn each into JSON.
+    pub fn update_keys_sql(&self) -> String {
+        self.update_returning(&format!("t.{}::text", self.key_ident()))
+    }
+
+    fn update_returning(&self, returning: &str) -> String {
         let mut sets = vec![format!("{} = $2", quote_ident(&self.rev))];
         for (i, column) in self.columns.iter().enumerate() {
             sets.push(format!(
@@ -165,17 +178,28 @@ impl Target {
         format!(
             "update {table} as t set {sets} from {located} \
              where t.ctid = e.tid \
-             returning t.{key}::text, pg_catalog.row_to_json(t.*)",
+             returning {returning}",
             table = self.table,
             sets = sets.join(", "),
             located = self.located(&self.record()),
-            key = self.key_ident(),
         )
     }
 
     /// `$1`: a JSON array of writes (text), `$2`: the revision. New rows, or rows replaced
     /// entirely (deleted and re-created within the batch). Returns key text and the new row.
     pub fn insert_sql(&self) -> String {
+        self.insert_returning(&format!(
+            "t.{}::text, pg_catalog.row_to_json(t.*)",
+            self.key_ident()
+        ))
+    }
+
+    /// [`Target::insert_sql`] returning the key text alone (see [`Target::update_keys_sql`]).
+    pub fn insert_keys_sql(&self) -> String {
+        self.insert_returning(&format!("t.{}::text", self.key_ident()))
+    }
+
+    fn insert_returning(&self, returning: &str) -> String {
         let mut names = vec![self.key_ident(), quote_ident(&self.rev)];
         let mut values = vec![format!("e.k::{}", self.key_type), "$2".to_owned()];
         let mut replace = vec![format!("{0} = excluded.{0}", quote_ident(&self.rev))];
@@ -192,7 +216,7 @@ impl Target {
             "insert into {table} as t ({names}) \
              select {values} from {record} \
              on conflict ({key}) do update set {replace} \
-             returning t.{key}::text, pg_catalog.row_to_json(t.*)",
+             returning {returning}",
             table = self.table,
             names = names.join(", "),
             values = values.join(", "),
