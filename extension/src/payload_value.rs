@@ -70,6 +70,11 @@ pub(crate) unsafe fn from_jsonb(datum: pg_sys::Datum, budget: Budget) -> Option<
     // container, and each JsonbValue it fills is read as the type its type_ tag says.
     unsafe {
         let jsonb = datum.cast_mut_ptr::<pg_sys::Jsonb>();
+        // the empty object most metadata is: its root header alone says so
+        let header = (*jsonb).root.header;
+        if header & pg_sys::JB_FOBJECT != 0 && header & pg_sys::JB_CMASK == 0 {
+            return Some(Value::Object(Map::new()));
+        }
         let mut iterator = pg_sys::JsonbIteratorInit(&mut (*jsonb).root);
         let mut token_value: pg_sys::JsonbValue = std::mem::zeroed();
         let mut open: Vec<Open> = Vec::new();
@@ -180,6 +185,7 @@ mod tests {
     fn the_value_is_the_one_the_text_round_trip_gives() {
         for doc in [
             r#"{}"#,
+            r#"[]"#,
             r#"{"a": 1, "b": [true, false, null], "c": {"d": "e"}}"#,
             r#"{"n": [0, -0, 1.0, 1.50, -2.5e-7, 1e21, 12345678901234567890, 123456789012345678901234567890, 0.1]}"#,
             r#"{"s": "tab\tquote\" backslash\\ é ☃ 😀 \u0001", "": "", "nested": [[[]], {}, [{}]]}"#,
