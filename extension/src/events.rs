@@ -105,36 +105,25 @@ pub(crate) fn from_log_rows(rows: pgrx::spi::SpiTupleTable<'_>) -> Result<Vec<Ev
 const LOG_ROW: &str = "a command-log row";
 
 /// [`from_log_rows`], with `None` for a row whose position is null (a lookup that found none).
-fn log_rows(mut rows: pgrx::spi::SpiTupleTable<'_>) -> Result<Vec<Option<Event>>, ErrorReport> {
+fn log_rows(rows: pgrx::spi::SpiTupleTable<'_>) -> Result<Vec<Option<Event>>, ErrorReport> {
     let limits = limits();
     let budget = payload_value::Budget {
         max_text_bytes: limits.max_document_bytes,
         max_depth: payload_value::Budget::UNBOUNDED.max_depth,
     };
+    let table = LogRows::of(&rows)?;
     let mut events = Vec::with_capacity(rows.len());
     // detoasted documents and printed times go into a context freed after each row: a rebuild
     // reads millions of rows inside one SPI connection
     let mut scratch = PgMemoryContexts::new("pg_cqrs log rows");
-    let mut index = 0usize;
-    while rows.next().is_some() {
-        let Some(position) = column(rows.get::<i64>(1), "position")? else {
+    for index in 0..table.len {
+        // SAFETY: index is within the table, which `rows` keeps alive.
+        let [position, command_id, stream, seq, command_type, payload, metadata, created_at] =
+            unsafe { table.row(index) };
+        let Some(position) = position.map(|d| d.value() as i64) else {
             events.push(None);
-            index += 1;
             continue;
         };
-        let command_id = column(rows.get::<pgrx::Uuid>(2), "command_id")?;
-        let stream = column(rows.get::<String>(3), "stream")?;
-        let seq = column(rows.get::<i64>(4), "seq")?;
-        let command_type = column(rows.get::<String>(5), "command_type")?;
-        let payload = rows
-            .get_datum_by_ordinal(6)
-            .map_err(|e| spi_error("reading the payload", e))?;
-        let metadata = rows
-            .get_datum_by_ordinal(7)
-            .map_err(|e| spi_error("reading the metadata", e))?;
-        let created_at = rows
-            .get_datum_by_ordinal(8)
-            .map_err(|e| spi_error("reading created_at", e))?;
         let (
             Some(command_id),
             Some(stream),
@@ -158,7 +147,16 @@ fn log_rows(mut rows: pgrx::spi::SpiTupleTable<'_>) -> Result<Vec<Option<Event>>
                 format!("{LOG_ROW} at position {position} has a null column"),
             ));
         };
-        let command_id = uuid::Uuid::from_bytes(*command_id.as_bytes()).to_string();
+        let seq = seq.value() as i64;
+        // SAFETY: non-null uuid and text columns of the row (LogRows::of checked the types); the
+        // copies detoasting may make go into scratch.
+        let (command_id, stream, command_type) = unsafe {
+            scratch.switch_to(|_| {
+                let id: [u8; 16] = std::ptr::read_unaligned(command_id.cast_mut_ptr::<[u8; 16]>());
+                (id, text(stream), text(command_type))
+            })
+        };
+        let command_id = uuid::Uuid::from_bytes(command_id).to_string();
         // SAFETY: the datums are non-null jsonb, jsonb and timestamptz columns of the current row,
         // valid while the SPI tuple table is; everything allocated here lives in `scratch`, reset
         // below after the strings and values were copied out.
@@ -213,9 +211,87 @@ fn log_rows(mut rows: pgrx::spi::SpiTupleTable<'_>) -> Result<Vec<Option<Event>>
             (Err(text), _) => stored(index, &text, LOG_ROW, limits)?,
         };
         events.push(Some(event));
-        index += 1;
     }
     Ok(events)
+}
+
+/// The rows of the SPI result a [`log_rows`] call reads: each deformed once, straight from the
+/// tuple table (pgrx's iterator deforms every row for its own use, then once per column read).
+struct LogRows {
+    table: *mut pg_sys::SPITupleTable,
+    len: usize,
+}
+
+impl LogRows {
+    /// The column types every read of the log returns, in order.
+    const TYPES: [pg_sys::Oid; 8] = [
+        pg_sys::INT8OID,
+        pg_sys::UUIDOID,
+        pg_sys::TEXTOID,
+        pg_sys::INT8OID,
+        pg_sys::TEXTOID,
+        pg_sys::JSONBOID,
+        pg_sys::JSONBOID,
+        pg_sys::TIMESTAMPTZOID,
+    ];
+
+    /// The table behind `rows`, the result of the SPI statement just run, checked to have the
+    /// log's columns.
+    fn of(rows: &pgrx::spi::SpiTupleTable<'_>) -> Result<Self, ErrorReport> {
+        // SAFETY: SPI_tuptable and SPI_processed describe the last SPI statement's result, which
+        // `rows` is (no SPI call ran since); its tuple descriptor has natts attributes.
+        unsafe {
+            let table = pg_sys::SPI_tuptable;
+            if table.is_null() || pg_sys::SPI_processed as usize != rows.len() {
+                return Err(error(
+                    PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                    "the log's rows are not the last SPI result",
+                ));
+            }
+            let tupdesc = (*table).tupdesc;
+            let natts = usize::try_from((*tupdesc).natts).unwrap_or(0);
+            let types: Vec<pg_sys::Oid> = (*tupdesc).attrs.as_slice(natts).iter().map(|a| a.atttypid).collect();
+            if types != Self::TYPES {
+                return Err(error(
+                    PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                    "a read of the log returned other columns than the log's",
+                ));
+            }
+            Ok(Self {
+                table,
+                len: rows.len(),
+            })
+        }
+    }
+
+    /// Row `index`'s columns, `None` where null.
+    ///
+    /// # Safety
+    /// `index < self.len`, and the table is still the live SPI result.
+    unsafe fn row(&self, index: usize) -> [Option<pg_sys::Datum>; 8] {
+        let mut values = [pg_sys::Datum::from(0usize); 8];
+        let mut nulls = [true; 8];
+        // SAFETY: per the contract; heap_deform_tuple fills natts (8) values and nulls.
+        unsafe {
+            let tuple = *(*self.table).vals.add(index);
+            pg_sys::heap_deform_tuple(tuple, (*self.table).tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        }
+        std::array::from_fn(|i| (!nulls[i]).then_some(values[i]))
+    }
+}
+
+/// A text column's value.
+///
+/// # Safety
+/// `datum` must be a non-null text Datum; detoasting may allocate in the current context.
+unsafe fn text(datum: pg_sys::Datum) -> String {
+    // SAFETY: per the contract; the detoasted varlena's bytes are read, not kept.
+    unsafe {
+        let varlena = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
+        let len = pgrx::varlena::varsize_any_exhdr(varlena);
+        let data = pgrx::varlena::vardata_any(varlena) as *const u8;
+        String::from_utf8_lossy(std::slice::from_raw_parts(data, len)).into_owned()
+    }
 }
 
 /// A timestamptz as `json_build_object` writes it (ISO 8601, the session's time zone).
