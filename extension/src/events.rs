@@ -250,7 +250,12 @@ impl LogRows {
             }
             let tupdesc = (*table).tupdesc;
             let natts = usize::try_from((*tupdesc).natts).unwrap_or(0);
-            let types: Vec<pg_sys::Oid> = (*tupdesc).attrs.as_slice(natts).iter().map(|a| a.atttypid).collect();
+            let types: Vec<pg_sys::Oid> = (*tupdesc)
+                .attrs
+                .as_slice(natts)
+                .iter()
+                .map(|a| a.atttypid)
+                .collect();
             if types != Self::TYPES {
                 return Err(error(
                     PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
@@ -274,7 +279,12 @@ impl LogRows {
         // SAFETY: per the contract; heap_deform_tuple fills natts (8) values and nulls.
         unsafe {
             let tuple = *(*self.table).vals.add(index);
-            pg_sys::heap_deform_tuple(tuple, (*self.table).tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
+            pg_sys::heap_deform_tuple(
+                tuple,
+                (*self.table).tupdesc,
+                values.as_mut_ptr(),
+                nulls.as_mut_ptr(),
+            );
         }
         std::array::from_fn(|i| (!nulls[i]).then_some(values[i]))
     }
