@@ -239,7 +239,8 @@ impl LogRows {
     /// log's columns.
     fn of(rows: &pgrx::spi::SpiTupleTable<'_>) -> Result<Self, ErrorReport> {
         // SAFETY: SPI_tuptable and SPI_processed describe the last SPI statement's result, which
-        // `rows` is (no SPI call ran since); its tuple descriptor has natts attributes.
+        // `rows` is (no SPI call ran since); SPI_gettypeid reads attributes 1..=natts of its
+        // tuple descriptor.
         unsafe {
             let table = pg_sys::SPI_tuptable;
             if table.is_null() || pg_sys::SPI_processed as usize != rows.len() {
@@ -249,13 +250,8 @@ impl LogRows {
                 ));
             }
             let tupdesc = (*table).tupdesc;
-            let natts = usize::try_from((*tupdesc).natts).unwrap_or(0);
-            let types: Vec<pg_sys::Oid> = (*tupdesc)
-                .attrs
-                .as_slice(natts)
-                .iter()
-                .map(|a| a.atttypid)
-                .collect();
+            let natts = (*tupdesc).natts;
+            let types: Vec<pg_sys::Oid> = (1..=natts).map(|n| pg_sys::SPI_gettypeid(tupdesc, n)).collect();
             if types != Self::TYPES {
                 return Err(error(
                     PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
