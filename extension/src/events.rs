@@ -148,20 +148,17 @@ fn log_rows(rows: pgrx::spi::SpiTupleTable<'_>) -> Result<Vec<Option<Event>>, Er
             ));
         };
         let seq = seq.value() as i64;
-        // SAFETY: non-null uuid and text columns of the row (LogRows::of checked the types); the
-        // copies detoasting may make go into scratch.
-        let (command_id, stream, command_type) = unsafe {
-            scratch.switch_to(|_| {
-                let id: [u8; 16] = std::ptr::read_unaligned(command_id.cast_mut_ptr::<[u8; 16]>());
-                (id, text(stream), text(command_type))
-            })
-        };
-        let command_id = uuid::Uuid::from_bytes(command_id).to_string();
-        // SAFETY: the datums are non-null jsonb, jsonb and timestamptz columns of the current row,
-        // valid while the SPI tuple table is; everything allocated here lives in `scratch`, reset
-        // below after the strings and values were copied out.
+        // SAFETY: non-null uuid, text, jsonb and timestamptz columns of the current row
+        // (LogRows::of checked the types), valid while the SPI tuple table is; everything
+        // allocated here lives in `scratch`, reset below after the strings and values were copied
+        // out.
         let decoded = unsafe {
             scratch.switch_to(|_| {
+                let command_id = pgrx::Uuid::from_datum(command_id, false)
+                    .map(|id| uuid::Uuid::from_bytes(*id.as_bytes()).to_string())
+                    .unwrap_or_default();
+                let stream = String::from_datum(stream, false).unwrap_or_default();
+                let command_type = String::from_datum(command_type, false).unwrap_or_default();
                 let payload = pg_sys::Datum::from(pg_sys::pg_detoast_datum(payload.cast_mut_ptr()));
                 let metadata = pg_sys::Datum::from(pg_sys::pg_detoast_datum(metadata.cast_mut_ptr()));
                 let created_at = json_time(created_at);
@@ -184,13 +181,13 @@ fn log_rows(rows: pgrx::spi::SpiTupleTable<'_>) -> Result<Vec<Option<Event>>, Er
                         &created_at,
                     )),
                 };
-                (documents, created_at)
+                (documents, command_id, stream, command_type, created_at)
             })
         };
         // SAFETY: nothing allocated in scratch is used after this: the values above are Rust's.
         unsafe { scratch.reset() };
         let event = match decoded {
-            (Ok((payload, metadata)), created_at) => {
+            (Ok((payload, metadata)), command_id, stream, command_type, created_at) => {
                 if seq < 1 || stream.is_empty() || command_type.is_empty() {
                     return Err(error(
                         PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
@@ -208,7 +205,7 @@ fn log_rows(rows: pgrx::spi::SpiTupleTable<'_>) -> Result<Vec<Option<Event>>, Er
                 event.created_at = created_at;
                 event
             }
-            (Err(text), _) => stored(index, &text, LOG_ROW, limits)?,
+            (Err(text), ..) => stored(index, &text, LOG_ROW, limits)?,
         };
         events.push(Some(event));
     }
@@ -283,20 +280,6 @@ impl LogRows {
             );
         }
         std::array::from_fn(|i| (!nulls[i]).then_some(values[i]))
-    }
-}
-
-/// A text column's value.
-///
-/// # Safety
-/// `datum` must be a non-null text Datum; detoasting may allocate in the current context.
-unsafe fn text(datum: pg_sys::Datum) -> String {
-    // SAFETY: per the contract; the detoasted varlena's bytes are read, not kept.
-    unsafe {
-        let varlena = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
-        let len = pgrx::varlena::varsize_any_exhdr(varlena);
-        let data = pgrx::varlena::vardata_any(varlena) as *const u8;
-        String::from_utf8_lossy(std::slice::from_raw_parts(data, len)).into_owned()
     }
 }
 

@@ -154,16 +154,23 @@ impl Target {
 
     /// `$1`: a JSON array of writes (text), `$2`: the revision. Returns key text and the new row.
     pub fn update_sql(&self) -> String {
-        self.update_returning(&format!(
-            "t.{}::text, pg_catalog.row_to_json(t.*)",
-            self.key_ident()
-        ))
+        self.update_returning(&self.returning(true))
     }
 
     /// [`Target::update_sql`] returning the key text alone: a write whose rows nobody reads
     /// (a rebuild) does not turn each into JSON.
     pub fn update_keys_sql(&self) -> String {
-        self.update_returning(&format!("t.{}::text", self.key_ident()))
+        self.update_returning(&self.returning(false))
+    }
+
+    /// What a write returns: the key text, and the new row as JSON when `docs`.
+    fn returning(&self, docs: bool) -> String {
+        let key = format!("t.{}::text", self.key_ident());
+        if docs {
+            format!("{key}, pg_catalog.row_to_json(t.*)")
+        } else {
+            key
+        }
     }
 
     fn update_returning(&self, returning: &str) -> String {
@@ -188,15 +195,12 @@ impl Target {
     /// `$1`: a JSON array of writes (text), `$2`: the revision. New rows, or rows replaced
     /// entirely (deleted and re-created within the batch). Returns key text and the new row.
     pub fn insert_sql(&self) -> String {
-        self.insert_returning(&format!(
-            "t.{}::text, pg_catalog.row_to_json(t.*)",
-            self.key_ident()
-        ))
+        self.insert_returning(&self.returning(true))
     }
 
     /// [`Target::insert_sql`] returning the key text alone (see [`Target::update_keys_sql`]).
     pub fn insert_keys_sql(&self) -> String {
-        self.insert_returning(&format!("t.{}::text", self.key_ident()))
+        self.insert_returning(&self.returning(false))
     }
 
     fn insert_returning(&self, returning: &str) -> String {
