@@ -169,9 +169,9 @@ const LOCK_ONE: &str = lock_states_of!(" where s.name = $1");
 // first ones are made while these tables are empty; the fence keeps each key an index probe
 // however large the tables grow (see cqrs_projection::sql).
 const PROGRESS: &str = "\
-select u.stream, ps.last_seq
+select u.stream, ps.last_seq, ps.ctid
   from unnest($2::text[]) as u(stream)
-  cross join lateral (select p.last_seq from cqrs.projection_stream p
+  cross join lateral (select p.last_seq, p.ctid from cqrs.projection_stream p
                        where p.projection = $1 and p.stream = u.stream offset 0) as ps";
 
 const PARKED: &str = "\
@@ -181,7 +181,15 @@ select p.event::text
                        where k.projection = $1 and k.stream = u.stream offset 0) as p";
 
 // Progress of streams the projection has seen before is updated in place (cheaper than an
-// upsert's speculative insertion); new streams are inserted.
+// upsert's speculative insertion), found by where [`PROGRESS`] read it (a third of the update's
+// time was finding the rows again by key); new streams are inserted. A row found no longer there
+// (the projection's state row is locked, so only an operator's hand can have moved it) leaves
+// its stream to ADVANCE_PROGRESS, which finds it by key.
+const ADVANCE_READ_PROGRESS: &str = "\
+update cqrs.projection_stream ps set last_seq = u.last_seq
+  from unnest($2::tid[], $3::text[], $4::bigint[]) as u(tid, stream, last_seq)
+ where ps.ctid = u.tid and ps.projection = $1 and ps.stream = u.stream and ps.last_seq < u.last_seq";
+
 const ADVANCE_PROGRESS: &str = "\
 update cqrs.projection_stream ps set last_seq = u.last_seq
   from (select u.last_seq, x.tid
@@ -289,19 +297,33 @@ fn lock_states(client: &mut SpiClient<'_>, which: Which<'_>) -> Result<Vec<State
     Ok(states)
 }
 
+/// A projection's progress on the batch's streams: each stream's last applied seq, and where
+/// its row is (for [`ADVANCE_READ_PROGRESS`]).
+#[derive(Default)]
+struct Progress {
+    last_seq: HashMap<String, i64>,
+    rows: HashMap<String, pg_sys::ItemPointerData>,
+}
+
 fn read_progress(
     client: &mut SpiClient<'_>,
     name: &str,
     streams: &[String],
-) -> Result<HashMap<String, i64>, ErrorReport> {
+) -> Result<Progress, ErrorReport> {
     let plan = prepared::statement(client, PROGRESS, &[PgBuiltInOids::TEXTOID.into(), text_array()])?;
     let rows = prepared::index_plans(|| client.update(&*plan, None, &[name.into(), streams.to_vec().into()]))
         .map_err(|err| spi_error("reading stream progress", err))?;
-    let mut progress = HashMap::with_capacity(rows.len());
+    let mut progress = Progress {
+        last_seq: HashMap::with_capacity(rows.len()),
+        rows: HashMap::with_capacity(rows.len()),
+    };
     for row in rows {
         let stream = column(row.get::<String>(1), "stream")?.unwrap_or_default();
         let last = column(row.get::<i64>(2), "last_seq")?.unwrap_or(0);
-        progress.insert(stream, last);
+        if let Some(tid) = column(row.get::<pg_sys::ItemPointerData>(3), "ctid")? {
+            progress.rows.insert(stream.clone(), tid);
+        }
+        progress.last_seq.insert(stream, last);
     }
     Ok(progress)
 }
@@ -608,36 +630,77 @@ fn apply_in_order(
     write.write_pending(client, &mut pending, out)
 }
 
+/// Saves the planned progress: in place where the row was read, by key where it has moved
+/// since, inserted for streams new to the projection.
+fn advance_progress(
+    client: &mut SpiClient<'_>,
+    name: &str,
+    known: &Progress,
+    plan: &Plan<'_>,
+) -> Result<(), ErrorReport> {
+    let by_key = [
+        PgBuiltInOids::TEXTOID.into(),
+        text_array(),
+        PgBuiltInOids::INT8ARRAYOID.into(),
+    ];
+    let (mut tids, mut read, mut new) = (Vec::new(), (Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+    for (stream, seq) in &plan.progress {
+        let into = match known.rows.get(stream.as_str()) {
+            Some(tid) => {
+                tids.push(*tid);
+                &mut read
+            }
+            None => &mut new,
+        };
+        into.0.push(stream.clone());
+        into.1.push(*seq);
+    }
+    if !tids.is_empty() {
+        let expected = tids.len();
+        let statement = prepared::statement(
+            client,
+            ADVANCE_READ_PROGRESS,
+            &[
+                PgBuiltInOids::TEXTOID.into(),
+                PgBuiltInOids::TIDARRAYOID.into(),
+                text_array(),
+                PgBuiltInOids::INT8ARRAYOID.into(),
+            ],
+        )?;
+        let updated = prepared::index_plans(|| {
+            client.update(
+                &*statement,
+                None,
+                &[name.into(), tids.into(), read.0.clone().into(), read.1.clone().into()],
+            )
+        })
+        .map_err(|err| spi_error("saving stream progress", err))?
+        .len();
+        if updated < expected {
+            // the rest by key (the ones just saved are past its guard)
+            let statement = prepared::statement(client, ADVANCE_PROGRESS, &by_key)?;
+            prepared::index_plans(|| client.update(&*statement, None, &[name.into(), read.0.into(), read.1.into()]))
+                .map_err(|err| spi_error("saving stream progress", err))?;
+        }
+    }
+    if !new.0.is_empty() {
+        let statement = prepared::statement(client, START_PROGRESS, &by_key)?;
+        prepared::index_plans(|| client.update(&*statement, None, &[name.into(), new.0.into(), new.1.into()]))
+            .map_err(|err| spi_error("saving stream progress", err))?;
+    }
+    Ok(())
+}
+
 /// Progress, parked events and dead letters of a planned batch.
 // Long but flat: four kept statements, each with its arguments.
 fn write_bookkeeping(
     client: &mut SpiClient<'_>,
     name: &str,
-    known: &HashMap<String, i64>,
+    known: &Progress,
     plan: &Plan<'_>,
     dead: &[(Event, Failure)],
 ) -> Result<(), ErrorReport> {
-    let args = [
-        PgBuiltInOids::TEXTOID.into(),
-        text_array(),
-        PgBuiltInOids::INT8ARRAYOID.into(),
-    ];
-    for (sql, seen) in [(ADVANCE_PROGRESS, true), (START_PROGRESS, false)] {
-        let (streams, seqs): (Vec<String>, Vec<i64>) = plan
-            .progress
-            .iter()
-            .filter(|(stream, _)| known.contains_key(stream.as_str()) == seen)
-            .map(|(s, q)| (s.clone(), *q))
-            .unzip();
-        if streams.is_empty() {
-            continue;
-        }
-        let statement = prepared::statement(client, sql, &args)?;
-        prepared::index_plans(|| {
-            client.update(&*statement, None, &[name.into(), streams.into(), seqs.into()])
-        })
-        .map_err(|err| spi_error("saving stream progress", err))?;
-    }
+    advance_progress(client, name, known, plan)?;
     if !plan.park.is_empty() {
         let events = Event::array_text(plan.park.iter().copied());
         let sql = prepared::statement(
@@ -722,7 +785,7 @@ enum Outcome {
 fn run_plan(
     client: &mut SpiClient<'_>,
     write: &ReadModelWrite<'_>,
-    known: &HashMap<String, i64>,
+    known: &Progress,
     plan: &Plan<'_>,
     skipped: Vec<(Event, Failure)>,
 ) -> Outcome {
@@ -869,7 +932,7 @@ fn project_one(
     } else {
         Vec::new()
     };
-    let mut plan = sequencing::plan(&progress, batch.events, &parked);
+    let mut plan = sequencing::plan(&progress.last_seq, batch.events, &parked);
     let skipped = take_skipped(&mut plan, options.skip);
     let write = ReadModelWrite {
         def: &def,
@@ -966,4 +1029,58 @@ fn halt(
 /// "s#3 (position 9)": where an event is, without its contents (for logs and warnings).
 pub(crate) fn locate(event: &Event) -> String {
     format!("{}#{} (position {})", event.stream, event.seq, event.position)
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use cqrs_projection::sequencing::Plan;
+    use pgrx::prelude::*;
+
+    /// Progress is saved where it was read; a row moved since (an operator's update) is found by
+    /// key instead, and a stream new to the projection gets its row.
+    #[pg_test]
+    fn progress_is_saved_where_it_was_read_or_else_by_key() {
+        Spi::run(
+            "insert into cqrs.projection_stream (projection, stream, last_seq)
+             values ('p', 'still', 1), ('p', 'moved', 1), ('q', 'still', 1)",
+        )
+        .expect("spi");
+        let saved = Spi::connect_mut(|client| {
+            let streams = ["still", "moved", "new"].map(String::from);
+            let known = super::read_progress(client, "p", &streams).expect("read");
+            assert_eq!(known.rows.len(), 2);
+            // moves the row (a new version elsewhere) after it was read
+            client.update(
+                "update cqrs.projection_stream set last_seq = 2 where projection = 'p' and stream = 'moved'",
+                None,
+                &[],
+            )?;
+            let plan = Plan {
+                apply: Vec::new(),
+                duplicates: 0,
+                park: Vec::new(),
+                unpark: Vec::new(),
+                progress: BTreeMap::from([
+                    ("still".to_owned(), 5),
+                    ("moved".to_owned(), 6),
+                    ("new".to_owned(), 7),
+                ]),
+            };
+            super::advance_progress(client, "p", &known, &plan).expect("saved");
+            client
+                .select(
+                    "select string_agg(projection || ':' || stream || '=' || last_seq, ' ' order by projection, stream)
+                       from cqrs.projection_stream",
+                    None,
+                    &[],
+                )?
+                .first()
+                .get_one::<String>()
+        })
+        .expect("spi");
+        assert_eq!(saved.as_deref(), Some("p:moved=6 p:new=7 p:still=5 q:still=1"));
+    }
 }
