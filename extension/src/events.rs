@@ -161,7 +161,8 @@ unsafe fn member(object: *mut pg_sys::JsonbContainer, key: &str) -> Option<pg_sy
     // SAFETY: per the contract; the key is looked up without copying the container.
     unsafe {
         let mut value: pg_sys::JsonbValue = std::mem::zeroed();
-        let found = pg_sys::getKeyJsonValueFromContainer(object, key.as_ptr().cast(), key.len() as i32, &mut value);
+        let found =
+            pg_sys::getKeyJsonValueFromContainer(object, key.as_ptr().cast(), key.len() as i32, &mut value);
         (!found.is_null()).then_some(value)
     }
 }
@@ -177,7 +178,9 @@ unsafe fn member_string<'a>(object: *mut pg_sys::JsonbContainer, key: &str) -> O
         if value.type_ != pg_sys::jbvType::jbvString {
             return None;
         }
-        let len = usize::try_from(value.val.string.len).ok().filter(|len| *len > 0)?;
+        let len = usize::try_from(value.val.string.len)
+            .ok()
+            .filter(|len| *len > 0)?;
         std::str::from_utf8(std::slice::from_raw_parts(value.val.string.val as *const u8, len)).ok()
     }
 }
@@ -769,7 +772,20 @@ mod tests {
             "[[]]".to_owned(),
         ];
         for (key, values) in [
-            ("seq", &["\"3\"", "0", "-1", "2.5", "1e3", "99999999999999999999", "null", "<absent>", "[2]"][..]),
+            (
+                "seq",
+                &[
+                    "\"3\"",
+                    "0",
+                    "-1",
+                    "2.5",
+                    "1e3",
+                    "99999999999999999999",
+                    "null",
+                    "<absent>",
+                    "[2]",
+                ][..],
+            ),
             ("position", &["\"12\"", "1.0", "-4", "null", "{}"][..]),
             ("command_id", &["\"\"", "5", "null", "<absent>"][..]),
             ("stream", &["\"\"", "\"é ☃\"", "true"][..]),
@@ -783,9 +799,10 @@ mod tests {
             }
         }
         for batch in batches {
-            let jsonb = Spi::get_one::<pgrx::JsonB>(&format!("select '{}'::jsonb", batch.replace('\'', "''")))
-                .expect("spi")
-                .expect("a batch");
+            let jsonb =
+                Spi::get_one::<pgrx::JsonB>(&format!("select '{}'::jsonb", batch.replace('\'', "''")))
+                    .expect("spi")
+                    .expect("a batch");
             let datum = jsonb.into_datum().expect("a datum");
             // SAFETY: a jsonb made just now in this context.
             let (read, binary, text) = unsafe {
@@ -798,7 +815,11 @@ mod tests {
             };
             // the well-formed ones are read from the binary form, not left to the text
             if batch == format!("[{ok}, {ok}]") || batch == with("metadata", "null") {
-                assert_eq!(binary.map(|sent| sent.len()), Some(batch.matches("seq").count()), "{batch}");
+                assert_eq!(
+                    binary.map(|sent| sent.len()),
+                    Some(batch.matches("seq").count()),
+                    "{batch}"
+                );
             }
             match (read, text) {
                 (Ok(read), Ok(text)) => assert_eq!(read, text, "{batch}"),

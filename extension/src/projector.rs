@@ -444,10 +444,16 @@ impl ReadModelWrite<'_> {
         let rows = prepared::index_plans(|| client.update(&*plan, None, &[raw.into()]))
             .map_err(|err| spi_error(&format!("probing keys of projection {}", self.def.name), err))?;
         let mut keys: HashMap<String, (String, bool)> = HashMap::new();
+        // where each existing row is, by canonical key, as `tid`'s text
+        let mut at: HashMap<String, String> = HashMap::new();
         for row in rows {
             let raw = column(row.get::<String>(1), "a key")?.unwrap_or_default();
             let canonical = column(row.get::<String>(2), "a key")?.unwrap_or_default();
             let exists = column(row.get::<bool>(3), "existence")?.unwrap_or(false);
+            if let Some(tid) = column(row.get::<pg_sys::ItemPointerData>(4), "ctid")? {
+                let (block, offset) = pgrx::itemptr::item_pointer_get_both(tid);
+                at.insert(canonical.clone(), format!("({block},{offset})"));
+            }
             keys.insert(raw, (canonical, exists));
         }
         let mut fold = Fold::new();
@@ -457,21 +463,24 @@ impl ReadModelWrite<'_> {
                 .ok_or_else(|| internal("a probed key is missing from the probe's answer"))?;
             fold.apply(canonical, *exists, &step.op);
         }
-        // the writes as JSON text arrays, decoded by json_to_recordset in the statements
+        // the writes as JSON text arrays, decoded by json_to_recordset in the statements; updates
+        // name the row the probe found
         let (mut updates, mut inserts, mut deletes) = (String::from("["), String::from("["), Vec::new());
+        let mut updated = Vec::new();
         for write in fold.into_writes() {
             match write {
                 Write::Update { key, ops } => {
                     if updates.len() > 1 {
                         updates.push(',');
                     }
-                    write_row_json(&mut updates, &key, &ops);
+                    write_row_json(&mut updates, &key, at.get(&key).map(String::as_str), &ops);
+                    updated.push((key, ops));
                 }
                 Write::Insert { key, ops, .. } => {
                     if inserts.len() > 1 {
                         inserts.push(',');
                     }
-                    write_row_json(&mut inserts, &key, &ops);
+                    write_row_json(&mut inserts, &key, None, &ops);
                 }
                 Write::Delete { key } => deletes.push(key),
             }
@@ -497,24 +506,48 @@ impl ReadModelWrite<'_> {
             }
         }
         // without docs, statements that return the keys alone (kept under their own names)
-        let (update, update_sql, insert, insert_sql): (&str, WriteSql, &str, WriteSql) = if self.with_docs {
-            ("update", Target::update_sql, "insert", Target::insert_sql)
-        } else {
-            (
-                "update keys",
-                Target::update_keys_sql,
-                "insert keys",
-                Target::insert_keys_sql,
-            )
-        };
-        if updates.len() > 2 {
+        let [(at_rows, at_rows_sql), (update, update_sql), (insert, insert_sql)]: [(&str, WriteSql); 3] =
+            if self.with_docs {
+                [
+                    ("update at rows", Target::update_at_rows_sql),
+                    ("update", Target::update_sql),
+                    ("insert", Target::insert_sql),
+                ]
+            } else {
+                [
+                    ("update keys at rows", Target::update_at_rows_keys_sql),
+                    ("update keys", Target::update_keys_sql),
+                    ("insert keys", Target::insert_keys_sql),
+                ]
+            };
+        if !updated.is_empty() {
+            let before = out.len();
             self.rows_changed(
                 client,
-                update,
-                update_sql,
+                at_rows,
+                at_rows_sql,
                 (text_rev, vec![updates.into(), self.rev.into()]),
                 out,
             )?;
+            if out.len() - before < updated.len() {
+                // rows that moved since the probe (or it did not find): by key
+                let done: HashSet<&str> = out[before..].iter().map(|row| row.key.as_str()).collect();
+                let mut rest = String::from("[");
+                for (key, ops) in updated.iter().filter(|(key, _)| !done.contains(key.as_str())) {
+                    if rest.len() > 1 {
+                        rest.push(',');
+                    }
+                    write_row_json(&mut rest, key, None, ops);
+                }
+                rest.push(']');
+                self.rows_changed(
+                    client,
+                    update,
+                    update_sql,
+                    (text_rev, vec![rest.into(), self.rev.into()]),
+                    out,
+                )?;
+            }
         }
         if inserts.len() > 2 {
             self.rows_changed(
@@ -671,7 +704,12 @@ fn advance_progress(
             client.update(
                 &*statement,
                 None,
-                &[name.into(), tids.into(), read.0.clone().into(), read.1.clone().into()],
+                &[
+                    name.into(),
+                    tids.into(),
+                    read.0.clone().into(),
+                    read.1.clone().into(),
+                ],
             )
         })
         .map_err(|err| spi_error("saving stream progress", err))?
@@ -679,14 +717,18 @@ fn advance_progress(
         if updated < expected {
             // the rest by key (the ones just saved are past its guard)
             let statement = prepared::statement(client, ADVANCE_PROGRESS, &by_key)?;
-            prepared::index_plans(|| client.update(&*statement, None, &[name.into(), read.0.into(), read.1.into()]))
-                .map_err(|err| spi_error("saving stream progress", err))?;
+            prepared::index_plans(|| {
+                client.update(&*statement, None, &[name.into(), read.0.into(), read.1.into()])
+            })
+            .map_err(|err| spi_error("saving stream progress", err))?;
         }
     }
     if !new.0.is_empty() {
         let statement = prepared::statement(client, START_PROGRESS, &by_key)?;
-        prepared::index_plans(|| client.update(&*statement, None, &[name.into(), new.0.into(), new.1.into()]))
-            .map_err(|err| spi_error("saving stream progress", err))?;
+        prepared::index_plans(|| {
+            client.update(&*statement, None, &[name.into(), new.0.into(), new.1.into()])
+        })
+        .map_err(|err| spi_error("saving stream progress", err))?;
     }
     Ok(())
 }

@@ -170,10 +170,14 @@ impl Fold {
 /// `{"k": key, "s0": true, "v0": value, "a1": "12.50", "l2": [v, w]}` — for column `i`, `s{i}`
 /// says it was set and `v{i}` holds the value (absent: SQL NULL); `a{i}` is the exact sum of the
 /// values added, or, when they are not all plain numbers, `l{i}` lists them for PostgreSQL to
-/// cast and sum.
-pub fn write_row_json(out: &mut String, key: &str, ops: &BTreeMap<ColumnId, ColumnOps>) {
+/// cast and sum. `row`, where the write names the row it updates, is its ctid (`"r": "(0,1)"`).
+pub fn write_row_json(out: &mut String, key: &str, row: Option<&str>, ops: &BTreeMap<ColumnId, ColumnOps>) {
     out.push_str("{\"k\":");
     push_json_string(out, key);
+    if let Some(row) = row {
+        out.push_str(",\"r\":");
+        push_json_string(out, row);
+    }
     for (column, op) in ops {
         if let Some(set) = &op.set {
             out.push_str(&format!(",\"s{column}\":true"));
@@ -376,12 +380,15 @@ mod tests {
             },
         );
         let mut out = String::new();
-        write_row_json(&mut out, "k\"1", &ops);
+        write_row_json(&mut out, "k\"1", None, &ops);
         let parsed: Value = serde_json::from_str(&out).expect("valid JSON");
         assert_eq!(
             parsed,
             json!({"k": "k\"1", "s0": true, "a0": "1", "s1": true, "v1": "x\"y", "a2": "5.25", "l3": [2, "x"]})
         );
+        let mut at_row = String::new();
+        write_row_json(&mut at_row, "k", Some("(3,7)"), &BTreeMap::new());
+        assert_eq!(at_row, r#"{"k":"k","r":"(3,7)"}"#);
     }
 
     #[test]

@@ -77,13 +77,14 @@ impl Target {
     }
 
     /// `$1`: raw key texts. Returns, in input order, each raw key, its canonical text (the key
-    /// column's own cast, so `'ABC'` and `'abc'` uuids are one key) and whether the row exists.
+    /// column's own cast, so `'ABC'` and `'abc'` uuids are one key), whether the row exists and
+    /// where (its `ctid`, which [`Target::update_at_rows_sql`] updates it by).
     pub fn probe_sql(&self) -> String {
         let key = self.key_ident();
         format!(
-            "select k.raw, (k.raw::{kt})::text, x.present is not null \
+            "select k.raw, (k.raw::{kt})::text, x.tid is not null, x.tid \
              from unnest($1::text[]) with ordinality as k(raw, n) \
-             left join lateral (select true as present from {table} as t where t.{key} = k.raw::{kt} offset 0) as x on true \
+             left join lateral (select t.ctid as tid from {table} as t where t.{key} = k.raw::{kt} offset 0) as x on true \
              order by k.n",
             kt = self.key_type,
             table = self.table,
@@ -102,9 +103,12 @@ impl Target {
     }
 
     /// The record columns `json_to_recordset` decodes each write into (see
-    /// [`crate::fold::write_row_json`]).
-    fn record(&self) -> String {
+    /// [`crate::fold::write_row_json`]); `at_row`: and the row's ctid, `r`.
+    fn record(&self, at_row: bool) -> String {
         let mut columns = vec!["k text".to_owned()];
+        if at_row {
+            columns.push("r tid".to_owned());
+        }
         for (i, column) in self.columns.iter().enumerate() {
             let value_type = match column.json {
                 JsonKind::Jsonb => "jsonb",
@@ -173,7 +177,33 @@ impl Target {
         }
     }
 
-    fn update_returning(&self, returning: &str) -> String {
+    /// [`Target::update_sql`] for writes that name their row (`r`, from the probe): each row is
+    /// found by its ctid, not by its key again, and only if it still holds that key. A row that
+    /// has moved since the probe (owner code run by an earlier write of the batch can move one)
+    /// is not updated, and its key is missing from what the statement returns.
+    pub fn update_at_rows_sql(&self) -> String {
+        self.update_at_rows_returning(&self.returning(true))
+    }
+
+    /// [`Target::update_at_rows_sql`] returning the key text alone.
+    pub fn update_at_rows_keys_sql(&self) -> String {
+        self.update_at_rows_returning(&self.returning(false))
+    }
+
+    fn update_at_rows_returning(&self, returning: &str) -> String {
+        format!(
+            "update {table} as t set {sets} from {record} \
+             where t.ctid = e.r and t.{key} = e.k::{kt} \
+             returning {returning}",
+            table = self.table,
+            sets = self.update_sets(),
+            record = self.record(true),
+            key = self.key_ident(),
+            kt = self.key_type,
+        )
+    }
+
+    fn update_sets(&self) -> String {
         let mut sets = vec![format!("{} = $2", quote_ident(&self.rev))];
         for (i, column) in self.columns.iter().enumerate() {
             sets.push(format!(
@@ -182,13 +212,17 @@ impl Target {
                 self.value(i, column, Base::Current)
             ));
         }
+        sets.join(", ")
+    }
+
+    fn update_returning(&self, returning: &str) -> String {
         format!(
             "update {table} as t set {sets} from {located} \
              where t.ctid = e.tid \
              returning {returning}",
             table = self.table,
-            sets = sets.join(", "),
-            located = self.located(&self.record()),
+            sets = self.update_sets(),
+            located = self.located(&self.record(false)),
         )
     }
 
@@ -224,7 +258,7 @@ impl Target {
             table = self.table,
             names = names.join(", "),
             values = values.join(", "),
-            record = self.record(),
+            record = self.record(false),
             key = self.key_ident(),
             replace = replace.join(", "),
         )
@@ -365,7 +399,16 @@ mod tests {
             .delete_sql()
             .contains("where t.ctid = e.tid returning t.\"id\"::text"));
         assert!(t.probe_sql().contains(
-            "left join lateral (select true as present from \"app\".\"order\" as t where t.\"id\" = k.raw::text offset 0)"
+            "left join lateral (select t.ctid as tid from \"app\".\"order\" as t where t.\"id\" = k.raw::text offset 0)"
         ));
+        let at_rows = t.update_at_rows_sql();
+        assert!(
+            at_rows.contains("json_to_recordset($1::json) as e(k text, r tid, s0 boolean"),
+            "{at_rows}"
+        );
+        assert!(
+            at_rows.contains("where t.ctid = e.r and t.\"id\" = e.k::text returning"),
+            "{at_rows}"
+        );
     }
 }
