@@ -530,14 +530,14 @@ impl ReadModelWrite<'_> {
                 out,
             )?;
             if out.len() - before < updated.len() {
-                // rows that moved since the probe (or it did not find): by key
+                // rows that moved since the probe: by key (one a BEFORE trigger left alone stays so)
                 let done: HashSet<&str> = out[before..].iter().map(|row| row.key.as_str()).collect();
                 let mut rest = String::from("[");
                 for (key, ops) in updated.iter().filter(|(key, _)| !done.contains(key.as_str())) {
                     if rest.len() > 1 {
                         rest.push(',');
                     }
-                    write_row_json(&mut rest, key, None, ops);
+                    write_row_json(&mut rest, key, at.get(key).map(String::as_str), ops);
                 }
                 rest.push(']');
                 self.rows_changed(

@@ -99,4 +99,29 @@ select projection, key, deleted, (doc::jsonb ->> 'n')::int as n
                             where l.stream like 'tally-%' and l.seq = 2))
  where projection = 'tallies' order by key;
 select tally_id, n, touched from shop.tallies order by tally_id;
+
+-- a row its own BEFORE trigger leaves alone stays so, and the trigger runs once
+create table shop.guarded (guarded_id text primary key, n integer not null default 0, rev bigint not null default 0);
+create table shop.guard_log (guarded_id text not null, n integer not null);
+create function shop.guard() returns trigger language plpgsql as $$
+begin
+    insert into shop.guard_log values (old.guarded_id, new.n);
+    return case when new.n > 10 then null else new end;
+end
+$$;
+create trigger guard before update on shop.guarded for each row execute function shop.guard();
+select cqrs.create_projection('guarded', 'shop.guarded', 'guarded_id', '{"GUARD_ADD": {"action": "upsert", "add": {"n": "$.n"}}}');
+select count(*) from (select cqrs.append(cqrs.uuid_v7(), s, t, p::jsonb) from (values
+  ('guard-a', 'GUARD_ADD', '{"n": 1}'), ('guard-b', 'GUARD_ADD', '{"n": 1}')) v(s, t, p)) appended;
+select count(*) as changed
+  from cqrs.project_batch((select jsonb_agg(to_jsonb(l) order by l.position) from cqrs.command_log l where l.stream like 'guard-%'))
+ where projection = 'guarded';
+select count(*) from (select cqrs.append(cqrs.uuid_v7(), s, t, p::jsonb) from (values
+  ('guard-a', 'GUARD_ADD', '{"n": 20}'), ('guard-b', 'GUARD_ADD', '{"n": 2}')) v(s, t, p)) appended;
+select projection, key, (doc::jsonb ->> 'n')::int as n
+  from cqrs.project_batch((select jsonb_agg(to_jsonb(l) order by l.position) from cqrs.command_log l
+                            where l.stream like 'guard-%' and l.seq = 2))
+ where projection = 'guarded' order by key;
+select guarded_id, n from shop.guarded order by guarded_id;
+select guarded_id, n from shop.guard_log order by guarded_id, n;
 rollback;

@@ -156,7 +156,11 @@ impl Target {
         }
     }
 
-    /// `$1`: a JSON array of writes (text), `$2`: the revision. Returns key text and the new row.
+    /// `$1`: a JSON array of writes (text), each with the ctid the probe found its row at (`r`),
+    /// `$2`: the revision. The rows of those writes that [`Target::update_at_rows_sql`] did not
+    /// update because they are no longer where the probe found them: found by key, and updated
+    /// only if they have moved (a row still at `r` that was not updated was left alone by its
+    /// own `BEFORE` trigger, which must not run twice). Returns key text and the new row.
     pub fn update_sql(&self) -> String {
         self.update_returning(&self.returning(true))
     }
@@ -218,11 +222,11 @@ impl Target {
     fn update_returning(&self, returning: &str) -> String {
         format!(
             "update {table} as t set {sets} from {located} \
-             where t.ctid = e.tid \
+             where t.ctid = e.tid and e.tid is distinct from e.r \
              returning {returning}",
             table = self.table,
             sets = self.update_sets(),
-            located = self.located(&self.record(false)),
+            located = self.located(&self.record(true)),
         )
     }
 
@@ -383,7 +387,7 @@ mod tests {
             "{update}"
         );
         assert!(update.contains("coalesce(t.\"n\", 0) + coalesce(e.a1, (select sum(x::integer) from json_array_elements_text(e.l1) as x), 0)"), "{update}");
-        assert!(update.contains("json_to_recordset($1::json) as e(k text, s0 boolean, v0 text, a1 integer, l1 json, s2 boolean, v2 jsonb)"), "{update}");
+        assert!(update.contains("json_to_recordset($1::json) as e(k text, r tid, s0 boolean, v0 text, a1 integer, l1 json, s2 boolean, v2 jsonb)"), "{update}");
         let insert = t.insert_sql();
         assert!(insert.contains("on conflict (\"id\") do update set \"rev\" = excluded.\"rev\", \"status\" = excluded.\"status\""), "{insert}");
         assert!(insert.contains("\"note\" = default"), "{insert}");
@@ -392,7 +396,7 @@ mod tests {
             "{insert}"
         );
         assert!(
-            update.contains("cross join lateral (select t.ctid as tid from \"app\".\"order\" as t where t.\"id\" = e.k::text offset 0) as x) as e where t.ctid = e.tid"),
+            update.contains("cross join lateral (select t.ctid as tid from \"app\".\"order\" as t where t.\"id\" = e.k::text offset 0) as x) as e where t.ctid = e.tid and e.tid is distinct from e.r"),
             "{update}"
         );
         assert!(t
