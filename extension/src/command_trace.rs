@@ -28,16 +28,9 @@ unsafe fn member<'a>(datum: pg_sys::Datum, key: &str) -> Member<'a> {
     // object without copying the document, and a found string points into it (valid for 'a).
     unsafe {
         let jsonb = datum.cast_mut_ptr::<pg_sys::Jsonb>();
-        let mut value: pg_sys::JsonbValue = std::mem::zeroed();
-        let found = pg_sys::getKeyJsonValueFromContainer(
-            &mut (*jsonb).root,
-            key.as_ptr().cast(),
-            key.len() as i32,
-            &mut value,
-        );
-        if found.is_null() {
+        let Some(value) = crate::payload_value::member(&mut (*jsonb).root, key) else {
             return Member::Absent;
-        }
+        };
         if value.type_ != pg_sys::jbvType::jbvString {
             return Member::Other;
         }

@@ -153,28 +153,14 @@ unsafe fn sent_from_jsonb(datum: pg_sys::Datum) -> Option<Vec<Sent>> {
     }
 }
 
-/// The member `key` of the jsonb object `object`, if there is one.
-///
-/// # Safety
-/// `object` must point to a jsonb object container valid for this call.
-unsafe fn member(object: *mut pg_sys::JsonbContainer, key: &str) -> Option<pg_sys::JsonbValue> {
-    // SAFETY: per the contract; the key is looked up without copying the container.
-    unsafe {
-        let mut value: pg_sys::JsonbValue = std::mem::zeroed();
-        let found =
-            pg_sys::getKeyJsonValueFromContainer(object, key.as_ptr().cast(), key.len() as i32, &mut value);
-        (!found.is_null()).then_some(value)
-    }
-}
-
 /// A non-empty UTF-8 string member, pointing into the jsonb.
 ///
 /// # Safety
-/// As [`member`]; the string lives as long as the jsonb (this call).
+/// As [`payload_value::member`]; the string lives as long as the jsonb (this call).
 unsafe fn member_string<'a>(object: *mut pg_sys::JsonbContainer, key: &str) -> Option<&'a str> {
     // SAFETY: per the contract; a jbvString's val/len point into the jsonb.
     unsafe {
-        let value = member(object, key)?;
+        let value = payload_value::member(object, key)?;
         if value.type_ != pg_sys::jbvType::jbvString {
             return None;
         }
@@ -189,11 +175,11 @@ unsafe fn member_string<'a>(object: *mut pg_sys::JsonbContainer, key: &str) -> O
 /// fraction, an exponent or a number past i64 does not).
 ///
 /// # Safety
-/// As [`member`].
+/// As [`payload_value::member`].
 unsafe fn member_integer(object: *mut pg_sys::JsonbContainer, key: &str) -> Option<i64> {
     // SAFETY: per the contract; a jbvNumeric is a Numeric Datum inside the jsonb.
     unsafe {
-        let value = member(object, key)?;
+        let value = payload_value::member(object, key)?;
         if value.type_ != pg_sys::jbvType::jbvNumeric {
             return None;
         }
@@ -214,11 +200,11 @@ unsafe fn member_integer(object: *mut pg_sys::JsonbContainer, key: &str) -> Opti
 /// Whether member `key` is an object (or, where `or_null`, null or missing).
 ///
 /// # Safety
-/// As [`member`].
+/// As [`payload_value::member`].
 unsafe fn member_is_object(object: *mut pg_sys::JsonbContainer, key: &str, or_null: bool) -> bool {
     // SAFETY: per the contract; a jbvBinary's data is a container inside the jsonb.
     unsafe {
-        match member(object, key) {
+        match payload_value::member(object, key) {
             None => or_null,
             Some(value) if value.type_ == pg_sys::jbvType::jbvNull => or_null,
             Some(value) if value.type_ == pg_sys::jbvType::jbvBinary => {

@@ -128,6 +128,21 @@ pub(crate) unsafe fn from_jsonb(datum: pg_sys::Datum, budget: Budget) -> Option<
     }
 }
 
+/// The member `key` of the jsonb object container `object`, if there is one (looked up in
+/// place: jsonb keeps an object's keys sorted).
+///
+/// # Safety
+/// `object` must point to a jsonb object container valid for this call.
+pub(crate) unsafe fn member(object: *mut pg_sys::JsonbContainer, key: &str) -> Option<pg_sys::JsonbValue> {
+    // SAFETY: per the contract; the key is looked up without copying the container.
+    unsafe {
+        let mut value: pg_sys::JsonbValue = std::mem::zeroed();
+        let found =
+            pg_sys::getKeyJsonValueFromContainer(object, key.as_ptr().cast(), key.len() as i32, &mut value);
+        (!found.is_null()).then_some(value)
+    }
+}
+
 /// The most bytes `text` takes as a JSON string: quotes, and every byte escaped as `\u00XX`.
 fn escaped_len(text: &str) -> usize {
     text.len().saturating_mul(6).saturating_add(2)

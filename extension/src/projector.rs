@@ -299,7 +299,6 @@ fn lock_states(client: &mut SpiClient<'_>, which: Which<'_>) -> Result<Vec<State
 
 /// A projection's progress on the batch's streams: each stream's last applied seq, and where
 /// its row is (for [`ADVANCE_READ_PROGRESS`]).
-#[derive(Default)]
 struct Progress {
     last_seq: HashMap<String, i64>,
     rows: HashMap<String, pg_sys::ItemPointerData>,
@@ -449,12 +448,13 @@ impl ReadModelWrite<'_> {
         for row in rows {
             let raw = column(row.get::<String>(1), "a key")?.unwrap_or_default();
             let canonical = column(row.get::<String>(2), "a key")?.unwrap_or_default();
-            let exists = column(row.get::<bool>(3), "existence")?.unwrap_or(false);
-            if let Some(tid) = column(row.get::<pg_sys::ItemPointerData>(4), "ctid")? {
+            // a row where the probe found one exists
+            let tid = column(row.get::<pg_sys::ItemPointerData>(3), "ctid")?;
+            if let Some(tid) = tid {
                 let (block, offset) = pgrx::itemptr::item_pointer_get_both(tid);
                 at.insert(canonical.clone(), format!("({block},{offset})"));
             }
-            keys.insert(raw, (canonical, exists));
+            keys.insert(raw, (canonical, tid.is_some()));
         }
         let mut fold = Fold::new();
         for step in pending.drain(..) {
@@ -676,17 +676,21 @@ fn advance_progress(
         text_array(),
         PgBuiltInOids::INT8ARRAYOID.into(),
     ];
-    let (mut tids, mut read, mut new) = (Vec::new(), (Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+    // streams whose row was read: saved at that row; the others are new to the projection
+    let (mut tids, mut read_seqs, mut read_streams) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut new_streams, mut new_seqs) = (Vec::new(), Vec::new());
     for (stream, seq) in &plan.progress {
-        let into = match known.rows.get(stream.as_str()) {
+        match known.rows.get(stream.as_str()) {
             Some(tid) => {
                 tids.push(*tid);
-                &mut read
+                read_streams.push(stream.clone());
+                read_seqs.push(*seq);
             }
-            None => &mut new,
-        };
-        into.0.push(stream.clone());
-        into.1.push(*seq);
+            None => {
+                new_streams.push(stream.clone());
+                new_seqs.push(*seq);
+            }
+        }
     }
     if !tids.is_empty() {
         let expected = tids.len();
@@ -704,29 +708,35 @@ fn advance_progress(
             client.update(
                 &*statement,
                 None,
-                &[
-                    name.into(),
-                    tids.into(),
-                    read.0.clone().into(),
-                    read.1.clone().into(),
-                ],
+                &[name.into(), tids.into(), read_streams.into(), read_seqs.into()],
             )
         })
         .map_err(|err| spi_error("saving stream progress", err))?
         .len();
         if updated < expected {
-            // the rest by key (the ones just saved are past its guard)
+            // the rest by key (the ones just saved are past its guard); rare, so the arrays are
+            // made again here rather than kept for it
+            let (streams, seqs): (Vec<String>, Vec<i64>) = plan
+                .progress
+                .iter()
+                .filter(|(stream, _)| known.rows.contains_key(stream.as_str()))
+                .map(|(stream, seq)| (stream.clone(), *seq))
+                .unzip();
             let statement = prepared::statement(client, ADVANCE_PROGRESS, &by_key)?;
             prepared::index_plans(|| {
-                client.update(&*statement, None, &[name.into(), read.0.into(), read.1.into()])
+                client.update(&*statement, None, &[name.into(), streams.into(), seqs.into()])
             })
             .map_err(|err| spi_error("saving stream progress", err))?;
         }
     }
-    if !new.0.is_empty() {
+    if !new_streams.is_empty() {
         let statement = prepared::statement(client, START_PROGRESS, &by_key)?;
         prepared::index_plans(|| {
-            client.update(&*statement, None, &[name.into(), new.0.into(), new.1.into()])
+            client.update(
+                &*statement,
+                None,
+                &[name.into(), new_streams.into(), new_seqs.into()],
+            )
         })
         .map_err(|err| spi_error("saving stream progress", err))?;
     }

@@ -77,12 +77,12 @@ impl Target {
     }
 
     /// `$1`: raw key texts. Returns, in input order, each raw key, its canonical text (the key
-    /// column's own cast, so `'ABC'` and `'abc'` uuids are one key), whether the row exists and
-    /// where (its `ctid`, which [`Target::update_at_rows_sql`] updates it by).
+    /// column's own cast, so `'ABC'` and `'abc'` uuids are one key) and where the row is (its
+    /// `ctid`, which [`Target::update_at_rows_sql`] updates it by; null: there is none).
     pub fn probe_sql(&self) -> String {
         let key = self.key_ident();
         format!(
-            "select k.raw, (k.raw::{kt})::text, x.tid is not null, x.tid \
+            "select k.raw, (k.raw::{kt})::text, x.tid \
              from unnest($1::text[]) with ordinality as k(raw, n) \
              left join lateral (select t.ctid as tid from {table} as t where t.{key} = k.raw::{kt} offset 0) as x on true \
              order by k.n",
@@ -195,15 +195,16 @@ impl Target {
     }
 
     fn update_at_rows_returning(&self, returning: &str) -> String {
+        let found = format!("t.ctid = e.r and t.{} = e.k::{}", self.key_ident(), self.key_type);
+        self.update_from(&self.record(true), &found, returning)
+    }
+
+    /// `update … from {rows} where {found}`, every written column set from `e`.
+    fn update_from(&self, rows: &str, found: &str, returning: &str) -> String {
         format!(
-            "update {table} as t set {sets} from {record} \
-             where t.ctid = e.r and t.{key} = e.k::{kt} \
-             returning {returning}",
+            "update {table} as t set {sets} from {rows} where {found} returning {returning}",
             table = self.table,
             sets = self.update_sets(),
-            record = self.record(true),
-            key = self.key_ident(),
-            kt = self.key_type,
         )
     }
 
@@ -220,13 +221,10 @@ impl Target {
     }
 
     fn update_returning(&self, returning: &str) -> String {
-        format!(
-            "update {table} as t set {sets} from {located} \
-             where t.ctid = e.tid and e.tid is distinct from e.r \
-             returning {returning}",
-            table = self.table,
-            sets = self.update_sets(),
-            located = self.located(&self.record(true)),
+        self.update_from(
+            &self.located(&self.record(true)),
+            "t.ctid = e.tid and e.tid is distinct from e.r",
+            returning,
         )
     }
 
