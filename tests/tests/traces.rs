@@ -1,5 +1,5 @@
 //! Traces from the application's append to the read model, the cache and a read, received by a
-//! real OTLP/HTTP receiver (tests/src/otlp_receiver.rs decodes the protocol's protobuf) from a
+//! real OTLP/HTTP receiver (harness/src/otlp.rs decodes the protocol's protobuf) from a
 //! real sidecar process.
 
 use std::time::Duration;
@@ -69,7 +69,10 @@ async fn append(
 /// `own_ratio`: the share of the sidecar's own traces it samples (`0`: only what the
 /// application sampled, and the batches carrying it, are exported).
 async fn one_trace_from_append_to_read(edition: Edition, own_ratio: &str) -> Result<()> {
-    let receiver = OtlpReceiver::start().await?;
+    // the sidecar exports to a receiver that passes everything on to another (the demo's
+    // --otlp-endpoint: what the demo prints is what the operator's collector got)
+    let collector = OtlpReceiver::start().await?;
+    let receiver = OtlpReceiver::start_forwarding(&collector.endpoint()).await?;
     let nats = NatsServer::start()?;
     let mut rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
     rig.set("CQRS_SINKS", &format!("events={}", nats.url()));
@@ -347,6 +350,27 @@ async fn one_trace_from_append_to_read(edition: Edition, own_ratio: &str) -> Res
         "an unsampled command was traced: {}",
         describe()
     );
+
+    // the collector behind the receiver got every span the receiver did, as sent (the receiver
+    // passes a request on before it keeps it, so read first it holds no more than the collector;
+    // the sidecar may export more in between)
+    let ids = |spans: Vec<ReceivedSpan>| {
+        let mut ids: Vec<(String, String, String)> = spans
+            .into_iter()
+            .map(|s| (s.trace_id, s.span_id, s.parent_span_id))
+            .collect();
+        ids.sort();
+        ids
+    };
+    let (held, forwarded) = (ids(receiver.spans()), ids(collector.spans()));
+    ensure!(
+        !held.is_empty() && held.iter().all(|id| forwarded.binary_search(id).is_ok()),
+        "{} spans received, {} forwarded ({:?})",
+        held.len(),
+        forwarded.len(),
+        receiver.forwarded()
+    );
+    ensure!(receiver.forwarded().refused == 0, "{:?}", receiver.forwarded());
     Ok(())
 }
 
