@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use std::sync::atomic::Ordering;
 
@@ -29,7 +29,7 @@ use crate::stack::Stack;
 use crate::workload::{OrderCommand, OrderGenerator};
 use crate::writers::{WriteStats, WriterOptions, Writers};
 use cqrs_harness::edition::{self, Edition};
-use cqrs_harness::otlp::{OtlpReceiver, ReceivedSpan};
+use cqrs_harness::otlp::{OtlpReceiver, OutgoingSpan, ReceivedSpan, SpanKind};
 use cqrs_harness::outbox_check::{check, received};
 use cqrs_harness::NatsServer;
 
@@ -71,10 +71,17 @@ pub struct DemoArgs {
     #[arg(long)]
     nats_sink: bool,
     /// Traces: the sidecars send spans over OTLP/HTTP to a receiver the demo runs (sampling 1 %
-    /// of their own); at the end a few orders are placed in an application span and read back
-    /// in another, and each order's trace from append to cache and read is printed.
+    /// of their own); at the end a few orders are placed and read back in an application's trace
+    /// (the demo exports its own spans too), and each order's trace from append to cache and read
+    /// is printed.
     #[arg(long)]
     traces: bool,
+    /// Traces (as --traces), and every span the demo's receiver gets — the sidecars' and the
+    /// demo's own — passed on to this OTLP/HTTP endpoint: a collector's base URL such as
+    /// `http://localhost:4318` (Jaeger, Grafana Tempo, an OpenTelemetry Collector), or its full
+    /// `…/v1/traces` URL.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
     /// Do not kill the leading sidecar half-way through part 2.
     #[arg(long)]
     no_failover: bool,
@@ -247,7 +254,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             edition::SIDECAR_ROLE
         ),
     }
-    command_side(&stack, &args).await?;
+    let part_one = command_side(&stack, &args).await?;
     let mut cluster = if args.redis_cluster {
         let cluster = tokio::task::spawn_blocking(RedisCluster::start).await??;
         println!(
@@ -261,8 +268,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     } else {
         None
     };
-    let receiver = if args.traces {
-        let receiver = OtlpReceiver::start().await?;
+    let receiver = if args.traces || args.otlp_endpoint.is_some() {
+        let receiver = match &args.otlp_endpoint {
+            Some(endpoint) => OtlpReceiver::start_forwarding(endpoint).await?,
+            None => OtlpReceiver::start().await?,
+        };
         stack.set("CQRS_OTLP_ENDPOINT", &receiver.endpoint());
         stack.set("CQRS_TRACE_SAMPLE_RATIO", "0.01");
         stack.set("OTEL_BSP_SCHEDULE_DELAY", "200");
@@ -270,7 +280,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     } else {
         None
     };
-    let interrupted = live(&mut stack, &args, cluster.as_mut()).await?;
+    let interrupted = live(&mut stack, &args, cluster.as_mut(), part_one).await?;
     if let (Some(receiver), false) = (&receiver, interrupted) {
         traced_orders(&stack, receiver).await?;
     }
@@ -305,8 +315,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-/// Part 1: what the command side accepts and refuses.
-async fn command_side(stack: &Stack, args: &DemoArgs) -> Result<()> {
+/// Part 1: what the command side accepts and refuses. Returns the outcomes as the sessions saw
+/// them when the database counted them too (see [`command_side_counts`]).
+async fn command_side(stack: &Stack, args: &DemoArgs) -> Result<Option<Outcomes>> {
     let url = stack.owner_url.clone();
     println!(
         "\n▶ part 1 — the command side: {} commands from {} concurrent sessions, some wrong on purpose …",
@@ -376,9 +387,15 @@ async fn command_side(stack: &Stack, args: &DemoArgs) -> Result<()> {
     command_side_counts(&admin, &tally).await
 }
 
+/// Appends by outcome, in the order of `cqrs.stats()`'s columns and of
+/// `cqrs_sidecar::append_stats::outcome::ALL`: accepted, duplicate, expected-seq conflict,
+/// invalid, other error.
+type Outcomes = [u64; 5];
+
 /// What `cqrs.stats()` counted (the extension, preloaded, counts every call of cqrs.append in
-/// shared memory) against what the sessions saw, outcome by outcome.
-async fn command_side_counts(admin: &tokio_postgres::Client, tally: &Tally) -> Result<()> {
+/// shared memory) against what the sessions saw, outcome by outcome; the outcomes, when the
+/// database could count them.
+async fn command_side_counts(admin: &tokio_postgres::Client, tally: &Tally) -> Result<Option<Outcomes>> {
     let counted = match admin
         .query_one(
             "select coalesce(sum(accepted), 0)::bigint, coalesce(sum(duplicate), 0)::bigint,
@@ -396,7 +413,7 @@ async fn command_side_counts(admin: &tokio_postgres::Client, tally: &Tally) -> R
                 "  cqrs.stats(): not available here ({})",
                 err.code().map_or("", |c| c.code())
             );
-            return Ok(());
+            return Ok(None);
         }
         Err(err) => return Err(err.into()),
     };
@@ -433,6 +450,72 @@ async fn command_side_counts(admin: &tokio_postgres::Client, tally: &Tally) -> R
     if counted != seen {
         anyhow::bail!("cqrs.stats() counted {counted:?}, the sessions saw {seen:?}");
     }
+    Ok(Some(seen))
+}
+
+/// `cqrs_appends_total` of a sidecar's `/metrics`, summed over command types, by outcome; `None`
+/// before the sidecar's first poll of `cqrs.stats()` (no such line yet).
+fn exported_outcomes(metrics: &str) -> Option<Outcomes> {
+    use cqrs_sidecar::append_stats::{outcome, APPENDS_TOTAL, OUTCOME_LABEL};
+    let mut sums = [0u64; 5];
+    let mut seen = false;
+    for line in metrics.lines() {
+        let Some(labels) = line
+            .strip_prefix(APPENDS_TOTAL)
+            .and_then(|rest| rest.strip_prefix('{'))
+        else {
+            continue;
+        };
+        let Some((labels, value)) = labels.rsplit_once("} ") else {
+            continue;
+        };
+        let Some(index) = outcome::ALL
+            .iter()
+            .position(|o| labels.contains(&format!("{OUTCOME_LABEL}=\"{o}\"")))
+        else {
+            continue;
+        };
+        seen = true;
+        sums[index] += value.trim().parse::<f64>().unwrap_or(0.0) as u64;
+    }
+    seen.then_some(sums)
+}
+
+/// Part 1's outcomes as the first sidecar exports them (`cqrs_appends_total`, read from
+/// `cqrs.stats()` by its status poll) against what the sessions saw; nothing has appended since.
+fn metrics_match_part_one(stack: &Stack, sidecar: usize, seen: Outcomes) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exported = loop {
+        if let Some(exported) = stack.sidecars[sidecar]
+            .metrics()
+            .ok()
+            .and_then(|m| exported_outcomes(&m))
+        {
+            break exported;
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("sidecar-{} exported no cqrs_appends_total in 20 s", sidecar + 1);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!(
+        "  /metrics of sidecar-{} (cqrs_appends_total by outcome): {} accepted, {} duplicates, {} expected-seq conflicts, \
+         {} invalid, {} other errors — {}",
+        sidecar + 1,
+        exported[0],
+        exported[1],
+        exported[2],
+        exported[3],
+        exported[4],
+        if exported == seen {
+            "part 1 as the sessions saw it"
+        } else {
+            "NOT what the sessions saw"
+        }
+    );
+    if exported != seen {
+        anyhow::bail!("/metrics exported {exported:?}, part 1's sessions saw {seen:?}");
+    }
     Ok(())
 }
 
@@ -452,7 +535,12 @@ fn cache_entries(stack: &Stack, cluster: Option<&RedisCluster>) -> u64 {
         .sum()
 }
 
-async fn live(stack: &mut Stack, args: &DemoArgs, mut cluster: Option<&mut RedisCluster>) -> Result<bool> {
+async fn live(
+    stack: &mut Stack,
+    args: &DemoArgs,
+    mut cluster: Option<&mut RedisCluster>,
+    part_one: Option<Outcomes>,
+) -> Result<bool> {
     println!("\n▶ part 2 — live: projections, sidecars and Redis");
     let started = Instant::now();
     stack.create_projections().await?;
@@ -488,6 +576,9 @@ async fn live(stack: &mut Stack, args: &DemoArgs, mut cluster: Option<&mut Redis
     };
     let first = stack.add_sidecar()?;
     stack.wait_for_leader(Duration::from_secs(30))?;
+    if let Some(seen) = part_one {
+        metrics_match_part_one(stack, first, seen)?;
+    }
     let second = stack.add_sidecar()?;
     let mut started_sidecars = vec![first, second];
     if args.projection_groups {
@@ -759,56 +850,179 @@ async fn verify_cache(stack: &Stack, sidecar: usize) -> Result<usize> {
     Ok(rows.len())
 }
 
-/// The orders the demo places in an application span with `--traces`.
+/// The orders the demo places in an application's trace with `--traces`.
 const TRACED_ORDERS: usize = 3;
 
-/// Places [`TRACED_ORDERS`] orders, each appended in an application span (its `traceparent` in
-/// the metadata) and read back with `?after=` in another span of the same trace, then prints
-/// each order's trace as the OTLP receiver got it: the sidecar's span of the command in the
-/// application's trace, the batch it was projected in (one link away), and the read.
+/// One span of a printed trace at `depth`, with its duration and service; a command's span also
+/// shows the batch it was projected in (one link away, in the batch's own trace) and its steps.
+fn print_span(span: &ReceivedSpan, depth: usize, all: &[ReceivedSpan]) {
+    const WIDTH: usize = 34;
+    let line = |indent: &str, name: &str, millis: f64, service: &str, detail: &str| {
+        let width = WIDTH.saturating_sub(indent.chars().count());
+        let text = format!("    {indent}{name:<width$} {millis:>7.1} ms  {service:<12} {detail}");
+        println!("{}", text.trim_end());
+    };
+    let indent = "  ".repeat(depth);
+    let detail = match span.name.as_str() {
+        "cqrs.project_command" => format!(
+            "batch {}, seq {}",
+            span.attribute("cqrs.batch.number").unwrap_or("?"),
+            span.attribute("cqrs.seq").unwrap_or("?")
+        ),
+        "cqrs.read" => format!(
+            "HTTP {}, {}, source {}",
+            span.attribute("http.response.status_code").unwrap_or("?"),
+            span.attribute("cqrs.read.outcome").unwrap_or("?"),
+            span.attribute("cqrs.read.source").unwrap_or("?")
+        ),
+        _ => String::new(),
+    };
+    line(&indent, &span.name, span.millis(), &span.service, &detail);
+    for (batch_trace, batch_span, _) in &span.links {
+        let Some(batch) = all
+            .iter()
+            .find(|s| &s.trace_id == batch_trace && &s.span_id == batch_span)
+        else {
+            continue;
+        };
+        line(
+            &format!("{indent}  ↳ "),
+            &batch.name,
+            batch.millis(),
+            &batch.service,
+            &format!(
+                "its own trace, {} events",
+                batch.attribute("events").unwrap_or("?")
+            ),
+        );
+        for step in all.iter().filter(|s| s.parent_span_id == batch.span_id) {
+            line(
+                &format!("{indent}      "),
+                &step.name,
+                step.millis(),
+                &step.service,
+                "",
+            );
+        }
+    }
+}
+
+/// The service name of the demo's own spans (the application's).
+const DEMO_SERVICE: &str = "cqrs-demo";
+
+fn span_id() -> [u8; 8] {
+    rand::random::<[u8; 8]>().map(|b| b | 1)
+}
+
+/// Places [`TRACED_ORDERS`] orders, each in an application's trace: a root span `place order`
+/// with two children, the `cqrs.append` call (its span's `traceparent` in the command's
+/// metadata) and the read of the order with `?after=` (its `traceparent` as the request's
+/// header). The demo exports those spans itself, to the same receiver as the sidecars, then
+/// prints each order's trace as the receiver got it: the application's spans, the sidecar's span
+/// of the command, the batch it was projected in (one link away), and the read.
 async fn traced_orders(stack: &Stack, receiver: &OtlpReceiver) -> Result<()> {
-    println!("\n▶ traces — {TRACED_ORDERS} orders placed in an application span, read back in another (OTLP receiver at {})", receiver.endpoint());
+    println!(
+        "\n▶ traces — {TRACED_ORDERS} orders placed and read back in an application's trace (OTLP receiver at {}{})",
+        receiver.endpoint(),
+        receiver
+            .upstream()
+            .map(|u| format!(", every span passed on to {u}"))
+            .unwrap_or_default()
+    );
     let client = cqrs_harness::connect(&stack.owner_url).await?;
     let leader = stack.wait_for_leader(Duration::from_secs(10))?;
     let http = stack.read_client(reqwest::Client::builder())?;
     let mut orders = Vec::new();
     for n in 0..TRACED_ORDERS {
-        let trace_id = hex::encode(rand::random::<[u8; 16]>().map(|b| b | 1));
-        let (append_span, read_span) = (
-            hex::encode(rand::random::<[u8; 8]>().map(|b| b | 1)),
-            hex::encode(rand::random::<[u8; 8]>().map(|b| b | 1)),
-        );
+        let trace = rand::random::<[u8; 16]>().map(|b| b | 1);
+        let trace_id = hex::encode(trace);
+        let (root, append_span, read_span) = (span_id(), span_id(), span_id());
         let stream = format!("order-traced-{n}-{}", &trace_id[..8]);
-        let started = Instant::now();
+        let placed_at = SystemTime::now();
         let seq: i64 = client
             .query_one(
                 "select seq from cqrs.append(cqrs.uuid_v7(), $1, 'CREATE_ORDER', $2, metadata => $3)",
                 &[
                     &stream,
                     &serde_json::json!({"user_id": "user-1", "currency": "EUR"}),
-                    &serde_json::json!({"traceparent": format!("00-{trace_id}-{append_span}-01")}),
+                    &serde_json::json!({"traceparent": format!("00-{trace_id}-{}-01", hex::encode(append_span))}),
                 ],
             )
             .await?
             .get(0);
-        let append_ms = started.elapsed().as_secs_f64() * 1e3;
+        let appended_at = SystemTime::now();
         let response = http
             .get(format!(
                 "{}/v1/projections/order_summary/{stream}?after={stream}:{seq}&timeout_ms=5000",
                 stack.http(leader)
             ))
-            .header("traceparent", format!("00-{trace_id}-{read_span}-01"))
+            .header(
+                "traceparent",
+                format!("00-{trace_id}-{}-01", hex::encode(read_span)),
+            )
             .send()
             .await?;
         let status = response.status().as_u16();
-        orders.push((stream, trace_id, append_ms, status));
+        let read_at = SystemTime::now();
+        let span =
+            |span_id, parent, name: &str, kind, start, end, attributes: &[(&str, &str)]| OutgoingSpan {
+                trace_id: trace,
+                span_id,
+                parent_span_id: parent,
+                name: name.to_owned(),
+                kind,
+                start,
+                end,
+                attributes: attributes
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            };
+        receiver
+            .export(
+                DEMO_SERVICE,
+                &[
+                    span(
+                        root,
+                        None,
+                        "place order",
+                        SpanKind::Internal,
+                        placed_at,
+                        read_at,
+                        &[("order", &stream)],
+                    ),
+                    span(
+                        append_span,
+                        Some(root),
+                        "cqrs.append",
+                        SpanKind::Client,
+                        placed_at,
+                        appended_at,
+                        &[("db.system.name", "postgresql"), ("cqrs.stream", &stream)],
+                    ),
+                    span(
+                        read_span,
+                        Some(root),
+                        "GET order_summary",
+                        SpanKind::Client,
+                        appended_at,
+                        read_at,
+                        &[
+                            ("http.request.method", "GET"),
+                            ("http.response.status_code", &status.to_string()),
+                        ],
+                    ),
+                ],
+            )
+            .await?;
+        orders.push((stream, trace_id));
     }
     // the sidecars export every 200 ms
     let deadline = Instant::now() + Duration::from_secs(10);
     let spans = loop {
         let spans = receiver.spans();
-        let complete = orders.iter().all(|(_, trace, _, _)| {
-            ["cqrs.project_command", "cqrs.read"]
+        let complete = orders.iter().all(|(_, trace)| {
+            ["place order", "cqrs.project_command", "cqrs.read"]
                 .iter()
                 .all(|name| spans.iter().any(|s| &s.trace_id == trace && s.name == *name))
         });
@@ -817,56 +1031,63 @@ async fn traced_orders(stack: &Stack, receiver: &OtlpReceiver) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    for (stream, trace_id, append_ms, status) in &orders {
+    for (stream, trace_id) in &orders {
         println!("  {stream}  trace {trace_id}");
-        println!(
-            "    {:<34} {append_ms:>7.1} ms  (the application's span, timed by the demo)",
-            "cqrs.append"
-        );
         let mut own: Vec<&ReceivedSpan> = spans.iter().filter(|s| &s.trace_id == trace_id).collect();
         own.sort_by_key(|s| s.start_unix_nano);
         if own.is_empty() {
             println!("    (no spans received for this trace)");
         }
-        for span in own {
-            let depth = if span.name == "cqrs.read_wait" { "  " } else { "" };
-            let detail = match span.name.as_str() {
-                "cqrs.project_command" => format!(
-                    "batch {}, seq {}",
-                    span.attribute("cqrs.batch.number").unwrap_or("?"),
-                    span.attribute("cqrs.seq").unwrap_or("?")
-                ),
-                "cqrs.read" => format!(
-                    "HTTP {status}, {}, source {}",
-                    span.attribute("cqrs.read.outcome").unwrap_or("?"),
-                    span.attribute("cqrs.read.source").unwrap_or("?")
-                ),
-                _ => String::new(),
-            };
-            println!("    {depth}{:<34} {:>7.1} ms  {detail}", span.name, span.millis());
-            // the batch the command was projected in, one link away
-            for (batch_trace, batch_span, _) in &span.links {
-                let Some(batch) = spans
-                    .iter()
-                    .find(|s| &s.trace_id == batch_trace && &s.span_id == batch_span)
-                else {
-                    continue;
-                };
-                println!(
-                    "      ↳ {:<30} {:>7.1} ms  (its own trace, {} events)",
-                    batch.name,
-                    batch.millis(),
-                    batch.attribute("events").unwrap_or("?")
-                );
-                for step in spans.iter().filter(|s| s.parent_span_id == batch.span_id) {
-                    println!("        {:<30} {:>7.1} ms", step.name, step.millis());
-                }
-            }
+        // the trace as a tree: each span under its parent, siblings in the order they started
+        let roots = own
+            .iter()
+            .filter(|s| !own.iter().any(|p| p.span_id == s.parent_span_id));
+        let mut stack: Vec<(&ReceivedSpan, usize)> = roots.rev().map(|s| (*s, 0)).collect();
+        while let Some((span, depth)) = stack.pop() {
+            print_span(span, depth, &spans);
+            stack.extend(
+                own.iter()
+                    .rev()
+                    .filter(|c| c.parent_span_id == span.span_id)
+                    .map(|c| (*c, depth + 1)),
+            );
         }
     }
     println!(
         "  {} spans received in all (the sidecars sample 1 % of their own traces; the orders' are sampled by the application)",
         receiver.spans().len()
     );
+    if let Some(upstream) = receiver.upstream() {
+        let forwarded = receiver.forwarded();
+        println!(
+            "  passed on to {upstream}: {} export requests accepted, {} refused or not delivered{}",
+            forwarded.accepted,
+            forwarded.refused,
+            forwarded
+                .last_refusal
+                .map(|why| format!(" (the last: {why})"))
+                .unwrap_or_default()
+        );
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_exported_are_summed_over_types_by_outcome() {
+        let metrics = r#"# TYPE cqrs_appends_total counter
+cqrs_appends_total{command_type="CREATE_ORDER",outcome="accepted"} 7
+cqrs_appends_total{command_type="CREATE_ORDER",outcome="duplicate"} 2
+cqrs_appends_total{command_type="PAY_ORDER",outcome="accepted"} 3
+cqrs_appends_total{command_type="PAY_ORDER",outcome="error"} 1
+cqrs_appends_total{command_type="PAY_ORDER",outcome="invalid"} 4
+cqrs_appends_total_other 9
+cqrs_commands_total{command_type="PAY_ORDER"} 5
+"#;
+        assert_eq!(exported_outcomes(metrics), Some([10, 2, 0, 4, 1]));
+        assert_eq!(exported_outcomes("cqrs_commands_total 1\n"), None);
+    }
 }
