@@ -895,7 +895,10 @@ fn print_span(span: &ReceivedSpan, depth: usize, all: &[ReceivedSpan]) {
                 batch.attribute("events").unwrap_or("?")
             ),
         );
-        for step in all.iter().filter(|s| s.parent_span_id == batch.span_id) {
+        let mut steps: Vec<&ReceivedSpan> =
+            all.iter().filter(|s| s.parent_span_id == batch.span_id).collect();
+        steps.sort_by_key(|s| s.start_unix_nano);
+        for step in steps {
             line(
                 &format!("{indent}      "),
                 &step.name,

@@ -42,6 +42,9 @@ pub struct Batch {
     /// Commit time of the oldest event, for the delay metric.
     pub oldest_commit: Option<SystemTime>,
     pub started: Instant,
+    /// When its first event was decoded and when it was sealed (only while traces are
+    /// exported: the batch's decode span).
+    pub decoded: Option<(SystemTime, SystemTime)>,
     /// The batch's commands that carry their application's trace (only while traces are
     /// exported).
     pub traced: Vec<CommandTrace>,
@@ -59,6 +62,7 @@ impl Batch {
             cut: false,
             oldest_commit: None,
             started: Instant::now(),
+            decoded: None,
             traced: Vec::new(),
             types: Vec::new(),
         }
@@ -137,6 +141,9 @@ impl Assembler {
         batch.json.push(']');
         batch.number = self.taken;
         batch.cut = self.in_transaction && self.holds_open;
+        if let Some((_, sealed)) = &mut batch.decoded {
+            *sealed = SystemTime::now();
+        }
         self.holds_open = false;
         batch
     }
@@ -183,6 +190,10 @@ impl Assembler {
                     } else {
                         // a batch's wait starts with its first event
                         self.batch.started = Instant::now();
+                        if self.traces {
+                            let now = SystemTime::now();
+                            self.batch.decoded = Some((now, now));
+                        }
                     }
                     columns.append_json(&values, &mut self.batch.json)?;
                     if self.traces {
@@ -281,6 +292,42 @@ mod tests {
         a.data(&relation_message(7, "cqrs", "command_log", COLUMNS))
             .unwrap();
         a
+    }
+
+    /// The decode span's times: from the batch's first event to its sealing, kept only while
+    /// traces are exported.
+    #[test]
+    fn a_batch_knows_when_its_decode_began_and_ended_only_while_traced() {
+        let mut traced = Assembler {
+            traces: true,
+            ..assembler()
+        };
+        traced.begin(SystemTime::now());
+        let before = SystemTime::now();
+        event(&mut traced, 1);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        event(&mut traced, 2);
+        assert!(traced.commit(100));
+        let batch = traced.take();
+        let (first, sealed) = batch.decoded.expect("traced");
+        assert!(first >= before);
+        assert!(
+            sealed.duration_since(first).unwrap() >= std::time::Duration::from_millis(20),
+            "{first:?} {sealed:?}"
+        );
+        // the next batch starts its own decode at its own first event
+        traced.begin(SystemTime::now());
+        event(&mut traced, 3);
+        assert!(traced.filling().decoded.unwrap().0 >= sealed);
+
+        let mut untraced = Assembler {
+            traces: false,
+            ..assembler()
+        };
+        untraced.begin(SystemTime::now());
+        event(&mut untraced, 1);
+        assert!(untraced.commit(100));
+        assert_eq!(untraced.take().decoded, None);
     }
 
     #[test]

@@ -126,6 +126,7 @@ pub(crate) async fn run(
             batch.events,
             &flusher.ctx.config.projection_group,
             &batch.traced,
+            batch.decoded,
         );
         let started = Instant::now();
         let rows = match flusher

@@ -16,7 +16,8 @@
 //! with hyper, which the HTTP server already brings.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
 
 use cqrs_projection::trace_context::{check_tracestate, parse_traceparent};
 use opentelemetry::trace::TracerProvider as _;
@@ -33,6 +34,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// Span names (the `tracing` span names, which become the OTLP span names).
 pub const BATCH: &str = "cqrs.batch";
+pub const DECODE: &str = "cqrs.decode";
 pub const PROJECT_BATCH: &str = "cqrs.project_batch";
 pub const CACHE_WRITE: &str = "cqrs.cache_write";
 pub const OUTBOX_DISPATCH: &str = "cqrs.outbox_dispatch";
@@ -64,6 +66,10 @@ const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 const TRACES_PATH: &str = "/v1/traces";
 
 static ON: AtomicBool = AtomicBool::new(false);
+
+/// The tracer, for the one span made with OpenTelemetry's own API rather than `tracing`: a
+/// batch's decode, whose times are known only once the batch is sealed.
+static TRACER: OnceLock<SdkTracer> = OnceLock::new();
 
 /// Whether traces are exported (set once at start).
 pub fn enabled() -> bool {
@@ -157,6 +163,7 @@ pub fn start(settings: &TraceSettings) -> Result<Option<(Exporting, SdkTracer)>,
         .with_sampler(FollowLinks { inner })
         .build();
     let tracer = provider.tracer(SERVICE_NAME);
+    let _ = TRACER.set(tracer.clone());
     ON.store(true, Ordering::Relaxed);
     Ok(Some((Exporting { provider }, tracer)))
 }
@@ -247,8 +254,15 @@ pub struct BatchSpans {
 }
 
 impl BatchSpans {
-    /// Opens the batch's spans; `traced` are the batch's commands that carry a trace.
-    pub fn open(number: u64, events: usize, group: &str, traced: &[CommandTrace]) -> Self {
+    /// Opens the batch's spans; `traced` are the batch's commands that carry a trace, `decoded`
+    /// when the batch's first event was read from the slot and when the batch was sealed.
+    pub fn open(
+        number: u64,
+        events: usize,
+        group: &str,
+        traced: &[CommandTrace],
+        decoded: Option<(SystemTime, SystemTime)>,
+    ) -> Self {
         let batch = tracing::info_span!(
             BATCH,
             otel.kind = "consumer",
@@ -272,6 +286,9 @@ impl BatchSpans {
         let batch_context = batch.context().span().span_context().clone();
         if batch_context.is_valid() {
             batch.record("trace_id", tracing::field::display(batch_context.trace_id()));
+        }
+        if let (Some((first_event, sealed)), true) = (decoded, batch_context.is_sampled()) {
+            decode_span(&batch, first_event, sealed, events);
         }
         let commands = traced
             .iter()
@@ -308,6 +325,23 @@ impl BatchSpans {
             span.set_status(status.clone());
         }
     }
+}
+
+/// The batch's decode, a child of its span: from its first command read from the slot to the
+/// batch sealed (its size or time reached) — the slot's messages received and decoded into
+/// the batch. It began before the batch span (which opens when the flusher takes the batch),
+/// so it is made with OpenTelemetry's API, which takes a start and an end time.
+fn decode_span(batch: &tracing::Span, first_event: SystemTime, sealed: SystemTime, events: usize) {
+    use opentelemetry::trace::{Span as _, Tracer as _};
+    let Some(tracer) = TRACER.get() else {
+        return;
+    };
+    let mut span = tracer
+        .span_builder(DECODE)
+        .with_start_time(first_event)
+        .with_attributes([KeyValue::new("events", events as i64)])
+        .start_with_context(tracer, &batch.context());
+    span.end_with_timestamp(sealed.max(first_event));
 }
 
 /// The span of the projections' catch-up from the log when the slot is (re)created (none while

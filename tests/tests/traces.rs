@@ -238,6 +238,24 @@ async fn one_trace_from_append_to_read(edition: Edition, own_ratio: &str) -> Res
             .with_context(|| format!("no {step} under the batch: {}", describe()))?;
         ensure!(child.trace_id == batch.trace_id, "{child:#?}");
     }
+    // the batch's decode is its child too: the slot's messages read into the batch before it
+    // was projected (it began before the batch span, which opens when the batch is taken)
+    let decode = spans
+        .iter()
+        .find(|s| s.name == traces::DECODE && s.parent_span_id == batch.span_id)
+        .with_context(|| format!("no decode under the batch: {}", describe()))?;
+    let projected = spans
+        .iter()
+        .find(|s| s.name == traces::PROJECT_BATCH && s.parent_span_id == batch.span_id)
+        .with_context(describe)?;
+    ensure!(
+        decode.trace_id == batch.trace_id
+            && decode.start_unix_nano <= decode.end_unix_nano
+            && decode.end_unix_nano <= projected.start_unix_nano
+            && decode.attribute("events").is_some()
+            && decode.attribute("events") == batch.attribute("events"),
+        "{decode:#?} {batch:#?} {projected:#?}"
+    );
     // the command's span covers the batch's projection (it ends after the cache write)
     ensure!(
         project.end_unix_nano >= batch.start_unix_nano,
