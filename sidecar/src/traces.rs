@@ -279,8 +279,12 @@ impl BatchSpans {
         }
         batch.set_attribute(attribute::BATCH_NUMBER, number as i64);
         batch.set_attribute(attribute::PROJECTION_GROUP, group.to_owned());
-        // the links go in before the span starts (context() starts it): the sampler sees them
-        for command in traced {
+        // the links go in before the span starts (context() starts it): the sampler sees them.
+        // The SDK keeps the first `link_limit()`: the sampled commands' go first, and no more
+        // are built than it keeps (a catch-up batch carries thousands).
+        let sampled = traced.iter().filter(|c| c.context.is_sampled());
+        let unsampled = traced.iter().filter(|c| !c.context.is_sampled());
+        for command in sampled.chain(unsampled).take(link_limit()) {
             batch.add_link_with_attributes(command.context.clone(), command.attributes(number));
         }
         let batch_context = batch.context().span().span_context().clone();
@@ -290,8 +294,11 @@ impl BatchSpans {
         if let (Some((first_event, sealed)), true) = (decoded, batch_context.is_sampled()) {
             decode_span(&batch, first_event, sealed, events);
         }
+        // a command its application did not sample gets no span (the parent-based sampler
+        // would drop it): not made at all, since most commands of a 1 % trace are such
         let commands = traced
             .iter()
+            .filter(|command| command.context.is_sampled())
             .map(|command| {
                 // a root of its own (not inside the batch span): its parent is the application's
                 let span = tracing::info_span!(parent: None, PROJECT_COMMAND, otel.kind = "consumer");
@@ -326,6 +333,19 @@ impl BatchSpans {
         }
     }
 }
+
+/// Links a span keeps: `OTEL_SPAN_LINK_COUNT_LIMIT` as the SDK reads it, 128 by default.
+fn link_limit() -> usize {
+    static LIMIT: OnceLock<usize> = OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        std::env::var("OTEL_SPAN_LINK_COUNT_LIMIT")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(DEFAULT_LINK_LIMIT)
+    })
+}
+
+const DEFAULT_LINK_LIMIT: usize = 128;
 
 /// The batch's decode, a child of its span: from its first command read from the slot to the
 /// batch sealed (its size or time reached) — the slot's messages received and decoded into
