@@ -29,9 +29,12 @@ create table public.tally (stream text primary key, n int not null default 0, la
 select cqrs.create_projection('tally', 'public.tally', 'stream',
     '{"T": {"action": "upsert", "add": {"n": {"const": 1}}, "set": {"last_day": "$.day"}}}', backfill => false);
 
--- three streams with a command every day of the month, and ten short-lived streams a day
+-- three streams with a command every day of the month, and ten short-lived streams a day; each
+-- day's commands a minute or a few after its midnight (UTC, as the partitions are cut), so that
+-- a run just before midnight does not spill a day's commands into the next partition
 create temp table history as
-    select d, s, pg_temp.v7(now() - d * interval '1 day' + k * interval '1 minute') as id, k
+    select d, s, pg_temp.v7(date_bin('1 day', now(), '2000-01-01 00:00:00+00') - d * interval '1 day'
+                            + (k + 1) * interval '1 minute') as id, k
       from generate_series(29, 0, -1) d,
            lateral (select 'month-' || m as s, 0 as k from generate_series(1, 3) m
                     union all

@@ -791,6 +791,18 @@ async fn the_read_api_speaks_http2_and_refuses_connections_past_its_limit_before
         "HTTP/2 and HTTP/1.1 answer differently: {bodies:?}"
     );
 
+    // the clients' connections are gone before the slots are taken (the sidecar may see a
+    // dropped client's close after the next connect: that one would be refused for it)
+    eventually(
+        Duration::from_secs(10),
+        "the clients' connections are closed",
+        || async {
+            let open = rig.sidecars[0].metric(metrics::READ_CONNECTIONS)?;
+            ensure!(open == 0.0, "{open} connections open");
+            Ok(())
+        },
+    )
+    .await?;
     // two connections that say nothing take both slots …
     let addr = url
         .trim_start_matches("http://")
