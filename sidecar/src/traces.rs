@@ -43,6 +43,7 @@ pub const CATCH_UP: &str = "cqrs.catch_up_from_log";
 pub const PROJECT_COMMAND: &str = "cqrs.project_command";
 pub const READ: &str = "cqrs.read";
 pub const READ_WAIT: &str = "cqrs.read_wait";
+pub const READ_BACKEND: &str = "cqrs.read_backend";
 
 /// Attribute keys.
 pub mod attribute {

@@ -153,6 +153,21 @@ async fn one_trace_from_append_to_read(edition: Edition, own_ratio: &str) -> Res
         .send()
         .await?;
     ensure!(response.status().as_u16() == 200, "read: {}", response.status());
+    // a read that misses the cache: its backend query runs in a task of its own (one per key
+    // however many ask), still in the trace of the request that started it
+    let missing = AppSpan {
+        trace_id: placing.trace_id.clone(),
+        span_id: random_hex(8),
+    };
+    let response = reqwest::Client::new()
+        .get(format!(
+            "{}/v1/projections/order_summary/order-never-placed",
+            rig.http(0)
+        ))
+        .header("traceparent", missing.traceparent(true))
+        .send()
+        .await?;
+    ensure!(response.status().as_u16() == 404, "miss: {}", response.status());
 
     let mut spans = Vec::new();
     eventually(Duration::from_secs(20), "the spans of the order's trace", || {
@@ -165,6 +180,12 @@ async fn one_trace_from_append_to_read(edition: Edition, own_ratio: &str) -> Res
             (
                 traces::READ,
                 !named(&spans, traces::READ, &placing.trace_id).is_empty(),
+            ),
+            (
+                "the miss's read",
+                spans
+                    .iter()
+                    .any(|s| s.name == traces::READ && s.parent_span_id == missing.span_id),
             ),
             (
                 traces::SINK_PUBLISH,
@@ -263,7 +284,10 @@ async fn one_trace_from_append_to_read(edition: Edition, own_ratio: &str) -> Res
     );
 
     // the read continues the caller's trace, says what it did, and shows its wait
-    let read = named(&spans, traces::READ, &placing.trace_id);
+    let read: Vec<_> = named(&spans, traces::READ, &placing.trace_id)
+        .into_iter()
+        .filter(|s| s.parent_span_id == reading.span_id)
+        .collect();
     ensure!(read.len() == 1, "{}", describe());
     let read = read[0];
     ensure!(read.parent_span_id == reading.span_id, "{read:#?}");
@@ -273,12 +297,22 @@ async fn one_trace_from_append_to_read(edition: Edition, own_ratio: &str) -> Res
     );
     ensure!(read.attribute("cqrs.read.outcome").is_some(), "{read:#?}");
     ensure!(read.attribute("cqrs.read.source").is_some(), "{read:#?}");
-    ensure!(
+    let child = |name: &str, parent: &str| {
         spans
             .iter()
-            .any(|s| s.name == traces::READ_WAIT && s.parent_span_id == read.span_id),
-        "no wait span under the read: {}",
-        describe()
+            .find(|s| s.name == name && s.parent_span_id == parent)
+            .with_context(|| format!("no {name} under {parent}: {}", describe()))
+    };
+    child(traces::READ_WAIT, &read.span_id)?;
+    // the miss's query, under its own read
+    let missed = child(traces::READ, &missing.span_id)?;
+    child(traces::READ_BACKEND, &missed.span_id)?;
+    // and the PostgreSQL query that read the applied row (the cache may not have it yet)
+    let backend = child(traces::READ_BACKEND, &read.span_id)?;
+    ensure!(
+        backend.attribute("cqrs.read.server") == Some("primary")
+            && backend.attribute("db.system.name") == Some("postgresql"),
+        "{backend:#?}"
     );
 
     // the sink's publish is linked to the batch it delivered, and says where it went

@@ -21,6 +21,9 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::watch;
 
 use super::replicas::{Need, Replicas};
+
+/// `cqrs.read.server` of a backend query the primary answered (a replica's is its name).
+const PRIMARY: &str = "primary";
 use crate::cache::{Cache, Entry, Write};
 use crate::health::Health;
 use crate::metrics::{label, Metrics};
@@ -245,7 +248,8 @@ impl Reader {
                     let (tx, rx) = watch::channel(None);
                     flights.insert(id.clone(), rx.clone());
                     let reader = Arc::clone(self);
-                    tokio::spawn(async move {
+                    // in the span of the request that started it (its backend query's parent)
+                    tokio::spawn(tracing::Instrument::in_current_span(async move {
                         let result = reader.load(&id.0, &id.1, cache_down).await;
                         tx.send_replace(Some(result));
                         reader
@@ -253,7 +257,7 @@ impl Reader {
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
                             .remove(&id);
-                    });
+                    }));
                     rx
                 }
             }
@@ -314,8 +318,24 @@ impl Reader {
         .map_err(|_| ReadError::Unavailable("PostgreSQL did not answer in time".into()))?
     }
 
-    /// One row from a replica that satisfies `need`, else (none does, or it fails) the primary.
+    /// One row from a replica that satisfies `need`, else the primary; in a `cqrs.read_backend`
+    /// span naming the server that answered, while traces are exported.
     async fn fetch_from(&self, projection: &str, key: &str, need: Need) -> Result<Fetched, ReadError> {
+        use tracing::Instrument;
+        if !crate::traces::enabled() {
+            return self.fetch_from_any(projection, key, need).await;
+        }
+        let span = tracing::info_span!(
+            crate::traces::READ_BACKEND,
+            otel.kind = "client",
+            db.system.name = "postgresql",
+            cqrs.read.server = tracing::field::Empty,
+        );
+        self.fetch_from_any(projection, key, need).instrument(span).await
+    }
+
+    /// One row from a replica that satisfies `need`, else (none does, or it fails) the primary.
+    async fn fetch_from_any(&self, projection: &str, key: &str, need: Need) -> Result<Fetched, ReadError> {
         if let Some(chosen) = self.replicas.get().and_then(|r| r.choose(need)) {
             let from_replica = tokio::time::timeout(self.settings.postgres_timeout, async {
                 let client = chosen.pool.get().await.map_err(|err| {
@@ -331,6 +351,9 @@ impl Reader {
                         .read_replica_queries
                         .with_label_values(&[chosen.name])
                         .inc();
+                    if crate::traces::enabled() {
+                        tracing::Span::current().record("cqrs.read.server", chosen.name);
+                    }
                     return Ok(fetched);
                 }
                 // the key or the projection is wrong wherever it is asked
@@ -342,6 +365,9 @@ impl Reader {
                     "a replica failed a read; the primary answers"
                 ),
             }
+        }
+        if crate::traces::enabled() {
+            tracing::Span::current().record("cqrs.read.server", PRIMARY);
         }
         self.fetch(projection, key).await
     }
