@@ -18,8 +18,10 @@ const NEXT: &str = "9.9.9";
 
 /// Builds the portable edition with a made-up upgrade step to [`NEXT`] into a directory of its
 /// own (target/portable-next), as a later release's scripts/portable.sh would.
-fn build_with_a_next_release() -> Result<PathBuf> {
-    let root = repo_root().join("target/portable-next");
+/// Built under `target/portable-next/<test>`: each test its own, since the tests run at once and
+/// one would rewrite the script the other's psql is reading.
+fn build_with_a_next_release(test: &str) -> Result<PathBuf> {
+    let root = repo_root().join("target/portable-next").join(test);
     let upgrades = root.join("upgrades");
     std::fs::create_dir_all(&upgrades)?;
     std::fs::write(
@@ -141,7 +143,7 @@ async fn a_database_owner_installs_the_portable_edition_with_psql_and_it_matches
 /// to run twice or on any other version and changes nothing then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_psql_install_upgrades_with_the_release_upgrade_script() -> Result<()> {
-    let build = build_with_a_next_release()?;
+    let build = build_with_a_next_release("psql_install")?;
     let pg = PgCluster::start(ClusterOptions {
         with_extension: false,
         ..ClusterOptions::default()
@@ -263,7 +265,7 @@ async fn the_portable_edition_installs_as_a_pg_tle_extension() -> Result<()> {
             }
         }
     }
-    let build = build_with_a_next_release()?;
+    let build = build_with_a_next_release("pg_tle")?;
     let pg = PgCluster::start(ClusterOptions {
         with_extension: false,
         settings: vec!["shared_preload_libraries = 'pg_tle'".to_owned()],
