@@ -793,16 +793,15 @@ async fn the_read_api_speaks_http2_and_refuses_connections_past_its_limit_before
 
     // the clients' connections are gone before the slots are taken (the sidecar may see a
     // dropped client's close after the next connect: that one would be refused for it)
-    eventually(
-        Duration::from_secs(10),
-        "the clients' connections are closed",
-        || async {
-            let open = rig.sidecars[0].metric(metrics::READ_CONNECTIONS)?;
-            ensure!(open == 0.0, "{open} connections open");
+    let sidecar = &rig.sidecars[0];
+    let connections_open = |wanted: f64, what: &'static str| {
+        eventually(Duration::from_secs(10), what, move || async move {
+            let open = sidecar.metric(metrics::READ_CONNECTIONS)?;
+            ensure!(open == wanted, "{open} connections open");
             Ok(())
-        },
-    )
-    .await?;
+        })
+    };
+    connections_open(0.0, "the clients' connections are closed").await?;
     // two connections that say nothing take both slots …
     let addr = url
         .trim_start_matches("http://")
@@ -814,16 +813,7 @@ async fn the_read_api_speaks_http2_and_refuses_connections_past_its_limit_before
         tokio::net::TcpStream::connect(&addr).await?,
         tokio::net::TcpStream::connect(&addr).await?,
     ];
-    eventually(
-        Duration::from_secs(10),
-        "both connections are counted",
-        || async {
-            let open = rig.sidecars[0].metric(metrics::READ_CONNECTIONS)?;
-            ensure!(open == 2.0, "{open} connections open");
-            Ok(())
-        },
-    )
-    .await?;
+    connections_open(2.0, "both connections are counted").await?;
     // … so a third that has sent nothing either is answered at once and closed
     let mut third = tokio::net::TcpStream::connect(&addr).await?;
     let mut answer = Vec::new();
