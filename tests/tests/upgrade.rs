@@ -426,7 +426,9 @@ async fn a_portable_install_upgraded_with_psql_equals_a_fresh_one_and_keeps_ever
         !may_write,
         "the projecting role may still write a read model itself"
     );
-    still_behaves(&client).await.context("after the portable upgrade")?;
+    still_behaves(&client)
+        .await
+        .context("after the portable upgrade")?;
     // 0.2.0 ran each compiled statement with EXECUTE; after the upgrade each has its function
     // (cqrs_portable._make_fold), the installer's, run with the caller's rights, and only the
     // table's owner may run it
