@@ -75,7 +75,8 @@ table shop.carts;
 
 -- a row that owner code moved after the batch's keys were looked up is still written, once:
 -- deleting one tally touches the others (its trigger, run as the table's owner), and the add to
--- a touched tally in the same batch lands on the row as the trigger left it
+-- a touched tally in the same batch lands on the row as the trigger left it; the rows returned
+-- (what the sidecar caches) are the rows as the batch left them, touched included
 create table shop.tallies (tally_id text primary key, n integer not null default 0,
                            touched integer not null default 0, rev bigint not null default 0);
 create function shop.touch_tallies() returns trigger language plpgsql as $$
@@ -94,7 +95,7 @@ select count(*) as changed
  where projection = 'tallies';
 select count(*) from (select cqrs.append(cqrs.uuid_v7(), s, t, p::jsonb) from (values
   ('tally-a', 'TALLY_DROP', '{}'), ('tally-b', 'TALLY_ADD', '{"n": 5}'), ('tally-c', 'TALLY_ADD', '{"n": 2}')) v(s, t, p)) appended;
-select projection, key, deleted, (doc::jsonb ->> 'n')::int as n
+select projection, key, deleted, (doc::jsonb ->> 'n')::int as n, (doc::jsonb ->> 'touched')::int as touched
   from cqrs.project_batch((select jsonb_agg(to_jsonb(l) order by l.position) from cqrs.command_log l
                             where l.stream like 'tally-%' and l.seq = 2))
  where projection = 'tallies' order by key;

@@ -485,6 +485,21 @@ declare
                        then 'select * from cqrs_portable._fold_' || pg_catalog.md5(v_sql) || '($1, $2, $3, $4, $5)'
                        else v_sql end;
     v_handlers jsonb := _owner_apply.handlers;
+    -- Owner code that may change rows after the statement wrote them: an AFTER trigger runs when
+    -- the whole statement ends (a delete's trigger may change a row the same statement updated,
+    -- which RETURNING showed before it), a rule may write other rows, and a function handler
+    -- runs between segments. The rows returned for the cache are then read again at the end, as
+    -- the owner (a row gone by then is returned as deleted); otherwise the cache could keep a row
+    -- older than the table. (Built-ins only, for the reason above.)
+    v_triggered boolean := exists (select from pg_catalog.pg_trigger g
+                                    where g.tgrelid = target::pg_catalog.regclass and not g.tgisinternal and g.tgenabled <> 'D')
+                           or exists (select from pg_catalog.pg_rewrite r
+                                       where r.ev_class = target::pg_catalog.regclass and r.rulename <> '_RETURN');
+    v_reread text := pg_catalog.format(
+        'select k.k, case when t.%1$I is not null then pg_catalog.row_to_json(t.*) end, t.%1$I is null
+           from pg_catalog.unnest($1::pg_catalog.text[]) with ordinality as k(k, n)
+           left join %2$s as t on t.%1$I = k.k::%3$s
+          order by k.n', key_column, target, key_type);
     v_keys text[] := '{}'::text[];
     v_docs json[] := '{}'::json[];
     v_gone boolean[] := '{}'::boolean[];
@@ -501,7 +516,14 @@ declare
 begin
     if not exists (select from jsonb_each(v_handlers) e, jsonb_array_elements(e.value) h where h ? 'function') then
         -- the common path: one set-based statement for the whole batch
-        return query execute v_run using events, rev, with_docs, 0, 1000000;
+        if not with_docs or not v_triggered then
+            return query execute v_run using events, rev, with_docs, 0, 1000000;
+            return;
+        end if;
+        for v_key, v_doc, v_deleted in execute v_run using events, rev, with_docs, 0, 1000000 loop
+            v_keys := v_keys || v_key;
+        end loop;
+        return query execute v_reread using v_keys;
         return;
     end if;
     -- Function handlers see the read model as every earlier event left it: the events are
@@ -546,7 +568,13 @@ begin
     for v_key, v_doc, v_deleted in execute v_run using pg_catalog.to_jsonb(v_segment), rev, with_docs, 0, 1000000 loop
         v_keys := v_keys || v_key; v_docs := v_docs || v_doc; v_gone := v_gone || v_deleted;
     end loop;
-    -- each key once, where it first changed, with its last change
+    -- each key once, where it first changed, with its last change (read again: see v_triggered)
+    if with_docs then
+        select coalesce(array_agg(f.k order by f.first), '{}') into v_keys
+          from (select x.k, min(x.n) as first from unnest(v_keys) with ordinality x(k, n) group by x.k) f;
+        return query execute v_reread using v_keys;
+        return;
+    end if;
     return query
         select l.k, l.d, l.g
           from (select distinct on (x.k) x.k, x.d, x.g, x.n from unnest(v_keys, v_docs, v_gone) with ordinality x(k, d, g, n)
