@@ -561,6 +561,40 @@ impl ReadModelWrite<'_> {
         Ok(())
     }
 
+    /// Reads `rows` again (as the owner, after every statement of the batch ended), so that the
+    /// documents returned for the cache are the rows as the batch left them; a row gone by then is
+    /// returned as deleted.
+    fn read_again(&self, client: &mut SpiClient<'_>, rows: &mut [ChangedRow]) -> Result<(), ErrorReport> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = rows.iter().map(|row| row.key.clone()).collect();
+        let plan = self
+            .def
+            .statement(client, "read again", Target::read_sql, &[text_array()])?;
+        let mut read =
+            prepared::index_plans(|| client.select(&*plan, None, &[keys.into()])).map_err(|err| {
+                spi_error(
+                    &format!("reading rows of projection {} again", self.def.name),
+                    err,
+                )
+            })?;
+        // one answer per key, in input order (Target::read_sql); iterate the table itself: only
+        // it hands out a column as the raw Datum
+        for row in rows.iter_mut() {
+            if read.next().is_none() {
+                return Err(internal("a key is missing from the rows read again"));
+            }
+            let doc = keep_doc(
+                read.get_datum_by_ordinal(4)
+                    .map_err(|e| spi_error("reading a row again", e))?,
+            );
+            row.deleted = doc.is_none();
+            row.doc = doc;
+        }
+        Ok(())
+    }
+
     /// Calls a function handler with the event, then stamps the rows it reports as changed.
     fn call(
         &self,
@@ -635,6 +669,51 @@ fn apply_events(
 }
 
 fn apply_in_order(
+    client: &mut SpiClient<'_>,
+    write: &ReadModelWrite<'_>,
+    events: &[&Event],
+    out: &mut Vec<ChangedRow>,
+) -> Result<(), ErrorReport> {
+    let first = out.len();
+    apply_steps(client, write, events, out)?;
+    if write.with_docs && out.len() > first && owner_code_may_rewrite(write.def.relid) {
+        write.read_again(client, &mut out[first..])?;
+    }
+    Ok(())
+}
+
+/// Whether owner code may change the read model's rows after a statement of the batch returned
+/// them: an AFTER trigger fires when its statement ends (an insert's trigger may change a row the
+/// update before it returned, an update's trigger a row of the same update), and a rule may
+/// write other rows. Function handlers are not counted: the rows each one reports are returned
+/// after it ran. Read from the relcache (no statement per batch): most read models have neither.
+fn owner_code_may_rewrite(relid: pg_sys::Oid) -> bool {
+    // SAFETY: the relcache entry of the read model, which this batch's writes hold locked (ROW
+    // EXCLUSIVE, to the end of the transaction), is only read and then closed; `triggers`
+    // points to `numtriggers` triggers.
+    unsafe {
+        let rel = pg_sys::RelationIdGetRelation(relid);
+        if rel.is_null() {
+            return true;
+        }
+        let rules = !(*rel).rd_rules.is_null();
+        let desc = (*rel).trigdesc;
+        let user_trigger = !desc.is_null() && {
+            let count = usize::try_from((*desc).numtriggers).unwrap_or(0);
+            (0..count).any(|i| {
+                let trigger = &*(*desc).triggers.add(i);
+                !trigger.tgisinternal && trigger.tgenabled != TRIGGER_DISABLED
+            })
+        };
+        pg_sys::RelationClose(rel);
+        rules || user_trigger
+    }
+}
+
+/// `pg_trigger.tgenabled` of a disabled trigger.
+const TRIGGER_DISABLED: std::ffi::c_char = b'D' as std::ffi::c_char;
+
+fn apply_steps(
     client: &mut SpiClient<'_>,
     write: &ReadModelWrite<'_>,
     events: &[&Event],

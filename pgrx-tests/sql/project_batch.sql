@@ -101,6 +101,33 @@ select projection, key, deleted, (doc::jsonb ->> 'n')::int as n, (doc::jsonb ->>
  where projection = 'tallies' order by key;
 select tally_id, n, touched from shop.tallies order by tally_id;
 
+-- an AFTER UPDATE trigger that changes other rows of the batch's own update (it fires when the
+-- statement ends): the rows returned are the rows as the batch left them, not as RETURNING saw
+-- them (the cache would keep the older row)
+create table shop.ranks (rank_id text primary key, n integer not null default 0,
+                         leader boolean not null default false, rev bigint not null default 0);
+create function shop.crown() returns trigger language plpgsql as $$
+begin
+    update shop.ranks set leader = (rank_id = (select r.rank_id from shop.ranks r order by r.n desc, r.rank_id limit 1));
+    return null;
+end
+$$;
+create trigger crown after update on shop.ranks for each row when (old.n is distinct from new.n)
+    execute function shop.crown();
+select cqrs.create_projection('ranks', 'shop.ranks', 'rank_id', '{"RANK_ADD": {"action": "upsert", "add": {"n": "$.n"}}}');
+select count(*) from (select cqrs.append(cqrs.uuid_v7(), s, t, p::jsonb) from (values
+  ('rank-a', 'RANK_ADD', '{"n": 3}'), ('rank-b', 'RANK_ADD', '{"n": 1}'), ('rank-c', 'RANK_ADD', '{"n": 1}')) v(s, t, p)) appended;
+select count(*) as changed
+  from cqrs.project_batch((select jsonb_agg(to_jsonb(l) order by l.position) from cqrs.command_log l where l.stream like 'rank-%'))
+ where projection = 'ranks';
+select count(*) from (select cqrs.append(cqrs.uuid_v7(), s, t, p::jsonb) from (values
+  ('rank-b', 'RANK_ADD', '{"n": 5}'), ('rank-c', 'RANK_ADD', '{"n": 1}')) v(s, t, p)) appended;
+select projection, key, (doc::jsonb ->> 'n')::int as n, (doc::jsonb ->> 'leader')::boolean as leader
+  from cqrs.project_batch((select jsonb_agg(to_jsonb(l) order by l.position) from cqrs.command_log l
+                            where l.stream like 'rank-%' and l.seq = 2))
+ where projection = 'ranks' order by key;
+select rank_id, n, leader from shop.ranks order by rank_id;
+
 -- a row its own BEFORE trigger leaves alone stays so, and the trigger runs once
 create table shop.guarded (guarded_id text primary key, n integer not null default 0, rev bigint not null default 0);
 create table shop.guard_log (guarded_id text not null, n integer not null);

@@ -491,10 +491,12 @@ declare
     -- runs between segments. The rows returned for the cache are then read again at the end, as
     -- the owner (a row gone by then is returned as deleted); otherwise the cache could keep a row
     -- older than the table. (Built-ins only, for the reason above.)
-    v_triggered boolean := exists (select from pg_catalog.pg_trigger g
-                                    where g.tgrelid = target::pg_catalog.regclass and not g.tgisinternal and g.tgenabled <> 'D')
-                           or exists (select from pg_catalog.pg_rewrite r
-                                       where r.ev_class = target::pg_catalog.regclass and r.rulename <> '_RETURN');
+    -- (looked up only when rows are returned: `with_docs and …` stops at false)
+    v_triggered boolean := with_docs
+                           and (exists (select from pg_catalog.pg_trigger g
+                                         where g.tgrelid = target::pg_catalog.regclass and not g.tgisinternal and g.tgenabled <> 'D')
+                                or exists (select from pg_catalog.pg_rewrite r
+                                            where r.ev_class = target::pg_catalog.regclass and r.rulename <> '_RETURN'));
     v_reread text := pg_catalog.format(
         'select k.k, case when t.%1$I is not null then pg_catalog.row_to_json(t.*) end, t.%1$I is null
            from pg_catalog.unnest($1::pg_catalog.text[]) with ordinality as k(k, n)
