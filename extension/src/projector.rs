@@ -1214,4 +1214,32 @@ mod tests {
         .expect("spi");
         assert_eq!(saved.as_deref(), Some("p:moved=6 p:new=7 p:still=5 q:still=1"));
     }
+
+    /// A read model is read again after a batch only when owner code may have changed rows
+    /// after they were returned: a user trigger that is not disabled, or a rule — not the
+    /// internal triggers of a foreign key.
+    #[pg_test]
+    fn rows_are_read_again_only_for_owner_triggers_and_rules() {
+        let may_rewrite = || {
+            let relid = Spi::get_one::<pg_sys::Oid>("select 'rm.t'::regclass::oid")
+                .expect("spi")
+                .expect("the table");
+            super::owner_code_may_rewrite(relid)
+        };
+        Spi::run(
+            "create schema rm;
+             create table rm.parent (id int primary key);
+             create table rm.t (k text primary key, p int references rm.parent);
+             create function rm.touch() returns trigger language plpgsql as $$ begin return null; end $$;",
+        )
+        .expect("spi");
+        assert!(!may_rewrite(), "a foreign key's internal triggers counted");
+        Spi::run("create trigger touch after update on rm.t for each row execute function rm.touch()")
+            .expect("spi");
+        assert!(may_rewrite(), "a user trigger not counted");
+        Spi::run("alter table rm.t disable trigger touch").expect("spi");
+        assert!(!may_rewrite(), "a disabled trigger counted");
+        Spi::run("create rule keep as on update to rm.t do also notify rm_t").expect("spi");
+        assert!(may_rewrite(), "a rule not counted");
+    }
 }
