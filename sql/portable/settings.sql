@@ -25,4 +25,28 @@ create table cqrs_portable.settings (
 comment on table cqrs_portable.settings is
     'pg_cqrs portable edition: its settings, one row that only the installer may change (update cqrs_portable.settings set …).';
 insert into cqrs_portable.settings default values;
+
+-- A restore from pg_dump of a pg_tle install copies the dumped row into the table where CREATE
+-- EXTENSION already put the default one (a duplicate key, and the restore stopped there): the
+-- dumped row replaces it (the one row stays one), as cqrs._retention_restored does.
+create function cqrs_portable._settings_restored()
+returns trigger
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+begin
+    if exists (select from cqrs_portable.settings s where s.one) then
+        update cqrs_portable.settings s
+           set require_registered_types = new.require_registered_types, max_payload_bytes = new.max_payload_bytes,
+               max_metadata_bytes = new.max_metadata_bytes, max_json_depth = new.max_json_depth,
+               gap_alert_after = new.gap_alert_after
+         where s.one;
+        return null;
+    end if;
+    return new;
+end
+$$;
+revoke execute on function cqrs_portable._settings_restored() from public;
+create trigger settings_restored before insert on cqrs_portable.settings
+    for each row execute function cqrs_portable._settings_restored();
 select pg_catalog.pg_extension_config_dump('cqrs_portable.settings', '');

@@ -310,6 +310,7 @@ async fn the_portable_edition_installs_as_a_pg_tle_extension() -> Result<()> {
         .get(0);
     ensure!(available >= 1, "pg_tle does not list pg_cqrs");
     smoke(&client).await?;
+    dump_and_restore_with_pg_tle(&pg, &client).await?;
     // a later release's update path, registered by the same file, is what ALTER EXTENSION takes
     client
         .batch_execute(&format!("alter extension pg_cqrs update to '{NEXT}'"))
@@ -345,6 +346,70 @@ async fn the_portable_edition_installs_as_a_pg_tle_extension() -> Result<()> {
         .await?
         .get(0);
     ensure!(left == 0, "drop extension left {left} objects behind");
+    Ok(())
+}
+
+/// `pg_dump` of a pg_tle install, restored whole with `psql -1 -v ON_ERROR_STOP=1` (the restore
+/// stopped at the settings' row before: CREATE EXTENSION had made one), keeps the settings and
+/// the log; the projection, whose writer names its table by oid, goes on once rebound.
+async fn dump_and_restore_with_pg_tle(pg: &PgCluster, client: &tokio_postgres::Client) -> Result<()> {
+    client
+        .batch_execute("update cqrs_portable.settings set max_json_depth = 33")
+        .await?;
+    let dir = cqrs_harness::postgres::tempdir("pg_cqrs-tle-dump")?;
+    let file = dir.join("dump.sql");
+    let out = Command::new(pg.bindir().join("pg_dump"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-p",
+            &pg.port().to_string(),
+            "-d",
+            "tle",
+            "-f",
+        ])
+        .arg(&file)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    pg.psql_in("postgres", &format!("create database tle_restored owner {ADMIN}"))?;
+    let (ok, output) = psql_file(pg, "postgres", "tle_restored", &file.to_string_lossy())?;
+    let _ = std::fs::remove_dir_all(&dir);
+    ensure!(ok, "restoring a dump of the pg_tle install failed:\n{output}");
+    let restored = connect(&pg.url_for("tle_restored")).await?;
+    let row = restored
+        .query_one(
+            "select (select max_json_depth from cqrs_portable.settings), (select count(*) from cqrs_portable.settings),
+                    (select count(*) from cqrs.command_log), (select edition from cqrs.version())",
+            &[],
+        )
+        .await?;
+    let (depth, settings, commands, restored_edition): (i32, i64, i64, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    ensure!(
+        depth == 33 && settings == 1 && commands == 2 && restored_edition == "portable",
+        "restored: max_json_depth {depth} in {settings} settings rows, {commands} commands, edition {restored_edition}"
+    );
+    restored
+        .batch_execute(
+            "select cqrs_portable.rebind('totals');
+             select cqrs.append(cqrs.uuid_v7(), 's', 'T', '{\"n\": 4}');
+             select count(*) from cqrs.catch_up();",
+        )
+        .await?;
+    let total: i32 = restored
+        .query_one("select n from public.totals where stream = 's'", &[])
+        .await?
+        .get(0);
+    ensure!(
+        total == 9,
+        "after the restore the projection holds {total}, not 9"
+    );
     Ok(())
 }
 

@@ -30,3 +30,7 @@ $owners$;
 -- The schemas registered before the upgrade get their compiled validators (the interpreter
 -- validates any that cannot be compiled).
 select cqrs_portable._compile_validators();
+
+-- a restore of a pg_tle install replaces the settings' one row instead of failing on it
+create trigger settings_restored before insert on cqrs_portable.settings
+    for each row execute function cqrs_portable._settings_restored();
