@@ -267,6 +267,11 @@ begin
                              case kind when 'w' then 'writer' else 'reader' end, name, v_function, v_table.owner),
             detail = case when not found then 'It is missing.'
                           when v_fn.proowner <> v_table.relowner then format('It belongs to role %s: the table changed owner since.', v_fn.proowner::regrole)
+                          -- the body names its table by oid, which a restore from pg_dump changes
+                          when v_fn.prosrc = cqrs_portable._owner_function_body(name,
+                                  (pg_catalog.substring(v_fn.prosrc, '([0-9]+)::pg_catalog\.oid'))::oid, kind)
+                          then format('It was made for the table with oid %s, and the table is %s now: the database was restored from a dump, or the table was made again.',
+                                      pg_catalog.substring(v_fn.prosrc, '([0-9]+)::pg_catalog\.oid'), v_table.oid)
                           else 'It was altered.' end,
             hint = format('As the installer, a member of role %s: select cqrs_portable.rebind(%L);', v_table.owner, name);
     end if;
