@@ -1,3 +1,10 @@
+-- The tables this upgrade alters that a batch in flight also holds, locked first and in the
+-- order project_batch takes them (the lease's fence, then the log; an append takes the log, then
+-- its stream): the upgrade then waits for a batch or an append to end instead of taking the
+-- projection tables first and deadlocking with a batch that holds the log and waits for them
+-- (seen once in a full test run: the upgrade was the deadlock's victim, 40P01).
+lock table cqrs.projector_lease, cqrs.command_log, cqrs.stream in access exclusive mode;
+
 -- Both editions. The projector lease moves only through its functions (try_lead, release_lead,
 -- and acquire_lease, now SECURITY DEFINER): the projecting role could set a token that deposed
 -- the leader and made token + 1 overflow for everyone.
