@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 use crate::process::{as_postgres_user, chown_to_postgres, running_as_root};
 
@@ -277,6 +277,31 @@ impl PgCluster {
     /// Runs SQL through psql in the caller's database; returns stdout (unaligned, tuples only).
     pub fn psql(&self, sql: &str) -> Result<String> {
         self.psql_in(&self.database, sql)
+    }
+
+    /// `pg_dump` of `database`, as postgres, into the plain SQL script `file`.
+    pub fn dump(&self, database: &str, file: &Path) -> Result<()> {
+        let out = Command::new(self.bindir.join("pg_dump"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-p",
+                &self.port.to_string(),
+                "-d",
+                database,
+                "-f",
+            ])
+            .arg(file)
+            .stdin(Stdio::null())
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "pg_dump: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
     }
 
     pub fn psql_in(&self, database: &str, sql: &str) -> Result<String> {

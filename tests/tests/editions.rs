@@ -358,25 +358,7 @@ async fn dump_and_restore_with_pg_tle(pg: &PgCluster, client: &tokio_postgres::C
         .await?;
     let dir = cqrs_harness::postgres::tempdir("pg_cqrs-tle-dump")?;
     let file = dir.join("dump.sql");
-    let out = Command::new(pg.bindir().join("pg_dump"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-p",
-            &pg.port().to_string(),
-            "-d",
-            "tle",
-            "-f",
-        ])
-        .arg(&file)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "pg_dump: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    pg.dump("tle", &file)?;
     pg.psql_in("postgres", &format!("create database tle_restored owner {ADMIN}"))?;
     let (ok, output) = psql_file(pg, "postgres", "tle_restored", &file.to_string_lossy())?;
     let _ = std::fs::remove_dir_all(&dir);

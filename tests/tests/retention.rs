@@ -678,25 +678,7 @@ async fn dump_and_restore(edition: Edition) -> Result<()> {
 
     let dir = cqrs_harness::postgres::tempdir("pg_cqrs-dump")?;
     let file = dir.join("dump.sql");
-    let out = std::process::Command::new(rig.pg.bindir().join("pg_dump"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-p",
-            &rig.pg.port().to_string(),
-            "-d",
-            rig.pg.database(),
-            "-f",
-        ])
-        .arg(&file)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "pg_dump: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rig.pg.dump(rig.pg.database(), &file)?;
     rig.pg.psql("create database restored")?;
     let restore = file.to_str().context("the dump's path is not UTF-8")?.to_owned();
     let (ok, output) = edition::psql_file(&rig.pg, "postgres", "restored", &restore)?;
