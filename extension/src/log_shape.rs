@@ -29,3 +29,25 @@ pub(crate) fn current() -> Option<(pg_sys::Oid, bool)> {
 pub(crate) fn partitioned() -> bool {
     current().is_some_and(|(_, partitioned)| partitioned)
 }
+
+/// Whether the partitioned log `relation` has no partition yet: CREATE EXTENSION makes none (a
+/// restore from pg_dump brings its own; sql/core/retention.sql), so the first append makes them.
+/// `pg_class.relhassubclass` from the catalog cache — no query on the hot path; it is set by the
+/// first attach and never cleared on a partitioned table, so once false it stays a cheap "no".
+pub(crate) fn without_partitions(relation: pg_sys::Oid) -> bool {
+    // SAFETY: a syscache lookup by OID; a null tuple (no such relation) is checked before its
+    // struct is read, and the tuple is released after the one field is copied out.
+    unsafe {
+        let tuple = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::RELOID as i32,
+            pg_sys::Datum::from(relation),
+        );
+        if tuple.is_null() {
+            return false;
+        }
+        let has_partitions =
+            (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_class>(tuple)).relhassubclass;
+        pg_sys::ReleaseSysCache(tuple);
+        !has_partitions
+    }
+}

@@ -279,9 +279,11 @@ impl PgCluster {
         self.psql_in(&self.database, sql)
     }
 
-    /// `pg_dump` of `database`, as postgres, into the plain SQL script `file`.
-    pub fn dump(&self, database: &str, file: &Path) -> Result<()> {
+    /// `pg_dump` of `database`, as postgres, into the plain SQL script `file`, with `options`
+    /// (such as `--enable-row-security`) besides.
+    pub fn dump(&self, database: &str, file: &Path, options: &[&str]) -> Result<()> {
         let out = Command::new(self.bindir.join("pg_dump"))
+            .args(options)
             .args([
                 "-h",
                 "127.0.0.1",

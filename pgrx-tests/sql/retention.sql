@@ -20,8 +20,17 @@ select cqrs.command_time('0193a0b4-1c2d-7e3f-8a4b-5c6d7e8f9a0b') as v7_time,
        cqrs.command_time('0193a0b4-1c2d-7e3f-ca4b-5c6d7e8f9a0b') as bad_variant_time,
        cqrs.command_time(pg_temp.v7('2026-03-04 05:06:07.089+00')) as made_time;
 
--- a new log: the first partition takes every earlier time and every id without one, then one
--- partition a day up to retention.premake days ahead
+-- a new log has no partition (CREATE EXTENSION makes none: a restore from pg_dump brings its
+-- own); the first append makes them, as cqrs.maintain() does
+select count(*) as partitions, (select log_to from cqrs.retention) as log_to from cqrs.log_partitions();
+savepoint first_append;
+select seq as first_seq from cqrs.append(pg_temp.v7(now()), 'first', 'PLACED', '{}');
+select count(*) - 1 = (select premake + 1 from cqrs.retention) as made_by_the_append from cqrs.log_partitions();
+rollback to savepoint first_append;
+select pg_catalog.setval(pg_catalog.pg_get_serial_sequence('cqrs.command_log', 'position'), 1, false) as position_reset;
+select count(*) - 1 = (select premake + 1 from cqrs.retention) as made_by_maintain from cqrs.maintain();
+-- the first partition takes every earlier time and every id without one, then one partition a
+-- day up to retention.premake days ahead
 select p.partition::text like 'cqrs.command_log_%' as named, p.lower_bound = '-infinity' as first_is_open
   from cqrs.log_partitions() p order by p.lower_bound limit 1;
 select count(*) - 1 = (select premake + 1 from cqrs.retention) as days_ahead,

@@ -84,7 +84,10 @@ impl Upkeep {
 async fn bounds(pg: &Client, metrics: &Metrics) -> Result<(), tokio_postgres::Error> {
     let row = pg
         .query_one(
-            "select pg_catalog.date_part('epoch', r.log_to - pg_catalog.now())::float8,
+            // no partitions yet (log_to -infinity, until the first append or cqrs.maintain()):
+            // none ahead
+            "select case when r.log_to = '-infinity' then 0
+                         else pg_catalog.date_part('epoch', r.log_to - pg_catalog.now())::float8 end,
                     case when r.log_from = '-infinity' then 0
                          else pg_catalog.date_part('epoch', pg_catalog.now() - r.log_from)::float8 end
                from cqrs.retention r",

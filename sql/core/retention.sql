@@ -681,24 +681,9 @@ create trigger retention_restored before insert on cqrs.retention
 select pg_catalog.pg_extension_config_dump('cqrs.retention', '');
 select pg_catalog.pg_extension_config_dump('cqrs.log_consumer', '');
 
--- A new log's partitions — unless this is a restore from pg_dump, which brings the dumped log's
--- own partitions, rows and bounds: made now as well, they would collide with them. A restore is
--- told by row_security, which every script pg_dump and pg_restore write turns off first (unless
--- --enable-row-security), and which CREATE EXTENSION, unlike check_function_bodies, leaves as
--- the session set it. Either way no partition is a member of the extension, so that pg_dump
--- dumps each one whole, like those cqrs.maintain() makes later (README, Retention).
-do $$
-declare
-    p regclass;
-begin
-    if pg_catalog.current_setting('row_security')::boolean then
-        perform cqrs._make_log_partitions();
-    else
-        raise warning 'pg_cqrs: row_security is off, as in a restore from pg_dump, so the command log''s partitions are left to the dump'
-            using hint = 'If this is not a restore, run select cqrs.maintain() before the first append.';
-    end if;
-    for p in select l.partition from cqrs.log_partitions() l loop
-        perform cqrs._disown_log_partition(p);
-    end loop;
-end
-$$;
+-- CREATE EXTENSION makes no partition: the first append (either edition) or cqrs.maintain()
+-- makes them (cqrs._make_log_partitions). A restore from pg_dump brings the dumped log's own
+-- partitions, rows and bounds after CREATE EXTENSION, and partitions made by it would collide
+-- with them; no setting tells a restore apart reliably (`--enable-row-security` leaves
+-- row_security on, as in any session), so none are made. Partitions made later are no members
+-- of the extension either, so that pg_dump dumps each one whole (README, Retention).

@@ -257,6 +257,11 @@ begin
     -- refusals, in the same words, as the extension's (extension/src/append.rs, outside_log).
     v_id_time := cqrs.command_time(command_id);
     select r.log_from, r.log_to into v_log from cqrs.retention r;
+    if v_log.log_to = '-infinity' then
+        -- a log without partitions yet (CREATE EXTENSION makes none): the first append makes them
+        perform cqrs._make_log_partitions();
+        select r.log_from, r.log_to into v_log from cqrs.retention r;
+    end if;
     if v_id_time < v_log.log_from and v_id_time = '-infinity' then
         raise exception using errcode = '55000',
             message = format('command_id %s is not a UUIDv7, and retention removed the partition of cqrs.command_log that holds such ids', command_id),

@@ -358,7 +358,7 @@ async fn dump_and_restore_with_pg_tle(pg: &PgCluster, client: &tokio_postgres::C
         .await?;
     let dir = cqrs_harness::postgres::tempdir("pg_cqrs-tle-dump")?;
     let file = dir.join("dump.sql");
-    pg.dump("tle", &file)?;
+    pg.dump("tle", &file, &[])?;
     pg.psql_in("postgres", &format!("create database tle_restored owner {ADMIN}"))?;
     let (ok, output) = psql_file(pg, "postgres", "tle_restored", &file.to_string_lossy())?;
     let _ = std::fs::remove_dir_all(&dir);

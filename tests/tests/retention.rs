@@ -651,8 +651,9 @@ async fn log_fingerprint(client: &Client) -> Result<String> {
 }
 
 /// `pg_dump` of a database whose log retention has cut, restored with `psql -1 -v ON_ERROR_STOP=1`
-/// into a new database (the whole restore without one error): the same log, partitions, bounds,
-/// settings, readers and heads; appends go on after it, a retry of a kept command is a
+/// into a new database (the whole restore without one error), and again from a dump made with
+/// `--enable-row-security`: the same log, partitions, bounds, settings, readers and heads;
+/// appends go on after it, a retry of a kept command is a
 /// duplicate and one of a removed command refused.
 async fn dump_and_restore(edition: Edition) -> Result<()> {
     let rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
@@ -676,28 +677,36 @@ async fn dump_and_restore(edition: Edition) -> Result<()> {
     ensure!(!removed.is_empty(), "retention removed nothing before the dump");
     let dumped = log_fingerprint(&client).await?;
 
+    // a dump made with --enable-row-security too: it leaves row_security on in the restore, as in
+    // any session, and the restore must not meet partitions CREATE EXTENSION made (it makes none)
     let dir = cqrs_harness::postgres::tempdir("pg_cqrs-dump")?;
-    let file = dir.join("dump.sql");
-    rig.pg.dump(rig.pg.database(), &file)?;
-    rig.pg.psql("create database restored")?;
-    let restore = file.to_str().context("the dump's path is not UTF-8")?.to_owned();
-    let (ok, output) = edition::psql_file(&rig.pg, "postgres", "restored", &restore)?;
+    for (database, options) in [
+        ("restored", &[][..]),
+        ("restored_rls", &["--enable-row-security"][..]),
+    ] {
+        let file = dir.join(format!("{database}.sql"));
+        rig.pg.dump(rig.pg.database(), &file, options)?;
+        rig.pg.psql(&format!("create database {database}"))?;
+        let restore = file.to_str().context("the dump's path is not UTF-8")?.to_owned();
+        let (ok, output) = edition::psql_file(&rig.pg, "postgres", database, &restore)?;
+        ensure!(ok, "restoring the dump {options:?} failed: {output}");
+        let restored = connect(&rig.pg.url_for(database)).await?;
+        let again = log_fingerprint(&restored).await?;
+        ensure!(
+            again == dumped,
+            "the database restored from the dump {options:?} differs:\n{again}\nwas\n{dumped}"
+        );
+        let members: i64 = restored
+            .query_one(
+                "select count(*) from cqrs.log_partitions() p join pg_depend d on d.objid = p.partition and d.deptype = 'e'",
+                &[],
+            )
+            .await?
+            .get(0);
+        ensure!(members == 0, "{members} partitions are members of the extension");
+    }
     let _ = std::fs::remove_dir_all(&dir);
-    ensure!(ok, "restoring the dump failed: {output}");
     let restored = connect(&rig.pg.url_for("restored")).await?;
-    let again = log_fingerprint(&restored).await?;
-    ensure!(
-        again == dumped,
-        "the restored database differs:\n{again}\nwas\n{dumped}"
-    );
-    let members: i64 = restored
-        .query_one(
-            "select count(*) from cqrs.log_partitions() p join pg_depend d on d.objid = p.partition and d.deptype = 'e'",
-            &[],
-        )
-        .await?
-        .get(0);
-    ensure!(members == 0, "{members} partitions are members of the extension");
 
     // appends go on: the position after the dumped one, a kept command's retry a duplicate, a
     // removed one's refused

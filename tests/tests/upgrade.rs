@@ -173,7 +173,11 @@ async fn an_upgraded_install_equals_a_fresh_one_and_keeps_every_row() -> Result<
     })?;
     let fresh_db = "fresh";
     pg.psql_in("postgres", &format!("create database {fresh_db}"))?;
-    pg.psql_in(fresh_db, "create extension pg_cqrs")?;
+    // with its partitions (CREATE EXTENSION makes none; the first append or cqrs.maintain() does)
+    pg.psql_in(
+        fresh_db,
+        "create extension pg_cqrs; select count(*) from cqrs.maintain()",
+    )?;
     let fresh = connect(&pg.url_for(fresh_db)).await?;
     let expected = catalog(&fresh, true).await?;
     let expected_facts = extension_facts(&fresh).await?;
@@ -342,6 +346,10 @@ async fn a_portable_install_upgraded_with_psql_equals_a_fresh_one_and_keeps_ever
     ensure!(ok, "a fresh install failed:\n{output}");
     install_portable_release(&pg, release, "upgraded")?;
     let fresh = connect(&admin_url("fresh")).await?;
+    // with its partitions (the install makes none; the first append or cqrs.maintain() does)
+    fresh
+        .batch_execute("select count(*) from cqrs.maintain()")
+        .await?;
     let client = connect(&admin_url("upgraded")).await?;
     client
         .batch_execute(FILL)
