@@ -1455,6 +1455,7 @@ as $$
 declare
     v_part record;
     v_newest bigint;
+    v_late bigint;
 begin
     perform cqrs._archive_check(before);
     perform set_config('lock_timeout', (extract(epoch from lock_wait) * 1000)::bigint::text, true);
@@ -1477,8 +1478,14 @@ begin
                     raise exception using errcode = 'QC900', message = reason;
                 end if;
                 if v_newest is distinct from newest_position then
+                    -- only what came after the first look is counted here, by its position's
+                    -- index: a count of the whole partition would hold every append that long (a
+                    -- command that took its position before that look and committed after it
+                    -- is removed but not counted)
+                    execute format('select count(*) from %s l where l.position > $1', v_part.partition)
+                       into v_late using newest_position;
+                    commands := commands + v_late;
                     newest_position := v_newest;
-                    execute format('select count(*) from %s l', v_part.partition) into commands;
                 end if;
             exception
                 when lock_not_available then

@@ -621,6 +621,80 @@ async fn removal_meets_readers_and_late_retries(edition: Edition) -> Result<()> 
     .await
 }
 
+/// A command that a late retry put into a partition while its removal waited, with no reader
+/// holding the log back: removed with the partition and counted — by its position, under the
+/// detach's lock, where counting the whole partition again would hold every append that long.
+/// The removal is shared SQL (sql/core/retention.sql): one edition is enough.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_command_no_reader_holds_is_removed_and_counted() -> Result<()> {
+    let edition = Edition::Extension;
+    let rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
+    let owner_url = edition::owner_url(&rig.pg, edition);
+    let owner = connect(&owner_url).await?;
+    let client = rig.client().await?;
+    month_of_partitions(&owner).await?;
+    owner
+        .batch_execute("select cqrs.drop_projection(p.name) from cqrs.projection p")
+        .await?;
+    let readers: i64 = owner
+        .query_one(
+            "select (select count(*) from cqrs.projection_state) + (select count(*) from cqrs.sink)
+                    + (select count(*) from cqrs.log_consumer)",
+            &[],
+        )
+        .await?
+        .get(0);
+    ensure!(readers == 0, "{readers} readers hold the log");
+    let now = unix_now()?;
+    let append = "select position from cqrs.append($1, $2, 'CREATE_ORDER', '{\"user_id\": \"user-1\", \"currency\": \"EUR\"}')";
+    client
+        .query_one(append, &[&v7_ago(now, (HISTORY_DAYS + 2) * DAY), &"order-old"])
+        .await?;
+    let mut late = connect(&rig.pg.url()).await?;
+    let late_tx = late.transaction().await?;
+    late_tx
+        .query_one(append, &[&v7_ago(now, (HISTORY_DAYS + 1) * DAY), &"order-late"])
+        .await?;
+    let removal = tokio::spawn(async move {
+        let owner = connect(&owner_url).await?;
+        let rows = owner
+            .query(
+                &format!(
+                    "select partition, action, commands from cqrs.archive_before(now() - interval '{KEEP_DAYS} days', '30 seconds')"
+                ),
+                &[],
+            )
+            .await?;
+        anyhow::Ok(
+            rows.iter()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1), r.get::<_, i64>(2)))
+                .collect::<Vec<_>>(),
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ensure!(
+        !removal.is_finished(),
+        "the removal did not wait for the late append"
+    );
+    late_tx.commit().await?;
+    let report = removal.await??;
+    ensure!(
+        report.first().is_some_and(|(partition, action, commands)| {
+            partition.ends_with("command_log_start") && action == "dropped" && *commands == 2
+        }) && report.iter().skip(1).all(|(_, action, commands)| action == "dropped" && *commands == 0),
+        "the first partition, with the late command, should be dropped and both its commands counted: {report:?}"
+    );
+    let left: i64 = client
+        .query_one(
+            "select count(*) from cqrs.command_log where stream in ('order-old', 'order-late')",
+            &[],
+        )
+        .await?
+        .get(0);
+    ensure!(left == 0, "{left} of the two old commands are still in the log");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn removal_meets_readers_and_late_retries_with_the_extension() -> Result<()> {
     removal_meets_readers_and_late_retries(Edition::Extension).await
