@@ -3,7 +3,7 @@
 # PostgreSQL 15 (server, headers, pgbench), redis-server, nats-server (the outbox's JetStream
 # broker in the tests and the demo), clang (bindgen), sudo (cargo pgrx test
 # --runas), prometheus (promtool), openssl (test certificates), plpgsql_check (static checks of the
-# portable edition), python3-psycopg, Node and npm and curl (the first-application guide's
+# portable edition), pg_partman (the test of pg_cqrs beside it), python3-psycopg, Node and npm and curl (the first-application guide's
 # clients, docs/first-app.md), docker.io, docker-compose and debootstrap (the container test),
 # cargo-pgrx 0.18.1 and its PostgreSQL 15 configuration, tansu (the Kafka sink's test broker, with
 # --kafka-broker; sqlite3 indexes its log), and pg_tle
@@ -15,7 +15,7 @@ source scripts/common.sh
 command -v cargo >/dev/null || die "cargo not found: install the Rust toolchain (rustup) first"
 
 packages=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 redis-server redis-tools nats-server
-          clang libclang-dev sudo prometheus openssl postgresql-15-plpgsql-check flex libkrb5-dev
+          clang libclang-dev sudo prometheus openssl postgresql-15-plpgsql-check postgresql-15-partman flex libkrb5-dev
           python3-pip python3-psycopg python3-yaml curl debootstrap sqlite3)
 # Node from Debian unless a node and npm are already there (from NodeSource, say)
 command -v node >/dev/null && command -v npm >/dev/null || packages+=(nodejs npm)

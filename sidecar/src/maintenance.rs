@@ -13,7 +13,7 @@ use crate::metrics::Metrics;
 
 /// What cqrs.maintain() says it did with a partition: the label values of
 /// `cqrs_log_maintenance_total` (anything else is counted as "other").
-const ACTIONS: [&str; 4] = ["created", "dropped", "archived", "kept"];
+const ACTIONS: [&str; 5] = ["keyed", "created", "dropped", "archived", "kept"];
 const OTHER_ACTION: &str = "other";
 
 /// After a failed call, the next try comes this much later (not a whole interval: running out

@@ -176,6 +176,97 @@ as $$
                                            then 'YYYYMMDD"_"HH24' else 'YYYYMMDD' end);
 $$;
 
+-- Whether pg_partman keeps cqrs.command_log (its part_config names the log), and its retention
+-- of it (README, Retention: beside pg_partman). pg_cqrs then makes no partitions — pg_partman's
+-- maintenance makes them, and two makers would make overlapping ones — and refuses a retention
+-- of pg_partman's (it would drop partitions that a projection, a sink or the idempotency horizon
+-- still needs). False when pg_partman is not installed, or its config is not readable by the
+-- installer (then pg_cqrs cannot tell, and makes partitions as without it).
+create function cqrs._partman_keeps_log(out keeps boolean, out retention text)
+language plpgsql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_config regclass;
+begin
+    keeps := false;
+    select pg_catalog.to_regclass(pg_catalog.format('%I.part_config', n.nspname)) into v_config
+      from pg_catalog.pg_extension e join pg_catalog.pg_namespace n on n.oid = e.extnamespace
+     where e.extname = 'pg_partman';
+    if v_config is null or not pg_catalog.has_table_privilege(v_config, 'select') then
+        return;
+    end if;
+    execute pg_catalog.format('select true, c.retention from %s c where c.parent_table = %L', v_config, 'cqrs.command_log')
+       into keeps, retention;
+    keeps := coalesce(keeps, false);
+end
+$$;
+
+-- What idempotency and sequencing stand on, in every partition, whoever made it: unique
+-- indexes on position, command_id and (stream, seq) — a partition without the one on command_id
+-- takes a retried command a second time (pg_partman without a template makes such partitions:
+-- tried) — and no default partition (it would take a retry of a command older than the horizon,
+-- or an id later than the newest partition, as new, and it forbids DETACH … CONCURRENTLY). A
+-- missing key is added (instant on the empty partitions made ahead; a partition with rows is
+-- locked while its index is built); a default partition or pg_partman's retention of the log is
+-- refused. Returns the partitions given keys.
+create function cqrs._check_log_partitions()
+returns setof text
+language plpgsql volatile security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    v_default regclass;
+    v_partman record;
+    v_part regclass;
+    v_key text[];
+    v_added boolean;
+begin
+    select i.inhrelid::regclass into v_default
+      from pg_catalog.pg_inherits i join pg_catalog.pg_class c on c.oid = i.inhrelid
+     where i.inhparent = 'cqrs.command_log'::regclass and pg_catalog.pg_get_expr(c.relpartbound, c.oid) = 'DEFAULT';
+    if v_default is not null then
+        raise exception using errcode = '55000',
+            message = format('cqrs.command_log has a default partition, %s: it would take a retry of a command older than the idempotency horizon, or an id later than the newest partition, as a new command', v_default),
+            hint = format('Move any rows it holds into partitions of their own, then detach and drop it (alter table cqrs.command_log detach partition %s; drop table %s). pg_partman makes one in create_parent: drop it there.', v_default, v_default);
+    end if;
+    select * into v_partman from cqrs._partman_keeps_log();
+    if v_partman.keeps and v_partman.retention is not null then
+        raise exception using errcode = '55000',
+            message = format('pg_partman keeps cqrs.command_log with a retention of %s: it would drop partitions that a projection, a sink or a log consumer has not passed, and move the idempotency horizon without pg_cqrs knowing', v_partman.retention),
+            hint = 'Set pg_partman''s retention of the log to null (update <partman schema>.part_config set retention = null where parent_table = ''cqrs.command_log'') and keep it with cqrs.retention.keep instead.';
+    end if;
+    for v_part in select l.partition from cqrs.log_partitions() l order by l.lower_bound loop
+        v_added := false;
+        foreach v_key slice 1 in array array[array['position', ''], array['command_id', ''], array['stream', 'seq']] loop
+            v_key := array_remove(v_key, '');
+            if not exists (select from pg_catalog.pg_index i
+                            where i.indrelid = v_part and i.indisunique and i.indisvalid and i.indpred is null
+                              and i.indexprs is null
+                              and (select array_agg(a.attname::text order by k.n)
+                                     from unnest(i.indkey::int2[]) with ordinality k(attnum, n)
+                                     join pg_catalog.pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum) = v_key) then
+                begin
+                    execute format('alter table %s add %s (%s)', v_part,
+                                   case when v_key = array['position'] then 'primary key' else 'unique' end,
+                                   (select string_agg(format('%I', c), ', ') from unnest(v_key) c));
+                exception when insufficient_privilege then
+                    raise exception using errcode = '42501',
+                        message = format('partition %s of cqrs.command_log has no unique index on (%s), and pg_cqrs may not add it: a retried command could be appended twice',
+                                         v_part, array_to_string(v_key, ', ')),
+                        hint = format('Its owner runs: alter table %s add unique (%s); — or gives it to the role that installed pg_cqrs.',
+                                      v_part, array_to_string(v_key, ', '));
+                end;
+                v_added := true;
+            end if;
+        end loop;
+        if v_added then
+            return next v_part::text;
+        end if;
+    end loop;
+end
+$$;
+
 -- Makes the partitions from the newest one's end up to premake partitions after the current
 -- one; records the log's bounds. Returns what it created.
 create function cqrs._make_log_partitions()
@@ -195,6 +286,10 @@ begin
     v_from := (select max(p.upper_bound) from cqrs.log_partitions() p);
     v_until := date_bin(v_retention.partition_interval, now(), timestamptz '2000-01-01 00:00:00+00')
                + v_retention.partition_interval * (v_retention.premake + 1);
+    if v_from is not null and (select k.keeps from cqrs._partman_keeps_log() k) then
+        -- pg_partman's maintenance makes them: only the bounds are recorded
+        v_until := v_from;
+    end if;
     if v_from is null then
         -- an empty log: the first partition takes every earlier time and every id without one
         v_from := date_bin(v_retention.partition_interval, now(), timestamptz '2000-01-01 00:00:00+00');
@@ -542,7 +637,8 @@ $$;
 comment on function cqrs.archive_detached(regclass, timestamptz, timestamptz, timestamptz) is
     'Drops or archives a log partition that cqrs.archive_before_concurrently''s detach took off the log (or attaches it again if it must stay).';
 
--- What the sidecar's maintenance runs: partitions ahead, and retention.keep applied.
+-- What the sidecar's maintenance runs: every partition's keys checked, partitions ahead, and
+-- retention.keep applied.
 create function cqrs.maintain()
 returns table (partition text, action text, commands bigint, newest_position bigint, reason text)
 language plpgsql volatile security definer
@@ -551,6 +647,7 @@ as $$
 declare
     v_keep interval := (select r.keep from cqrs.retention r);
 begin
+    return query select k, 'keyed', 0::bigint, null::bigint, null::text from cqrs._check_log_partitions() k;
     return query select m, 'created', 0::bigint, null::bigint, null::text from cqrs._make_log_partitions() m;
     if v_keep is not null then
         return query select * from cqrs.archive_before(now() - v_keep);
@@ -558,7 +655,7 @@ begin
 end
 $$;
 comment on function cqrs.maintain() is
-    'Creates the log partitions ahead (retention.premake) and removes those older than retention.keep; returns what it did. The sidecar calls it.';
+    'Gives any log partition without them pg_cqrs''s keys (refusing a default partition), creates the partitions ahead (retention.premake; none while pg_partman keeps the log) and removes those older than retention.keep; returns what it did. The sidecar calls it.';
 
 -- The oldest command-id time the log still holds: a retry of an older command is refused.
 create function cqrs.idempotency_horizon()
@@ -663,6 +760,8 @@ revoke execute on function cqrs._create_log_partition(text, timestamptz, timesta
 revoke execute on function cqrs._attach_log_partition(regclass, timestamptz, timestamptz) from public;
 revoke execute on function cqrs._log_partition_name(timestamptz) from public;
 revoke execute on function cqrs._make_log_partitions() from public;
+revoke execute on function cqrs._partman_keeps_log() from public;
+revoke execute on function cqrs._check_log_partitions() from public;
 revoke execute on function cqrs._disown_log_partition(regclass) from public;
 revoke execute on function cqrs.hold_log(text, bigint) from public;
 revoke execute on function cqrs.release_log(text) from public;

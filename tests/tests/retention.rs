@@ -988,3 +988,135 @@ async fn an_interrupted_concurrent_detach_is_finished_by_hand_with_the_extension
 async fn an_interrupted_concurrent_detach_is_finished_by_hand_with_the_portable_edition() -> Result<()> {
     interrupted_concurrent_detach(Edition::Portable).await
 }
+
+/// The major Debian packages pg_partman for (`postgresql-15-partman`, scripts/setup.sh).
+const PARTMAN_MAJOR: u32 = 15;
+
+/// pg_partman keeping the log beside pg_cqrs (README, Retention: beside pg_partman). Its
+/// `create_parent` makes a default partition — refused by `cqrs.maintain()`, `55000` — and,
+/// without a template, partitions without the unique index on `command_id` that idempotency
+/// stands on: `cqrs.maintain()` adds pg_cqrs's keys to each (so a retry is a duplicate, not a
+/// second command), makes no partitions itself while pg_partman keeps the log (pg_partman's
+/// maintenance makes them), removes old ones under its own guards, and refuses pg_partman's
+/// retention of the log. The SQL is shared by both editions: one is enough.
+#[tokio::test(flavor = "multi_thread")]
+async fn pg_partman_keeps_the_log_and_pg_cqrs_its_keys_and_retention() -> Result<()> {
+    let major = cqrs_harness::postgres::pg_major()?;
+    if major != PARTMAN_MAJOR {
+        eprintln!("SKIPPED on PostgreSQL {major}: pg_partman is installed for PostgreSQL {PARTMAN_MAJOR} (postgresql-15-partman)");
+        return Ok(());
+    }
+    let edition = Edition::Extension;
+    let rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
+    let owner = connect(&edition::owner_url(&rig.pg, edition)).await?;
+    let superuser = connect(&rig.pg.url()).await?;
+    let client = rig.client().await?;
+    owner
+        .batch_execute(
+            "do $$ declare p regclass; begin
+                 for p in select l.partition from cqrs.log_partitions() l loop
+                     perform cqrs._disown_log_partition(p);
+                     execute format('drop table %s', p);
+                 end loop;
+             end $$;",
+        )
+        .await?;
+    superuser
+        .batch_execute(
+            "create schema partman;
+             create extension pg_partman schema partman;
+             select partman.create_parent('cqrs.command_log', 'id_time', 'native', 'daily', p_premake => 3);",
+        )
+        .await
+        .context("pg_partman's create_parent on the log (apt-get install postgresql-15-partman)")?;
+    let maintain = "select partition, action from cqrs.maintain()";
+    let refused = owner.query(maintain, &[]).await.err();
+    let code = refused
+        .as_ref()
+        .and_then(|e| e.code())
+        .map(|c| c.code().to_owned());
+    ensure!(
+        code.as_deref() == Some("55000")
+            && refused.is_some_and(|e| format!("{e:?}").contains("default partition")),
+        "maintain() beside pg_partman's default partition: {code:?}"
+    );
+    superuser
+        .batch_execute("drop table cqrs.command_log_default")
+        .await?;
+    let actions = |rows: Vec<tokio_postgres::Row>| -> Vec<(String, String)> {
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+    };
+    let made: i64 = owner
+        .query_one("select count(*) from cqrs.log_partitions()", &[])
+        .await?
+        .get(0);
+    let report = actions(owner.query(maintain, &[]).await?);
+    ensure!(
+        report.len() as i64 == made && report.iter().all(|(_, action)| action == "keyed"),
+        "maintain() should key each of pg_partman's {made} partitions and make none: {report:?}"
+    );
+
+    // a retry is a duplicate in pg_partman's partition of today
+    let id = Uuid::now_v7();
+    let append = "select duplicate from cqrs.append($1, 'order-partman', 'CREATE_ORDER', '{\"user_id\": \"user-1\", \"currency\": \"EUR\"}')";
+    let first: bool = client.query_one(append, &[&id]).await?.get(0);
+    let retry: bool = client.query_one(append, &[&id]).await?.get(0);
+    ensure!(
+        !first && retry,
+        "append then retry beside pg_partman: duplicate {first}, then {retry}"
+    );
+
+    // pg_partman makes the next partitions (without keys: no template), pg_cqrs keys them
+    superuser
+        .batch_execute(
+            "update partman.part_config set premake = 5, infinite_time_partitions = true
+              where parent_table = 'cqrs.command_log';
+             select partman.run_maintenance('cqrs.command_log');",
+        )
+        .await?;
+    let report = actions(owner.query(maintain, &[]).await?);
+    ensure!(
+        report.len() == 2 && report.iter().all(|(_, action)| action == "keyed"),
+        "after pg_partman made two more, maintain() should key those two: {report:?}"
+    );
+    let recorded: bool = owner
+        .query_one(
+            "select log_to = (select max(upper_bound) from cqrs.log_partitions()) from cqrs.retention",
+            &[],
+        )
+        .await?
+        .get(0);
+    ensure!(recorded, "the log's bounds are not pg_partman's partitions'");
+
+    // pg_cqrs's retention removes pg_partman's old partitions, under its guards
+    owner
+        .batch_execute("update cqrs.retention set keep = interval '1 day'")
+        .await?;
+    let report = actions(owner.query(maintain, &[]).await?);
+    ensure!(
+        !report.is_empty() && report.iter().all(|(_, action)| action == "dropped"),
+        "maintain() with keep should drop pg_partman's partitions older than a day: {report:?}"
+    );
+    let retry: bool = client.query_one(append, &[&id]).await?.get(0);
+    ensure!(retry, "a retry after the removal is not a duplicate");
+
+    // pg_partman's own retention of the log: refused, saying why
+    superuser
+        .batch_execute(
+            "update partman.part_config set retention = '30 days' where parent_table = 'cqrs.command_log'",
+        )
+        .await?;
+    let refused = owner.query(maintain, &[]).await.err();
+    let code = refused
+        .as_ref()
+        .and_then(|e| e.code())
+        .map(|c| c.code().to_owned());
+    ensure!(
+        code.as_deref() == Some("55000")
+            && refused.is_some_and(
+                |e| format!("{e:?}").contains("pg_partman keeps cqrs.command_log with a retention")
+            ),
+        "maintain() beside pg_partman's retention of the log: {code:?}"
+    );
+    Ok(())
+}
