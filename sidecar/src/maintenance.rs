@@ -38,31 +38,31 @@ impl Upkeep {
         }
     }
 
-    /// Shows the log's bounds, and runs `cqrs.maintain()` when it is due.
+    /// Runs `cqrs.maintain()` when it is due, then shows the log's bounds (after it: a new log
+    /// has none until its first append or maintain()).
     pub(crate) async fn tick(&mut self, pg: &Client, metrics: &Metrics) {
         if !self.supported {
             return;
+        }
+        let due = self.next.is_none_or(|next| Instant::now() >= next);
+        if !self.every.is_zero() && due {
+            match maintain(pg, metrics).await {
+                Ok(()) => self.next = Some(Instant::now() + self.every),
+                Err(err) => {
+                    if self.unsupported(&err) {
+                        return;
+                    }
+                    metrics.log_maintenance_failures.inc();
+                    tracing::warn!(error = %err, retry_in_s = RETRY_AFTER.as_secs(), "cqrs.maintain() failed");
+                    self.next = Some(Instant::now() + RETRY_AFTER.min(self.every));
+                }
+            }
         }
         if let Err(err) = bounds(pg, metrics).await {
             if self.unsupported(&err) {
                 return;
             }
             tracing::warn!(error = %err, "reading cqrs.retention failed");
-        }
-        let due = self.next.is_none_or(|next| Instant::now() >= next);
-        if self.every.is_zero() || !due {
-            return;
-        }
-        match maintain(pg, metrics).await {
-            Ok(()) => self.next = Some(Instant::now() + self.every),
-            Err(err) => {
-                if self.unsupported(&err) {
-                    return;
-                }
-                metrics.log_maintenance_failures.inc();
-                tracing::warn!(error = %err, retry_in_s = RETRY_AFTER.as_secs(), "cqrs.maintain() failed");
-                self.next = Some(Instant::now() + RETRY_AFTER.min(self.every));
-            }
         }
     }
 

@@ -333,6 +333,16 @@ async fn retention_under_load(edition: Edition) -> Result<()> {
             .any(|l| l.starts_with("cqrs_log_horizon_seconds ") && !l.ends_with(" 0")),
         "cqrs_log_horizon_seconds is not set"
     );
+    ensure!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("cqrs_log_partitions_ahead_seconds ")
+                && l.split(' ')
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .is_some_and(|v| v > 0.0)),
+        "cqrs_log_partitions_ahead_seconds is not above 0"
+    );
     Ok(())
 }
 
