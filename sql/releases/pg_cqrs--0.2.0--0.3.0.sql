@@ -1262,9 +1262,11 @@ declare
     v_config regclass;
 begin
     keeps := false;
+    -- to_regclass raises, not answers null, in a schema the installer may not use (pg_partman in a
+    -- schema of the DBA's, as on managed services): looked up only where it may
     select pg_catalog.to_regclass(pg_catalog.format('%I.part_config', n.nspname)) into v_config
       from pg_catalog.pg_extension e join pg_catalog.pg_namespace n on n.oid = e.extnamespace
-     where e.extname = 'pg_partman';
+     where e.extname = 'pg_partman' and pg_catalog.has_schema_privilege(n.oid, 'USAGE');
     if v_config is null or not pg_catalog.has_table_privilege(v_config, 'select') then
         return;
     end if;
@@ -1283,8 +1285,7 @@ declare
     v_default regclass;
     v_partman record;
     v_part regclass;
-    v_key text[];
-    v_added boolean;
+    v_missing text;
 begin
     select i.inhrelid::regclass into v_default
       from pg_catalog.pg_inherits i join pg_catalog.pg_class c on c.oid = i.inhrelid
@@ -1301,30 +1302,26 @@ begin
             hint = 'Set pg_partman''s retention of the log to null (update <partman schema>.part_config set retention = null where parent_table = ''cqrs.command_log'') and keep it with cqrs.retention.keep instead.';
     end if;
     for v_part in select l.partition from cqrs.log_partitions() l order by l.lower_bound loop
-        v_added := false;
-        foreach v_key slice 1 in array array[array['position', ''], array['command_id', ''], array['stream', 'seq']] loop
-            v_key := array_remove(v_key, '');
-            if not exists (select from pg_catalog.pg_index i
+        -- the keys it lacks, added by one statement (one lock of the partition)
+        select string_agg(case when k.cols = array['position'] then 'add primary key ("position")'
+                               else format('add unique (%s)', (select string_agg(format('%I', c), ', ') from unnest(k.cols) c)) end,
+                          ', ' order by k.n)
+          into v_missing
+          from (values (1, array['position']), (2, array['command_id']), (3, array['stream', 'seq'])) k(n, cols)
+         where not exists (select from pg_catalog.pg_index i
                             where i.indrelid = v_part and i.indisunique and i.indisvalid and i.indpred is null
                               and i.indexprs is null
-                              and (select array_agg(a.attname::text order by k.n)
-                                     from unnest(i.indkey::int2[]) with ordinality k(attnum, n)
-                                     join pg_catalog.pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum) = v_key) then
-                begin
-                    execute format('alter table %s add %s (%s)', v_part,
-                                   case when v_key = array['position'] then 'primary key' else 'unique' end,
-                                   (select string_agg(format('%I', c), ', ') from unnest(v_key) c));
-                exception when insufficient_privilege then
-                    raise exception using errcode = '42501',
-                        message = format('partition %s of cqrs.command_log has no unique index on (%s), and pg_cqrs may not add it: a retried command could be appended twice',
-                                         v_part, array_to_string(v_key, ', ')),
-                        hint = format('Its owner runs: alter table %s add unique (%s); — or gives it to the role that installed pg_cqrs.',
-                                      v_part, array_to_string(v_key, ', '));
-                end;
-                v_added := true;
-            end if;
-        end loop;
-        if v_added then
+                              and (select array_agg(a.attname::text order by x.n)
+                                     from unnest(i.indkey::int2[]) with ordinality x(attnum, n)
+                                     join pg_catalog.pg_attribute a on a.attrelid = i.indrelid and a.attnum = x.attnum) = k.cols);
+        if v_missing is not null then
+            begin
+                execute format('alter table %s %s', v_part, v_missing);
+            exception when insufficient_privilege then
+                raise exception using errcode = '42501',
+                    message = format('partition %s of cqrs.command_log lacks pg_cqrs''s keys, and pg_cqrs may not add them: a retried command could be appended twice', v_part),
+                    hint = format('Its owner runs: alter table %s %s; — or gives the table to the role that installed pg_cqrs.', v_part, v_missing);
+            end;
             return next v_part::text;
         end if;
     end loop;

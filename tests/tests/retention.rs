@@ -1130,3 +1130,35 @@ async fn pg_partman_keeps_the_log_and_pg_cqrs_its_keys_and_retention() -> Result
     );
     Ok(())
 }
+
+/// pg_partman installed by a superuser in a schema the portable edition's installer may not use
+/// (as on managed services, for other tables): `cqrs.maintain()` goes on, as without it — it
+/// failed with "permission denied for schema partman" when looking for pg_partman's config.
+#[tokio::test(flavor = "multi_thread")]
+async fn pg_partman_in_a_schema_the_portable_installer_may_not_use_leaves_maintain_working() -> Result<()> {
+    let major = cqrs_harness::postgres::pg_major()?;
+    if major != PARTMAN_MAJOR {
+        eprintln!("SKIPPED on PostgreSQL {major}: pg_partman is installed for PostgreSQL {PARTMAN_MAJOR} (postgresql-15-partman)");
+        return Ok(());
+    }
+    let edition = Edition::Portable;
+    let rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
+    let owner = connect(&edition::owner_url(&rig.pg, edition)).await?;
+    let superuser = connect(&rig.pg.url()).await?;
+    superuser
+        .batch_execute("create schema partman; create extension pg_partman schema partman;")
+        .await?;
+    let may_use: bool = owner
+        .query_one("select has_schema_privilege('partman', 'usage')", &[])
+        .await?
+        .get(0);
+    ensure!(
+        !may_use,
+        "the installer may use pg_partman's schema: the test means nothing"
+    );
+    owner
+        .query("select * from cqrs.maintain()", &[])
+        .await
+        .context("cqrs.maintain() beside a pg_partman the installer may not see")?;
+    Ok(())
+}
