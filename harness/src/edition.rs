@@ -110,6 +110,8 @@ pub fn install_portable(pg: &PgCluster, user: &str, database: &str) -> Result<()
     build_portable()?;
     let (ok, output) = psql_file(pg, user, database, "target/portable/pg_cqrs.sql")?;
     ensure!(ok, "installing the portable edition as {user} failed:\n{output}");
+    // the log's partitions, as with the extension (PgCluster's create_database says why)
+    pg.psql_in(database, "select count(*) from cqrs.maintain()")?;
     Ok(())
 }
 
