@@ -33,7 +33,8 @@ pub(crate) fn partitioned() -> bool {
 /// Whether the partitioned log `relation` has no partition yet: CREATE EXTENSION makes none (a
 /// restore from pg_dump brings its own; sql/core/retention.sql), so the first append makes them.
 /// `pg_class.relhassubclass` from the catalog cache — no query on the hot path; it is set by the
-/// first attach and never cleared on a partitioned table, so once false it stays a cheap "no".
+/// first attach and cleared only by an ANALYZE that finds no partition (then the next append
+/// makes them again, as it should).
 pub(crate) fn without_partitions(relation: pg_sys::Oid) -> bool {
     // SAFETY: a syscache lookup by OID; a null tuple (no such relation) is checked before its
     // struct is read, and the tuple is released after the one field is copied out.
