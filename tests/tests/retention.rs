@@ -1162,3 +1162,101 @@ async fn pg_partman_in_a_schema_the_portable_installer_may_not_use_leaves_mainta
         .context("cqrs.maintain() beside a pg_partman the installer may not see")?;
     Ok(())
 }
+
+/// The README's way of letting pg_partman make the log's partitions beside the portable edition:
+/// a template with pg_cqrs's keys, no default partition, and a look at `part_config` for the
+/// installer (not a superuser). `cqrs.maintain()` then has nothing to key and makes no partition
+/// — before and after pg_partman makes more — and records pg_partman's bounds; a retry is a
+/// duplicate.
+#[tokio::test(flavor = "multi_thread")]
+async fn pg_partman_with_the_template_keeps_the_portable_log() -> Result<()> {
+    let major = cqrs_harness::postgres::pg_major()?;
+    if major != PARTMAN_MAJOR {
+        eprintln!("SKIPPED on PostgreSQL {major}: pg_partman is installed for PostgreSQL {PARTMAN_MAJOR} (postgresql-15-partman)");
+        return Ok(());
+    }
+    let edition = Edition::Portable;
+    let rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
+    let owner = connect(&edition::owner_url(&rig.pg, edition)).await?;
+    let superuser = connect(&rig.pg.url()).await?;
+    let client = rig.client().await?;
+    owner
+        .batch_execute(
+            "do $$ declare p regclass; begin
+                 for p in select l.partition from cqrs.log_partitions() l loop
+                     perform cqrs._disown_log_partition(p);
+                     execute format('drop table %s', p);
+                 end loop;
+             end $$;",
+        )
+        .await?;
+    superuser
+        .batch_execute(&format!(
+            "create schema partman;
+             create extension pg_partman schema partman;
+             create table partman.template_cqrs_command_log (like cqrs.command_log);
+             alter table partman.template_cqrs_command_log
+                 add primary key (position), add unique (command_id), add unique (stream, seq);
+             select partman.create_parent('cqrs.command_log', 'id_time', 'native', 'daily',
+                                          p_template_table => 'partman.template_cqrs_command_log');
+             drop table cqrs.command_log_default;
+             update partman.part_config set infinite_time_partitions = true
+              where parent_table = 'cqrs.command_log';
+             grant usage on schema partman to {admin};
+             grant select on partman.part_config to {admin};",
+            admin = edition::ADMIN
+        ))
+        .await?;
+    let maintain = "select partition || ' ' || action from cqrs.maintain()";
+    let report: Vec<String> = owner
+        .query(maintain, &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    ensure!(
+        report.is_empty(),
+        "maintain() beside pg_partman with the template: {report:?}"
+    );
+
+    let id = Uuid::now_v7();
+    let append = "select duplicate from cqrs.append($1, 'order-partman', 'CREATE_ORDER', '{\"user_id\": \"user-1\", \"currency\": \"EUR\"}')";
+    let first: bool = client.query_one(append, &[&id]).await?.get(0);
+    let retry: bool = client.query_one(append, &[&id]).await?.get(0);
+    ensure!(
+        !first && retry,
+        "append then retry: duplicate {first}, then {retry}"
+    );
+
+    let partitions = "select count(*) from cqrs.log_partitions()";
+    let before: i64 = owner.query_one(partitions, &[]).await?.get(0);
+    superuser
+        .batch_execute(
+            "update partman.part_config set premake = 6 where parent_table = 'cqrs.command_log';
+             select partman.run_maintenance('cqrs.command_log');",
+        )
+        .await?;
+    let report: Vec<String> = owner
+        .query(maintain, &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    ensure!(
+        report.is_empty(),
+        "after pg_partman made more, maintain() should have nothing to do: {report:?}"
+    );
+    let after: i64 = owner.query_one(partitions, &[]).await?.get(0);
+    let recorded: bool = owner
+        .query_one(
+            "select log_to = (select max(upper_bound) from cqrs.log_partitions()) from cqrs.retention",
+            &[],
+        )
+        .await?
+        .get(0);
+    ensure!(
+        after == before + 2 && recorded,
+        "pg_partman should have made two more partitions ({before} → {after}), their bounds recorded ({recorded})"
+    );
+    Ok(())
+}
