@@ -73,8 +73,8 @@ async fn append_history(client: &Client, now: u64, commands: &[(u64, Command)]) 
     Ok(())
 }
 
-/// A month of daily partitions: the first ends 30 days ago (what a month of maintain() made).
-async fn month_of_partitions(owner: &Client) -> Result<()> {
+/// Drops every partition of the log, leaving it without any (as a new install is).
+async fn drop_every_partition(owner: &Client) -> Result<()> {
     owner
         .batch_execute(
             "do $$ declare p regclass; begin
@@ -82,8 +82,18 @@ async fn month_of_partitions(owner: &Client) -> Result<()> {
                      perform cqrs._disown_log_partition(p);
                      execute format('drop table %s', p);
                  end loop;
-             end $$;
-             select cqrs._create_log_partition('command_log_start', '-infinity',
+             end $$;",
+        )
+        .await?;
+    Ok(())
+}
+
+/// A month of daily partitions: the first ends 30 days ago (what a month of maintain() made).
+async fn month_of_partitions(owner: &Client) -> Result<()> {
+    drop_every_partition(owner).await?;
+    owner
+        .batch_execute(
+            "select cqrs._create_log_partition('command_log_start', '-infinity',
                         date_bin('1 day', now() - interval '30 days', '2000-01-01 00:00:00+00'));
              select count(*) from cqrs.maintain();",
         )
@@ -1002,6 +1012,18 @@ async fn an_interrupted_concurrent_detach_is_finished_by_hand_with_the_portable_
 /// The major Debian packages pg_partman for (`postgresql-15-partman`, scripts/setup.sh).
 const PARTMAN_MAJOR: u32 = 15;
 
+/// pg_partman, created by a superuser in schema `partman`.
+const CREATE_PARTMAN: &str = "create schema partman; create extension pg_partman schema partman;";
+
+/// Whether this PostgreSQL is the one pg_partman is installed for; says SKIPPED when not.
+fn partman_is_installed() -> Result<bool> {
+    let major = cqrs_harness::postgres::pg_major()?;
+    if major != PARTMAN_MAJOR {
+        eprintln!("SKIPPED on PostgreSQL {major}: pg_partman is installed for PostgreSQL {PARTMAN_MAJOR} (postgresql-15-partman)");
+    }
+    Ok(major == PARTMAN_MAJOR)
+}
+
 /// pg_partman keeping the log beside pg_cqrs (README, Retention: beside pg_partman). Its
 /// `create_parent` makes a default partition — refused by `cqrs.maintain()`, `55000` — and,
 /// without a template, partitions without the unique index on `command_id` that idempotency
@@ -1011,9 +1033,7 @@ const PARTMAN_MAJOR: u32 = 15;
 /// retention of the log. The SQL is shared by both editions: one is enough.
 #[tokio::test(flavor = "multi_thread")]
 async fn pg_partman_keeps_the_log_and_pg_cqrs_its_keys_and_retention() -> Result<()> {
-    let major = cqrs_harness::postgres::pg_major()?;
-    if major != PARTMAN_MAJOR {
-        eprintln!("SKIPPED on PostgreSQL {major}: pg_partman is installed for PostgreSQL {PARTMAN_MAJOR} (postgresql-15-partman)");
+    if !partman_is_installed()? {
         return Ok(());
     }
     let edition = Edition::Extension;
@@ -1021,21 +1041,11 @@ async fn pg_partman_keeps_the_log_and_pg_cqrs_its_keys_and_retention() -> Result
     let owner = connect(&edition::owner_url(&rig.pg, edition)).await?;
     let superuser = connect(&rig.pg.url()).await?;
     let client = rig.client().await?;
-    owner
-        .batch_execute(
-            "do $$ declare p regclass; begin
-                 for p in select l.partition from cqrs.log_partitions() l loop
-                     perform cqrs._disown_log_partition(p);
-                     execute format('drop table %s', p);
-                 end loop;
-             end $$;",
-        )
-        .await?;
+    drop_every_partition(&owner).await?;
+    superuser.batch_execute(CREATE_PARTMAN).await?;
     superuser
         .batch_execute(
-            "create schema partman;
-             create extension pg_partman schema partman;
-             select partman.create_parent('cqrs.command_log', 'id_time', 'native', 'daily', p_premake => 3);",
+            "select partman.create_parent('cqrs.command_log', 'id_time', 'native', 'daily', p_premake => 3)",
         )
         .await
         .context("pg_partman's create_parent on the log (apt-get install postgresql-15-partman)")?;
@@ -1136,18 +1146,14 @@ async fn pg_partman_keeps_the_log_and_pg_cqrs_its_keys_and_retention() -> Result
 /// failed with "permission denied for schema partman" when looking for pg_partman's config.
 #[tokio::test(flavor = "multi_thread")]
 async fn pg_partman_in_a_schema_the_portable_installer_may_not_use_leaves_maintain_working() -> Result<()> {
-    let major = cqrs_harness::postgres::pg_major()?;
-    if major != PARTMAN_MAJOR {
-        eprintln!("SKIPPED on PostgreSQL {major}: pg_partman is installed for PostgreSQL {PARTMAN_MAJOR} (postgresql-15-partman)");
+    if !partman_is_installed()? {
         return Ok(());
     }
     let edition = Edition::Portable;
     let rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
     let owner = connect(&edition::owner_url(&rig.pg, edition)).await?;
     let superuser = connect(&rig.pg.url()).await?;
-    superuser
-        .batch_execute("create schema partman; create extension pg_partman schema partman;")
-        .await?;
+    superuser.batch_execute(CREATE_PARTMAN).await?;
     let may_use: bool = owner
         .query_one("select has_schema_privilege('partman', 'usage')", &[])
         .await?
@@ -1170,9 +1176,7 @@ async fn pg_partman_in_a_schema_the_portable_installer_may_not_use_leaves_mainta
 /// duplicate.
 #[tokio::test(flavor = "multi_thread")]
 async fn pg_partman_with_the_template_keeps_the_portable_log() -> Result<()> {
-    let major = cqrs_harness::postgres::pg_major()?;
-    if major != PARTMAN_MAJOR {
-        eprintln!("SKIPPED on PostgreSQL {major}: pg_partman is installed for PostgreSQL {PARTMAN_MAJOR} (postgresql-15-partman)");
+    if !partman_is_installed()? {
         return Ok(());
     }
     let edition = Edition::Portable;
@@ -1180,21 +1184,11 @@ async fn pg_partman_with_the_template_keeps_the_portable_log() -> Result<()> {
     let owner = connect(&edition::owner_url(&rig.pg, edition)).await?;
     let superuser = connect(&rig.pg.url()).await?;
     let client = rig.client().await?;
-    owner
-        .batch_execute(
-            "do $$ declare p regclass; begin
-                 for p in select l.partition from cqrs.log_partitions() l loop
-                     perform cqrs._disown_log_partition(p);
-                     execute format('drop table %s', p);
-                 end loop;
-             end $$;",
-        )
-        .await?;
+    drop_every_partition(&owner).await?;
+    superuser.batch_execute(CREATE_PARTMAN).await?;
     superuser
         .batch_execute(&format!(
-            "create schema partman;
-             create extension pg_partman schema partman;
-             create table partman.template_cqrs_command_log (like cqrs.command_log);
+            "create table partman.template_cqrs_command_log (like cqrs.command_log);
              alter table partman.template_cqrs_command_log
                  add primary key (position), add unique (command_id), add unique (stream, seq);
              select partman.create_parent('cqrs.command_log', 'id_time', 'native', 'daily',
