@@ -537,15 +537,14 @@ fn append(command: &Command<'_>, log: Option<(pg_sys::Oid, bool)>) -> Result<App
 /// partitioned it meets the new table with the old statement (no id_time, no such constraint):
 /// that is a retryable 40001, not an error in the command.
 pub(crate) fn append_within_log(command: &Command<'_>) -> Result<Appended, ErrorReport> {
-    let log = log_shape::current();
-    if let Some((relation, true)) = log {
-        if log_shape::without_partitions(relation) {
-            // the first append: the log's partitions, as cqrs.maintain() makes them (this runs as
-            // the installer, a SECURITY DEFINER function's owner)
-            Spi::run("select from cqrs._make_log_partitions()")
-                .map_err(|err| spi_error("making the command log's first partitions", err))?;
-        }
+    let described = log_shape::described();
+    if described.as_ref().is_some_and(|log| log.without_partitions) {
+        // the first append: the log's partitions, as cqrs.maintain() makes them (this runs as
+        // the installer, a SECURITY DEFINER function's owner)
+        Spi::run("select from cqrs._make_log_partitions()")
+            .map_err(|err| spi_error("making the command log's first partitions", err))?;
     }
+    let log = described.map(|log| (log.relation, log.partitioned));
     let try_append = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| append(command, log)));
     if log.is_some_and(|(_, partitioned)| partitioned) {
         return try_append

@@ -2,15 +2,31 @@
 //! every row has an id_time, lookups by command id name its partition) or the plain table of an
 //! install not updated yet. One library serves every release's install until `ALTER EXTENSION
 //! pg_cqrs UPDATE` runs (see installed_schema.rs), and the update replaces the table by another,
-//! so the hot path asks the catalog caches — two lookups, no query — on every call.
+//! so the hot path asks the catalog caches — three lookups, no query — on every call.
 
 use pgrx::prelude::*;
 
+/// The installed log: its table, whether it is the partitioned one, and whether it has any
+/// partition yet (CREATE EXTENSION makes none — a restore from pg_dump brings its own,
+/// sql/core/retention.sql — so the first append makes them).
+pub(crate) struct Log {
+    pub(crate) relation: pg_sys::Oid,
+    pub(crate) partitioned: bool,
+    pub(crate) without_partitions: bool,
+}
+
 /// The log's table and whether it is the partitioned log; `None` when there is no cqrs.command_log.
 pub(crate) fn current() -> Option<(pg_sys::Oid, bool)> {
-    // SAFETY: syscache lookups by name; both return InvalidOid when nothing has the name (the
-    // namespace lookup is told not to raise), and get_rel_relkind of a valid relation OID is a
-    // plain cache read.
+    described().map(|log| (log.relation, log.partitioned))
+}
+
+/// [`current`], and whether the partitioned log has no partition yet: both from one
+/// catalog-cache read of its `pg_class` row (`relhassubclass` is set by the first attach and
+/// cleared only by an ANALYZE that finds no partition — then the next append makes them again).
+pub(crate) fn described() -> Option<Log> {
+    // SAFETY: syscache lookups by name return InvalidOid when nothing has the name (the namespace
+    // lookup is told not to raise); the pg_class tuple is checked for null before its struct is
+    // read, and released after its two fields are copied out.
     unsafe {
         let namespace = pg_sys::get_namespace_oid(c"cqrs".as_ptr(), true);
         if namespace == pg_sys::InvalidOid {
@@ -20,35 +36,26 @@ pub(crate) fn current() -> Option<(pg_sys::Oid, bool)> {
         if relation == pg_sys::InvalidOid {
             return None;
         }
-        let partitioned = pg_sys::get_rel_relkind(relation) as u8 == pg_sys::RELKIND_PARTITIONED_TABLE;
-        Some((relation, partitioned))
+        let tuple = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::RELOID as i32,
+            pg_sys::Datum::from(relation),
+        );
+        if tuple.is_null() {
+            return None;
+        }
+        let class = &*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_class>(tuple);
+        let partitioned = class.relkind as u8 == pg_sys::RELKIND_PARTITIONED_TABLE;
+        let has_subclass = class.relhassubclass;
+        pg_sys::ReleaseSysCache(tuple);
+        Some(Log {
+            relation,
+            partitioned,
+            without_partitions: partitioned && !has_subclass,
+        })
     }
 }
 
 /// Whether the installed log is the partitioned one.
 pub(crate) fn partitioned() -> bool {
     current().is_some_and(|(_, partitioned)| partitioned)
-}
-
-/// Whether the partitioned log `relation` has no partition yet: CREATE EXTENSION makes none (a
-/// restore from pg_dump brings its own; sql/core/retention.sql), so the first append makes them.
-/// `pg_class.relhassubclass` from the catalog cache — no query on the hot path; it is set by the
-/// first attach and cleared only by an ANALYZE that finds no partition (then the next append
-/// makes them again, as it should).
-pub(crate) fn without_partitions(relation: pg_sys::Oid) -> bool {
-    // SAFETY: a syscache lookup by OID; a null tuple (no such relation) is checked before its
-    // struct is read, and the tuple is released after the one field is copied out.
-    unsafe {
-        let tuple = pg_sys::SearchSysCache1(
-            pg_sys::SysCacheIdentifier::RELOID as i32,
-            pg_sys::Datum::from(relation),
-        );
-        if tuple.is_null() {
-            return false;
-        }
-        let has_partitions =
-            (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_class>(tuple)).relhassubclass;
-        pg_sys::ReleaseSysCache(tuple);
-        !has_partitions
-    }
 }
