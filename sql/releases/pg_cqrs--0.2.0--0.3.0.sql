@@ -1223,6 +1223,18 @@ set search_path = pg_catalog, pg_temp
 set datestyle = 'ISO, YMD'
 as $$
 begin
+    -- A partition of that name that this transaction's snapshot did not list: another maker
+    -- (a concurrent first append, another sidecar's maintain()) committed it after this
+    -- REPEATABLE READ or SERIALIZABLE transaction began. Making it again would fail with 42P07,
+    -- which no application retries; a retry of the transaction sees it. (pg_partition_tree
+    -- reads the catalog as it is now, not as of the snapshot.)
+    if pg_catalog.to_regclass(pg_catalog.format('cqrs.%I', name)) in
+           (select t.relid from pg_catalog.pg_partition_tree('cqrs.command_log'::pg_catalog.regclass) t) then
+        raise exception using errcode = '40001',
+            message = pg_catalog.format('partition %s of cqrs.command_log was made by a transaction that committed after this one began (%s isolation)',
+                                        name, pg_catalog.current_setting('transaction_isolation')),
+            hint = 'Retry the transaction: it will see the partition.';
+    end if;
     execute format('create table cqrs.%I (like cqrs.command_log including defaults including constraints)', name);
     execute format('alter table cqrs.%I add constraint %I primary key ("position"), add constraint %I unique (command_id),
                         add constraint %I unique (stream, seq)',

@@ -1254,3 +1254,118 @@ async fn pg_partman_with_the_template_keeps_the_portable_log() -> Result<()> {
     );
     Ok(())
 }
+
+/// Two first appends to a log without partitions (`CREATE EXTENSION` makes none), each in a
+/// REPEATABLE READ transaction whose snapshot predates the other's commit: the first makes the
+/// partitions; the second, which waited for it, cannot see them and would make them again —
+/// `42P07`, which no application retries. It gets `40001` instead, and its retry appends. The
+/// log ends with one set of partitions and both commands.
+async fn first_appends_in_repeatable_read(edition: Edition) -> Result<()> {
+    let rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
+    let owner = connect(&edition::owner_url(&rig.pg, edition)).await?;
+    drop_every_partition(&owner).await?;
+    // as CREATE EXTENSION leaves the log: no bounds, and (after an ANALYZE finds no partition)
+    // no relhassubclass, which is what the extension's append looks at
+    owner
+        .batch_execute(
+            "update cqrs.retention set log_from = '-infinity', log_to = '-infinity';
+             analyze cqrs.command_log;",
+        )
+        .await?;
+    let now = unix_now()?;
+    // two streams: nothing but the partitions is shared between the two appends
+    let append = "select duplicate from cqrs.append($1, $2, 'CREATE_ORDER', $3)";
+    let payload = json!({"user_id": "u-1", "currency": "EUR"});
+    let (first_id, second_id) = (v7_ago(now, 0), v7_ago(now, 1));
+
+    let mut first = rig.client().await?;
+    let mut second = rig.client().await?;
+    let first_tx = first
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await?;
+    let second_tx = second
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await?;
+    // both snapshots are taken before either appends
+    first_tx.query("select 1", &[]).await?;
+    second_tx.query("select 1", &[]).await?;
+    first_tx
+        .query(append, &[&first_id, &"order-rr-1", &payload])
+        .await?;
+    let waiter = rig.client().await?;
+    let second_stream = "order-rr-2";
+    let second_args: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&second_id, &second_stream, &payload];
+    let second_append = second_tx.query(append, &second_args);
+    let (second_result, first_committed) = tokio::join!(second_append, async {
+        // the second waits for the first maker; then the first commits
+        let waited = eventually(Duration::from_secs(10), "the second append waits", || async {
+            let waiting: i64 = waiter
+                .query_one(
+                    "select count(*) from pg_locks where locktype = 'advisory' and not granted",
+                    &[],
+                )
+                .await?
+                .get(0);
+            ensure!(waiting == 1, "{waiting} waiting");
+            Ok(())
+        })
+        .await;
+        let committed = first_tx.commit().await;
+        waited.and(committed.context("committing the first append"))
+    });
+    first_committed?;
+    let refused = second_result
+        .err()
+        .context("the second first append made the partitions again")?;
+    let db_error = refused.as_db_error().context("not a database error")?;
+    ensure!(
+        db_error.code().code() == "40001",
+        "the second first append: {db_error:?}"
+    );
+    second_tx.rollback().await?;
+
+    let retry = second
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await?;
+    let duplicate: bool = retry
+        .query_one(append, &[&second_id, &"order-rr-2", &payload])
+        .await?
+        .get(0);
+    retry.commit().await?;
+    ensure!(!duplicate, "the retry was taken for a duplicate");
+    let (commands, partitions): (i64, i64) = {
+        let row = owner
+            .query_one(
+                "select (select count(*) from cqrs.command_log), (select count(*) from cqrs.log_partitions())",
+                &[],
+            )
+            .await?;
+        (row.get(0), row.get(1))
+    };
+    let premake: i32 = owner
+        .query_one("select premake from cqrs.retention", &[])
+        .await?
+        .get(0);
+    ensure!(commands == 2, "{commands} commands in the log");
+    ensure!(
+        partitions == i64::from(premake) + 2,
+        "{partitions} partitions, premake {premake}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn first_appends_in_repeatable_read_retry_with_the_extension() -> Result<()> {
+    first_appends_in_repeatable_read(Edition::Extension).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn first_appends_in_repeatable_read_retry_with_the_portable_edition() -> Result<()> {
+    first_appends_in_repeatable_read(Edition::Portable).await
+}
