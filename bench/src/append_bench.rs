@@ -5,11 +5,16 @@
 //! sequenced append — the stream row's update and the insert, one statement, one round trip —
 //! which any gap-free per-stream sequence needs — on a plain table and on a table partitioned as
 //! the log is (the cheapest correct sequenced append on a log that retention can shorten).
-//! The partitioned log of 0.3.0 (retention) is measured against 0.2.0's unpartitioned one, in a
-//! third database made with `create extension pg_cqrs version '0.2.0'` (the same library serves
-//! both), with random (v4) and time-ordered (v7) command ids.
+//! The partitioned log of 0.3.0 (retention) is measured against 0.2.0's unpartitioned one, each
+//! in a database of its own (`create extension pg_cqrs` and `… version '0.2.0'`; the same library
+//! serves both) that only these variants append to, so that both logs hold the same commands of
+//! the same kinds: a random id's index insert costs more in a bigger index, and an earlier
+//! version of this benchmark compared a log that two variants filled with random ids against one
+//! filled by one. Random (v4) and time-ordered (v7) command ids.
 //! Rounds are interleaved so that drift of this (shared, noisy) machine hits every variant alike;
-//! the medians and their ratios are printed.
+//! every run starts right after a checkpoint (so each pays the same full-page images), the two
+//! logs of a comparison run back to back in an order that alternates by round, and the medians,
+//! their ratios and the ratio of each round are printed.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -47,6 +52,8 @@ struct Variant {
 enum Database {
     /// the extension, 0.3.0 (the cluster's own database)
     Extension,
+    /// the extension, 0.3.0, appended to only by the comparison with 0.2.0's log
+    Partitioned,
     /// the portable edition
     Portable,
     /// the extension, installed as 0.2.0 (an unpartitioned log)
@@ -65,10 +72,15 @@ const PORTABLE_DB: &str = "portable";
 /// The database of the same cluster that holds the extension as release 0.2.0.
 const UNPARTITIONED_DB: &str = "unpartitioned";
 
+/// The database of the same cluster that holds the extension's partitioned log, for the
+/// comparison with [`UNPARTITIONED_DB`] only.
+const PARTITIONED_DB: &str = "partitioned";
+
 /// The variants compared for the cost of the partitioned log.
 const APPEND: &str = "cqrs.append";
+const APPEND_PARTITIONED: &str = "cqrs.append, 0.3.0's partitioned log";
 const APPEND_UNPARTITIONED: &str = "cqrs.append, 0.2.0's unpartitioned log";
-const APPEND_V7: &str = "cqrs.append, UUIDv7 ids";
+const APPEND_V7: &str = "cqrs.append, UUIDv7 ids, 0.3.0's log";
 const APPEND_V7_UNPARTITIONED: &str = "cqrs.append, UUIDv7 ids, 0.2.0's log";
 
 const PAYLOAD: &str = r#"{"user_id": "u-42", "currency": "EUR", "note": "benchmark order"}"#;
@@ -138,6 +150,13 @@ fn variants(streams: u32) -> Vec<Variant> {
             database: Database::Extension,
         },
         Variant {
+            name: APPEND_PARTITIONED,
+            script: format!(
+                "{header}select * from cqrs.append(gen_random_uuid(), 'order-' || :sid, 'CREATE_ORDER', '{PAYLOAD}');\n"
+            ),
+            database: Database::Partitioned,
+        },
+        Variant {
             name: APPEND_UNPARTITIONED,
             script: format!(
                 "{header}select * from cqrs.append(gen_random_uuid(), 'order-' || :sid, 'CREATE_ORDER', '{PAYLOAD}');\n"
@@ -149,7 +168,7 @@ fn variants(streams: u32) -> Vec<Variant> {
             script: format!(
                 "{header}select * from cqrs.append(cqrs.uuid_v7(), 'order-' || :sid, 'CREATE_ORDER', '{PAYLOAD}');\n"
             ),
-            database: Database::Extension,
+            database: Database::Partitioned,
         },
         Variant {
             name: APPEND_V7_UNPARTITIONED,
@@ -207,14 +226,23 @@ fn setup(cluster: &PgCluster, streams: u32) -> Result<()> {
              select cqrs.append(gen_random_uuid(), 'order-' || g, 'WARMUP', '{{}}') from generate_series(1, {streams}) g;"
         ),
     )?;
-    cluster.psql_in("postgres", &format!("create database {UNPARTITIONED_DB}"))?;
-    cluster.psql_in(
-        UNPARTITIONED_DB,
-        &format!(
-            "create extension pg_cqrs version '0.2.0';
-             select cqrs.append(gen_random_uuid(), 'order-' || g, 'WARMUP', '{{}}') from generate_series(1, {streams}) g;"
+    // the two logs of the retention comparison: the same streams, the same warm-up commands
+    for (database, install) in [
+        (
+            PARTITIONED_DB,
+            "create extension pg_cqrs; select count(*) from cqrs.maintain();",
         ),
-    )?;
+        (UNPARTITIONED_DB, "create extension pg_cqrs version '0.2.0';"),
+    ] {
+        cluster.psql_in("postgres", &format!("create database {database}"))?;
+        cluster.psql_in(
+            database,
+            &format!(
+                "{install}
+                 select cqrs.append(gen_random_uuid(), 'order-' || g, 'WARMUP', '{{}}') from generate_series(1, {streams}) g;"
+            ),
+        )?;
+    }
     cluster.psql(&format!(
         "create schema bench;
          -- the columns, defaults, constraints and indexes of an unpartitioned command log (0.2.0's)
@@ -308,16 +336,42 @@ pub fn run(args: AppendArgs) -> Result<()> {
         scripts.push(path);
     }
 
+    // the comparisons of the partitioned log with 0.2.0's: (0.3.0's variant, 0.2.0's variant)
+    let position = |name: &str| variants.iter().position(|v| v.name == name);
+    let comparisons: Vec<(usize, usize)> = [
+        (APPEND_PARTITIONED, APPEND_UNPARTITIONED),
+        (APPEND_V7, APPEND_V7_UNPARTITIONED),
+    ]
+    .into_iter()
+    .filter_map(|(new, old)| Some((position(new)?, position(old)?)))
+    .collect();
+
     // results[client_index][variant_index] = tps per round
     let mut results = vec![vec![Vec::new(); variants.len()]; args.clients.len()];
     for round in 1..=args.rounds {
+        // the two sides of a comparison run back to back, 0.2.0's first in every other round
+        let mut order: Vec<usize> = (0..variants.len()).collect();
+        if round % 2 == 0 {
+            for &(new, old) in &comparisons {
+                if let (Some(a), Some(b)) = (
+                    order.iter().position(|&v| v == new),
+                    order.iter().position(|&v| v == old),
+                ) {
+                    order.swap(a, b);
+                }
+            }
+        }
         for (ci, &clients) in args.clients.iter().enumerate() {
-            for (vi, variant) in variants.iter().enumerate() {
+            for &vi in &order {
+                let variant = &variants[vi];
                 let database = match variant.database {
                     Database::Extension => cluster.database(),
+                    Database::Partitioned => PARTITIONED_DB,
                     Database::Portable => PORTABLE_DB,
                     Database::Unpartitioned => UNPARTITIONED_DB,
                 };
+                // each run pays the full-page images of a fresh checkpoint, none pays another's
+                cluster.psql("checkpoint")?;
                 let tps = pgbench(&cluster, database, &scripts[vi], clients, args.seconds)?;
                 println!(
                     "  round {round}/{}  {clients:>3} clients  {:<26} {tps:>9.0} tps",
@@ -370,7 +424,6 @@ pub fn run(args: AppendArgs) -> Result<()> {
     table.print();
     // issue 21's target: the portable validator on a rich schema at >= 0.5x the same append
     // without a schema
-    let position = |name: &str| variants.iter().position(|v| v.name == name);
     if let (Some(plain), Some(rich)) = (
         position("portable append, rich payload"),
         position("portable append, rich payload + rich schema"),
@@ -383,17 +436,20 @@ pub fn run(args: AppendArgs) -> Result<()> {
         }
     }
     // issue 24's target: the partitioned log's append within 5 % of the unpartitioned one's
-    for (partitioned, unpartitioned) in [
-        (APPEND, APPEND_UNPARTITIONED),
-        (APPEND_V7, APPEND_V7_UNPARTITIONED),
-    ] {
-        if let (Some(new), Some(old)) = (position(partitioned), position(unpartitioned)) {
-            for (ci, &clients) in args.clients.iter().enumerate() {
-                println!(
-                    "{clients} client(s): {partitioned} on the partitioned log at {:.2}x of the same append on 0.2.0's unpartitioned log",
-                    median(&results[ci][new]) / median(&results[ci][old])
-                );
-            }
+    for &(new, old) in &comparisons {
+        for (ci, &clients) in args.clients.iter().enumerate() {
+            let rounds: Vec<String> = results[ci][new]
+                .iter()
+                .zip(&results[ci][old])
+                .map(|(n, o)| format!("{:.2}x", n / o))
+                .collect();
+            println!(
+                "{clients} client(s): {} at {:.2}x of {} (medians; round by round {})",
+                variants[new].name,
+                median(&results[ci][new]) / median(&results[ci][old]),
+                variants[old].name,
+                rounds.join(", ")
+            );
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
