@@ -44,6 +44,10 @@ pub(crate) const MAX_COMMAND_TYPE_BYTES: usize = 128;
 // conflict has no target: every unique index of the command's partition arbitrates, and only
 // command_id's can conflict (position comes from the identity, seq from the stream's row lock);
 // in a log partitioned by an upgrade, the first partition has its own command_id index.
+// Through the log's tuple routing: an append takes it only when no partition holds the id's
+// time, to be refused as PostgreSQL refuses it (23514, append_within_log), or when that
+// partition lacks command_id's index (every unique index arbitrates then, as before); otherwise
+// it inserts into the partition (BUMP_AND_INSERT_INTO_PARTITION).
 const BUMP_AND_INSERT: &str = "\
 with bumped as (
     update cqrs.stream s
@@ -115,10 +119,54 @@ update cqrs.stream s set last_seq = s.last_seq - 1
  where s.stream = $1
    and s.last_seq > (select coalesce(max(l.seq), 0) from cqrs.command_log l where l.stream = $1)";
 
+// BUMP_AND_INSERT into one partition of the log, named in place of {partition}: the partition
+// the command id's time belongs to (log_shape::partition_for), so that the executor does not set
+// tuple routing up on every append, and with command_id's index as the only arbiter, where the
+// log's insert has every unique index of the partition checked before it inserts (three
+// probes, not one: a sixth of an append's time in a profile). Only command_id's can conflict
+// (see BUMP_AND_INSERT). The position comes from the log's identity sequence, {sequence}, as an
+// insert into the log takes it (OVERRIDING SYSTEM VALUE: on PostgreSQL 17 and later a partition
+// shares the log's identity column).
+const BUMP_AND_INSERT_INTO_PARTITION: &str = "\
+with bumped as (
+    update cqrs.stream s
+       set last_seq = s.last_seq + 1,
+           min_id_time = least(s.min_id_time, $6),
+           max_id_time = greatest(s.max_id_time, $6)
+     where s.stream = $2
+    returning s.last_seq
+)
+insert into {partition} (\"position\", command_id, stream, seq, command_type, payload, metadata, id_time)
+overriding system value
+select pg_catalog.nextval({sequence}::pg_catalog.regclass), $1, $2, b.last_seq, $3, $4, $5, $6 from bumped b
+on conflict (command_id) do nothing
+returning \"position\", seq";
+
+// The names BUMP_AND_INSERT_INTO_PARTITION is made with, quoted for SQL, and whether the
+// partition has the unique index on command_id it needs (a partition pg_partman made without
+// pg_cqrs's template lacks it until cqrs.maintain() adds it: appends to it go through the log,
+// BUMP_AND_INSERT, until then).
+const PARTITION_NAMES: &str = "\
+select pg_catalog.format('%I.%I', n.nspname, c.relname),
+       pg_catalog.quote_literal(pg_catalog.pg_get_serial_sequence('cqrs.command_log', 'position')),
+       exists (select from pg_catalog.pg_index i
+                 join pg_catalog.pg_attribute a on a.attrelid = i.indrelid and a.attnum = i.indkey[0]
+                where i.indrelid = c.oid and i.indisunique and i.indisvalid and i.indimmediate
+                  and i.indnkeyatts = 1 and i.indexprs is null and i.indpred is null
+                  and a.attname = 'command_id')
+  from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+ where c.oid = $1";
+
+/// How many partitions' plans a backend keeps: an append goes to the current partition (UUIDv7
+/// ids) or the first one (other ids), and a backend that appended to more starts afresh.
+const KEPT_PARTITION_PLANS: usize = 8;
+
 thread_local! {
     /// The kept plan of the happy path, and the log table it was prepared for: prepared again
     /// when an upgrade replaced the table (log_shape.rs).
     static BUMP_PLAN: RefCell<Option<(pg_sys::Oid, OwnedPreparedStatement)>> = const { RefCell::new(None) };
+    /// The kept plans of BUMP_AND_INSERT_INTO_PARTITION, by partition.
+    static PARTITION_PLANS: RefCell<Vec<(pg_sys::Oid, OwnedPreparedStatement)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A `text` argument: the Datum handed to SPI and its bytes for the checks.
@@ -294,24 +342,36 @@ fn bump_and_insert(
     command: &Command<'_>,
     log: Option<(pg_sys::Oid, bool)>,
 ) -> Result<Option<(i64, i64)>, ErrorReport> {
+    let mut args = vec![
+        datum_arg(command.command_id, pg_sys::UUIDOID),
+        datum_arg(command.stream.datum, pg_sys::TEXTOID),
+        datum_arg(command.command_type.datum, pg_sys::TEXTOID),
+        datum_arg(command.payload, pg_sys::JSONBOID),
+        datum_arg(command.metadata, pg_sys::JSONBOID),
+    ];
+    if let Some((table, true)) = log {
+        // SAFETY: command_id is a non-null uuid Datum of the current call.
+        let id = unsafe { pgrx::Uuid::from_datum(command.command_id, false) }
+            .map(|uuid| *uuid.as_bytes())
+            .unwrap_or_default();
+        let id_time = command_time::timestamptz(id);
+        args.push(datum_arg(pg_sys::Datum::from(id_time), pg_sys::TIMESTAMPTZOID));
+        // no partition holds that time: the insert into the log refuses it (23514, see
+        // append_within_log)
+        if let Some(partition) = log_shape::partition_for(table, id_time) {
+            if let Some(inserted) = insert_into_partition(client, partition, &args)? {
+                return Ok(inserted);
+            }
+        }
+    }
     BUMP_PLAN.with_borrow_mut(|plan| {
         if plan.as_ref().map(|(table, _)| *table) != log.map(|(table, _)| table) {
-            let mut types: Vec<PgOid> = vec![
-                PgBuiltInOids::UUIDOID.into(),
-                PgBuiltInOids::TEXTOID.into(),
-                PgBuiltInOids::TEXTOID.into(),
-                PgBuiltInOids::JSONBOID.into(),
-                PgBuiltInOids::JSONBOID.into(),
-            ];
-            let text = match log {
-                Some((_, false)) => unpartitioned::BUMP_AND_INSERT,
-                _ => {
-                    types.push(PgBuiltInOids::TIMESTAMPTZOID.into());
-                    BUMP_AND_INSERT
-                }
+            let (text, with_id_time) = match log {
+                Some((_, false)) => (unpartitioned::BUMP_AND_INSERT, false),
+                _ => (BUMP_AND_INSERT, true),
             };
             let prepared = client
-                .prepare_mut(text, &types)
+                .prepare_mut(text, &arg_types(with_id_time))
                 .map_err(|err| spi_error("preparing the append statement", err))?;
             *plan = log.map(|(table, _)| (table, prepared.keep()));
         }
@@ -321,38 +381,93 @@ fn bump_and_insert(
                 "append plan missing",
             ));
         };
-        let mut args = vec![
-            datum_arg(command.command_id, pg_sys::UUIDOID),
-            datum_arg(command.stream.datum, pg_sys::TEXTOID),
-            datum_arg(command.command_type.datum, pg_sys::TEXTOID),
-            datum_arg(command.payload, pg_sys::JSONBOID),
-            datum_arg(command.metadata, pg_sys::JSONBOID),
-        ];
-        if log.is_some_and(|(_, partitioned)| partitioned) {
-            // SAFETY: command_id is a non-null uuid Datum of the current call.
-            let id = unsafe { pgrx::Uuid::from_datum(command.command_id, false) }
-                .map(|uuid| *uuid.as_bytes())
-                .unwrap_or_default();
-            args.push(datum_arg(
-                pg_sys::Datum::from(command_time::timestamptz(id)),
-                pg_sys::TIMESTAMPTZOID,
-            ));
-        }
-        let rows = client
-            .update(plan, None, &args)
-            .map_err(|err| spi_error("appending the command", err))?;
-        if rows.is_empty() {
-            return Ok(None);
-        }
-        match rows.first().get_two::<i64, i64>() {
-            Ok((Some(position), Some(seq))) => Ok(Some((position, seq))),
-            Ok(_) => Err(error(
-                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-                "append returned a null position",
-            )),
-            Err(err) => Err(spi_error("reading the appended position", err)),
-        }
+        inserted(client, plan, &args)
     })
+}
+
+/// The types of the append statements' arguments; `$6`, the id time, only in the partitioned log.
+fn arg_types(with_id_time: bool) -> Vec<PgOid> {
+    let mut types: Vec<PgOid> = vec![
+        PgBuiltInOids::UUIDOID.into(),
+        PgBuiltInOids::TEXTOID.into(),
+        PgBuiltInOids::TEXTOID.into(),
+        PgBuiltInOids::JSONBOID.into(),
+        PgBuiltInOids::JSONBOID.into(),
+    ];
+    if with_id_time {
+        types.push(PgBuiltInOids::TIMESTAMPTZOID.into());
+    }
+    types
+}
+
+/// BUMP_AND_INSERT_INTO_PARTITION into `partition`, with its kept plan (prepared on its first use
+/// in this backend); `None` when the partition lacks command_id's unique index (PARTITION_NAMES).
+fn insert_into_partition(
+    client: &mut SpiClient<'_>,
+    partition: pg_sys::Oid,
+    args: &[DatumWithOid<'static>],
+) -> Result<Option<Option<(i64, i64)>>, ErrorReport> {
+    PARTITION_PLANS.with_borrow_mut(|plans| {
+        let kept = match plans.iter().position(|(oid, _)| *oid == partition) {
+            Some(kept) => kept,
+            None => {
+                let rows = client
+                    .select(
+                        PARTITION_NAMES,
+                        Some(1),
+                        &[datum_arg(pg_sys::Datum::from(partition), pg_sys::OIDOID)],
+                    )
+                    .map_err(|err| spi_error("naming the command log's partition", err))?;
+                let row = rows.first();
+                let table = column(row.get::<String>(1), "partition")?;
+                let sequence = column(row.get::<String>(2), "sequence")?;
+                let keyed = column(row.get::<bool>(3), "keyed")?;
+                let (Some(table), Some(sequence)) = (table, sequence) else {
+                    return Err(error(
+                        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                        "the command log's partition or its position sequence has no name",
+                    ));
+                };
+                if keyed != Some(true) {
+                    return Ok(None);
+                }
+                let text = BUMP_AND_INSERT_INTO_PARTITION
+                    .replace("{partition}", &table)
+                    .replace("{sequence}", &sequence);
+                let prepared = client
+                    .prepare_mut(&text, &arg_types(true))
+                    .map_err(|err| spi_error("preparing the append statement", err))?;
+                if plans.len() >= KEPT_PARTITION_PLANS {
+                    plans.clear();
+                }
+                plans.push((partition, prepared.keep()));
+                plans.len() - 1
+            }
+        };
+        inserted(client, &plans[kept].1, args).map(Some)
+    })
+}
+
+/// Runs an append statement; its `(position, seq)`, or `None` when it inserted nothing.
+fn inserted(
+    client: &mut SpiClient<'_>,
+    plan: &OwnedPreparedStatement,
+    args: &[DatumWithOid<'static>],
+) -> Result<Option<(i64, i64)>, ErrorReport> {
+    let rows = client
+        .update(plan, None, args)
+        .map_err(|err| spi_error("appending the command", err))?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    match rows.first().get_two::<i64, i64>() {
+        Ok((Some(position), Some(seq))) => Ok(Some((position, seq))),
+        Ok(_) => Err(error(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            "append returned a null position",
+        )),
+        Err(err) => Err(spi_error("reading the appended position", err)),
+    }
 }
 
 /// The insert met an existing command_id: gives back the seq this call took (the stream's row
