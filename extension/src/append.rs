@@ -37,6 +37,23 @@ pub(crate) const MAX_STREAM_BYTES: usize = 256;
 /// Longest command type, in bytes.
 pub(crate) const MAX_COMMAND_TYPE_BYTES: usize = 128;
 
+// The stream's bump both statements of the partitioned log begin with (a macro: concat! takes
+// literals only).
+macro_rules! bump_stream {
+    () => {
+        "\
+with bumped as (
+    update cqrs.stream s
+       set last_seq = s.last_seq + 1,
+           min_id_time = least(s.min_id_time, $6),
+           max_id_time = greatest(s.max_id_time, $6)
+     where s.stream = $2
+    returning s.last_seq
+)
+"
+    };
+}
+
 // One statement on the happy path. It returns no row when the stream has no row yet (nothing
 // was bumped) or when command_id already exists (the bump happened, the insert did not). $6 is
 // cqrs.command_time($1), computed here (cqrs_projection::command_time): in SQL it cost more
@@ -48,19 +65,14 @@ pub(crate) const MAX_COMMAND_TYPE_BYTES: usize = 128;
 // time, to be refused as PostgreSQL refuses it (23514, append_within_log), or when that
 // partition lacks command_id's index (every unique index arbitrates then, as before); otherwise
 // it inserts into the partition (BUMP_AND_INSERT_INTO_PARTITION).
-const BUMP_AND_INSERT: &str = "\
-with bumped as (
-    update cqrs.stream s
-       set last_seq = s.last_seq + 1,
-           min_id_time = least(s.min_id_time, $6),
-           max_id_time = greatest(s.max_id_time, $6)
-     where s.stream = $2
-    returning s.last_seq
-)
+const BUMP_AND_INSERT: &str = concat!(
+    bump_stream!(),
+    "\
 insert into cqrs.command_log (command_id, stream, seq, command_type, payload, metadata, id_time)
 select $1, $2, b.last_seq, $3, $4, $5, $6 from bumped b
 on conflict do nothing
-returning position, seq";
+returning position, seq"
+);
 
 // Every lookup by command_id names its partition (id_time), so it reads one partition's index;
 // -infinity is the id_time of the rows a log partitioned by the 0.3.0 upgrade already held.
@@ -127,20 +139,15 @@ update cqrs.stream s set last_seq = s.last_seq - 1
 // (see BUMP_AND_INSERT). The position comes from the log's identity sequence, {sequence}, as an
 // insert into the log takes it (OVERRIDING SYSTEM VALUE: on PostgreSQL 17 and later a partition
 // shares the log's identity column).
-const BUMP_AND_INSERT_INTO_PARTITION: &str = "\
-with bumped as (
-    update cqrs.stream s
-       set last_seq = s.last_seq + 1,
-           min_id_time = least(s.min_id_time, $6),
-           max_id_time = greatest(s.max_id_time, $6)
-     where s.stream = $2
-    returning s.last_seq
-)
+const BUMP_AND_INSERT_INTO_PARTITION: &str = concat!(
+    bump_stream!(),
+    "\
 insert into {partition} (\"position\", command_id, stream, seq, command_type, payload, metadata, id_time)
 overriding system value
 select pg_catalog.nextval({sequence}::pg_catalog.regclass), $1, $2, b.last_seq, $3, $4, $5, $6 from bumped b
 on conflict (command_id) do nothing
-returning \"position\", seq";
+returning \"position\", seq"
+);
 
 // The names BUMP_AND_INSERT_INTO_PARTITION is made with, quoted for SQL, and whether the
 // partition has the unique index on command_id it needs (a partition pg_partman made without
