@@ -1024,6 +1024,19 @@ fn partman_is_installed() -> Result<bool> {
     Ok(major == PARTMAN_MAJOR)
 }
 
+/// A rig of `edition` with pg_partman created by a superuser: the rig, the installer's and the
+/// superuser's connections; `None` (said SKIPPED) where pg_partman is not installed.
+async fn beside_partman(edition: Edition) -> Result<Option<(Rig, Client, Client)>> {
+    if !partman_is_installed()? {
+        return Ok(None);
+    }
+    let rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
+    let owner = connect(&edition::owner_url(&rig.pg, edition)).await?;
+    let superuser = connect(&rig.pg.url()).await?;
+    superuser.batch_execute(CREATE_PARTMAN).await?;
+    Ok(Some((rig, owner, superuser)))
+}
+
 /// pg_partman keeping the log beside pg_cqrs (README, Retention: beside pg_partman). Its
 /// `create_parent` makes a default partition — refused by `cqrs.maintain()`, `55000` — and,
 /// without a template, partitions without the unique index on `command_id` that idempotency
@@ -1033,16 +1046,11 @@ fn partman_is_installed() -> Result<bool> {
 /// retention of the log. The SQL is shared by both editions: one is enough.
 #[tokio::test(flavor = "multi_thread")]
 async fn pg_partman_keeps_the_log_and_pg_cqrs_its_keys_and_retention() -> Result<()> {
-    if !partman_is_installed()? {
+    let Some((rig, owner, superuser)) = beside_partman(Edition::Extension).await? else {
         return Ok(());
-    }
-    let edition = Edition::Extension;
-    let rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
-    let owner = connect(&edition::owner_url(&rig.pg, edition)).await?;
-    let superuser = connect(&rig.pg.url()).await?;
+    };
     let client = rig.client().await?;
     drop_every_partition(&owner).await?;
-    superuser.batch_execute(CREATE_PARTMAN).await?;
     superuser
         .batch_execute(
             "select partman.create_parent('cqrs.command_log', 'id_time', 'native', 'daily', p_premake => 3)",
@@ -1158,14 +1166,9 @@ async fn pg_partman_keeps_the_log_and_pg_cqrs_its_keys_and_retention() -> Result
 /// failed with "permission denied for schema partman" when looking for pg_partman's config.
 #[tokio::test(flavor = "multi_thread")]
 async fn pg_partman_in_a_schema_the_portable_installer_may_not_use_leaves_maintain_working() -> Result<()> {
-    if !partman_is_installed()? {
+    let Some((_rig, owner, _superuser)) = beside_partman(Edition::Portable).await? else {
         return Ok(());
-    }
-    let edition = Edition::Portable;
-    let rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
-    let owner = connect(&edition::owner_url(&rig.pg, edition)).await?;
-    let superuser = connect(&rig.pg.url()).await?;
-    superuser.batch_execute(CREATE_PARTMAN).await?;
+    };
     let may_use: bool = owner
         .query_one("select has_schema_privilege('partman', 'usage')", &[])
         .await?
@@ -1188,16 +1191,11 @@ async fn pg_partman_in_a_schema_the_portable_installer_may_not_use_leaves_mainta
 /// duplicate.
 #[tokio::test(flavor = "multi_thread")]
 async fn pg_partman_with_the_template_keeps_the_portable_log() -> Result<()> {
-    if !partman_is_installed()? {
+    let Some((rig, owner, superuser)) = beside_partman(Edition::Portable).await? else {
         return Ok(());
-    }
-    let edition = Edition::Portable;
-    let rig = Rig::start_edition(edition, ClusterOptions::default()).await?;
-    let owner = connect(&edition::owner_url(&rig.pg, edition)).await?;
-    let superuser = connect(&rig.pg.url()).await?;
+    };
     let client = rig.client().await?;
     drop_every_partition(&owner).await?;
-    superuser.batch_execute(CREATE_PARTMAN).await?;
     superuser
         .batch_execute(&format!(
             "create table partman.template_cqrs_command_log (like cqrs.command_log);
@@ -1267,6 +1265,15 @@ async fn pg_partman_with_the_template_keeps_the_portable_log() -> Result<()> {
     Ok(())
 }
 
+/// A REPEATABLE READ transaction on `client`.
+async fn repeatable_read(client: &mut Client) -> Result<tokio_postgres::Transaction<'_>> {
+    Ok(client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await?)
+}
+
 /// Two first appends to a log without partitions (`CREATE EXTENSION` makes none), each in a
 /// REPEATABLE READ transaction whose snapshot predates the other's commit: the first makes the
 /// partitions; the second, which waited for it, cannot see them and would make them again —
@@ -1292,16 +1299,8 @@ async fn first_appends_in_repeatable_read(edition: Edition) -> Result<()> {
 
     let mut first = rig.client().await?;
     let mut second = rig.client().await?;
-    let first_tx = first
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .start()
-        .await?;
-    let second_tx = second
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .start()
-        .await?;
+    let first_tx = repeatable_read(&mut first).await?;
+    let second_tx = repeatable_read(&mut second).await?;
     // both snapshots are taken before either appends
     first_tx.query("select 1", &[]).await?;
     second_tx.query("select 1", &[]).await?;
@@ -1340,11 +1339,7 @@ async fn first_appends_in_repeatable_read(edition: Edition) -> Result<()> {
     );
     second_tx.rollback().await?;
 
-    let retry = second
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .start()
-        .await?;
+    let retry = repeatable_read(&mut second).await?;
     let duplicate: bool = retry
         .query_one(append, &[&second_id, &"order-rr-2", &payload])
         .await?
