@@ -1,7 +1,9 @@
 //! The flusher: projects the streamer's batches one at a time with `cqrs.project_batch` (the
 //! lease token and the batch's fence LSN with each), retrying a batch until it commits, writes
 //! the changed rows to the cache, and only then reports the batch done, so that the streamer
-//! may confirm its LSN to the slot.
+//! may confirm its LSN to the slot. A batch's cache write runs while the next batch is
+//! projected (one at a time, in batch order): in a catch-up the projecting backend would
+//! otherwise wait for Redis after every batch.
 //!
 //! What happens after a failed attempt is decided by the failure's kind, never by its text: a
 //! deposed leader (SQLSTATE [`FENCED_SQLSTATE`]) stops at once, anything else is retried with
@@ -13,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use cqrs_projection::FENCED_SQLSTATE;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio_postgres::{Client, Row, Statement};
 
 use crate::assembly::Batch;
@@ -120,7 +123,15 @@ pub(crate) async fn run(
         policy,
         shutdown,
     };
-    while let Some(batch) = batches.recv().await {
+    let completed = Arc::new(completed);
+    // The cache write of the batch committed last, running while the next batch is projected:
+    // Redis and PostgreSQL work at once instead of in turn. One at a time, in batch order, and
+    // each batch is reported done only after its own write (see Committed).
+    let mut caching: Option<JoinHandle<()>> = None;
+    let ended = loop {
+        let Some(batch) = batches.recv().await else {
+            break Ok(());
+        };
         let spans = BatchSpans::open(
             batch.number,
             batch.events,
@@ -137,13 +148,43 @@ pub(crate) async fn run(
             Ok(rows) => rows,
             Err(err) => {
                 spans.failed(err.as_str());
-                return Err(err);
+                break Err(err);
             }
         };
-        write_to_cache(&flusher.ctx, writes_from(&rows))
+        flusher.record_success(&batch, started.elapsed());
+        if let Some(previous) = caching.take() {
+            let _ = previous.await;
+        }
+        let committed = Committed { batch, rows, spans };
+        caching = Some(tokio::spawn(committed.finish(
+            flusher.ctx.clone(),
+            outbox.clone(),
+            Arc::clone(&completed),
+        )));
+    };
+    // what committed is cached and reported done before the flusher ends, whatever ended it:
+    // its rows are the read models' (a deposed leader's last commit was still valid)
+    if let Some(previous) = caching.take() {
+        let _ = previous.await;
+    }
+    ended
+}
+
+/// A batch that committed, on its way out: its changed rows written to the cache, the outbox's
+/// sinks given it, then reported done — so the streamer confirms its LSN to the slot only after
+/// PostgreSQL committed it and Redis answered.
+struct Committed {
+    batch: Batch,
+    rows: Vec<Row>,
+    spans: BatchSpans,
+}
+
+impl Committed {
+    async fn finish(self, ctx: Context, outbox: Option<Arc<Outbox>>, completed: Arc<watch::Sender<u64>>) {
+        let Committed { batch, rows, spans } = self;
+        write_to_cache(&ctx, writes_from(&rows))
             .instrument(tracing::info_span!(parent: &spans.batch, traces::CACHE_WRITE, rows = rows.len()))
             .await;
-        flusher.record_success(&batch, started.elapsed());
         // committed: the outbox's sinks deliver it (the slot is confirmed past it once they did)
         if let Some(outbox) = &outbox {
             let _dispatch = tracing::info_span!(parent: &spans.batch, traces::OUTBOX_DISPATCH).entered();
@@ -151,7 +192,6 @@ pub(crate) async fn run(
         }
         completed.send_replace(batch.number);
     }
-    Ok(())
 }
 
 impl Flusher {

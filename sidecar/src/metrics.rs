@@ -207,7 +207,7 @@ impl Metrics {
             duplicate_events: register(r, IntCounterVec::new(Opts::new(DUPLICATE_EVENTS_TOTAL, "Events a projection skipped because it had applied them already."), &["projection"])?),
             parked_events: register(r, IntGaugeVec::new(Opts::new(PARKED_EVENTS, "Events waiting for a gap in their stream to fill."), &["projection"])?),
             dead_letters: register(r, IntGaugeVec::new(Opts::new(DEAD_LETTERS, "Events in cqrs.dead_letter."), &["projection"])?),
-            flush_duration: register(r, Histogram::with_opts(HistogramOpts::new(BATCH_FLUSH_DURATION_SECONDS, "Time to project a batch and write its rows to the cache.").buckets(LATENCY_BUCKETS.to_vec()))?),
+            flush_duration: register(r, Histogram::with_opts(HistogramOpts::new(BATCH_FLUSH_DURATION_SECONDS, "Time to project a batch (until it committed; its cache write overlaps the next batch).").buckets(LATENCY_BUCKETS.to_vec()))?),
             batch_events: register(r, Histogram::with_opts(HistogramOpts::new(BATCH_EVENTS, "Events per flushed batch.").buckets(vec![1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0]))?),
             batch_target: register(r, IntGauge::new(BATCH_TARGET_EVENTS, "The size batches currently aim for (adaptive).")?),
             batch_failures: register(r, IntCounter::new(BATCH_FAILURES_TOTAL, "Flushes that failed and were retried.")?),

@@ -339,6 +339,105 @@ async fn redis_down_for_ten_seconds_is_repaired() -> Result<()> {
     Ok(())
 }
 
+/// redis-server stopped (SIGSTOP: its connections stay open and nothing answers) while two
+/// commands are projected one after the other. The second is projected while the first's cache
+/// write still waits for Redis — the flusher does not wait for the cache before it projects the
+/// next batch — and the slot is not confirmed past the first while that write has not answered:
+/// a batch is done only once PostgreSQL committed it and Redis answered (or the write failed and
+/// its keys were remembered for repair). Redis running again, everything is consistent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_batch_is_projected_while_redis_has_not_answered_the_last() -> Result<()> {
+    let _serial = serial().await;
+    let mut rig = Rig::start().await?;
+    rig.add_sidecar()?;
+    rig.wait_for_leader(Duration::from_secs(30))?;
+    let client = rig.client().await?;
+    orders::append_all(&client, &seed_commands(1), 1).await?;
+    eventually(Duration::from_secs(30), "the seed projected", || {
+        cqrs_e2e::caught_up(&client)
+    })
+    .await?;
+    let pid = rig.redis.pid().context("redis-server has no pid")?.to_string();
+    let signal = |name: &str| -> Result<()> {
+        let status = Process::new("kill").args([name, pid.as_str()]).status()?;
+        ensure!(status.success(), "kill {name} {pid}: {status}");
+        Ok(())
+    };
+    let wal_now = || async {
+        let row = client
+            .query_one(
+                "select pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), '0/0')::bigint",
+                &[],
+            )
+            .await?;
+        Ok::<i64, anyhow::Error>(row.get(0))
+    };
+    let confirmed = || async {
+        let row = client
+            .query_one(
+                "select pg_catalog.pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::bigint from pg_catalog.pg_replication_slots where slot_name = 'cqrs_sidecar'",
+                &[],
+            )
+            .await?;
+        Ok::<i64, anyhow::Error>(row.get(0))
+    };
+    let append_and_wait = |stream: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query(
+                    "select from cqrs.append(cqrs.uuid_v7(), $1, 'CREATE_ORDER', $2)",
+                    &[&stream, &json!({"user_id": "user-0", "currency": "EUR"})],
+                )
+                .await?;
+            let started = Instant::now();
+            let projected: bool = client
+                .query_one("select cqrs.wait_for($1, 1, 'order_summary', '1 s')", &[&stream])
+                .await?
+                .get(0);
+            Ok::<(bool, Duration), anyhow::Error>((projected, started.elapsed()))
+        }
+    };
+
+    signal("-STOP")?;
+    let stalled = async {
+        let (first, first_took) = append_and_wait("order-stalled-1").await?;
+        let after_first = wal_now().await?;
+        ensure!(first, "the first command was not projected within 1 s of its append");
+        // the first batch's cache write now waits for Redis (up to its 2 s response timeout)
+        let (second, second_took) = append_and_wait("order-stalled-2").await?;
+        ensure!(
+            second,
+            "the second command was not projected within 1 s: the flusher waited for the first batch's cache write"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let confirmed_then = confirmed().await?;
+        ensure!(
+            confirmed_then < after_first,
+            "the slot was confirmed to {confirmed_then}, past the first command (WAL at {after_first} after it) while Redis had not answered its cache write"
+        );
+        eprintln!("projected in {first_took:?} and {second_took:?} with Redis stopped; slot confirmed to {confirmed_then} < {after_first}");
+        Ok::<i64, anyhow::Error>(after_first)
+    }
+    .await;
+    signal("-CONT")?;
+    let after_first = stalled?;
+    eventually(
+        Duration::from_secs(30),
+        "the slot confirmed past both commands",
+        || async {
+            let now = confirmed().await?;
+            ensure!(
+                now >= after_first,
+                "slot confirmed to {now}, not yet past {after_first}"
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    rig.assert_consistent(Duration::from_secs(60)).await
+}
+
 /// The slot is dropped by hand (its walsender terminated first) while commands keep coming: the
 /// sidecar recreates it, catches up from the log, and counts it in a metric.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
