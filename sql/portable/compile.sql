@@ -235,7 +235,13 @@ with ops as (
            pg_catalog.jsonb_build_object(%8$s) as w
       from folded f
 ), deleted as (
-    delete from %4$s as t using writes w where w.kind = 'delete' and t.%5$s = w.k::%3$s
+    -- each deleted key probes its row, as the update below does: joined with writes instead, the
+    -- table was scanned whole for every batch by a kept plan made while it was empty
+    delete from %4$s as t
+     using (select x.tid from writes w
+              cross join lateral (select t.ctid as tid from %4$s as t where t.%5$s = w.k::%3$s offset 0) as x
+             where w.kind = 'delete') as d
+     where t.ctid = d.tid
     returning t.%5$s::text as key
 ), updated as (
     update %4$s as t set %9$s

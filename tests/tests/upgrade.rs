@@ -268,17 +268,17 @@ async fn an_upgraded_install_equals_a_fresh_one_and_keeps_every_row() -> Result<
 }
 
 /// The portable edition's own helpers (schema cqrs_portable, apart from the read models' writers
-/// and readers and the registered schemas' compiled validators) as comparable lines: every function with its attributes, body and grants, and
+/// and readers, the registered schemas' compiled validators and the projections' compiled statements) as comparable lines: every function with its attributes, body and grants, and
 /// every table's columns.
 const PORTABLE_HELPERS: &str = "
 select pg_catalog.format('function %s | %s', p.oid::pg_catalog.regprocedure,
            pg_catalog.regexp_replace(pg_catalog.pg_get_functiondef(p.oid), '\\s+', ' ', 'g'))
   from pg_catalog.pg_proc p
- where p.pronamespace = 'cqrs_portable'::pg_catalog.regnamespace and p.proname !~ '^_(write|read|v)_[0-9a-f]{32}$'
+ where p.pronamespace = 'cqrs_portable'::pg_catalog.regnamespace and p.proname !~ '^_(write|read|v|fold)_[0-9a-f]{32}$'
 union all
 select pg_catalog.format('grant %s | %s | %s', p.oid::pg_catalog.regprocedure, a.grantee::pg_catalog.regrole, a.privilege_type)
   from pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
- where p.pronamespace = 'cqrs_portable'::pg_catalog.regnamespace and p.proname !~ '^_(write|read|v)_[0-9a-f]{32}$'
+ where p.pronamespace = 'cqrs_portable'::pg_catalog.regnamespace and p.proname !~ '^_(write|read|v|fold)_[0-9a-f]{32}$'
 union all
 select pg_catalog.format('column %s.%s | %s', c.relname, a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod))
   from pg_catalog.pg_class c join pg_catalog.pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped
@@ -434,7 +434,35 @@ async fn a_portable_install_upgraded_with_psql_equals_a_fresh_one_and_keeps_ever
         !may_write,
         "the projecting role may still write a read model itself"
     );
-    still_behaves(&client).await.context("after the portable upgrade")
+    still_behaves(&client)
+        .await
+        .context("after the portable upgrade")?;
+    // 0.2.0 ran each compiled statement with EXECUTE; after the upgrade each has its function
+    // (cqrs_portable._make_fold), the installer's, run with the caller's rights, only the
+    // table's owner may run it, and its kept plan reaches the read model only by its key's index
+    let folds_wrong: Vec<String> = client
+        .query(
+            "select p.name || ': ' || coalesce(f.proowner::regrole::text || case when f.prosecdef then ' definer' else '' end
+                    || ' ' || coalesce(f.proacl::text, 'public'), 'none')
+               from cqrs.projection p join pg_catalog.pg_class c on c.oid = p.target
+               join cqrs_portable.compiled k on k.projection = p.name
+               left join pg_catalog.pg_proc f on f.oid = pg_catalog.to_regprocedure(
+                   'cqrs_portable._fold_' || md5(k.sql) || '(jsonb, bigint, boolean, integer, integer)')
+              where f.oid is null or f.prosecdef or f.proowner <> (select nspowner from pg_catalog.pg_namespace where nspname = 'cqrs_portable')
+                 or not pg_catalog.has_function_privilege(c.relowner, f.oid, 'execute')
+                 or pg_catalog.has_function_privilege('cqrs_projector', f.oid, 'execute')
+                 or not f.proconfig @> array['enable_seqscan=off', 'enable_hashjoin=off', 'enable_mergejoin=off', 'jit=off']",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    ensure!(
+        folds_wrong.is_empty(),
+        "compiled statements without their function, or with the wrong owner, grants or planner settings: {folds_wrong:?}"
+    );
+    Ok(())
 }
 
 /// What the upgraded rows must still do.
