@@ -127,7 +127,7 @@ pub(crate) async fn run(
     // The cache write of the batch committed last, running while the next batch is projected:
     // Redis and PostgreSQL work at once instead of in turn. One at a time, in batch order, and
     // each batch is reported done only after its own write (see Committed).
-    let mut caching: Option<JoinHandle<()>> = None;
+    let mut caching: Option<CacheWrite> = None;
     let ended = loop {
         let Some(batch) = batches.recv().await else {
             break Ok(());
@@ -153,21 +153,38 @@ pub(crate) async fn run(
         };
         flusher.record_success(&batch, started.elapsed());
         if let Some(previous) = caching.take() {
-            let _ = previous.await;
+            previous.done().await;
         }
         let committed = Committed { batch, rows, spans };
-        caching = Some(tokio::spawn(committed.finish(
+        caching = Some(CacheWrite(tokio::spawn(committed.finish(
             flusher.ctx.clone(),
             outbox.clone(),
             Arc::clone(&completed),
-        )));
+        ))));
     };
     // what committed is cached and reported done before the flusher ends, whatever ended it:
     // its rows are the read models' (a deposed leader's last commit was still valid)
     if let Some(previous) = caching.take() {
-        let _ = previous.await;
+        previous.done().await;
     }
     ended
+}
+
+/// The task writing a committed batch to the cache. Aborted with the flusher (a lost
+/// leadership aborts it): as before the writes overlapped, an aborted flusher neither caches nor
+/// hands its sinks anything more — the next leader resyncs the cache and streams the batch again.
+struct CacheWrite(JoinHandle<()>);
+
+impl CacheWrite {
+    async fn done(mut self) {
+        let _ = (&mut self.0).await;
+    }
+}
+
+impl Drop for CacheWrite {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A batch that committed, on its way out: its changed rows written to the cache, the outbox's
