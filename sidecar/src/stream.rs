@@ -167,7 +167,18 @@ pub async fn lead(ctx: &Context, leadership: &Leadership, shutdown: watch::Recei
         projection_group = %ctx.config.projection_group,
         "leading: took the group's lease"
     );
-    let ending = match Streaming::start(ctx, leadership.token(), shutdown.clone()).await {
+    // The lease can be lost while the stream is being set up (a slot being created waits for
+    // every running transaction): stop leading then, so that this sidecar does not go on saying
+    // it leads (cqrs_leader) beside the one that took the lease over.
+    let mut lost = leadership.lost();
+    let started = tokio::select! {
+        started = Streaming::start(ctx, leadership.token(), shutdown.clone()) => started,
+        _ = lost.wait_for(|lost| *lost) => {
+            ctx.metrics.leader.set(0);
+            return Ending::LostLeadership;
+        }
+    };
+    let ending = match started {
         Ok(mut streaming) => {
             let ending = streaming.stream(leadership.lost(), shutdown).await;
             ctx.health.streaming.store(false, Ordering::Relaxed);
