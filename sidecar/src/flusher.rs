@@ -123,7 +123,6 @@ pub(crate) async fn run(
         policy,
         shutdown,
     };
-    let completed = Arc::new(completed);
     // The cache write of the batch committed last, running while the next batch is projected:
     // Redis and PostgreSQL work at once instead of in turn. One at a time, in batch order, and
     // each batch is reported done only after its own write (see Committed).
@@ -159,7 +158,7 @@ pub(crate) async fn run(
         caching = Some(CacheWrite(tokio::spawn(committed.finish(
             flusher.ctx.clone(),
             outbox.clone(),
-            Arc::clone(&completed),
+            completed.clone(),
         ))));
     };
     // what committed is cached and reported done before the flusher ends, whatever ended it:
@@ -197,7 +196,7 @@ struct Committed {
 }
 
 impl Committed {
-    async fn finish(self, ctx: Context, outbox: Option<Arc<Outbox>>, completed: Arc<watch::Sender<u64>>) {
+    async fn finish(self, ctx: Context, outbox: Option<Arc<Outbox>>, completed: watch::Sender<u64>) {
         let Committed { batch, rows, spans } = self;
         write_to_cache(&ctx, writes_from(&rows))
             .instrument(tracing::info_span!(parent: &spans.batch, traces::CACHE_WRITE, rows = rows.len()))

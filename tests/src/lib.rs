@@ -90,6 +90,17 @@ pub fn catalog_differences(
     out
 }
 
+/// Where the sidecar's slot is confirmed to, as a WAL byte position.
+pub async fn slot_confirmed(client: &Client) -> Result<i64> {
+    let row = client
+        .query_one(
+            "select pg_catalog.pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::bigint from pg_catalog.pg_replication_slots where slot_name = 'cqrs_sidecar'",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
 /// Every projection has applied every command in the log.
 pub async fn caught_up(client: &Client) -> Result<()> {
     let row = client

@@ -139,24 +139,15 @@ async fn a_broker_down_for_a_minute_holds_back_only_its_sink() -> Result<()> {
     let mut nats = NatsServer::start()?;
     let (rig, _) = rig_with_sink(&nats, Edition::Extension).await?;
     let client = rig.client().await?;
-    let slot_position = || async {
-        let row = client
-            .query_one(
-                "select pg_catalog.pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::bigint from pg_catalog.pg_replication_slots where slot_name = 'cqrs_sidecar'",
-                &[],
-            )
-            .await?;
-        Ok::<i64, anyhow::Error>(row.get(0))
-    };
     let traffic = rig.start_order_traffic(&mut rng, 20_000, 2, Some(250.0)).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let normal = lag::samples(&client, "order_summary", Duration::from_secs(8)).await?;
     nats.kill();
     let down = Instant::now();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let slot_before = slot_position().await?;
+    let slot_before = cqrs_e2e::slot_confirmed(&client).await?;
     let outage = lag::samples(&client, "order_summary", Duration::from_secs(50)).await?;
-    let slot_after = slot_position().await?;
+    let slot_after = cqrs_e2e::slot_confirmed(&client).await?;
     let behind: i64 = client
         .query_one(
             "select events_behind from cqrs.sink_status() where sink = 'events'",

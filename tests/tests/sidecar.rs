@@ -372,15 +372,6 @@ async fn the_next_batch_is_projected_while_redis_has_not_answered_the_last() -> 
             .await?;
         Ok::<i64, anyhow::Error>(row.get(0))
     };
-    let confirmed = || async {
-        let row = client
-            .query_one(
-                "select pg_catalog.pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::bigint from pg_catalog.pg_replication_slots where slot_name = 'cqrs_sidecar'",
-                &[],
-            )
-            .await?;
-        Ok::<i64, anyhow::Error>(row.get(0))
-    };
     let append_and_wait = |stream: &'static str| {
         let client = &client;
         async move {
@@ -411,7 +402,7 @@ async fn the_next_batch_is_projected_while_redis_has_not_answered_the_last() -> 
             "the second command was not projected within 1 s: the flusher waited for the first batch's cache write"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let confirmed_then = confirmed().await?;
+        let confirmed_then = cqrs_e2e::slot_confirmed(&client).await?;
         ensure!(
             confirmed_then < after_first,
             "the slot was confirmed to {confirmed_then}, past the first command (WAL at {after_first} after it) while Redis had not answered its cache write"
@@ -426,7 +417,7 @@ async fn the_next_batch_is_projected_while_redis_has_not_answered_the_last() -> 
         Duration::from_secs(30),
         "the slot confirmed past both commands",
         || async {
-            let now = confirmed().await?;
+            let now = cqrs_e2e::slot_confirmed(&client).await?;
             ensure!(
                 now >= after_first,
                 "slot confirmed to {now}, not yet past {after_first}"
