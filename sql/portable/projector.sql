@@ -71,6 +71,8 @@ declare
     v_out jsonb;
     v_missing boolean;
     v_pause float8 := 0.001;
+    v_first timestamptz;
+    v_last timestamptz;
 begin
     if events is null then
         raise exception using errcode = '22004', message = 'events must not be null';
@@ -108,6 +110,9 @@ begin
     -- it (PostgreSQL flushes the commit record first, then marks the transaction finished): a
     -- batch streamed at once may name rows this snapshot does not see yet. Look again, with a
     -- new snapshot each time (volatile), for about a second before calling the batch forged.
+    select min(cqrs_portable._id_time(e ->> 'command_id')), max(cqrs_portable._id_time(e ->> 'command_id'))
+      into v_first, v_last
+      from jsonb_array_elements(events) e;
     loop
         select bool_or(l.position is null),
                (array_agg(format('events[%s] is not in cqrs.command_log: no command %s of stream %s seq %s at position %s',
@@ -124,7 +129,15 @@ begin
           -- for every partition it prunes and every row it filters)
           from (select x.e, x.n, (x.e ->> 'position')::bigint as at, cqrs_portable._id_time(x.e ->> 'command_id') as id_time
                   from jsonb_array_elements(events) with ordinality x(e, n) offset 0) x
-          left join cqrs.command_log l on l.position = x.at and l.id_time in (x.id_time, '-infinity');
+          -- One index probe per event, fenced (`offset 0`) as in the extension (events.rs,
+          -- AT_POSITIONS): joined plainly, the plan PL/pgSQL keeps for the session hashed the
+          -- whole log for every batch — 6 ms of a 20-event batch at 20,000 rows, growing with the
+          -- log (measured). The batch's range of id times prunes the other partitions once.
+          left join lateral (
+                select l.* from cqrs.command_log l
+                 where l.position = x.at and l.id_time in (x.id_time, '-infinity')
+                   and (l.id_time = '-infinity' or l.id_time between v_first and v_last)
+                offset 0) l on true;
         exit when not coalesce(v_missing, false) or v_pause >= 0.5;
         perform pg_catalog.pg_sleep(v_pause);
         v_pause := v_pause * 2;
@@ -191,7 +204,12 @@ as $$
         select distinct b.stream from batch b
     ), parked as (
         select k.event, k.stream, k.seq, (k.event ->> 'position')::bigint as position, 1 as origin, 0::bigint as o
-          from streams s join cqrs.parked k on k.projection = name and k.stream = s.stream
+          from streams s
+          -- per-key probes, fenced (`offset 0`), here and in `ranked`: the plan is kept for the
+          -- session, and unfenced it scanned every stream's progress for every batch (1.1 ms of
+          -- a 20-event batch at 6,000 streams, growing with them; measured)
+          cross join lateral (select k.event, k.stream, k.seq from cqrs.parked k
+                               where k.projection = name and k.stream = s.stream offset 0) k
          where has_parked
     ), ranked as (
         -- `is_parked`: this (stream, seq) is parked already. A window, not a probe of `parked`
@@ -200,7 +218,8 @@ as $$
                row_number() over (partition by c.stream, c.seq order by c.origin, c.o) as copy,
                bool_or(c.origin = 1) over (partition by c.stream, c.seq) as is_parked
           from (select * from batch union all select * from parked) c
-          left join cqrs.projection_stream ps on ps.projection = name and ps.stream = c.stream
+          left join lateral (select p.last_seq from cqrs.projection_stream p
+                              where p.projection = name and p.stream = c.stream offset 0) ps on true
     ), firsts as (
         select r.*, r.seq = r.last + row_number() over (partition by r.stream order by r.seq) as applicable
           from ranked r where r.copy = 1 and r.seq > r.last
