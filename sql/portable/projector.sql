@@ -310,7 +310,7 @@ as $$ select format('%s#%s (position %s)', event ->> 'stream', event ->> 'seq', 
 -- set aside. `dead` holds [event, summary, sqlstate, whole error] of the events set aside
 -- already (a resume's skip).
 create function cqrs_portable._run_plan(name text, on_error text, apply jsonb, progress jsonb, park jsonb, unpark jsonb,
-    dead jsonb, rev bigint, with_docs boolean,
+    dead jsonb, rev bigint, with_docs boolean, settings text[],
     out keys text[], out docs json[], out gone boolean[], out dead_letters jsonb,
     out halted boolean, out summary text, out whole text, out code text, out poison jsonb)
 returns record
@@ -326,7 +326,7 @@ declare
 begin
     keys := '{}'; docs := '{}'; gone := '{}'; dead_letters := dead; halted := false;
     begin
-        for v_row in select * from cqrs_portable._apply(name, apply, rev, with_docs) loop
+        for v_row in select * from cqrs_portable._write(name, 'apply', apply, rev, with_docs, settings) loop
             keys := keys || v_row.key; docs := docs || v_row.doc; gone := gone || v_row.deleted;
         end loop;
         perform cqrs_portable._bookkeeping(name, progress, park, unpark, dead);
@@ -407,6 +407,9 @@ declare
     v_applicable integer;
     v_row record;
     v_any boolean := false;
+    -- the session's settings, taken once for every projection of the batch (each projection's
+    -- writer puts back what its owner's code changed, cqrs_portable._write)
+    v_settings text[] := cqrs_portable._settings();
 begin
     -- Waiters (cqrs.wait_for) queue behind this lock and wake at this transaction's commit: the
     -- portable edition's stand-in for the extension's latch. Tried, never waited for: a session
@@ -436,7 +439,7 @@ begin
         v_applicable := jsonb_array_length(v_plan.apply) + jsonb_array_length(v_dead);
         v_rev := v_state.revision + 1;
         v_run := cqrs_portable._run_plan(v_state.name, v_state.on_error, v_plan.apply, v_plan.progress, v_plan.park,
-                                         v_plan.unpark, v_dead, v_rev, with_docs);
+                                         v_plan.unpark, v_dead, v_rev, with_docs, v_settings);
         kind := 'report'; projection := v_state.name; key := null; rev := null; doc := null; deleted := null;
         if v_run.halted then
             -- the summary where readers and logs see it, the whole error where they do not
