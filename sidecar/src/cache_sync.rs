@@ -10,7 +10,8 @@ use crate::leading::Context;
 use crate::metrics::label;
 
 /// Writes changed rows to the cache and raises the synced mark of each projection whose cache
-/// has nothing else pending; rows that could not be written are remembered for repair.
+/// has nothing else pending (the others are topped up after their repair); rows that could not
+/// be written are remembered for repair.
 pub async fn write_to_cache(ctx: &Context, writes: Vec<Write>) {
     if writes.is_empty() {
         return;
@@ -21,11 +22,7 @@ pub async fn write_to_cache(ctx: &Context, writes: Vec<Write>) {
         *rev = (*rev).max(write.rev);
     }
     let synced: Vec<(String, i64)> = match ctx.repairs.lock() {
-        Ok(repairs) => highest
-            .into_iter()
-            .filter(|(projection, _)| !repairs.is_pending(projection))
-            .map(|(projection, rev)| (projection.to_owned(), rev))
-            .collect(),
+        Ok(mut repairs) => repairs.marks_to_raise(highest),
         Err(_) => Vec::new(),
     };
     match ctx.cache.write_all(&writes, &synced).await {

@@ -20,11 +20,14 @@ pub struct RepairWork {
     pub keys: BTreeMap<String, BTreeSet<String>>,
     /// projections to resync: every cached key checked, every row the cache may miss written
     pub full: BTreeSet<String>,
+    /// projections whose synced mark may be below what the cache holds: a batch written while
+    /// their repair was under way could not raise it, and no later batch may come to do so
+    pub top_up: BTreeSet<String>,
 }
 
 impl RepairWork {
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty() && self.full.is_empty()
+        self.keys.is_empty() && self.full.is_empty() && self.top_up.is_empty()
     }
 }
 
@@ -76,6 +79,30 @@ impl Repairs {
         self.work.full.insert(projection.to_owned());
     }
 
+    /// Of the highest revision each projection's batch wrote, the synced marks that batch may
+    /// raise: not those of projections whose cache may be missing something. Those are topped up
+    /// once their repair is done instead (a mark left below the revision makes the next leader
+    /// resync for nothing, and the cache read as behind while nothing is).
+    pub fn marks_to_raise<'a>(
+        &mut self,
+        highest: impl IntoIterator<Item = (&'a str, i64)>,
+    ) -> Vec<(String, i64)> {
+        let mut raise = Vec::new();
+        for (projection, rev) in highest {
+            if self.is_pending(projection) {
+                self.work.top_up.insert(projection.to_owned());
+            } else {
+                raise.push((projection.to_owned(), rev));
+            }
+        }
+        raise
+    }
+
+    /// Whether `projection` is to be resynced whole (and was not taken for it yet).
+    pub fn awaits_resync(&self, projection: &str) -> bool {
+        self.work.full.contains(projection)
+    }
+
     pub fn pending_keys(&self) -> usize {
         self.remembered
     }
@@ -107,6 +134,7 @@ impl Repairs {
     }
 
     pub fn restore(&mut self, work: RepairWork) {
+        self.work.top_up.extend(work.top_up);
         for projection in work.full {
             self.refresh_all(&projection);
         }
@@ -162,11 +190,38 @@ mod tests {
         );
         repairs.restore(RepairWork {
             keys: work.keys,
-            full: BTreeSet::new(),
+            ..RepairWork::default()
         });
         repairs.finish();
         assert!(repairs.is_pending("a"), "given back");
         assert!(!repairs.is_pending("b"), "done");
+    }
+
+    #[test]
+    fn a_mark_a_batch_may_not_raise_is_topped_up_after_the_repair() {
+        let mut repairs = Repairs::new(10);
+        repairs.refresh_all("a");
+        let work = repairs.take();
+        assert_eq!(
+            repairs.marks_to_raise([("a", 7), ("b", 3)]),
+            vec![("b".to_owned(), 3)],
+            "a is being resynced: its cache may still miss older rows"
+        );
+        assert!(!repairs.is_empty(), "a's mark is owed");
+        repairs.restore(work);
+        repairs.finish();
+        let work = repairs.take();
+        assert_eq!(work.top_up, BTreeSet::from(["a".to_owned()]));
+        assert_eq!(work.full, BTreeSet::from(["a".to_owned()]), "given back");
+        repairs.restore(RepairWork {
+            top_up: work.top_up,
+            ..RepairWork::default()
+        });
+        repairs.finish();
+        assert!(!repairs.is_pending("a"), "a top-up hides no row");
+        assert_eq!(repairs.marks_to_raise([("a", 9)]), vec![("a".to_owned(), 9)]);
+        assert!(!repairs.awaits_resync("a"));
+        assert_eq!(repairs.take().top_up, BTreeSet::from(["a".to_owned()]));
     }
 }
 
@@ -220,51 +275,91 @@ pub mod run {
         Ok(())
     }
 
-    /// Resyncs `projection`: rewrites every cached key (stale rows, rows deleted meanwhile),
-    /// then writes every row changed after the cache's synced mark, then raises the mark to the
-    /// revision read before all that. `None` when the projection is gone.
-    async fn resync(pg: &Client, cache: &Cache, projection: &str) -> Result<Option<usize>, RepairError> {
-        let Some(row) = pg
+    /// The projection's revision; `None` when the projection is gone.
+    async fn revision(pg: &Client, projection: &str) -> Result<Option<i64>, RepairError> {
+        Ok(pg
             .query_opt(
                 "select revision from cqrs.projection_state where name = $1",
                 &[&projection],
             )
             .await?
-        else {
+            .map(|row| row.get(0)))
+    }
+
+    /// Writes every row of `projection` changed after revision `mark`; returns how many.
+    async fn write_changed_since(
+        pg: &Client,
+        cache: &Cache,
+        projection: &str,
+        mark: i64,
+    ) -> Result<usize, RepairError> {
+        // streamed, not collected: a read model can be larger than this process should hold
+        let rows = pg
+            .query_raw(
+                "select key, rev, doc::text from cqrs.changed_since($1, $2)",
+                [&projection as &(dyn tokio_postgres::types::ToSql + Sync), &mark],
+            )
+            .await?;
+        pin_mut!(rows);
+        let mut written = 0;
+        let mut writes = Vec::with_capacity(CHUNK);
+        while let Some(row) = rows.try_next().await? {
+            writes.push(write_of(projection, &row));
+            if writes.len() == CHUNK {
+                cache.rewrite_all(&writes).await?;
+                written += writes.len();
+                writes.clear();
+            }
+        }
+        written += writes.len();
+        cache.rewrite_all(&writes).await?;
+        Ok(written)
+    }
+
+    /// Resyncs `projection`: rewrites every cached key (stale rows, rows deleted meanwhile),
+    /// then writes every row changed after the cache's synced mark, then raises the mark to the
+    /// revision read before all that. `None` when the projection is gone.
+    async fn resync(pg: &Client, cache: &Cache, projection: &str) -> Result<Option<usize>, RepairError> {
+        let Some(revision) = revision(pg, projection).await? else {
             return Ok(None);
         };
-        let revision: i64 = row.get(0);
         let cached = cache.keys_of(projection).await?;
         rewrite(pg, cache, projection, &cached).await?;
         let mark = cache.synced(projection).await?.unwrap_or(-1);
         let mut written = cached.len();
         if mark < revision {
-            // streamed, not collected: a read model can be larger than this process should hold
-            let rows = pg
-                .query_raw(
-                    "select key, rev, doc::text from cqrs.changed_since($1, $2)",
-                    [&projection as &(dyn tokio_postgres::types::ToSql + Sync), &mark],
-                )
-                .await?;
-            pin_mut!(rows);
-            let mut writes = Vec::with_capacity(CHUNK);
-            while let Some(row) = rows.try_next().await? {
-                writes.push(write_of(projection, &row));
-                if writes.len() == CHUNK {
-                    cache.rewrite_all(&writes).await?;
-                    written += writes.len();
-                    writes.clear();
-                }
-            }
-            written += writes.len();
-            cache.rewrite_all(&writes).await?;
+            written += write_changed_since(pg, cache, projection, mark).await?;
         }
         cache.establish_synced(projection, revision).await?;
         Ok(Some(written))
     }
 
-    /// One pass over `work`; what could not be done is returned.
-    async fn pass(pg: &Client, cache: &Cache, mut work: RepairWork) -> Result<(), RepairWork> {
+    /// Raises the synced mark of `projection` to its revision, writing first every row changed
+    /// after the mark: batches whose rows reached the cache while a repair was under way could
+    /// not raise it. A missing mark is left to a resync (only one may set it).
+    async fn top_up(pg: &Client, cache: &Cache, projection: &str) -> Result<(), RepairError> {
+        let Some(revision) = revision(pg, projection).await? else {
+            return Ok(());
+        };
+        let Some(mark) = cache.synced(projection).await? else {
+            return Ok(());
+        };
+        if mark < revision {
+            let rows = write_changed_since(pg, cache, projection, mark).await?;
+            cache.write_all(&[], &[(projection.to_owned(), revision)]).await?;
+            tracing::debug!(%projection, rows, mark, revision, "raised the synced mark after a repair");
+        }
+        Ok(())
+    }
+
+    /// One pass over `work`; what could not be done is returned. Every projection repaired is
+    /// topped up at the end, unless a resync of it was asked for meanwhile.
+    async fn pass(
+        pg: &Client,
+        cache: &Cache,
+        repairs: &Mutex<Repairs>,
+        mut work: RepairWork,
+    ) -> Result<(), RepairWork> {
         while let Some(projection) = work.full.first().cloned() {
             match resync(pg, cache, &projection).await {
                 Ok(written) => {
@@ -277,6 +372,7 @@ pub mod run {
             }
             work.full.remove(&projection);
             work.keys.remove(&projection);
+            work.top_up.insert(projection);
         }
         while let Some((projection, keys)) = work.keys.pop_first() {
             let list: Vec<String> = keys.iter().cloned().collect();
@@ -286,6 +382,19 @@ pub mod run {
                 return Err(work);
             }
             tracing::info!(%projection, keys = list.len(), "repaired cached rows written while Redis was unreachable");
+            work.top_up.insert(projection);
+        }
+        while let Some(projection) = work.top_up.first().cloned() {
+            // a resync asked for since the work was taken: the cache may hold rows a rebuild
+            // removed, which the rows changed since the mark do not show; that resync tops up
+            let awaits_resync = repairs.lock().map_or(true, |r| r.awaits_resync(&projection));
+            if !awaits_resync {
+                if let Err(err) = top_up(pg, cache, &projection).await {
+                    tracing::warn!(error = %err, %projection, "raising the synced mark failed; will retry");
+                    return Err(work);
+                }
+            }
+            work.top_up.remove(&projection);
         }
         Ok(())
     }
@@ -318,7 +427,7 @@ pub mod run {
                         .ok();
                 }
                 match pg.as_ref() {
-                    Some(client) => pass(client, &cache, work).await,
+                    Some(client) => pass(client, &cache, &repairs, work).await,
                     None => Err(work),
                 }
             };
