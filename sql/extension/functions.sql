@@ -31,6 +31,10 @@ returns uuid
 language c volatile strict parallel safe
 as 'MODULE_PATHNAME', 'uuid_v7_wrapper';
 
+-- enable_seqscan and jit off: the plans of its statements are kept for the session, and one made
+-- while cqrs.stream held a page (a fresh install) read the table whole on every append until an
+-- ANALYZE planned it again (pgrx-tests/sql/lookup_scans.sql); every lookup here is by a unique
+-- key. JIT off: a disabled scan is costed past jit_above_cost. No measurable cost per call.
 create function cqrs.append(
     command_id uuid,
     stream text,
@@ -45,6 +49,8 @@ returns record
 language c volatile called on null input
 security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
+set jit = off
 as 'MODULE_PATHNAME', 'cqrs_append';
 
 create function cqrs.create_projection(
@@ -91,9 +97,13 @@ returns table (key text, rev bigint, doc json)
 language c stable called on null input
 as 'MODULE_PATHNAME', 'cqrs_read_many';
 
+-- enable_seqscan and jit off as in the portable edition, whose lookup needs them (its catalog
+-- entry is the same); the statements here are planned that way already (prepared::index_plans).
 create function cqrs.wait_for(stream text, seq bigint, projection text, timeout interval default '5 s')
 returns boolean
 language c volatile strict parallel unsafe
+set enable_seqscan = off
+set jit = off
 as 'MODULE_PATHNAME', 'wait_for_wrapper';
 
 create function cqrs.changed_since(projection text, after bigint)

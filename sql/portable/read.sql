@@ -69,9 +69,14 @@ begin
 end
 $$;
 
+-- enable_seqscan and jit off: its lookup's plan is kept for the session, and one made while
+-- cqrs.projection_stream held a page read the table whole at every check until an ANALYZE
+-- (pgrx-tests/sql/lookup_scans.sql).
 create function cqrs.wait_for(stream text, seq bigint, projection text, timeout interval default '5 s')
 returns boolean
 language plpgsql volatile strict parallel unsafe
+set enable_seqscan = off
+set jit = off
 as $$
 declare
     v_deadline timestamptz;

@@ -1867,6 +1867,8 @@ returns record
 language c volatile called on null input
 security definer
 set search_path = pg_catalog, pg_temp
+set enable_seqscan = off
+set jit = off
 as 'MODULE_PATHNAME', 'cqrs_append';
 
 create or replace function cqrs.create_projection(
@@ -1914,6 +1916,8 @@ as 'MODULE_PATHNAME', 'cqrs_read_many';
 create or replace function cqrs.wait_for(stream text, seq bigint, projection text, timeout interval default '5 s')
 returns boolean
 language c volatile strict parallel unsafe
+set enable_seqscan = off
+set jit = off
 as 'MODULE_PATHNAME', 'wait_for_wrapper';
 
 create or replace function cqrs.changed_since(projection text, after bigint)
