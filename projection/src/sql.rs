@@ -195,7 +195,14 @@ impl Target {
     }
 
     fn update_at_rows_returning(&self, returning: &str) -> String {
-        let found = format!("t.ctid = e.r and t.{} = e.k::{}", self.key_ident(), self.key_type);
+        // The key is checked on the row the TID names, never used to find it (`is true` is not
+        // a condition an index serves): given the key, the planner probed its index again and
+        // filtered on the TID (≈ 3 µs a row, twice the TID scan's).
+        let found = format!(
+            "t.ctid = e.r and (t.{} = e.k::{}) is true",
+            self.key_ident(),
+            self.key_type
+        );
         self.update_from(&self.record(true), &found, returning)
     }
 
@@ -409,7 +416,7 @@ mod tests {
             "{at_rows}"
         );
         assert!(
-            at_rows.contains("where t.ctid = e.r and t.\"id\" = e.k::text returning"),
+            at_rows.contains("where t.ctid = e.r and (t.\"id\" = e.k::text) is true returning"),
             "{at_rows}"
         );
     }
