@@ -197,7 +197,7 @@ impl Target {
     fn update_at_rows_returning(&self, returning: &str) -> String {
         // The key is checked on the row the TID names, never used to find it (`is true` is not
         // a condition an index serves): given the key, the planner probed its index again and
-        // filtered on the TID (≈ 3 µs a row, twice the TID scan's).
+        // filtered on the TID (≈ 3 µs a row under auto_explain; the TID scan ≈ 1 µs).
         let found = format!(
             "t.ctid = e.r and (t.{} = e.k::{}) is true",
             self.key_ident(),
