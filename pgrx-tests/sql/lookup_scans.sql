@@ -38,18 +38,8 @@ select count(*) as changed
 
 -- What the calls read of the stream, the log (any partition), the progress and the read model:
 -- no row by a sequential scan, and a few index entries per call, not the tables' thousands.
-create temp view reads as
-    select t.relid, t.seq_tup_read, coalesce(t.idx_tup_fetch, 0) as idx_tup_fetch from pg_catalog.pg_stat_xact_user_tables t
-     where t.relid in ('cqrs.stream'::regclass, 'cqrs.projection_stream'::regclass, 'counter'::regclass)
-        or t.relid in (select p.relid from pg_catalog.pg_partition_tree('cqrs.command_log') p);
-create temp table reads_before (relid oid, seq_tup_read bigint, idx_tup_fetch bigint);
-create function pg_temp.read_too_much()
-returns table (scanned regclass, rows_read_by_sequential_scans bigint, index_entries_fetched bigint)
-language sql as $$
-    select a.relid::regclass, a.seq_tup_read - b.seq_tup_read, a.idx_tup_fetch - b.idx_tup_fetch
-      from pg_temp.reads a join pg_temp.reads_before b using (relid)
-     where a.seq_tup_read > b.seq_tup_read or a.idx_tup_fetch - b.idx_tup_fetch > 50
-$$;
+\set tables '{cqrs.stream,cqrs.projection_stream,counter}'
+\ir input/sql/table_reads.sql
 create function pg_temp.calls(round integer)
 returns table (appended bigint, replayed bigint, applied boolean, n integer, found bigint)
 language plpgsql as $$
@@ -69,14 +59,13 @@ end
 $$;
 
 -- with the plans made on the small tables
-insert into reads_before select * from reads;
+select pg_temp.count_reads_from_now();
 select * from pg_temp.calls(1);
 select * from pg_temp.read_too_much();
 
 -- and made again once the statistics know the tables' sizes (as autovacuum will have by now)
 analyze cqrs.stream, cqrs.command_log, cqrs.projection_stream, counter;
-delete from reads_before;
-insert into reads_before select * from reads;
+select pg_temp.count_reads_from_now();
 select * from pg_temp.calls(100);
 select * from pg_temp.read_too_much();
 rollback;
