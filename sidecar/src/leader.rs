@@ -11,8 +11,8 @@
 //! batches carry the lease's token and the checkpoint LSN.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio_postgres::Client;
@@ -56,11 +56,49 @@ impl Candidate {
     }
 }
 
+/// Until when the lease is certainly this sidecar's: [`TTL`] after the last call that took or
+/// renewed it was *sent* (PostgreSQL counts the TTL from when it ran the call, later, so this
+/// errs early). Past it another sidecar may hold the lease before this one has heard of it — a
+/// stalled process learns it only from its next renewal — so whatever says "this sidecar leads"
+/// (the `cqrs_leader` gauge) asks this first.
+#[derive(Clone, Debug)]
+pub struct LeaseExpiry(Arc<Mutex<Instant>>);
+
+impl LeaseExpiry {
+    fn taken(sent: Instant) -> Self {
+        Self(Arc::new(Mutex::new(sent + TTL)))
+    }
+
+    fn renewed(&self, sent: Instant) {
+        let mut until = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *until = (*until).max(sent + TTL);
+    }
+
+    /// Whether the lease may no longer be this sidecar's.
+    pub fn passed(&self) -> bool {
+        let until = *self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        Instant::now() >= until
+    }
+
+    /// A lease taken just now (tests of what reads it).
+    #[cfg(test)]
+    pub(crate) fn taken_now() -> Self {
+        Self::taken(Instant::now())
+    }
+
+    /// A lease whose time ran out (tests of what reads it).
+    #[cfg(test)]
+    pub(crate) fn run_out() -> Self {
+        Self(Arc::new(Mutex::new(Instant::now())))
+    }
+}
+
 /// The lease, held while this value lives.
 pub struct Leadership {
     client: Arc<Client>,
     candidate: Candidate,
     token: i64,
+    expiry: LeaseExpiry,
     lost: watch::Receiver<bool>,
     monitor: tokio::task::JoinHandle<()>,
 }
@@ -69,6 +107,11 @@ impl Leadership {
     /// The fencing token every batch carries.
     pub fn token(&self) -> i64 {
         self.token
+    }
+
+    /// Until when the lease is certainly still this sidecar's.
+    pub fn expiry(&self) -> LeaseExpiry {
+        self.expiry.clone()
     }
 
     /// Becomes true when the lease may have been lost.
@@ -155,16 +198,20 @@ async fn try_lead(client: &Client, candidate: &Candidate) -> Result<Option<i64>,
 }
 
 impl LeaseConnection {
-    /// Renews the lease while it is ours; signals `lost` when it may not be.
-    fn lead(self, candidate: Candidate, token: i64) -> Leadership {
+    /// Renews the lease (taken by a call sent at `sent`) while it is ours; signals `lost` when
+    /// it may not be.
+    fn lead(self, candidate: Candidate, token: i64, sent: Instant) -> Leadership {
         let client = Arc::clone(&self.client);
         let renewer = candidate.clone();
         let lost_tx = self.lost_tx;
+        let expiry = LeaseExpiry::taken(sent);
+        let renewed_until = expiry.clone();
         let monitor = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(RENEW_EVERY).await;
+                let sent = Instant::now();
                 match try_lead(&client, &renewer).await {
-                    Ok(Some(renewed)) if renewed == token => {}
+                    Ok(Some(renewed)) if renewed == token => renewed_until.renewed(sent),
                     Ok(other) => {
                         tracing::error!(token, now = ?other, "the projector lease was taken over; giving up leadership");
                         let _ = lost_tx.send(true);
@@ -182,6 +229,7 @@ impl LeaseConnection {
             client: self.client,
             candidate,
             token,
+            expiry,
             lost: self.lost,
             monitor,
         }
@@ -215,10 +263,11 @@ pub async fn acquire(
         }
         let mut pause = Duration::from_secs(1);
         if let Some(current) = connection.take() {
+            let sent = Instant::now();
             match try_lead(&current.client, candidate).await {
                 Ok(Some(token)) => {
                     health.pg_reachable.store(true, Ordering::Relaxed);
-                    return Some(current.lead(candidate.clone(), token));
+                    return Some(current.lead(candidate.clone(), token, sent));
                 }
                 Ok(None) => {
                     health.pg_reachable.store(true, Ordering::Relaxed);

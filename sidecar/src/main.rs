@@ -103,7 +103,7 @@ async fn run(config: Config) -> ExitCode {
     wiring.lead_or_stand_by(&config, shutdown).await;
 
     wiring.health.set_role(Role::Starting);
-    wiring.metrics.leader.set(0);
+    wiring.metrics.set_leading(None);
     for server in servers {
         match tokio::time::timeout(Duration::from_secs(2), server).await {
             Ok(Ok(Err(err))) => tracing::warn!(error = %err, "an HTTP server failed"),
@@ -382,7 +382,7 @@ impl Wiring {
         let candidate = leader::Candidate::new(&config.projection_group);
         loop {
             self.health.set_role(Role::Standby);
-            self.metrics.leader.set(0);
+            self.metrics.set_leading(None);
             let Some(leadership) =
                 leader::acquire(&self.pg, &candidate, &mut standby_shutdown, &self.health).await
             else {

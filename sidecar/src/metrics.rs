@@ -1,10 +1,14 @@
 //! Prometheus metrics. Names are constants so that dashboards, alert rules and tests refer to
 //! the same strings.
 
+use std::sync::Mutex;
+
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use crate::leader::LeaseExpiry;
 
 pub const LEADER: &str = "cqrs_leader";
 pub const LEADER_PRESENT: &str = "cqrs_leader_present";
@@ -95,7 +99,10 @@ pub mod label {
 /// Every metric of the sidecar.
 pub struct Metrics {
     registry: Registry,
-    pub leader: IntGauge,
+    /// set from `lease` when the metrics are read ([`Metrics::set_leading`])
+    leader: IntGauge,
+    /// the lease this sidecar leads by, while it leads
+    lease: Mutex<Option<LeaseExpiry>>,
     pub leader_present: IntGauge,
     pub sink_delivered: IntCounterVec,
     pub sink_duplicates: IntCounterVec,
@@ -185,7 +192,8 @@ impl Metrics {
         let of_group =
             |name: &str, help: &str| Opts::new(name, help).const_label(PROJECTION_GROUP_LABEL, group);
         Ok(Self {
-            leader: register(r, IntGauge::with_opts(of_group(LEADER, "1 while this sidecar leads its projection group (streams and projects), 0 while it stands by."))?),
+            leader: register(r, IntGauge::with_opts(of_group(LEADER, "1 while this sidecar leads its projection group (streams and projects) by a lease that has certainly not run out, 0 while it stands by."))?),
+            lease: Mutex::new(None),
             leader_present: register(r, IntGauge::with_opts(of_group(LEADER_PRESENT, "1 while some sidecar holds a live lease of this sidecar's projection group (from cqrs.leader(group)), 0 while none leads it."))?),
             sink_delivered: register(r, IntCounterVec::new(Opts::new(SINK_DELIVERED_TOTAL, "Events an outbox sink's broker acknowledged (and their delivery was recorded)."), &["sink"])?),
             sink_duplicates: register(r, IntCounterVec::new(Opts::new(SINK_DUPLICATES_TOTAL, "Events sent again that the broker dropped as duplicates (same message id)."), &["sink"])?),
@@ -257,7 +265,24 @@ impl Metrics {
         self.commands.with_label_values(&[label]).inc_by(count);
     }
 
+    /// Whether this sidecar leads, by which lease: `cqrs_leader` says 1 while it does and that
+    /// lease has not run out. A leader that stalled (a stopped process, starved cores) past its
+    /// lease's time to live learns that another took the lease over only when its next renewal
+    /// answers; the gauge says 0 from the moment the lease may have changed hands.
+    pub fn set_leading(&self, lease: Option<LeaseExpiry>) {
+        let leads = lease.as_ref().is_some_and(|lease| !lease.passed());
+        *self.lease.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = lease;
+        self.leader.set(i64::from(leads));
+    }
+
     pub fn render(&self) -> String {
+        let leads = self
+            .lease
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_ref()
+            .is_some_and(|lease| !lease.passed());
+        self.leader.set(i64::from(leads));
         let mut out = Vec::new();
         if let Err(err) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::error!(error = %err, "encoding metrics");
@@ -273,7 +298,7 @@ mod tests {
     #[test]
     fn leadership_is_shown_per_projection_group() {
         let metrics = Metrics::for_group("users").expect("the metrics");
-        metrics.leader.set(1);
+        metrics.set_leading(Some(LeaseExpiry::taken_now()));
         let text = metrics.render();
         assert!(
             text.contains("cqrs_leader{projection_group=\"users\"} 1"),
@@ -283,6 +308,27 @@ mod tests {
             text.contains("cqrs_leader_present{projection_group=\"users\"} 0"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_leader_whose_lease_ran_out_is_not_shown_leading() {
+        let metrics = Metrics::new().expect("the metrics");
+        metrics.set_leading(Some(LeaseExpiry::run_out()));
+        let text = metrics.render();
+        assert!(
+            text.contains("cqrs_leader{projection_group=\"default\"} 0"),
+            "{text}"
+        );
+        // a lease that runs out while leading: 0 from that moment, before anyone says so
+        let lease = LeaseExpiry::taken_now();
+        metrics.set_leading(Some(lease));
+        assert!(metrics
+            .render()
+            .contains("cqrs_leader{projection_group=\"default\"} 1"));
+        metrics.set_leading(None);
+        assert!(metrics
+            .render()
+            .contains("cqrs_leader{projection_group=\"default\"} 0"));
     }
 
     #[test]

@@ -160,7 +160,7 @@ fn cqrs_lsn(lsn: u64) -> String {
 /// Leads until shutdown, loss of the lease, deposition or failure.
 pub async fn lead(ctx: &Context, leadership: &Leadership, shutdown: watch::Receiver<bool>) -> Ending {
     ctx.health.set_role(Role::Leader);
-    ctx.metrics.leader.set(1);
+    ctx.metrics.set_leading(Some(leadership.expiry()));
     tracing::info!(
         token = leadership.token(),
         slot = %ctx.config.slot,
@@ -174,7 +174,7 @@ pub async fn lead(ctx: &Context, leadership: &Leadership, shutdown: watch::Recei
     let started = tokio::select! {
         started = Streaming::start(ctx, leadership.token(), shutdown.clone()) => started,
         _ = lost.wait_for(|lost| *lost) => {
-            ctx.metrics.leader.set(0);
+            ctx.metrics.set_leading(None);
             return Ending::LostLeadership;
         }
     };
@@ -182,13 +182,13 @@ pub async fn lead(ctx: &Context, leadership: &Leadership, shutdown: watch::Recei
         Ok(mut streaming) => {
             let ending = streaming.stream(leadership.lost(), shutdown).await;
             ctx.health.streaming.store(false, Ordering::Relaxed);
-            ctx.metrics.leader.set(0);
+            ctx.metrics.set_leading(None);
             streaming.finish(ending).await
         }
         Err(err) => Ending::Failed(err),
     };
     ctx.health.streaming.store(false, Ordering::Relaxed);
-    ctx.metrics.leader.set(0);
+    ctx.metrics.set_leading(None);
     ending
 }
 

@@ -828,6 +828,102 @@ async fn sidecars_started_together_elect_exactly_one_leader() -> Result<()> {
     Ok(())
 }
 
+/// A leader stopped past its lease's time to live (a stalled process): the standby takes the
+/// lease over, and when the stalled sidecar runs again its `cqrs_leader` says 0 from its first
+/// answer — a scrape sent while it was still stopped, answered before its renewal can have told
+/// it the lease is gone — so two sidecars are never shown leading at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stalled_past_its_lease_is_not_shown_leading_beside_the_new_one() -> Result<()> {
+    let _serial = serial().await;
+    let mut rig = Rig::start().await?;
+    let stalled = rig.add_sidecar()?;
+    rig.wait_for_leader(Duration::from_secs(30))?;
+    let standby = rig.add_sidecar()?;
+    eventually(
+        Duration::from_secs(30),
+        "the second sidecar stands by",
+        || async {
+            ensure!(rig.sidecars[standby].metric("cqrs_leader")? == 0.0, "it leads");
+            ensure!(rig.sidecars[standby].readiness().is_some(), "not answering yet");
+            Ok(())
+        },
+    )
+    .await?;
+    let pid = rig.sidecars[stalled]
+        .pid()
+        .context("the leader's pid")?
+        .to_string();
+    let signal = |name: &str| -> Result<()> {
+        ensure!(
+            Process::new("kill")
+                .args([name, pid.as_str()])
+                .status()?
+                .success(),
+            "kill {name} failed"
+        );
+        Ok(())
+    };
+    let client = rig.client().await?;
+    let token = || async {
+        let row = client
+            .query_one(
+                "select token from cqrs.projector_lease where projection_group = 'default'",
+                &[],
+            )
+            .await?;
+        Ok::<i64, anyhow::Error>(row.get(0))
+    };
+    let stalled_token = token().await?;
+    signal("-STOP")?;
+    let stopped = Instant::now();
+    // taken over: a newer token (the standby's gauge may say so only for moments, since it
+    // cannot stream while the stalled sidecar's walsender holds the slot)
+    let taken_over = eventually(
+        Duration::from_secs(20),
+        "the standby takes the lease over",
+        || async {
+            ensure!(
+                token().await? != stalled_token,
+                "the stalled sidecar's token is still the lease's"
+            );
+            Ok(())
+        },
+    )
+    .await;
+    if let Err(err) = taken_over {
+        signal("-CONT")?;
+        return Err(err);
+    }
+    let took = stopped.elapsed();
+    // the kernel queues the connection and the request while the process is stopped
+    let port = rig.sidecars[stalled].admin_port();
+    let scrape =
+        std::thread::spawn(move || cqrs_harness::http_get(port, "/metrics", Duration::from_secs(20)));
+    std::thread::sleep(Duration::from_millis(300));
+    signal("-CONT")?;
+    let (status, body) = scrape
+        .join()
+        .map_err(|_| anyhow::anyhow!("the scrape panicked"))??;
+    ensure!(status == 200, "/metrics answered {status}");
+    let shown = body
+        .lines()
+        .find(|line| line.starts_with("cqrs_leader{"))
+        .context("no cqrs_leader in /metrics")?
+        .to_owned();
+    ensure!(
+        shown.ends_with(" 0"),
+        "the stalled sidecar's first answer after the takeover says it leads: {shown}"
+    );
+    // what happens next is the ordinary hand-over (the new leader cannot stream until the stalled
+    // one's walsender lets the slot go, gives the lease back, and either may take it): some
+    // sidecar leads again
+    rig.wait_for_leader(Duration::from_secs(30))?;
+    eprintln!(
+        "the standby took the lease {took:?} after the leader stopped; the stalled one answered: {shown}"
+    );
+    Ok(())
+}
+
 /// A newer leader takes the lease while the sidecar streams: from then on not one batch of the
 /// deposed sidecar applies (`project_batch` refuses its token with QC001, and its lease renewal
 /// fails), it stops streaming, and once the lease is free again it leads anew and loses and
