@@ -69,7 +69,7 @@ impl LeaseExpiry {
         Self(Arc::new(Mutex::new(sent + TTL)))
     }
 
-    fn renewed(&self, sent: Instant) {
+    pub(crate) fn renewed(&self, sent: Instant) {
         let mut until = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         *until = (*until).max(sent + TTL);
     }
@@ -80,16 +80,10 @@ impl LeaseExpiry {
         Instant::now() >= until
     }
 
-    /// A lease taken just now (tests of what reads it).
+    /// A lease that is certainly this sidecar's until `until` (tests of what reads it).
     #[cfg(test)]
-    pub(crate) fn taken_now() -> Self {
-        Self::taken(Instant::now())
-    }
-
-    /// A lease whose time ran out (tests of what reads it).
-    #[cfg(test)]
-    pub(crate) fn run_out() -> Self {
-        Self(Arc::new(Mutex::new(Instant::now())))
+    pub(crate) fn until(until: Instant) -> Self {
+        Self(Arc::new(Mutex::new(until)))
     }
 }
 

@@ -293,12 +293,14 @@ impl Metrics {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
     use super::*;
 
     #[test]
     fn leadership_is_shown_per_projection_group() {
         let metrics = Metrics::for_group("users").expect("the metrics");
-        metrics.set_leading(Some(LeaseExpiry::taken_now()));
+        metrics.set_leading(Some(LeaseExpiry::until(Instant::now() + Duration::from_secs(60))));
         let text = metrics.render();
         assert!(
             text.contains("cqrs_leader{projection_group=\"users\"} 1"),
@@ -311,24 +313,34 @@ mod tests {
     }
 
     #[test]
-    fn a_leader_whose_lease_ran_out_is_not_shown_leading() {
+    fn a_leader_whose_lease_runs_out_is_shown_leading_no_longer() {
         let metrics = Metrics::new().expect("the metrics");
-        metrics.set_leading(Some(LeaseExpiry::run_out()));
-        let text = metrics.render();
-        assert!(
-            text.contains("cqrs_leader{projection_group=\"default\"} 0"),
-            "{text}"
-        );
-        // a lease that runs out while leading: 0 from that moment, before anyone says so
-        let lease = LeaseExpiry::taken_now();
-        metrics.set_leading(Some(lease));
-        assert!(metrics
-            .render()
-            .contains("cqrs_leader{projection_group=\"default\"} 1"));
+        let leads = |metrics: &Metrics| {
+            let text = metrics.render();
+            if text.contains("cqrs_leader{projection_group=\"default\"} 1") {
+                true
+            } else {
+                assert!(
+                    text.contains("cqrs_leader{projection_group=\"default\"} 0"),
+                    "{text}"
+                );
+                false
+            }
+        };
+        // a lease that ran out before it was reported
+        metrics.set_leading(Some(LeaseExpiry::until(Instant::now())));
+        assert!(!leads(&metrics));
+        // one that runs out while it leads: 0 from that moment, with nobody saying so
+        let lease = LeaseExpiry::until(Instant::now() + Duration::from_millis(200));
+        metrics.set_leading(Some(lease.clone()));
+        assert!(leads(&metrics));
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(!leads(&metrics));
+        // a renewal (the lease's monitor holds the same expiry) shows it leading again
+        lease.renewed(Instant::now());
+        assert!(leads(&metrics));
         metrics.set_leading(None);
-        assert!(metrics
-            .render()
-            .contains("cqrs_leader{projection_group=\"default\"} 0"));
+        assert!(!leads(&metrics));
     }
 
     #[test]
