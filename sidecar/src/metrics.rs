@@ -266,13 +266,12 @@ impl Metrics {
     }
 
     /// Whether this sidecar leads, by which lease: `cqrs_leader` says 1 while it does and that
-    /// lease has not run out. A leader that stalled (a stopped process, starved cores) past its
-    /// lease's time to live learns that another took the lease over only when its next renewal
-    /// answers; the gauge says 0 from the moment the lease may have changed hands.
+    /// lease has not run out (worked out in [`Metrics::render`]). A leader that stalled (a stopped
+    /// process, starved cores) past its lease's time to live learns that another took the lease
+    /// over only when its next renewal answers; the gauge says 0 from the moment the lease may
+    /// have changed hands.
     pub fn set_leading(&self, lease: Option<LeaseExpiry>) {
-        let leads = lease.as_ref().is_some_and(|lease| !lease.passed());
         *self.lease.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = lease;
-        self.leader.set(i64::from(leads));
     }
 
     pub fn render(&self) -> String {

@@ -456,6 +456,18 @@ async fn redis_down_for_ten_seconds_is_repaired() -> Result<()> {
     Ok(())
 }
 
+/// Sends `name` (`-STOP`, `-CONT`, …) to process `pid` with kill(1).
+fn signal(name: &str, pid: &str) -> Result<()> {
+    let status = Process::new("kill").args([name, pid]).status()?;
+    ensure!(status.success(), "kill {name} {pid}: {status}");
+    Ok(())
+}
+
+/// The one bigint `sql` answers.
+async fn bigint(client: &tokio_postgres::Client, sql: &str) -> Result<i64> {
+    Ok(client.query_one(sql, &[]).await?.get(0))
+}
+
 /// redis-server stopped (SIGSTOP: its connections stay open and nothing answers) while two
 /// commands are projected one after the other. The second is projected while the first's cache
 /// write still waits for Redis — the flusher does not wait for the cache before it projects the
@@ -475,19 +487,12 @@ async fn the_next_batch_is_projected_while_redis_has_not_answered_the_last() -> 
     })
     .await?;
     let pid = rig.redis.pid().context("redis-server has no pid")?.to_string();
-    let signal = |name: &str| -> Result<()> {
-        let status = Process::new("kill").args([name, pid.as_str()]).status()?;
-        ensure!(status.success(), "kill {name} {pid}: {status}");
-        Ok(())
-    };
-    let wal_now = || async {
-        let row = client
-            .query_one(
-                "select pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), '0/0')::bigint",
-                &[],
-            )
-            .await?;
-        Ok::<i64, anyhow::Error>(row.get(0))
+    let signal = |name: &str| signal(name, &pid);
+    let wal_now = || {
+        bigint(
+            &client,
+            "select pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), '0/0')::bigint",
+        )
     };
     let append_and_wait = |stream: &'static str| {
         let client = &client;
@@ -853,25 +858,13 @@ async fn a_leader_stalled_past_its_lease_is_not_shown_leading_beside_the_new_one
         .pid()
         .context("the leader's pid")?
         .to_string();
-    let signal = |name: &str| -> Result<()> {
-        ensure!(
-            Process::new("kill")
-                .args([name, pid.as_str()])
-                .status()?
-                .success(),
-            "kill {name} failed"
-        );
-        Ok(())
-    };
+    let signal = |name: &str| signal(name, &pid);
     let client = rig.client().await?;
-    let token = || async {
-        let row = client
-            .query_one(
-                "select token from cqrs.projector_lease where projection_group = 'default'",
-                &[],
-            )
-            .await?;
-        Ok::<i64, anyhow::Error>(row.get(0))
+    let token = || {
+        bigint(
+            &client,
+            "select token from cqrs.projector_lease where projection_group = 'default'",
+        )
     };
     let stalled_token = token().await?;
     signal("-STOP")?;
@@ -962,14 +955,11 @@ async fn a_deposed_leader_stops_and_nothing_applies_twice_on(edition: Edition) -
              commit",
         )
         .await?;
-    let checkpoint = || async {
-        let row = usurper
-            .query_one(
-                "select coalesce(sum(checkpoint_position), 0)::bigint from cqrs.projection_state",
-                &[],
-            )
-            .await?;
-        Ok::<i64, anyhow::Error>(row.get(0))
+    let checkpoint = || {
+        bigint(
+            &usurper,
+            "select coalesce(sum(checkpoint_position), 0)::bigint from cqrs.projection_state",
+        )
     };
     let at_takeover = checkpoint().await?;
     eventually(
