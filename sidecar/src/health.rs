@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::leader::LeaseExpiry;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Starting = 0,
@@ -28,6 +30,8 @@ pub const READ_POOL_UNREADY_AFTER: Duration = Duration::from_secs(1);
 #[derive(Debug, Default)]
 pub struct Health {
     role: AtomicU8,
+    /// The lease this sidecar leads by, while its role is [`Role::Leader`].
+    lease: Mutex<Option<LeaseExpiry>>,
     /// The leader's replication stream is up and batches go through.
     pub streaming: AtomicBool,
     /// The last attempt to reach PostgreSQL worked.
@@ -48,8 +52,25 @@ fn now_ms() -> u64 {
 }
 
 impl Health {
+    /// Starting or standing by (see [`Health::set_leading`] for leading).
     pub fn set_role(&self, role: Role) {
+        *self.lease.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
         self.role.store(role as u8, Ordering::Relaxed);
+    }
+
+    /// Leading by `lease`: said so while that lease has not run out (see [`Health::readiness`]).
+    pub fn set_leading(&self, lease: LeaseExpiry) {
+        *self.lease.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(lease);
+        self.role.store(Role::Leader as u8, Ordering::Relaxed);
+    }
+
+    /// Whether the lease this sidecar leads by may have passed to another sidecar.
+    fn lease_passed(&self) -> bool {
+        self.lease
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_ref()
+            .is_none_or(LeaseExpiry::passed)
     }
 
     pub fn role(&self) -> Role {
@@ -89,6 +110,15 @@ impl Health {
     /// Ready, and why (or why not).
     pub fn readiness(&self) -> (bool, String) {
         let (ready, why) = match self.role() {
+            // a leader stalled past its lease (a stopped process, starved cores) learns that
+            // another sidecar took it over only when its next renewal answers: until then it must
+            // not say "leader, streaming" beside the new leader. It can still answer reads (as a
+            // standby does), so it stays ready rather than leave the balancer for a moment.
+            Role::Leader if self.lease_passed() => (
+                true,
+                "leader whose lease may have passed to another sidecar (it stalled past it); \
+                 serving reads, stepping down when its renewal answers",
+            ),
             Role::Leader if self.streaming.load(Ordering::Relaxed) => (true, "leader, streaming"),
             Role::Leader => (false, "leader, not streaming (connecting or retrying)"),
             Role::Standby if !self.pg_reachable.load(Ordering::Relaxed) => {
@@ -122,6 +152,8 @@ impl Health {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
 
     #[test]
@@ -137,16 +169,37 @@ mod tests {
         );
         health.leader_live.store(true, Ordering::Relaxed);
         assert!(health.readiness().0);
-        health.set_role(Role::Leader);
+        health.set_leading(LeaseExpiry::until(Instant::now() + Duration::from_secs(60)));
         assert!(!health.readiness().0);
         health.streaming.store(true, Ordering::Relaxed);
         assert_eq!(health.readiness(), (true, "leader, streaming".to_owned()));
     }
 
     #[test]
+    fn a_leader_whose_lease_ran_out_does_not_say_it_leads() {
+        let health = Health::default();
+        health.streaming.store(true, Ordering::Relaxed);
+        let lease = LeaseExpiry::until(Instant::now() + Duration::from_millis(200));
+        health.set_leading(lease.clone());
+        assert_eq!(health.readiness(), (true, "leader, streaming".to_owned()));
+        // nothing renews it, nothing says it was lost: it runs out while leading
+        std::thread::sleep(Duration::from_millis(250));
+        let (ready, why) = health.readiness();
+        assert!(ready && why.contains("lease may have passed"), "{why}");
+        // a renewal of the same lease makes it the leader again
+        lease.renewed(Instant::now());
+        assert_eq!(health.readiness(), (true, "leader, streaming".to_owned()));
+        // standing by forgets the lease
+        health.set_role(Role::Standby);
+        health.pg_reachable.store(true, Ordering::Relaxed);
+        health.leader_live.store(true, Ordering::Relaxed);
+        assert_eq!(health.readiness(), (true, "standby".to_owned()));
+    }
+
+    #[test]
     fn a_halt_is_named_but_an_exhausted_pool_makes_it_unready() {
         let health = Health::default();
-        health.set_role(Role::Leader);
+        health.set_leading(LeaseExpiry::until(Instant::now() + Duration::from_secs(60)));
         health.streaming.store(true, Ordering::Relaxed);
         health.set_halted(vec!["memos".into()]);
         let (ready, why) = health.readiness();

@@ -60,7 +60,7 @@ impl Candidate {
 /// renewed it was *sent* (PostgreSQL counts the TTL from when it ran the call, later, so this
 /// errs early). Past it another sidecar may hold the lease before this one has heard of it — a
 /// stalled process learns it only from its next renewal — so whatever says "this sidecar leads"
-/// (the `cqrs_leader` gauge) asks this first.
+/// (the `cqrs_leader` gauge, `/readyz`) asks this first.
 #[derive(Clone, Debug)]
 pub struct LeaseExpiry(Arc<Mutex<Instant>>);
 

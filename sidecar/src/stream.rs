@@ -21,7 +21,6 @@ use crate::assembly::{Assembler, Batch, Confirmations};
 use crate::batching::BatchPolicy;
 use crate::cache_sync::{resync_behind, write_to_cache, writes_from};
 use crate::flusher::{self, FlushError};
-use crate::health::Role;
 use crate::leader::Leadership;
 use crate::leading::Context;
 use crate::outbox::Outbox;
@@ -159,7 +158,7 @@ fn cqrs_lsn(lsn: u64) -> String {
 
 /// Leads until shutdown, loss of the lease, deposition or failure.
 pub async fn lead(ctx: &Context, leadership: &Leadership, shutdown: watch::Receiver<bool>) -> Ending {
-    ctx.health.set_role(Role::Leader);
+    ctx.health.set_leading(leadership.expiry());
     ctx.metrics.set_leading(Some(leadership.expiry()));
     tracing::info!(
         token = leadership.token(),

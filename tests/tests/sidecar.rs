@@ -834,9 +834,9 @@ async fn sidecars_started_together_elect_exactly_one_leader() -> Result<()> {
 }
 
 /// A leader stopped past its lease's time to live (a stalled process): the standby takes the
-/// lease over, and when the stalled sidecar runs again its `cqrs_leader` says 0 from its first
-/// answer — a scrape sent while it was still stopped, answered before its renewal can have told
-/// it the lease is gone — so two sidecars are never shown leading at once.
+/// lease over, and when the stalled sidecar runs again its `cqrs_leader` says 0 and its `/readyz`
+/// no longer "leader, streaming" (still ready: it can answer reads) from their first answers — requests sent while it was still stopped, answered before its
+/// renewal can have told it the lease is gone — so two sidecars are never shown leading at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_stalled_past_its_lease_is_not_shown_leading_beside_the_new_one() -> Result<()> {
     let _serial = serial().await;
@@ -890,14 +890,24 @@ async fn a_leader_stalled_past_its_lease_is_not_shown_leading_beside_the_new_one
     let took = stopped.elapsed();
     // the kernel queues the connection and the request while the process is stopped
     let port = rig.sidecars[stalled].admin_port();
-    let scrape =
-        std::thread::spawn(move || cqrs_harness::http_get(port, "/metrics", Duration::from_secs(20)));
+    let ask = |path: &'static str| {
+        std::thread::spawn(move || cqrs_harness::http_get(port, path, Duration::from_secs(20)))
+    };
+    let (scrape, readiness) = (ask("/metrics"), ask("/readyz"));
     std::thread::sleep(Duration::from_millis(300));
     signal("-CONT")?;
-    let (status, body) = scrape
-        .join()
-        .map_err(|_| anyhow::anyhow!("the scrape panicked"))??;
+    let answer = |asked: std::thread::JoinHandle<Result<(u16, String)>>| {
+        asked
+            .join()
+            .map_err(|_| anyhow::anyhow!("the request panicked"))?
+    };
+    let (status, body) = answer(scrape)?;
     ensure!(status == 200, "/metrics answered {status}");
+    let (ready_status, ready_body) = answer(readiness)?;
+    ensure!(
+        ready_status == 200 && !ready_body.contains("leader, streaming"),
+        "the stalled sidecar's first /readyz after the takeover: {ready_status} {ready_body}"
+    );
     let shown = body
         .lines()
         .find(|line| line.starts_with("cqrs_leader{"))
@@ -912,7 +922,7 @@ async fn a_leader_stalled_past_its_lease_is_not_shown_leading_beside_the_new_one
     // sidecar leads again
     rig.wait_for_leader(Duration::from_secs(30))?;
     eprintln!(
-        "the standby took the lease {took:?} after the leader stopped; the stalled one answered: {shown}"
+        "the standby took the lease {took:?} after the leader stopped; the stalled one answered: {shown}; /readyz {ready_status} {ready_body}"
     );
     Ok(())
 }
