@@ -31,4 +31,21 @@ select seq from cqrs.append(cqrs.uuid_v7(), 'd-1', 'DEVICE', '{"kind": "sensor",
 \echo :LAST_ERROR_SQLSTATE
 select seq from cqrs.append(cqrs.uuid_v7(), 'd-1', 'DEVICE', '{"kind": "sensor", "Bad-Name": 1}');
 \echo :LAST_ERROR_SQLSTATE
+-- a bundled schema, alike in both editions: embedded resources ($id below the root), whose
+-- $refs are read against their own base URI — "#/$defs/sku" inside line.json is line.json's
+-- own, at most 3 characters, not the root's sku resource, whose anchor "code" is reached by URI
+select cqrs.register_command_type('BUNDLED', '{
+  "$id": "https://example.com/order.json", "type": "object", "required": ["line"],
+  "properties": {"line": {"$ref": "line.json"}, "code": {"$ref": "https://example.com/refs/sku.json#code"}},
+  "$defs": {
+    "line": {"$id": "line.json", "type": "object", "properties": {"sku": {"$ref": "#/$defs/sku"}},
+             "$defs": {"sku": {"type": "string", "maxLength": 3}}},
+    "sku": {"$id": "refs/sku.json", "$defs": {"c": {"$anchor": "code", "type": "string", "pattern": "^[A-Z]+$"}}}
+  }
+}') > 0 as registered;
+select seq from cqrs.append(cqrs.uuid_v7(), 'b-1', 'BUNDLED', '{"line": {"sku": "abc"}, "code": "AB"}');
+select seq from cqrs.append(cqrs.uuid_v7(), 'b-1', 'BUNDLED', '{"line": {"sku": "ABCD"}}');
+\echo :LAST_ERROR_SQLSTATE
+select seq from cqrs.append(cqrs.uuid_v7(), 'b-1', 'BUNDLED', '{"line": {}, "code": "ab"}');
+\echo :LAST_ERROR_SQLSTATE
 rollback;

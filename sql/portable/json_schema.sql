@@ -8,16 +8,16 @@
 --   maxContains, unevaluatedProperties, unevaluatedItems, minItems, maxItems, uniqueItems,
 --   minLength, maxLength, pattern, minimum, maximum, exclusiveMinimum, exclusiveMaximum,
 --   multipleOf, minProperties, maxProperties, allOf, anyOf, oneOf, not, if/then/else, $ref
---   (within the document: JSON pointers escaped with ~0, ~1 and %XX, anchors, its own $id);
+--   (within the document: JSON pointers escaped with ~0, ~1 and %XX, anchors, its own $id, and
+--   schema resources embedded with an $id of their own, their relative URIs resolved);
 --   format date-time, date, time, duration, email, hostname, ipv4, ipv6, uri, uri-reference,
 --   iri, iri-reference, uri-template, uuid, json-pointer, relative-json-pointer; annotations
 --   ($id, $comment, title, description, default, examples, deprecated, readOnly, writeOnly,
 --   $anchor, content* from 2019-09) are accepted and ignored.
 --
 -- A schema with what it cannot check as the extension does ($dynamicRef, $recursiveRef,
--- $vocabulary, an embedded resource with its own $id, a remote $ref, the formats regex and
--- idn-*, a pattern PostgreSQL's regular expressions cannot run such as \p{…}, an unknown
--- keyword, draft 4 or 6) is refused at registration with 0A000 naming it, never silently
+-- $vocabulary, a remote $ref, the formats regex and idn-*, a pattern PostgreSQL's regular
+-- expressions cannot run such as \p{…}, an unknown keyword, draft 4 or 6) is refused at registration with 0A000 naming it, never silently
 -- accepted. A keyword of another draft (dependentRequired in draft-07) is
 -- ignored, as the extension ignores it, with a WARNING. Violations read as the extension
 -- edition's (the jsonschema crate's messages, values masked as "value"), each with the JSON
@@ -1027,11 +1027,212 @@ begin
 end
 $$;
 
+-- RFC 3986 reference resolution (section 5.2, with its remove_dot_segments): `ref` read against
+-- `base`, as $id and $ref are. Scheme and host are compared as written (not case-folded).
+create function cqrs_portable._uri_resolve(base text, ref text)
+returns text
+language plpgsql immutable strict parallel safe
+as $$
+declare
+    -- scheme, authority, path, query, fragment (RFC 3986 appendix B); null where absent
+    b text[] := regexp_match(base, '^(?:([^:/?#]+):)?(?://([^/?#]*))?([^?#]*)(?:\?([^#]*))?(?:#(.*))?$');
+    r text[] := regexp_match(ref, '^(?:([^:/?#]+):)?(?://([^/?#]*))?([^?#]*)(?:\?([^#]*))?(?:#(.*))?$');
+    v_scheme text := b[1];
+    v_authority text := b[2];
+    v_path text;
+    v_query text;
+    v_segment text;
+    v_out text[] := '{}'::text[];
+    v_parts text[];
+    v_index integer := 0;
+begin
+    if r[1] is not null then
+        v_scheme := r[1];
+        v_authority := r[2];
+        v_path := r[3];
+        v_query := r[4];
+    elsif r[2] is not null then
+        v_authority := r[2];
+        v_path := r[3];
+        v_query := r[4];
+    elsif r[3] = '' then
+        v_path := b[3];
+        v_query := coalesce(r[4], b[4]);
+    elsif left(r[3], 1) = '/' then
+        v_path := r[3];
+        v_query := r[4];
+    else
+        -- merge: the base's path up to its last '/', or '/' under an authority with no path
+        v_path := case when b[2] is not null and b[3] = '' then '/' || r[3]
+                       else substring(b[3] from '^(.*/)') || r[3] end;
+        v_path := coalesce(v_path, r[3]);
+        v_query := r[4];
+    end if;
+    -- remove_dot_segments: '.' goes, '..' takes the segment before it along
+    v_parts := string_to_array(case when left(v_path, 1) = '/' then substr(v_path, 2) else v_path end, '/');
+    foreach v_segment in array coalesce(v_parts, '{}') loop
+        v_index := v_index + 1;
+        if v_segment = '.' then
+            null;
+        elsif v_segment = '..' then
+            v_out := v_out[1:cardinality(v_out) - 1];
+        else
+            v_out := v_out || v_segment;
+            continue;
+        end if;
+        if v_index = cardinality(v_parts) then
+            v_out := v_out || ''::text;
+        end if;
+    end loop;
+    v_path := case when left(v_path, 1) = '/' then '/' else '' end || array_to_string(v_out, '/');
+    return coalesce(v_scheme || ':', '') || coalesce('//' || v_authority, '') || v_path
+        || coalesce('?' || v_query, '') || coalesce('#' || r[5], '');
+end
+$$;
+
+-- The schema positions under `node` (a schema at `path`, read against base URI `base`) that
+-- $refs need: each schema resource (kind 'resource', name its absolute URI without fragment),
+-- each anchor (kind 'anchor', name URI#anchor: $anchor, $dynamicAnchor, draft-07's "$id":
+-- "#name") and each $ref (kind 'ref', name the absolute URI it asks for). Only where subschemas
+-- are: the values of applicator keywords, never enum, const, default or examples, nor a property
+-- that merely is called "$id" or "$ref".
+create function cqrs_portable._schema_locations(node jsonb, path text[], base text, draft text)
+returns table (kind text, name text, location text[])
+language plpgsql immutable strict parallel safe
+as $$
+declare
+    v_key text;
+    v_value jsonb;
+    v_member text;
+    v_id text;
+begin
+    if jsonb_typeof(node) <> 'object' then
+        return;
+    end if;
+    -- draft-07 ignores every sibling of a $ref, its $id too (the suite's "$ref prevents a
+    -- sibling $id from changing the base uri")
+    if jsonb_typeof(node -> '$id') = 'string' and not (draft = '07' and node ? '$ref') then
+        v_id := cqrs_portable._uri_resolve(base, node ->> '$id');
+        if strpos(v_id, '#') > 0 and split_part(v_id, '#', 2) <> '' then
+            -- "$id": "#name" (or "…#name" before 2019-09): an anchor in the resource it names
+            return query select 'anchor', v_id, path;
+        else
+            v_id := split_part(v_id, '#', 1);
+            base := v_id;
+            return query select 'resource', v_id, path;
+        end if;
+    end if;
+    if jsonb_typeof(node -> '$anchor') = 'string' then
+        return query select 'anchor', split_part(base, '#', 1) || '#' || (node ->> '$anchor'), path;
+    end if;
+    if jsonb_typeof(node -> '$dynamicAnchor') = 'string' then
+        return query select 'anchor', split_part(base, '#', 1) || '#' || (node ->> '$dynamicAnchor'), path;
+    end if;
+    if jsonb_typeof(node -> '$ref') = 'string' then
+        return query select 'ref', cqrs_portable._uri_resolve(base, node ->> '$ref'), path;
+    end if;
+    for v_key, v_value in select e.key, e.value from jsonb_each(node) e loop
+        case
+        when v_key in ('additionalProperties', 'additionalItems', 'contains', 'propertyNames', 'not', 'if', 'then', 'else',
+                       'unevaluatedProperties', 'unevaluatedItems', 'contentSchema')
+             or (v_key = 'items' and jsonb_typeof(v_value) <> 'array') then
+            return query select * from cqrs_portable._schema_locations(v_value, path || v_key, base, draft);
+        when v_key in ('allOf', 'anyOf', 'oneOf', 'prefixItems', 'items') and jsonb_typeof(v_value) = 'array' then
+            for v_i in 0 .. jsonb_array_length(v_value) - 1 loop
+                return query select * from cqrs_portable._schema_locations(v_value -> v_i, path || v_key || v_i::text, base, draft);
+            end loop;
+        when v_key in ('properties', 'patternProperties', '$defs', 'definitions', 'dependentSchemas', 'dependencies')
+             and jsonb_typeof(v_value) = 'object' then
+            for v_member in select jsonb_object_keys(v_value) loop
+                return query select * from cqrs_portable._schema_locations(v_value -> v_member, path || v_key || v_member, base, draft);
+            end loop;
+        else
+            null;
+        end case;
+    end loop;
+end
+$$;
+
+-- A JSON pointer to `path` as a URI fragment, as cqrs_portable._schema_ref reads it (~0, ~1,
+-- and %25 for '%').
+create function cqrs_portable._pointer_fragment(path text[])
+returns text
+language sql immutable strict parallel safe
+as $$
+    select '#' || coalesce(string_agg('/' || replace(replace(replace(p, '~', '~0'), '/', '~1'), '%', '%25'), '' order by n), '')
+      from unnest(path) with ordinality x(p, n)
+$$;
+
+-- `root` with every $ref made a JSON pointer from the root ("#/$defs/…"), for a schema that
+-- embeds schema resources of its own ($id below the root): their $refs are read against their
+-- own base URI ("$ref": "item.json", "#/$defs/x" within the resource, its anchors), which the
+-- validator, reading every $ref against the root, would not do. A schema without embedded
+-- resources is returned as it is. A $ref to a document the schema does not hold is refused
+-- (0A000), as before.
+create function cqrs_portable._schema_localized(root jsonb)
+returns jsonb
+language plpgsql immutable strict parallel safe
+as $$
+declare
+    -- the base of a root without $id (the extension's validator names it so too)
+    c_base constant text := 'json-schema:///';
+    v_resources jsonb;
+    v_anchors jsonb;
+    v_refs jsonb;
+    v_ref jsonb;
+    v_name text;
+    v_hash integer;
+    v_fragment text;
+    v_target jsonb;
+    v_path text[];
+    v_out jsonb := root;
+begin
+    if not exists (select from pg_catalog.jsonb_path_query(root, 'strict $.*.**."$id" ? (@.type() == "string" && !(@ starts with "#"))', '{}', true)) then
+        return root;
+    end if;
+    select coalesce(jsonb_object_agg(l.name, to_jsonb(l.location)) filter (where l.kind = 'resource'), '{}'),
+           coalesce(jsonb_object_agg(l.name, to_jsonb(l.location)) filter (where l.kind = 'anchor'), '{}'),
+           coalesce(jsonb_agg(jsonb_build_array(l.name, to_jsonb(l.location))) filter (where l.kind = 'ref'), '[]')
+      into v_resources, v_anchors, v_refs
+      from cqrs_portable._schema_locations(root, '{}', c_base, cqrs_portable._schema_draft(root)) l;
+    if jsonb_typeof(root -> '$id') is distinct from 'string' then
+        v_resources := jsonb_build_object(c_base, '[]'::jsonb) || v_resources;
+    end if;
+    for v_ref in select e from jsonb_array_elements(v_refs) e loop
+        v_name := v_ref ->> 0;
+        v_hash := strpos(v_name, '#');
+        v_fragment := case when v_hash = 0 then '' else substr(v_name, v_hash + 1) end;
+        v_target := v_resources -> (case when v_hash = 0 then v_name else left(v_name, v_hash - 1) end);
+        if v_target is null then
+            raise exception using errcode = '0A000',
+                message = format('json_schema uses keyword $ref with %s, which the portable edition does not resolve (only references within the schema: #/$defs/…, #anchor, or an $id of the schema)', to_jsonb(v_name)::text),
+                hint = 'Schemas must be self-contained: remote and file $refs are not resolved inside the database.';
+        end if;
+        if v_fragment = '' then
+            null;
+        elsif left(v_fragment, 1) = '/' then
+            v_target := v_target || to_jsonb(array(select replace(replace(cqrs_portable._percent_decode(p), '~1', '/'), '~0', '~')
+                                                     from unnest(string_to_array(substr(v_fragment, 2), '/')) p));
+        else
+            v_target := v_anchors -> (left(v_name, v_hash - 1) || '#' || v_fragment);
+        end if;
+        v_path := array(select jsonb_array_elements_text(v_target));
+        if v_target is null or root #> v_path is null then
+            raise exception using errcode = '22023', message = format('json_schema is not a valid JSON Schema: Pointer ''%s'' does not exist', '#' || v_fragment);
+        end if;
+        v_out := jsonb_set(v_out, array(select jsonb_array_elements_text(v_ref -> 1)) || '$ref'::text,
+                           to_jsonb(cqrs_portable._pointer_fragment(v_path)));
+    end loop;
+    return v_out;
+end
+$$;
+
 -- The violations of a payload, up to `max_errors`, as 'pointer: message'.
 create function cqrs_portable._schema_violations(schema jsonb, instance jsonb, max_errors integer)
 returns text[]
 language sql immutable parallel safe
-as $$ select cqrs_portable._schema_walk(schema, instance, '/', schema, max_errors, 0) $$;
+as $$ select cqrs_portable._schema_walk(l.root, instance, '/', l.root, max_errors, 0)
+        from (select cqrs_portable._schema_localized(schema) as root) l $$;
 
 -- Refuses a keyword whose argument is a value, not a subschema (type, the bounds, uniqueItems,
 -- pattern, format, $ref) when it is malformed (22023) or cannot be checked as the extension
@@ -1230,7 +1431,7 @@ as $$
 declare
     v_draft text := cqrs_portable._schema_draft(json_schema);
     v_ref text;
-    v_id text;
+    v_local jsonb;
 begin
     if v_draft = 'unknown' or exists (select from pg_catalog.jsonb_path_query(json_schema, 'strict $.**."$schema"', '{}', true) d
                                        where d <> json_schema -> '$schema') then
@@ -1243,17 +1444,12 @@ begin
                union all select from pg_catalog.jsonb_path_query(json_schema, 'strict $.**."$recursiveRef"', '{}', true)) then
         raise exception using errcode = '0A000', message = 'json_schema uses $dynamicRef or $recursiveRef, which the portable edition does not resolve';
     end if;
-    -- a schema resource embedded below the root changes what its $refs mean: not resolved here
-    for v_id in select i #>> '{}' from pg_catalog.jsonb_path_query(json_schema, 'strict $.*.**."$id" ? (@.type() == "string")', '{}', true) i loop
-        if left(v_id, 1) <> '#' then
-            raise exception using errcode = '0A000',
-                message = format('json_schema embeds a schema resource with $id %s below its root; the portable edition resolves $refs within one document only', to_jsonb(v_id)::text);
-        end if;
-    end loop;
     perform cqrs_portable._check_schema_node(json_schema, '/', v_draft);
-    -- every local $ref resolves
-    for v_ref in select r #>> '{}' from pg_catalog.jsonb_path_query(json_schema, 'strict $.**."$ref" ? (@.type() == "string")', '{}', true) r loop
-        perform cqrs_portable._schema_ref(json_schema, v_ref);
+    -- every $ref resolves: those of embedded schema resources (an $id below the root) against
+    -- their own base URI, made JSON pointers from the root as the validator reads them
+    v_local := cqrs_portable._schema_localized(json_schema);
+    for v_ref in select r #>> '{}' from pg_catalog.jsonb_path_query(v_local, 'strict $.**."$ref" ? (@.type() == "string")', '{}', true) r loop
+        perform cqrs_portable._schema_ref(v_local, v_ref);
     end loop;
 end
 $$;

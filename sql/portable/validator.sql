@@ -211,10 +211,16 @@ returns text
 language plpgsql immutable
 as $$
 declare
-    v_body text := cqrs_portable._validator_node(schema, 0, '/', cqrs_portable._schema_draft(schema), 'e', 'max_errors',
+    -- a schema that embeds resources of its own is checked with its $refs made pointers from
+    -- the root (cqrs_portable._schema_localized), the root the interpreter is then given too
+    v_local jsonb := cqrs_portable._schema_localized(schema);
+    v_body text := cqrs_portable._validator_node(v_local, 0, '/', cqrs_portable._schema_draft(schema), 'e', 'max_errors',
                                                   'return e[1:max_errors];', '0');
     v_declare text;
 begin
+    if v_local <> schema then
+        v_body := format(E'root := %L::jsonb;\n', v_local) || v_body;
+    end if;
     -- every variable the checks use: values, their types, texts and numbers per level, and the
     -- violations of each if's condition
     select string_agg(format(E'    %s %s;\n', x.name, case left(x.name, 1) when 'v' then 'jsonb' when 'n' then 'numeric'

@@ -1,7 +1,9 @@
 //! The portable edition's JSON Schema validator (PL/pgSQL, a subset of draft 2020-12) agrees with
 //! the extension's (the jsonschema crate): random schemas within the subset and random payloads,
 //! half of them shaped to fit, through `cqrs.append` in both editions — the same verdict every
-//! time, and where there is exactly one violation, the same JSON pointer and message.
+//! time, and where there is exactly one violation, the same JSON pointer and message. A third of
+//! the schemas are bundled: the schema under test sits in an embedded resource with an `$id` of
+//! its own, reached by relative URIs.
 //!
 //! `CQRS_SCHEMA_SEED` replays a run; `CQRS_SCHEMA_CASES` sets how many schemas (each tried with
 //! several payloads).
@@ -400,6 +402,21 @@ async fn verdict(
     Ok(result)
 }
 
+/// `inner` as a bundled schema would hold it: "v" refers to an embedded schema resource by a
+/// relative URI, and that resource's `#/$defs/body` is `inner` — the root's own `$defs/body`,
+/// `decoy`, is what a validator that read the `$ref` against the root would take instead.
+fn bundled(inner: &Value, decoy: Value) -> Value {
+    json!({
+        "$id": "https://example.com/commands/root.json",
+        "type": "object",
+        "properties": {"v": {"$ref": "parts/v.json"}},
+        "$defs": {
+            "v": {"$id": "parts/v.json", "$ref": "#/$defs/body", "$defs": {"body": inner}},
+            "body": decoy
+        }
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_editions_give_the_same_verdicts() -> Result<()> {
     let seed: u64 = std::env::var("CQRS_SCHEMA_SEED")
@@ -423,7 +440,11 @@ async fn both_editions_give_the_same_verdicts() -> Result<()> {
     for _ in 0..cases {
         // wrapped the way the payload is: the schema describes "v"
         let inner = schema(&mut rng, 2);
-        let schema = json!({"type": "object", "properties": {"v": inner}});
+        let schema = if rng.random_bool(0.3) {
+            bundled(&inner, schema(&mut rng, 1))
+        } else {
+            json!({"type": "object", "properties": {"v": inner}})
+        };
         for _ in 0..4 {
             let value = payload(&mut rng, &inner, 2);
             let (a, b) = (

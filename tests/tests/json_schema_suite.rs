@@ -33,20 +33,25 @@ const DRAFTS: &[(&str, &str)] = &[
 const REFUSALS: &[&str] = &["0A000", "22023"];
 
 /// `schema` moved under `/properties/v` of an object schema of draft `declared`, its local
-/// `$ref`s pointing where they pointed; `None` where moving could change its meaning (an `$id`,
-/// a dynamic or remote reference).
+/// `$ref`s pointing where they pointed; `None` where moving could change its meaning (a dynamic
+/// or remote reference, an `$id` below a root that has none). A schema with an absolute `$id` of
+/// its own is a schema resource wherever it stands: it moves as it is, an embedded resource of
+/// the wrapper, its `$ref`s still read against that `$id` (not in draft-07 when the root has a
+/// `$ref`: there the `$ref`'s siblings, the `$id` too, are ignored).
 fn wrapped(schema: &Value, declared: &str) -> Option<Value> {
-    fn movable(value: &Value) -> bool {
+    fn movable(value: &Value, resource: bool) -> bool {
         match value {
             Value::Object(members) => members.iter().all(|(key, member)| {
                 let dynamic = matches!(
                     key.as_str(),
-                    "$id" | "$dynamicRef" | "$recursiveRef" | "$dynamicAnchor" | "$recursiveAnchor"
+                    "$dynamicRef" | "$recursiveRef" | "$dynamicAnchor" | "$recursiveAnchor"
                 );
-                let remote = key == "$ref" && member.as_str().is_some_and(|r| !r.starts_with('#'));
-                !dynamic && !remote && movable(member)
+                let relative = !resource
+                    && (key == "$id"
+                        || (key == "$ref" && member.as_str().is_some_and(|r| !r.starts_with('#'))));
+                !dynamic && !relative && movable(member, resource)
             }),
-            Value::Array(items) => items.iter().all(movable),
+            Value::Array(items) => items.iter().all(|item| movable(item, resource)),
             _ => true,
         }
     }
@@ -67,14 +72,22 @@ fn wrapped(schema: &Value, declared: &str) -> Option<Value> {
             _ => {}
         }
     }
-    if !movable(schema) {
+    let draft = schema.get("$schema").and_then(Value::as_str).unwrap_or(declared);
+    let resource = schema
+        .get("$id")
+        .and_then(Value::as_str)
+        .is_some_and(|id| id.contains("://") || id.starts_with("urn:"))
+        && !(draft.contains("draft-07") && schema.get("$ref").is_some());
+    if !movable(schema, resource) {
         return None;
     }
     let mut inner = schema.clone();
     if let Some(members) = inner.as_object_mut() {
         members.remove("$schema");
     }
-    moved(&mut inner);
+    if !resource {
+        moved(&mut inner);
+    }
     Some(serde_json::json!({
         "$schema": schema.get("$schema").cloned().unwrap_or_else(|| Value::from(declared)),
         "type": "object",

@@ -21,7 +21,9 @@ select cqrs.register_command_type('LETTERS', '{"properties": {"name": {"type": "
 \echo :LAST_ERROR_SQLSTATE
 select cqrs.register_command_type('ANCIENT', '{"$schema": "http://json-schema.org/draft-04/schema#", "type": "object"}');
 \echo :LAST_ERROR_SQLSTATE
-select cqrs.register_command_type('EMBEDDED', '{"$defs": {"a": {"$id": "https://example.com/a.json", "type": "string"}}}');
+-- a $ref of an embedded schema resource is read against that resource's $id: one to a document
+-- the schema does not hold is remote, refused
+select cqrs.register_command_type('EMBEDDED', '{"$defs": {"a": {"$id": "https://example.com/a.json", "$ref": "b.json"}}}');
 \echo :LAST_ERROR_SQLSTATE
 -- the validator at work
 select cqrs.register_command_type('ORDER', '{
