@@ -48,4 +48,21 @@ select seq from cqrs.append(cqrs.uuid_v7(), 'b-1', 'BUNDLED', '{"line": {"sku": 
 \echo :LAST_ERROR_SQLSTATE
 select seq from cqrs.append(cqrs.uuid_v7(), 'b-1', 'BUNDLED', '{"line": {}, "code": "ab"}');
 \echo :LAST_ERROR_SQLSTATE
+-- an extensible schema, alike in both editions: list.json's items are whatever the outermost
+-- resource in the dynamic scope calls "item" — here the root's tag, a string of at most 5
+select cqrs.register_command_type('TAGGED', '{
+  "$id": "https://example.com/tagged.json",
+  "$ref": "list.json",
+  "$defs": {
+    "tag": {"$dynamicAnchor": "item", "type": "string", "maxLength": 5},
+    "list": {"$id": "list.json", "type": "object",
+             "properties": {"items": {"type": "array", "items": {"$dynamicRef": "#item"}}},
+             "$defs": {"any": {"$dynamicAnchor": "item"}}}
+  }
+}') > 0 as registered;
+select seq from cqrs.append(cqrs.uuid_v7(), 't-1', 'TAGGED', '{"items": ["ok", "fine"]}');
+select seq from cqrs.append(cqrs.uuid_v7(), 't-1', 'TAGGED', '{"items": ["ok", "too long"]}');
+\echo :LAST_ERROR_SQLSTATE
+select seq from cqrs.append(cqrs.uuid_v7(), 't-1', 'TAGGED', '{"items": [3]}');
+\echo :LAST_ERROR_SQLSTATE
 rollback;

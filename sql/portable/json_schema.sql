@@ -9,17 +9,18 @@
 --   minLength, maxLength, pattern, minimum, maximum, exclusiveMinimum, exclusiveMaximum,
 --   multipleOf, minProperties, maxProperties, allOf, anyOf, oneOf, not, if/then/else, $ref
 --   (within the document: JSON pointers escaped with ~0, ~1 and %XX, anchors, its own $id, and
---   schema resources embedded with an $id of their own, their relative URIs resolved);
+--   schema resources embedded with an $id of their own, their relative URIs resolved),
+--   $dynamicRef (2020-12) and $recursiveRef (2019-09) by their dynamic scope;
 --   format date-time, date, time, duration, email, hostname, ipv4, ipv6, uri, uri-reference,
 --   iri, iri-reference, uri-template, uuid, json-pointer, relative-json-pointer; annotations
 --   ($id, $comment, title, description, default, examples, deprecated, readOnly, writeOnly,
 --   $anchor, content* from 2019-09) are accepted and ignored.
 --
--- A schema with what it cannot check as the extension does ($dynamicRef, $recursiveRef,
--- $vocabulary, a remote $ref, the formats regex and idn-*, a pattern PostgreSQL's regular
--- expressions cannot run such as \p{…}, an unknown keyword, draft 4 or 6) is refused at registration with 0A000 naming it, never silently
--- accepted. A keyword of another draft (dependentRequired in draft-07) is
--- ignored, as the extension ignores it, with a WARNING. Violations read as the extension
+-- A schema with what it cannot check as the extension does ($vocabulary, a remote $ref, a
+-- dynamic reference of another draft, the formats regex and idn-*, a pattern PostgreSQL's
+-- regular expressions cannot run such as \p{…}, an unknown keyword, draft 4 or 6) is refused
+-- at registration with 0A000 naming it, never silently accepted. A keyword of another draft
+-- (dependentRequired in draft-07) is ignored, as the extension ignores it, with a WARNING. Violations read as the extension
 -- edition's (the jsonschema crate's messages, values masked as "value"), each with the JSON
 -- pointer of the offending field; tests/tests/json_schema.rs (random schemas and payloads) and
 -- tests/tests/json_schema_suite.rs (the official JSON-Schema-Test-Suite) check that both
@@ -1090,21 +1091,46 @@ begin
 end
 $$;
 
+-- The subschemas directly under schema `node`: each with the steps from `node` to it (one or
+-- two keys: "not", "allOf"/"0", "properties"/"name"). Only the values of applicator keywords —
+-- never enum, const, default or examples, nor a property that merely is called "$id" or "$ref".
+create function cqrs_portable._schema_children(node jsonb)
+returns table (step text[], child jsonb)
+language sql immutable strict parallel safe
+as $$
+    select array[e.key], e.value
+      from jsonb_each(case when jsonb_typeof(node) = 'object' then node else '{}' end) e
+     where e.key in ('additionalProperties', 'additionalItems', 'contains', 'propertyNames', 'not', 'if', 'then', 'else',
+                     'unevaluatedProperties', 'unevaluatedItems', 'contentSchema')
+        or (e.key = 'items' and jsonb_typeof(e.value) <> 'array')
+    union all
+    select array[e.key, (a.n - 1)::text], a.s
+      from jsonb_each(case when jsonb_typeof(node) = 'object' then node else '{}' end) e,
+           jsonb_array_elements(e.value) with ordinality a(s, n)
+     where e.key in ('allOf', 'anyOf', 'oneOf', 'prefixItems', 'items') and jsonb_typeof(e.value) = 'array'
+    union all
+    select array[e.key, m.key], m.value
+      from jsonb_each(case when jsonb_typeof(node) = 'object' then node else '{}' end) e,
+           jsonb_each(e.value) m
+     where e.key in ('properties', 'patternProperties', '$defs', 'definitions', 'dependentSchemas', 'dependencies')
+       and jsonb_typeof(e.value) = 'object'
+$$;
+
 -- The schema positions under `node` (a schema at `path`, read against base URI `base`) that
--- $refs need: each schema resource (kind 'resource', name its absolute URI without fragment),
--- each anchor (kind 'anchor', name URI#anchor: $anchor, $dynamicAnchor, draft-07's "$id":
--- "#name") and each $ref (kind 'ref', name the absolute URI it asks for). Only where subschemas
--- are: the values of applicator keywords, never enum, const, default or examples, nor a property
--- that merely is called "$id" or "$ref".
+-- references need: each schema resource (kind 'resource', name its absolute URI without
+-- fragment), each anchor (kind 'anchor', name URI#anchor: $anchor, $dynamicAnchor, draft-07's
+-- "$id": "#name"), each $ref (kind 'ref', name the absolute URI it asks for), each $dynamicRef
+-- of 2020-12 and $recursiveRef of 2019-09 (kind 'dynamic', the same) and each anchor a dynamic
+-- reference may land on (kind 'dynamic anchor', name the $dynamicAnchor, or '' for a
+-- $recursiveAnchor that is true).
 create function cqrs_portable._schema_locations(node jsonb, path text[], base text, draft text)
 returns table (kind text, name text, location text[])
 language plpgsql immutable strict parallel safe
 as $$
 declare
-    v_key text;
-    v_value jsonb;
-    v_member text;
     v_id text;
+    v_step text[];
+    v_child jsonb;
 begin
     if jsonb_typeof(node) <> 'object' then
         return;
@@ -1127,28 +1153,24 @@ begin
     end if;
     if jsonb_typeof(node -> '$dynamicAnchor') = 'string' then
         return query select 'anchor', split_part(base, '#', 1) || '#' || (node ->> '$dynamicAnchor'), path;
+        if draft = '2020-12' then
+            return query select 'dynamic anchor', node ->> '$dynamicAnchor', path;
+        end if;
+    end if;
+    if draft = '2019-09' and node -> '$recursiveAnchor' = 'true'::jsonb then
+        return query select 'dynamic anchor', '', path;
     end if;
     if jsonb_typeof(node -> '$ref') = 'string' then
         return query select 'ref', cqrs_portable._uri_resolve(base, node ->> '$ref'), path;
     end if;
-    for v_key, v_value in select e.key, e.value from jsonb_each(node) e loop
-        case
-        when v_key in ('additionalProperties', 'additionalItems', 'contains', 'propertyNames', 'not', 'if', 'then', 'else',
-                       'unevaluatedProperties', 'unevaluatedItems', 'contentSchema')
-             or (v_key = 'items' and jsonb_typeof(v_value) <> 'array') then
-            return query select * from cqrs_portable._schema_locations(v_value, path || v_key, base, draft);
-        when v_key in ('allOf', 'anyOf', 'oneOf', 'prefixItems', 'items') and jsonb_typeof(v_value) = 'array' then
-            for v_i in 0 .. jsonb_array_length(v_value) - 1 loop
-                return query select * from cqrs_portable._schema_locations(v_value -> v_i, path || v_key || v_i::text, base, draft);
-            end loop;
-        when v_key in ('properties', 'patternProperties', '$defs', 'definitions', 'dependentSchemas', 'dependencies')
-             and jsonb_typeof(v_value) = 'object' then
-            for v_member in select jsonb_object_keys(v_value) loop
-                return query select * from cqrs_portable._schema_locations(v_value -> v_member, path || v_key || v_member, base, draft);
-            end loop;
-        else
-            null;
-        end case;
+    if draft = '2020-12' and jsonb_typeof(node -> '$dynamicRef') = 'string' then
+        return query select 'dynamic', cqrs_portable._uri_resolve(base, node ->> '$dynamicRef'), path;
+    end if;
+    if draft = '2019-09' and jsonb_typeof(node -> '$recursiveRef') = 'string' then
+        return query select 'dynamic', cqrs_portable._uri_resolve(base, node ->> '$recursiveRef'), path;
+    end if;
+    for v_step, v_child in select c.step, c.child from cqrs_portable._schema_children(node) c loop
+        return query select * from cqrs_portable._schema_locations(v_child, path || v_step, base, draft);
     end loop;
 end
 $$;
@@ -1163,12 +1185,23 @@ as $$
       from unnest(path) with ordinality x(p, n)
 $$;
 
--- `root` with every $ref made a JSON pointer from the root ("#/$defs/…"), for a schema that
--- embeds schema resources of its own ($id below the root): their $refs are read against their
--- own base URI ("$ref": "item.json", "#/$defs/x" within the resource, its anchors), which the
--- validator, reading every $ref against the root, would not do. A schema without embedded
--- resources is returned as it is. A $ref to a document the schema does not hold is refused
--- (0A000), as before.
+-- The path a JSON-pointer fragment ("#/$defs/a~1b") names: ~0, ~1 and %XX decoded.
+create function cqrs_portable._fragment_path(fragment text)
+returns text[]
+language sql immutable strict parallel safe
+as $$
+    select coalesce(array_agg(replace(replace(cqrs_portable._percent_decode(p), '~1', '/'), '~0', '~') order by n), '{}')
+      from unnest(string_to_array(nullif(substr(fragment, 3), ''), '/')) with ordinality x(p, n)
+     where fragment <> '#'
+$$;
+
+-- `root` with every reference made a JSON pointer from the root ("#/$defs/…"), for a schema that
+-- embeds schema resources of its own ($id below the root) or has dynamic references: the $refs
+-- of an embedded resource are read against its own base URI ("$ref": "item.json", "#/$defs/x"
+-- within the resource, its anchors), which the validator, reading every $ref against the root,
+-- would not do; dynamic references are then unfolded (cqrs_portable._schema_dynamic). Any other
+-- schema is returned as it is. A reference to a document the schema does not hold is refused
+-- (0A000).
 create function cqrs_portable._schema_localized(root jsonb)
 returns jsonb
 language plpgsql immutable strict parallel safe
@@ -1176,25 +1209,32 @@ as $$
 declare
     -- the base of a root without $id (the extension's validator names it so too)
     c_base constant text := 'json-schema:///';
+    v_draft text := cqrs_portable._schema_draft(root);
     v_resources jsonb;
     v_anchors jsonb;
     v_refs jsonb;
+    v_dynamic jsonb;
     v_ref jsonb;
     v_name text;
     v_hash integer;
     v_fragment text;
     v_target jsonb;
     v_path text[];
+    v_at text[];
+    v_landing jsonb;
     v_out jsonb := root;
 begin
-    if not exists (select from pg_catalog.jsonb_path_query(root, 'strict $.*.**."$id" ? (@.type() == "string" && !(@ starts with "#"))', '{}', true)) then
+    if not exists (select from pg_catalog.jsonb_path_query(root, 'strict $.*.**."$id" ? (@.type() == "string" && !(@ starts with "#"))', '{}', true))
+       and not (v_draft = '2020-12' and exists (select from pg_catalog.jsonb_path_query(root, 'strict $.**."$dynamicRef"', '{}', true)))
+       and not (v_draft = '2019-09' and exists (select from pg_catalog.jsonb_path_query(root, 'strict $.**."$recursiveRef"', '{}', true))) then
         return root;
     end if;
     select coalesce(jsonb_object_agg(l.name, to_jsonb(l.location)) filter (where l.kind = 'resource'), '{}'),
            coalesce(jsonb_object_agg(l.name, to_jsonb(l.location)) filter (where l.kind = 'anchor'), '{}'),
-           coalesce(jsonb_agg(jsonb_build_array(l.name, to_jsonb(l.location))) filter (where l.kind = 'ref'), '[]')
-      into v_resources, v_anchors, v_refs
-      from cqrs_portable._schema_locations(root, '{}', c_base, cqrs_portable._schema_draft(root)) l;
+           coalesce(jsonb_agg(jsonb_build_array(l.name, to_jsonb(l.location), l.kind)) filter (where l.kind in ('ref', 'dynamic')), '[]'),
+           coalesce(jsonb_agg(jsonb_build_array(l.name, to_jsonb(l.location))) filter (where l.kind = 'dynamic anchor'), '[]')
+      into v_resources, v_anchors, v_refs, v_dynamic
+      from cqrs_portable._schema_locations(root, '{}', c_base, v_draft) l;
     if jsonb_typeof(root -> '$id') is distinct from 'string' then
         v_resources := jsonb_build_object(c_base, '[]'::jsonb) || v_resources;
     end if;
@@ -1211,8 +1251,7 @@ begin
         if v_fragment = '' then
             null;
         elsif left(v_fragment, 1) = '/' then
-            v_target := v_target || to_jsonb(array(select replace(replace(cqrs_portable._percent_decode(p), '~1', '/'), '~0', '~')
-                                                     from unnest(string_to_array(substr(v_fragment, 2), '/')) p));
+            v_target := v_target || to_jsonb(cqrs_portable._fragment_path('#' || v_fragment));
         else
             v_target := v_anchors -> (left(v_name, v_hash - 1) || '#' || v_fragment);
         end if;
@@ -1220,10 +1259,147 @@ begin
         if v_target is null or root #> v_path is null then
             raise exception using errcode = '22023', message = format('json_schema is not a valid JSON Schema: Pointer ''%s'' does not exist', '#' || v_fragment);
         end if;
-        v_out := jsonb_set(v_out, array(select jsonb_array_elements_text(v_ref -> 1)) || '$ref'::text,
-                           to_jsonb(cqrs_portable._pointer_fragment(v_path)));
+        v_at := array(select jsonb_array_elements_text(v_ref -> 1));
+        if v_ref ->> 2 = 'ref' then
+            v_out := jsonb_set(v_out, v_at || '$ref'::text, to_jsonb(cqrs_portable._pointer_fragment(v_path)));
+        else
+            -- a dynamic reference, first resolved as a $ref is; it stays dynamic only where it
+            -- lands on the anchor it names (the "bookend": a $dynamicAnchor of that name, or a
+            -- $recursiveAnchor that is true) — otherwise it is a $ref
+            v_landing := root #> v_path;
+            v_landing := ((v_out #> v_at) - '$recursiveRef') || jsonb_build_object(
+                '$dynamicRef', cqrs_portable._pointer_fragment(v_path),
+                'pg_cqrs:anchor', case
+                    when v_draft = '2019-09' and v_landing -> '$recursiveAnchor' = 'true'::jsonb then ''
+                    when v_draft = '2020-12' and v_fragment !~ '^/' and v_fragment <> '' and v_landing ->> '$dynamicAnchor' = v_fragment then v_fragment
+                end);
+            v_out := case when cardinality(v_at) = 0 then v_landing else jsonb_set(v_out, v_at, v_landing) end;
+        end if;
     end loop;
+    if exists (select from jsonb_array_elements(v_refs) e where e ->> 2 = 'dynamic') then
+        v_out := cqrs_portable._schema_dynamic(v_out, v_resources, v_dynamic);
+    end if;
     return v_out;
+end
+$$;
+
+-- The resource (the path of its root) that holds the schema at `path`: the deepest of
+-- `resources` (paths) above it.
+create function cqrs_portable._schema_resource_of(resources jsonb, path text[])
+returns text[]
+language sql immutable strict parallel safe
+as $$
+    select coalesce((select r.p from (select array(select jsonb_array_elements_text(e)) as p from jsonb_array_elements(resources) e) r
+                      where path[1:cardinality(r.p)] = r.p or cardinality(r.p) = 0
+                      order by cardinality(r.p) desc limit 1), '{}')
+$$;
+
+-- `root` (its references JSON pointers, cqrs_portable._schema_localized) with its dynamic
+-- references unfolded into plain $refs. A $dynamicRef (or $recursiveRef) that lands on the anchor
+-- it names goes to the outermost schema resource in the dynamic scope — the resources entered on
+-- the way from the root, through $refs and nested $ids — that has a dynamic anchor of that name.
+-- The scope at a schema is known from the path evaluation took to it, so each schema reached
+-- with a different set of such anchors in scope is copied, under the root's "pg_cqrs:dynamic"
+-- (which validation ignores), with its references pointing at the copies for that scope.
+-- `resources` maps each resource's URI to its path; `anchors` lists [name, path] of every
+-- dynamic anchor.
+create function cqrs_portable._schema_dynamic(root jsonb, resources jsonb, anchors jsonb)
+returns jsonb
+language plpgsql immutable strict parallel safe
+as $$
+declare
+    v_paths jsonb := (select jsonb_agg(distinct e.value) from jsonb_each(resources) e);
+    v_bindings jsonb := '{}'::jsonb;
+    v_anchor jsonb;
+    v_resource text;
+    v_scope jsonb;
+    v_state jsonb;
+    v_result jsonb;
+begin
+    -- each resource's dynamic anchors, by the pointer of the resource: {name: pointer}
+    for v_anchor in select e from jsonb_array_elements(anchors) e loop
+        v_resource := cqrs_portable._pointer_fragment(cqrs_portable._schema_resource_of(v_paths, array(select jsonb_array_elements_text(v_anchor -> 1))));
+        v_bindings := v_bindings || jsonb_build_object(v_resource, coalesce(v_bindings -> v_resource, '{}')
+                                                                   || jsonb_build_object(v_anchor ->> 0, cqrs_portable._pointer_fragment(array(select jsonb_array_elements_text(v_anchor -> 1)))));
+    end loop;
+    v_scope := coalesce(v_bindings -> '#', '{}');
+    v_state := jsonb_build_object('memo', jsonb_build_object('# ' || v_scope::text, '#'), 'copies', '[]'::jsonb,
+                                  'root', root, 'resources', v_paths, 'bindings', v_bindings);
+    select s.state, s.result into v_state, v_result from cqrs_portable._schema_unfold(root, '{}', v_scope, v_state) s;
+    return v_result || jsonb_build_object('pg_cqrs:dynamic', v_state -> 'copies');
+end
+$$;
+
+-- Schema `node` at `path`, evaluated with `scope` ({anchor name: pointer}, the outermost
+-- binding of each dynamic anchor so far), its references pointing at the copies for their scope
+-- (cqrs_portable._schema_dynamic; `state` carries the copies made so far).
+create function cqrs_portable._schema_unfold(node jsonb, path text[], scope jsonb, inout state jsonb, out result jsonb)
+language plpgsql immutable strict parallel safe
+as $$
+declare
+    v_step text[];
+    v_child jsonb;
+    v_target text[];
+    v_pointer text;
+begin
+    result := node;
+    if jsonb_typeof(node) <> 'object' then
+        return;
+    end if;
+    -- entering a nested resource adds its anchors, where the scope has none of that name yet
+    if exists (select from jsonb_array_elements(state -> 'resources') r where r = to_jsonb(path)) then
+        scope := coalesce(state -> 'bindings' -> cqrs_portable._pointer_fragment(path), '{}') || scope;
+    end if;
+    for v_step, v_child in select c.step, c.child from cqrs_portable._schema_children(node) c loop
+        select u.state, u.result into state, v_child from cqrs_portable._schema_unfold(v_child, path || v_step, scope, state) u;
+        result := jsonb_set(result, v_step, v_child);
+    end loop;
+    if jsonb_typeof(node -> '$ref') = 'string' then
+        select c.state, c.pointer into state, v_pointer
+          from cqrs_portable._schema_copy(cqrs_portable._fragment_path(node ->> '$ref'), scope, state) c;
+        result := jsonb_set(result, '{$ref}', to_jsonb(v_pointer));
+    end if;
+    if jsonb_typeof(node -> '$dynamicRef') = 'string' then
+        v_target := cqrs_portable._fragment_path(coalesce(scope ->> (node ->> 'pg_cqrs:anchor'), node ->> '$dynamicRef'));
+        select c.state, c.pointer into state, v_pointer from cqrs_portable._schema_copy(v_target, scope, state) c;
+        result := result - '$dynamicRef' - 'pg_cqrs:anchor';
+        if result ? '$ref' then
+            -- beside a $ref: both apply in place, as allOf's members do
+            result := jsonb_set(result, '{allOf}', coalesce(result -> 'allOf', '[]') || jsonb_build_array(jsonb_build_object('$ref', v_pointer)));
+        else
+            result := result || jsonb_build_object('$ref', v_pointer);
+        end if;
+    end if;
+end
+$$;
+
+-- The pointer of the copy of the schema at `target` for `scope` entered through a reference
+-- (adding the anchors of the resource that holds it), made if there is none yet.
+create function cqrs_portable._schema_copy(target text[], scope jsonb, inout state jsonb, out pointer text)
+language plpgsql immutable strict parallel safe
+as $$
+declare
+    v_key text;
+    v_index integer;
+    v_copy jsonb;
+begin
+    scope := coalesce(state -> 'bindings' -> cqrs_portable._pointer_fragment(cqrs_portable._schema_resource_of(state -> 'resources', target)), '{}')
+             || scope;
+    v_key := cqrs_portable._pointer_fragment(target) || ' ' || scope::text;
+    pointer := state -> 'memo' ->> v_key;
+    if pointer is not null then
+        return;
+    end if;
+    v_index := jsonb_array_length(state -> 'copies');
+    if v_index >= 256 then
+        raise exception using errcode = '0A000',
+            message = 'json_schema: its dynamic references unfold into more than 256 scopes, more than the portable edition checks';
+    end if;
+    pointer := '#/pg_cqrs:dynamic/' || v_index;
+    state := jsonb_set(jsonb_set(state, '{memo}', (state -> 'memo') || jsonb_build_object(v_key, pointer)),
+                       '{copies}', (state -> 'copies') || 'null'::jsonb);
+    select u.state, u.result into state, v_copy from cqrs_portable._schema_unfold(state -> 'root' #> target, target, scope, state) u;
+    state := jsonb_set(state, array['copies', v_index::text], v_copy);
 end
 $$;
 
@@ -1287,10 +1463,10 @@ begin
                 message = format('json_schema uses format %s, which the portable edition does not check', v_arg::text),
                 hint = 'The portable edition checks date-time, date, time, duration, email, hostname, ipv4, ipv6, uri, uri-reference, iri, iri-reference, uri-template, uuid, json-pointer and relative-json-pointer; use "pattern" for the others.';
         end if;
-    when '$ref' then
+    when '$ref', '$dynamicRef', '$recursiveRef' then
         if jsonb_typeof(v_arg) <> 'string' then
             raise exception using errcode = '22023',
-                message = format('json_schema is not a valid JSON Schema: $ref must be a string (at %s)', cqrs_portable._pointer(at, v_keyword));
+                message = format('json_schema is not a valid JSON Schema: %s must be a string (at %s)', v_keyword, cqrs_portable._pointer(at, v_keyword));
         end if;
     else
         null;
@@ -1390,12 +1566,12 @@ begin
             perform cqrs_portable._check_schema_node(v_arg, cqrs_portable._pointer(at, v_keyword), draft);
         when 'type', 'minItems', 'maxItems', 'minLength', 'maxLength', 'minProperties', 'maxProperties',
              'minContains', 'maxContains', 'minimum', 'maximum', 'exclusiveMinimum', 'exclusiveMaximum', 'multipleOf',
-             'uniqueItems', 'pattern', 'format', '$ref' then
+             'uniqueItems', 'pattern', 'format', '$ref', '$dynamicRef', '$recursiveRef' then
             perform cqrs_portable._check_schema_value(v_keyword, v_arg, at);
         else
             raise exception using errcode = '0A000',
                 message = format('json_schema uses keyword %s, which the portable edition does not support', cqrs_portable._quoted(v_keyword)),
-                hint = 'The portable edition validates drafts 2020-12, 2019-09 and 07 without $dynamicRef, $recursiveRef and $vocabulary (see the README); the extension edition validates all of them.';
+                hint = 'The portable edition validates drafts 2020-12, 2019-09 and 07 without $vocabulary (see the README); the extension edition validates all of them.';
         end case;
     end loop;
 end
@@ -1440,9 +1616,11 @@ begin
                              coalesce((json_schema -> '$schema')::text, 'of a subschema')),
             hint = 'Declare one of https://json-schema.org/draft/2020-12/schema, https://json-schema.org/draft/2019-09/schema or http://json-schema.org/draft-07/schema#.';
     end if;
-    if exists (select from pg_catalog.jsonb_path_query(json_schema, 'strict $.**."$dynamicRef"', '{}', true)
-               union all select from pg_catalog.jsonb_path_query(json_schema, 'strict $.**."$recursiveRef"', '{}', true)) then
-        raise exception using errcode = '0A000', message = 'json_schema uses $dynamicRef or $recursiveRef, which the portable edition does not resolve';
+    -- a dynamic reference of another draft would be ignored by the extension: refused here
+    if (v_draft <> '2020-12' and exists (select from pg_catalog.jsonb_path_query(json_schema, 'strict $.**."$dynamicRef"', '{}', true)))
+       or (v_draft <> '2019-09' and exists (select from pg_catalog.jsonb_path_query(json_schema, 'strict $.**."$recursiveRef"', '{}', true))) then
+        raise exception using errcode = '0A000',
+            message = format('json_schema uses $dynamicRef or $recursiveRef outside the draft that has it (draft %s); the portable edition resolves $dynamicRef in 2020-12 and $recursiveRef in 2019-09', v_draft);
     end if;
     perform cqrs_portable._check_schema_node(json_schema, '/', v_draft);
     -- every $ref resolves: those of embedded schema resources (an $id below the root) against

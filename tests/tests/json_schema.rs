@@ -1,9 +1,10 @@
 //! The portable edition's JSON Schema validator (PL/pgSQL, a subset of draft 2020-12) agrees with
 //! the extension's (the jsonschema crate): random schemas within the subset and random payloads,
 //! half of them shaped to fit, through `cqrs.append` in both editions — the same verdict every
-//! time, and where there is exactly one violation, the same JSON pointer and message. A third of
-//! the schemas are bundled: the schema under test sits in an embedded resource with an `$id` of
-//! its own, reached by relative URIs.
+//! time, and where there is exactly one violation, the same JSON pointer and message. Three in
+//! ten schemas are bundled (the schema under test sits in an embedded resource with an `$id` of
+//! its own, reached by relative URIs) and two in ten extensible (reached by a `$dynamicRef`
+//! whose outermost anchor is the root's).
 //!
 //! `CQRS_SCHEMA_SEED` replays a run; `CQRS_SCHEMA_CASES` sets how many schemas (each tried with
 //! several payloads).
@@ -417,6 +418,29 @@ fn bundled(inner: &Value, decoy: Value) -> Value {
     })
 }
 
+/// `inner` reached by a `$dynamicRef`: the embedded resource that "v" refers to asks for its
+/// dynamic anchor "body", which it defines itself as `decoy` — but the root, the outermost
+/// resource in the dynamic scope, defines it too, as `inner`, and that one is meant. A validator
+/// that read the `$dynamicRef` as a `$ref` would take `decoy`.
+fn extensible(inner: &Value, decoy: Value) -> Value {
+    let anchored = |schema: &Value| {
+        let mut schema = schema.clone();
+        if let Some(members) = schema.as_object_mut() {
+            members.insert("$dynamicAnchor".into(), json!("body"));
+        }
+        schema
+    };
+    json!({
+        "$id": "https://example.com/commands/root.json",
+        "type": "object",
+        "properties": {"v": {"$ref": "parts/v.json"}},
+        "$defs": {
+            "body": anchored(inner),
+            "v": {"$id": "parts/v.json", "$dynamicRef": "#body", "$defs": {"body": anchored(&decoy)}}
+        }
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_editions_give_the_same_verdicts() -> Result<()> {
     let seed: u64 = std::env::var("CQRS_SCHEMA_SEED")
@@ -440,10 +464,10 @@ async fn both_editions_give_the_same_verdicts() -> Result<()> {
     for _ in 0..cases {
         // wrapped the way the payload is: the schema describes "v"
         let inner = schema(&mut rng, 2);
-        let schema = if rng.random_bool(0.3) {
-            bundled(&inner, schema(&mut rng, 1))
-        } else {
-            json!({"type": "object", "properties": {"v": inner}})
+        let schema = match rng.random_range(0..10) {
+            0..=2 => bundled(&inner, schema(&mut rng, 1)),
+            3..=4 => extensible(&inner, schema(&mut rng, 1)),
+            _ => json!({"type": "object", "properties": {"v": inner}}),
         };
         for _ in 0..4 {
             let value = payload(&mut rng, &inner, 2);

@@ -36,16 +36,18 @@ const REFUSALS: &[&str] = &["0A000", "22023"];
 /// `$ref`s pointing where they pointed; `None` where moving could change its meaning (a dynamic
 /// or remote reference, an `$id` below a root that has none). A schema with an absolute `$id` of
 /// its own is a schema resource wherever it stands: it moves as it is, an embedded resource of
-/// the wrapper, its `$ref`s still read against that `$id` (not in draft-07 when the root has a
-/// `$ref`: there the `$ref`'s siblings, the `$id` too, are ignored).
+/// the wrapper, its references still read against that `$id` and its dynamic scope the same (the
+/// wrapper has no dynamic anchors) — not in draft-07 when the root has a `$ref`: there the
+/// `$ref`'s siblings, the `$id` too, are ignored.
 fn wrapped(schema: &Value, declared: &str) -> Option<Value> {
     fn movable(value: &Value, resource: bool) -> bool {
         match value {
             Value::Object(members) => members.iter().all(|(key, member)| {
-                let dynamic = matches!(
-                    key.as_str(),
-                    "$dynamicRef" | "$recursiveRef" | "$dynamicAnchor" | "$recursiveAnchor"
-                );
+                let dynamic = !resource
+                    && matches!(
+                        key.as_str(),
+                        "$dynamicRef" | "$recursiveRef" | "$dynamicAnchor" | "$recursiveAnchor"
+                    );
                 let relative = !resource
                     && (key == "$id"
                         || (key == "$ref" && member.as_str().is_some_and(|r| !r.starts_with('#'))));
