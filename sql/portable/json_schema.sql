@@ -20,9 +20,9 @@
 -- dynamic reference of another draft, the formats regex and idn-*, a pattern PostgreSQL's
 -- regular expressions cannot run such as \p{…}, an unknown keyword, draft 4 or 6) is refused
 -- at registration with 0A000 naming it, never silently accepted. A keyword of another draft
--- (dependentRequired in draft-07) is ignored, as the extension ignores it, with a WARNING. Violations read as the extension
--- edition's (the jsonschema crate's messages, values masked as "value"), each with the JSON
--- pointer of the offending field; tests/tests/json_schema.rs (random schemas and payloads) and
+-- (dependentRequired in draft-07) is ignored, as the extension ignores it, with a WARNING.
+-- Violations read as the extension edition's (the jsonschema crate's messages, values masked as
+-- "value"), each with the JSON pointer of the offending field; tests/tests/json_schema.rs (random schemas and payloads) and
 -- tests/tests/json_schema_suite.rs (the official JSON-Schema-Test-Suite) check that both
 -- editions give the same verdicts. Numbers are compared exactly (numeric), where the Rust
 -- validator uses floating point for multipleOf with fractions.

@@ -211,8 +211,9 @@ returns text
 language plpgsql immutable
 as $$
 declare
-    -- a schema that embeds resources of its own is checked with its $refs made pointers from
-    -- the root (cqrs_portable._schema_localized), the root the interpreter is then given too
+    -- a schema that embeds resources of its own or has dynamic references is checked in its
+    -- localized form (cqrs_portable._schema_localized: references made pointers from the root,
+    -- dynamic ones unfolded), the root the interpreter is then given too
     v_local jsonb := cqrs_portable._schema_localized(schema);
     v_body text := cqrs_portable._validator_node(v_local, 0, '/', cqrs_portable._schema_draft(schema), 'e', 'max_errors',
                                                   'return e[1:max_errors];', '0');
