@@ -110,6 +110,9 @@ impl Health {
     /// Ready, and why (or why not).
     pub fn readiness(&self) -> (bool, String) {
         let (ready, why) = match self.role() {
+            Role::Leader if !self.streaming.load(Ordering::Relaxed) => {
+                (false, "leader, not streaming (connecting or retrying)")
+            }
             // a leader stalled past its lease (a stopped process, starved cores) learns that
             // another sidecar took it over only when its next renewal answers: until then it must
             // not say "leader, streaming" beside the new leader. It can still answer reads (as a
@@ -119,8 +122,7 @@ impl Health {
                 "leader whose lease may have passed to another sidecar (it stalled past it); \
                  serving reads, stepping down when its renewal answers",
             ),
-            Role::Leader if self.streaming.load(Ordering::Relaxed) => (true, "leader, streaming"),
-            Role::Leader => (false, "leader, not streaming (connecting or retrying)"),
+            Role::Leader => (true, "leader, streaming"),
             Role::Standby if !self.pg_reachable.load(Ordering::Relaxed) => {
                 (false, "standby, PostgreSQL unreachable")
             }
@@ -186,6 +188,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(250));
         let (ready, why) = health.readiness();
         assert!(ready && why.contains("lease may have passed"), "{why}");
+        // a leader that stopped streaming (its leadership ended) says so, lease or not
+        health.streaming.store(false, Ordering::Relaxed);
+        assert!(!health.readiness().0);
+        health.streaming.store(true, Ordering::Relaxed);
         // a renewal of the same lease makes it the leader again
         lease.renewed(Instant::now());
         assert_eq!(health.readiness(), (true, "leader, streaming".to_owned()));
