@@ -1015,8 +1015,7 @@ begin
     if v_fragment = '' then
         return root;
     elsif left(v_fragment, 1) = '/' then
-        v_path := array(select replace(replace(cqrs_portable._percent_decode(p), '~1', '/'), '~0', '~')
-                          from unnest(string_to_array(substr(v_fragment, 2), '/')) p);
+        v_path := cqrs_portable._fragment_path('#' || v_fragment);
         v_target := root #> v_path;
     else
         v_target := cqrs_portable._schema_anchor(root, v_fragment);
